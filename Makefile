@@ -1,0 +1,72 @@
+# Kit — every target runs inside the one environment declared in environment.yml.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENV        ?= .venv
+PY         := $(ENV)/bin/python
+KIT        := $(ENV)/bin/kit
+SERVICE    ?= demo
+PYTHON     ?= python3
+CONDA      := $(shell command -v micromamba || command -v mamba || command -v conda)
+STAMP      := $(ENV)/.kit-installed
+PYTEST_ARGS ?=
+
+.PHONY: help env lock demo test test-unit test-integration test-e2e validate bench pack lab clean browser-deps
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+# pip's part of environment.yml, so the venv fallback installs exactly what conda would.
+PIP_SPECS = $(shell $(PYTHON) -c "import re,sys;t=open('environment.yml').read().split('- pip:',1)[1];print(' '.join(re.findall(r'^\s+-\s+(\S.*?)\s*$$',t,re.M)))")
+
+$(STAMP): pyproject.toml environment.yml
+ifneq ($(CONDA),)
+	@echo "make env: creating the conda environment at $(ENV) with $(CONDA)"
+	$(CONDA) env create -y -p $(ENV) -f environment.yml || $(CONDA) env update -p $(ENV) -f environment.yml
+else
+	@echo "make env: no conda/mamba/micromamba on PATH; creating a venv at $(ENV) with environment.yml's pip packages"
+	$(PYTHON) -m venv $(ENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_SPECS)
+endif
+	$(PY) -m ipykernel install --sys-prefix --name kit --display-name "Kit ($(notdir $(abspath $(ENV))))" >/dev/null
+	$(KIT) env --write-lock >/dev/null
+	@touch $@
+
+env: $(STAMP) ## create the environment from environment.yml (conda if present, else .venv)
+
+lock: $(STAMP) ## write .kit/environment.lock.json, the exact environment fingerprints compare against
+	$(KIT) env --write-lock
+
+demo: $(STAMP) ## the main job end to end on embedded defaults
+	$(PY) -m kit.demo
+
+test: $(STAMP) ## run the whole test suite (unit, integration, e2e)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@version)
+	$(KIT) validate $(or $(MODEL),demo-digits@latest)
+
+bench: $(STAMP) ## serving benchmark against the in-process forward and a naive Flask app
+	$(PY) benchmarks/serving.py
+
+pack: $(STAMP) ## build dist/<service>-<version>-<platform>.tar.gz (SERVICE=name)
+	$(KIT) pack services/$(SERVICE)
+
+lab: $(STAMP) ## JupyterLab in the same environment the service uses
+	$(ENV)/bin/jupyter lab --notebook-dir=notebooks
+
+browser-deps: ## Debian's chromium for the browser test (root, apt)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+clean: ## remove build outputs (keeps the environment and the registry)
+	rm -rf dist build .pytest_cache test-artifacts

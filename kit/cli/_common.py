@@ -1,0 +1,61 @@
+"""What every ``kit`` command shares: config, error translation, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import click
+
+from kit.config import KitConfig, load_config
+from kit.errors import KitError
+
+
+class KitGroup(click.Group):
+    """Turns every KitError into one line, ``kit: error: ...``, and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KitError as exc:
+            click.echo(f"kit: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@dataclass
+class Context:
+    registry_override: str | None = None
+    _config: KitConfig | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> KitConfig:
+        if self._config is None:
+            self._config = load_config(registry=self.registry_override)
+        return self._config
+
+    def registry(self) -> Any:
+        from kit.registry import Registry
+
+        return Registry.from_config(self.config)
+
+
+pass_kit = click.make_pass_decorator(Context, ensure=True)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain aligned text table (what a person reads in a terminal)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")

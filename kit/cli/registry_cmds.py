@@ -1,0 +1,272 @@
+"""`kit models | show | verify | history | promote | canary | rollback | aliases | env`."""
+
+from __future__ import annotations
+
+import click
+
+from kit.cli._common import Context, emit_json, json_option, pass_kit, table
+from kit.errors import KitError
+from kit.registry import Aliases, parse_ref
+
+
+def _badges(a: Aliases, v: int) -> str:
+    b = []
+    if a.production == v:
+        b.append("production")
+    if a.canary == v:
+        b.append(f"canary {a.canary_weight:.0%}")
+    return ", ".join(b)
+
+
+def _gate_verdict(reg, mv) -> str:  # type: ignore[no-untyped-def]
+    results = reg.gate_results(mv.name, mv.version)
+    if not results:
+        return "-"
+    last = results[-1]
+    return "pass" if last.get("passed") and last.get("artifact_sha256") == mv.artifact_sha256 else "FAIL"
+
+
+def _aliases_line(name: str, a: Aliases) -> str:
+    s = f"{name}: production={a.production}"
+    if a.canary is not None:
+        s += f", canary={a.canary} at {a.canary_weight:.0%}"
+    return s
+
+
+@click.command("models")
+@click.argument("name", required=False)
+@json_option
+@pass_kit
+def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
+    """List models, or the versions of NAME."""
+    reg = k.registry()
+    if name is None:
+        rows = []
+        for n in reg.models():
+            vs = reg.versions(n)
+            a = reg.aliases(n)
+            rows.append({"name": n, "versions": len(vs), "latest": vs[-1].version if vs else None,
+                         "production": a.production, "canary": a.canary, "canary_weight": a.canary_weight})
+        if as_json:
+            return emit_json(rows)
+        if not rows:
+            click.echo(f"No models in {reg.root}. Register one from a notebook with %deploy, or run `make demo`.")
+            return
+        click.echo(table([[r["name"], r["versions"], r["latest"], r["production"] or "-",
+                           f"{r['canary']} ({r['canary_weight']:.0%})" if r["canary"] else "-"] for r in rows],
+                         ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
+        return
+    name, _ = parse_ref(name)
+    vs = reg.versions(name)
+    a = reg.aliases(name)
+    if as_json:
+        return emit_json([{**mv.to_dict(), "aliases": _badges(a, mv.version), "gate": _gate_verdict(reg, mv)}
+                          for mv in vs])
+    click.echo(table(
+        [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
+          ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in mv.metrics.items()) or "-",
+          _gate_verdict(reg, mv), _badges(a, mv.version)] for mv in vs],
+        ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "GATE", "ALIASES"]))
+
+
+@click.command("show")
+@click.argument("ref")
+@json_option
+@pass_kit
+def show_cmd(k: Context, ref: str, as_json: bool) -> None:
+    """Show one version: NAME, NAME@VERSION or NAME@ALIAS (production, canary, latest)."""
+    reg = k.registry()
+    mv = reg.resolve(ref)
+    if as_json:
+        return emit_json({**mv.to_dict(), "gates": reg.gate_results(mv.name, mv.version)})
+    from kit.capture import Signature
+    from kit.env import Fingerprint
+
+    a = reg.aliases(mv.name)
+    sig = Signature.from_dict(mv.signature)
+    click.echo(f"{mv.ref}  {_badges(a, mv.version)}".rstrip())
+    click.echo(f"  path:       {mv.path}")
+    click.echo(f"  created:    {mv.created}")
+    click.echo(f"  sha256:     {mv.artifact_sha256}")
+    click.echo(f"  signature:  {sig.describe()}")
+    click.echo(f"  env:        {Fingerprint.from_dict(mv.env).summary()}")
+    src = mv.source
+    click.echo(f"  source:     {src.get('kind')} {src.get('path') or ''} "
+               f"{('git ' + src['git_commit'][:10] + (' (dirty)' if src.get('git_dirty') else '')) if src.get('git_commit') else ''}".rstrip())
+    for key, val in mv.metrics.items():
+        click.echo(f"  metric:     {key} = {val}")
+    parity = mv.capture.get("parity", {})
+    click.echo(f"  capture:    {mv.capture.get('seconds')}s, parity max |diff| {parity.get('max_abs_diff')} "
+               f"at batch sizes {parity.get('batch_sizes')}")
+    for g in reg.gate_results(mv.name, mv.version):
+        click.echo(f"  gate:       {g.get('run_id')} {'PASS' if g.get('passed') else 'FAIL'} {g.get('report', '')}")
+
+
+@click.command("verify")
+@click.argument("ref", required=False)
+@json_option
+@pass_kit
+def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
+    """Re-hash every file of every version (or of NAME / NAME@VERSION) against meta.json."""
+    reg = k.registry()
+    name = version = None
+    if ref:
+        name, sel = parse_ref(ref)
+        version = reg.get(name, sel).version if sel else None
+    results = reg.verify(name, version)
+    bad = [r for r in results if not r.ok]
+    if as_json:
+        emit_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems)} for r in results])
+    else:
+        for r in results:
+            click.echo(f"{'ok ' if r.ok else 'BAD'} {r.ref}" + ("" if r.ok else f": {'; '.join(r.problems)}"))
+        click.echo(f"{len(results) - len(bad)} of {len(results)} versions verified.")
+    if bad:
+        raise KitError(f"{len(bad)} version(s) failed verification: {', '.join(r.ref for r in bad)}. "
+                       "Restore the files or register the models again.")
+
+
+@click.command("history")
+@click.argument("name")
+@json_option
+@pass_kit
+def history_cmd(k: Context, name: str, as_json: bool) -> None:
+    """The audit log of NAME: registrations, gates, promotions, canaries, rollbacks."""
+    events = k.registry().history(parse_ref(name)[0])
+    if as_json:
+        return emit_json(events)
+    rows = []
+    for e in events:
+        detail = []
+        if e.get("weight") is not None:
+            detail.append(f"weight={e['weight']:.0%}")
+        if e.get("from_version") is not None:
+            detail.append(f"from={e['from_version']}")
+        if "passed" in e:
+            detail.append("passed" if e["passed"] else "FAILED")
+        if e.get("forced"):
+            detail.append("FORCED")
+        if e.get("why"):
+            detail.append(f"why: {e['why']}")
+        rows.append([e.get("ts", "")[:19].replace("T", " "), e.get("event"), e.get("version", ""),
+                     e.get("user", ""), " ".join(detail)])
+    click.echo(table(rows, ["WHEN (UTC)", "EVENT", "VERSION", "WHO", "DETAIL"]))
+
+
+_force = click.option("--force", is_flag=True, help="Skip the gate requirement (recorded as forced).")
+_why = click.option("--why", default=None, help="Reason, recorded in the audit log (required with --force).")
+
+
+@click.command("promote")
+@click.argument("ref")
+@_force
+@_why
+@pass_kit
+def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
+    """Move production to NAME@VERSION (needs a passing gate for that artifact unless --force)."""
+    reg = k.registry()
+    mv = reg.resolve(ref)
+    a = reg.promote(mv.name, mv.version, force=force, why=why, user=k.config.user)
+    click.echo(_aliases_line(mv.name, a) + (" (forced)" if force else ""))
+
+
+@click.command("canary")
+@click.argument("ref")
+@click.option("--weight", default=None, help="Share of traffic, 0-1 or a percentage like 10%.")
+@click.option("--stop", is_flag=True, help="End the canary: all traffic back to production.")
+@_force
+@_why
+@pass_kit
+def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool, why: str | None) -> None:
+    """Start or re-weight a canary (NAME@VERSION --weight 10%), or end it (NAME --stop)."""
+    reg = k.registry()
+    name, sel = parse_ref(ref)
+    if stop:
+        a = reg.end_canary(name, why=why, user=k.config.user)
+    else:
+        if weight is None:
+            raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1).")
+        w = parse_weight(weight)
+        if sel is None:
+            a = reg.set_canary_weight(name, w, why=why, user=k.config.user)
+        else:
+            mv = reg.get(name, sel)
+            a = reg.set_canary(name, mv.version, w, force=force, why=why, user=k.config.user)
+    click.echo(_aliases_line(name, a))
+
+
+def parse_weight(text: str) -> float:
+    t = str(text).strip()
+    try:
+        return float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    except ValueError as exc:
+        raise KitError(f"Canary weight {text!r} is not a number; use e.g. 10% or 0.1.") from exc
+
+
+@click.command("rollback")
+@click.argument("name")
+@_why
+@pass_kit
+def rollback_cmd(k: Context, name: str, why: str | None) -> None:
+    """Production back to the previous production version; ends any canary."""
+    n = parse_ref(name)[0]
+    a = k.registry().rollback(n, why=why, user=k.config.user)
+    click.echo(_aliases_line(n, a))
+
+
+@click.group("aliases")
+def aliases_group() -> None:
+    """Inspect or repair aliases.json."""
+
+
+@aliases_group.command("repair")
+@click.argument("name")
+@pass_kit
+def aliases_repair(k: Context, name: str) -> None:
+    """Rebuild NAME's aliases.json from the newest snapshot in its audit log."""
+    n = parse_ref(name)[0]
+    a = k.registry().repair_aliases(n, user=k.config.user)
+    click.echo("repaired " + _aliases_line(n, a))
+
+
+@click.command("env")
+@click.option("--diff", "against", metavar="NAME@VERSION", default=None,
+              help="Compare this environment with the one a version was captured in.")
+@click.option("--write-lock", is_flag=True, help="Write .kit/environment.lock.json (make lock).")
+@json_option
+@pass_kit
+def env_cmd(k: Context, against: str | None, write_lock: bool, as_json: bool) -> None:
+    """This environment's fingerprint, or its drift against a registered version."""
+    from kit.env import Fingerprint, diff, fingerprint, write_lock as _write_lock
+
+    if write_lock:
+        click.echo(f"wrote {_write_lock(k.config.project_root)}")
+        return
+    here = fingerprint(k.config.project_root)
+    if against is None:
+        if as_json:
+            return emit_json(here.to_dict())
+        click.echo(here.summary())
+        click.echo(f"  prefix:        {here.prefix}")
+        click.echo(f"  packages hash: {here.distributions_sha256[:16]}")
+        click.echo(f"  environment.yml: {(here.environment_yml_sha256 or 'not found')[:16]}")
+        click.echo(f"  lock:          {(here.lock_sha256 or 'none (make lock)')[:16]}")
+        return
+    mv = k.registry().resolve(against)
+    report = diff(Fingerprint.from_dict(mv.env), here)
+    if as_json:
+        emit_json({"ok": report.ok, "items": [d.__dict__ for d in report.items]})
+    else:
+        if not report.items:
+            click.echo(f"No drift: this environment matches {mv.ref}'s.")
+        for d in report.items:
+            click.echo(f"{d.severity.upper():8} {d.message}")
+    if not report.ok:
+        raise KitError(f"This environment is incompatible with {mv.ref} ({len(report.errors)} error(s) above). "
+                       "Recreate it from environment.yml with `make env`.")
+
+
+def register(cli: click.Group) -> None:
+    for c in (models_cmd, show_cmd, verify_cmd, history_cmd, promote_cmd, canary_cmd, rollback_cmd,
+              aliases_group, env_cmd):
+        cli.add_command(c)

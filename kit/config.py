@@ -1,0 +1,125 @@
+"""Configuration, resolved once at the edge and passed down.
+
+Precedence: defaults < ``kit.toml`` or ``[tool.kit]`` in ``pyproject.toml`` (nearest, walking up from
+the working directory) < ``KIT_*`` environment variables < explicit arguments. Library code never reads
+``os.environ``; the shells (cli, magics, widgets, generated services) call :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """Resolved settings. Paths are absolute."""
+
+    registry: Path
+    project_root: Path
+    require_gate: bool = True
+    user: str = "unknown"
+    gate_timeout: float = 600.0
+
+    def with_(self, **changes: Any) -> "KitConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_ENV_KEYS = {
+    "KIT_REGISTRY": "registry",
+    "KIT_PROJECT_ROOT": "project_root",
+    "KIT_REQUIRE_GATE": "require_gate",
+    "KIT_USER": "user",
+    "KIT_GATE_TIMEOUT": "gate_timeout",
+}
+
+
+def _find_file_config(start: Path) -> tuple[Path, dict[str, Any]]:
+    for d in (start, *start.parents):
+        kt = d / "kit.toml"
+        if kt.is_file():
+            return d, _read_toml(kt)
+        pp = d / "pyproject.toml"
+        if pp.is_file():
+            data = _read_toml(pp)
+            if "kit" in data.get("tool", {}):
+                return d, dict(data["tool"]["kit"])
+    return start, {}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}). Fix the file or remove it.") from exc
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("registry", "project_root"):
+        return Path(value)
+    if key == "require_gate":
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"require_gate must be true or false, got {value!r}.")
+    if key == "gate_timeout":
+        try:
+            return float(value)
+        except ValueError as exc:
+            raise ConfigError(f"gate_timeout must be a number of seconds, got {value!r}.") from exc
+    return value
+
+
+def _default_user() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # getpass can fail in containers without a passwd entry
+        return "unknown"
+
+
+def load_config(
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **explicit: Any,
+) -> KitConfig:
+    """Resolve the configuration (see module docstring). ``explicit`` values of None are ignored."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    environ = os.environ if environ is None else environ
+    root, file_cfg = _find_file_config(cwd)
+    fields = {f.name for f in dataclasses.fields(KitConfig)}
+    unknown = set(file_cfg) - fields
+    if unknown:
+        raise ConfigError(
+            f"Unknown Kit setting(s) {sorted(unknown)} in the config near {root}; known: {sorted(fields)}."
+        )
+    values: dict[str, Any] = {"registry": "registry", "project_root": root, "user": _default_user()}
+    values.update(file_cfg)
+    for env_key, key in _ENV_KEYS.items():
+        if environ.get(env_key):
+            values[key] = environ[env_key]
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigError(f"Unknown Kit setting(s) {sorted(unknown)}; known: {sorted(fields)}.")
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    project_root = Path(values["project_root"]).resolve()
+    registry = Path(values["registry"])
+    if not registry.is_absolute():
+        registry = project_root / registry
+    values["project_root"] = project_root
+    values["registry"] = registry.resolve()
+    return KitConfig(**values)

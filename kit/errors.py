@@ -1,0 +1,98 @@
+"""One error hierarchy for Kit.
+
+Every message says what happened, names the value, and gives the next step.
+Errors also inherit the matching builtin so callers can catch either.
+
+    KitError
+    ├── ConfigError (ValueError)                 bad kit.toml / KIT_* / argument
+    ├── InvalidNameError (ValueError)            model name, version or alias refused
+    ├── NotFoundError (LookupError)
+    │   ├── ModelNotFoundError
+    │   └── VersionNotFoundError
+    ├── RegistryCorruptError                     unreadable aliases.json / meta.json
+    ├── IntegrityError                           sha256 mismatch, missing file
+    ├── UnsafeArtifactError                      refused to unpickle / unknown artifact format
+    ├── CaptureError                             torch.export failed
+    │   └── ParityError                          exported != eager beyond tolerance
+    ├── EnvDriftError                            incompatible environment fingerprint
+    ├── PromotionRefusedError                    no passing gate for this exact artifact
+    ├── GateError                                the gate could not run (not a verdict)
+    ├── ServiceError                             service generation / configuration
+    ├── ServingError                             runtime model slot / reload failures
+    └── PackError                                packing or verifying an archive
+"""
+
+from __future__ import annotations
+
+
+class KitError(Exception):
+    """Base class of every error Kit raises on purpose."""
+
+
+class ConfigError(KitError, ValueError):
+    pass
+
+
+class InvalidNameError(KitError, ValueError):
+    pass
+
+
+class NotFoundError(KitError, LookupError):
+    pass
+
+
+class ModelNotFoundError(NotFoundError):
+    pass
+
+
+class VersionNotFoundError(NotFoundError):
+    pass
+
+
+class RegistryCorruptError(KitError):
+    pass
+
+
+class IntegrityError(KitError):
+    pass
+
+
+class UnsafeArtifactError(KitError):
+    pass
+
+
+class CaptureError(KitError):
+    pass
+
+
+class ParityError(CaptureError):
+    def __init__(self, message: str, *, max_abs_diff: float, atol: float, rtol: float, batch_size: int):
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
+        self.atol = atol
+        self.rtol = rtol
+        self.batch_size = batch_size
+
+
+class EnvDriftError(KitError):
+    pass
+
+
+class PromotionRefusedError(KitError):
+    pass
+
+
+class GateError(KitError):
+    pass
+
+
+class ServiceError(KitError):
+    pass
+
+
+class ServingError(KitError):
+    pass
+
+
+class PackError(KitError):
+    pass

@@ -1,0 +1,727 @@
+"""The model registry: immutable numbered versions, aliases, and an append-only audit log.
+
+Layout (one folder per model name)::
+
+    <root>/<name>/versions/<n>/      model.pt2, example.npz, meta.json, gates/<run-id>/...
+    <root>/<name>/aliases.json       {"production": {"version": 3, "previous": [1, 2]},
+                                      "canary": {"version": 4, "weight": 0.1}, "serial": 7, ...}
+    <root>/<name>/events.jsonl       register, gate, promote, canary, rollback (who, when, why)
+    <root>/<name>/.lock              cross-process lock for numbering, aliases and events
+
+A version is built in a hidden temporary folder and renamed into place when whole, so a crash at any
+point leaves either no version or a whole one. ``aliases.json`` is replaced atomically and is the one
+source of truth for what is served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from kit._io import append_line, atomic_write_json, fsync_dir, sha256_file
+from kit.errors import (
+    IntegrityError,
+    InvalidNameError,
+    KitError,
+    ModelNotFoundError,
+    PromotionRefusedError,
+    RegistryCorruptError,
+    VersionNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+ALIASES = ("production", "canary")
+REFS = ("production", "canary", "latest")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LOCK_TIMEOUT = 60.0
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def validate_name(name: str) -> str:
+    """A model name: letters, digits, '.', '_', '-'; no path separators, no '..'."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise InvalidNameError(
+            f"Invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', no '..')."
+        )
+    return name
+
+
+def validate_version(version: Any) -> int:
+    if isinstance(version, bool):
+        raise InvalidNameError(f"Invalid version {version!r}: versions are positive integers.")
+    if isinstance(version, int):
+        v = version
+    elif isinstance(version, str) and version.isdigit() and len(version) <= 9:
+        v = int(version)
+    else:
+        raise InvalidNameError(f"Invalid version {version!r}: versions are positive integers (1, 2, ...).")
+    if v < 1:
+        raise InvalidNameError(f"Invalid version {version!r}: versions start at 1.")
+    return v
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``"digits@3"`` -> ("digits", "3"); ``"digits@production"``; ``"digits"`` -> ("digits", None)."""
+    name, _, sel = ref.partition("@")
+    validate_name(name)
+    if sel == "":
+        return name, None
+    if sel not in REFS:
+        validate_version(sel)
+    return name, sel
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    created: str
+    artifact_sha256: str
+    files: dict[str, str]
+    signature: dict[str, Any]
+    env: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    capture: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def short_sha(self) -> str:
+        return self.artifact_sha256[:12]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files if (self.path / f).exists())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@dataclass(frozen=True)
+class Aliases:
+    production: int | None = None
+    canary: int | None = None
+    canary_weight: float = 0.0
+    previous: tuple[int, ...] = ()
+    serial: int = 0
+    updated: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"schema": SCHEMA, "serial": self.serial, "updated": self.updated}
+        if self.production is not None:
+            d["production"] = {"version": self.production, "previous": list(self.previous)}
+        if self.canary is not None:
+            d["canary"] = {"version": self.canary, "weight": self.canary_weight}
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Aliases":
+        def bad(why: str) -> RegistryCorruptError:
+            return RegistryCorruptError(
+                f"{where} is malformed ({why}). Rebuild it from the audit log with "
+                f"`kit aliases repair {Path(where).parent.name}`."
+            )
+
+        if not isinstance(d, dict):
+            raise bad(f"expected a JSON object, got {type(d).__name__}")
+        try:
+            prod = d.get("production")
+            can = d.get("canary")
+            production = validate_version(prod["version"]) if prod else None
+            previous = tuple(validate_version(v) for v in (prod or {}).get("previous", []))
+            canary = validate_version(can["version"]) if can else None
+            weight = float(can.get("weight", 0.0)) if can else 0.0
+            serial = int(d.get("serial", 0))
+        except (KeyError, TypeError, ValueError, InvalidNameError) as exc:
+            raise bad(str(exc)) from exc
+        if not 0.0 <= weight <= 1.0:
+            raise bad(f"canary weight {weight} is outside [0, 1]")
+        return cls(production, canary, weight, previous, serial, d.get("updated"))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ref: str
+    ok: bool
+    problems: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def detect_source(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+    """Where the model came from: the notebook (Jupyter sets JPY_SESSION_NAME) or script, and git."""
+    environ = os.environ if environ is None else environ
+    cwd = Path(cwd or os.getcwd())
+    src: dict[str, Any] = {}
+    if environ.get("JPY_SESSION_NAME"):
+        src.update(kind="notebook", path=environ["JPY_SESSION_NAME"])
+    elif environ.get("PAPERMILL_INPUT_PATH"):
+        src.update(kind="notebook", path=environ["PAPERMILL_INPUT_PATH"])
+    elif "ipykernel" in sys.modules:
+        src.update(kind="notebook", path=None)
+    else:
+        src.update(kind="script", path=os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            src["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd, capture_output=True, text=True, timeout=5,
+            )
+            src["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return src
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class Registry:
+    """A registry rooted at a folder. Safe to use from many processes at once."""
+
+    def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None):
+        self.root = Path(root).resolve()
+        self.require_gate = require_gate
+        self.user = user or "unknown"
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Registry":
+        return cls(config.registry, require_gate=config.require_gate, user=config.user)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # ---- paths and locks
+    def model_dir(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.model_dir(name) / "versions" / str(validate_version(version))
+
+    def aliases_path(self, name: str) -> Path:
+        return self.model_dir(name) / "aliases.json"
+
+    def events_path(self, name: str) -> Path:
+        return self.model_dir(name) / "events.jsonl"
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        d = self.model_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(d / ".lock"), timeout=_LOCK_TIMEOUT)
+        try:
+            with lock:
+                yield
+        except filelock.Timeout as exc:
+            raise KitError(
+                f"Timed out after {_LOCK_TIMEOUT:.0f}s waiting for the lock on model {name!r} ({d / '.lock'}). "
+                "Another kit process is holding it; retry when it finishes."
+            ) from exc
+
+    # ---- reading
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+
+    def _version_numbers(self, name: str) -> list[int]:
+        vdir = self.model_dir(name) / "versions"
+        if not vdir.is_dir():
+            return []
+        return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit() and (p / "meta.json").is_file())
+
+    def _require_model(self, name: str) -> None:
+        if not (self.model_dir(name) / "versions").is_dir():
+            have = ", ".join(self.models()) or "none"
+            raise ModelNotFoundError(
+                f"No model {name!r} in the registry at {self.root} (models: {have}). "
+                "Register one with kit.registry.Registry.register() or %deploy."
+            )
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        self._require_model(name)
+        return [self._read_version(name, v) for v in self._version_numbers(name)]
+
+    def _read_version(self, name: str, version: int) -> ModelVersion:
+        path = self.version_dir(name, version)
+        meta_path = path / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError as exc:
+            raise VersionNotFoundError(self._no_version_msg(name, version)) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryCorruptError(
+                f"{meta_path} is not valid JSON ({exc}). The version was altered after it was written; "
+                "run `kit verify` and re-register the model."
+            ) from exc
+        try:
+            return ModelVersion(
+                name=name, version=version, path=path, created=meta["created"],
+                artifact_sha256=meta["artifact_sha256"], files=dict(meta["files"]),
+                signature=meta["signature"], env=meta["env"], source=meta.get("source", {}),
+                metrics=meta.get("metrics", {}), tags=meta.get("tags", {}), capture=meta.get("capture", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise RegistryCorruptError(f"{meta_path} lacks field {exc}. Run `kit verify {name}`.") from exc
+
+    def _no_version_msg(self, name: str, version: int) -> str:
+        have = self._version_numbers(name)
+        span = f"{have[0]}-{have[-1]}" if have else "none"
+        return f"Model {name!r} has no version {version} (have {span}). Run `kit models {name}`."
+
+    def get(self, name: str, ref: int | str | None = None) -> ModelVersion:
+        """A version by number, by alias (``production``, ``canary``) or ``latest``.
+
+        ``ref=None`` means production when set, else the latest version.
+        """
+        self._require_model(name)
+        if ref is None:
+            ref = "production" if self.aliases(name).production else "latest"
+        if ref == "latest":
+            nums = self._version_numbers(name)
+            if not nums:
+                raise VersionNotFoundError(f"Model {name!r} has no versions yet.")
+            return self._read_version(name, nums[-1])
+        if ref in ALIASES:
+            a = self.aliases(name)
+            v = a.production if ref == "production" else a.canary
+            if v is None:
+                raise VersionNotFoundError(
+                    f"Model {name!r} has no {ref} version. Set one with `kit promote {name}@N`"
+                    + (" --canary WEIGHT`." if ref == "canary" else ".")
+                )
+            return self._read_version(name, v)
+        version = validate_version(ref)
+        if version not in self._version_numbers(name):
+            raise VersionNotFoundError(self._no_version_msg(name, version))
+        return self._read_version(name, version)
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``"name@ref"`` -> the version."""
+        name, sel = parse_ref(ref)
+        return self.get(name, sel)
+
+    def aliases(self, name: str) -> Aliases:
+        path = self.aliases_path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return Aliases()
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryCorruptError(
+                f"{path} is not valid JSON ({exc}; {len(text)} bytes, truncated or overwritten?). "
+                f"Rebuild it from the audit log with `kit aliases repair {name}`."
+            ) from exc
+        return Aliases.from_json(data, str(path))
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        self._require_model(name)
+        out = []
+        path = self.events_path(name)
+        if not path.exists():
+            return out
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping unreadable line %d of %s", i, path)
+        return out
+
+    # ---- writing
+    def register(
+        self,
+        name: str,
+        model: Any,
+        example_inputs: Any = None,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | None = None,
+        project_root: Path | None = None,
+        **capture_kwargs: Any,
+    ) -> ModelVersion:
+        """Register a new immutable version.
+
+        ``model`` is a :class:`kit.capture.CapturedModel`, or an ``nn.Module`` captured here with
+        ``example_inputs`` (``capture_kwargs`` go to :func:`kit.capture.capture`).
+        """
+        from kit.capture import CapturedModel, capture
+        from kit.env import fingerprint
+
+        validate_name(name)
+        if not isinstance(model, CapturedModel):
+            if example_inputs is None:
+                raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
+            model = capture(model, example_inputs, **capture_kwargs)
+        model_dir = self.model_dir(name)
+        (model_dir / "versions").mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp(name)
+        tmp = model_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            written = model.save(tmp)
+            files = {p.name: sha256_file(p) for p in written}
+            for p in written:
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            meta: dict[str, Any] = {
+                "schema": SCHEMA,
+                "name": name,
+                "created": utcnow(),
+                "files": files,
+                "artifact_sha256": artifact_digest(files),
+                "signature": model.signature.to_dict(),
+                "env": fingerprint(project_root).to_dict(),
+                "source": dict(source) if source is not None else detect_source(cwd=project_root),
+                "metrics": dict(metrics or {}),
+                "tags": dict(tags or {}),
+                "capture": {
+                    "seconds": round(model.seconds, 3),
+                    "model_class": model.model_class,
+                    "parity": model.parity.to_dict(),
+                    "format": "torch.export",
+                },
+            }
+            _check_json(meta, "metrics/tags/source")
+            with self.lock(name):
+                nums = self._version_numbers(name)
+                version = (nums[-1] + 1) if nums else 1
+                meta["version"] = version
+                atomic_write_json(tmp / "meta.json", meta)
+                fsync_dir(tmp)
+                final = self.version_dir(name, version)
+                os.rename(tmp, final)  # atomic: the version appears whole or not at all
+                fsync_dir(final.parent)
+                self._event(name, "register", version=version, artifact_sha256=meta["artifact_sha256"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("registered %s@%d at %s", name, version, final)
+        return self._read_version(name, version)
+
+    def _clean_stale_tmp(self, name: str) -> None:
+        """Remove temporary folders left by processes that died mid-register."""
+        for p in self.model_dir(name).glob(".tmp-*"):
+            try:
+                pid = int(p.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one audit record; callers hold the model lock."""
+        rec = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
+        rec.update(fields)
+        append_line(self.events_path(name), json.dumps(rec, sort_keys=True))
+        return rec
+
+    def record_event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        """Append an audit record (e.g. a gate run) under the model lock."""
+        with self.lock(name):
+            return self._event(name, event, **fields)
+
+    # ---- verification and loading
+    def verify(self, name: str | None = None, version: int | None = None) -> list[VerifyResult]:
+        """Re-hash every file of the selected versions against meta.json."""
+        names = [name] if name else self.models()
+        results = []
+        for n in names:
+            nums = [validate_version(version)] if version is not None else self._version_numbers(n)
+            for v in nums:
+                results.append(self._verify_one(n, v))
+        return results
+
+    def _verify_one(self, name: str, version: int) -> VerifyResult:
+        ref = f"{name}@{version}"
+        try:
+            mv = self._read_version(name, version)
+        except KitError as exc:
+            return VerifyResult(ref, False, (str(exc),))
+        problems = []
+        for fname, expected in sorted(mv.files.items()):
+            if "/" in fname or fname.startswith("."):
+                problems.append(f"{fname}: unsafe file name in meta.json")
+                continue
+            p = mv.path / fname
+            if not p.is_file():
+                problems.append(f"{fname}: missing")
+            elif (got := sha256_file(p)) != expected:
+                problems.append(f"{fname}: sha256 {got[:12]}… != recorded {expected[:12]}…")
+        if artifact_digest(mv.files) != mv.artifact_sha256:
+            problems.append("meta.json: artifact_sha256 does not match the file hashes")
+        return VerifyResult(ref, not problems, tuple(problems))
+
+    def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True) -> "LoadedModel":
+        """Load a version for inference, after verifying every file's sha256 (and the environment)."""
+        from kit.capture import EXAMPLE_FILE, MODEL_FILE, Signature, load_examples, load_program
+        from kit.env import Fingerprint, diff, fingerprint
+
+        mv = self.get(name, ref)
+        res = self._verify_one(name, mv.version)
+        if not res.ok:
+            raise IntegrityError(
+                f"Refusing to load {mv.ref}: {'; '.join(res.problems)}. The files were changed after "
+                f"registration; restore them or register the model again."
+            )
+        drift = None
+        if check_env:
+            drift = diff(Fingerprint.from_dict(mv.env), fingerprint())
+            drift.raise_for_errors(f"This environment (for {mv.ref})")
+        module = load_program(mv.path / MODEL_FILE)
+        ins, outs = load_examples(mv.path / EXAMPLE_FILE)
+        return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift)
+
+    # ---- gates (evidence stored beside the version; kit.gate writes it)
+    def gate_root(self, name: str, version: int) -> Path:
+        return self.version_dir(name, version) / "gates"
+
+    def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
+        root = self.gate_root(name, version)
+        out = []
+        if root.is_dir():
+            for p in sorted(root.glob("*/result.json")):
+                try:
+                    out.append(json.loads(p.read_text()))
+                except (OSError, json.JSONDecodeError):
+                    log.warning("unreadable gate result %s", p)
+        return out
+
+    def passing_gate(self, mv: ModelVersion) -> dict[str, Any] | None:
+        """The newest passing gate result recorded for exactly this artifact, if any."""
+        ok = [
+            r for r in self.gate_results(mv.name, mv.version)
+            if r.get("passed") is True and r.get("artifact_sha256") == mv.artifact_sha256
+        ]
+        return ok[-1] if ok else None
+
+    # ---- alias moves
+    def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> dict[str, Any] | None:
+        if force:
+            if not why or not why.strip():
+                raise PromotionRefusedError(
+                    f"A forced {action} of {mv.ref} needs a reason; pass why=... (--why on the command line). "
+                    "It is recorded in the audit log."
+                )
+            return None
+        gate = self.passing_gate(mv)
+        if self.require_gate and gate is None:
+            raise PromotionRefusedError(
+                f"Refusing to {action} {mv.ref}: no passing gate recorded for its artifact sha256 "
+                f"{mv.short_sha}. Run `kit validate {mv.ref}` first, or force it with --force --why '...'."
+            )
+        return gate
+
+    def _write_aliases(self, name: str, new: Aliases) -> Aliases:
+        new = dataclasses.replace(new, serial=new.serial + 1, updated=utcnow())
+        atomic_write_json(self.aliases_path(name), new.to_json())
+        return new
+
+    def promote(self, name: str, version: int | str, *, force: bool = False, why: str | None = None,
+                user: str | None = None) -> Aliases:
+        """Move ``production`` to ``version``. Needs a passing gate for this artifact unless forced.
+
+        Promoting the current canary ends the canary.
+        """
+        mv = self.get(name, version)
+        with self.lock(name):
+            gate = self._check_gate(mv, force, why, "promote")
+            cur = self.aliases(name)
+            previous = cur.previous
+            if cur.production is not None and cur.production != mv.version:
+                previous = (*cur.previous, cur.production)[-20:]
+            canary, weight = (cur.canary, cur.canary_weight) if cur.canary != mv.version else (None, 0.0)
+            new = self._write_aliases(name, dataclasses.replace(
+                cur, production=mv.version, previous=previous, canary=canary, canary_weight=weight))
+            self._event(name, "promote", version=mv.version, from_version=cur.production, forced=force,
+                        why=why, user=user, gate=(gate or {}).get("run_id"), aliases=new.to_json())
+        log.info("%s production -> %d", name, mv.version)
+        return new
+
+    def set_canary(self, name: str, version: int | str, weight: float, *, force: bool = False,
+                   why: str | None = None, user: str | None = None) -> Aliases:
+        """Start (or re-weight) a canary: ``weight`` of traffic (0 < weight <= 1) goes to ``version``."""
+        weight = _check_weight(weight)
+        mv = self.get(name, version)
+        with self.lock(name):
+            cur = self.aliases(name)
+            if cur.production is None:
+                raise PromotionRefusedError(
+                    f"Model {name!r} has no production version to split traffic with. Promote one first."
+                )
+            if mv.version == cur.production:
+                raise PromotionRefusedError(f"{mv.ref} is already production; a canary must be another version.")
+            gate = None
+            if not (cur.canary == mv.version):  # re-weighting a running canary needs no new gate
+                gate = self._check_gate(mv, force, why, "start a canary of")
+            new = self._write_aliases(name, dataclasses.replace(cur, canary=mv.version, canary_weight=weight))
+            self._event(name, "canary", version=mv.version, weight=weight, forced=force, why=why, user=user,
+                        gate=(gate or {}).get("run_id"), aliases=new.to_json())
+        return new
+
+    def set_canary_weight(self, name: str, weight: float, *, why: str | None = None,
+                          user: str | None = None) -> Aliases:
+        weight = _check_weight(weight)
+        cur = self.aliases(name)
+        if cur.canary is None:
+            raise PromotionRefusedError(f"Model {name!r} has no canary; start one with `kit canary {name}@N`.")
+        return self.set_canary(name, cur.canary, weight, why=why, user=user)
+
+    def end_canary(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
+        """Send all traffic back to production."""
+        self._require_model(name)
+        with self.lock(name):
+            cur = self.aliases(name)
+            if cur.canary is None:
+                return cur
+            new = self._write_aliases(name, dataclasses.replace(cur, canary=None, canary_weight=0.0))
+            self._event(name, "canary_end", version=cur.canary, why=why, user=user, aliases=new.to_json())
+        return new
+
+    def rollback(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
+        """Production back to the previous production version; any canary is ended."""
+        self._require_model(name)
+        with self.lock(name):
+            cur = self.aliases(name)
+            if not cur.previous:
+                raise PromotionRefusedError(
+                    f"Model {name!r} has no previous production version to roll back to "
+                    f"(production is {cur.production}). Promote a specific version instead."
+                )
+            target = cur.previous[-1]
+            new = self._write_aliases(name, dataclasses.replace(
+                cur, production=target, previous=cur.previous[:-1], canary=None, canary_weight=0.0))
+            self._event(name, "rollback", version=target, from_version=cur.production, why=why, user=user,
+                        ended_canary=cur.canary, aliases=new.to_json())
+        log.info("%s rolled back %s -> %d", name, cur.production, target)
+        return new
+
+    def repair_aliases(self, name: str, *, user: str | None = None) -> Aliases:
+        """Rebuild aliases.json from the newest alias snapshot in the audit log."""
+        self._require_model(name)
+        with self.lock(name):
+            snap = None
+            for ev in self.history(name):
+                if "aliases" in ev:
+                    snap = ev["aliases"]
+            new = Aliases.from_json(snap, "audit log") if snap else Aliases()
+            atomic_write_json(self.aliases_path(name), new.to_json())
+            self._event(name, "aliases_repair", user=user, aliases=new.to_json())
+        return new
+
+
+@dataclass
+class LoadedModel:
+    """A verified version ready for inference."""
+
+    version: ModelVersion
+    module: Any
+    signature: Any
+    example_inputs: tuple[Any, ...]
+    reference_outputs: tuple[Any, ...]
+    drift: Any = None
+
+    def __call__(self, *inputs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(*inputs)
+
+    def check_reference(self, atol: float | None = None, rtol: float | None = None) -> float:
+        """Run the stored example; raise IntegrityError when it no longer gives the reference output."""
+        import torch
+
+        parity = self.version.capture.get("parity", {})
+        atol = parity.get("atol", 1e-5) if atol is None else atol
+        rtol = parity.get("rtol", 1e-4) if rtol is None else rtol
+        out = self(*self.example_inputs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        worst = 0.0
+        for got, ref in zip(outs, self.reference_outputs):
+            got = got.detach().cpu()
+            if got.shape != ref.shape or not torch.allclose(got.double(), ref.double(), atol=atol, rtol=rtol):
+                d = float((got.double() - ref.double()).abs().max()) if got.shape == ref.shape else float("inf")
+                raise IntegrityError(
+                    f"{self.version.ref} no longer reproduces its reference output (max |diff| {d:.3g}, "
+                    f"atol {atol:g}). The environment computes differently; re-validate the version here."
+                )
+            if got.numel():
+                worst = max(worst, float((got.double() - ref.double()).abs().max()))
+        return worst
+
+
+def artifact_digest(files: Mapping[str, str]) -> str:
+    """One sha256 over every file's name and sha256: what a gate result is bound to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for fname in sorted(files):
+        h.update(f"{fname}\0{files[fname]}\n".encode())
+    return h.hexdigest()
+
+
+def _check_weight(weight: Any) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError) as exc:
+        raise InvalidNameError(f"Canary weight must be a number in (0, 1], got {weight!r}.") from exc
+    if not 0.0 < w <= 1.0:
+        raise InvalidNameError(f"Canary weight must be in (0, 1] (e.g. 0.1 for 10%), got {weight!r}.")
+    return w
+
+
+def _check_json(obj: Any, what: str) -> None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise KitError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test area. Area-specific fixtures live in that area's own files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep things a person may want to look at afterwards (screenshots, reports)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """The demo MLP trained once per session (a few seconds) with its held-out accuracy."""
+    from kit.demo import digits_split, train
+
+    split = digits_split()
+    model, acc = train(epochs=15, split=split)
+    return model, split, acc
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    """An empty registry in a temporary folder, gate requirement on (as in production)."""
+    from kit.registry import Registry
+
+    return Registry(tmp_path / "registry", require_gate=True, user="tester")
+
+
+@pytest.fixture
+def registered(registry, digits_model):
+    """``demo-digits@1`` registered in ``registry`` from the trained model (batch-1 example)."""
+    import torch
+
+    model, split, acc = digits_model
+    mv = registry.register("demo-digits", model, torch.from_numpy(split.x_test[:1]), metrics={"accuracy": acc})
+    return registry, mv
+
+
+@pytest.fixture
+def kit_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first, registry in tmp_path."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["KIT_REGISTRY"] = str(tmp_path / "registry")
+    env.pop("PYTHONPATH", None)
+    return env
