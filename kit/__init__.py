@@ -1,0 +1,12 @@
+"""Kit: take a PyTorch model from the notebook to a served, validated, canaried HTTP service.
+
+``%load_ext kit`` registers the IPython magics (see :mod:`kit.magics`).
+"""
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    from kit.magics import load_ipython_extension as _load
+
+    _load(ipython)
