@@ -96,3 +96,13 @@ class ServingError(KitError):
 
 class PackError(KitError):
     pass
+
+
+class DeployError(KitError):
+    """``%deploy`` stopped at a step. Carries the step, the report to read (if any) and the partial result."""
+
+    def __init__(self, message: str, *, step: str, report: object = None, result: object = None):
+        super().__init__(message)
+        self.step = step
+        self.report = report
+        self.result = result
