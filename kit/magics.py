@@ -1,0 +1,593 @@
+"""IPython magics: the researcher's front door. ``%load_ext kit`` registers them.
+
+    %deploy MODEL --example X --name NAME [--validate NB ...] [--canary 10% | --promote] [--service NAME]
+    %models [NAME]              models, or one model's versions with gate verdicts and aliases
+    %promote NAME@VERSION       production (needs a passing gate for that exact artifact)
+    %canary NAME@VERSION 10%    start a canary;  %canary NAME 25%  re-weight;  %canary NAME --stop
+    %rollback NAME              production back to the previous version, ends any canary
+    %registry [NAME]            the registry panel (kit.widgets.RegistryPanel)
+
+``%deploy`` is a thin shell over :func:`deploy`, which runs capture -> register -> gate -> alias move ->
+service generation and reports one line per step. Every magic resolves the configuration once
+(:func:`kit.config.load_config`) and turns a :class:`kit.errors.KitError` into IPython's ``UsageError``:
+one clear line, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from kit.config import KitConfig, load_config
+from kit.errors import DeployError, InvalidNameError, KitError, PromotionRefusedError
+from kit.registry import Aliases, ModelVersion, Registry, detect_source, parse_ref, validate_name
+
+log = logging.getLogger(__name__)
+
+STEPS = ("capture", "register", "gate", "alias", "service")
+
+
+# --------------------------------------------------------------------------- the library function
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished step of a deploy: what ran, how long, and where its result is."""
+
+    name: str
+    seconds: float
+    ok: bool
+    detail: str
+    where: str | None = None
+
+    def line(self, index: int, total: int = len(STEPS)) -> str:
+        secs = f"{self.seconds:6.1f}s" if self.seconds >= 0 else "      -"
+        mark = "ok " if self.ok else "FAIL"
+        s = f"[{index}/{total}] {self.name:<8} {secs}  {mark} {self.detail}"
+        return s + (f"  -> {self.where}" if self.where else "")
+
+
+@dataclass
+class DeployResult:
+    """What a deploy produced; ``result = %deploy ...`` keeps it."""
+
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    version: ModelVersion | None = None
+    gate: Any = None  # kit.gate.GateResult
+    aliases: Aliases | None = None
+    service_dir: Path | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref if self.version else self.name
+
+    @property
+    def seconds(self) -> float:
+        return sum(max(s.seconds, 0.0) for s in self.steps)
+
+    def __repr__(self) -> str:
+        where = f", service={str(self.service_dir)!r}" if self.service_dir else ""
+        alias = ""
+        if self.aliases is not None:
+            alias = f", production={self.aliases.production}"
+            if self.aliases.canary is not None:
+                alias += f", canary={self.aliases.canary}@{self.aliases.canary_weight:.0%}"
+        return f"DeployResult({self.ref}{alias}{where}, {self.seconds:.1f}s)"
+
+
+def parse_weight(text: str | float) -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number above 1 is refused (write ``10%``)."""
+    s = str(text).strip()
+    try:
+        w = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError as exc:
+        raise InvalidNameError(f"Canary weight {text!r} is not a number; write it as 10% or 0.1.") from exc
+    if not s.endswith("%") and w > 1.0:
+        raise InvalidNameError(f"Canary weight {text!r} is above 1; write a percentage as {s}% or a fraction as 0.1.")
+    if not 0.0 <= w <= 1.0:
+        raise InvalidNameError(f"Canary weight {text!r} must be between 0% and 100%.")
+    return w
+
+
+def aliases_line(name: str, a: Aliases) -> str:
+    s = f"{name}: production={a.production if a.production is not None else '-'}"
+    if a.canary is not None:
+        s += f", canary={a.canary} at {a.canary_weight:.0%}"
+    return s
+
+
+def deploy(
+    registry: Registry,
+    model: Any,
+    example_inputs: Any,
+    name: str,
+    *,
+    notebooks: Sequence[str | Path] | None = None,
+    params: Mapping[str, Any] | None = None,
+    canary: float | None = None,
+    promote: bool = False,
+    service: str | None = None,
+    services_dir: Path = Path("services"),
+    metrics: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+    project_root: Path | None = None,
+    gate_timeout: float = 600.0,
+    user: str | None = None,
+    on_step: Callable[[int, Step], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DeployResult:
+    """capture -> register -> gate -> alias move -> service generation; stop at the first failure.
+
+    Parameters
+    ----------
+    canary : start a canary of the new version at this weight (0 < w <= 1); needs a production version.
+    promote : make the new version production. Neither ``canary`` nor ``promote``: no alias moves.
+    service : generate ``services_dir/<service>/`` serving ``name`` (kit.servicegen.generate).
+    on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
+
+    Raises
+    ------
+    DeployError : a step failed (``.step``, ``.report`` with the gate report's path, ``.result`` so far).
+    KitError : bad arguments, found before any work is done.
+    """
+    validate_name(name)
+    if canary is not None and promote:
+        raise InvalidNameError("Choose one of --canary and --promote, not both.")
+    if canary is not None:
+        if not 0.0 < canary <= 1.0:
+            raise InvalidNameError(f"Canary weight must be in (0%, 100%], got {canary:.0%}.")
+        # Checked before any work: a canary splits traffic with production, so one must exist.
+        have = name in registry.models() and registry.aliases(name).production is not None
+        if not have:
+            raise PromotionRefusedError(
+                f"--canary needs a production version of {name!r} to split traffic with, and there is none "
+                f"yet. Deploy with --promote first (or `%promote {name}@N`)."
+            )
+    if service is not None:
+        validate_name(service)
+    result = DeployResult(name=name)
+    total = len(STEPS)
+
+    def finish(step: Step) -> None:
+        result.steps.append(step)
+        log.info("deploy %s: %s", name, step.line(len(result.steps), total))
+        if on_step is not None:
+            on_step(len(result.steps), step)
+
+    def fail(step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
+        finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
+        msg = f"%deploy stopped at step {len(result.steps)}/{total} ({step_name}): {why}"
+        if report is not None:
+            msg += f" Report: {report}"
+        return DeployError(msg, step=step_name, report=report, result=result)
+
+    # 1. capture
+    from kit.capture import capture
+
+    t0 = time.perf_counter()
+    try:
+        captured = capture(model, example_inputs)
+    except KitError as exc:
+        raise fail("capture", t0, str(exc)) from exc
+    finish(Step("capture", time.perf_counter() - t0, True,
+                f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
+                f"parity max|diff| {captured.parity.max_abs_diff:.2g}"))
+
+    # 2. register
+    t0 = time.perf_counter()
+    try:
+        mv = registry.register(name, captured, metrics=metrics, tags=tags, source=source, project_root=project_root)
+    except KitError as exc:
+        raise fail("register", t0, str(exc)) from exc
+    result.version = mv
+    finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path)))
+
+    # 3. gate
+    t0 = time.perf_counter()
+    try:
+        from kit.gate import run_gate
+    except ImportError as exc:
+        raise fail("gate", t0, f"kit.gate is not available ({exc}); this checkout has no validation gate.") from exc
+    try:
+        gate = run_gate(registry, name, mv.version, notebooks=list(notebooks) if notebooks else None,
+                        params=dict(params) if params else None, timeout=gate_timeout, progress=progress)
+    except KitError as exc:
+        raise fail("gate", t0, f"the gate could not run: {exc}") from exc
+    result.gate = gate
+    n_ok = sum(1 for c in gate.checks if getattr(c, "passed", False))
+    if not gate.passed:
+        failed = [c for c in gate.checks if not getattr(c, "passed", False)]
+        why = gate.error or "; ".join(_check_text(c) for c in failed[:3]) or "the gate did not pass"
+        raise fail("gate", t0, f"{mv.ref} failed validation ({n_ok}/{len(gate.checks)} checks passed): {why}.",
+                   report=gate.report)
+    finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks", str(gate.report)))
+
+    # 4. alias move
+    t0 = time.perf_counter()
+    try:
+        if promote:
+            before = registry.aliases(name).production
+            result.aliases = registry.promote(name, mv.version, user=user, why="%deploy --promote")
+            detail = f"production {before if before is not None else '-'} -> {mv.version}"
+        elif canary is not None:
+            result.aliases = registry.set_canary(name, mv.version, canary, user=user, why="%deploy --canary")
+            detail = f"canary {mv.version} at {canary:.0%} beside production {result.aliases.production}"
+        else:
+            result.aliases = registry.aliases(name)
+            detail = (f"none asked for (--promote or --canary 10%); {aliases_line(name, result.aliases)}")
+    except KitError as exc:
+        raise fail("alias", t0, str(exc), where=registry.aliases_path(name)) from exc
+    finish(Step("alias", time.perf_counter() - t0, True, detail, str(registry.aliases_path(name))))
+
+    # 5. service generation
+    if service is None:
+        finish(Step("service", -1.0, True, "none asked for (--service NAME generates one)"))
+        return result
+    t0 = time.perf_counter()
+    try:
+        from kit.servicegen import generate
+    except ImportError as exc:
+        raise fail("service", t0, f"kit.servicegen is not available ({exc}).") from exc
+    try:
+        out = generate(service, name, registry=registry, out_dir=Path(services_dir))
+    except KitError as exc:
+        raise fail("service", t0, str(exc)) from exc
+    result.service_dir = Path(out)
+    finish(Step("service", time.perf_counter() - t0, True,
+                f"{service!r} serves {name}@production (start: kit.servicegen.start_service)", str(out)))
+    return result
+
+
+def _check_text(check: Any) -> str:
+    name = getattr(check, "name", "check")
+    detail = getattr(check, "detail", None) or getattr(check, "message", None) or ""
+    return f"{name}: {detail}" if detail else str(name)
+
+
+# --------------------------------------------------------------------------- the magics
+
+
+class _StepPrinter:
+    """One line per step. In a notebook the running step's line updates in place with the gate's progress."""
+
+    def __init__(self, shell: Any):
+        self.live = getattr(shell, "kernel", None) is not None
+        self.handle: Any = None
+        self.started = time.perf_counter()
+
+    def _show(self, text: str) -> None:
+        from IPython.display import display
+
+        bundle = {"text/plain": text}
+        if self.handle is None:
+            self.handle = display(bundle, raw=True, display_id=True)
+        else:
+            self.handle.update(bundle, raw=True)
+
+    def progress(self, msg: str) -> None:
+        if self.live:
+            self._show(f"      gate     {time.perf_counter() - self.started:6.1f}s  ... {msg.strip()}")
+
+    def step(self, index: int, step: Step) -> None:
+        line = step.line(index)
+        if self.live and self.handle is not None:
+            self._show(line)
+            self.handle = None
+        else:
+            print(line, flush=True)
+        self.started = time.perf_counter()
+
+
+@magics_class
+class KitMagics(Magics):
+    """Kit's magics. The configuration resolves once, on first use, unless given."""
+
+    def __init__(self, shell: Any = None, config: KitConfig | None = None):
+        super().__init__(shell)
+        self._config = config
+
+    @property
+    def kit_config(self) -> KitConfig:
+        if self._config is None:
+            try:
+                self._config = load_config()
+            except KitError as exc:
+                raise UsageError(str(exc)) from None
+        return self._config
+
+    def _registry(self) -> Registry:
+        return Registry.from_config(self.kit_config)
+
+    def _eval(self, expr: str, what: str) -> Any:
+        try:
+            return self.shell.ev(expr)
+        except Exception as exc:  # the user's expression: any error is theirs to fix
+            raise UsageError(f"%deploy: could not evaluate {what} {expr!r}: {type(exc).__name__}: {exc}. "
+                             "Define it in a cell first.") from None
+
+    # ---- %deploy
+    @magic_arguments()
+    @argument("model", metavar="MODEL", help="the torch.nn.Module to deploy (a variable or expression)")
+    @argument("--example", "-e", metavar="X", required=True,
+              help="example input: a tensor, numpy array or tuple of them (batch first)")
+    @argument("--name", "-n", metavar="NAME", required=True, help="model name in the registry")
+    @argument("--validate", metavar="NB", nargs="+", default=None,
+              help="validation notebook(s) for the gate (default notebooks/validation/default.ipynb)")
+    @argument("--param", "-p", metavar="KEY=VALUE", action="append", default=[],
+              help="a parameter for the validation notebooks (repeatable)")
+    @argument("--canary", metavar="WEIGHT", default=None,
+              help="start a canary of the new version at WEIGHT (10%% or 0.1); needs a production version")
+    @argument("--promote", action="store_true", help="make the new version production")
+    @argument("--service", metavar="NAME", default=None, help="generate services/NAME serving this model")
+    @argument("--metrics", metavar="DICT", default=None, help="a dict of metrics to record (variable name)")
+    @argument("--tags", metavar="DICT", default=None, help="a dict of tags to record (variable name)")
+    @line_magic
+    def deploy(self, line: str) -> DeployResult:
+        """Capture, register, validate, move an alias and generate a service, one line per step.
+
+        Stops at the first failure with the reason and the gate report's path. Example::
+
+            %deploy model --example x_test[:8] --name digits --promote --service digits
+        """
+        args = parse_argstring(self.deploy, line)
+        if args.canary is not None and args.promote:
+            raise UsageError("%deploy: choose one of --canary WEIGHT and --promote, not both.")
+        cfg = self.kit_config
+        model = self._eval(args.model, "MODEL")
+        example = _as_example(self._eval(args.example, "--example"), args.example)
+        try:
+            import torch
+
+            if not isinstance(model, torch.nn.Module):
+                raise UsageError(f"%deploy: MODEL {args.model!r} is a {type(model).__name__}; "
+                                 "expected a torch.nn.Module.")
+            metrics = self._eval_dict(args.metrics, "--metrics")
+            tags = self._eval_dict(args.tags, "--tags")
+            params = _parse_params(args.param)
+            weight = parse_weight(args.canary) if args.canary is not None else None
+            if weight == 0.0:
+                raise UsageError("%deploy: --canary 0% would send no traffic to the new version; give a weight > 0.")
+            notebooks = [_resolve_nb(nb, cfg) for nb in args.validate] if args.validate else None
+            source = dict(detect_source(cwd=cfg.project_root))
+            session = self.shell.user_ns.get("__session__") if self.shell is not None else None
+            if session:
+                source.update(kind="notebook", path=str(session))
+            source["via"] = "%deploy"
+            printer = _StepPrinter(self.shell)
+            return deploy(
+                self._registry(), model, example, args.name, notebooks=notebooks, params=params,
+                canary=weight, promote=args.promote, service=args.service,
+                services_dir=cfg.project_root / "services", metrics=metrics, tags=tags, source=source,
+                project_root=cfg.project_root, gate_timeout=cfg.gate_timeout, user=cfg.user,
+                on_step=printer.step, progress=printer.progress,
+            )
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _eval_dict(self, expr: str | None, what: str) -> dict[str, Any] | None:
+        if expr is None:
+            return None
+        value = self._eval(expr, what)
+        if not isinstance(value, Mapping):
+            raise UsageError(f"%deploy: {what} {expr!r} is a {type(value).__name__}; expected a dict.")
+        return dict(value)
+
+    # ---- %models
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="a model name: list its versions")
+    @line_magic
+    def models(self, line: str) -> None:
+        """List the registry's models, or one model's versions with gate verdicts and aliases."""
+        args = parse_argstring(self.models, line)
+        reg = self._registry()
+        try:
+            if args.name is None:
+                names = reg.models()
+                if not names:
+                    print(f"No models in {reg.root}. Deploy one with %deploy.")
+                    return
+                rows = []
+                for n in names:
+                    a = reg.aliases(n)
+                    vs = reg.versions(n)
+                    rows.append([n, len(vs), vs[-1].version if vs else "-", a.production or "-",
+                                 f"{a.canary} ({a.canary_weight:.0%})" if a.canary else "-"])
+                print(_table(rows, ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
+                return
+            name, _ = parse_ref(args.name)
+            a = reg.aliases(name)
+            rows = []
+            for mv in reg.versions(name):
+                rows.append([mv.version, mv.short_sha, mv.created[:19].replace("T", " "),
+                             _metrics_text(mv.metrics), gate_verdict(reg, mv)[0], ", ".join(badges(a, mv.version))])
+            print(f"{aliases_line(name, a)}   ({reg.root})")
+            print(_table(rows, ["VERSION", "SHA256", "CREATED (UTC)", "METRICS", "GATE", "ALIASES"]))
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+    # ---- %promote
+    @magic_arguments()
+    @argument("ref", metavar="NAME@VERSION", help="the version to make production")
+    @argument("--why", default=None, help="a reason, recorded in the audit log")
+    @line_magic
+    def promote(self, line: str) -> None:
+        """Move production to NAME@VERSION. Needs a passing gate recorded for that exact artifact."""
+        args = parse_argstring(self.promote, line)
+        try:
+            name, sel = parse_ref(args.ref)
+            if sel is None:
+                raise UsageError(f"%promote: say which version, e.g. %promote {name}@2.")
+            reg = self._registry()
+            a = reg.promote(name, sel, why=args.why, user=self.kit_config.user)
+            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+    # ---- %canary
+    @magic_arguments()
+    @argument("ref", metavar="NAME[@VERSION]", help="NAME@VERSION starts a canary; NAME re-weights or stops it")
+    @argument("weight", metavar="WEIGHT", nargs="?", default=None, help="share of traffic: 10%% or 0.1; 0%% stops")
+    @argument("--stop", action="store_true", help="end the canary: all traffic back to production")
+    @argument("--why", default=None, help="a reason, recorded in the audit log")
+    @line_magic
+    def canary(self, line: str) -> None:
+        """Start, re-weight or stop a canary. Writes aliases.json: running services follow within seconds."""
+        args = parse_argstring(self.canary, line)
+        try:
+            name, sel = parse_ref(args.ref)
+            reg = self._registry()
+            reg.versions(name)  # ModelNotFoundError names the models there are
+            user = self.kit_config.user
+            if args.stop:
+                if args.weight is not None:
+                    raise UsageError("%canary: give a WEIGHT or --stop, not both.")
+                a = reg.end_canary(name, why=args.why, user=user)
+            else:
+                if args.weight is None:
+                    raise UsageError(f"%canary: give a weight, e.g. %canary {args.ref} 10%, or --stop.")
+                w = parse_weight(args.weight)
+                if w == 0.0:
+                    a = reg.end_canary(name, why=args.why, user=user)
+                elif sel is None:
+                    a = reg.set_canary_weight(name, w, why=args.why, user=user)
+                else:
+                    a = reg.set_canary(name, sel, w, why=args.why, user=user)
+            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+    # ---- %rollback
+    @magic_arguments()
+    @argument("name", metavar="NAME", help="the model to roll back")
+    @argument("--why", default=None, help="a reason, recorded in the audit log")
+    @line_magic
+    def rollback(self, line: str) -> None:
+        """Production back to the previous production version; any canary ends."""
+        args = parse_argstring(self.rollback, line)
+        try:
+            name, _ = parse_ref(args.name)
+            reg = self._registry()
+            a = reg.rollback(name, why=args.why, user=self.kit_config.user)
+            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+    # ---- %registry
+    @magic_arguments()
+    @argument("name", metavar="NAME", nargs="?", default=None,
+              help="the model to show (default: the only model in the registry)")
+    @line_magic
+    def registry(self, line: str) -> Any:
+        """Show the registry panel: versions, gate verdicts, aliases; validate, promote, rollback, canary."""
+        args = parse_argstring(self.registry, line)
+        from kit.widgets import RegistryPanel
+
+        reg = self._registry()
+        name = args.name
+        try:
+            if name is None:
+                names = reg.models()
+                if len(names) != 1:
+                    raise UsageError(f"%registry: name a model ({', '.join(names) or 'the registry is empty'}).")
+                name = names[0]
+            return RegistryPanel(reg, name, gate_timeout=self.kit_config.gate_timeout,
+                                 user=self.kit_config.user)
+        except KitError as exc:
+            raise UsageError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- helpers shared with kit.widgets
+
+
+def badges(a: Aliases, version: int) -> list[str]:
+    out = []
+    if a.production == version:
+        out.append("production")
+    if a.canary == version:
+        out.append(f"canary {a.canary_weight:.0%}")
+    if version in a.previous and a.production != version:
+        out.append("previous")
+    return out
+
+
+def gate_verdict(reg: Registry, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
+    """("passed" | "failed" | "stale" | "-", the newest gate result) for this version."""
+    results = reg.gate_results(mv.name, mv.version)
+    if not results:
+        return "-", None
+    last = results[-1]
+    passing = reg.passing_gate(mv)
+    if passing is not None:
+        return "passed", passing
+    if last.get("artifact_sha256") != mv.artifact_sha256:
+        return "stale", last
+    return "failed", last
+
+
+def _metrics_text(metrics: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) or "-"
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _as_example(value: Any, expr: str) -> Any:
+    import numpy as np
+    import torch
+
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v
+        if isinstance(v, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(v))
+        raise UsageError(f"%deploy: --example {expr!r} holds a {type(v).__name__}; expected a torch tensor, "
+                         "a numpy array, or a tuple of them (batch dimension first).")
+
+    if isinstance(value, (tuple, list)) and value:
+        return tuple(one(v) for v in value)
+    return one(value)
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"%deploy: --param {item!r} is not KEY=VALUE (e.g. --param min_accuracy=0.9).")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw  # a plain string, e.g. a path
+    return out
+
+
+def _resolve_nb(nb: str, cfg: KitConfig) -> str:
+    p = Path(nb).expanduser()
+    if p.is_file():
+        return str(p.resolve())
+    alt = cfg.project_root / nb
+    if alt.is_file():
+        return str(alt)
+    raise UsageError(f"%deploy: validation notebook {nb!r} not found (looked in {Path.cwd()} and {cfg.project_root}).")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext kit``: register the magics."""
+    ipython.register_magics(KitMagics(ipython))
