@@ -1,0 +1,244 @@
+"""Rendering ``services/<name>/`` from templates, and starting a generated service.
+
+``generate(name, model, registry=...)`` writes ``wsgi.py``, ``gunicorn.conf.py``, ``service.toml``,
+``README.md`` and ``start.sh``; the same inputs always give the same bytes. ``start_service(dir)``
+runs ``python -m gunicorn --config gunicorn.conf.py wsgi:app`` from the folder on a free local port
+and waits for ``/readyz``. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from kit._io import atomic_write_text
+from kit.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+FILES = ("wsgi.py", "gunicorn.conf.py", "service.toml", "README.md", "start.sh")
+DEFAULTS: dict[str, Any] = {
+    "bind": "127.0.0.1:8000", "device": "cpu", "workers": 0, "threads": 8, "torch_threads": 0,
+    "timeout": 60, "graceful_timeout": 30, "keepalive": 5, "max_requests": 200000,
+    "max_requests_jitter": 20000, "check_env": True, "version_header": "X-Kit-Version",
+    "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
+    "max_wait_ms": 0.0, "max_body_bytes": 8 * 1024 * 1024, "rate_limit": 0.0, "rate_burst": 0,
+    "api_keys_sha256": (), "keys_file": "", "access_log": True,
+}
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("kit", "templates/service"),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+    )
+
+
+def _toml_str(value: str, what: str) -> str:
+    if any(c in value for c in '"\\\n\r\t') or not value.isprintable():
+        raise ServiceError(f"{what} {value!r} holds a quote, backslash or control character; choose another.")
+    return value
+
+
+def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str, str]:
+    """The generated files' text (no writing). ``options`` are service.toml settings (see DEFAULTS)."""
+    from kit.registry import validate_name
+
+    validate_name(name)
+    validate_name(model)
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ServiceError(f"Unknown service option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+    ctx = {**DEFAULTS, **options, "name": name, "model": model, "registry": _toml_str(registry, "registry path")}
+    for key in ("bind", "device", "version_header", "user_header", "keys_file"):
+        ctx[key] = _toml_str(str(ctx[key]), key)
+    keys = [str(k).lower() for k in ctx["api_keys_sha256"]]
+    for k in keys:
+        if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+            raise ServiceError(f"API key hash {k[:16]!r}... is not a sha256 hex digest (64 hex characters).")
+    ctx["api_keys_sha256"] = keys
+    env = _env()
+    return {f: env.get_template(f + ".j2").render(**ctx) for f in FILES}
+
+
+def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str = Path("services"),
+             force: bool = False, check_model: bool = True, **options: Any) -> Path:
+    """Render ``<out_dir>/<name>/`` for ``model`` served from ``registry``; returns the folder.
+
+    The registry path is written relative to the service folder when it can be. An existing folder
+    is refused unless ``force``; then only the generated files are rewritten (atomically).
+    ``check_model`` refuses a model the registry does not have (a typo would never become ready).
+    """
+    out = Path(out_dir).resolve() / name
+    registry = Path(registry).resolve()
+    if check_model:
+        from kit.registry import Registry
+
+        models = Registry(registry).models()
+        if model not in models:
+            raise ServiceError(
+                f"Registry {registry} has no model {model!r} (have: {', '.join(models) or 'none'}). Register "
+                "it first, or pass check_model=False (--no-check-model) to generate ahead of time."
+            )
+    if out.exists() and not force:
+        raise ServiceError(f"{out} already exists. Pass force=True (--force) to regenerate its files.")
+    try:
+        rel = os.path.relpath(registry, out)
+    except ValueError:  # another drive (Windows)
+        rel = str(registry)
+    files = render(name, model, registry=rel, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, text in files.items():
+        atomic_write_text(out / fname, text)
+    os.chmod(out / "start.sh", 0o755)
+    log.info("generated service %s for model %s at %s", name, model, out)
+    return out
+
+
+def check_config(service_dir: Path | str, *, python: str | None = None, env: Mapping[str, str] | None = None,
+                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run ``gunicorn --check-config`` in the folder (it loads the app: the model must be loadable)."""
+    service_dir = Path(service_dir).resolve()
+    res = subprocess.run(
+        [python or sys.executable, "-m", "gunicorn", "--check-config", "--config", "gunicorn.conf.py", "wsgi:app"],
+        cwd=service_dir, env=None if env is None else dict(env), capture_output=True, text=True, timeout=timeout,
+    )
+    if res.returncode != 0:
+        tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
+        raise ServiceError(f"gunicorn --check-config failed for {service_dir} (exit {res.returncode}):\n" + "\n".join(tail))
+    return res
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningService:
+    """A gunicorn master started by :func:`start_service`. Use as a context manager or call stop()."""
+
+    url: str
+    pid: int
+    service_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+    started_seconds: float = 0.0
+
+    def __enter__(self) -> "RunningService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful stop: SIGTERM to the master (in-flight requests finish), SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            try:
+                self.process.send_signal(signal.SIGTERM)
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("service %s did not stop in %.0fs; killing its process group", self.url, timeout)
+            except ProcessLookupError:
+                pass
+        # whatever is left of the group (workers of a killed master) goes too
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.process.returncode
+
+
+def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+
+
+def start_service(service_dir: Path | str, *, host: str = "127.0.0.1", port: int | None = None,
+                  env: Mapping[str, str] | None = None, timeout: float = 60.0, python: str | None = None,
+                  args: Sequence[str] = (), log_path: Path | None = None) -> RunningService:
+    """Start the service in ``service_dir`` with gunicorn and wait until ``/readyz`` answers 200.
+
+    ``env`` is the whole environment of the server (default: this process's); ``KIT_BIND`` is set to
+    ``host:port`` (a free port when None). Raises :class:`ServiceError` with the log tail when the
+    server exits or is not ready within ``timeout`` seconds.
+    """
+    service_dir = Path(service_dir).resolve()
+    if not (service_dir / "gunicorn.conf.py").is_file():
+        raise ServiceError(f"{service_dir} is not a generated service (no gunicorn.conf.py). "
+                           "Generate one with `kit service new NAME --model MODEL`.")
+    port = port or free_port(host)
+    full_env = dict(os.environ if env is None else env)
+    full_env["KIT_BIND"] = f"{host}:{port}"
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=f"kit-{service_dir.name}-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    t0 = time.monotonic()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [python or sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", *args, "wsgi:app"],
+            cwd=service_dir, env=full_env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    svc = RunningService(url=f"http://{host}:{port}", pid=proc.pid, service_dir=service_dir,
+                         log_path=Path(log_path), process=proc)
+    deadline = t0 + timeout
+    last = None
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceError(f"The service in {service_dir} exited with code {proc.returncode} before "
+                                   f"it was ready. Log tail ({log_path}):\n{_tail(svc.logs())}")
+            try:
+                status, body = _get_json(svc.url + "/readyz", timeout=2.0)
+                if status == 200:
+                    svc.started_seconds = time.monotonic() - t0
+                    return svc
+                last = body
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise ServiceError(f"The service in {service_dir} was not ready after {timeout:.0f}s (last /readyz: "
+                           f"{str(last)[:300]}). Log tail ({log_path}):\n{_tail(svc.logs())}")
+    except BaseException:
+        svc.stop(timeout=5)
+        raise
+
+
+def _tail(text: str, n: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])

@@ -1,0 +1,30 @@
+"""The serving runtime that generated services import.
+
+A generated ``wsgi.py`` calls :func:`create_app` with a :class:`ServiceConfig` read by
+:func:`load_service_config`; its ``gunicorn.conf.py`` uses :mod:`kit.serving.gunicorn_hooks`.
+
+Modules: ``config`` (service.toml), ``slots`` (model slots + hot-reload watcher), ``router``
+(override / sticky / weighted), ``batching`` (dynamic batching), ``protocol`` (request parsing, the
+Open Inference Protocol v2 and its binary extension), ``metrics`` (Prometheus, multiprocess-safe),
+``security`` (API keys, rate limits), ``logs`` (JSON lines), ``openapi``, ``app`` (the Flask factory).
+
+Importing this package is cheap and never imports torch: gunicorn's master imports
+``kit.serving.gunicorn_hooks`` and must not touch torch or CUDA; workers load models after fork.
+It never imports IPython, ipywidgets, papermill or nbconvert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kit.serving.config import ServiceConfig, load_service_config, worker_plan
+
+__all__ = ["ServiceConfig", "create_app", "load_service_config", "worker_plan"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: the app pulls in torch and flask
+    if name == "create_app":
+        from kit.serving.app import create_app
+
+        return create_app
+    raise AttributeError(name)

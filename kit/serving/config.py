@@ -1,0 +1,164 @@
+"""A service's settings: ``service.toml`` plus the two run-time overrides, resolved once at the edge.
+
+``KIT_REGISTRY`` overrides ``[model] registry`` and ``KIT_BIND`` overrides ``[service] bind``; the
+generated ``wsgi.py`` / ``gunicorn.conf.py`` pass ``os.environ`` in explicitly (library code never
+reads it). Relative paths are relative to the service folder. Unknown keys are refused, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit.errors import ServiceError
+
+SERVICE_FILE = "service.toml"
+
+# section -> {key: (field name, type)}
+_SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
+    "service": {
+        "name": ("name", str), "bind": ("bind", str), "device": ("device", str),
+        "workers": ("workers", int), "threads": ("threads", int), "torch_threads": ("torch_threads", int),
+        "timeout": ("timeout", int), "graceful_timeout": ("graceful_timeout", int),
+        "keepalive": ("keepalive", int), "max_requests": ("max_requests", int),
+        "max_requests_jitter": ("max_requests_jitter", int),
+    },
+    "model": {"name": ("model", str), "registry": ("registry", str), "check_env": ("check_env", bool)},
+    "routing": {"version_header": ("version_header", str), "user_header": ("user_header", str)},
+    "reload": {"poll_interval": ("poll_interval", float), "retry_max": ("retry_max", float)},
+    "batching": {"enabled": ("batching", bool), "max_batch": ("max_batch", int),
+                 "max_wait_ms": ("max_wait_ms", float)},
+    "limits": {"max_body_bytes": ("max_body_bytes", int), "rate_limit": ("rate_limit", float),
+               "rate_burst": ("rate_burst", int)},
+    "auth": {"api_keys_sha256": ("api_keys_sha256", list), "keys_file": ("keys_file", str)},
+    "logging": {"access_log": ("access_log", bool)},
+}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Resolved settings of one generated service. Paths are absolute."""
+
+    name: str
+    model: str
+    registry: Path
+    service_dir: Path = Path(".")
+    bind: str = "127.0.0.1:8000"
+    device: str = "cpu"
+    workers: int = 0  # 0: min(cores, 4)
+    threads: int = 8  # gthread request threads per worker
+    torch_threads: int = 0  # 0: max(1, cores // workers), so workers x torch threads <= cores
+    timeout: int = 60  # above model load time: the master kills a silent worker after this
+    graceful_timeout: int = 30
+    keepalive: int = 5
+    max_requests: int = 200_000
+    max_requests_jitter: int = 20_000
+    check_env: bool = True
+    version_header: str = "X-Kit-Version"  # "" disables the override
+    user_header: str = "X-Kit-User"
+    poll_interval: float = 0.5
+    retry_max: float = 30.0
+    batching: bool = True
+    max_batch: int = 64
+    max_wait_ms: float = 0.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    rate_limit: float = 0.0  # requests/second per client per worker; 0: off
+    rate_burst: int = 0  # 0: max(1, rate_limit)
+    api_keys_sha256: tuple[str, ...] = ()
+    keys_file: Path | None = None
+    access_log: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys_sha256) or self.keys_file is not None
+
+    def with_(self, **changes: Any) -> "ServiceConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(section: str, key: str, value: Any, typ: type, path: Path) -> Any:
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ServiceError(
+            f"{path}: [{section}] {key} = {value!r} must be a {typ.__name__}. Fix the value or regenerate "
+            "the service with `kit service new ... --force`."
+        )
+    return value
+
+
+def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """Read ``<service_dir>/service.toml``; apply ``KIT_REGISTRY`` / ``KIT_BIND`` from ``environ``."""
+    service_dir = Path(service_dir).resolve()
+    path = service_dir / SERVICE_FILE
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ServiceError(f"No {SERVICE_FILE} in {service_dir}. Generate the service with "
+                           "`kit service new NAME --model MODEL`.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ServiceError(f"{path} is not valid TOML ({exc}).") from exc
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in _SCHEMA or not isinstance(body, dict):
+            raise ServiceError(f"{path}: unknown section [{section}]; known: {sorted(_SCHEMA)}.")
+        for key, value in body.items():
+            if key not in _SCHEMA[section]:
+                raise ServiceError(
+                    f"{path}: unknown key {key!r} in [{section}]; known: {sorted(_SCHEMA[section])}."
+                )
+            fname, typ = _SCHEMA[section][key]
+            values[fname] = _check(section, key, value, typ, path)
+    for need in ("name", "model", "registry"):
+        if not values.get(need):
+            where = "[service] name" if need == "name" else f"[model] {'name' if need == 'model' else need}"
+            raise ServiceError(f"{path}: {where} is required.")
+    environ = {} if environ is None else environ
+    if environ.get("KIT_REGISTRY"):
+        values["registry"] = environ["KIT_REGISTRY"]
+    if environ.get("KIT_BIND"):
+        values["bind"] = environ["KIT_BIND"]
+    registry = Path(values["registry"]).expanduser()
+    values["registry"] = (registry if registry.is_absolute() else service_dir / registry).resolve()
+    keys = values.get("api_keys_sha256", [])
+    for k in keys:
+        if not (isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
+            raise ServiceError(f"{path}: [auth] api_keys_sha256 holds {k!r}, not a lowercase sha256 hex "
+                               "digest. Add keys with `kit service key NAME` or hash them with sha256sum.")
+    values["api_keys_sha256"] = tuple(keys)
+    if values.get("keys_file"):
+        kf = Path(values["keys_file"]).expanduser()
+        values["keys_file"] = kf if kf.is_absolute() else service_dir / kf
+    else:
+        values.pop("keys_file", None)
+    if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
+        raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
+    for key in ("max_batch", "max_body_bytes", "threads"):
+        if key in values and values[key] < 1:
+            raise ServiceError(f"{path}: {key} must be >= 1, got {values[key]}.")
+    return ServiceConfig(service_dir=service_dir, **values)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity / cgroup cpusets where the OS reports them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_plan(cfg: ServiceConfig, cores: int | None = None) -> tuple[int, int]:
+    """(gunicorn workers, torch threads per worker): by default workers x torch threads <= cores."""
+    cores = cores or cpu_count()
+    workers = cfg.workers or min(cores, 4)
+    torch_threads = cfg.torch_threads or max(1, cores // workers)
+    return workers, torch_threads

@@ -1,0 +1,79 @@
+"""What a generated ``gunicorn.conf.py`` uses. Imported by gunicorn's master: no torch, no CUDA here.
+
+Workers load models after fork (``preload_app = False``), so the master never imports torch and a
+CUDA context is only ever created in a worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tempfile
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from kit.serving.config import ServiceConfig, load_service_config, worker_plan
+
+log = logging.getLogger(__name__)
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple[ServiceConfig, dict[str, Any]]:
+    """Resolve the service config and the gunicorn settings; sets ``PROMETHEUS_MULTIPROC_DIR`` in
+    ``environ`` (a fresh temporary folder unless given) so every worker inherits it."""
+    cfg = load_service_config(service_dir, environ)
+    if not environ.get(METRICS_ENV):
+        environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-")
+    Path(environ[METRICS_ENV]).mkdir(parents=True, exist_ok=True)
+    workers, torch_threads = worker_plan(cfg)
+    settings = {
+        "bind": cfg.bind,
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": cfg.threads,
+        "timeout": cfg.timeout,
+        "graceful_timeout": cfg.graceful_timeout,
+        "keepalive": cfg.keepalive,
+        "max_requests": cfg.max_requests,
+        "max_requests_jitter": cfg.max_requests_jitter,
+        "preload_app": False,
+        "accesslog": None,  # the app writes one JSON line per request itself
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": f"kit-{cfg.name}",
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        "torch_threads": torch_threads,
+    }
+    return cfg, settings
+
+
+def on_starting(server: Any, metrics_dir: str) -> None:
+    """Master start: clear samples left by a previous run in the metrics folder."""
+    for f in glob.glob(os.path.join(metrics_dir, "*.db")):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+
+
+def post_fork(server: Any, worker: Any, torch_threads: int) -> None:
+    """In the worker, before the app loads: cap torch's threads so workers x threads <= cores."""
+    os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # for libraries that read it at import
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (torch allows it once per process)
+        pass
+    server.log.info("worker %s: torch threads %d", worker.pid, torch_threads)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Master: a worker exited; drop its live gauges from the multiprocess metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,102 @@
+"""The service's OpenAPI 3.0 description (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _nested(spec: Any) -> dict[str, Any]:
+    leaf: dict[str, Any] = {"type": "integer"} if "int" in spec.dtype else {"type": "number"}
+    schema = leaf
+    for d in reversed(spec.shape):
+        schema = {"type": "array", "items": schema}
+        if d != "batch":
+            schema.update(minItems=d, maxItems=d)
+        else:
+            schema.update(minItems=1)
+    return schema
+
+
+def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version_header: str,
+                  user_header: str) -> dict[str, Any]:
+    err = {"description": "Client error; the message names what was expected.",
+           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if sig is not None and len(sig.inputs) == 1:
+        inputs: dict[str, Any] = _nested(sig.inputs[0])
+    elif sig is not None:
+        inputs = {"type": "object", "properties": {s.name: _nested(s) for s in sig.inputs},
+                  "required": [s.name for s in sig.inputs]}
+    else:
+        inputs = {}
+    headers = []
+    if version_header:
+        headers.append({"name": version_header, "in": "header", "required": False,
+                        "schema": {"type": "string"}, "description": "production, canary or a version number"})
+    if user_header:
+        headers.append({"name": user_header, "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "sticky routing key: the same user always gets the same version"})
+    sec = [{"ApiKey": []}, {"Bearer": []}] if auth else []
+
+    def infer_op(summary: str, schema: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+        responses = {"200": {"description": "Outputs, and the version that served them.",
+                             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}Response"}}}},
+                     "400": err, "404": err, "413": err, "429": err, "503": err}
+        if auth:
+            responses["401"] = err
+        return {"post": {"summary": summary, "parameters": params + headers, "security": sec,
+                         "requestBody": {"required": True, "content": {"application/json": {
+                             "schema": {"$ref": f"#/components/schemas/{schema}Request"}}}},
+                         "responses": responses}}
+
+    def get_op(summary: str, params: list[dict[str, Any]] | None = None, codes: tuple[str, ...] = ("200",)) -> dict[str, Any]:
+        op: dict[str, Any] = {"summary": summary,
+                              "responses": {c: {"description": summary} for c in codes}}
+        if params:
+            op["parameters"] = params
+        return {"get": op}
+
+    model_param = [{"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    version_param = [{"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}]
+    v2_tensor = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+        "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string"}, "data": {"type": "array"}, "parameters": {"type": "object"}}}
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": f"{name} (Kit service for model {model})", "version": "1",
+                 "description": "Kit serving runtime: simple JSON /predict and the Open Inference Protocol v2."},
+        "paths": {
+            "/predict": infer_op("Predict with simple JSON", "Predict", []),
+            "/v2/models/{model_name}/infer": infer_op("Open Inference Protocol v2 inference", "V2Infer", model_param),
+            "/v2/models/{model_name}/versions/{model_version}/infer": infer_op(
+                "v2 inference on one served version", "V2Infer", model_param + version_param),
+            "/v2": get_op("Server metadata"),
+            "/v2/health/live": get_op("Liveness"),
+            "/v2/health/ready": get_op("Readiness", codes=("200", "503")),
+            "/v2/models/{model_name}": get_op("Model metadata", model_param, ("200", "404")),
+            "/v2/models/{model_name}/ready": get_op("Model readiness", model_param, ("200", "404", "503")),
+            "/healthz": get_op("Liveness"),
+            "/readyz": get_op("Readiness (and the last reload error)", codes=("200", "503")),
+            "/metrics": get_op("Prometheus metrics"),
+            "/v1/models": get_op("Served versions and the canary weight"),
+            "/openapi.json": get_op("This document"),
+        },
+        "components": {
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+                "PredictRequest": {"type": "object", "required": ["inputs"], "properties": {"inputs": inputs}},
+                "PredictResponse": {"type": "object", "properties": {
+                    "outputs": {}, "model": {"type": "string"}, "model_version": {"type": "integer"}}},
+                "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+                    "id": {"type": "string"}, "inputs": {"type": "array", "items": v2_tensor},
+                    "outputs": {"type": "array", "items": {"type": "object"}}, "parameters": {"type": "object"}}},
+                "V2InferResponse": {"type": "object", "properties": {
+                    "model_name": {"type": "string"}, "model_version": {"type": "string"},
+                    "outputs": {"type": "array", "items": v2_tensor}}},
+            },
+        },
+    }
+    if auth:
+        doc["components"]["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "Bearer": {"type": "http", "scheme": "bearer"}}
+    return doc

@@ -1,0 +1,249 @@
+"""Model slots and the hot-reload watcher.
+
+Each worker holds one immutable :class:`ServingState` (production slot, canary slot, canary weight)
+and replaces it with a single reference assignment, which is atomic: a request reads ``slots.state``
+once and serves from that snapshot to the end. A watcher thread stats ``aliases.json`` (cheap) every
+``poll_interval`` seconds; on a change it loads any new version off the request path, through
+:meth:`kit.registry.Registry.load` (sha256 of every file, environment fingerprint) and
+:meth:`LoadedModel.check_reference` (warm-up plus the stored reference output), and only then swaps.
+On any failure the old state keeps serving; the failure is kept in :attr:`ModelSlots.last_error`
+(shown by ``/readyz``), logged, counted in the metrics, and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kit.errors import KitError, ServingError
+from kit.serving.batching import Batcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One loaded, verified version and the callable that serves it."""
+
+    version: int
+    sha256: str
+    loaded: Any  # kit.registry.LoadedModel
+    signature: Any  # kit.capture.Signature
+    infer: Callable[[tuple[Any, ...]], tuple[tuple[Any, ...], int]]
+    load_seconds: float
+    device: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "sha256": self.sha256, "load_seconds": round(self.load_seconds, 3),
+                "device": self.device}
+
+
+@dataclass(frozen=True)
+class ServingState:
+    production: Slot | None = None
+    canary: Slot | None = None
+    weight: float = 0.0
+    serial: int = -1
+
+    @property
+    def ready(self) -> bool:
+        return self.production is not None
+
+    def slots(self) -> list[Slot]:
+        return [s for s in (self.production, self.canary) if s is not None]
+
+
+def _resolve_device(device: str) -> str:
+    """The torch device for models. Only ever called in a worker (after fork), never in the master."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ServingError(
+                f"service.toml asks for device {device!r} but torch {torch.__version__} sees no CUDA GPU "
+                f"(torch.cuda.is_available() is False; built for CUDA {torch.version.cuda}). Run on a GPU "
+                "machine with a CUDA build of torch, or set [service] device = \"cpu\"."
+            )
+    return device
+
+
+class ModelSlots:
+    """The versions one worker serves for one model, kept in step with ``aliases.json``."""
+
+    def __init__(self, registry: Any, model: str, *, device: str = "cpu", check_env: bool = True,
+                 batching: bool = True, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Any = None):
+        self.registry = registry
+        self.model = model
+        self.device = device
+        self.check_env = check_env
+        self.batching = batching
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.poll_interval = poll_interval
+        self.retry_max = retry_max
+        self.metrics = metrics
+        self.state = ServingState()
+        self.last_error: dict[str, Any] | None = None
+        self.last_reload: dict[str, Any] | None = None
+        self.reloads = {"success": 0, "failure": 0}
+        self._stat_key: tuple[int, int, int] | None | bool = False  # False: never looked
+        self._failures = 0
+        self._retry_at = 0.0
+        self._lock = threading.Lock()  # one refresh at a time (watcher vs. explicit calls)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the watcher
+    def start(self) -> None:
+        """Start the background watcher (daemon thread; one per worker)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name=f"kit-watch-{self.model}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.refresh()
+            except Exception:  # never let the watcher die; the next poll retries
+                log.exception("reload watcher error for %s", self.model)
+
+    # ---- one poll
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.registry.aliases_path(self.model))
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Follow ``aliases.json`` once. Returns True when the served state changed."""
+        with self._lock:
+            key = self._stat()
+            retry = self.last_error is not None and time.monotonic() >= self._retry_at
+            if key == self._stat_key and not force and not retry:
+                return False
+            self._stat_key = key
+            try:
+                return self._apply()
+            except Exception as exc:  # any failure: keep serving the old state
+                self._failed(exc)
+                return False
+
+    def _apply(self) -> bool:
+        aliases = self.registry.aliases(self.model)
+        cur = self.state
+        if aliases.production is None:
+            if cur.production is None:
+                raise ServingError(f"Model {self.model!r} has no production version in "
+                                   f"{self.registry.aliases_path(self.model)}. Promote one: "
+                                   f"`kit promote {self.model}@N`.")
+            raise ServingError(f"aliases.json of {self.model!r} names no production version any more; "
+                               f"still serving {cur.production.version}.")
+        have = {s.version: s for s in cur.slots()}
+        want = [aliases.production] + ([aliases.canary] if aliases.canary is not None else [])
+        loaded = dict(have)
+        fresh = []
+        for v in want:
+            if v not in loaded:
+                loaded[v] = self._load(v)
+                fresh.append(v)
+        new = ServingState(
+            production=loaded[aliases.production],
+            canary=loaded[aliases.canary] if aliases.canary is not None else None,
+            weight=aliases.canary_weight if aliases.canary is not None else 0.0,
+            serial=aliases.serial,
+        )
+        changed = (new.production, new.canary, new.weight) != (cur.production, cur.canary, cur.weight)
+        self.state = new  # the atomic swap
+        self._failures = 0
+        if self.last_error is not None:
+            log.info("%s: reload recovered (was: %s)", self.model, self.last_error.get("error"))
+        self.last_error = None
+        if fresh or changed:
+            self.last_reload = {"serial": aliases.serial, "production": aliases.production,
+                                "canary": aliases.canary, "weight": new.weight, "loaded": fresh,
+                                "at": time.time()}
+            self.reloads["success"] += 1
+            if self.metrics is not None:
+                self.metrics.reload(self.model, "success")
+                self.metrics.served(self.model, new)
+            log.info("%s: serving production %s, canary %s (weight %.3g); loaded %s", self.model,
+                     aliases.production, aliases.canary, new.weight, fresh or "nothing new")
+        return changed
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        backoff = min(self.retry_max, self.poll_interval * 2 ** min(self._failures, 10))
+        self._retry_at = time.monotonic() + backoff
+        kind = type(exc).__name__
+        self.last_error = {"error": f"{kind}: {exc}", "at": time.time(), "attempts": self._failures,
+                           "retry_in_s": round(backoff, 2)}
+        self.reloads["failure"] += 1
+        if self.metrics is not None:
+            self.metrics.reload(self.model, "failure")
+        serving = self.state.production.version if self.state.production else None
+        log.error("%s: reload failed, still serving %s: %s: %s", self.model, serving, kind, exc,
+                  exc_info=not isinstance(exc, KitError))
+
+    # ---- loading one version (off the request path)
+    def _load(self, version: int) -> Slot:
+        t0 = time.perf_counter()
+        device = _resolve_device(self.device)
+        loaded = self.registry.load(self.model, version, check_env=self.check_env)  # sha256 + env
+        if device != "cpu":
+            import torch
+
+            dev = torch.device(device)
+            loaded = dataclasses.replace(loaded, module=loaded.module.to(dev),
+                                         example_inputs=tuple(t.to(dev) for t in loaded.example_inputs))
+        loaded.check_reference()  # warm-up and the stored reference output
+        forward = _make_forward(loaded.module, device)
+        sig = loaded.signature
+        max_batch = max(1, min(self.max_batch, sig.max_batch))
+        # warm the largest batch too, so the first big dynamic batch pays no first-call cost
+        big = tuple(t.cpu()[[i % t.shape[0] for i in range(max_batch)]] for t in loaded.example_inputs)
+        forward(big)
+        if self.batching and max_batch > 1:
+            infer: Callable[[tuple[Any, ...]], tuple[tuple[Any, ...], int]] = Batcher(
+                forward, max_batch=max_batch, max_wait_ms=self.max_wait_ms)
+        else:
+            def infer(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
+                return forward(inputs), int(inputs[0].shape[0])
+        mv = loaded.version
+        slot = Slot(version=mv.version, sha256=mv.artifact_sha256, loaded=loaded, signature=sig, infer=infer,
+                    load_seconds=time.perf_counter() - t0, device=device)
+        log.info("%s@%d loaded and checked in %.2fs (sha256 %s, %s)", self.model, mv.version,
+                 slot.load_seconds, mv.short_sha, device)
+        return slot
+
+
+def _make_forward(module: Any, device: str) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    import torch
+
+    if device == "cpu":
+        def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            with torch.inference_mode():
+                out = module(*inputs)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    else:
+        dev = torch.device(device)
+
+        def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            with torch.inference_mode():
+                out = module(*(t.to(dev, non_blocking=True) for t in inputs))
+            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            return tuple(o.cpu() for o in outs)
+    return forward
+
