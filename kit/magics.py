@@ -150,8 +150,8 @@ def deploy(
         have = name in registry.models() and registry.aliases(name).production is not None
         if not have:
             raise PromotionRefusedError(
-                f"--canary needs a production version of {name!r} to split traffic with, and there is none "
-                f"yet. Deploy with --promote first (or `%promote {name}@N`)."
+                f"Model {name!r} has no production version yet, so --canary has nothing to split traffic "
+                f"with. Deploy with --promote first (or `%promote {name}@N`)."
             )
     if service is not None:
         validate_name(service)
@@ -249,6 +249,8 @@ def deploy(
 
 
 def _check_text(check: Any) -> str:
+    if callable(getattr(check, "line", None)):
+        return str(check.line())
     name = getattr(check, "name", "check")
     detail = getattr(check, "detail", None) or getattr(check, "message", None) or ""
     return f"{name}: {detail}" if detail else str(name)
@@ -357,7 +359,7 @@ class KitMagics(Magics):
             weight = parse_weight(args.canary) if args.canary is not None else None
             if weight == 0.0:
                 raise UsageError("%deploy: --canary 0% would send no traffic to the new version; give a weight > 0.")
-            notebooks = [_resolve_nb(nb, cfg) for nb in args.validate] if args.validate else None
+            notebooks = [_resolve_nb(_unquote(nb), cfg) for nb in args.validate] if args.validate else None
             source = dict(detect_source(cwd=cfg.project_root))
             session = self.shell.user_ns.get("__session__") if self.shell is not None else None
             if session:
@@ -428,7 +430,7 @@ class KitMagics(Magics):
             if sel is None:
                 raise UsageError(f"%promote: say which version, e.g. %promote {name}@2.")
             reg = self._registry()
-            a = reg.promote(name, sel, why=args.why, user=self.kit_config.user)
+            a = reg.promote(name, sel, why=_unquote(args.why), user=self.kit_config.user)
             print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
         except KitError as exc:
             raise UsageError(str(exc)) from None
@@ -451,17 +453,17 @@ class KitMagics(Magics):
             if args.stop:
                 if args.weight is not None:
                     raise UsageError("%canary: give a WEIGHT or --stop, not both.")
-                a = reg.end_canary(name, why=args.why, user=user)
+                a = reg.end_canary(name, why=_unquote(args.why), user=user)
             else:
                 if args.weight is None:
                     raise UsageError(f"%canary: give a weight, e.g. %canary {args.ref} 10%, or --stop.")
                 w = parse_weight(args.weight)
                 if w == 0.0:
-                    a = reg.end_canary(name, why=args.why, user=user)
+                    a = reg.end_canary(name, why=_unquote(args.why), user=user)
                 elif sel is None:
-                    a = reg.set_canary_weight(name, w, why=args.why, user=user)
+                    a = reg.set_canary_weight(name, w, why=_unquote(args.why), user=user)
                 else:
-                    a = reg.set_canary(name, sel, w, why=args.why, user=user)
+                    a = reg.set_canary(name, sel, w, why=_unquote(args.why), user=user)
             print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
         except KitError as exc:
             raise UsageError(str(exc)) from None
@@ -477,7 +479,7 @@ class KitMagics(Magics):
         try:
             name, _ = parse_ref(args.name)
             reg = self._registry()
-            a = reg.rollback(name, why=args.why, user=self.kit_config.user)
+            a = reg.rollback(name, why=_unquote(args.why), user=self.kit_config.user)
             print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
         except KitError as exc:
             raise UsageError(str(exc)) from None
@@ -561,6 +563,13 @@ def _as_example(value: Any, expr: str) -> Any:
     if isinstance(value, (tuple, list)) and value:
         return tuple(one(v) for v in value)
     return one(value)
+
+
+def _unquote(s: str | None) -> str | None:
+    """IPython splits magic lines without removing quotes (non-posix): ``--why 'a reason'``."""
+    if s is not None and len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
+        return s[1:-1]
+    return s
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,183 @@
+"""Kit's magics through a real IPython shell, with the real gate (papermill + kernel) behind %deploy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from kit.config import KitConfig
+from kit.magics import KitMagics, parse_weight
+from kit.registry import Registry
+
+MODEL = "digits"
+
+
+def write_validation_notebook(path: Path) -> Path:
+    """A small, real validation notebook: the version's recorded accuracy against ``min_accuracy``."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('registry = ""\nmodel_name = ""\nversion = 0\nmin_accuracy = 0.5',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from kit import gate\nfrom kit.registry import Registry\n"
+            "mv = Registry(registry).get(model_name, version)\n"
+            'acc = mv.metrics.get("accuracy", 0.0)\n'
+            'gate.check("accuracy", acc >= min_accuracy, value=acc, threshold=min_accuracy)'),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def shell(tmp_path: Path, registry: Registry):
+    """A real InteractiveShell with Kit's magics over a temporary registry (what %load_ext kit does)."""
+    ip = InteractiveShell.instance()
+    cfg = KitConfig(registry=registry.root, project_root=tmp_path, require_gate=True, user="tester",
+                    gate_timeout=120.0)
+    ip.register_magics(KitMagics(ip, config=cfg))
+    yield ip
+    for var in ("model", "x", "metrics", "deployed", "weak"):
+        ip.user_ns.pop(var, None)
+
+
+@pytest.fixture
+def validation_nb(tmp_path: Path) -> Path:
+    return write_validation_notebook(tmp_path / "validate_accuracy.ipynb")
+
+
+@pytest.fixture
+def with_model(shell, digits_model):
+    model, split, acc = digits_model
+    import torch
+
+    shell.user_ns.update(model=model, x=torch.from_numpy(split.x_test[:4]), metrics={"accuracy": acc})
+    return shell
+
+
+def run(ip: InteractiveShell, line: str):
+    result = ip.run_cell(line, store_history=False)
+    return result, result.error_before_exec or result.error_in_exec
+
+
+def assert_usage_error(ip: InteractiveShell, capsys, line: str, *needles: str) -> str:
+    _, err = run(ip, line)
+    captured = capsys.readouterr()
+    assert type(err) is UsageError, f"{line!r} raised {err!r}, expected exactly IPython's UsageError"
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    assert "UsageError:" in captured.err
+    for needle in needles:
+        assert needle in str(err), f"{needle!r} not in {str(err)!r}"
+    return str(err)
+
+
+def test_load_ext_registers_the_magics(tmp_path, monkeypatch):
+    ip = InteractiveShell.instance()
+    monkeypatch.setenv("KIT_REGISTRY", str(tmp_path / "reg"))
+    ip.run_line_magic("load_ext", "kit")
+    for name in ("deploy", "models", "promote", "canary", "rollback", "registry"):
+        assert ip.find_line_magic(name) is not None, name
+
+
+def test_deploy_help(shell, capsys):
+    shell.run_cell("%deploy?", store_history=False)
+    out = capsys.readouterr().out
+    for needle in ("%deploy", "--example", "--name", "--validate", "--canary", "--promote", "--service"):
+        assert needle in out
+
+
+def test_user_errors_are_usage_errors(with_model, capsys, registry):
+    ip = with_model
+    assert_usage_error(ip, capsys, "%deploy", "MODEL", "--example", "--name")
+    assert_usage_error(ip, capsys, "%deploy nope --example x --name digits", "'nope'", "NameError")
+    assert_usage_error(ip, capsys, "%deploy [1,2] --example x --name digits", "torch.nn.Module")
+    assert_usage_error(ip, capsys, "%deploy model --example 'text' --name digits", "tensor")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name ../etc", "Invalid model name")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --promote --canary 10%", "not both")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --canary 150", "150%")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --param nonsense", "KEY=VALUE")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --validate missing.ipynb", "missing.ipynb")
+    # --canary without a production version is refused before anything is captured or registered.
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --canary 10%",
+                       "no production", "--promote first")
+    assert registry.models() == []
+    assert_usage_error(ip, capsys, "%canary nothing 10%", "No model 'nothing'")
+    assert_usage_error(ip, capsys, "%rollback nothing", "No model 'nothing'")
+    assert_usage_error(ip, capsys, "%promote nothing", "which version")
+    assert_usage_error(ip, capsys, "%registry", "name a model")
+
+
+def test_parse_weight():
+    assert parse_weight("10%") == pytest.approx(0.1)
+    assert parse_weight("0.25") == pytest.approx(0.25)
+    assert parse_weight("100%") == 1.0
+    for bad in ("150", "abc", "-5%", "101%"):
+        with pytest.raises(ValueError):
+            parse_weight(bad)
+
+
+def test_deploy_promote_canary_rollback(with_model, capsys, registry, validation_nb, digits_model):
+    ip = with_model
+    nb = str(validation_nb)
+    result, err = run(ip, f"deployed = %deploy model --example x --name {MODEL} --metrics metrics "
+                          f"--validate {nb} --promote")
+    out = capsys.readouterr().out
+    assert err is None, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert [ln.split()[1] for ln in lines] == ["capture", "register", "gate", "alias", "service"], out
+    assert all(" ok " in ln for ln in lines), out
+    assert str(registry.version_dir(MODEL, 1)) in lines[1]
+    assert "report.html" in lines[2] and "production - -> 1" in lines[3]
+    deployed = ip.user_ns["deployed"]
+    assert deployed.version.version == 1 and deployed.gate.passed
+    assert Path(deployed.gate.report).is_file()
+    assert registry.aliases(MODEL).production == 1
+    mv = registry.get(MODEL, 1)
+    assert mv.source.get("via") == "%deploy" and mv.metrics["accuracy"] == pytest.approx(digits_model[2])
+    assert registry.passing_gate(mv) is not None
+
+    # A second version as a canary, then the small magics move it around.
+    _, err = run(ip, f"%deploy model --example x --name {MODEL} --metrics metrics --validate {nb} --canary 20%")
+    assert err is None, capsys.readouterr()
+    a = registry.aliases(MODEL)
+    assert (a.production, a.canary, a.canary_weight) == (1, 2, pytest.approx(0.2))
+    capsys.readouterr()
+
+    _, err = run(ip, f"%canary {MODEL} 50%")
+    assert err is None and registry.aliases(MODEL).canary_weight == pytest.approx(0.5)
+    assert "canary=2 at 50%" in capsys.readouterr().out
+
+    _, err = run(ip, f"%models {MODEL}")
+    out = capsys.readouterr().out
+    assert err is None and "canary 50%" in out and "production" in out and "passed" in out
+
+    _, err = run(ip, f"%promote {MODEL}@2 --why 'canary looked good'")
+    assert err is None and registry.aliases(MODEL).production == 2 and registry.aliases(MODEL).canary is None
+    _, err = run(ip, f"%rollback {MODEL} --why 'test'")
+    assert err is None and registry.aliases(MODEL).production == 1
+    rollback = [e for e in registry.history(MODEL) if e["event"] == "rollback"]
+    assert rollback and rollback[-1]["why"] == "test" and rollback[-1]["user"] == "tester"
+    capsys.readouterr()
+    _, err = run(ip, "%models")
+    assert err is None and MODEL in capsys.readouterr().out
+
+
+def test_deploy_stops_at_a_failing_gate(with_model, capsys, registry, validation_nb):
+    ip = with_model
+    msg = assert_usage_error(
+        ip, capsys,
+        f"%deploy model --example x --name {MODEL} --metrics metrics --validate {validation_nb} "
+        f"--param min_accuracy=1.01 --promote",
+        "stopped at step 3/5 (gate)", "failed validation", "accuracy", "Report: ")
+    report = Path(msg.split("Report: ", 1)[1].strip())
+    assert report.is_file() and report.name == "report.html"
+    # The version exists (registered, with its failed gate as evidence) but nothing moved.
+    assert [mv.version for mv in registry.versions(MODEL)] == [1]
+    assert registry.aliases(MODEL).production is None
+    assert registry.gate_results(MODEL, 1)[-1]["passed"] is False
+    # The promote rule holds for the magics too.
+    assert_usage_error(ip, capsys, f"%promote {MODEL}@1", "no passing gate")
