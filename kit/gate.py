@@ -691,8 +691,8 @@ def run_gate(
     params = dict(params or {})
     reserved = sorted(set(params) & set(AUTO_PARAMS))
     if reserved:
-        raise GateError(f"Parameter(s) {', '.join(reserved)} are set by the gate from {mv.ref} itself; "
-                        "don't pass them (gate another version with NAME@VERSION instead).")
+        raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them from {mv.ref} itself, so the "
+                        "notebook tests exactly the artifact being gated. Gate another version with NAME@VERSION.")
     try:
         json.dumps(params, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -785,7 +785,6 @@ def run_gate(
         report=result.to_dict()["report"], seconds=result.seconds,
         notebooks=[Path(r.notebook).name for r in runs],
     )
-    say(f"gate {'PASSED' if passed else 'FAILED'} for {mv.ref} in {result.seconds:.1f}s; report: {result.report}")
     log.info("gate %s on %s: %s", run_id, mv.ref, "passed" if passed else f"FAILED: {result.error}")
     return result
 
