@@ -1,0 +1,100 @@
+"""Writing tar entries into gzip members.
+
+An archive is written as two gzip members laid end to end: the environment (large, and cached between
+packs of an unchanged environment) and the rest (service, models, run.sh, manifest) with the
+end-of-archive blocks. A concatenation of gzip members is one valid gzip stream, so ``tar xzf`` and
+:mod:`tarfile` read the result as one ordinary ``.tar.gz``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from kit.errors import PackError
+
+BLOCK = tarfile.BLOCKSIZE
+_CHUNK = 1 << 20
+
+
+class TarMember:
+    """Tar entries compressed as one gzip member of ``fileobj`` (left open)."""
+
+    def __init__(self, fileobj: BinaryIO, compresslevel: int = 4,
+                 on_bytes: Callable[[int], None] | None = None):
+        self._gz = gzip.GzipFile(filename="", fileobj=fileobj, mode="wb", compresslevel=compresslevel, mtime=0)
+        self._on_bytes = on_bytes
+        self.entries = 0
+        self.bytes_in = 0
+
+    def _write(self, data: bytes) -> None:
+        self._gz.write(data)
+        self.bytes_in += len(data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
+
+    def _header(self, ti: tarfile.TarInfo) -> None:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self.entries += 1
+
+    def _data(self, f: BinaryIO, size: int, what: str) -> None:
+        left = size
+        while left:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise PackError(f"{what} shrank while it was being packed; nothing may change the environment "
+                                "during `kit pack`. Run it again.")
+            self._write(chunk)
+            left -= len(chunk)
+        if size % BLOCK:
+            self._write(b"\0" * (BLOCK - size % BLOCK))
+
+    def add_path(self, path: Path, arcname: str) -> None:
+        """Add a file, directory or symlink as it is on disk (symlinks stay links)."""
+        st = os.lstat(path)
+        ti = tarfile.TarInfo(arcname)
+        ti.mtime = int(st.st_mtime)
+        ti.mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISLNK(st.st_mode):
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = os.readlink(path)
+            self._header(ti)
+        elif stat.S_ISDIR(st.st_mode):
+            ti.type = tarfile.DIRTYPE
+            self._header(ti)
+        elif stat.S_ISREG(st.st_mode):
+            ti.size = st.st_size
+            self._header(ti)
+            with open(path, "rb") as f:
+                self._data(f, st.st_size, str(path))
+        # sockets, fifos and devices have no place in an environment archive: skipped
+
+    def add_bytes(self, arcname: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> None:
+        ti = tarfile.TarInfo(arcname)
+        ti.size = len(data)
+        ti.mode = mode
+        ti.mtime = mtime
+        self._header(ti)
+        import io
+
+        self._data(io.BytesIO(data), len(data), arcname)
+
+    def add_member(self, ti: tarfile.TarInfo, f: BinaryIO | None) -> None:
+        """Re-emit an entry read from another tar (e.g. conda-pack's output)."""
+        self._header(ti)
+        if ti.isreg():
+            if f is None:
+                raise PackError(f"tar entry {ti.name} has no data")
+            self._data(f, ti.size, ti.name)
+
+    def close(self, *, end_of_archive: bool) -> None:
+        if end_of_archive:
+            self._write(b"\0" * (2 * BLOCK))
+        self._gz.close()

@@ -1,0 +1,216 @@
+"""``verify_archive()``: unpack an archive somewhere else, start it with its run.sh, ask it, stop it.
+
+This is what a server does with the archive, done on this machine: extract into a temporary folder,
+``run.sh start`` on a free port on 127.0.0.1 (so relocation, sha256 verification and the environment
+fingerprint check all run), wait for ``/readyz``, send the stored example of the production version to
+``/predict`` and compare the answer with the stored reference output, then stop the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kit.errors import PackError
+from kit.pack.runtime import MANIFEST
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    archive: str
+    ok: bool
+    root: str
+    url: str
+    model: str
+    version: int
+    max_abs_diff: float
+    unpack_seconds: float
+    ready_seconds: float  # run.sh start -> /readyz 200 (relocation, verification, gunicorn, model load)
+    first_answer_seconds: float
+    log_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def extract(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` into ``dest`` and return the folder it holds."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tar = shutil.which("tar")
+    if tar:
+        res = subprocess.run([tar, "-xzf", str(archive), "-C", str(dest)], capture_output=True, text=True,
+                             check=False)
+        if res.returncode != 0:
+            raise PackError(f"Extracting {archive} failed: {res.stderr.strip()[-500:]}")
+    else:  # pragma: no cover - every supported server has tar
+        import tarfile
+
+        with tarfile.open(archive, "r:gz") as tf:
+            tf.extractall(dest, filter="fully_trusted")  # our own archive: absolute venv links are expected
+    roots = [p for p in dest.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
+    if len(roots) != 1:
+        raise PackError(f"{archive} does not hold exactly one kit pack folder (found {[p.name for p in roots]}).")
+    return roots[0]
+
+
+def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            payload = json.loads(exc.read() or b"null")
+        except ValueError:
+            payload = None
+        return exc.code, payload
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PackError(f"run.sh exited with {proc.returncode} before the service was ready:\n{_tail(log_path)}")
+        try:
+            status, last = _http(url + "/readyz", timeout=2.0)
+            if status == 200:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise PackError(f"The service at {url} was not ready after {timeout:.0f}s (last /readyz: {last!r}):\n"
+                    f"{_tail(log_path)}")
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM the process group (gunicorn stops gracefully), SIGKILL what is left after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def start_unpacked(root: Path, port: int, log_path: Path, extra_env: dict[str, str] | None = None,
+                   cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """``run.sh start`` in its own process group, with a clean environment (no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "KIT_", "VIRTUAL_ENV", "CONDA"))}
+    env["KIT_BIND"] = f"127.0.0.1:{port}"
+    env.update(extra_env or {})
+    logf = open(log_path, "ab")
+    try:
+        return subprocess.Popen([str(root / "run.sh"), "start"], cwd=str(cwd or root.parent), env=env,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        logf.close()
+
+
+def predict_example(url: str, root: Path, model: str, versions: list[int], attempts: int = 20) -> tuple[int, float]:
+    """POST a stored example; compare with the stored reference output of the version that answered."""
+    import numpy as np
+
+    examples = {}
+    for v in versions:
+        with np.load(root / "registry" / model / "versions" / str(v) / "example.npz", allow_pickle=False) as z:
+            examples[v] = (z["input_0"].copy(), z["output_0"].copy())
+    x = examples[versions[0]][0]
+    for _ in range(attempts):
+        status, body = _http(url + "/predict", {"inputs": x.tolist()})
+        if status != 200 or not isinstance(body, dict):
+            raise PackError(f"POST {url}/predict answered {status}: {body!r}")
+        v = int(body.get("model_version", -1))
+        if v not in examples:
+            raise PackError(f"/predict was answered by version {v}, which the archive does not ship ({versions}).")
+        if not np.array_equal(examples[v][0], x):
+            continue  # a canary with another example answered; ask again
+        got = np.asarray(body["outputs"], dtype=examples[v][1].dtype)
+        ref = examples[v][1]
+        if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-5):
+            diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+            raise PackError(f"{model}@{v} from the archive answered {got.shape} outputs differing from the stored "
+                            f"reference by {diff:.3g}; the packed environment computes differently.")
+        return v, float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    raise PackError(f"No answer from the production version after {attempts} requests to {url}/predict.")
+
+
+def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | None = None,
+                   progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Unpack ``archive`` into a temporary folder, serve it, check /readyz and the stored example, stop."""
+    archive = Path(archive).absolute()
+    if not archive.is_file():
+        raise PackError(f"No archive at {archive}; build one with `kit pack services/NAME`.")
+
+    def say(msg: str) -> None:
+        log.info("%s", msg)
+        if progress:
+            progress(msg)
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="kit-verify-", dir=workdir)
+    try:
+        tmp = Path(tmp_ctx.name)
+        t = time.monotonic()
+        say(f"extracting {archive.name} into {tmp}")
+        root = extract(archive, tmp / "unpacked")
+        unpack_s = time.monotonic() - t
+        manifest = json.loads((root / MANIFEST).read_text())
+        (model, m), = manifest["models"].items()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log_path = tmp / "service.log"
+        say(f"starting {root.name}/run.sh on {url}")
+        t = time.monotonic()
+        proc = start_unpacked(root, port, log_path, cwd=tmp)
+        try:
+            wait_ready(url, proc, timeout, log_path)
+            ready_s = time.monotonic() - t
+            t = time.monotonic()
+            version, max_diff = predict_example(url, root, model, [int(v) for v in m["versions"]])
+            answer_s = time.monotonic() - t
+            say(f"{model}@{version} answered the stored example within {max_diff:.2g} of its reference")
+        finally:
+            stop(proc)
+        return VerifyReport(archive=str(archive), ok=True, root=root.name, url=url, model=model, version=version,
+                            max_abs_diff=max_diff, unpack_seconds=round(unpack_s, 2), ready_seconds=round(ready_s, 2),
+                            first_answer_seconds=round(answer_s, 3), log_tail=_tail(log_path, 1500))
+    finally:
+        tmp_ctx.cleanup()
