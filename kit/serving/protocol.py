@@ -53,7 +53,7 @@ def check_array(arr: np.ndarray, spec: Any, sig: Any, max_rows: int, *, allow_un
     """Check kind, shape and finiteness; cast to the spec dtype. Returns (array, was_unbatched)."""
     want = np_dtype(spec.dtype)
     kind = arr.dtype.kind
-    ok_kinds = {"f": "fiub", "i": "iu", "u": "u", "b": "b"}.get(want.kind, want.kind)
+    ok_kinds = {"f": "fiu", "i": "iu", "u": "u", "b": "b"}.get(want.kind, want.kind)
     if kind not in ok_kinds or (want.kind in "iu" and kind == "b"):
         raise RequestError(f"Input {spec.name!r} has {arr.dtype.name if kind not in 'OUS' else 'non-numeric'} "
                            f"values; expected {spec.dtype}. The model takes {expected(sig)}.")
@@ -76,7 +76,10 @@ def check_array(arr: np.ndarray, spec: Any, sig: Any, max_rows: int, *, allow_un
 
 
 def to_tensor(arr: np.ndarray, spec: Any) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # a view of the request body (binary data): torch wants its own copy
+        arr = arr.copy()
+    t = torch.from_numpy(arr)
     want = getattr(torch, spec.dtype, None)
     if isinstance(want, torch.dtype) and t.dtype != want:
         t = t.to(want)

@@ -1,0 +1,201 @@
+"""Serving benchmark (`make bench`): the generated Kit service vs the in-process forward pass (the limit)
+and a naive Flask + `gunicorn -w 2` app, for the demo MLP and a small CNN, at concurrency 1, 8 and 32.
+
+Kit runs as generated (2 workers, API-key auth, JSON request logs and Prometheus metrics all on);
+the MLP is sent as simple JSON to /predict, the CNN as v2 binary tensor data. Prints a markdown table
+and writes benchmarks/results/serving.json. Not a timed test: it takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from models import SmallCNN  # noqa: E402
+
+from kit.demo import DigitsMLP  # noqa: E402
+from kit.registry import Registry  # noqa: E402
+from kit.serving import loadgen  # noqa: E402
+from kit.serving.security import hash_key  # noqa: E402
+from kit.servicegen import free_port, generate, start_service  # noqa: E402
+
+API_KEY = "bench-key"
+CONCURRENCY = (1, 8, 32)
+
+
+def in_process(model: torch.nn.Module, x1: torch.Tensor, c: int, seconds: float) -> dict:
+    """The limit: the forward pass alone, batch c (c requests' rows at once), all cores."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    xb = x1.repeat(c, *([1] * (x1.dim() - 1)))
+    lat = []
+    with torch.inference_mode():
+        for _ in range(20):
+            model(xb)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            s = time.perf_counter()
+            model(xb)
+            lat.append(time.perf_counter() - s)
+    lat.sort()
+    total = sum(lat)
+    return {"rps": c * len(lat) / total, "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[int(0.99 * len(lat))] * 1000, "failed": 0}
+
+
+def first_answer(url: str, start: float, body: bytes, headers: dict, ok) -> float:
+    while True:
+        try:
+            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200 and ok(r.read()):
+                    return time.perf_counter() - start
+        except OSError:
+            pass
+        if time.perf_counter() - start > 60:
+            raise RuntimeError(f"{url} gave no correct answer within 60 s")
+        time.sleep(0.01)
+
+
+def measure(url: str, raw: bytes, c: int, seconds: float, check) -> dict:
+    res = loadgen.run(url, [raw], concurrency=c, duration=seconds, check=check)
+    return res.summary()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="kit-bench-"))
+    reg = Registry(work / "registry", require_gate=False, user="bench")
+    torch.manual_seed(0)
+    models = {
+        "mlp": (DigitsMLP().eval(), torch.rand(1, 64)),
+        "cnn": (SmallCNN().eval(), torch.rand(1, 3, 32, 32)),
+    }
+    rows, results = [], {}
+    for mname, (model, x1) in models.items():
+        nparams = sum(p.numel() for p in model.parameters())
+        name = f"bench-{mname}"
+        reg.register(name, model, x1.repeat(2, *([1] * (x1.dim() - 1))))
+        reg.promote(name, 1, force=True, why="benchmark")
+        expect = model(x1).detach().numpy()[0]
+        svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
+                           threads=8, api_keys_sha256=(hash_key(API_KEY),))
+        pkl = work / f"{mname}.pkl"
+        torch.save(model, pkl)
+
+        x_np = x1.numpy()
+        json_body = orjson.dumps({"inputs": x_np.tolist()}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+        def ok_json(body: bytes) -> bool:
+            out = np.asarray(orjson.loads(body)["outputs"], dtype=np.float32)[0]
+            return bool(np.allclose(out, expect, atol=1e-4, rtol=1e-3))
+
+        # Kit: MLP as simple JSON; CNN as v2 binary tensor data
+        if mname == "cnn":
+            raw = x_np.astype(np.float32).tobytes()
+            head = orjson.dumps({"inputs": [{"name": "image", "shape": list(x_np.shape), "datatype": "FP32",
+                                             "parameters": {"binary_data_size": len(raw)}}],
+                                 "parameters": {"binary_data_output": True}})
+            kit_body, kit_path = head + raw, f"/v2/models/{name}/infer"
+            kit_headers = {"Inference-Header-Content-Length": str(len(head)), "X-API-Key": API_KEY,
+                           "Content-Type": "application/octet-stream"}
+
+            def ok_kit(body: bytes, hl=None) -> bool:
+                try:
+                    n = body.index(b"}]}") + 3
+                    doc = orjson.loads(body[:n])
+                    out = np.frombuffer(body[n:], dtype=np.float32)
+                    return doc["model_version"] == "1" and bool(np.allclose(out, expect, atol=1e-4, rtol=1e-3))
+                except (ValueError, KeyError):
+                    return False
+        else:
+            kit_body, kit_path = json_body, "/predict"
+            kit_headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+            ok_kit = ok_json
+
+        # ---- Kit service
+        t0 = time.perf_counter()
+        port = free_port()
+        svc = start_service(svc_dir, port=port, timeout=120, env={**os.environ, "KIT_BIND": f"127.0.0.1:{port}"})
+        try:
+            kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
+            raw_req = loadgen.build_request(svc.url + kit_path, kit_body, kit_headers)
+            kit_res = {c: measure(svc.url + kit_path, raw_req, c, a.seconds, ok_kit) for c in CONCURRENCY}
+            if mname == "mlp":  # the cost of the JSON request log: same load with access_log off
+                kit_log_on = kit_res[32]
+        finally:
+            svc.stop()
+        if mname == "mlp":
+            toml = (svc_dir / "service.toml").read_text().replace("access_log = true", "access_log = false")
+            (svc_dir / "service.toml").write_text(toml)
+            svc = start_service(svc_dir, timeout=120)
+            try:
+                raw_req = loadgen.build_request(svc.url + kit_path, kit_body, kit_headers)
+                kit_log_off = measure(svc.url + kit_path, raw_req, 32, a.seconds, ok_kit)
+            finally:
+                svc.stop()
+            results["json_log_cost"] = {"on": kit_log_on, "off": kit_log_off}
+
+        # ---- naive Flask app
+        nport = free_port()
+        env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE)}
+        t0 = time.perf_counter()
+        naive = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{nport}",
+                                  "naive_app:app"], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{nport}/predict"
+            naive_first = first_answer(url, t0, json_body, {"Content-Type": "application/json"}, ok_json)
+            raw_req = loadgen.build_request(url, json_body)
+            naive_res = {c: measure(url, raw_req, c, a.seconds, ok_json) for c in CONCURRENCY}
+        finally:
+            naive.terminate()
+            naive.wait(30)
+
+        limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
+        results[mname] = {"params": nparams, "kit": kit_res, "naive": naive_res, "in_process": limit,
+                          "first_answer_s": {"kit": kit_first, "naive": naive_first}}
+        for c in CONCURRENCY:
+            k, n, lim = kit_res[c], naive_res[c], limit[c]
+            rows.append(f"| {mname} ({nparams / 1e6:.2f}M) | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | "
+                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {n['rps']:,.0f} | "
+                        f"{n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['failed']} | "
+                        f"**{k['rps'] / n['rps']:.2f}x** |")
+        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | "
+                    f"{naive_first:.2f} s | | | | |")
+
+    print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
+          f" {os.cpu_count()} cores; load generator in this process\n")
+    print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | naive req/s | "
+          "naive p50 | naive p99 | naive errors | Kit / naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    lc = results["json_log_cost"]
+    on, off = lc["on"]["rps"], lc["off"]["rps"]
+    print(f"\nJSON request log cost (MLP, c=32): {off:,.0f} req/s off vs {on:,.0f} req/s on "
+          f"({(1 / on - 1 / off) * 1e6:+.1f} us per request, {100 * (off - on) / off:+.1f}% throughput)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
