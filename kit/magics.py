@@ -238,14 +238,32 @@ def deploy(
         from kit.servicegen import generate
     except ImportError as exc:
         raise fail("service", t0, f"kit.servicegen is not available ({exc}).") from exc
+    target = Path(services_dir).resolve() / service
+    existing = _service_model(target) if target.exists() else None
+    if target.exists() and existing != name:
+        raise fail("service", t0, f"{target} already exists and serves model {existing!r}, not {name!r}. "
+                   "Choose another --service name, or remove that folder.")
     try:
-        out = generate(service, name, registry=registry, out_dir=Path(services_dir))
+        # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
+        out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
+                       force=target.exists())
     except KitError as exc:
         raise fail("service", t0, str(exc)) from exc
     result.service_dir = Path(out)
     finish(Step("service", time.perf_counter() - t0, True,
                 f"{service!r} serves {name}@production (start: kit.servicegen.start_service)", str(out)))
     return result
+
+
+def _service_model(service_dir: Path) -> str | None:
+    import tomllib
+
+    try:
+        with open(service_dir / "service.toml", "rb") as f:
+            model = tomllib.load(f).get("model", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _check_text(check: Any) -> str:

@@ -149,6 +149,7 @@ class RegistryPanel(widgets.VBox):
         self.user = user
         self._run_gate = run_gate
         self._syncing = False
+        self._known: list[int] = []
         self.last_gate: Any = None
         registry.versions(name)  # fail now, with the registry's message, if the model is missing
 
@@ -233,12 +234,14 @@ class RegistryPanel(widgets.VBox):
             keep = self.version.value
             self.version.options = [(self._option_label(a, mv), mv.version) for mv in reversed(versions)]
             nums = [mv.version for mv in versions]
-            if keep in nums:
+            if keep in nums and nums == self._known:
                 self.version.value = keep
             elif nums:
-                # Default to the newest version that is not production: the one a person acts on next.
+                # New versions (or first draw): select the newest that is not production, the one a
+                # person acts on next.
                 others = [v for v in nums if v != a.production]
                 self.version.value = (others or nums)[-1]
+            self._known = nums
             self.canary.value = a.canary_weight if a.canary is not None else 0.0
         finally:
             self._syncing = False
@@ -279,7 +282,7 @@ class RegistryPanel(widgets.VBox):
                 except Exception as exc:  # a bug, or a library we call: show it, with its traceback
                     self._say(f"{label} failed unexpectedly: {type(exc).__name__}: {html.escape(str(exc))}",
                               error=True)
-                    traceback.print_exc()  # inside ``with self.out``: lands in the panel
+                    self.out.append_stderr(traceback.format_exc())  # the details, in the panel too
                     self._safe_refresh()
 
         return run
