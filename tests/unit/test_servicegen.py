@@ -1,0 +1,36 @@
+"""kit.servicegen.generate and `kit service new` (no processes; gunicorn runs in tests/e2e)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from kit.cli import cli
+from kit.errors import ServiceError
+from kit.servicegen import FILES, generate
+
+
+def test_generate_is_deterministic_and_refuses_overwrite(registered, tmp_path):
+    reg, mv = registered
+    d = generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services")
+    assert sorted(p.name for p in d.iterdir()) == sorted(FILES)
+    first = {f: (d / f).read_bytes() for f in FILES}
+    with pytest.raises(ServiceError, match="already exists"):
+        generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services")
+    generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services", force=True)
+    assert {f: (d / f).read_bytes() for f in FILES} == first
+    assert 'registry = "../../registry"' in first["service.toml"].decode()
+    with pytest.raises(ServiceError, match="has no model 'nope'"):
+        generate("x", "nope", registry=reg.root, out_dir=tmp_path / "services")
+
+
+def test_cli_service_new(registered, tmp_path):
+    reg, mv = registered
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name,
+                                 "--out-dir", str(tmp_path), "--api-key", "k1", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    toml = (tmp_path / "web" / "service.toml").read_text()
+    assert "workers = 2" in toml and "k1" not in toml  # only the hash is stored
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name,
+                                 "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "kit: error:" in r.output and "--force" in r.output

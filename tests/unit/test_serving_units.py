@@ -1,0 +1,162 @@
+"""Fast unit tests of the serving pieces: router, batcher, config, security, device, import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kit.errors import ServiceError, ServingError
+from kit.serving.batching import Batcher
+from kit.serving.config import load_service_config, worker_plan
+from kit.serving.router import RouteError, choose, user_bucket
+from kit.serving.security import ApiKeys, RateLimiter, hash_key
+from kit.serving.slots import _resolve_device
+from kit.servicegen import render
+
+
+def _state(canary=True, weight=0.25):
+    return SimpleNamespace(production=SimpleNamespace(version=1),
+                           canary=SimpleNamespace(version=2) if canary else None, weight=weight)
+
+
+def test_router_override_sticky_random():
+    st = _state()
+    assert choose(st, model="m", override="2")[0].version == 2
+    assert choose(st, model="m", override="canary") == (st.canary, "override")
+    with pytest.raises(RouteError, match="not served here"):
+        choose(st, model="m", override="7")
+    with pytest.raises(RouteError) as e:
+        choose(st, model="m", override="../x")
+    assert e.value.status == 400
+    assert choose(_state(canary=False), model="m") == (_state(canary=False).production, "production")
+    for u in ("alice", "bob", "carol"):
+        first = choose(st, model="m", user=u)
+        assert all(choose(st, model="m", user=u) == first for _ in range(5))
+        assert first[1] == "sticky" and (first[0].version == 2) == (user_bucket("m", u) < 0.25)
+    assert choose(st, model="m", rand=lambda: 0.1)[0].version == 2
+    assert choose(st, model="m", rand=lambda: 0.3)[0].version == 1
+
+
+def test_user_buckets_are_uniform_and_monotone():
+    b = [user_bucket("m", f"user-{i}") for i in range(20000)]
+    share = sum(x < 0.25 for x in b) / len(b)
+    assert abs(share - 0.25) < 4 * (0.25 * 0.75 / len(b)) ** 0.5
+    # raising a weight only adds users to the canary
+    assert all((x < 0.1) <= (x < 0.25) for x in b)
+
+
+def test_batcher_joins_concurrent_requests_and_splits_results():
+    calls = []
+    gate = threading.Event()
+
+    def forward(inputs):
+        calls.append(inputs[0].shape[0])
+        if len(calls) == 1:
+            gate.wait(5)  # hold the first pass so the others queue behind it
+        return (inputs[0] * 2,)
+
+    b = Batcher(forward, max_batch=64)
+    results = {}
+
+    def call(i):
+        results[i] = b((torch.full((i + 1, 3), float(i)),))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    threads[0].start()
+    while not calls:
+        pass
+    for t in threads[1:]:
+        t.start()
+    while len(b._pending) < 5:
+        pass
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert calls == [1, 2 + 3 + 4 + 5 + 6]  # one lone pass, then every queued request in one pass
+    for i, (outs, rows) in results.items():
+        assert torch.equal(outs[0], torch.full((i + 1, 3), 2.0 * i))
+        assert rows == (1 if i == 0 else 20)
+
+
+def test_batcher_respects_max_batch_and_propagates_errors():
+    b = Batcher(lambda x: (_ for _ in ()).throw(ValueError("boom")), max_batch=4)
+    with pytest.raises(ValueError, match="boom"):
+        b((torch.zeros(2, 3),))
+    b2 = Batcher(lambda x: (x[0] + 1,), max_batch=4)
+    outs, rows = b2((torch.zeros(3, 2),))
+    assert rows == 3 and torch.equal(outs[0], torch.ones(3, 2))
+
+
+def _write(tmp_path, text):
+    (tmp_path / "service.toml").write_text(text)
+    return tmp_path
+
+
+def test_config_overrides_and_errors(tmp_path):
+    d = _write(tmp_path, render("svc", "m", registry="../reg")["service.toml"])
+    cfg = load_service_config(d, {"KIT_BIND": "127.0.0.1:9", "KIT_REGISTRY": "/srv/reg"})
+    assert cfg.bind == "127.0.0.1:9" and str(cfg.registry) == "/srv/reg" and cfg.model == "m"
+    assert load_service_config(d).registry == (tmp_path / "../reg").resolve()
+    _write(tmp_path, '[service]\nname = "s"\nthreds = 3\n[model]\nname = "m"\nregistry = "r"\n')
+    with pytest.raises(ServiceError, match="unknown key 'threds'"):
+        load_service_config(tmp_path)
+    _write(tmp_path, '[service]\nname = "s"\nworkers = "two"\n[model]\nname = "m"\nregistry = "r"\n')
+    with pytest.raises(ServiceError, match="must be a int"):
+        load_service_config(tmp_path)
+    with pytest.raises(ServiceError, match="No service.toml"):
+        load_service_config(tmp_path / "nowhere")
+
+
+def test_worker_plan_keeps_torch_threads_within_cores():
+    cfg = SimpleNamespace(workers=0, torch_threads=0)
+    for cores in (1, 2, 4, 16):
+        w, t = worker_plan(cfg, cores)  # type: ignore[arg-type]
+        assert w * t <= max(cores, w) and t >= 1
+
+
+def test_render_is_deterministic_and_escapes_nothing_unsafe():
+    a = render("svc", "m", registry="../registry", workers=2)
+    assert a == render("svc", "m", registry="../registry", workers=2)
+    assert 'name = "m"' in a["service.toml"] and "wsgi:app" in a["gunicorn.conf.py"]
+    with pytest.raises(ServiceError, match="quote"):
+        render("svc", "m", registry='x"y')
+    with pytest.raises(ServiceError, match="Unknown service option"):
+        render("svc", "m", registry="r", wokers=2)
+
+
+def test_api_keys_and_rate_limit(tmp_path):
+    keys = ApiKeys((hash_key("a"),))
+    assert keys.check("a") and not keys.check("b") and not keys.check(None)
+    f = tmp_path / "keys"
+    f.write_text(f"# ops\n{hash_key('c')}\n")
+    fk = ApiKeys((), f)
+    assert fk.enabled and fk.check("c") and not fk.check("a")
+    f.write_text("nothex\n")
+    with pytest.raises(ServiceError, match="not a sha256"):
+        ApiKeys((), f)
+    rl = RateLimiter(rate=2, burst=2)
+    assert [rl.allow("x")[0] for _ in range(3)] == [True, True, False]
+    assert rl.allow("y")[0]
+
+
+def test_cuda_device_is_refused_with_a_clear_message_without_a_gpu():
+    if torch.cuda.is_available():
+        assert _resolve_device("cuda") == "cuda"
+    else:  # this machine: no GPU, so the cuda path must fail loudly, naming the fix
+        with pytest.raises(ServingError, match="device = \\\\\"cpu\\\\\"|no CUDA GPU"):
+            _resolve_device("cuda")
+
+
+def test_serving_never_imports_jupyter_and_hooks_never_import_torch():
+    code = ("import sys, kit.serving.app, kit.serving.gunicorn_hooks, kit.servicegen;"
+            "bad=[m for m in ('IPython','ipywidgets','papermill','nbconvert') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, kit.serving.gunicorn_hooks, kit.servicegen, kit.serving;"
+            "assert 'torch' not in sys.modules, 'the gunicorn master must not import torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
