@@ -1,9 +1,63 @@
-"""`kit` commands for the pack area (filled in by that area's issue)."""
+"""`kit pack`: a thin shell over :func:`kit.pack.pack` and :func:`kit.pack.verify_archive`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from kit.cli._common import Context, emit_json, json_option, pass_kit
+
+
+@click.command("pack")
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
+              show_default=True, help="Where the archive is written.")
+@click.option("--force", is_flag=True,
+              help="Pack despite clobbered conda files or an incompatible model environment (recorded).")
+@click.option("--env", "env_prefix", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Environment to pack (default: the one running kit).")
+@click.option("--platform", "target_platform", default=None, help="Refuse unless the environment is for this "
+              "platform, e.g. linux-x86_64.")
+@click.option("--compress-level", "compresslevel", type=click.IntRange(1, 9), default=4, show_default=True)
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Then unpack into a temporary folder, start it on a free port, check /readyz and the stored "
+                   "example, stop it. With an archive as TARGET: only verify it.")
+@json_option
+@pass_kit
+def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_prefix: Path | None,
+             target_platform: str | None, compresslevel: int, do_verify: bool, as_json: bool) -> None:
+    """Pack services/NAME with its environment and models into dist/NAME-<version>-<platform>.tar.gz."""
+    from kit.pack import pack, verify_archive
+
+    say = (lambda msg: click.echo(msg, err=True))
+    result: dict[str, object] = {}
+    archive = target
+    if target.is_dir():
+        registry = kit_ctx.config.registry if kit_ctx.registry_override else None
+        res = pack(target, out_dir=out_dir, force=force, progress=say, env_prefix=env_prefix,
+                   registry=registry, target_platform=target_platform, compresslevel=compresslevel)
+        result["pack"] = res.to_dict()
+        archive = res.archive
+        if not as_json:
+            click.echo(f"{res.archive}  {res.size_bytes / 1e6:.1f} MB  {res.kind}  "
+                       f"{', '.join(f'{m}@{v}' for m, vs in res.models.items() for v in vs)}  {res.seconds:.1f}s")
+            if res.kind == "venv":
+                click.echo("note: venv fallback; the server needs the same Python at the same path "
+                           "(run.sh checks it first). A conda environment packs its interpreter.")
+    elif not do_verify:
+        raise click.UsageError(f"{target} is a file; pass a service folder (services/NAME), or --verify to "
+                               "verify an archive.")
+    if do_verify:
+        rep = verify_archive(archive, progress=say)
+        result["verify"] = rep.to_dict()
+        if not as_json:
+            click.echo(f"verified {Path(rep.archive).name}: ready in {rep.ready_seconds:.1f}s, {rep.model}@"
+                       f"{rep.version} matched its reference (max diff {rep.max_abs_diff:.2g})")
+    if as_json:
+        emit_json(result)
 
 
 def register(cli: click.Group) -> None:
     """Add this area's commands to ``cli``."""
+    cli.add_command(pack_cmd)

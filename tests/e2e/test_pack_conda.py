@@ -1,0 +1,131 @@
+"""The conda path for real: a conda-format prefix built offline with py-rattler, the real conda-pack,
+the real conda-unpack, served by gunicorn from another directory after the source and the prefix are gone.
+
+What this does NOT exercise (and why): conda-forge's own binaries (no conda channel is reachable here; the
+prefix's python is this machine's CPython repackaged, see tests/fixtures/conda_env.py), torch inside the
+conda prefix (the prefix holds python, flask, gunicorn and kit's light dependencies; the real service with
+torch and the reference predictions is exercised by test_pack_venv.py on the venv path), and a second host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kit.errors import PackError
+from kit.pack import pack
+from kit.pack.verify import extract, free_port, start_unpacked, stop, wait_ready
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import conda_env  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[2]
+MINI = ROOT / "tests" / "fixtures" / "pack" / "mini_service"
+
+
+def copy_kit_source(dest: Path) -> Path:
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "kit", dest / "kit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def install_editable(src: Path, prefix: Path) -> None:
+    """kit as a researcher has it: `pip install -e` into the conda environment."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", "--prefix", str(prefix), "-e", str(src)],
+                   check=True, capture_output=True, text=True, cwd=src)
+
+
+@pytest.fixture
+def conda_setup(tmp_path, registered, repo_root):
+    cache = repo_root / ".cache"
+    cache.mkdir(exist_ok=True)
+    t = time.monotonic()
+    channel = conda_env.channel(cache)
+    prefix = conda_env.create_prefix(channel, tmp_path / "envs" / "kitenv", cache / "conda-pkgs")
+    src = tmp_path / "src"
+    src.mkdir()
+    copy_kit_source(src)
+    install_editable(src, prefix)
+    registry, mv = registered
+    registry.promote(mv.name, mv.version, force=True, why="test")  # gates are the gate area's; forced here
+    svc = tmp_path / "services" / "mini"
+    shutil.copytree(MINI, svc)
+    toml = svc / "service.toml"
+    toml.write_text(toml.read_text().replace("REGISTRY", str(registry.root)))
+    print(f"conda prefix ready in {time.monotonic() - t:.1f}s")
+    return prefix, src, registry, mv, svc
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_setup, tmp_path):
+    prefix, src, registry, mv, svc = conda_setup
+    # The kit in the prefix is editable, pointing at the source copy; conda-pack alone would refuse it.
+    site = prefix / "lib" / f"python{conda_env.PY_VER}" / "site-packages"
+    assert list(site.glob("__editable__*kit*.pth"))
+
+    # The model was captured with torch; this prefix has none: refused unless forced.
+    with pytest.raises(PackError, match=r"torch .*--force"):
+        pack(svc, out_dir=tmp_path / "dist", env_prefix=prefix, cache_dir=None)
+
+    lines: list[str] = []
+    res = pack(svc, out_dir=tmp_path / "dist", env_prefix=prefix, force=True, progress=lines.append,
+               cache_dir=tmp_path / "layers")
+    print(f"conda archive {res.size_bytes / 1e6:.1f} MB in {res.seconds:.1f}s {res.timings}")
+    assert res.kind == "conda" and res.models == {"demo-digits": [1]}
+    assert res.forced and any("torch" in f for f in res.forced)
+    assert any(line.startswith("conda-pack:") for line in lines) and any("size report" in x for x in lines)
+
+    # Nothing may lead back: delete the source copy and the original prefix, move the archive.
+    shutil.rmtree(src)
+    shutil.rmtree(prefix)
+    elsewhere = tmp_path / "server"
+    elsewhere.mkdir()
+    archive = elsewhere / res.archive.name
+    shutil.move(str(res.archive), archive)
+    t = time.monotonic()
+    root = extract(archive, elsewhere / "opt")
+    print(f"extracted in {time.monotonic() - t:.1f}s")
+    env_dir = root / "env"
+    assert (env_dir / "bin" / "conda-unpack").is_file()
+    assert not list((env_dir / "lib").glob("python*/site-packages/__editable__*"))
+
+    port = free_port()
+    log = tmp_path / "run.log"
+    proc = start_unpacked(root, port, log, cwd=elsewhere)
+    try:
+        t = time.monotonic()
+        wait_ready(f"http://127.0.0.1:{port}", proc, 60, log)
+        print(f"ready in {time.monotonic() - t:.1f}s")
+        info = _get(f"http://127.0.0.1:{port}/info")
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, log.read_text()
+    text = log.read_text()
+    assert "conda-unpack" in text and "verified" in text, text
+    assert info["prefix"] == str(env_dir)
+    assert info["config_prefix"] == str(env_dir)  # conda-unpack rewrote the placeholder in sysconfig data
+    assert Path(info["kit"]).is_relative_to(env_dir) and Path(info["flask"]).is_relative_to(env_dir)
+    assert not any(str(tmp_path / "src") in p or str(prefix) in p for p in info["sys_path"])
+    assert info["version"] == 1 and info["model_sha256"] == mv.files["model.pt2"]
+
+    # Moving the relocated environment again is refused with the fix.
+    moved = elsewhere / "moved"
+    shutil.move(str(root), moved)
+    out = subprocess.run([str(moved / "run.sh"), "verify"], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 1 and "Extract the archive again" in out.stderr
