@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -31,13 +32,15 @@ from kit.serving.protocol import (
     v2_response,
 )
 from kit.serving.router import RouteError, choose
-from kit.serving.security import ApiKeys, RateLimiter
+from kit.serving.security import ApiKeys, RateLimiter, hash_key
 from kit.serving.slots import ModelSlots
 
 log = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
 
 JSON = "application/json"
+BINARY_ENV = "HTTP_" + BINARY_HEADER.upper().replace("-", "_")
+_STATUS = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 VERSION_HEADER_OUT = "X-Kit-Model-Version"
 
 
@@ -76,6 +79,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     model = config.model
     vh = config.version_header
     uh = config.user_header
+    vh_env = "HTTP_" + vh.upper().replace("-", "_") if vh else "-"  # WSGI environ keys of the headers
+    uh_env = "HTTP_" + uh.upper().replace("-", "_") if uh else "-"
     log_requests = config.access_log
     pid = os.getpid()
 
@@ -103,10 +108,6 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
             return resp
         seconds = time.perf_counter() - t0
         resp.headers["X-Request-Id"] = g.rid
-        if g.route is not None:  # an inference endpoint
-            if g.version is not None:
-                resp.headers[VERSION_HEADER_OUT] = str(g.version)
-            metrics.observe(model, g.version, g.route, resp.status_code, seconds, g.batch)
         if log_requests:
             access.info("request", extra={"kit": {
                 "request_id": g.rid, "method": request.method, "path": request.path, "model": model,
@@ -116,8 +117,6 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        if g.get("route") is None and (request.path == "/predict" or request.path.endswith("/infer")):
-            g.route = "rejected"  # count refused inference requests too
         msg = exc.description or exc.name
         if exc.code == 413:
             msg = f"Request body too large: the limit is {config.max_body_bytes} bytes ([limits] max_body_bytes)."
@@ -132,85 +131,118 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, g.get("rid"))
         return _error(f"Internal error ({type(exc).__name__}); see the service log, request id {g.get('rid')}.", 500)
 
-    # ---- inference
-    def _gate() -> Response | None:
-        """Auth and rate limit; a response when refused."""
-        g.route = "rejected"
+    # ---- inference: a plain WSGI fast path in front of Flask (the hot path skips Flask's request
+    # context, hooks and Request/Response objects; everything else goes through Flask as usual)
+    def _refuse(environ: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
         client = None
         if keys.enabled:
-            presented = request.headers.get("X-API-Key")
-            auth = request.headers.get("Authorization", "")
+            presented = environ.get("HTTP_X_API_KEY")
+            auth = environ.get("HTTP_AUTHORIZATION", "")
             if not presented and auth[:7].lower() == "bearer ":
                 presented = auth[7:].strip()
             if not keys.check(presented):
-                return _error("Missing or unknown API key: send it as 'X-API-Key: KEY' or "
-                              "'Authorization: Bearer KEY'.", 401, {"WWW-Authenticate": "Bearer"})
-            client = "key:" + presented[:8] if presented else None
+                return 401, ("Missing or unknown API key: send it as 'X-API-Key: KEY' or "
+                             "'Authorization: Bearer KEY'."), {"WWW-Authenticate": "Bearer"}
+            client = "key:" + hash_key(presented)[:16] if presented else None
         if limiter.enabled:
-            ok, wait = limiter.allow(client or f"addr:{request.remote_addr}")
+            ok, wait = limiter.allow(client or f"addr:{environ.get('REMOTE_ADDR')}")
             if not ok:
-                return _error(f"Rate limit exceeded ({config.rate_limit:g} requests/s per client); "
-                              f"retry in {wait:.2f}s.", 429, {"Retry-After": str(max(1, round(wait + 0.5)))})
+                return 429, (f"Rate limit exceeded ({config.rate_limit:g} requests/s per client); "
+                             f"retry in {wait:.2f}s."), {"Retry-After": str(max(1, round(wait + 0.5)))}
         return None
 
-    def _route(override: str | None = None) -> Any:
-        state = slots.state
-        if not state.ready:
-            raise RequestError(f"Model {model!r} is not loaded yet ({_not_ready_reason()}).", 503)
+    def _read_body(environ: dict[str, Any]) -> bytes:
         try:
-            slot, reason = choose(state, model=model, override=override or (request.headers.get(vh) if vh else None),
-                                  user=request.headers.get(uh) if uh else None)
-        except RouteError as exc:
-            raise RequestError(str(exc), exc.status) from exc
-        g.route = "path" if override else reason
-        g.version = slot.version
-        return slot
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError as exc:
+            raise RequestError("Content-Length is not a number.") from exc
+        limit = config.max_body_bytes
+        if length > limit:
+            raise RequestError(f"Request body too large ({length} bytes): the limit is {limit} bytes "
+                               "([limits] max_body_bytes).", 413)
+        stream = environ["wsgi.input"]
+        body = stream.read(length) if length >= 0 else stream.read(limit + 1)
+        if len(body) > limit:
+            raise RequestError(f"Request body too large: the limit is {limit} bytes ([limits] max_body_bytes).", 413)
+        return bytes(body)
 
-    def _body() -> bytes:
-        return request.get_data(cache=False)
-
-    @app.post("/predict")
-    def predict() -> Response:
-        refused = _gate()
-        if refused is not None:
-            return refused
+    def _infer(environ: dict[str, Any], start_response: Any, name: str | None, version: str | None) -> list[bytes]:
+        t0 = time.perf_counter()
+        rid = environ.get("HTTP_X_REQUEST_ID") or os.urandom(8).hex()
+        route, slot, batch, shape = "rejected", None, 0, None
+        headers = {"X-Request-Id": rid}
+        ctype = JSON
         try:
-            body = _body()
-            slot = _route()
-            inputs, unbatched = parse_predict(body, slot.signature, config.max_batch)
-            g.shape = list(inputs[0].shape)
-            outputs, g.batch = slot.infer(inputs)
-            return Response(predict_response(outputs, slot.signature, unbatched, model, slot.version),
-                            mimetype=JSON)
-        except RequestError as exc:
-            return _error(str(exc), exc.status)
-
-    def _v2_infer(name: str, version: str | None) -> Response:
-        refused = _gate()
-        if refused is not None:
-            return refused
-        try:
-            if name != model:
+            if environ["REQUEST_METHOD"] != "POST":
+                raise RequestError(f"Method {environ['REQUEST_METHOD']} is not allowed here; use POST.", 405)
+            refused = _refuse(environ)
+            if refused is not None:
+                status, msg, extra = refused
+                headers.update(extra)
+                raise RequestError(msg, status)
+            if name is not None and name != model:
                 raise RequestError(f"This service serves model {model!r}, not {name[:64]!r}.", 404)
-            body = _body()
-            slot = _route(version)
-            inputs, doc = parse_v2_infer(body, request.headers.get(BINARY_HEADER), slot.signature, config.max_batch)
-            g.shape = list(inputs[0].shape)
-            outputs, g.batch = slot.infer(inputs)
-            data, header_len = v2_response(outputs, slot.signature, doc, model, slot.version)
-            if header_len is None:
-                return Response(data, mimetype=JSON)
-            return Response(data, mimetype="application/octet-stream", headers={BINARY_HEADER: str(header_len)})
+            body = _read_body(environ)
+            state = slots.state
+            if not state.ready:
+                raise RequestError(f"Model {model!r} is not loaded yet ({_not_ready_reason()}).", 503)
+            try:
+                slot, route = choose(state, model=model, override=version or environ.get(vh_env),
+                                     user=environ.get(uh_env))
+            except RouteError as exc:
+                raise RequestError(str(exc), exc.status) from exc
+            if version:
+                route = "path"
+            headers[VERSION_HEADER_OUT] = str(slot.version)
+            if name is None:
+                inputs, unbatched = parse_predict(body, slot.signature, config.max_batch)
+                shape = list(inputs[0].shape)
+                outputs, batch = slot.infer(inputs)
+                data = predict_response(outputs, slot.signature, unbatched, model, slot.version)
+            else:
+                inputs, doc = parse_v2_infer(body, environ.get(BINARY_ENV), slot.signature, config.max_batch)
+                shape = list(inputs[0].shape)
+                outputs, batch = slot.infer(inputs)
+                data, header_len = v2_response(outputs, slot.signature, doc, model, slot.version)
+                if header_len is not None:
+                    headers[BINARY_HEADER] = str(header_len)
+                    ctype = "application/octet-stream"
+            status = 200
         except RequestError as exc:
-            return _error(str(exc), exc.status)
+            status = exc.status
+            data = orjson.dumps({"error": str(exc)})
+        except Exception as exc:  # a bug or a model failure, never a client's fault
+            log.exception("unhandled error on %s (request %s)", environ.get("PATH_INFO"), rid)
+            status = 500
+            data = orjson.dumps({"error": f"Internal error ({type(exc).__name__}); see the service log, "
+                                          f"request id {rid}."})
+        version_served = slot.version if slot is not None else None
+        seconds = time.perf_counter() - t0
+        metrics.observe(model, version_served, route, status, seconds, batch)
+        if log_requests:
+            access.info("request", extra={"kit": {
+                "request_id": rid, "method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO"),
+                "model": model, "version": version_served, "route": route, "status": status,
+                "latency_ms": round(seconds * 1000, 3), "batch": batch, "input_shape": shape}})
+        start_response(_STATUS[status], [("Content-Type", ctype), ("Content-Length", str(len(data))),
+                                         *headers.items()])
+        return [data]
 
-    @app.post("/v2/models/<name>/infer")
-    def v2_infer(name: str) -> Response:
-        return _v2_infer(name, None)
+    flask_wsgi = app.wsgi_app
 
-    @app.post("/v2/models/<name>/versions/<version>/infer")
-    def v2_infer_version(name: str, version: str) -> Response:
-        return _v2_infer(name, version)
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/predict":
+            return _infer(environ, start_response, None, None)
+        if path.startswith("/v2/models/") and path.endswith("/infer"):
+            parts = path.split("/")
+            if len(parts) == 5:
+                return _infer(environ, start_response, parts[3], None)
+            if len(parts) == 7 and parts[4] == "versions":
+                return _infer(environ, start_response, parts[3], parts[5])
+        return flask_wsgi(environ, start_response)
+
+    app.wsgi_app = wsgi  # type: ignore[method-assign]
 
     # ---- health, metadata, metrics
     def _not_ready_reason() -> str:
