@@ -251,7 +251,8 @@ def _begin_run(records: str, notebook: str, run_id: str) -> None:
     _run = _Run(Path(records), notebook, run_id)
     _session.clear()
     _append(_run.records, {"kind": "kernel", "executable": sys.executable, "prefix": sys.prefix,
-                           "pid": os.getpid(), "python": sys.version.split()[0], "run_id": run_id})
+                           "pid": os.getpid(), "python": sys.version.split()[0], "run_id": run_id,
+                           "kit": str(Path(__file__).resolve())})
 
 
 def _append(path: Path, rec: dict[str, Any]) -> None:
@@ -517,9 +518,15 @@ def _prepare(nb: Any, records: Path, label: str, run_id: str) -> tuple[Any, dict
         if not cell.get("id"):
             cell["id"] = f"kit-cell-{i}"
         positions[cell["id"]] = i + 1  # 1-based, as a person counts cells in the notebook
+    kit_home = str(Path(__file__).resolve().parent.parent)
     setup = nbformat.v4.new_code_cell(
         "# Added by kit.gate.run_gate (not part of the notebook): send this run's checks to its records.\n"
-        "import kit.gate\n"
+        "try:\n"
+        "    import kit.gate\n"
+        "except ModuleNotFoundError:  # kit runs from a source checkout: use the caller's copy\n"
+        "    import sys\n"
+        f"    sys.path.append({kit_home!r})\n"
+        "    import kit.gate\n"
         f"kit.gate._begin_run({str(records)!r}, {label!r}, {run_id!r})"
     )
     setup["id"] = "kit-gate-setup"
@@ -649,6 +656,27 @@ def _run_one(
     return status, error, cell, ename, evalue
 
 
+def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_sha256: str,
+                      prefix: str) -> list[str]:
+    """What in a notebook's records breaks the gate's promises, besides failed checks.
+
+    The kernel must have run the environment at ``prefix`` (the one that will serve), and every
+    artifact the notebook declared with :func:`artifact` must be the one being gated.
+    """
+    problems = []
+    for r in records:
+        if r.get("kind") == "kernel" and Path(str(r.get("prefix"))).resolve() != Path(prefix).resolve():
+            problems.append(f"the kernel ran {r.get('executable')} (prefix {r.get('prefix')}), not this "
+                            f"environment ({prefix}); validate in the environment that will serve")
+        if r.get("kind") == "kernel" and r.get("kit") and r["kit"] != str(Path(__file__).resolve()):
+            problems.append(f"the kernel imported kit from {r['kit']}, this process from "
+                            f"{Path(__file__).resolve()}; install kit once in the environment (make env)")
+        if r.get("kind") == "artifact" and r.get("sha256") != artifact_sha256:
+            problems.append(f"it loaded artifact {r.get('ref') or ''} sha256 {str(r.get('sha256'))[:12]}, "
+                            f"not {ref} ({artifact_sha256[:12]})".replace("artifact  sha256", "artifact sha256"))
+    return problems
+
+
 def run_gate(
     registry: Any,
     name: str,
@@ -734,15 +762,8 @@ def run_gate(
         all_checks.extend(nb_checks)
         k = next((r for r in recs if r.get("kind") == "kernel"), None)
         if k:
-            kernels.append({"notebook": executed.name, **{x: k.get(x) for x in ("executable", "prefix", "python")}})
-        problems = []
-        if k and Path(k["prefix"]).resolve() != Path(sys.prefix).resolve():
-            problems.append(f"the kernel ran {k['executable']} (prefix {k['prefix']}), not this environment "
-                            f"({sys.prefix}); validate in the environment that will serve")
-        for r in recs:
-            if r.get("kind") == "artifact" and r.get("sha256") != mv.artifact_sha256:
-                problems.append(f"it loaded artifact {str(r.get('ref') or '')} sha256 {str(r.get('sha256'))[:12]}, "
-                                f"not {mv.ref} ({mv.short_sha})")
+            kernels.append({"notebook": executed.name, **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
+        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix)
         if status == "passed":
             failed = [c for c in nb_checks if not c.passed]
             if failed:

@@ -157,6 +157,22 @@ def test_failure_mode_notebooks_are_valid(path):
     assert set(gate.declared_params(path)) == {"threshold", "label"}
 
 
+def test_evidence_problems_catch_another_interpreter_and_another_artifact(tmp_path):
+    import sys
+
+    good = [{"kind": "kernel", "executable": sys.executable, "prefix": sys.prefix},
+            {"kind": "artifact", "sha256": "a" * 64, "ref": "m@1"}, {"kind": "check", "name": "x"}]
+    assert gate.evidence_problems(good, "m@1", "a" * 64, sys.prefix) == []
+    bad = [{"kind": "kernel", "executable": "/opt/other/bin/python", "prefix": "/opt/other"},
+           {"kind": "artifact", "sha256": "b" * 64, "ref": "m@2"}]
+    problems = gate.evidence_problems(bad, "m@1", "a" * 64, sys.prefix)
+    assert problems == [
+        f"the kernel ran /opt/other/bin/python (prefix /opt/other), not this environment ({sys.prefix}); "
+        "validate in the environment that will serve",
+        "it loaded artifact m@2 sha256 bbbbbbbbbbbb, not m@1 (aaaaaaaaaaaa)",
+    ]
+
+
 # ---------------------------------------------------------------- kernels
 
 
