@@ -86,37 +86,102 @@ def accuracy(model: Any, split: Split) -> float:
     return float((pred == split.y_test).mean())
 
 
-def _step(msg: str) -> float:
-    print(f"==> {msg}", flush=True)
+def _step(n: int, total: int, msg: str) -> float:
+    print(f"==> [{n}/{total}] {msg}", flush=True)
     return time.perf_counter()
 
 
-def main() -> None:
-    """``make demo``: train, capture, register and list the demo model."""
-    from kit.config import load_config
-    from kit.registry import Registry
+def _done(t: float, msg: str) -> None:
+    print(f"    {msg} ({time.perf_counter() - t:.1f}s)", flush=True)
 
-    cfg = load_config()
-    reg = Registry.from_config(cfg)
 
-    t = _step("train a digits MLP on scikit-learn's bundled digits (local data)")
-    split = digits_split()
-    model, acc = train(split=split)
-    print(f"    held-out accuracy {acc:.3f} in {time.perf_counter() - t:.1f}s")
+def _predict(url: str, key: str, rows: list[list[float]]) -> dict[str, Any]:
+    import json
+    import urllib.request
 
-    t = _step(f"capture with torch.export and register as {DEMO_MODEL!r} in {reg.root}")
-    mv = reg.register(DEMO_MODEL, model, torch.from_numpy(split.x_test[:1]), metrics={"accuracy": acc},
-                      tags={"dataset": "sklearn-digits"}, project_root=cfg.project_root)
-    print(f"    registered {mv.ref} sha256 {mv.short_sha} ({mv.size_bytes / 1024:.0f} KiB) "
-          f"in {time.perf_counter() - t:.1f}s")
+    req = urllib.request.Request(
+        url + "/predict", data=json.dumps({"inputs": rows}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
 
-    _step(f"kit models {DEMO_MODEL}")
+
+def main(argv: list[str] | None = None) -> None:
+    """``make demo``: train, capture, register, validate, promote, serve, predict, stop, pack."""
+    import argparse
+    import hashlib
+    import sys
+
     from click.testing import CliRunner
 
     from kit.cli import cli
+    from kit.config import load_config
+    from kit.gate import run_gate
+    from kit.pack import pack
+    from kit.registry import Registry
+    from kit.servicegen import generate, start_service
 
-    res = CliRunner().invoke(cli, ["--registry", str(reg.root), "models", DEMO_MODEL])
-    print(res.output, end="")
+    ap = argparse.ArgumentParser(prog="python -m kit.demo", description=main.__doc__)
+    ap.add_argument("--no-pack", action="store_true", help="stop after the service answered")
+    args = ap.parse_args(argv)
+    total = 7 if args.no_pack else 8
+
+    cfg = load_config()
+    reg = Registry.from_config(cfg)
+    services = cfg.project_root / "services"
+    dist = cfg.project_root / "dist"
+    t_all = time.perf_counter()
+
+    t = _step(1, total, "train a digits MLP on scikit-learn's bundled digits (local data)")
+    split = digits_split()
+    model, acc = train(split=split)
+    _done(t, f"held-out accuracy {acc:.3f}")
+
+    t = _step(2, total, f"capture with torch.export and register {DEMO_MODEL!r} in {reg.root}")
+    mv = reg.register(DEMO_MODEL, model, torch.from_numpy(split.x_test[:1]), metrics={"accuracy": acc},
+                      tags={"dataset": "sklearn-digits"}, project_root=cfg.project_root)
+    _done(t, f"registered {mv.ref}, sha256 {mv.short_sha}, {mv.size_bytes / 1024:.0f} KiB")
+
+    t = _step(3, total, f"validate {mv.ref} with notebooks/validation/default.ipynb (papermill)")
+    gate = run_gate(reg, mv.name, mv.version, timeout=cfg.gate_timeout,
+                    progress=lambda line: print(f"    {line}", flush=True))
+    for c in gate.checks:
+        print(f"    {c.line()}")
+    _done(t, f"gate {'PASSED' if gate.passed else 'FAILED'}; report {gate.report}")
+    if not gate.passed:
+        sys.exit(f"demo: the gate failed ({gate.error or 'a check failed'}); see {gate.report}")
+
+    t = _step(4, total, f"promote {mv.ref} to production")
+    aliases = reg.promote(mv.name, mv.version, why="make demo", user=cfg.user)
+    _done(t, f"production={aliases.production} (previous: {list(aliases.previous) or 'none'})")
+    print(CliRunner().invoke(cli, ["--registry", str(reg.root), "models", DEMO_MODEL]).output, end="")
+
+    t = _step(5, total, f"generate the service services/{DEMO_SERVICE}/")
+    key = "demo-key"
+    svc_dir = generate(DEMO_SERVICE, DEMO_MODEL, registry=reg.root, out_dir=services, force=True,
+                       api_keys_sha256=[hashlib.sha256(key.encode()).hexdigest()])
+    _done(t, f"wrote {svc_dir}")
+
+    t = _step(6, total, "start it with gunicorn on 127.0.0.1 and ask for a prediction")
+    with start_service(svc_dir) as svc:
+        _done(t, f"ready at {svc.url} in {svc.started_seconds:.1f}s")
+        t = _step(7, total, "POST /predict with five held-out digits")
+        rows = split.x_test[:5]
+        out = _predict(svc.url, key, rows.tolist())
+        pred = np.asarray(out["outputs"]).argmax(1).tolist()
+        print(f"    served by version {out['model_version']}: predicted {pred}, true {split.y_test[:5].tolist()}")
+        print(f"    try it: curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+              f"-d '{{\"inputs\": [[0.0, ...64 values]]}}' {svc.url}/predict")
+    _done(t, "service stopped cleanly")
+
+    if not args.no_pack:
+        t = _step(8, total, f"pack the environment, the service and its models into {dist}/")
+        res = pack(svc_dir, out_dir=dist, registry=reg.root, progress=lambda line: print(f"    {line}", flush=True))
+        _done(t, f"{res.archive} ({res.size_bytes / 2**20:.0f} MiB, {res.kind} environment)")
+        print(f"    ship it: scp {res.archive} server: && ssh server 'tar xzf {res.archive.name} && "
+              f"./{res.root}/run.sh'")
+    print(f"demo finished in {time.perf_counter() - t_all:.0f}s")
 
 
 if __name__ == "__main__":
