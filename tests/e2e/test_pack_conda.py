@@ -9,11 +9,13 @@ torch and the reference predictions is exercised by test_pack_venv.py on the ven
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -39,11 +41,23 @@ def copy_kit_source(dest: Path) -> Path:
     return dest
 
 
-def install_editable(src: Path, prefix: Path) -> None:
-    """kit as a researcher has it: `pip install -e` into the conda environment."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--disable-pip-version-check", "--prefix", str(prefix), "-e", str(src)],
-                   check=True, capture_output=True, text=True, cwd=src)
+def install_editable(src: Path, prefix: Path, tools: Path) -> None:
+    """kit as a researcher has it: `pip install -e` into the conda environment, by that environment's python.
+
+    pip and setuptools are borrowed on PYTHONPATH from a copy; running this interpreter's pip with
+    --prefix instead would uninstall kit from *this* environment first (pip treats it as the same install).
+    """
+    site = Path(sysconfig.get_paths()["purelib"])
+    for mod in ("pip", "setuptools", "_distutils_hack"):
+        spec = importlib.util.find_spec(mod)  # found, not imported (setuptools warns about distutils)
+        assert spec is not None and spec.origin, f"{mod} is needed to install kit editable into the test prefix"
+        shutil.copytree(Path(spec.origin).parent, tools / mod, ignore=shutil.ignore_patterns("__pycache__"))
+    for meta in site.glob("setuptools-*.dist-info"):  # its entry points register the build commands
+        shutil.copytree(meta, tools / meta.name)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tools), "PYTHONNOUSERSITE": "1"}
+    subprocess.run([str(prefix / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--disable-pip-version-check", "-e", str(src)],
+                   check=True, capture_output=True, text=True, cwd=src, env=env)
 
 
 @pytest.fixture
@@ -56,7 +70,10 @@ def conda_setup(tmp_path, registered, repo_root):
     src = tmp_path / "src"
     src.mkdir()
     copy_kit_source(src)
-    install_editable(src, prefix)
+    ours = sorted(Path(sysconfig.get_paths()["purelib"]).glob("__editable__*kit*"))
+    (tmp_path / "tools").mkdir()
+    install_editable(src, prefix, tmp_path / "tools")
+    assert ours and all(p.exists() for p in ours)  # this environment's editable kit is untouched
     registry, mv = registered
     registry.promote(mv.name, mv.version, force=True, why="test")  # gates are the gate area's; forced here
     svc = tmp_path / "services" / "mini"
