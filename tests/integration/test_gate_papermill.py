@@ -45,8 +45,13 @@ def reg(tmp_path_factory, digits_model):
 @pytest.fixture(scope="module")
 def default_run(reg):
     lines: list[str] = []
-    result = gate.run_gate(reg, "demo-digits", "latest", progress=lines.append, timeout=120)
+    # Latency budgets widened from the notebook's defaults (50 / 200 ms): this machine is shared by
+    # parallel jobs, and the point here is the whole path, parameters included, not this CPU's speed.
+    result = gate.run_gate(reg, "demo-digits", "latest", params=BUDGETS, progress=lines.append, timeout=120)
     return result, lines
+
+
+BUDGETS = {"max_p95_ms_batch1": 500.0, "max_p95_ms_batch_n": 2000.0}
 
 
 def _events(reg, kind="gate"):
@@ -66,6 +71,9 @@ def test_default_notebook_passes_on_the_registered_model(reg, default_run):
                      "finite outputs", "wrong shape is refused"]
     acc = next(c for c in result.checks if c.name == "accuracy")
     assert acc.value >= 0.9 and acc.threshold == 0.9 and "449 rows" in acc.detail
+    lat = {c.name: c for c in result.checks if c.name.startswith("latency")}
+    assert lat["latency p95, batch 1"].threshold == 500.0 and lat["latency p95, batch 64"].threshold == 2000.0
+    assert 0 < lat["latency p95, batch 1"].value < 500.0
     shape = next(c for c in result.checks if c.name == "wrong shape is refused")
     assert "expected pixels: float32[batch, 64]" in shape.detail
     assert lines[0] == "[1/1] default.ipynb: running on demo-digits@1 ..."
@@ -96,8 +104,8 @@ def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
 
 
 def test_default_notebook_fails_a_threshold_through_the_cli(reg):
-    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "validate", "demo-digits@1",
-                                 "-p", "min_accuracy=1.01", "--timeout", "120"])
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "validate", "demo-digits@1", "-p", "min_accuracy=1.01",
+                                 *[f"-p{k}={v}" for k, v in BUDGETS.items()], "--timeout", "120"])
     assert r.exit_code == 1, r.output
     assert "[1/1] default.ipynb: failed, 6 check(s) (5 passed)" in r.output
     assert "FAIL    accuracy" in r.output and "1.01" in r.output
