@@ -42,6 +42,7 @@ _CSS = """
 .kit-b-production {background: #1a7f37} .kit-b-canary {background: #bc4c00} .kit-b-previous {background: #8c959f}
 .kit-pass {color: #1a7f37; font-weight: 600} .kit-fail {color: #cf222e; font-weight: 600}
 .kit-none {color: #8c959f}
+.kit-table a, .kit-status a {color: #0969da; text-decoration: underline}
 .kit-metric {font-family: var(--jp-code-font-family, monospace); font-size: 12px}
 </style>
 """
