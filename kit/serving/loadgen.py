@@ -51,16 +51,22 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 async def _worker(host: str, port: int, requests: list[bytes], users: list[str | None], idx: int, stride: int,
                   stop_at: float, max_requests: int | None, counter: list[int], res: Result, t0: float,
-                  check: Any) -> None:
+                  check: Any, reconnect_every: int = 0) -> None:
     reader = writer = None
     i = idx
+    on_conn = 0
     while time.perf_counter() < stop_at and (max_requests is None or counter[0] < max_requests):
         counter[0] += 1
         k = i % len(requests)
         i += stride
         try:
+            if writer is not None and reconnect_every and on_conn >= reconnect_every:
+                writer.close()
+                reader = writer = None
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
+                on_conn = 0
+            on_conn += 1
             start = time.perf_counter()
             writer.write(requests[k])
             status, headers, body = await _read_response(reader)  # type: ignore[arg-type]
@@ -91,7 +97,8 @@ def build_request(url: str, body: bytes, headers: dict[str, str] | None = None, 
 
 
 def run(url: str, requests: list[bytes], *, concurrency: int = 8, duration: float = 5.0,
-        max_requests: int | None = None, users: list[str | None] | None = None, check: Any = None) -> Result:
+        max_requests: int | None = None, users: list[str | None] | None = None, check: Any = None,
+        reconnect_every: int = 0) -> Result:
     """Send ``requests`` (raw HTTP bytes, cycled) from ``concurrency`` connections for ``duration`` s."""
     u = urlsplit(url)
     users = users or [None] * len(requests)
@@ -102,7 +109,8 @@ def run(url: str, requests: list[bytes], *, concurrency: int = 8, duration: floa
         stop_at = t0 + duration
         counter = [0]
         await asyncio.gather(*(_worker(u.hostname or "127.0.0.1", u.port or 80, requests, users, i, concurrency,
-                                       stop_at, max_requests, counter, res, t0, check) for i in range(concurrency)))
+                                       stop_at, max_requests, counter, res, t0, check, reconnect_every)
+                               for i in range(concurrency)))
         res.seconds = time.perf_counter() - t0
 
     asyncio.run(main())
@@ -120,6 +128,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=0, help="cycle N distinct X-Kit-User values")
     p.add_argument("--anonymous", type=int, default=0, help="with --users: also N requests with no user")
     p.add_argument("--user-header", default="X-Kit-User")
+    p.add_argument("--reconnect-every", type=int, default=0, help="new connection after N requests (0: never)")
     p.add_argument("--out", required=True, help="JSON file with the summary and every record")
     a = p.parse_args()
     body = open(a.body_file, "rb").read()
@@ -131,7 +140,8 @@ def main() -> None:
     else:
         users = [None]
         reqs = [build_request(a.url, body, headers)]
-    res = run(a.url, reqs, concurrency=a.concurrency, duration=a.duration, max_requests=a.max_requests, users=users)
+    res = run(a.url, reqs, concurrency=a.concurrency, duration=a.duration, max_requests=a.max_requests, users=users,
+              reconnect_every=a.reconnect_every)
     with open(a.out, "w") as f:
         json.dump({"summary": res.summary(), "records": res.records, "errors": res.errors}, f)
 

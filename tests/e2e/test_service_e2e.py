@@ -91,10 +91,11 @@ def test_promote_canary_rollback_under_load(svc, tmp_path):
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"inputs": [[0.5] * 64]}))
     out = tmp_path / "load.json"
-    # the load generator runs in its own process: 2 connections, 40 sticky users + 40 anonymous requests
+    # the load generator runs in its own process: 2 connections at a time, 40 sticky users + 40 anonymous requests
     load = subprocess.Popen([sys.executable, "-m", "kit.serving.loadgen", running.url + "/predict",
                              "--body-file", str(body), "--concurrency", "2", "--duration", "14",
-                             "--max-requests", "20000", "--users", "40", "--anonymous", "40", "--out", str(out)])
+                             "--max-requests", "20000", "--users", "40", "--anonymous", "40", "--out", str(out),
+                             "--reconnect-every", "25"])  # new connections land on either worker
     try:
         events = [(time.perf_counter(), {1})]
         time.sleep(1.5)
