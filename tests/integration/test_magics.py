@@ -181,3 +181,28 @@ def test_deploy_stops_at_a_failing_gate(with_model, capsys, registry, validation
     assert registry.gate_results(MODEL, 1)[-1]["passed"] is False
     # The promote rule holds for the magics too.
     assert_usage_error(ip, capsys, f"%promote {MODEL}@1", "no passing gate")
+
+
+def test_a_usage_error_stops_a_papermill_run(tmp_path, kit_env, monkeypatch):
+    """Under papermill (CI), a %deploy user error fails the run at that cell, with IPython's one-line message."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    monkeypatch.setenv("KIT_REGISTRY", kit_env["KIT_REGISTRY"])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%load_ext kit"),
+                nbformat.v4.new_code_cell("%deploy undefined_model --example x --name digits --promote"),
+                nbformat.v4.new_code_cell("reached = True")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src, out = tmp_path / "deploy_error.ipynb", tmp_path / "deploy_error.out.ipynb"
+    nbformat.write(nb, src)
+    with pytest.raises(PapermillExecutionError) as info:
+        papermill.execute_notebook(str(src), str(out), kernel_name="python3", cwd=str(tmp_path),
+                                   progress_bar=False, execution_timeout=120)
+    assert info.value.exec_count == 2
+    executed = nbformat.read(out, as_version=4)
+    assert executed.cells[-1].execution_count is None  # the run stopped at %deploy
+    cell = next(c for c in executed.cells if c.source.startswith("%deploy"))  # papermill adds a banner cell
+    shown = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+    assert "UsageError: %deploy: could not evaluate MODEL 'undefined_model'" in shown, cell.outputs
+    assert "Traceback" not in shown

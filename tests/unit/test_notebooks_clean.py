@@ -53,3 +53,10 @@ def test_the_check_finds_outputs():
     # The check itself must be able to fail.
     nb = {"cells": [{"cell_type": "code", "execution_count": 3, "outputs": [{"output_type": "stream"}]}]}
     assert dirty_cells(nb) == ["cell 0: 1 output(s)", "cell 0: execution_count 3"]
+
+
+def test_quickstart_names_the_environments_kernel():
+    # `make env` installs the environment's kernelspec as "kit"; `make lab` and papermill pick it by name.
+    nb = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text(encoding="utf-8"))
+    assert nb["metadata"]["kernelspec"]["name"] == "kit"
+    assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
