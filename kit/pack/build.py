@@ -11,8 +11,9 @@ Layout of ``dist/<service>-<label>-<platform>.tar.gz`` (label: ``v3``, or ``v3-c
         <service>.service.in  systemd unit (``./run.sh systemd-unit`` fills in the folder)
         kit-pack.json         manifest: sha256 of every shipped file, the environment's fingerprint, checks
 
-The environment is written as its own gzip member and cached (keyed by a stat of every file, the kit
-wheel and the archive root), so packing a service again with an unchanged environment takes seconds.
+The environment is written as its own gzip member and cached (keyed by a stat of every file and the
+archive root); kit's wheel-installed files, the service and the models follow in a second member. So
+packing again with an unchanged environment takes seconds, even after kit itself changed.
 """
 
 from __future__ import annotations
@@ -289,13 +290,11 @@ def _write_conda_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str],
     out.unlink()
 
 
-def _env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], kit_install: Path | None,
-               compresslevel: int, cache_dir: Path | None, force: bool, tmp: Path,
+def _env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], compresslevel: int, cache_dir: Path | None, force: bool, tmp: Path,
                progress: Progress | None) -> tuple[Path, bool, int]:
     """Write (or reuse) the environment's gzip member; returns (file, reused, env bytes)."""
-    kit_files = ({str(p.relative_to(kit_install)): sha256_file(p) for p in kit_install.rglob("*") if p.is_file()}
-                 if kit_install else {})
-    key, total, _sizes = _layer_key(s, exclude, kit_files, arc_env, compresslevel)
+    # kit's own files go into the second member (see pack), so editing kit does not invalidate this layer.
+    key, total, _sizes = _layer_key(s, exclude, {}, arc_env, compresslevel)
     if cache_dir is not None:
         cached = cache_dir / f"env-{key[:32]}.gz"
         if cached.is_file():
@@ -314,9 +313,6 @@ def _env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], kit_install:
                 _write_conda_layer(member, s, exclude, arc_env, force, tmp)
             else:
                 _write_venv_layer(member, s, exclude, arc_env)
-            if kit_install is not None:
-                for p in sorted(kit_install.rglob("*")):
-                    member.add_path(p, f"{arc_env}/{s.site_packages}/{p.relative_to(kit_install)}")
             member.close(end_of_archive=False)
             f.flush()
             os.fsync(f.fileno())
@@ -549,8 +545,8 @@ def pack(
 
         # -- the environment layer, then the archive
         t = time.monotonic()
-        layer, reused, env_bytes = _env_layer(s, f"{stem}/env", exclude, kit_install, compresslevel,
-                                              cache_dir, force, tmp, progress)
+        layer, reused, env_bytes = _env_layer(s, f"{stem}/env", exclude, compresslevel, cache_dir, force, tmp,
+                                              progress)
         timings["env_layer"] = time.monotonic() - t
         sizes["env"] = env_bytes
         _say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items())
@@ -563,6 +559,9 @@ def pack(
                 with open(layer, "rb") as lf:
                     shutil.copyfileobj(lf, f, 1 << 22)
                 member = TarMember(f, compresslevel)
+                if kit_install is not None:  # kit from its wheel, into the environment's site-packages
+                    for p in sorted(kit_install.rglob("*")):
+                        member.add_path(p, f"{stem}/env/{s.site_packages}/{p.relative_to(kit_install)}")
                 for p in sorted(stage.rglob("*")):
                     member.add_path(p, f"{stem}/{p.relative_to(stage)}")
                 member.add_bytes(f"{stem}/{MANIFEST}", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
