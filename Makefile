@@ -63,7 +63,7 @@ pack: $(STAMP) ## build dist/<service>-<version>-<platform>.tar.gz (SERVICE=name
 	$(KIT) pack services/$(SERVICE)
 
 lab: $(STAMP) ## JupyterLab in the same environment the service uses
-	$(ENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(ENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 browser-deps: ## Debian's chromium for the browser test (root, apt)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)

@@ -26,9 +26,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from kit._text import metrics_text, table
 from kit.config import KitConfig, load_config
 from kit.errors import DeployError, InvalidNameError, KitError, PromotionRefusedError
-from kit.registry import Aliases, ModelVersion, Registry, detect_source, parse_ref, validate_name
+from kit.registry import Aliases, ModelVersion, Registry, detect_source, parse_ref, parse_weight, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,6 @@ class DeployResult:
             if self.aliases.canary is not None:
                 alias += f", canary={self.aliases.canary}@{self.aliases.canary_weight:.0%}"
         return f"DeployResult({self.ref}{alias}{where}, {self.seconds:.1f}s)"
-
-
-def parse_weight(text: str | float) -> float:
-    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number above 1 is refused (write ``10%``)."""
-    s = str(text).strip()
-    try:
-        w = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
-    except ValueError as exc:
-        raise InvalidNameError(f"Canary weight {text!r} is not a number; write it as 10% or 0.1.") from exc
-    if not s.endswith("%") and w > 1.0:
-        raise InvalidNameError(f"Canary weight {text!r} is above 1; write a percentage as {s}% or a fraction as 0.1.")
-    if not 0.0 <= w <= 1.0:
-        raise InvalidNameError(f"Canary weight {text!r} must be between 0% and 100%.")
-    return w
 
 
 def aliases_line(name: str, a: Aliases) -> str:
@@ -422,16 +409,16 @@ class KitMagics(Magics):
                     vs = reg.versions(n)
                     rows.append([n, len(vs), vs[-1].version if vs else "-", a.production or "-",
                                  f"{a.canary} ({a.canary_weight:.0%})" if a.canary else "-"])
-                print(_table(rows, ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
+                print(table(rows, ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
                 return
             name, _ = parse_ref(args.name)
             a = reg.aliases(name)
             rows = []
             for mv in reg.versions(name):
                 rows.append([mv.version, mv.short_sha, mv.created[:19].replace("T", " "),
-                             _metrics_text(mv.metrics), gate_verdict(reg, mv)[0], ", ".join(badges(a, mv.version))])
+                             metrics_text(mv.metrics), reg.gate_verdict(mv)[0], ", ".join(badges(a, mv.version))])
             print(f"{aliases_line(name, a)}   ({reg.root})")
-            print(_table(rows, ["VERSION", "SHA256", "CREATED (UTC)", "METRICS", "GATE", "ALIASES"]))
+            print(table(rows, ["VERSION", "SHA256", "CREATED (UTC)", "METRICS", "GATE", "ALIASES"]))
         except KitError as exc:
             raise UsageError(str(exc)) from None
 
@@ -538,32 +525,6 @@ def badges(a: Aliases, version: int) -> list[str]:
     if version in a.previous and a.production != version:
         out.append("previous")
     return out
-
-
-def gate_verdict(reg: Registry, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
-    """("passed" | "failed" | "stale" | "-", the newest gate result) for this version."""
-    results = reg.gate_results(mv.name, mv.version)
-    if not results:
-        return "-", None
-    last = results[-1]
-    passing = reg.passing_gate(mv)
-    if passing is not None:
-        return "passed", passing
-    if last.get("artifact_sha256") != mv.artifact_sha256:
-        return "stale", last
-    return "failed", last
-
-
-def _metrics_text(metrics: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) or "-"
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _as_example(value: Any, expr: str) -> Any:

@@ -535,6 +535,22 @@ class Registry:
         ]
         return ok[-1] if ok else None
 
+    def gate_verdict(self, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
+        """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version.
+
+        "stale": the newest result was recorded for another artifact sha256.
+        """
+        results = self.gate_results(mv.name, mv.version)
+        if not results:
+            return "-", None
+        passing = self.passing_gate(mv)
+        if passing is not None:
+            return "passed", passing
+        last = results[-1]
+        if last.get("artifact_sha256") != mv.artifact_sha256:
+            return "stale", last
+        return "failed", last
+
     # ---- alias moves
     def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> dict[str, Any] | None:
         if force:
@@ -698,6 +714,20 @@ def artifact_digest(files: Mapping[str, str]) -> str:
     for fname in sorted(files):
         h.update(f"{fname}\0{files[fname]}\n".encode())
     return h.hexdigest()
+
+
+def parse_weight(text: str | float) -> float:
+    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number above 1 is refused (write ``10%``)."""
+    s = str(text).strip()
+    try:
+        w = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError as exc:
+        raise InvalidNameError(f"Canary weight {text!r} is not a number; write it as 10% or 0.1.") from exc
+    if not s.endswith("%") and w > 1.0:
+        raise InvalidNameError(f"Canary weight {text!r} is above 1; write a percentage as {s}% or a fraction as 0.1.")
+    if not 0.0 <= w <= 1.0:
+        raise InvalidNameError(f"Canary weight {text!r} must be between 0% and 100%.")
+    return w
 
 
 def _check_weight(weight: Any) -> float:

@@ -80,9 +80,8 @@ def _report_path(reg: Registry, mv: ModelVersion, result: Mapping[str, Any]) -> 
 
 def gate_cell(reg: Registry, mv: ModelVersion) -> tuple[str, Path | None]:
     """(verdict, report path): ``passed`` (a passing gate for this exact artifact), ``failed``, or ``-``."""
-    from kit.magics import gate_verdict
 
-    verdict, result = gate_verdict(reg, mv)
+    verdict, result = reg.gate_verdict(mv)
     return verdict, (_report_path(reg, mv, result) if result else None)
 
 

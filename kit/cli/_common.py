@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import click
 
 from kit.config import KitConfig, load_config
+from kit._text import table  # noqa: F401  (re-exported for the command modules)
 from kit.errors import KitError
 
 
@@ -44,13 +45,6 @@ class Context:
 pass_kit = click.make_pass_decorator(Context, ensure=True)
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain aligned text table (what a person reads in a terminal)."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def emit_json(obj: Any) -> None:

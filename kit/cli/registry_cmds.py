@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from kit._text import metrics_text
 from kit.cli._common import Context, emit_json, json_option, pass_kit, table
 from kit.errors import KitError
-from kit.registry import Aliases, parse_ref
+from kit.registry import Aliases, parse_ref, parse_weight
 
 
 def _badges(a: Aliases, v: int) -> str:
@@ -16,14 +17,6 @@ def _badges(a: Aliases, v: int) -> str:
     if a.canary == v:
         b.append(f"canary {a.canary_weight:.0%}")
     return ", ".join(b)
-
-
-def _gate_verdict(reg, mv) -> str:  # type: ignore[no-untyped-def]
-    results = reg.gate_results(mv.name, mv.version)
-    if not results:
-        return "-"
-    last = results[-1]
-    return "pass" if last.get("passed") and last.get("artifact_sha256") == mv.artifact_sha256 else "FAIL"
 
 
 def _aliases_line(name: str, a: Aliases) -> str:
@@ -60,12 +53,11 @@ def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
     vs = reg.versions(name)
     a = reg.aliases(name)
     if as_json:
-        return emit_json([{**mv.to_dict(), "aliases": _badges(a, mv.version), "gate": _gate_verdict(reg, mv)}
+        return emit_json([{**mv.to_dict(), "aliases": _badges(a, mv.version), "gate": reg.gate_verdict(mv)[0]}
                           for mv in vs])
     click.echo(table(
         [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
-          ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in mv.metrics.items()) or "-",
-          _gate_verdict(reg, mv), _badges(a, mv.version)] for mv in vs],
+          metrics_text(mv.metrics), reg.gate_verdict(mv)[0], _badges(a, mv.version)] for mv in vs],
         ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "GATE", "ALIASES"]))
 
 
@@ -172,7 +164,7 @@ def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
 
 @click.command("canary")
 @click.argument("ref")
-@click.option("--weight", default=None, help="Share of traffic, 0-1 or a percentage like 10%.")
+@click.option("--weight", default=None, help="Share of traffic: a percentage like 10% or a fraction like 0.1 (0 ends the canary).")
 @click.option("--stop", is_flag=True, help="End the canary: all traffic back to production.")
 @_force
 @_why
@@ -181,26 +173,18 @@ def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool
     """Start or re-weight a canary (NAME@VERSION --weight 10%), or end it (NAME --stop)."""
     reg = k.registry()
     name, sel = parse_ref(ref)
-    if stop:
+    w = None if weight is None else parse_weight(weight)
+    if stop or w == 0.0:
         a = reg.end_canary(name, why=why, user=k.config.user)
     else:
-        if weight is None:
-            raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1).")
-        w = parse_weight(weight)
+        if w is None:
+            raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1); --stop ends it.")
         if sel is None:
             a = reg.set_canary_weight(name, w, why=why, user=k.config.user)
         else:
             mv = reg.get(name, sel)
             a = reg.set_canary(name, mv.version, w, force=force, why=why, user=k.config.user)
     click.echo(_aliases_line(name, a))
-
-
-def parse_weight(text: str) -> float:
-    t = str(text).strip()
-    try:
-        return float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
-    except ValueError as exc:
-        raise KitError(f"Canary weight {text!r} is not a number; use e.g. 10% or 0.1.") from exc
 
 
 @click.command("rollback")
