@@ -70,14 +70,10 @@ def first_answer(url: str, start: float, body: bytes, headers: dict, ok) -> floa
         time.sleep(0.01)
 
 
-def measure(url: str, raw: bytes, c: int, seconds: float, check) -> dict:
-    res = loadgen.run(url, [raw], concurrency=c, duration=seconds, check=check)
-    return res.summary()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    p.add_argument("--seconds", type=float, default=4.0, help="per server and concurrency, in total")
+    p.add_argument("--slices", type=int, default=4, help="interleaved slices the seconds are split into")
     p.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -130,62 +126,73 @@ def main() -> None:
             kit_headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
             ok_kit = ok_json
 
-        # ---- Kit service
-        t0 = time.perf_counter()
-        port = free_port()
-        svc = start_service(svc_dir, port=port, timeout=120, env={**os.environ, "KIT_BIND": f"127.0.0.1:{port}"})
+        # ---- start every server once, then measure them interleaved (short slices, round robin), so
+        # the background load of a shared machine hits all of them alike and the ratios stay honest
+        servers: dict[str, tuple[str, bytes, object]] = {}
+        stoppers = []
         try:
-            kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
-            raw_req = loadgen.build_request(svc.url + kit_path, kit_body, kit_headers)
-            kit_res = {c: measure(svc.url + kit_path, raw_req, c, a.seconds, ok_kit) for c in CONCURRENCY}
-            if mname == "mlp":  # the cost of the JSON request log: same load with access_log off
-                kit_log_on = kit_res[32]
-        finally:
-            svc.stop()
-        if mname == "mlp":
-            toml = (svc_dir / "service.toml").read_text().replace("access_log = true", "access_log = false")
-            (svc_dir / "service.toml").write_text(toml)
+            t0 = time.perf_counter()
             svc = start_service(svc_dir, timeout=120)
-            try:
-                raw_req = loadgen.build_request(svc.url + kit_path, kit_body, kit_headers)
-                kit_log_off = measure(svc.url + kit_path, raw_req, 32, a.seconds, ok_kit)
-            finally:
-                svc.stop()
-            results["json_log_cost"] = {"on": kit_log_on, "off": kit_log_off}
-
-        # ---- naive Flask app
-        nport = free_port()
-        env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE)}
-        t0 = time.perf_counter()
-        naive = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{nport}",
-                                  "naive_app:app"], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
+            stoppers.append(svc.stop)
+            kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
+            servers["kit"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
+            # the worker-class choice: the same service on gunicorn's sync worker (one request at a time per
+            # worker, no keep-alive, so no dynamic batching)
+            svc = start_service(svc_dir, timeout=120, args=["--worker-class", "sync"])
+            stoppers.append(svc.stop)
+            servers["kit-sync"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
+            if mname == "mlp":  # the JSON request log's cost: the same service with access_log off
+                nolog = generate(f"bench-{mname}-nolog", name, registry=reg.root, out_dir=work / "services",
+                                 workers=2, threads=8, api_keys_sha256=(hash_key(API_KEY),), access_log=False)
+                svc = start_service(nolog, timeout=120)
+                stoppers.append(svc.stop)
+                servers["kit-nolog"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
+            nport = free_port()
+            env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE)}
+            t0 = time.perf_counter()
+            naive = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{nport}",
+                                      "naive_app:app"], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+            stoppers.append(lambda: (naive.terminate(), naive.wait(30)))
             url = f"http://127.0.0.1:{nport}/predict"
             naive_first = first_answer(url, t0, json_body, {"Content-Type": "application/json"}, ok_json)
-            raw_req = loadgen.build_request(url, json_body)
-            naive_res = {c: measure(url, raw_req, c, a.seconds, ok_json) for c in CONCURRENCY}
+            servers["naive"] = (url, loadgen.build_request(url, json_body), ok_json)
+            res: dict[str, dict[int, dict]] = {k: {} for k in servers}
+            for c in CONCURRENCY:
+                acc: dict[str, loadgen.Result] = {k: loadgen.Result() for k in servers}
+                for _ in range(a.slices):
+                    for key, (u, raw_req, check) in servers.items():
+                        r = loadgen.run(u, [raw_req], concurrency=c, duration=a.seconds / a.slices, check=check)
+                        acc[key].records += r.records
+                        acc[key].errors += r.errors
+                        acc[key].seconds += r.seconds
+                for key in servers:
+                    res[key][c] = acc[key].summary()
         finally:
-            naive.terminate()
-            naive.wait(30)
+            for stop in reversed(stoppers):
+                stop()
+        kit_res, naive_res = res["kit"], res["naive"]
+        if mname == "mlp":
+            results["json_log_cost"] = {"on": res["kit"][32], "off": res["kit-nolog"][32]}
+        results[f"{mname}_sync_worker"] = res["kit-sync"]
 
         limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
         results[mname] = {"params": nparams, "kit": kit_res, "naive": naive_res, "in_process": limit,
                           "first_answer_s": {"kit": kit_first, "naive": naive_first}}
         for c in CONCURRENCY:
-            k, n, lim = kit_res[c], naive_res[c], limit[c]
+            k, n, lim, sy = kit_res[c], naive_res[c], limit[c], res["kit-sync"][c]
             rows.append(f"| {mname} ({nparams / 1e6:.2f}M) | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | "
-                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {n['rps']:,.0f} | "
-                        f"{n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['failed']} | "
-                        f"**{k['rps'] / n['rps']:.2f}x** |")
-        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | "
+                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {sy['rps']:,.0f} / "
+                        f"{sy['p99_ms']:.1f} | {n['rps']:,.0f} | {n['p50_ms']:.2f} | {n['p99_ms']:.2f} | "
+                        f"{n['failed']} | **{k['rps'] / n['rps']:.2f}x** |")
+        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | "
                     f"{naive_first:.2f} s | | | | |")
 
     print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
           f" {os.cpu_count()} cores; load generator in this process\n")
-    print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | naive req/s | "
-          "naive p50 | naive p99 | naive errors | Kit / naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | Kit on sync worker "
+          "req/s / p99 | naive req/s | naive p50 | naive p99 | naive errors | Kit / naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lc = results["json_log_cost"]
     on, off = lc["on"]["rps"], lc["off"]["rps"]
