@@ -17,7 +17,6 @@ import orjson
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from kit.errors import KitError
 from kit.serving.config import ServiceConfig
 from kit.serving.logs import ACCESS_LOGGER
 from kit.serving.metrics import Metrics
@@ -344,4 +343,4 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     return app
 
 
-__all__ = ["create_app", "KitError"]
+__all__ = ["create_app"]

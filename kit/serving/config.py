@@ -134,7 +134,7 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     for k in keys:
         if not (isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
             raise ServiceError(f"{path}: [auth] api_keys_sha256 holds {k!r}, not a lowercase sha256 hex "
-                               "digest. Add keys with `kit service key NAME` or hash them with sha256sum.")
+                               "digest. Hash keys with `kit service hash-key KEY` (or sha256sum).")
     values["api_keys_sha256"] = tuple(keys)
     if values.get("keys_file"):
         kf = Path(values["keys_file"]).expanduser()

@@ -6,7 +6,6 @@ The library only defines the formatter; the generated ``wsgi.py`` (the edge) ins
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import IO, Any
@@ -47,7 +46,3 @@ def configure_json_logging(stream: IO[str] | None = None, level: int = logging.I
     logger.setLevel(level)
     logger.propagate = False
     return handler
-
-
-def worker_pid() -> int:
-    return os.getpid()
