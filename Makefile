@@ -11,7 +11,7 @@ CONDA      := $(shell command -v micromamba || command -v mamba || command -v co
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: help env lock demo test test-unit test-integration test-e2e validate bench pack lab clean browser-deps
+.PHONY: help env lock demo test test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -61,6 +61,9 @@ bench: $(STAMP) ## serving benchmark against the in-process forward and a naive 
 
 pack: $(STAMP) ## build dist/<service>-<version>-<platform>.tar.gz (SERVICE=name)
 	$(KIT) pack services/$(SERVICE)
+
+pack-verify: $(STAMP) ## pack, then unpack in a temp folder, serve it and check the stored example
+	$(KIT) pack services/$(SERVICE) --verify
 
 lab: $(STAMP) ## JupyterLab in the same environment the service uses
 	$(ENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
