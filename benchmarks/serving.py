@@ -92,7 +92,7 @@ def main() -> None:
         reg.promote(name, 1, force=True, why="benchmark")
         expect = model(x1).detach().numpy()[0]
         svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
-                           threads=8, api_keys_sha256=(hash_key(API_KEY),))
+                           threads=4, api_keys_sha256=(hash_key(API_KEY),))
         pkl = work / f"{mname}.pkl"
         torch.save(model, pkl)
 
@@ -143,7 +143,7 @@ def main() -> None:
             servers["kit-sync"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
             if mname == "mlp":  # the JSON request log's cost: the same service with access_log off
                 nolog = generate(f"bench-{mname}-nolog", name, registry=reg.root, out_dir=work / "services",
-                                 workers=2, threads=8, api_keys_sha256=(hash_key(API_KEY),), access_log=False)
+                                 workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), access_log=False)
                 svc = start_service(nolog, timeout=120)
                 stoppers.append(svc.stop)
                 servers["kit-nolog"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)

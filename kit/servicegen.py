@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 FILES = ("wsgi.py", "gunicorn.conf.py", "service.toml", "README.md", "start.sh")
 DEFAULTS: dict[str, Any] = {
-    "bind": "127.0.0.1:8000", "device": "cpu", "workers": 0, "threads": 8, "torch_threads": 0,
+    "bind": "127.0.0.1:8000", "device": "cpu", "workers": 0, "threads": 4, "torch_threads": 0,
     "timeout": 60, "graceful_timeout": 30, "keepalive": 5, "max_requests": 200000,
     "max_requests_jitter": 20000, "preload": True, "check_env": True, "version_header": "X-Kit-Version",
     "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
