@@ -122,3 +122,36 @@ def test_weights_only_state_dict_loads(tmp_path):
     torch.save(m.state_dict(), tmp_path / "w.pt")
     sd = load_weights(tmp_path / "w.pt")
     assert set(sd) == {"weight", "bias"}
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(image)).mean(dim=(2, 3))
+
+
+def test_fast_forward_matches_eager_and_checks_inputs(tmp_path):
+    from kit.capture import ExportedForward
+
+    model = ConvBN().eval()
+    model.bn.running_mean.uniform_()  # buffers must travel too
+    capture(model, torch.randn(1, 3, 8, 8)).save(tmp_path)
+    fwd = load_program(tmp_path / "model.pt2")
+    assert isinstance(fwd, ExportedForward), "a plain inference program takes the fast path"
+    for b in (1, 3, 17):
+        x = torch.randn(b, 3, 8, 8)
+        torch.testing.assert_close(fwd(x), model(x))
+    with pytest.raises(ValueError, match=r"input 'image' must be float32\[batch, 3, 8, 8\], got float32\[2, 3, 9, 8\]"):
+        fwd(torch.randn(2, 3, 9, 8))
+    with pytest.raises(ValueError, match=r"must be float32.*got float64"):
+        fwd(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected 1 input tensor"):
+        fwd(torch.randn(2, 3, 8, 8), torch.randn(1))
+    two = TwoInputs()
+    capture(two, (torch.randn(3, 4), torch.tensor([1, 2, 3]))).save(tmp_path / "two")
+    out = load_program(tmp_path / "two" / "model.pt2")(torch.randn(2, 4), torch.tensor([4, 5]))
+    assert isinstance(out, tuple) and len(out) == 2, "tuple outputs keep their structure"
