@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from kit_testing import processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +37,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def processes_under(root: Path) -> list[int]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cwd = Path(os.readlink(p / "cwd"))
-        except OSError:
-            continue
-        if cwd == root or root in cwd.parents:
-            found.append(int(p.name))
-    return found
 
 
 @pytest.fixture

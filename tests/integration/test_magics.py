@@ -12,25 +12,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from kit.config import KitConfig
 from kit.magics import KitMagics, parse_weight
 from kit.registry import Registry
+from kit_testing import write_validation_notebook
 
 MODEL = "digits"
 
 
-def write_validation_notebook(path: Path) -> Path:
-    """A small, real validation notebook: the version's recorded accuracy against ``min_accuracy``."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell('registry = ""\nmodel_name = ""\nversion = 0\nmin_accuracy = 0.5',
-                                  metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "from kit import gate\nfrom kit.registry import Registry\n"
-            "mv = Registry(registry).get(model_name, version)\n"
-            'acc = mv.metrics.get("accuracy", 0.0)\n'
-            'gate.check("accuracy", acc >= min_accuracy, value=acc, threshold=min_accuracy)'),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-    return path
 
 
 @pytest.fixture

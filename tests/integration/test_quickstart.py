@@ -19,6 +19,7 @@ import nbformat
 import pytest
 
 from kit.registry import Registry
+from kit_testing import processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +50,6 @@ def project_env(root: Path, base: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def processes_under(root: Path) -> list[int]:
-    """Processes whose working directory is inside ``root`` (a service the notebook started)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cwd = Path(os.readlink(p / "cwd"))
-        except OSError:
-            continue
-        if cwd == root or root in cwd.parents:
-            found.append(int(p.name))
-    return found
 
 
 def kill_leftovers(root: Path) -> list[int]:

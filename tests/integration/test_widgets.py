@@ -4,32 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 
 from kit.widgets import RegistryPanel, versions_html
+from kit_testing import write_validation_notebook
 
 MODEL = "demo-digits"
 
 
 @pytest.fixture
 def validation_nb(tmp_path: Path) -> Path:
-    """A small, real validation notebook: the version's recorded accuracy against ``min_accuracy``."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell('registry = ""\nmodel_name = ""\nversion = 0\nmin_accuracy = 0.5',
-                                  metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(
-            "from kit import gate\nfrom kit.registry import Registry\n"
-            "mv = Registry(registry).get(model_name, version)\n"
-            'acc = mv.metrics.get("accuracy", 0.0)\n'
-            'gate.check("accuracy", acc >= min_accuracy, value=acc, threshold=min_accuracy)'),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "validate_accuracy.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return write_validation_notebook(tmp_path / "validate_accuracy.ipynb")
 
 
 def is_error(panel: RegistryPanel) -> bool:

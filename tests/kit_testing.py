@@ -1,0 +1,40 @@
+"""Plain helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+
+
+def processes_under(root: Path) -> list[int]:
+    """Processes whose working directory is inside ``root`` (e.g. a service a notebook started)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(p / "cwd"))
+        except OSError:
+            continue
+        if cwd == root or root in cwd.parents:
+            found.append(int(p.name))
+    return found
+
+
+def write_validation_notebook(path: Path) -> Path:
+    """A small, real validation notebook: the version's recorded accuracy against ``min_accuracy``."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('registry = ""\nmodel_name = ""\nversion = 0\nmin_accuracy = 0.5',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from kit import gate\nfrom kit.registry import Registry\n"
+            "mv = Registry(registry).get(model_name, version)\n"
+            'acc = mv.metrics.get("accuracy", 0.0)\n'
+            'gate.check("accuracy", acc >= min_accuracy, value=acc, threshold=min_accuracy)'),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
