@@ -8,9 +8,11 @@ fingerprint check all run), wait for ``/readyz``, send the stored example of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -74,9 +76,13 @@ def extract(archive: Path, dest: Path) -> Path:
     return roots[0]
 
 
-def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0,
+          api_key: str | None = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")
@@ -145,7 +151,8 @@ def start_unpacked(root: Path, port: int, log_path: Path, extra_env: dict[str, s
         logf.close()
 
 
-def predict_example(url: str, root: Path, model: str, versions: list[int], attempts: int = 20) -> tuple[int, float]:
+def predict_example(url: str, root: Path, model: str, versions: list[int], attempts: int = 20,
+                    api_key: str | None = None) -> tuple[int, float]:
     """POST a stored example; compare with the stored reference output of the version that answered."""
     import numpy as np
 
@@ -155,7 +162,7 @@ def predict_example(url: str, root: Path, model: str, versions: list[int], attem
             examples[v] = (z["input_0"].copy(), z["output_0"].copy())
     x = examples[versions[0]][0]
     for _ in range(attempts):
-        status, body = _http(url + "/predict", {"inputs": x.tolist()})
+        status, body = _http(url + "/predict", {"inputs": x.tolist()}, api_key=api_key)
         if status != 200 or not isinstance(body, dict):
             raise PackError(f"POST {url}/predict answered {status}: {body!r}")
         v = int(body.get("model_version", -1))
@@ -199,12 +206,16 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
         log_path = tmp / "service.log"
         say(f"starting {root.name}/run.sh on {url}")
         t = time.monotonic()
-        proc = start_unpacked(root, port, log_path, cwd=tmp)
+        # A one-time API key, valid only for this verification run: the service's own keys are stored
+        # hashed, so the verifier adds its key's digest through KIT_API_KEYS_SHA256 and sends the key.
+        key = secrets.token_urlsafe(24)
+        proc = start_unpacked(root, port, log_path, cwd=tmp,
+                              extra_env={"KIT_API_KEYS_SHA256": hashlib.sha256(key.encode()).hexdigest()})
         try:
             wait_ready(url, proc, timeout, log_path)
             ready_s = time.monotonic() - t
             t = time.monotonic()
-            version, max_diff = predict_example(url, root, model, [int(v) for v in m["versions"]])
+            version, max_diff = predict_example(url, root, model, [int(v) for v in m["versions"]], api_key=key)
             answer_s = time.monotonic() - t
             say(f"{model}@{version} answered the stored example within {max_diff:.2g} of its reference")
         finally:

@@ -97,7 +97,8 @@ def _check(section: str, key: str, value: Any, typ: type, path: Path) -> Any:
 
 
 def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | None = None) -> ServiceConfig:
-    """Read ``<service_dir>/service.toml``; apply ``KIT_REGISTRY`` / ``KIT_BIND`` from ``environ``."""
+    """Read ``<service_dir>/service.toml``; apply ``KIT_REGISTRY``, ``KIT_BIND`` and
+    ``KIT_API_KEYS_SHA256`` (extra key digests, comma-separated) from ``environ``."""
     service_dir = Path(service_dir).resolve()
     path = service_dir / SERVICE_FILE
     try:
@@ -135,6 +136,15 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         if not (isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
             raise ServiceError(f"{path}: [auth] api_keys_sha256 holds {k!r}, not a lowercase sha256 hex "
                                "digest. Hash keys with `kit service hash-key KEY` (or sha256sum).")
+    # KIT_API_KEYS_SHA256 adds digests (comma-separated) from the environment, e.g. a secret store's,
+    # and turns auth on if the file had none. It never removes a key.
+    for k in (x.strip() for x in environ.get("KIT_API_KEYS_SHA256", "").split(",")):
+        if not k:
+            continue
+        if not (len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
+            raise ServiceError(f"KIT_API_KEYS_SHA256 holds {k[:16]!r}…, not a lowercase sha256 hex digest. "
+                               "Hash keys with `kit service hash-key KEY` (or sha256sum).")
+        keys = [*keys, k]
     values["api_keys_sha256"] = tuple(keys)
     if values.get("keys_file"):
         kf = Path(values["keys_file"]).expanduser()

@@ -112,8 +112,17 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
 
 
 def test_kit_pack_verify_command(demo_service, tmp_path, repo_root, kit_env):
-    """`kit pack services/demo --verify`: pack (env layer cached), unpack in tmp, serve, /readyz, example, stop."""
+    """`kit pack services/demo --verify`: pack (env layer cached), unpack in tmp, serve, /readyz, example, stop.
+
+    The service requires an API key (as the demo's does): the verifier must get in with a one-time key of
+    its own, since the service stores only digests.
+    """
+    from kit.servicegen import generate
+    from kit.serving.security import hash_key
+
     registry, mv, svc = demo_service
+    generate("demo", mv.name, registry=registry.root, out_dir=svc.parent, force=True,
+             api_keys_sha256=[hash_key("the-operators-secret")])
     env = dict(kit_env, KIT_REGISTRY=str(registry.root))
     cmd = [sys.executable, "-c", "from kit.cli import main; main()", "pack", str(svc), "--out",
            str(tmp_path / "dist"), "--verify", "--json"]

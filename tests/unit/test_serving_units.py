@@ -112,6 +112,20 @@ def test_config_overrides_and_errors(tmp_path):
         load_service_config(tmp_path / "nowhere")
 
 
+def test_api_key_digests_from_the_environment_add_to_the_file(tmp_path):
+    a, b = hash_key("a"), hash_key("b")
+    d = _write(tmp_path, render("svc", "m", registry="r", api_keys_sha256=[a])["service.toml"])
+    assert load_service_config(d).api_keys_sha256 == (a,)
+    cfg = load_service_config(d, {"KIT_API_KEYS_SHA256": f" {b} ,"})
+    assert cfg.api_keys_sha256 == (a, b) and cfg.auth_enabled
+    (tmp_path / "noauth").mkdir()
+    d2 = _write(tmp_path / "noauth", render("svc", "m", registry="r")["service.toml"])
+    assert not load_service_config(d2).auth_enabled
+    assert load_service_config(d2, {"KIT_API_KEYS_SHA256": b}).auth_enabled, "an env key turns auth on"
+    with pytest.raises(ServiceError, match="KIT_API_KEYS_SHA256 holds 'not-a-digest'"):
+        load_service_config(d2, {"KIT_API_KEYS_SHA256": "not-a-digest"})
+
+
 def test_worker_plan_keeps_torch_threads_within_cores():
     cfg = SimpleNamespace(workers=0, torch_threads=0)
     for cores in (1, 2, 4, 16):
