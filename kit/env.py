@@ -218,6 +218,27 @@ def diff(old: Fingerprint, new: Fingerprint) -> DriftReport:
     return DriftReport(tuple(items))
 
 
+def read_lock(project_root: Path) -> Fingerprint | None:
+    """The lock as a fingerprint (what :func:`diff` compares the running environment with), or None."""
+    import json
+
+    path = Path(project_root) / LOCK_RELPATH
+    try:
+        data = json.loads(path.read_text())
+        dists = dict(data["distributions"])
+        return Fingerprint(
+            python=data["python"], implementation=data.get("implementation", "CPython"), torch=data.get("torch"),
+            cuda=data.get("cuda"), platform=data["platform"], libc=data.get("libc", "unknown"),
+            conda_prefix=None, conda_name=None, prefix=data.get("prefix", ""),
+            distributions_sha256=hashlib.sha256(json.dumps(dists, sort_keys=True).encode()).hexdigest(),
+            distributions=dists,
+        )
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EnvDriftError(f"{path} is not a readable lock ({exc}). Rewrite it with `make lock`.") from exc
+
+
 def write_lock(project_root: Path) -> Path:
     """Write the lock of the exact running environment (``make lock``)."""
     fp = fingerprint(None)
@@ -227,7 +248,10 @@ def write_lock(project_root: Path) -> Path:
         {
             "schema": SCHEMA,
             "python": fp.python,
+            "implementation": fp.implementation,
             "platform": fp.platform,
+            "libc": fp.libc,
+            "prefix": fp.prefix,
             "torch": fp.torch,
             "cuda": fp.cuda,
             "distributions": fp.distributions,

@@ -220,21 +220,31 @@ def aliases_repair(k: Context, name: str) -> None:
 @json_option
 @pass_kit
 def env_cmd(k: Context, against: str | None, write_lock: bool, as_json: bool) -> None:
-    """This environment's fingerprint, or its drift against a registered version."""
-    from kit.env import Fingerprint, diff, fingerprint, write_lock as _write_lock
+    """This environment's fingerprint and its drift from the lock, or its drift from a registered version."""
+    from kit.env import Fingerprint, diff, fingerprint, read_lock, write_lock as _write_lock
 
     if write_lock:
         click.echo(f"wrote {_write_lock(k.config.project_root)}")
         return
     here = fingerprint(k.config.project_root)
     if against is None:
+        lock = read_lock(k.config.project_root)
+        lock_drift = diff(lock, here) if lock is not None else None
         if as_json:
-            return emit_json(here.to_dict())
+            return emit_json({**here.to_dict(), "lock_drift": None if lock_drift is None else
+                              {"ok": lock_drift.ok, "items": [d.__dict__ for d in lock_drift.items]}})
         click.echo(here.summary())
-        click.echo(f"  prefix:        {here.prefix}")
-        click.echo(f"  packages hash: {here.distributions_sha256[:16]}")
+        click.echo(f"  prefix:          {here.prefix}")
+        click.echo(f"  packages hash:   {here.distributions_sha256[:16]}")
         click.echo(f"  environment.yml: {(here.environment_yml_sha256 or 'not found')[:16]}")
-        click.echo(f"  lock:          {(here.lock_sha256 or 'none (make lock)')[:16]}")
+        if lock_drift is None:
+            click.echo("  lock:            none (write one with `make lock`)")
+        elif not lock_drift.items:
+            click.echo(f"  lock:            {here.lock_sha256[:16] if here.lock_sha256 else ''} — matches this environment")
+        else:
+            click.echo(f"  lock:            {len(lock_drift.items)} difference(s) from this environment:")
+            for d in lock_drift.items:
+                click.echo(f"    {d.severity.upper():8} {d.message}")
         return
     mv = k.registry().resolve(against)
     report = diff(Fingerprint.from_dict(mv.env), here)

@@ -56,3 +56,28 @@ def test_lock_is_written_and_hashed(tmp_path):
     p = write_lock(tmp_path)
     assert p.is_file()
     assert fingerprint(tmp_path).lock_sha256 is not None
+
+
+def test_lock_is_what_the_running_environment_is_compared_with(tmp_path):
+    import json
+
+    from kit.env import read_lock
+
+    assert read_lock(tmp_path) is None
+    write_lock(tmp_path)
+    lock = read_lock(tmp_path)
+    assert lock is not None and diff(lock, fingerprint(tmp_path)).items == ()
+    path = tmp_path / ".kit" / "environment.lock.json"
+    data = json.loads(path.read_text())
+    data["torch"] = "2.12.0+cpu"
+    data["distributions"]["numpy"] = "0.0.1"
+    path.write_text(json.dumps(data))
+    report = diff(read_lock(tmp_path), fingerprint(tmp_path))
+    assert [d.field for d in report.errors] == ["torch"] and "numpy" in {d.field for d in report.warnings}
+    path.write_text("{broken")
+    try:
+        read_lock(tmp_path)
+    except Exception as exc:
+        assert "make lock" in str(exc)
+    else:
+        raise AssertionError("a broken lock must be reported")
