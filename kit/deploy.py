@@ -1,0 +1,244 @@
+"""``deploy()``: capture -> register -> gate -> alias move -> service generation, as one library call.
+
+The pipeline behind ``%deploy`` (and usable from any script): it stops at the first failure with a
+:class:`kit.errors.DeployError` naming the step, the reason and the gate report, and reports each finished
+:class:`Step` (time, verdict, where the result is) through an optional callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit.errors import DeployError, InvalidNameError, KitError, PromotionRefusedError
+from kit.registry import Aliases, ModelVersion, Registry, validate_name
+
+log = logging.getLogger(__name__)
+
+STEPS = ("capture", "register", "gate", "alias", "service")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished step of a deploy: what ran, how long, and where its result is."""
+
+    name: str
+    seconds: float
+    ok: bool
+    detail: str
+    where: str | None = None
+
+    def line(self, index: int, total: int = len(STEPS)) -> str:
+        secs = f"{self.seconds:6.1f}s" if self.seconds >= 0 else "      -"
+        mark = "ok " if self.ok else "FAIL"
+        s = f"[{index}/{total}] {self.name:<8} {secs}  {mark} {self.detail}"
+        return s + (f"  -> {self.where}" if self.where else "")
+
+
+@dataclass
+class DeployResult:
+    """What a deploy produced; ``result = %deploy ...`` keeps it."""
+
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    version: ModelVersion | None = None
+    gate: Any = None  # kit.gate.GateResult
+    aliases: Aliases | None = None
+    service_dir: Path | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref if self.version else self.name
+
+    @property
+    def seconds(self) -> float:
+        return sum(max(s.seconds, 0.0) for s in self.steps)
+
+    def __repr__(self) -> str:
+        where = f", service={str(self.service_dir)!r}" if self.service_dir else ""
+        alias = ""
+        if self.aliases is not None:
+            alias = f", production={self.aliases.production}"
+            if self.aliases.canary is not None:
+                alias += f", canary={self.aliases.canary}@{self.aliases.canary_weight:.0%}"
+        return f"DeployResult({self.ref}{alias}{where}, {self.seconds:.1f}s)"
+
+
+def aliases_line(name: str, a: Aliases) -> str:
+    s = f"{name}: production={a.production if a.production is not None else '-'}"
+    if a.canary is not None:
+        s += f", canary={a.canary} at {a.canary_weight:.0%}"
+    return s
+
+
+def deploy(
+    registry: Registry,
+    model: Any,
+    example_inputs: Any,
+    name: str,
+    *,
+    notebooks: Sequence[str | Path] | None = None,
+    params: Mapping[str, Any] | None = None,
+    canary: float | None = None,
+    promote: bool = False,
+    service: str | None = None,
+    services_dir: Path = Path("services"),
+    metrics: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+    project_root: Path | None = None,
+    gate_timeout: float = 600.0,
+    user: str | None = None,
+    on_step: Callable[[int, Step], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DeployResult:
+    """capture -> register -> gate -> alias move -> service generation; stop at the first failure.
+
+    Parameters
+    ----------
+    canary : start a canary of the new version at this weight (0 < w <= 1); needs a production version.
+    promote : make the new version production. Neither ``canary`` nor ``promote``: no alias moves.
+    service : generate ``services_dir/<service>/`` serving ``name`` (kit.servicegen.generate).
+    on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
+
+    Raises
+    ------
+    DeployError : a step failed (``.step``, ``.report`` with the gate report's path, ``.result`` so far).
+    KitError : bad arguments, found before any work is done.
+    """
+    validate_name(name)
+    if canary is not None and promote:
+        raise InvalidNameError("Choose one of --canary and --promote, not both.")
+    if canary is not None:
+        if not 0.0 < canary <= 1.0:
+            raise InvalidNameError(f"Canary weight must be in (0%, 100%], got {canary:.0%}.")
+        # Checked before any work: a canary splits traffic with production, so one must exist.
+        have = name in registry.models() and registry.aliases(name).production is not None
+        if not have:
+            raise PromotionRefusedError(
+                f"Model {name!r} has no production version yet, so --canary has nothing to split traffic "
+                f"with. Deploy with --promote first (or `%promote {name}@N`)."
+            )
+    if service is not None:
+        validate_name(service)
+    result = DeployResult(name=name)
+    total = len(STEPS)
+
+    def finish(step: Step) -> None:
+        result.steps.append(step)
+        log.info("deploy %s: %s", name, step.line(len(result.steps), total))
+        if on_step is not None:
+            on_step(len(result.steps), step)
+
+    def fail(step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
+        finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
+        msg = f"%deploy stopped at step {len(result.steps)}/{total} ({step_name}): {why}"
+        if report is not None:
+            msg += f" Report: {report}"
+        return DeployError(msg, step=step_name, report=report, result=result)
+
+    # 1. capture
+    from kit.capture import capture
+
+    t0 = time.perf_counter()
+    try:
+        captured = capture(model, example_inputs)
+    except KitError as exc:
+        raise fail("capture", t0, str(exc)) from exc
+    finish(Step("capture", time.perf_counter() - t0, True,
+                f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
+                f"parity max|diff| {captured.parity.max_abs_diff:.2g}"))
+
+    # 2. register
+    t0 = time.perf_counter()
+    try:
+        mv = registry.register(name, captured, metrics=metrics, tags=tags, source=source, project_root=project_root)
+    except KitError as exc:
+        raise fail("register", t0, str(exc)) from exc
+    result.version = mv
+    finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path)))
+
+    # 3. gate
+    t0 = time.perf_counter()
+    try:
+        from kit.gate import run_gate
+    except ImportError as exc:
+        raise fail("gate", t0, f"kit.gate is not available ({exc}); this checkout has no validation gate.") from exc
+    try:
+        gate = run_gate(registry, name, mv.version, notebooks=list(notebooks) if notebooks else None,
+                        params=dict(params) if params else None, timeout=gate_timeout, progress=progress)
+    except KitError as exc:
+        raise fail("gate", t0, f"the gate could not run: {exc}") from exc
+    result.gate = gate
+    n_ok = sum(1 for c in gate.checks if getattr(c, "passed", False))
+    if not gate.passed:
+        failed = [c for c in gate.checks if not getattr(c, "passed", False)]
+        why = gate.error or "; ".join(_check_text(c) for c in failed[:3]) or "the gate did not pass"
+        raise fail("gate", t0, f"{mv.ref} failed validation ({n_ok}/{len(gate.checks)} checks passed): {why}.",
+                   report=gate.report)
+    finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks", str(gate.report)))
+
+    # 4. alias move
+    t0 = time.perf_counter()
+    try:
+        if promote:
+            before = registry.aliases(name).production
+            result.aliases = registry.promote(name, mv.version, user=user, why="%deploy --promote")
+            detail = f"production {before if before is not None else '-'} -> {mv.version}"
+        elif canary is not None:
+            result.aliases = registry.set_canary(name, mv.version, canary, user=user, why="%deploy --canary")
+            detail = f"canary {mv.version} at {canary:.0%} beside production {result.aliases.production}"
+        else:
+            result.aliases = registry.aliases(name)
+            detail = (f"none asked for (--promote or --canary 10%); {aliases_line(name, result.aliases)}")
+    except KitError as exc:
+        raise fail("alias", t0, str(exc), where=registry.aliases_path(name)) from exc
+    finish(Step("alias", time.perf_counter() - t0, True, detail, str(registry.aliases_path(name))))
+
+    # 5. service generation
+    if service is None:
+        finish(Step("service", -1.0, True, "none asked for (--service NAME generates one)"))
+        return result
+    t0 = time.perf_counter()
+    try:
+        from kit.servicegen import generate
+    except ImportError as exc:
+        raise fail("service", t0, f"kit.servicegen is not available ({exc}).") from exc
+    target = Path(services_dir).resolve() / service
+    existing = _service_model(target) if target.exists() else None
+    if target.exists() and existing != name:
+        raise fail("service", t0, f"{target} already exists and serves model {existing!r}, not {name!r}. "
+                   "Choose another --service name, or remove that folder.")
+    try:
+        # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
+        out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
+                       force=target.exists())
+    except KitError as exc:
+        raise fail("service", t0, str(exc)) from exc
+    result.service_dir = Path(out)
+    finish(Step("service", time.perf_counter() - t0, True,
+                f"{service!r} serves {name}@production (start: kit.servicegen.start_service)", str(out)))
+    return result
+
+
+def _service_model(service_dir: Path) -> str | None:
+    import tomllib
+
+    try:
+        with open(service_dir / "service.toml", "rb") as f:
+            model = tomllib.load(f).get("model", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _check_text(check: Any) -> str:
+    if callable(getattr(check, "line", None)):
+        return str(check.line())
+    name = getattr(check, "name", "check")
+    detail = getattr(check, "detail", None) or getattr(check, "message", None) or ""
+    return f"{name}: {detail}" if detail else str(name)
