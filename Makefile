@@ -22,7 +22,9 @@ PIP_SPECS = $(shell $(PYTHON) -c "import re,sys;t=open('environment.yml').read()
 $(STAMP): pyproject.toml environment.yml
 ifneq ($(CONDA),)
 	@echo "make env: creating the conda environment at $(ENV) with $(CONDA)"
-	$(CONDA) env create -y -p $(ENV) -f environment.yml || $(CONDA) env update -p $(ENV) -f environment.yml
+	# *_ALWAYS_YES: conda, mamba and micromamba all answer their own prompts (not every version takes -y)
+	CONDA_ALWAYS_YES=true MAMBA_ALWAYS_YES=true $(CONDA) env create -p $(ENV) -f environment.yml \
+	  || CONDA_ALWAYS_YES=true MAMBA_ALWAYS_YES=true $(CONDA) env update -p $(ENV) -f environment.yml --prune
 else
 	@echo "make env: no conda/mamba/micromamba on PATH; creating a venv at $(ENV) with environment.yml's pip packages"
 	$(PYTHON) -m venv $(ENV)
