@@ -19,10 +19,10 @@ help: ## list targets
 # pip's part of environment.yml, so the venv fallback installs exactly what conda would.
 PIP_SPECS = $(shell $(PYTHON) -c "import re,sys;t=open('environment.yml').read().split('- pip:',1)[1];print(' '.join(re.findall(r'^\s+-\s+(\S.*?)\s*$$',t,re.M)))")
 
+# conda/mamba/micromamba answer their own prompts through *_ALWAYS_YES (not every version takes -y).
 $(STAMP): pyproject.toml environment.yml
 ifneq ($(CONDA),)
 	@echo "make env: creating the conda environment at $(ENV) with $(CONDA)"
-	# *_ALWAYS_YES: conda, mamba and micromamba all answer their own prompts (not every version takes -y)
 	CONDA_ALWAYS_YES=true MAMBA_ALWAYS_YES=true $(CONDA) env create -p $(ENV) -f environment.yml \
 	  || CONDA_ALWAYS_YES=true MAMBA_ALWAYS_YES=true $(CONDA) env update -p $(ENV) -f environment.yml --prune
 else
