@@ -11,7 +11,7 @@ CONDA      := $(shell command -v micromamba || command -v mamba || command -v co
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: help env lock demo test test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps
+.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,6 +45,9 @@ demo: $(STAMP) ## the main job end to end on embedded defaults
 
 test: $(STAMP) ## run the whole test suite (unit, integration, e2e)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP) ## mypy over kit/ (types on public functions; CI runs it)
+	$(PY) -m mypy
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

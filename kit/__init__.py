@@ -6,7 +6,7 @@
 __version__ = "0.1.0"
 
 
-def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+def load_ipython_extension(ipython: object) -> None:
     from kit.magics import load_ipython_extension as _load
 
     _load(ipython)

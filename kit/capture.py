@@ -415,7 +415,7 @@ def save_examples(path: Path, inputs: Sequence[torch.Tensor], outputs: Sequence[
     arrays = {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
     arrays.update({f"output_{i}": t.detach().cpu().numpy() for i, t in enumerate(outputs)})
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs confuse **arrays with allow_pickle
 
 
 def load_examples(path: Path) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

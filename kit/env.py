@@ -96,7 +96,7 @@ class DriftReport:
 def _distributions() -> dict[str, str]:
     out: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata.get("Name")
+        name = dist.metadata["Name"]  # None when missing (an email.message.Message)
         if name:
             out[_norm(name)] = dist.version
     return dict(sorted(out.items()))

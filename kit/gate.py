@@ -432,7 +432,7 @@ def _kernel_manager_class(kernel_name: str, log_path: Path) -> type:
 
     private = kernel_name == PRIVATE_KERNEL
 
-    class GateKernelManager(AsyncKernelManager):  # type: ignore[misc]
+    class GateKernelManager(AsyncKernelManager):
         @property
         def kernel_spec(self) -> Any:
             if private:
@@ -536,7 +536,7 @@ def _prepare(nb: Any, records: Path, label: str, run_id: str) -> tuple[Any, dict
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

@@ -88,6 +88,8 @@ class KitMagics(Magics):
         return Registry.from_config(self.kit_config)
 
     def _eval(self, expr: str, what: str) -> Any:
+        if self.shell is None:
+            raise UsageError(f"%deploy needs an IPython shell to evaluate {what} {expr!r}.")
         try:
             return self.shell.ev(expr)
         except Exception as exc:  # the user's expression: any error is theirs to fix
@@ -136,7 +138,7 @@ class KitMagics(Magics):
             weight = parse_weight(args.canary) if args.canary is not None else None
             if weight == 0.0:
                 raise UsageError("%deploy: --canary 0% would send no traffic to the new version; give a weight > 0.")
-            notebooks = [_resolve_nb(_unquote(nb), cfg) for nb in args.validate] if args.validate else None
+            notebooks = [_resolve_nb(_unquote(nb) or nb, cfg) for nb in args.validate] if args.validate else None
             source = dict(detect_source(cwd=cfg.project_root))
             session = self.shell.user_ns.get("__session__") if self.shell is not None else None
             if session:

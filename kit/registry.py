@@ -354,7 +354,7 @@ class Registry:
 
     def history(self, name: str) -> list[dict[str, Any]]:
         self._require_model(name)
-        out = []
+        out: list[dict[str, Any]] = []
         path = self.events_path(name)
         if not path.exists():
             return out

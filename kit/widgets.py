@@ -295,8 +295,9 @@ class RegistryPanel(widgets.VBox):
 
     # ---- actions (each calls one library function)
     def _on_validate(self, _button: Any = None) -> None:
-        run_gate = self._run_gate
-        if run_gate is None:
+        if self._run_gate is not None:
+            run_gate = self._run_gate
+        else:
             from kit.gate import run_gate
         v = self.selected
         started = time.perf_counter()

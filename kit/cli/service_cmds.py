@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,7 +34,8 @@ def new(kit: Context, name: str, model: str, out_dir: Path, force: bool, bind: s
     from kit.serving.security import hash_key
     from kit.servicegen import generate
 
-    options = {k: v for k, v in {"bind": bind, "workers": workers, "device": device}.items() if v is not None}
+    options: dict[str, Any] = {k: v for k, v in {"bind": bind, "workers": workers, "device": device}.items()
+                               if v is not None}
     if api_keys:
         options["api_keys_sha256"] = tuple(hash_key(k) for k in api_keys)
     path = generate(name, model, registry=kit.config.registry, out_dir=out_dir, force=force,

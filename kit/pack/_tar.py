@@ -14,7 +14,7 @@ import stat
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from kit.errors import PackError
 
@@ -44,7 +44,7 @@ class TarMember:
         self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         self.entries += 1
 
-    def _data(self, f: BinaryIO, size: int, what: str) -> None:
+    def _data(self, f: IO[bytes], size: int, what: str) -> None:
         left = size
         while left:
             chunk = f.read(min(_CHUNK, left))
@@ -86,7 +86,7 @@ class TarMember:
 
         self._data(io.BytesIO(data), len(data), arcname)
 
-    def add_member(self, ti: tarfile.TarInfo, f: BinaryIO | None) -> None:
+    def add_member(self, ti: tarfile.TarInfo, f: IO[bytes] | None) -> None:
         """Re-emit an entry read from another tar (e.g. conda-pack's output)."""
         self._header(ti)
         if ti.isreg():

@@ -374,9 +374,9 @@ def check_conda_files(s: EnvScan) -> list[Problem]:
         if d.meta_dir in conda_meta_dirs or d.installer == "conda":
             continue
         for f in d.record:
-            r = owner.get(os.path.normpath(f))
-            if r is not None and _norm(r.name) != d.name:
-                clobbered.setdefault((f"{d.name} {d.version}", f"{r.name} {r.version}"), []).append(f)
+            rec = owner.get(os.path.normpath(f))
+            if rec is not None and _norm(rec.name) != d.name:
+                clobbered.setdefault((f"{d.name} {d.version}", f"{rec.name} {rec.version}"), []).append(f)
     for (pip_pkg, conda_pkg), files in sorted(clobbered.items()):
         out.append(Problem("clobbered", (
             f"pip package {pip_pkg} overwrote files of conda package {conda_pkg} ({_few(files)}). "

@@ -289,6 +289,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
             return _error(f"Model {model!r} is not loaded yet ({_not_ready_reason()}).", 503)
         served = [s.version for s in state.slots()]
         slot = state.production
+        if slot is None:  # ready implies a production slot; say so rather than fail if that ever changes
+            return _error(f"Model {model!r} has no production version loaded.", 503)
         if version is not None:
             match = [s for s in state.slots() if str(s.version) == version]
             if not match:

@@ -73,7 +73,9 @@ class Batcher:
                     self._cv.wait(left)
             first = self._pending[0]
             shapes = [t.shape[1:] for t in first.inputs]
-            batch, rows, rest = [], 0, []
+            batch: list[_Item] = []
+            rest: list[_Item] = []
+            rows = 0
             for it in self._pending:
                 same = [t.shape[1:] for t in it.inputs] == shapes
                 if same and (not batch or rows + it.rows <= self.max_batch):

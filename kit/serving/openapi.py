@@ -35,7 +35,7 @@ def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version
     if user_header:
         headers.append({"name": user_header, "in": "header", "required": False, "schema": {"type": "string"},
                         "description": "sticky routing key: the same user always gets the same version"})
-    sec = [{"ApiKey": []}, {"Bearer": []}] if auth else []
+    sec: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}] if auth else []
 
     def infer_op(summary: str, schema: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         responses = {"200": {"description": "Outputs, and the version that served them.",

@@ -190,7 +190,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, sig: Any, max_rows: i
         if not isinstance(inp, dict):
             raise RequestError(f"inputs[{i}] must be an object with name, shape, datatype and data.")
         name, shape, dt = inp.get("name"), inp.get("shape"), inp.get("datatype")
-        if name not in specs:
+        if not isinstance(name, str) or name not in specs:
             raise RequestError(f"inputs[{i}] is named {str(name)[:40]!r}; expected {sorted(specs)} "
                                f"(the model takes {expected(sig)}).")
         spec = specs[name]
@@ -244,7 +244,8 @@ def v2_response(outputs: tuple[torch.Tensor, ...], sig: Any, doc: dict[str, Any]
                 version: int) -> tuple[bytes, int | None]:
     """The v2 response body and, when any output is binary, the JSON header length."""
     names = [s.name for s in sig.outputs] if len(sig.outputs) == len(outputs) else [f"output_{i}" for i in range(len(outputs))]
-    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+    raw_params = doc.get("parameters")
+    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     all_binary = bool(params.get("binary_data_output", False))
     requested: dict[str, bool] | None = None
     if isinstance(doc.get("outputs"), list):
@@ -252,7 +253,8 @@ def v2_response(outputs: tuple[torch.Tensor, ...], sig: Any, doc: dict[str, Any]
         for o in doc["outputs"]:
             if not isinstance(o, dict) or o.get("name") not in names:
                 raise RequestError(f"Requested output {str(o)[:60]} is not one of {names}.")
-            p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+            raw_p = o.get("parameters")
+            p: dict[str, Any] = raw_p if isinstance(raw_p, dict) else {}
             requested[o["name"]] = bool(p.get("binary_data", all_binary))
     outs, blobs = [], []
     for name, t in zip(names, outputs):
