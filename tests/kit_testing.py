@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import nbformat
@@ -38,3 +41,19 @@ def write_validation_notebook(path: Path) -> Path:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
+
+
+def make_project(root: Path, repo_root: Path) -> Path:
+    """A project folder the quickstart can run in: kit.toml, notebooks/quickstart.ipynb, and a 'kit' kernel
+    under ``root/jupyter`` (point ``JUPYTER_PATH`` there)."""
+    (root / "notebooks").mkdir(parents=True)
+    (root / "kit.toml").write_text('registry = "registry"\n')
+    shutil.copy(repo_root / "notebooks" / "quickstart.ipynb", root / "notebooks" / "quickstart.ipynb")
+    # The notebook names the "kit" kernel (what `make env` installs); point it at this interpreter here.
+    spec = root / "jupyter" / "kernels" / "kit"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Kit (test)", "language": "python",
+    }))
+    return root

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kit_testing import processes_under
+from kit_testing import make_project, processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +40,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def project(tmp_path: Path, repo_root: Path):
-    root = tmp_path / "project"
-    (root / "notebooks").mkdir(parents=True)
-    (root / "kit.toml").write_text('registry = "registry"\n')
-    shutil.copy(repo_root / "notebooks" / "quickstart.ipynb", root / "notebooks" / "quickstart.ipynb")
-    spec = tmp_path / "jupyter-data" / "kernels" / "kit"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Kit (test)", "language": "python",
-    }))
+    root = make_project(tmp_path / "project", repo_root)
     yield root
     for pid in processes_under(root):  # a kernel or service left behind by a failed run
         try:
@@ -67,7 +57,7 @@ def lab(project: Path, tmp_path: Path, kit_env):
     env.pop("KIT_PROJECT_ROOT", None)
     env.update(
         KIT_REGISTRY=str(project / "registry"),
-        JUPYTER_PATH=str(tmp_path / "jupyter-data"),
+        JUPYTER_PATH=str(project / "jupyter"),
         JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"),
         JUPYTER_RUNTIME_DIR=str(tmp_path / "jupyter-runtime"),
         JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"),

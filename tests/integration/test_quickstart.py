@@ -6,7 +6,6 @@ generated service land in tmp_path: real %deploy, real gate, real gunicorn on 12
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,26 +18,11 @@ import nbformat
 import pytest
 
 from kit.registry import Registry
-from kit_testing import processes_under
+from kit_testing import make_project, processes_under
 
 pytestmark = pytest.mark.slow
 
 MODEL, SERVICE = "demo-digits", "demo"
-
-
-def make_project(root: Path, repo_root: Path) -> Path:
-    """A project folder the quickstart can run in: kit.toml, notebooks/quickstart.ipynb, a 'kit' kernel."""
-    (root / "notebooks").mkdir(parents=True)
-    (root / "kit.toml").write_text('registry = "registry"\n')
-    shutil.copy(repo_root / "notebooks" / "quickstart.ipynb", root / "notebooks" / "quickstart.ipynb")
-    # The notebook names the "kit" kernel (what `make env` installs); point it at this interpreter here.
-    spec = root / "jupyter" / "kernels" / "kit"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Kit (test)", "language": "python",
-    }))
-    return root
 
 
 def project_env(root: Path, base: dict[str, str]) -> dict[str, str]:
