@@ -124,7 +124,7 @@ def deploy(
                 f"with. Deploy with --promote first (or `%promote {name}@N`)."
             )
     if service is not None:
-        validate_name(service)
+        validate_name(service, "service name")
     result = DeployResult(name=name)
     total = len(STEPS)
 

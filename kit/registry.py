@@ -43,13 +43,16 @@ from kit.errors import (
     RegistryCorruptError,
     VersionNotFoundError,
 )
+from kit.gate import evidence as gate_evidence
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
 ALIASES = ("production", "canary")
 REFS = ("production", "canary", "latest")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched with fullmatch (``$`` would accept a trailing newline); ASCII classes only.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[0-9]{1,9}")  # ASCII digits: str.isdigit() takes "²" and "١"
 _LOCK_TIMEOUT = 60.0
 
 
@@ -57,14 +60,19 @@ def utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def validate_name(name: str) -> str:
-    """A model name: letters, digits, '.', '_', '-'; no path separators, no '..'."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+def validate_name(name: str, what: str = "model name") -> str:
+    """A model (or service: ``what``) name: ASCII letters, digits, '.', '_', '-'; no separators, no '..'."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidNameError(
-            f"Invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit (no '/', no '..')."
+            f"Invalid {what} {name!r}: use 1-64 ASCII letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', no '..', no spaces or control characters)."
         )
     return name
+
+
+def is_version_text(text: str) -> bool:
+    """True for 1-9 ASCII digits (what a version number may be written as in a ref, path or header)."""
+    return isinstance(text, str) and _VERSION_RE.fullmatch(text) is not None
 
 
 def validate_version(version: Any) -> int:
@@ -72,7 +80,7 @@ def validate_version(version: Any) -> int:
         raise InvalidNameError(f"Invalid version {version!r}: versions are positive integers.")
     if isinstance(version, int):
         v = version
-    elif isinstance(version, str) and version.isdigit() and len(version) <= 9:
+    elif isinstance(version, str) and is_version_text(version):
         v = int(version)
     else:
         raise InvalidNameError(f"Invalid version {version!r}: versions are positive integers (1, 2, ...).")
@@ -258,13 +266,13 @@ class Registry:
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
 
     def _version_numbers(self, name: str) -> list[int]:
         vdir = self.model_dir(name) / "versions"
         if not vdir.is_dir():
             return []
-        return sorted(int(p.name) for p in vdir.iterdir() if p.name.isdigit() and (p / "meta.json").is_file())
+        return sorted(int(p.name) for p in vdir.iterdir() if is_version_text(p.name) and (p / "meta.json").is_file())
 
     def _require_model(self, name: str) -> None:
         if not (self.model_dir(name) / "versions").is_dir():
@@ -323,8 +331,9 @@ class Registry:
             v = a.production if ref == "production" else a.canary
             if v is None:
                 raise VersionNotFoundError(
-                    f"Model {name!r} has no {ref} version. Set one with `kit promote {name}@N`"
-                    + (" --canary WEIGHT`." if ref == "canary" else ".")
+                    f"Model {name!r} has no {ref} version. "
+                    + (f"Start one with `kit canary {name}@N --weight 10%`." if ref == "canary"
+                       else f"Set one with `kit promote {name}@N`.")
                 )
             return self._read_version(name, v)
         version = validate_version(ref)
@@ -512,44 +521,23 @@ class Registry:
         ins, outs = load_examples(mv.path / EXAMPLE_FILE)
         return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift)
 
-    # ---- gates (evidence stored beside the version; kit.gate writes it)
+    # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
     def gate_root(self, name: str, version: int) -> Path:
-        return self.version_dir(name, version) / "gates"
+        return gate_evidence.gates_dir(self.version_dir(name, version))
 
     def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
-        root = self.gate_root(name, version)
-        out = []
-        if root.is_dir():
-            for p in sorted(root.glob("*/result.json")):
-                try:
-                    out.append(json.loads(p.read_text()))
-                except (OSError, json.JSONDecodeError):
-                    log.warning("unreadable gate result %s", p)
-        return out
+        return gate_evidence.read_results(self.version_dir(name, version))
 
     def passing_gate(self, mv: ModelVersion) -> dict[str, Any] | None:
         """The newest passing gate result recorded for exactly this artifact, if any."""
-        ok = [
-            r for r in self.gate_results(mv.name, mv.version)
-            if r.get("passed") is True and r.get("artifact_sha256") == mv.artifact_sha256
-        ]
-        return ok[-1] if ok else None
+        return gate_evidence.passing_result(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
 
     def gate_verdict(self, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
         """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version.
 
         "stale": the newest result was recorded for another artifact sha256.
         """
-        results = self.gate_results(mv.name, mv.version)
-        if not results:
-            return "-", None
-        passing = self.passing_gate(mv)
-        if passing is not None:
-            return "passed", passing
-        last = results[-1]
-        if last.get("artifact_sha256") != mv.artifact_sha256:
-            return "stale", last
-        return "failed", last
+        return gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
 
     # ---- alias moves
     def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> dict[str, Any] | None:

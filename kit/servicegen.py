@@ -59,7 +59,7 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
     """The generated files' text (no writing). ``options`` are service.toml settings (see DEFAULTS)."""
     from kit.registry import validate_name
 
-    validate_name(name)
+    validate_name(name, "service name")
     validate_name(model)
     unknown = set(options) - set(DEFAULTS)
     if unknown:
@@ -84,7 +84,9 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
     is refused unless ``force``; then only the generated files are rewritten (atomically).
     ``check_model`` refuses a model the registry does not have (a typo would never become ready).
     """
-    out = Path(out_dir).resolve() / name
+    from kit.registry import validate_name
+
+    out = Path(out_dir).resolve() / validate_name(name, "service name")
     registry = Path(registry).resolve()
     if check_model:
         from kit.registry import Registry

@@ -63,19 +63,10 @@ def _badges(a: Aliases, version: int) -> list[tuple[str, str]]:
 
 
 def _report_path(reg: Registry, mv: ModelVersion, result: Mapping[str, Any]) -> Path | None:
-    """The gate report of ``result``: beside its result.json, or the path it recorded."""
-    run_id = str(result.get("run_id", ""))
-    if run_id and "/" not in run_id and not run_id.startswith("."):
-        p = reg.gate_root(mv.name, mv.version) / run_id / "report.html"
-        if p.is_file():
-            return p
-    rec = result.get("report")
-    if isinstance(rec, str) and rec:
-        p = Path(rec)
-        for cand in (p, reg.root / p, reg.gate_root(mv.name, mv.version) / p):
-            if cand.is_file():
-                return cand.resolve()
-    return None
+    """The gate report of ``result`` (where :mod:`kit.gate.evidence` says it lies)."""
+    from kit.gate.evidence import report_path
+
+    return report_path(reg.root, reg.version_dir(mv.name, mv.version), result)
 
 
 def gate_cell(reg: Registry, mv: ModelVersion) -> tuple[str, Path | None]:

@@ -44,7 +44,7 @@ def choose(state: Any, *, model: str, override: str | None = None, user: str | N
             if canary is None:
                 raise RouteError(f"No canary is running for {model!r} (serving {served or 'nothing'}).")
             return canary, "override"
-        if want.isdigit() and len(want) <= 9:
+        if want.isascii() and want.isdigit() and len(want) <= 9:  # "²".isdigit() is True; int() refuses it
             for s in (prod, canary):
                 if s is not None and s.version == int(want):
                     return s, "override"

@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from kit import gate
+from kit.gate import kernel as gate_kernel
+from kit.gate import record
 from kit.cli import cli
 from kit.errors import GateError
 
@@ -23,12 +25,12 @@ FIXTURES = ROOT / "tests" / "notebooks" / "gate"
 @pytest.fixture(autouse=True)
 def _fresh_recorder():
     """The recorder is module state (one per kernel); leave it as found."""
-    saved_run, saved = gate._run, list(gate._session)
-    gate._run = None
-    gate._session.clear()
+    saved_run, saved = record._run, list(record._session)
+    record._run = None
+    record._session.clear()
     yield
-    gate._run = saved_run
-    gate._session[:] = saved
+    record._run = saved_run
+    record._session[:] = saved
 
 
 # ---------------------------------------------------------------- recording API
@@ -84,10 +86,10 @@ def test_artifact_accepts_a_sha_and_refuses_anything_else(tmp_path):
 def test_check_line_and_json_values():
     c = gate.Check("acc", True, value=0.97331, threshold=0.9)
     assert c.line() == "PASS  acc = 0.9733 (threshold 0.9)"
-    assert gate._jsonable(math.inf) == "inf"
-    assert gate._jsonable(np.int64(3)) == 3
-    assert gate._jsonable((2, 63)) == [2, 63]
-    assert gate._jsonable(object()).startswith("<object")
+    assert record._jsonable(math.inf) == "inf"
+    assert record._jsonable(np.int64(3)) == 3
+    assert record._jsonable((2, 63)) == [2, 63]
+    assert record._jsonable(object()).startswith("<object")
 
 
 # ---------------------------------------------------------------- parameters
@@ -188,7 +190,7 @@ def test_an_unknown_kernel_is_a_gate_error_naming_the_fix():
 def test_the_private_kernel_runs_this_interpreter(tmp_path):
     import sys
 
-    km = gate._kernel_manager_class(gate.PRIVATE_KERNEL, tmp_path / "k.log")(kernel_name=gate.PRIVATE_KERNEL)
+    km = gate_kernel._kernel_manager_class(gate.PRIVATE_KERNEL, tmp_path / "k.log")(kernel_name=gate.PRIVATE_KERNEL)
     assert km.kernel_spec.argv[0] == sys.executable
     assert km.kernel_spec.argv[1:3] == ["-m", "ipykernel_launcher"]
 

@@ -1,0 +1,50 @@
+"""Validation gates: notebooks that must pass against an exact artifact before it serves traffic.
+
+*Inside a notebook* (the recording API, :mod:`kit.gate.record`)::
+
+    from kit import gate
+    gate.check("accuracy", passed=acc >= min_accuracy, value=acc, threshold=min_accuracy)
+
+*Around the notebook* (the runner, :mod:`kit.gate.runner`): :func:`run_gate` runs each validation
+notebook with papermill in a kernel of this very interpreter, collects the recorded checks and decides.
+
+The modules:
+
+- :mod:`kit.gate.evidence` owns the evidence format (``result.json``, ``report.html``, where they live
+  under ``versions/<n>/gates/<run-id>/``, reading them back). Part of the core: the registry uses it.
+- :mod:`kit.gate.record`: ``check``, ``artifact``, ``summary`` (what a notebook calls).
+- :mod:`kit.gate.params`: the one parser of gate parameters (``%deploy --param``, ``kit validate -p``)
+  and what a notebook declares.
+- :mod:`kit.gate.kernel`: the kernel a gate runs in.
+- :mod:`kit.gate.runner`: :func:`run_gate`.
+"""
+
+from kit.gate.evidence import (
+    SCHEMA,
+    Check,
+    GateResult,
+    NotebookRun,
+    checks_html,
+    read_results,
+    render_text,
+    write_report,
+)
+from kit.gate.kernel import KIT_KERNEL, PRIVATE_KERNEL, ensure_kernel
+from kit.gate.params import AUTO_PARAMS, check_params, declared_params, parse_params
+from kit.gate.record import (
+    CheckTable,
+    _begin_run,
+    artifact,
+    check,
+    checks,
+    running_under_gate,
+    summary,
+)
+from kit.gate.runner import DEFAULT_NOTEBOOK, evidence_problems, run_gate
+
+__all__ = [
+    "AUTO_PARAMS", "DEFAULT_NOTEBOOK", "KIT_KERNEL", "PRIVATE_KERNEL", "SCHEMA", "Check", "CheckTable",
+    "GateResult", "NotebookRun", "artifact", "check", "check_params", "checks", "checks_html",
+    "declared_params", "ensure_kernel", "evidence_problems", "parse_params", "read_results",
+    "render_text", "run_gate", "running_under_gate", "summary", "write_report", "_begin_run",
+]

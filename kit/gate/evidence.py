@@ -1,0 +1,337 @@
+"""The gate's evidence: what a gate run leaves beside a version, and how it is read back.
+
+This module owns the format. The registry (the gate rule), the runner and the widgets all go through it::
+
+    <registry>/<name>/versions/<n>/gates/<run-id>/
+        <notebook>.ipynb         the executed notebook (also when it failed; the failing cell is marked)
+        <notebook>.checks.jsonl  what the notebook recorded (kernel identity, artifact, checks)
+        <notebook>.kernel.log    the kernel process's own stdout/stderr
+        report.html              verdict, table of checks, then every executed notebook (nbconvert)
+        result.json              the verdict; written last, so its presence means the run is whole
+
+``result.json`` with ``"passed": true`` and the version's ``artifact_sha256`` is what
+:meth:`kit.registry.Registry.passing_gate` requires before a promotion or a canary.
+
+It is part of the core: it imports nothing but the standard library and ``kit._io`` at module level
+(nbformat/nbconvert only inside :func:`write_report`), so the registry and a server can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit._io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+GATES_DIR = "gates"
+RESULT_FILE = "result.json"
+REPORT_FILE = "report.html"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One recorded check: a name, a verdict and the evidence behind it."""
+
+    name: str
+    passed: bool
+    value: Any = None
+    threshold: Any = None
+    detail: str | None = None
+    notebook: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Check":
+        return cls(name=str(d["name"]), passed=d["passed"] is True, value=d.get("value"),
+                   threshold=d.get("threshold"), detail=d.get("detail"), notebook=d.get("notebook"))
+
+    def line(self) -> str:
+        """``PASS  accuracy = 0.9733 (threshold 0.9)``"""
+        s = f"{'PASS' if self.passed else 'FAIL'}  {self.name}"
+        if self.value is not None:
+            s += f" = {_fmt(self.value)}"
+        if self.threshold is not None:
+            s += f" (threshold {_fmt(self.threshold)})"
+        if self.detail:
+            s += f": {self.detail}"
+        return s
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """How one notebook of a gate run went.
+
+    ``status`` is ``passed``, ``failed`` (ran to the end but a check failed or none was recorded),
+    ``error`` (a cell raised), ``timeout`` (a cell ran past the execution timeout) or
+    ``dead-kernel`` (the kernel process died).
+    """
+
+    notebook: str
+    executed: Path
+    status: str
+    seconds: float
+    checks: int = 0
+    error: str | None = None
+    cell: int | None = None
+    ename: str | None = None
+    evalue: str | None = None
+    notebook_sha256: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The verdict of one gate run, and where its evidence lies."""
+
+    run_id: str
+    passed: bool
+    name: str
+    version: int
+    artifact_sha256: str
+    run_dir: Path
+    report: Path
+    checks: tuple[Check, ...]
+    notebooks: tuple[NotebookRun, ...]
+    error: str | None
+    seconds: float
+    started: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    kernel: dict[str, Any] = field(default_factory=dict)
+    registry_root: Path | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def failed_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def _rel(self, p: Path) -> str:
+        if self.registry_root is not None:
+            try:
+                return str(p.relative_to(self.registry_root))
+            except ValueError:
+                pass
+        return str(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What result.json holds. Paths are relative to the registry root."""
+        return {
+            "schema": SCHEMA,
+            "run_id": self.run_id,
+            "passed": self.passed,
+            "name": self.name,
+            "version": self.version,
+            "artifact_sha256": self.artifact_sha256,
+            "started": self.started,
+            "seconds": self.seconds,
+            "error": self.error,
+            "report": self._rel(self.report),
+            "run_dir": self._rel(self.run_dir),
+            "params": self.params,
+            "kernel": self.kernel,
+            "checks": [c.to_dict() for c in self.checks],
+            "notebooks": [
+                {**dataclasses.asdict(n), "executed": self._rel(n.executed)} for n in self.notebooks
+            ],
+        }
+
+
+
+# --------------------------------------------------------------------------- where evidence lives, reading it back
+
+
+def gates_dir(version_dir: Path) -> Path:
+    """``versions/<n>/gates``: one folder per gate run of that version."""
+    return Path(version_dir) / GATES_DIR
+
+
+def write_result(result: GateResult) -> Path:
+    """Write ``result.json`` (atomically, and last: its presence means the run is whole)."""
+    path = result.run_dir / RESULT_FILE
+    atomic_write_json(path, result.to_dict())
+    return path
+
+
+def read_results(version_dir: Path) -> list[dict[str, Any]]:
+    """Every readable ``result.json`` of a version, oldest run first (run ids sort by time)."""
+    root = gates_dir(version_dir)
+    out: list[dict[str, Any]] = []
+    if root.is_dir():
+        for p in sorted(root.glob(f"*/{RESULT_FILE}")):
+            try:
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                log.warning("unreadable gate result %s", p)
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+            else:
+                log.warning("gate result %s is not a JSON object", p)
+    return out
+
+
+def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str) -> dict[str, Any] | None:
+    """The newest result that passed for exactly this artifact, if any."""
+    ok = [dict(r) for r in results if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
+    return ok[-1] if ok else None
+
+
+def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str) -> tuple[str, dict[str, Any] | None]:
+    """("passed" | "failed" | "stale" | "-", the deciding result). "stale": the newest result was
+    recorded for another artifact sha256."""
+    if not results:
+        return "-", None
+    passing = passing_result(results, artifact_sha256)
+    if passing is not None:
+        return "passed", passing
+    last = dict(results[-1])
+    return ("stale" if last.get("artifact_sha256") != artifact_sha256 else "failed"), last
+
+
+def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any]) -> Path | None:
+    """The ``report.html`` of ``result``: beside its result.json, or the path it recorded."""
+    run_id = str(result.get("run_id", ""))
+    if run_id and "/" not in run_id and not run_id.startswith("."):
+        p = gates_dir(version_dir) / run_id / REPORT_FILE
+        if p.is_file():
+            return p
+    rec = result.get("report")
+    if isinstance(rec, str) and rec:
+        p = Path(rec)
+        for cand in (p, Path(registry_root) / p, gates_dir(version_dir) / p):
+            if cand.is_file():
+                return cand.resolve()
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records a notebook appended (``<notebook>.checks.jsonl``); a torn last line is skipped."""
+    out: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("unreadable line in %s: %r", path, line[:200])  # a kernel killed mid-write
+    return out
+
+
+# --------------------------------------------------------------------------- evidence for people
+
+
+def checks_html(checks: Sequence[Check], *, with_notebook: bool = False) -> str:
+    """An HTML table of checks with coloured PASS/FAIL cells (inline styles: survives any template)."""
+    if not checks:
+        return ("<p style='color:#b00020;font-weight:bold'>No checks were recorded. A gate needs at least "
+                "one kit.gate.check(...) per notebook.</p>")
+    head = ["Result", "Check", "Value", "Threshold", "Detail"] + (["Notebook"] if with_notebook else [])
+    th = "".join(f"<th style='text-align:left;padding:4px 10px;border-bottom:2px solid #444'>{h}</th>" for h in head)
+    rows = []
+    for c in checks:
+        colour = "#1b7f3b" if c.passed else "#b00020"
+        cells = [f"<td style='padding:4px 10px;color:white;background:{colour};font-weight:bold'>"
+                 f"{'PASS' if c.passed else 'FAIL'}</td>"]
+        for v in (c.name, _fmt(c.value), _fmt(c.threshold), c.detail or ""):
+            cells.append(f"<td style='padding:4px 10px;border-bottom:1px solid #ddd'>{html.escape(str(v))}</td>")
+        if with_notebook:
+            cells.append(f"<td style='padding:4px 10px;border-bottom:1px solid #ddd'>{html.escape(c.notebook or '')}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f"<table class='kit-gate-checks' style='border-collapse:collapse;font-family:sans-serif;margin:0'>"
+            f"<thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _text_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    cells = [list(headers)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_text(result: GateResult) -> str:
+    """The verdict as a terminal shows it: a table of checks, notebook problems, the report path."""
+    rows = [("PASS" if c.passed else "FAIL", c.name, _fmt(c.value), _fmt(c.threshold), c.notebook or "")
+            for c in result.checks]
+    lines = [_text_table(rows, ("RESULT", "CHECK", "VALUE", "THRESHOLD", "NOTEBOOK")) if rows
+             else "No checks were recorded."]
+    for r in result.notebooks:
+        if r.error:
+            lines.append(f"{r.status.upper()}: {r.error}")
+    lines.append(f"gate {'PASSED' if result.passed else 'FAILED'}: {result.ref} sha256 {result.artifact_sha256[:12]} "
+                 f"run {result.run_id} in {result.seconds:.1f}s")
+    lines.append(f"report: {result.report}")
+    return "\n".join(lines)
+
+
+def write_report(result: GateResult) -> Path:
+    """report.html: the verdict and table of checks, then each executed notebook (nbconvert)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    verdict = "PASSED" if result.passed else "FAILED"
+    colour = "#1b7f3b" if result.passed else "#b00020"
+    nb_rows = "".join(
+        f"<tr><td style='padding:2px 10px'>{html.escape(Path(r.notebook).name)}</td>"
+        f"<td style='padding:2px 10px;color:{'#1b7f3b' if r.ok else '#b00020'};font-weight:bold'>{r.status}</td>"
+        f"<td style='padding:2px 10px'>{r.checks}</td><td style='padding:2px 10px'>{r.seconds:.1f}s</td>"
+        f"<td style='padding:2px 10px'>{html.escape(r.error or '')}</td></tr>"
+        for r in result.notebooks)
+    head = (
+        f"<h1 style='color:{colour}'>Gate {verdict}: {html.escape(result.ref)}</h1>\n"
+        f"<p>artifact sha256 <code>{result.artifact_sha256}</code><br>run <code>{result.run_id}</code>, "
+        f"started {html.escape(result.started)}, {result.seconds:.1f}s, kernel "
+        f"<code>{html.escape(sys.executable)}</code></p>\n"
+        + (f"<p style='color:#b00020;font-weight:bold'>{html.escape(result.error)}</p>\n" if result.error else "")
+        + "<h2>Checks</h2>\n" + checks_html(result.checks, with_notebook=True)
+        + "\n<h2>Notebooks</h2>\n<table style='border-collapse:collapse;font-family:sans-serif;margin:0'>"
+        "<tr><th style='text-align:left;padding:2px 10px'>Notebook</th><th style='text-align:left;padding:2px 10px'>"
+        "Status</th><th style='text-align:left;padding:2px 10px'>Checks</th><th style='text-align:left;"
+        "padding:2px 10px'>Time</th><th style='text-align:left;padding:2px 10px'>Error</th></tr>"
+        + nb_rows + "</table>\n"
+        + (f"<h2>Parameters</h2><pre>{html.escape(json.dumps(result.params, indent=2, sort_keys=True))}</pre>"
+           if result.params else "")
+    )
+    book = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
+    book.cells.append(nbformat.v4.new_markdown_cell(head))
+    for r in result.notebooks:
+        book.cells.append(nbformat.v4.new_markdown_cell(
+            f"<hr><h1>Notebook {html.escape(Path(r.notebook).name)}: {r.status}</h1>"))
+        try:
+            executed = nbformat.read(str(r.executed), as_version=4)
+            book.cells.extend(executed.cells)
+        except Exception as exc:  # nothing was written (the kernel never started)
+            book.cells.append(nbformat.v4.new_markdown_cell(
+                f"<p>The executed notebook could not be read: {html.escape(str(exc))}</p>"))
+    exporter = HTMLExporter(template_name="lab")
+    body, _ = exporter.from_notebook_node(book, resources={"metadata": {"name": f"Gate {verdict} {result.ref}"}})
+    atomic_write_text(result.report, body)
+    return result.report

@@ -1,0 +1,350 @@
+"""The papermill runner: :func:`run_gate` runs each validation notebook against one artifact and decides.
+
+A gate that ran and said no is a verdict (``GateResult.passed`` is False). :class:`~kit.errors.GateError`
+means the gate could not run at all: a missing notebook, a parameter the notebook does not declare,
+a kernel that does not exist. The evidence it leaves is described in :mod:`kit.gate.evidence`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kit._io import atomic_write_text, sha256_file
+from kit.errors import GateError
+from kit.gate.evidence import (REPORT_FILE, Check, GateResult, NotebookRun, gates_dir, read_records,
+                               render_text, write_report, write_result)
+from kit.gate.kernel import _kernel_manager_class, ensure_kernel
+from kit.gate.params import AUTO_PARAMS, check_params
+from kit.gate.record import kit_location
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "validation" / "default.ipynb"
+START_TIMEOUT = 60.0
+SETUP_TAG = "kit-gate-setup"
+
+Progress = Callable[[str], None]
+
+
+def _utc_stamp() -> tuple[str, str]:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z",
+            now.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+
+def _load_notebook(path: Path) -> Any:
+    import nbformat
+
+    if not path.is_file():
+        raise GateError(f"Validation notebook {path} does not exist. Pass an existing .ipynb "
+                        f"(the default is {DEFAULT_NOTEBOOK}).")
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+        nbformat.validate(nb)
+    except Exception as exc:  # nbformat raises several unrelated types for broken files
+        raise GateError(f"{path} is not a valid Jupyter notebook ({type(exc).__name__}: {exc}). "
+                        "Open and re-save it in JupyterLab.") from exc
+    return nb
+
+
+def _prepare(nb: Any, records: Path, label: str, run_id: str) -> tuple[Any, dict[str, int]]:
+    """A copy of ``nb`` with cell ids and the setup cell that points kit.gate at ``records``."""
+    import copy
+
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    nb.nbformat, nb.nbformat_minor = 4, max(int(nb.get("nbformat_minor", 0)), 5)
+    positions: dict[str, int] = {}
+    for i, cell in enumerate(nb.cells):
+        if not cell.get("id"):
+            cell["id"] = f"kit-cell-{i}"
+        positions[cell["id"]] = i + 1  # 1-based, as a person counts cells in the notebook
+    kit_home = str(Path(kit_location()).parent)
+    setup = nbformat.v4.new_code_cell(
+        "# Added by kit.gate.run_gate (not part of the notebook): send this run's checks to its records.\n"
+        "try:\n"
+        "    import kit.gate\n"
+        "except ModuleNotFoundError:  # kit runs from a source checkout: use the caller's copy\n"
+        "    import sys\n"
+        f"    sys.path.append({kit_home!r})\n"
+        "    import kit.gate\n"
+        f"kit.gate._begin_run({str(records)!r}, {label!r}, {run_id!r})"
+    )
+    setup["id"] = "kit-gate-setup"
+    setup.metadata["tags"] = [SETUP_TAG]
+    nb.cells.insert(0, setup)
+    return nb, positions
+
+
+
+@dataclass
+class _Culprit:
+    nb: Any  # the executed notebook as saved
+    cell: Any  # the cell in it that failed
+    position: int | None  # 1-based position of that cell in the source notebook (None: kit's setup cell)
+
+    @property
+    def where(self) -> str:
+        return f"cell {self.position}" if self.position else "the setup cell kit adds"
+
+    @property
+    def source_line(self) -> str:
+        line = next((ln for ln in self.cell.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+        line = line.strip()
+        return line if len(line) <= 80 else line[:77] + "..."
+
+
+def _locate(executed: Path, positions: Mapping[str, int], failed_status: bool) -> _Culprit | None:
+    """The cell that failed (papermill marks it) or, after a timeout or a dead kernel, the last one started."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # the notebook was never written: nothing to point at
+        return None
+    culprit = None
+    for cell in nb.cells:
+        pm = cell.metadata.get("papermill", {})
+        if failed_status and pm.get("status") == "failed":
+            culprit = cell
+            break
+        if not failed_status and cell.cell_type == "code" and pm.get("start_time"):
+            culprit = cell
+    return None if culprit is None else _Culprit(nb, culprit, positions.get(culprit.get("id")))
+
+
+def _mark_failure(executed: Path, found: _Culprit, headline: str, ename: str, evalue: str) -> None:
+    """After a timeout or a dead kernel papermill marks nothing: mark the cell as it does for errors."""
+    import nbformat
+    from papermill.execute import ERROR_MARKER_TAG
+
+    nb, cell = found.nb, found.cell
+    pm = cell.metadata.setdefault("papermill", {})
+    pm["status"], pm["exception"] = "failed", True
+    if not any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+        cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
+    style = 'style="color:red; font-family:Helvetica Neue, Helvetica, Arial, sans-serif; font-size:2em;"'
+    banner = nbformat.v4.new_markdown_cell(f'<span {style}>{html.escape(headline)} '
+                                           f'(<a href="#kit-gate-failed-cell">go to the cell</a>).</span>')
+    anchor = nbformat.v4.new_markdown_cell(f'<span id="kit-gate-failed-cell" {style}>{html.escape(headline)}:</span>')
+    for c in (banner, anchor):
+        c.metadata["tags"] = [ERROR_MARKER_TAG]
+    idx = nb.cells.index(cell)
+    nb.cells.insert(idx, anchor)
+    nb.cells.insert(0, banner)
+    atomic_write_text(executed, nbformat.writes(nb))
+
+
+def _run_one(
+    src: Path, nb: Any, executed: Path, records: Path, kernel_log: Path, params: dict[str, Any],
+    kernel_name: str, timeout: float, run_id: str,
+) -> tuple[str, str | None, int | None, str | None, str | None]:
+    """Run one notebook; returns (status, error, cell, ename, evalue). Never raises for a verdict."""
+    import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    prepared, positions = _prepare(nb, records, executed.name, run_id)
+    status, error, cell, ename, evalue = "passed", None, None, None, None
+    try:
+        papermill.execute_notebook(
+            prepared, str(executed), parameters=params, kernel_name=kernel_name, language="python",
+            progress_bar=False, log_output=False, start_timeout=START_TIMEOUT, report_mode=False,
+            cwd=str(src.parent), execution_timeout=timeout,
+            kernel_manager_class=_kernel_manager_class(kernel_name, kernel_log),
+        )
+    except PapermillExecutionError as exc:
+        found = _locate(executed, positions, failed_status=True)
+        cell = found.position if found else None
+        status, ename, evalue = "error", exc.ename, exc.evalue
+        where = found.where if found else f"cell index {exc.cell_index}"
+        error = f"{src.name}: {where} raised {exc.ename}: {exc.evalue}" + (
+            f"  [{found.source_line}]" if found and found.source_line else "")
+    except (CellTimeoutError, DeadKernelError) as exc:
+        dead = isinstance(exc, DeadKernelError)
+        found = _locate(executed, positions, failed_status=False)
+        cell = found.position if found else None
+        status, ename = ("dead-kernel" if dead else "timeout"), type(exc).__name__
+        where = found.where if found else "a cell"
+        if dead:
+            evalue = "the kernel process died (crashed, was killed, or ran out of memory)"
+            headline = f"The kernel died while running {where}"
+        else:
+            evalue = f"the cell ran longer than the execution timeout of {timeout:g}s"
+            headline = f"Timed out after {timeout:g}s while running {where}"
+        if found:
+            _mark_failure(executed, found, headline, ename, evalue)
+        error = f"{src.name}: {where} {'killed the kernel' if dead else 'timed out'}: {evalue}" + (
+            f"  [{found.source_line}]" if found and found.source_line else "") + f"; kernel log: {kernel_log.name}"
+    except Exception as exc:
+        # A kernel that never started, or papermill failing in a way this code does not know:
+        # still a verdict (fail closed) with whatever evidence exists.
+        status, ename, evalue = "error", type(exc).__name__, str(exc)
+        error = f"{src.name}: could not be executed: {type(exc).__name__}: {exc}; kernel log: {kernel_log.name}"
+    return status, error, cell, ename, evalue
+
+
+def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_sha256: str,
+                      prefix: str) -> list[str]:
+    """What in a notebook's records breaks the gate's promises, besides failed checks.
+
+    The kernel must have run the environment at ``prefix`` (the one that will serve), and every
+    artifact the notebook declared with :func:`artifact` must be the one being gated.
+    """
+    problems = []
+    for r in records:
+        if r.get("kind") == "kernel" and Path(str(r.get("prefix"))).resolve() != Path(prefix).resolve():
+            problems.append(f"the kernel ran {r.get('executable')} (prefix {r.get('prefix')}), not this "
+                            f"environment ({prefix}); validate in the environment that will serve")
+        if r.get("kind") == "kernel" and r.get("kit") and r["kit"] != kit_location():
+            problems.append(f"the kernel imported kit from {r['kit']}, this process from "
+                            f"{kit_location()}; install kit once in the environment (make env)")
+        if r.get("kind") == "artifact" and r.get("sha256") != artifact_sha256:
+            problems.append(f"it loaded artifact {r.get('ref') or ''} sha256 {str(r.get('sha256'))[:12]}, "
+                            f"not {ref} ({artifact_sha256[:12]})".replace("artifact  sha256", "artifact sha256"))
+    return problems
+
+
+def run_gate(
+    registry: Any,
+    name: str,
+    version: int | str,
+    notebooks: Sequence[str | Path] | None = None,
+    params: Mapping[str, Any] | None = None,
+    *,
+    timeout: float = 600.0,
+    kernel_name: str | None = None,
+    progress: Progress | None = None,
+) -> GateResult:
+    """Run the validation notebooks against ``name@version`` and record the verdict beside it.
+
+    Parameters
+    ----------
+    registry : kit.registry.Registry
+    name, version : the model and version (a number, ``"latest"``, ``"production"``, ``"canary"``).
+    notebooks : validation notebooks to run, in order; default ``notebooks/validation/default.ipynb``.
+    params : parameters for every notebook; each must declare each one (else GateError). ``registry``,
+        ``model_name`` and ``version`` are filled in from the arguments where a notebook declares them.
+    timeout : seconds any one cell may run (papermill's execution timeout).
+    kernel_name : a Jupyter kernel; default: a private kernelspec for this very interpreter.
+    progress : called with one line per step (the CLI passes ``click.echo``).
+
+    Returns
+    -------
+    GateResult : ``passed`` only if every notebook ran without error, recorded at least one check,
+        and every check passed. Failing is a verdict, not an exception.
+    """
+    say = progress or (lambda _line: None)
+    t0 = time.perf_counter()
+    mv = registry.get(name, version)
+    bad = [r for r in registry.verify(mv.name, mv.version) if not r.ok]
+    if bad:
+        raise GateError(f"{mv.ref} fails its sha256 check ({'; '.join(bad[0].problems)}); a gate on it would "
+                        "prove nothing. Restore the files or register the model again.")
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
+    params = dict(params or {})
+    reserved = sorted(set(params) & set(AUTO_PARAMS))
+    if reserved:
+        raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them from {mv.ref} itself, so the "
+                        "notebook tests exactly the artifact being gated. Gate another version with NAME@VERSION.")
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise GateError(f"Gate parameters must be JSON values (numbers, strings, lists...): {exc}") from exc
+    loaded = [(p, _load_notebook(p)) for p in paths]
+    auto = {"registry": str(registry.root), "model_name": mv.name, "version": mv.version}
+    per_nb = []
+    for p, _nb in loaded:  # every notebook is checked before any runs
+        declared = check_params(p, params)
+        per_nb.append({**{k: v for k, v in auto.items() if k in declared}, **params})
+    kernel = ensure_kernel(kernel_name)
+
+    run_id, started = _utc_stamp()
+    run_id = f"{run_id}-{uuid.uuid4().hex[:6]}"
+    run_dir = gates_dir(registry.version_dir(mv.name, mv.version)) / run_id
+    run_dir.mkdir(parents=True)
+    log.info("gate %s on %s: %d notebook(s), evidence in %s", run_id, mv.ref, len(paths), run_dir)
+
+    all_checks: list[Check] = []
+    runs: list[NotebookRun] = []
+    kernels: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for i, ((src, nb), nb_params) in enumerate(zip(loaded, per_nb), 1):
+        stem = src.stem
+        while stem in used:
+            stem += "-2"
+        used.add(stem)
+        executed = run_dir / f"{stem}.ipynb"
+        records = run_dir / f"{stem}.checks.jsonl"
+        kernel_log = run_dir / f"{stem}.kernel.log"
+        say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} ...")
+        t = time.perf_counter()
+        status, error, cell, ename, evalue = _run_one(
+            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id)
+        seconds = round(time.perf_counter() - t, 2)
+
+        recs = read_records(records)
+        nb_checks = [Check.from_dict({**r, "notebook": executed.name}) for r in recs if r.get("kind") == "check"]
+        all_checks.extend(nb_checks)
+        k = next((r for r in recs if r.get("kind") == "kernel"), None)
+        if k:
+            kernels.append({"notebook": executed.name, **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
+        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix)
+        if status == "passed":
+            failed = [c for c in nb_checks if not c.passed]
+            if failed:
+                problems.insert(0, "check(s) failed: " + "; ".join(c.line()[6:] for c in failed))
+            if not nb_checks:
+                problems.insert(0, "it recorded no check (a gate needs at least one kit.gate.check(...) "
+                                   "per notebook)")
+            if problems:
+                status, error = "failed", f"{src.name}: " + "; ".join(problems)
+        elif problems:
+            error = f"{error}; also: {'; '.join(problems)}"
+        runs.append(NotebookRun(notebook=str(src), executed=executed, status=status, seconds=seconds,
+                                checks=len(nb_checks), error=error, cell=cell, ename=ename, evalue=evalue,
+                                notebook_sha256=sha256_file(src)))
+        say(f"[{i}/{len(loaded)}] {src.name}: {status}, {len(nb_checks)} check(s) "
+            f"({sum(c.passed for c in nb_checks)} passed) in {seconds:.1f}s")
+        log.info("gate %s: %s %s in %.1fs", run_id, src.name, status, seconds)
+
+    passed = all(r.ok for r in runs)
+    errors = [r.error for r in runs if r.error]
+    result = GateResult(
+        run_id=run_id, passed=passed, name=mv.name, version=mv.version, artifact_sha256=mv.artifact_sha256,
+        run_dir=run_dir, report=run_dir / REPORT_FILE, checks=tuple(all_checks), notebooks=tuple(runs),
+        error=None if passed else " | ".join(errors) or "the gate did not pass",
+        seconds=round(time.perf_counter() - t0, 2), started=started, params=params,
+        kernel={"name": kernel, "caller_executable": sys.executable, "caller_prefix": sys.prefix,
+                "kernels": kernels},
+        registry_root=Path(registry.root),
+    )
+    try:
+        write_report(result)
+    except Exception as exc:  # a report that cannot render must not lose the verdict
+        log.warning("could not render %s: %s", result.report, exc)
+        atomic_write_text(result.report, f"<pre>{html.escape(render_text(result))}\n\n(report rendering "
+                                         f"failed: {html.escape(str(exc))})</pre>")
+    write_result(result)
+    registry.record_event(
+        mv.name, "gate", version=mv.version, run_id=run_id, passed=passed, artifact_sha256=mv.artifact_sha256,
+        checks=len(all_checks), failed=[c.name for c in result.failed_checks], error=result.error,
+        report=result.to_dict()["report"], seconds=result.seconds,
+        notebooks=[Path(r.notebook).name for r in runs],
+    )
+    log.info("gate %s on %s: %s", run_id, mv.ref, "passed" if passed else f"FAILED: {result.error}")
+    return result
+
