@@ -83,8 +83,11 @@ class ApiKeys:
         """True when ``presented`` hashes to a stored key; every stored hash is compared (constant time)."""
         if not presented:
             return False
+        return self.check_digest(hash_key(presented))
+
+    def check_digest(self, digest: str) -> bool:
+        """True when the sha256 hex ``digest`` of a presented key is stored (for callers that hashed it once)."""
         self._maybe_reload()
-        digest = hash_key(presented)
         ok = False
         for h in self._static + self._file_hashes:
             ok |= hmac.compare_digest(digest, h)
