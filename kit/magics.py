@@ -326,18 +326,13 @@ def _unquote(s: str | None) -> str | None:
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
-    import ast
+    """The library's one rule (kit.gate.params.parse_params); its GateError becomes a UsageError."""
+    from kit.gate.params import parse_params
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise UsageError(f"%deploy: --param {item!r} is not KEY=VALUE (e.g. --param min_accuracy=0.9).")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw  # a plain string, e.g. a path
-    return out
+    try:
+        return parse_params([_unquote(i) or "" for i in items])
+    except KitError as exc:
+        raise UsageError(f"%deploy: --param: {exc}") from None
 
 
 def _resolve_nb(nb: str, cfg: KitConfig) -> str:

@@ -17,8 +17,8 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
 @click.option("--notebook", "notebooks", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Validation notebook to run (repeatable); default notebooks/validation/default.ipynb.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Notebook parameter (repeatable), e.g. -p min_accuracy=0.95. Values are read as JSON "
-                   "when they parse, else as text. Every notebook must declare every parameter.")
+              help="Notebook parameter (repeatable), e.g. -p min_accuracy=0.95. Values are JSON, else Python "
+                   "literals, else text (as %deploy --param). Every notebook must declare every parameter.")
 @click.option("--timeout", type=float, default=None,
               help="Seconds any one cell may run (default: gate_timeout from the config, 600).")
 @click.option("--kernel", "kernel_name", default=None,

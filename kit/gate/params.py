@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -18,28 +19,52 @@ AUTO_PARAMS = ("registry", "model_name", "version")
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
     """``["min_accuracy=0.9", "data=/tmp/x.npz"]`` -> ``{"min_accuracy": 0.9, "data": "/tmp/x.npz"}``.
 
-    Values are read as JSON when they parse (numbers, true/false/null, "quoted", [lists]); Python's
-    True/False/None work too; anything else is a string.
+    The one rule for every face (``%deploy --param``, ``kit validate -p``, the panel): see
+    :func:`parse_value`. A key must be a Python identifier; a key given twice is an error.
     """
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, raw = str(item).partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
             raise GateError(f"Parameter {item!r} is not key=value with a Python identifier as key "
-                            "(e.g. -p min_accuracy=0.95).")
-        out[key] = _parse_value(raw)
+                            "(e.g. min_accuracy=0.95).")
+        if key in out:
+            raise GateError(f"Parameter {key!r} is given twice ({key}={out[key]!r} and {item!r}); give it once.")
+        out[key] = parse_value(raw)
     return out
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A parameter value: JSON when it parses (``0.9``, ``true``, ``"text"``, ``[1, 2]``, ``{"a": 1}``),
+    else a Python literal (``True``, ``None``, ``'text'``, ``(1, 2)`` -> ``[1, 2]``), else the text itself
+    (``data=/tmp/x.npz``). Numbers must be finite: a gate's parameters are stored as strict JSON.
+    """
     s = raw.strip()
-    if s in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[s]
     try:
-        return json.loads(s)
+        value = json.loads(s)
     except ValueError:
-        return raw
+        try:
+            value = _plain(ast.literal_eval(s))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return raw
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise GateError(f"Parameter value {raw!r} is not a finite number; gate parameters are stored as "
+                        "strict JSON (give a finite number, or quote it to pass text).") from None
+    return value
+
+
+def _plain(v: Any) -> Any:
+    """A Python literal as a JSON value (tuples become lists); TypeError for sets, bytes, complex."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: _plain(x) for k, x in v.items()}
+    raise TypeError(type(v).__name__)
 
 
 _ASSIGN = re.compile(r"^([A-Za-z_]\w*)\s*(?::[^=]+)?=(?!=)")

@@ -85,7 +85,7 @@ def test_user_errors_are_usage_errors(with_model, capsys, registry):
     assert_usage_error(ip, capsys, "%deploy model --example x --name ../etc", "Invalid model name")
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --promote --canary 10%", "not both")
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --canary 150", "150%")
-    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --param nonsense", "KEY=VALUE")
+    assert_usage_error(ip, capsys, "%deploy model --example x --name digits --param nonsense", "key=value")
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --validate missing.ipynb", "missing.ipynb")
     # --canary without a production version is refused before anything is captured or registered.
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --canary 10%",

@@ -106,6 +106,34 @@ def test_parse_params_refuses_malformed_items(item):
         gate.parse_params([item])
 
 
+def test_parse_params_takes_python_literals_too():
+    """One rule for %deploy --param and kit validate -p: JSON, else a Python literal, else text."""
+    assert gate.parse_params(["a='x.npz'", "b=(1, 2)", "c=False", "d={'k': 1}", "e=0.5 ", "f=a b"]) == {
+        "a": "x.npz", "b": [1, 2], "c": False, "d": {"k": 1}, "e": 0.5, "f": "a b"}
+    assert gate.parse_params(["s={1, 2}"]) == {"s": "{1, 2}"}  # a set is no JSON value: kept as text
+
+
+@pytest.mark.parametrize("item", ["x=NaN", "x=1e999", "x=[Infinity]", "x=float('nan')"])
+def test_parse_params_refuses_non_finite_numbers(item):
+    if item == "x=float('nan')":  # a call is no literal: it stays text
+        assert gate.parse_params([item]) == {"x": "float('nan')"}
+        return
+    with pytest.raises(GateError, match="not a finite number"):
+        gate.parse_params([item])
+
+
+def test_parse_params_refuses_a_key_given_twice():
+    with pytest.raises(GateError, match="given twice"):
+        gate.parse_params(["a=1", "a=2"])
+
+
+def test_the_magic_and_the_cli_share_the_parser():
+    from kit.magics import _parse_params
+
+    items = ["a='x.npz'", "b=(1, 2)", "c=true", "d=None", "e=/tmp/x.npz"]
+    assert _parse_params(items) == gate.parse_params(items)
+
+
 def test_check_params_names_the_unknown_and_the_known():
     with pytest.raises(GateError) as e:
         gate.check_params(FIXTURES / "passes.ipynb", {"treshold": 0.9, "label": "x"})
