@@ -29,6 +29,17 @@ class KitConfig:
     require_gate: bool = True
     user: str = "unknown"
     gate_timeout: float = 600.0
+    # Signing (kit.signing): the key folder (default ~/.config/kit/keys, or $XDG_CONFIG_HOME/kit/keys),
+    # or one private key file that signs instead; more trusted public keys ("ed25519:...").
+    keys_dir: Path | None = None
+    signing_key: Path | None = None
+    trusted_keys: tuple[str, ...] = ()
+
+    def keyring(self) -> Any:
+        """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
+        from kit.signing import Keyring
+
+        return Keyring(self.keys_dir, signing_key=self.signing_key, trusted=self.trusted_keys)
 
     def with_(self, **changes: Any) -> "KitConfig":
         return dataclasses.replace(self, **changes)
@@ -40,6 +51,9 @@ _ENV_KEYS = {
     "KIT_REQUIRE_GATE": "require_gate",
     "KIT_USER": "user",
     "KIT_GATE_TIMEOUT": "gate_timeout",
+    "KIT_KEYS_DIR": "keys_dir",
+    "KIT_SIGNING_KEY": "signing_key",
+    "KIT_TRUSTED_KEYS": "trusted_keys",
 }
 
 
@@ -67,6 +81,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _coerce(key: str, value: Any) -> Any:
     if key in ("registry", "project_root"):
         return Path(value)
+    if key in ("keys_dir", "signing_key"):
+        return Path(str(value)).expanduser()
+    if key == "trusted_keys":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
+            raise ConfigError(f"trusted_keys must be a list of \"ed25519:...\" strings, got {value!r}.")
+        return tuple(k.strip() for k in items if k.strip())
     if key == "require_gate":
         if isinstance(value, bool):
             return value
@@ -106,7 +127,8 @@ def load_config(
         raise ConfigError(
             f"Unknown Kit setting(s) {sorted(unknown)} in the config near {root}; known: {sorted(fields)}."
         )
-    values: dict[str, Any] = {"registry": "registry", "project_root": root, "user": _default_user()}
+    values: dict[str, Any] = {"registry": "registry", "project_root": root, "user": _default_user(),
+                              "keys_dir": _default_keys_dir(environ)}
     values.update(file_cfg)
     for env_key, key in _ENV_KEYS.items():
         if environ.get(env_key):
@@ -122,4 +144,12 @@ def load_config(
         registry = project_root / registry
     values["project_root"] = project_root
     values["registry"] = registry.resolve()
+    for key in ("keys_dir", "signing_key"):  # relative paths in kit.toml are relative to the project
+        if values.get(key) is not None and not values[key].is_absolute():
+            values[key] = (project_root / values[key]).resolve()
     return KitConfig(**values)
+
+
+def _default_keys_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return Path(base) / "kit" / "keys"

@@ -11,6 +11,8 @@ Errors also inherit the matching builtin so callers can catch either.
     │   └── VersionNotFoundError
     ├── RegistryCorruptError                     unreadable aliases.json / meta.json
     ├── IntegrityError                           sha256 mismatch, missing file
+    │   └── SignatureError                       unsigned, untrusted key, or signature does not match
+    ├── SigningKeyError (ConfigError)            no signing key / unreadable key or public key
     ├── UnsafeArtifactError                      refused to unpickle / unknown artifact format
     ├── CaptureError                             torch.export failed
     │   └── ParityError                          exported != eager beyond tolerance
@@ -54,6 +56,18 @@ class RegistryCorruptError(KitError):
 
 
 class IntegrityError(KitError):
+    pass
+
+
+class SignatureError(IntegrityError):
+    """A file is unsigned, signed by a key not trusted here, or changed after signing. ``key_id``: the signer."""
+
+    def __init__(self, message: str, *, key_id: str | None = None):
+        super().__init__(message)
+        self.key_id = key_id
+
+
+class SigningKeyError(ConfigError):
     pass
 
 

@@ -33,9 +33,12 @@ from typing import Any
 
 import filelock
 
+from kit.signing import Keyring, sig_path, sign_file, verify_bytes, verify_file
+
 from kit._io import append_line, atomic_write_json, fsync_dir, sha256_file
 from kit.errors import (
     IntegrityError,
+    SignatureError,
     InvalidNameError,
     KitError,
     ModelNotFoundError,
@@ -183,6 +186,7 @@ class VerifyResult:
     ref: str
     ok: bool
     problems: tuple[str, ...] = ()
+    signed_by: str | None = None  # the trusted key whose signature of meta.json verified
 
 
 # --------------------------------------------------------------------------- lineage
@@ -223,14 +227,18 @@ def detect_source(environ: Mapping[str, str] | None = None, cwd: Path | None = N
 class Registry:
     """A registry rooted at a folder. Safe to use from many processes at once."""
 
-    def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None):
+    def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None,
+                 keyring: Keyring | None = None):
+        """``keyring`` signs what this registry writes (meta.json, gate results) and is the trust every
+        read checks signatures against. None: nothing is signed or signature-checked (sha256 only)."""
         self.root = Path(root).resolve()
         self.require_gate = require_gate
         self.user = user or "unknown"
+        self.keyring = keyring
 
     @classmethod
     def from_config(cls, config: Any) -> "Registry":
-        return cls(config.registry, require_gate=config.require_gate, user=config.user)
+        return cls(config.registry, require_gate=config.require_gate, user=config.user, keyring=config.keyring())
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -432,11 +440,14 @@ class Registry:
                 },
             }
             _check_json(meta, "metrics/tags/source")
+            signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
             with self.lock(name):
                 nums = self._version_numbers(name)
                 version = (nums[-1] + 1) if nums else 1
                 meta["version"] = version
                 atomic_write_json(tmp / "meta.json", meta)
+                if signer is not None:  # meta.json binds every file's sha256: its signature binds the version
+                    sign_file(tmp / "meta.json", signer)
                 fsync_dir(tmp)
                 final = self.version_dir(name, version)
                 os.rename(tmp, final)  # atomic: the version appears whole or not at all
@@ -488,18 +499,62 @@ class Registry:
         except KitError as exc:
             return VerifyResult(ref, False, (str(exc),))
         problems = []
-        for fname, expected in sorted(mv.files.items()):
-            if "/" in fname or fname.startswith("."):
-                problems.append(f"{fname}: unsafe file name in meta.json")
-                continue
-            p = mv.path / fname
-            if not p.is_file():
-                problems.append(f"{fname}: missing")
-            elif (got := sha256_file(p)) != expected:
-                problems.append(f"{fname}: sha256 {got[:12]}… != recorded {expected[:12]}…")
-        if artifact_digest(mv.files) != mv.artifact_sha256:
-            problems.append("meta.json: artifact_sha256 does not match the file hashes")
-        return VerifyResult(ref, not problems, tuple(problems))
+        signed_by = None
+        try:
+            signed_by = self.check_signature(mv)
+        except SignatureError as exc:
+            problems.append(str(exc))
+        problems += _file_problems(mv)
+        return VerifyResult(ref, not problems, tuple(problems), signed_by)
+
+    def trust(self) -> Any:
+        """The :class:`kit.signing.Trust` reads check against; None when this registry checks no signatures."""
+        return self.keyring.trust() if self.keyring is not None else None
+
+    def check_signature(self, mv: ModelVersion) -> str | None:
+        """The key id whose signature of ``meta.json`` verifies; None when this registry has no keyring.
+
+        Raises :class:`SignatureError` (naming the key and the fix) for an unsigned version, a key not
+        trusted here, or a ``meta.json`` changed after it was signed.
+        """
+        trust = self.trust()
+        if trust is None:
+            return None
+        fix = (f"Do not serve it: restore {mv.ref} from a copy you trust or register the model again. If "
+               f"you hold the key and its files are yours, re-sign it with `kit keys sign {mv.ref}`; if "
+               "another trusted key signed it, add that key's public key to the trusted keys (service.toml "
+               "[trust] public_keys, kit.toml trusted_keys).")
+        return verify_file(mv.path / "meta.json", trust, f"{mv.ref} (its meta.json)", fix)
+
+    def check_integrity(self, mv: ModelVersion) -> str | None:
+        """Signature of meta.json, then every file's sha256; returns the verified key id (or None)."""
+        signed_by = self.check_signature(mv)
+        problems = _file_problems(mv)
+        if problems:
+            raise IntegrityError(
+                f"{mv.ref} failed verification: {'; '.join(problems)}. The files were changed after "
+                "registration; restore them or register the model again."
+            )
+        return signed_by
+
+    def sign_version(self, name: str, version: int) -> str:
+        """Sign an existing version's meta.json (after checking every file's sha256); returns the key id.
+
+        For versions registered before signing (or without a key). Sign only versions you know are yours.
+        """
+        if self.keyring is None or not self.keyring.can_sign():
+            raise SignatureError(f"This registry has no signing key; sign {name}@{version} where your key is "
+                                 "(`kit keys list`).")
+        mv = self.get(name, version)
+        problems = _file_problems(mv)
+        if problems:
+            raise IntegrityError(f"Refusing to sign {mv.ref}: {'; '.join(problems)}.")
+        key = self.keyring.signer()
+        with self.lock(name):
+            sign_file(mv.path / "meta.json", key)
+            self._event(name, "sign", version=mv.version, key_id=key.key_id,
+                        artifact_sha256=mv.artifact_sha256)
+        return key.key_id
 
     def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True) -> "LoadedModel":
         """Load a version for inference, after verifying every file's sha256 (and the environment)."""
@@ -507,10 +562,11 @@ class Registry:
         from kit.env import Fingerprint, diff, fingerprint
 
         mv = self.get(name, ref)
-        res = self._verify_one(name, mv.version)
-        if not res.ok:
+        signed_by = self.check_signature(mv)  # SignatureError first: it names the key and the fix
+        problems = _file_problems(mv)
+        if problems:
             raise IntegrityError(
-                f"Refusing to load {mv.ref}: {'; '.join(res.problems)}. The files were changed after "
+                f"Refusing to load {mv.ref}: {'; '.join(problems)}. The files were changed after "
                 f"registration; restore them or register the model again."
             )
         drift = None
@@ -518,8 +574,11 @@ class Registry:
             drift = diff(Fingerprint.from_dict(mv.env), fingerprint())
             drift.raise_for_errors(f"This environment (for {mv.ref})")
         module = load_program(mv.path / MODEL_FILE)
+        name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
+        if callable(name_dims):
+            name_dims(Signature.from_dict(mv.signature))
         ins, outs = load_examples(mv.path / EXAMPLE_FILE)
-        return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift)
+        return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift, signed_by)
 
     # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
     def gate_root(self, name: str, version: int) -> Path:
@@ -529,15 +588,46 @@ class Registry:
         return gate_evidence.read_results(self.version_dir(name, version))
 
     def passing_gate(self, mv: ModelVersion) -> dict[str, Any] | None:
-        """The newest passing gate result recorded for exactly this artifact, if any."""
-        return gate_evidence.passing_result(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
+        """The newest passing gate result recorded for exactly this artifact, if any. With a keyring, only
+        results whose ``result.json.sig`` verifies against its trust count: a forged result is no gate."""
+        results = self.gate_results(mv.name, mv.version) if self.keyring is None else self._signed_gate_results(mv)
+        return gate_evidence.passing_result(results, mv.artifact_sha256)
+
+    def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
+        trust = self.trust()
+        out: list[dict[str, Any]] = []
+        for p in sorted(gate_evidence.gates_dir(mv.path).glob(f"*/{gate_evidence.RESULT_FILE}")):
+            try:
+                data = p.read_bytes()  # verify and parse the same bytes
+                verify_bytes(data, sig_path(p), trust, f"gate result {p.parent.name} of {mv.ref}",
+                             f"Run the gate again where a trusted key is: `kit validate {mv.ref}`.")
+                d = json.loads(data)
+            except SignatureError as exc:
+                log.warning("not counted as a gate: %s", exc)
+                continue
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+        return out
+
+    def sign_evidence(self, path: Path) -> str | None:
+        """Sign a file this registry wrote (a gate's result.json) with its key; the key id, or None unkeyed."""
+        if self.keyring is None or not self.keyring.can_sign():
+            return None
+        key = self.keyring.signer()
+        sign_file(path, key)
+        return key.key_id
 
     def gate_verdict(self, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
         """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version.
 
         "stale": the newest result was recorded for another artifact sha256.
         """
-        return gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
+        verdict, deciding = gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
+        if verdict == "passed" and self.keyring is not None and self.passing_gate(mv) is None:
+            return "unsigned", deciding  # a passing result.json no trusted key signed is no gate
+        return verdict, deciding
 
     # ---- alias moves
     def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> dict[str, Any] | None:
@@ -556,6 +646,16 @@ class Registry:
             )
         return gate
 
+    def _check_integrity_for(self, mv: ModelVersion, action: str) -> None:
+        try:
+            self.check_integrity(mv)
+        except SignatureError as exc:
+            raise SignatureError(f"Refusing to {action} {mv.ref} (forcing overrides the gate, never integrity): "
+                                 f"{exc}", key_id=exc.key_id) from exc
+        except IntegrityError as exc:
+            raise IntegrityError(f"Refusing to {action} {mv.ref} (forcing overrides the gate, never integrity): "
+                                 f"{exc}") from exc
+
     def _write_aliases(self, name: str, new: Aliases) -> Aliases:
         new = dataclasses.replace(new, serial=new.serial + 1, updated=utcnow())
         atomic_write_json(self.aliases_path(name), new.to_json())
@@ -568,6 +668,7 @@ class Registry:
         Promoting the current canary ends the canary.
         """
         mv = self.get(name, version)
+        self._check_integrity_for(mv, "promote")  # --force overrides the gate, never integrity
         with self.lock(name):
             gate = self._check_gate(mv, force, why, "promote")
             cur = self.aliases(name)
@@ -584,9 +685,14 @@ class Registry:
 
     def set_canary(self, name: str, version: int | str, weight: float, *, force: bool = False,
                    why: str | None = None, user: str | None = None) -> Aliases:
-        """Start (or re-weight) a canary: ``weight`` of traffic (0 < weight <= 1) goes to ``version``."""
+        """Start, re-weight or replace the canary: ``weight`` of traffic (0 < weight <= 1) goes to ``version``.
+
+        Faces call :func:`kit.traffic.set_traffic`, which states the rule and plans the move first.
+        """
         weight = _check_weight(weight)
         mv = self.get(name, version)
+        if self.aliases(name).canary != mv.version:  # re-weighting a running canary re-hashes nothing
+            self._check_integrity_for(mv, "start a canary of")
         with self.lock(name):
             cur = self.aliases(name)
             if cur.production is None:
@@ -664,6 +770,17 @@ class LoadedModel:
     example_inputs: tuple[Any, ...]
     reference_outputs: tuple[Any, ...]
     drift: Any = None
+    signed_by: str | None = None  # the trusted key whose signature of meta.json verified at load
+
+    def _mismatch_cause(self) -> str:
+        if self.signed_by:
+            return (f"Its files are the ones key {self.signed_by} signed (signature and sha256 verified at load), so "
+                    "they were not tampered with: this environment computes differently (another torch build, "
+                    "library or device). Re-validate the version here")
+        return ("Its files match meta.json's sha256 but no signature was checked (no trusted keys here), so "
+                "either someone who can write the registry replaced the weights and re-hashed meta.json, or "
+                "this environment computes differently. Verify it against a trusted key (`kit verify`, with "
+                "`kit keys`) before trusting it; if it verifies, re-validate the version here")
 
     def __call__(self, *inputs: Any) -> Any:
         import torch
@@ -679,7 +796,9 @@ class LoadedModel:
         atol = parity.get("atol", 1e-5) if atol is None else atol
         rtol = parity.get("rtol", 1e-4) if rtol is None else rtol
         out = self(*self.example_inputs)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
+        from kit.signature import flatten_outputs
+
+        outs = flatten_outputs(out, [s.name for s in self.signature.outputs])
         worst = 0.0
         for got, ref in zip(outs, self.reference_outputs):
             got = got.detach().cpu()
@@ -687,11 +806,28 @@ class LoadedModel:
                 d = float((got.double() - ref.double()).abs().max()) if got.shape == ref.shape else float("inf")
                 raise IntegrityError(
                     f"{self.version.ref} no longer reproduces its reference output (max |diff| {d:.3g}, "
-                    f"atol {atol:g}). The environment computes differently; re-validate the version here."
+                    f"atol {atol:g}). {self._mismatch_cause()}."
                 )
             if got.numel():
                 worst = max(worst, float((got.double() - ref.double()).abs().max()))
         return worst
+
+
+def _file_problems(mv: ModelVersion) -> list[str]:
+    """Every file's sha256 against meta.json (accidents; the signature of meta.json covers attackers)."""
+    problems = []
+    for fname, expected in sorted(mv.files.items()):
+        if "/" in fname or fname.startswith("."):
+            problems.append(f"{fname}: unsafe file name in meta.json")
+            continue
+        p = mv.path / fname
+        if not p.is_file():
+            problems.append(f"{fname}: missing")
+        elif (got := sha256_file(p)) != expected:
+            problems.append(f"{fname}: sha256 {got[:12]}… != recorded {expected[:12]}…")
+    if artifact_digest(mv.files) != mv.artifact_sha256:
+        problems.append("meta.json: artifact_sha256 does not match the file hashes")
+    return problems
 
 
 def artifact_digest(files: Mapping[str, str]) -> str:

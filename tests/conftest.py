@@ -34,12 +34,34 @@ def digits_model():
     return model, split, acc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _signing_keys_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Signing keys live in a per-session folder: kit (and every kit subprocess, notebook and service the
+    tests start) makes and reads keys there, never in the real ~/.config/kit/keys."""
+    keys = tmp_path_factory.mktemp("kit-keys")
+    old = os.environ.get("KIT_KEYS_DIR")
+    os.environ["KIT_KEYS_DIR"] = str(keys)
+    yield keys
+    if old is None:
+        os.environ.pop("KIT_KEYS_DIR", None)
+    else:
+        os.environ["KIT_KEYS_DIR"] = old
+
+
 @pytest.fixture
-def registry(tmp_path: Path):
-    """An empty registry in a temporary folder, gate requirement on (as in production)."""
+def keyring(_signing_keys_dir: Path):
+    """The session's signing keyring (its key is made on first use, as for a new project)."""
+    from kit.signing import Keyring
+
+    return Keyring(_signing_keys_dir)
+
+
+@pytest.fixture
+def registry(tmp_path: Path, keyring):
+    """An empty registry in a temporary folder, gate requirement on and signing on (as in production)."""
     from kit.registry import Registry
 
-    return Registry(tmp_path / "registry", require_gate=True, user="tester")
+    return Registry(tmp_path / "registry", require_gate=True, user="tester", keyring=keyring)
 
 
 @pytest.fixture
