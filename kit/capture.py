@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, inspect_pt2, load_exported_program, save_program
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class CapturedModel:
         """Write ``model.pt2`` and ``example.npz`` into ``directory``; returns the files written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.export.save(self.program, directory / MODEL_FILE)
+        save_program(self.program, directory / MODEL_FILE)
         save_examples(directory / EXAMPLE_FILE, self.example_inputs, self.reference_outputs)
         return [directory / MODEL_FILE, directory / EXAMPLE_FILE]
 
@@ -291,29 +291,13 @@ def capture(
 
 # --------------------------------------------------------------------------- safe loading
 
-_ZIP_MAGIC = b"PK\x03\x04"
+def load_program(path: Path, limits: Limits = DEFAULT_LIMITS) -> torch.nn.Module:
+    """Load a ``.pt2`` exported program as a callable module. Never unpickles, never runs artifact code.
 
-
-def load_program(path: Path) -> torch.nn.Module:
-    """Load a ``.pt2`` exported program as a callable module. Never unpickles arbitrary objects."""
-    path = Path(path)
-    if path.suffix != ".pt2":
-        raise UnsafeArtifactError(
-            f"Refusing to load {path.name}: Kit loads torch.export programs (.pt2) only, never pickles. "
-            "Capture the model with kit.capture.capture()."
-        )
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != _ZIP_MAGIC or not zipfile.is_zipfile(path):
-        raise UnsafeArtifactError(
-            f"Refusing to load {path}: it is not a torch.export archive (no zip header; a pickle, perhaps). "
-            "Re-capture the model with kit.capture.capture()."
-        )
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise UnsafeArtifactError(f"{path} is not a loadable torch.export program: {exc}") from exc
-    return exported_forward(program)
+    :func:`kit.artifacts.inspect_pt2` checks the archive first (``UnsafeArtifactError`` naming the entry);
+    the weights are then mapped from the file, shared between processes, never copied per worker.
+    """
+    return exported_forward(load_exported_program(inspect_pt2(Path(path), limits)))
 
 
 def exported_forward(program: torch.export.ExportedProgram) -> torch.nn.Module:
@@ -418,8 +402,9 @@ def save_examples(path: Path, inputs: Sequence[torch.Tensor], outputs: Sequence[
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs confuse **arrays with allow_pickle
 
 
-def load_examples(path: Path) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Example inputs and reference outputs; ``allow_pickle=False`` refuses object arrays."""
+def load_examples(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Example inputs and reference outputs: ``.npy`` members only, no object arrays, bounded sizes."""
+    check_npz(Path(path), limits)
     with np.load(Path(path), allow_pickle=False) as z:
         ins = sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k.split("_")[1]))
         outs = sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k.split("_")[1]))

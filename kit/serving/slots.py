@@ -209,8 +209,8 @@ class ModelSlots:
             loaded = dataclasses.replace(loaded, module=loaded.module.to(dev),
                                          example_inputs=tuple(t.to(dev) for t in loaded.example_inputs))
         loaded.check_reference()  # warm-up and the stored reference output
-        forward = _make_forward(loaded.module, device)
         sig = loaded.signature
+        forward = _make_forward(loaded.module, device, [s.name for s in sig.outputs])
         max_batch = max(1, min(self.max_batch, sig.max_batch))
         # warm the largest batch too, so the first big dynamic batch pays no first-call cost
         big = tuple(t.cpu()[[i % t.shape[0] for i in range(max_batch)]] for t in loaded.example_inputs)
@@ -229,8 +229,11 @@ class ModelSlots:
         return slot
 
 
-def _make_forward(module: Any, device: str) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+def _make_forward(module: Any, device: str, names: list[str]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """``inputs -> outputs`` as tuples of tensors; a dict output becomes its values in signature order."""
     import torch
+
+    from kit.signature import flatten_outputs
 
     # Call forward directly, skipping nn.Module.__call__'s hook machinery. For kit.capture.ExportedForward
     # (what Registry.load returns for inference programs) forward still checks rank, static dims and dtype
@@ -241,14 +244,13 @@ def _make_forward(module: Any, device: str) -> Callable[[tuple[Any, ...]], tuple
         def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
             with torch.inference_mode():
                 out = call(*inputs)
-            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            return flatten_outputs(out, names)
     else:
         dev = torch.device(device)
 
         def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
             with torch.inference_mode():
                 out = call(*(t.to(dev, non_blocking=True) for t in inputs))
-            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-            return tuple(o.cpu() for o in outs)
+            return tuple(o.cpu() for o in flatten_outputs(out, names))
     return forward
 

@@ -1,0 +1,485 @@
+"""Kit reads its own artifacts before torch or numpy touches them: nothing in one can run code.
+
+A ``torch.export`` archive (``.pt2``) is a zip that may carry pickles — ``opaque_obj_*`` constants
+(``pickle.loads``), ``custom_obj_*`` torchbind objects, weights and constants marked ``use_pickle``, the
+sample inputs (torch retries them with ``weights_only=False``), legacy ``data/weights/<model>.pt`` files —
+native code (AOTInductor), and program text that torch evaluates: sympy expressions (``sympify`` is
+``eval``), guard code (compiled into a function by ``ExportedProgram.module()``), and operator targets
+resolved by ``getattr`` from the ``torch`` module (``torch.os.system`` resolves). :func:`inspect_pt2`
+opens the zip itself and refuses, with :class:`~kit.errors.UnsafeArtifactError` naming the entry, anything
+but the raw tensors, JSON and markers that Kit's own captures hold, and program text outside a small
+grammar. It also bounds what opening costs (:class:`Limits`). :func:`load_program` then builds the program
+from what was checked — raw tensor bytes mapped read-only from the file, so the page cache is shared by
+every worker — and never hands torch a byte it could unpickle.
+
+``check_npz`` does the same for ``example.npz``: ``.npy`` members only, no object arrays, bounded sizes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from kit.errors import UnsafeArtifactError
+
+GiB = 1 << 30
+DEFAULT_MAX_ARTIFACT_BYTES = 8 * GiB
+MODEL_NAME = "model"  # torch.export.save names its single program "model"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What opening one artifact may cost.
+
+    max_bytes : total uncompressed size of all entries (also the bound for any one entry).
+    max_entries : number of zip entries.
+    max_ratio : uncompressed / compressed size of a compressed entry (zip bombs); stored entries have 1.
+    max_json_bytes : the program and config JSON (parsed into Python objects, so ~10x in memory).
+    """
+
+    max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    max_entries: int = 10_000
+    max_ratio: float = 50.0
+    max_json_bytes: int = 256 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One zip member: name inside the archive root, where its bytes start in the file, its sizes."""
+
+    name: str
+    data_offset: int
+    size: int
+    compressed_size: int
+    stored: bool
+
+
+@dataclass(frozen=True)
+class Pt2Archive:
+    """A ``.pt2`` that passed :func:`inspect_pt2`: entries by name (root folder stripped), parsed JSON."""
+
+    path: Path
+    root: str
+    entries: dict[str, Entry]
+    program_json: bytes
+    weights: dict[str, dict[str, Any]]
+    constants: dict[str, dict[str, Any]]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(e.size for n, e in self.entries.items() if n.startswith(("data/weights/weight_", "data/constants/tensor_")))
+
+
+def _refuse(path: Path, what: str, fix: str = "Re-capture the model with kit.capture.capture() and register it again.") -> UnsafeArtifactError:
+    return UnsafeArtifactError(f"Refusing to load {path}: {what}. Kit never unpickles or runs code from an artifact. {fix}")
+
+
+# --------------------------------------------------------------------------- zip structure
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature .. extra field length (30 bytes)
+
+
+def _zip_entries(path: Path, limits: Limits) -> list[Entry]:
+    """Every member with its data offset; refuses duplicates, overlaps, bombs and oversize members."""
+    size = path.stat().st_size
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _refuse(path, f"it is not a torch.export archive (not a zip: {exc}; a pickle, perhaps)") from exc
+    with zf, open(path, "rb") as f:
+        infos = zf.infolist()
+        if len(infos) > limits.max_entries:
+            raise _refuse(path, f"{len(infos)} entries exceed the limit of {limits.max_entries}")
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise _refuse(path, f"entry {dup!r} appears twice (zip readers disagree on which one counts)")
+        entries, total = [], 0
+        for info in infos:
+            entry = _one_entry(path, f, info, size, limits)
+            total += entry.size
+            if total > limits.max_bytes:
+                raise _refuse(path, f"its entries hold more than {limits.max_bytes} bytes uncompressed "
+                              "(the artifact size limit)", "Raise [model] max_artifact_bytes if the model is that large.")
+            entries.append(entry)
+    spans = sorted((e.data_offset, e.data_offset + e.compressed_size, e.name) for e in entries)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise _refuse(path, f"entries {a!r} and {b!r} share bytes (an overlapping zip: a zip bomb)")
+    return entries
+
+
+def _one_entry(path: Path, f: Any, info: zipfile.ZipInfo, file_size: int, limits: Limits) -> Entry:
+    name = info.filename
+    if info.flag_bits & 0x1:
+        raise _refuse(path, f"entry {name!r} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _refuse(path, f"entry {name!r} uses compression method {info.compress_type}")
+    if info.file_size > limits.max_bytes:
+        raise _refuse(path, f"entry {name!r} is {info.file_size} bytes uncompressed, over the limit of "
+                      f"{limits.max_bytes}", "Raise [model] max_artifact_bytes if the model is that large.")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if stored and info.file_size != info.compress_size:
+        raise _refuse(path, f"entry {name!r} is stored but claims {info.file_size} bytes in {info.compress_size}")
+    if not stored and info.file_size > max(info.compress_size, 1) * limits.max_ratio:
+        raise _refuse(path, f"entry {name!r} expands {info.file_size / max(info.compress_size, 1):.0f}x "
+                      f"(limit {limits.max_ratio:.0f}x): a zip bomb")
+    f.seek(info.header_offset)
+    head = f.read(_LOCAL_HEADER.size)
+    if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+        raise _refuse(path, f"entry {name!r} has no local header where the directory says")
+    fields = _LOCAL_HEADER.unpack(head)
+    name_len, extra_len = fields[9], fields[10]
+    local_name = f.read(name_len).decode("utf-8", "replace")
+    if local_name != name or fields[3] != info.compress_type:
+        raise _refuse(path, f"entry {name!r} disagrees with its local header ({local_name!r})")
+    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if offset + info.compress_size > file_size:
+        raise _refuse(path, f"entry {name!r} runs past the end of the file (truncated?)")
+    return Entry(name, offset, info.file_size, info.compress_size, stored)
+
+
+def read_entry(path: Path, entry: Entry) -> bytes:
+    """An entry's bytes (decompressed, already bounded by :func:`inspect_pt2`)."""
+    with zipfile.ZipFile(path) as zf, zf.open(entry.name) as member:
+        return member.read()  # zipfile stops at the size checked against the limits
+
+
+# --------------------------------------------------------------------------- which entries may exist
+
+# Entries Kit's own captures hold (torch.export.save of one program, torch 2.13), relative to the root.
+_MARKERS = {"archive_format": b"pt2", "archive_version": b"0", "byteorder": None,
+            ".data/version": None, ".data/serialization_id": None}
+_PROGRAM = f"models/{MODEL_NAME}.json"
+_WEIGHTS_CONFIG = f"data/weights/{MODEL_NAME}_weights_config.json"
+_CONSTANTS_CONFIG = f"data/constants/{MODEL_NAME}_constants_config.json"
+_SAMPLE_INPUTS = f"data/sample_inputs/{MODEL_NAME}.pt"
+_RAW = re.compile(r"data/weights/weight_\d{1,9}|data/constants/tensor_\d{1,9}")
+_WHY = (
+    ("data/constants/opaque_obj_", "an opaque object constant (torch reads it with pickle.loads)"),
+    ("data/constants/custom_obj_", "a torchbind object constant (a pickle torch reads natively)"),
+    ("data/aotinductor/", "AOTInductor native code"),
+    ("data/executorch/", "an ExecuTorch program"),
+    ("data/mtia", "an MTIA program"),
+    ("xl_model_weights/", "XL weights (read with torch.load)"),
+    ("data/sample_inputs/", "sample inputs (a pickle torch retries with weights_only=False)"),
+    ("data/weights/", "legacy pickled weights"),
+    ("data/constants/", "legacy pickled constants"),
+    ("extra/", "an extra file Kit does not write"),
+    ("models/", "a second program"),
+)
+
+
+def _why_refused(name: str) -> str:
+    for prefix, why in _WHY:
+        if name.startswith(prefix):
+            return why
+    return "an entry Kit's captures never hold"
+
+
+def _split_root(path: Path, entries: list[Entry]) -> tuple[str, dict[str, Entry]]:
+    roots = {e.name.split("/", 1)[0] for e in entries}
+    if len(roots) != 1 or any("/" not in e.name for e in entries):
+        raise _refuse(path, f"entries are not under one root folder ({sorted(roots)[:3]})")
+    root = roots.pop()
+    by_name: dict[str, Entry] = {}
+    for e in entries:
+        rel = e.name.split("/", 1)[1]
+        if rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+            raise _refuse(path, f"entry {e.name!r} has an unsafe path")
+        by_name[rel] = e
+    return root, by_name
+
+
+def _check_names(path: Path, root: str, entries: dict[str, Entry]) -> None:
+    for rel, e in entries.items():
+        if rel in _MARKERS or rel in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG) or _RAW.fullmatch(rel):
+            continue
+        if rel == _SAMPLE_INPUTS and e.size == 0:
+            continue  # Kit saves without sample inputs: the entry is there, empty
+        raise _refuse(path, f"entry '{root}/{rel}' is {_why_refused(rel)}")
+    for need in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG, "archive_version"):
+        if need not in entries:
+            raise _refuse(path, f"entry {root}/{need} is missing: not a torch.export archive of one program")
+
+
+# --------------------------------------------------------------------------- configs and program text
+
+def _payload_config(path: Path, root: str, rel: str, raw: bytes, prefix: str, entries: dict[str, Entry]) -> dict[str, dict[str, Any]]:
+    where = f"{root}/{rel}"
+    try:
+        config = json.loads(raw)["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _refuse(path, f"{where} is not a payload config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise _refuse(path, f"{where} is not a payload config")
+    for fqn, meta in config.items():
+        if not isinstance(meta, dict):
+            raise _refuse(path, f"{where}: {fqn!r} is not a payload entry")
+        if meta.get("use_pickle") is not False:
+            raise _refuse(path, f"{where} asks to unpickle {fqn!r} (use_pickle)")
+        name = meta.get("path_name")
+        if not isinstance(name, str) or not re.fullmatch(rf"{prefix}\d{{1,9}}", name) or f"{_dir(rel)}{name}" not in entries:
+            raise _refuse(path, f"{where}: {fqn!r} points at {name!r}, not a raw tensor entry of the archive")
+        tm = meta.get("tensor_meta")
+        if not isinstance(tm, dict) or tm.get("layout") != 7:  # schema.Layout.Strided
+            raise _refuse(path, f"{where}: {fqn!r} is not a strided tensor")
+    return config
+
+
+def _dir(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] + "/"
+
+
+# Sympy names torch's deserializer may meet in an ``expr_str`` (srepr form), and the guard grammar.
+_SYMPY_CALLS = frozenset({
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
+    "Gt", "Ge", "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan",
+    "And", "Or", "Not", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
+    "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
+    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal",
+    "ToFloat", "Identity",
+})
+_SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "S"})
+_SYMBOL = re.compile(r"[a-z]{1,8}\d{1,9}")
+_OPERATORS = frozenset({
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",
+    "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "matmul",
+})
+_TARGET = re.compile(r"torch\.ops\.[A-Za-z_]\w*\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?|math\.[a-z_]\w*|torch\.sym_[a-z_]+|torch\._sym_sqrt")
+_GUARD_CALLS = frozenset({"Max", "Min", "Eq", "Ne", "FloorDiv", "Mod", "PythonMod", "CeilDiv", "CleanDiv", "IntTrueDiv"})
+_SIZE_METHODS = frozenset({"size", "stride", "dim", "numel", "storage_offset"})
+
+
+def _safe_sympy(node: ast.AST) -> bool:
+    if isinstance(node, ast.Expression):
+        return _safe_sympy(node.body)
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float, bool)) or (isinstance(node.value, str) and bool(_SYMBOL.fullmatch(node.value)))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return _safe_sympy(node.operand)
+    if isinstance(node, ast.Name):
+        return node.id in _SYMPY_NAMES
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS:
+        return all(_safe_sympy(a) for a in node.args) and all(
+            k.arg is not None and k.arg.isalpha() and isinstance(k.value, ast.Constant) and isinstance(k.value.value, bool)
+            for k in node.keywords)
+    return False
+
+
+def _safe_guard(node: ast.AST) -> bool:
+    if isinstance(node, ast.Expression):
+        return _safe_guard(node.body)
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float, bool, str))
+    if isinstance(node, ast.Name):
+        return node.id == "inf"
+    if isinstance(node, ast.Attribute):  # math.inf
+        return isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr == "inf"
+    if isinstance(node, (ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp)):
+        ops = getattr(node, "ops", None) or [getattr(node, "op")]
+        if any(isinstance(o, (ast.Is, ast.IsNot, ast.In, ast.NotIn, ast.MatMult)) for o in ops):
+            return False
+        kids = [*getattr(node, "comparators", []), *getattr(node, "values", [])]
+        kids += [getattr(node, f) for f in ("left", "right", "operand") if hasattr(node, f)]
+        return all(_safe_guard(k) for k in kids)
+    if isinstance(node, ast.Subscript):  # L['name'] or <call>[i]
+        if isinstance(node.value, ast.Name):
+            return node.value.id == "L" and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)
+        return _safe_guard(node.value) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)
+    if isinstance(node, ast.Call) and not node.keywords:
+        f = node.func
+        if isinstance(f, ast.Name):
+            return f.id in _GUARD_CALLS and all(_safe_guard(a) for a in node.args)
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "math":
+            return f.attr in ("isnan", "isinf") and all(_safe_guard(a) for a in node.args)
+        if isinstance(f, ast.Attribute) and f.attr in _SIZE_METHODS and len(node.args) <= 1:
+            return _safe_guard(f.value) and all(isinstance(a, ast.Constant) and isinstance(a.value, int) for a in node.args)
+    return False
+
+
+def _parses_safely(text: str, check: Any) -> bool:
+    if len(text) > 10_000:
+        return False
+    try:
+        return bool(check(ast.parse(text, mode="eval")))
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+
+
+def _walk(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    stack = [(key, obj)]
+    while stack:
+        k, o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.items())
+        elif isinstance(o, list):
+            stack.extend((k, v) for v in o)
+        else:
+            yield k, o
+
+
+def _check_program(path: Path, where: str, raw: bytes) -> None:
+    try:
+        program = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(path, f"{where} is not JSON ({exc})") from exc
+    if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
+        raise _refuse(path, f"{where} is not a serialized exported program")
+    for guard in program.get("guards_code") or []:
+        if not isinstance(guard, str) or not _parses_safely(guard, _safe_guard):
+            raise _refuse(path, f"{where} holds guard code outside the shape-check grammar: {str(guard)[:120]!r}")
+    for key, value in _walk(program):
+        if key == "expr_str" and not (isinstance(value, str) and _parses_safely(value, _safe_sympy)):
+            raise _refuse(path, f"{where} holds a symbolic expression torch would eval: {str(value)[:120]!r}")
+        if key == "target" and not _safe_target(value):
+            raise _refuse(path, f"{where} calls {str(value)[:120]!r}, not a torch operator")
+
+
+def _safe_target(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith("_operator."):
+        return value.removeprefix("_operator.") in _OPERATORS
+    # torch.ops.aten.from_file maps files; no other aten operator touches the file system.
+    return bool(_TARGET.fullmatch(value)) and "file" not in value
+
+
+# --------------------------------------------------------------------------- entry points
+
+def inspect_pt2(path: Path, limits: Limits = DEFAULT_LIMITS) -> Pt2Archive:
+    """Check a ``.pt2`` without torch: structure, entry kinds, configs, program text, sizes.
+
+    Raises :class:`~kit.errors.UnsafeArtifactError` naming the first entry refused.
+    """
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise _refuse(path, "Kit loads torch.export programs (.pt2) only")
+    root, entries = _split_root(path, _zip_entries(path, limits))
+    _check_names(path, root, entries)
+    for rel, expected in _MARKERS.items():
+        if rel in entries and expected is not None and read_entry(path, entries[rel]).strip() != expected:
+            raise _refuse(path, f"entry {root}/{rel} is not {expected.decode()!r}")
+    for rel in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG):
+        if entries[rel].size > limits.max_json_bytes:
+            raise _refuse(path, f"entry {root}/{rel} is {entries[rel].size} bytes, over {limits.max_json_bytes}")
+    weights = _payload_config(path, root, _WEIGHTS_CONFIG, read_entry(path, entries[_WEIGHTS_CONFIG]), "weight_", entries)
+    constants = _payload_config(path, root, _CONSTANTS_CONFIG, read_entry(path, entries[_CONSTANTS_CONFIG]), "tensor_", entries)
+    program = read_entry(path, entries[_PROGRAM])
+    _check_program(path, f"{root}/{_PROGRAM}", program)
+    return Pt2Archive(path, root, entries, program, weights, constants)
+
+
+def check_npz(path: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse an ``.npz`` that holds anything but plain ``.npy`` arrays (object arrays are pickles)."""
+    path = Path(path)
+    for e in _zip_entries(path, limits):
+        if not e.name.endswith(".npy") or "/" in e.name:
+            raise _refuse(path, f"entry {e.name!r} is not a .npy array", "Save examples with kit.capture.save_examples().")
+        with zipfile.ZipFile(path) as zf, zf.open(e.name) as member:
+            head = member.read(10 + 65536)
+        descr = re.search(rb"'descr':\s*'([^']*)'", head)
+        if head[:6] != b"\x93NUMPY" or descr is None or b"O" in descr.group(1):
+            raise _refuse(path, f"entry {e.name!r} is not a plain numeric array (object arrays are pickles)",
+                          "Save examples with kit.capture.save_examples().")
+
+
+# --------------------------------------------------------------------------- loading what was checked
+
+def load_exported_program(archive: Pt2Archive) -> Any:
+    """Build the ``torch.export.ExportedProgram`` of an inspected archive without ``torch.export.load``.
+
+    Raw tensors are views of one read-only, copy-on-write mapping of the file (stored entries) or copies
+    (compressed ones), so N workers serving one model share its weights through the page cache. Sample
+    inputs are never read.
+    """
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+    file_map = _MappedTensors(archive)
+    state_dict = {fqn: file_map.tensor(f"data/weights/{m['path_name']}", m, param=bool(m.get("is_param")))
+                  for fqn, m in archive.weights.items()}
+    constants = {fqn: file_map.tensor(f"data/constants/{m['path_name']}", m, param=False)
+                 for fqn, m in archive.constants.items()}
+    try:
+        serialized = _dict_to_dataclass(schema.ExportedProgram, json.loads(archive.program_json))
+        return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
+    except Exception as exc:  # torch raises many types for a malformed program; translate at the boundary
+        raise UnsafeArtifactError(
+            f"{archive.path} is not a loadable torch.export program: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class _MappedTensors:
+    """Tensors over the archive's raw entries: one private mapping of the whole file, made on first use."""
+
+    def __init__(self, archive: Pt2Archive):
+        self.archive = archive
+        self._storage: Any = None
+
+    def _flat(self, rel: str, dtype: Any) -> Any:
+        import torch
+
+        entry = self.archive.entries[rel]
+        item = torch.empty((), dtype=dtype).element_size()
+        if entry.size % item:
+            raise _refuse(self.archive.path, f"entry {self.archive.root}/{rel} is {entry.size} bytes, not a whole "
+                          f"number of {str(dtype).removeprefix('torch.')} elements")
+        if entry.stored and entry.data_offset % item == 0:
+            if self._storage is None:
+                # MAP_PRIVATE: pages come from the page cache (shared between processes) until written.
+                self._storage = torch.UntypedStorage.from_file(
+                    str(self.archive.path), shared=False, nbytes=self.archive.path.stat().st_size)
+            t = torch.empty(0, dtype=dtype)
+            return t.set_(self._storage, entry.data_offset // item, (entry.size // item,), (1,))
+        return torch.frombuffer(bytearray(read_entry(self.archive.path, entry)), dtype=dtype)
+
+    def tensor(self, rel: str, meta: dict[str, Any], *, param: bool) -> Any:
+        import torch
+        from torch._export.serde import schema
+        from torch._export.serde.serialize import (
+            _dict_to_dataclass,
+            deserialize_scalar_type,
+            deserialize_size,
+            deserialize_storage_offset,
+            deserialize_stride,
+        )
+
+        where = f"{self.archive.root}/{rel}"
+        try:
+            tm = _dict_to_dataclass(schema.TensorMeta, meta["tensor_meta"])
+            dtype = deserialize_scalar_type(tm.dtype)
+            size, stride = deserialize_size(tm.sizes), deserialize_stride(tm.strides)
+            offset = deserialize_storage_offset(tm.storage_offset)
+        except Exception as exc:
+            raise _refuse(self.archive.path, f"the tensor metadata for {where} is malformed ({exc})") from exc
+        flat = self._flat(rel, dtype)
+        extent = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(s > 0 for s in size) else 0
+        if min(stride, default=0) < 0 or offset < 0 or extent > flat.numel():
+            raise _refuse(self.archive.path, f"the tensor {list(size)} over {where} reaches past its "
+                          f"{flat.numel()} elements")
+        t = torch.as_strided(flat, size, stride, flat.storage_offset() + offset) if extent else torch.zeros(size, dtype=dtype)
+        if param:
+            return torch.nn.Parameter(t, requires_grad=bool(tm.requires_grad))
+        return t
+
+
+def save_program(program: Any, path: Path) -> None:
+    """``torch.export.save`` without the sample inputs (a pickle), so the archive passes :func:`inspect_pt2`."""
+    import torch
+
+    saved = program.example_inputs
+    program.example_inputs = None
+    try:
+        torch.export.save(program, path)
+    finally:
+        program.example_inputs = saved

@@ -1,0 +1,168 @@
+"""Crafted ``.pt2`` and ``.npz`` files an attacker who can write the registry could plant.
+
+Each payload, if torch or numpy ever ran it, creates ``marker`` — tests assert it never appears. Built
+from a real Kit capture so everything but the payload is what a service would accept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Evil:
+    """Unpickling this opens (creates) ``marker``: proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def good_archive(directory: Path) -> Path:
+    """A real Kit capture of a small MLP, saved the way Kit saves it."""
+    from kit.capture import capture
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    capture(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(3, 6)).save(directory)
+    return directory / "model.pt2"
+
+
+def rewrite(src: Path, dst: Path, edit: Callable[[dict[str, bytes]], None]) -> Path:
+    """Copy ``src`` to ``dst`` with ``edit`` applied to {name relative to the root: bytes} (stored, like torch)."""
+    with zipfile.ZipFile(src) as zf:
+        root = zf.namelist()[0].split("/", 1)[0]
+        files = {n.split("/", 1)[1]: zf.read(n) for n in zf.namelist()}
+    edit(files)
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(f"{root}/{name}", data)
+    return dst
+
+
+def _config_add(files: dict[str, bytes], rel: str, fqn: str, meta: dict) -> None:
+    config = json.loads(files[rel])
+    config["config"][fqn] = meta
+    files[rel] = json.dumps(config).encode()
+
+
+def opaque_object(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """An ``opaque_obj_*`` constant: torch reads it with ``pickle.loads``."""
+    def edit(files: dict[str, bytes]) -> None:
+        files["data/constants/opaque_obj_0"] = pickle.dumps(Evil(str(marker)))
+        _config_add(files, "data/constants/model_constants_config.json", "evil",
+                    {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None})
+    return edit
+
+
+def pickled_weight(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """A weight marked ``use_pickle``: torch reads it with ``torch.load(weights_only=False)``."""
+    def edit(files: dict[str, bytes]) -> None:
+        rel = "data/weights/model_weights_config.json"
+        config = json.loads(files[rel])
+        fqn, meta = next(iter(config["config"].items()))
+        buf = io.BytesIO()
+        torch.save(Evil(str(marker)), buf)
+        files["data/weights/weight_9"] = buf.getvalue()
+        config["config"][fqn] = {**meta, "path_name": "weight_9", "use_pickle": True}
+        files[rel] = json.dumps(config).encode()
+    return edit
+
+
+def sample_inputs(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """Sample inputs that fail ``weights_only=True``: torch retries them with ``weights_only=False``."""
+    def edit(files: dict[str, bytes]) -> None:
+        buf = io.BytesIO()
+        torch.save(((Evil(str(marker)),), {}), buf)
+        files["data/sample_inputs/model.pt"] = buf.getvalue()
+    return edit
+
+
+def sympy_expression(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """A shape expression: torch's deserializer hands it to ``sympy.sympify``, which is ``eval``."""
+    def edit(files: dict[str, bytes]) -> None:
+        text = files["models/model.json"].decode()
+        sym = text.split('"expr_str": "', 1)[1].split('"', 1)[0]
+        evil = f"Max(1, len(str(__import__('builtins').open('{marker}', 'w')))*0+1) * {sym}"
+        files["models/model.json"] = text.replace(sym, evil, 1).encode()
+    return edit
+
+
+def guard_code(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """A guard: ``ExportedProgram.module()`` compiles it into the guard function it runs."""
+    def edit(files: dict[str, bytes]) -> None:
+        program = json.loads(files["models/model.json"])
+        program["guards_code"] = [f"open({str(marker)!r}, 'w') is not None"]
+        files["models/model.json"] = json.dumps(program).encode()
+    return edit
+
+
+def operator_target(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """A node whose target resolves to ``os.system`` through ``getattr(torch, 'os')``."""
+    def edit(files: dict[str, bytes]) -> None:
+        text = files["models/model.json"].decode()
+        files["models/model.json"] = text.replace("torch.ops.aten.relu.default", "torch.os.system", 1).encode()
+    return edit
+
+
+def aoti_library(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """An AOTInductor package: native code torch would dlopen."""
+    def edit(files: dict[str, bytes]) -> None:
+        files["data/aotinductor/model/model.so"] = b"\x7fELF" + b"\0" * 60
+    return edit
+
+
+def legacy_weights(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """The legacy ``data/weights/model.pt`` pickle torch still reads."""
+    def edit(files: dict[str, bytes]) -> None:
+        buf = io.BytesIO()
+        torch.save({"w": Evil(str(marker))}, buf)
+        files["data/weights/model.pt"] = buf.getvalue()
+    return edit
+
+
+PAYLOADS = {
+    "opaque_obj": opaque_object,
+    "use_pickle_weight": pickled_weight,
+    "sample_inputs": sample_inputs,
+    "sympy_expr": sympy_expression,
+    "guards_code": guard_code,
+    "operator_target": operator_target,
+    "aotinductor": aoti_library,
+    "legacy_weights": legacy_weights,
+}
+
+
+def zip_bomb(src: Path, dst: Path, gib: float = 0.25) -> Path:
+    """A valid archive plus one deflated entry of ``gib`` GiB of zeros (~1000x smaller on disk)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
+        for n in zin.namelist():
+            zout.writestr(n, zin.read(n))
+        info = zipfile.ZipInfo(f"{root}/data/weights/weight_7")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        chunk = bytes(1 << 20)
+        with zout.open(info, "w", force_zip64=True) as f:
+            for _ in range(int(gib * 1024)):
+                f.write(chunk)
+    return dst
+
+
+def object_npz(marker: Path, dst: Path) -> Path:
+    """An example.npz whose input is an object array (a pickle inside the .npy)."""
+    import numpy as np
+
+    arr = np.empty(1, dtype=object)
+    arr[0] = Evil(str(marker))
+    with open(dst, "wb") as f:
+        np.savez(f, input_0=arr, output_0=np.zeros((1, 2), dtype=np.float32))
+    return dst

@@ -1,0 +1,150 @@
+"""kit.artifacts: nothing in a .pt2 or .npz can run code, and opening one has a bounded cost.
+
+Every crafted payload below is live: torch.export.load (or numpy with allow_pickle) would run it and create
+the marker file (shown for the payloads torch runs on load). Kit refuses each before torch sees a byte.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import crafted_artifacts as ca
+from kit.artifacts import Limits, check_npz, inspect_pt2
+from kit.capture import capture, load_examples, load_program
+from kit.errors import UnsafeArtifactError
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return ca.good_archive(tmp_path_factory.mktemp("good"))
+
+
+@pytest.mark.parametrize("kind", sorted(ca.PAYLOADS))
+def test_crafted_payload_is_refused_naming_the_entry_and_never_runs(good, tmp_path, kind):
+    marker = tmp_path / "pwned"
+    bad = ca.rewrite(good, tmp_path / "model.pt2", ca.PAYLOADS[kind](marker))
+    with pytest.raises(UnsafeArtifactError, match="Refusing to load .*model.pt2") as err:
+        load_program(bad)
+    assert "model/" in str(err.value), "the message names the entry or config"
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("kind", ["opaque_obj", "use_pickle_weight", "sample_inputs", "sympy_expr"])
+@pytest.mark.filterwarnings("ignore")
+def test_the_payloads_are_live_under_torch_export_load(good, tmp_path, kind):
+    """The control: torch itself runs these payloads while loading, so the refusal above is what saves us."""
+    marker = tmp_path / "pwned"
+    bad = ca.rewrite(good, tmp_path / "model.pt2", ca.PAYLOADS[kind](marker))
+    try:
+        torch.export.load(bad)
+    except Exception:
+        pass  # torch often refuses, but only after the payload ran
+    assert marker.exists()
+
+
+def test_every_model_kit_captures_passes(tmp_path):
+    class Cnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(50, 8), nn.Linear(8, 2)
+            self.register_buffer("scale", torch.full((8,), 0.5))
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = (self.emb(ids) * mask.unsqueeze(-1)).sum(1) * self.scale + torch.tensor(0.25)
+            return {"logits": self.head(h), "score": h.sum(1)}
+
+    from kit.demo import DigitsMLP
+
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    cases = {
+        "digits": (DigitsMLP(), torch.randn(1, 64), {}),
+        "cnn": (Cnn().eval(), torch.randn(2, 1, 8, 8), {}),
+        "text": (Text(), (ids, mask), {"dynamic": {"ids": {1: "seq"}, "mask": {1: "seq"}}}),
+        "int64": (nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 1)), torch.randint(0, 10, (3, 2)), {}),
+    }
+    for name, (model, example, kw) in cases.items():
+        cap = capture(model, example, **kw)
+        cap.save(tmp_path / name)
+        archive = inspect_pt2(tmp_path / name / "model.pt2")
+        assert archive.entries["data/sample_inputs/model.pt"].size == 0
+        assert all(e.stored for e in archive.entries.values()), name
+        loaded = load_program(tmp_path / name / "model.pt2")
+        inputs = example if isinstance(example, tuple) else (example,)
+        expected, got = model(*inputs), loaded(*inputs)
+        if isinstance(expected, dict):
+            expected, got = list(expected.values()), list(got.values())
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        load_examples(tmp_path / name / "example.npz")
+
+
+def test_weights_are_mapped_from_the_file_not_copied(good):
+    loaded = load_program(good)
+    archive = inspect_pt2(good)
+    buffers = list(loaded.buffers())
+    base = buffers[0].untyped_storage().data_ptr()
+    assert all(b.untyped_storage().data_ptr() == base for b in buffers), "one mapping of the file"
+    with open(good, "rb") as f:
+        entry = archive.entries["data/weights/weight_0"]
+        f.seek(entry.data_offset)
+        assert f.read(entry.size) == buffers[0].detach().contiguous().numpy().tobytes()
+
+
+def test_zip_bomb_is_refused_before_decompressing(good, tmp_path):
+    bomb = ca.zip_bomb(good, tmp_path / "model.pt2", gib=0.125)
+    assert bomb.stat().st_size < 2 << 20
+    with pytest.raises(UnsafeArtifactError, match=r"weight_7' expands \d+x .*zip bomb"):
+        load_program(bomb)
+
+
+def test_size_and_count_limits(good):
+    with pytest.raises(UnsafeArtifactError, match="max_artifact_bytes"):
+        inspect_pt2(good, Limits(max_bytes=1000))
+    with pytest.raises(UnsafeArtifactError, match="entries exceed the limit of 5"):
+        inspect_pt2(good, Limits(max_entries=5))
+
+
+def test_overlapping_entries_and_duplicates_are_refused(good, tmp_path):
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        a, b = zf.getinfo("model/data/weights/weight_0"), zf.getinfo("model/data/weights/weight_1")
+    # point weight_1's directory record at weight_0's local header: two entries, one set of bytes
+    cd = data.rfind(b"PK\x01\x02" + data[data.find(b"PK\x01\x02") + 4:data.find(b"PK\x01\x02") + 4], 0)
+    name = b"model/data/weights/weight_1"
+    pos = data.find(name, data.find(b"PK\x01\x02"))
+    hdr = pos - 46
+    data[hdr + 42:hdr + 46] = a.header_offset.to_bytes(4, "little")
+    (tmp_path / "model.pt2").write_bytes(bytes(data))
+    with pytest.raises(UnsafeArtifactError, match="local header|share bytes"):
+        inspect_pt2(tmp_path / "model.pt2")
+    assert cd >= 0 and b.header_offset != a.header_offset
+
+
+def test_truncated_and_non_zip_files(good, tmp_path):
+    (tmp_path / "model.pt2").write_bytes(good.read_bytes()[:-200])
+    with pytest.raises(UnsafeArtifactError, match="not a torch.export archive"):
+        inspect_pt2(tmp_path / "model.pt2")
+    with pytest.raises(UnsafeArtifactError, match=".pt2"):
+        inspect_pt2(tmp_path / "model.onnx")
+
+
+def test_object_npz_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = ca.object_npz(marker, tmp_path / "example.npz")
+    with pytest.raises(UnsafeArtifactError, match="input_0.npy.*object arrays are pickles"):
+        load_examples(bad)
+    assert not marker.exists()
+    np.savez(tmp_path / "ok.npz", input_0=np.zeros((2, 3), np.float32), output_0=np.zeros(2, np.int64))
+    check_npz(tmp_path / "ok.npz")
