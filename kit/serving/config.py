@@ -28,6 +28,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "timeout": ("timeout", int), "graceful_timeout": ("graceful_timeout", int),
         "keepalive": ("keepalive", int), "max_requests": ("max_requests", int),
         "max_requests_jitter": ("max_requests_jitter", int), "preload": ("preload", bool),
+        "engine": ("engine", str), "header_timeout": ("header_timeout", float),
+        "body_timeout": ("body_timeout", float),
     },
     "model": {"name": ("model", str), "registry": ("registry", str), "check_env": ("check_env", bool)},
     "routing": {"version_header": ("version_header", str), "user_header": ("user_header", str)},
@@ -60,6 +62,9 @@ class ServiceConfig:
     max_requests: int = 200_000
     max_requests_jitter: int = 20_000
     preload: bool = True  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
+    engine: str = "flask"  # "asgi": uvicorn workers, async handlers, an inference thread (kit.serving.asgi)
+    header_timeout: float = 10.0  # asgi: seconds for a request head to arrive (then the connection closes)
+    body_timeout: float = 30.0  # asgi: seconds for a request body to arrive after its head
     check_env: bool = True
     version_header: str = "X-Kit-Version"  # "" disables the override
     user_header: str = "X-Kit-User"
@@ -153,6 +158,11 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values.pop("keys_file", None)
     if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
         raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
+    if values.get("engine", "flask") not in ("flask", "asgi"):
+        raise ServiceError(f"{path}: [service] engine = {values['engine']!r}; use \"asgi\" or \"flask\".")
+    for key in ("header_timeout", "body_timeout"):
+        if key in values and not values[key] > 0:
+            raise ServiceError(f"{path}: [service] {key} must be > 0 seconds, got {values[key]}.")
     for key in ("max_batch", "max_body_bytes", "threads"):
         if key in values and values[key] < 1:
             raise ServiceError(f"{path}: {key} must be >= 1, got {values[key]}.")

@@ -1,4 +1,5 @@
-"""The serving app through Flask's test client: endpoints, client errors, auth, limits, hot reload,
+"""The serving app through a test client, on both engines (the Flask app and the ASGI app, the latter
+on a real event loop with its inference thread): endpoints, client errors, auth, limits, hot reload,
 routing, metrics, and a fuzz test that no client input produces a 500.
 
 Promotions use force=True, why="test": gates are another area's job (tested there).
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 
 from kit.demo import DigitsMLP
 from kit.registry import Registry
+from asgi_client import AsgiTestClient
 from kit.serving import create_app, load_service_config
+from kit.serving.asgi import create_asgi_app
 from kit.serving.security import hash_key
 from kit.servicegen import generate
 
@@ -41,14 +44,34 @@ def reg(tmp_path_factory):
     return reg
 
 
-def _app(reg, tmp_path, **options):
+class _Asgi:
+    """The ASGI app with the Flask app's test_client() and extensions."""
+
+    def __init__(self, app):
+        self.app, self.extensions = app, app.extensions
+
+    def test_client(self):
+        return AsgiTestClient(self.app)
+
+
+def _build(config, engine):
+    return _Asgi(create_asgi_app(config, watch=False)) if engine == "asgi" else create_app(config, watch=False)
+
+
+@pytest.fixture(scope="module", params=["flask", "asgi"])
+def engine(request):
+    return request.param
+
+
+def _app(reg, tmp_path, engine, **options):
     d = generate("svc", MODEL, registry=reg.root, out_dir=tmp_path, force=True, **options)
-    return create_app(load_service_config(d), watch=False)
+    return _build(load_service_config(d), engine)
 
 
 @pytest.fixture(scope="module")
-def client(reg, tmp_path_factory):
-    app = _app(reg, tmp_path_factory.mktemp("svc"), api_keys_sha256=(hash_key(KEY),), max_body_bytes=64 * 1024)
+def client(reg, tmp_path_factory, engine):
+    app = _app(reg, tmp_path_factory.mktemp("svc"), engine, api_keys_sha256=(hash_key(KEY),),
+               max_body_bytes=64 * 1024)
     return app.test_client()
 
 
@@ -94,8 +117,8 @@ def test_too_large_unauthenticated_and_unknown(client):
     assert r.status_code == 404 and "not served here" in r.json["error"]
 
 
-def test_rate_limit_answers_429(reg, tmp_path):
-    c = _app(reg, tmp_path, rate_limit=1.0, rate_burst=2).test_client()
+def test_rate_limit_answers_429(reg, tmp_path, engine):
+    c = _app(reg, tmp_path, engine, rate_limit=1.0, rate_burst=2).test_client()
     codes = [c.post("/predict", json={"inputs": [[0.0] * 64]}).status_code for _ in range(4)]
     assert codes[:2] == [200, 200] and codes[2:] == [429, 429]
     r = c.post("/predict", json={"inputs": [[0.0] * 64]})
@@ -136,8 +159,8 @@ def test_openapi_metrics_and_models(client):
     assert client.get("/v1/models").json["models"][0]["production"]["version"] == 1
 
 
-def test_hot_reload_routing_and_failed_reload(reg, tmp_path):
-    app = _app(reg, tmp_path)
+def test_hot_reload_routing_and_failed_reload(reg, tmp_path, engine):
+    app = _app(reg, tmp_path, engine)
     slots = app.extensions["kit"]
     c = app.test_client()
     reg.set_canary(MODEL, 2, 0.5, force=True, why="test")
@@ -163,12 +186,12 @@ def test_hot_reload_routing_and_failed_reload(reg, tmp_path):
     assert c.get("/readyz").json["reload_error"] is None and slots.state.canary is None
 
 
-def test_not_ready_without_production(tmp_path, caplog):
+def test_not_ready_without_production(tmp_path, caplog, engine):
     reg = Registry(tmp_path / "registry", require_gate=True)
     reg.register("lonely", _mlp(0), torch.rand(2, 64))
     d = generate("svc", "lonely", registry=reg.root, out_dir=tmp_path)
     with caplog.at_level(logging.ERROR):
-        c = create_app(load_service_config(d), watch=False).test_client()
+        c = _build(load_service_config(d), engine).test_client()
     r = c.get("/readyz")
     assert r.status_code == 503 and "no production version" in r.json["status"]
     assert c.post("/predict", json={"inputs": [[0.0] * 64]}).status_code == 503

@@ -1,0 +1,133 @@
+"""The ASGI app of a generated service (``[service] engine = "asgi"``), run by
+:class:`kit.serving.worker.KitUvicornWorker` under gunicorn.
+
+``create_asgi_app(config)`` builds one worker's app: it loads the production (and canary) versions
+before the worker accepts a connection, starts the hot-reload watcher and the inference thread, and
+dispatches: ``POST /predict`` and v2 infer go to the async inference handler
+(:mod:`kit.serving.handlers`), everything else to the control routes (:mod:`kit.serving.control`).
+Every request ends in :func:`kit.serving.handlers.log_request` (one JSON line; metrics for inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kit.serving import control
+from kit.serving.config import ServiceConfig
+from kit.serving.engine import InferenceEngine
+from kit.serving.handlers import Outcome, Service, log_request, request_id, run_infer
+from kit.serving.http import HttpError, Receive, Response, Scope, Send, send_response
+from kit.serving.metrics import Metrics
+from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, RateLimiter
+from kit.serving.slots import ModelSlots
+
+log = logging.getLogger("kit.serving.app")
+
+
+def _infer_target(path: str) -> tuple[bool, str | None, str | None]:
+    """(is an inference path, model name, version) for /predict and v2 infer paths."""
+    if path == "/predict":
+        return True, None, None
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        parts = path.split("/")
+        if len(parts) == 5:
+            return True, parts[3], None
+        if len(parts) == 7 and parts[4] == "versions":
+            return True, parts[3], parts[5]
+    return False, None, None
+
+
+class KitAsgiApp:
+    """One worker's ASGI application. ``service`` holds the state; ``extensions`` mirrors the Flask app's."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.extensions = {"kit": service.slots, "kit.metrics": service.metrics, "kit.config": service.config}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        # websockets: not served (uvicorn answers 403 when the app does not accept)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        svc = self.service
+        path = scope["path"]
+        is_infer, name, version = _infer_target(path)
+        if is_infer:
+            resp, out = await run_infer(svc, scope, receive, name, version)
+            if resp is None:  # the client went away (or its body timed out): nothing to answer
+                log_request(svc, scope, out, 408, time.perf_counter() - t0, inference=True)
+                return
+        else:
+            out = Outcome(request_id(scope))
+            try:
+                resp = control.answer(svc, scope["method"], path)
+            except HttpError as exc:
+                resp = Response.error(exc)
+            except Exception as exc:  # a bug, never a client's fault
+                log.exception("unhandled error on %s %s (request %s)", scope["method"], path, out.rid)
+                resp = Response.error(HttpError(f"Internal error ({type(exc).__name__}); see the service log, "
+                                                f"request id {out.rid}.", 500))
+            resp.headers["X-Request-Id"] = out.rid
+        await send_response(send, resp)
+        log_request(svc, scope, out, resp.status, time.perf_counter() - t0, inference=is_infer)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def close(self) -> None:
+        """Stop the watcher and the inference thread (after the queued forward passes)."""
+        self.service.slots.stop()
+        self.service.engine.stop()
+
+
+def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str | None = None,
+                    watch: bool = True) -> KitAsgiApp:
+    """Build the ASGI app of one service worker (same arguments as :func:`kit.serving.app.create_app`).
+
+    Parameters
+    ----------
+    config : the resolved service settings (:func:`kit.serving.load_service_config`).
+    registry : a :class:`kit.registry.Registry`; default ``Registry(config.registry)``.
+    metrics_dir : ``PROMETHEUS_MULTIPROC_DIR`` under gunicorn (multiprocess metrics), else None.
+    watch : start the hot-reload watcher thread (tests may drive ``app.extensions["kit"].refresh()``).
+    """
+    from kit.registry import Registry
+    from kit.serving.config import service_keyring
+
+    registry = registry or Registry(config.registry, require_gate=False, user=f"service:{config.name}",
+                                    keyring=service_keyring(config))  # [trust] public_keys
+    metrics = Metrics(metrics_dir)
+    slots = ModelSlots(registry, config.model, device=config.device, check_env=config.check_env,
+                       batching=config.batching, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                       poll_interval=config.poll_interval, retry_max=config.retry_max, metrics=metrics)
+    slots.refresh()  # the initial load, before this worker accepts a connection
+    if watch:
+        slots.start()
+    engine = InferenceEngine(max_batch=config.max_batch if config.batching else 1, max_wait_ms=config.max_wait_ms,
+                             name=f"kit-infer-{config.model}")
+    auth = Authenticator(ApiKeys(config.api_keys_sha256, config.keys_file),
+                         JwtVerifier(config.jwt) if config.jwt is not None else None)
+    svc = Service(config=config, slots=slots, metrics=metrics, auth=auth,
+                  limiter=RateLimiter(config.rate_limit, config.rate_burst), engine=engine)
+    if slots.state.ready:
+        metrics.served(config.model, slots.state)
+    else:
+        log.error("%s: not ready at start-up: %s", config.model, svc.not_ready_reason())
+    return KitAsgiApp(svc)
+
+
+__all__ = ["KitAsgiApp", "create_asgi_app"]

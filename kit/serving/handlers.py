@@ -1,0 +1,208 @@
+"""The inference handler of the ASGI engine (``POST /predict`` and v2 infer), and what it shares with the
+control routes: the per-worker :class:`Service` context, authorisation and the one request-log function.
+
+A request is parsed and checked on the event loop (:mod:`kit.serving.protocol`), its forward pass runs on
+the worker's inference thread (:class:`kit.serving.engine.InferenceEngine`), and the response is written
+back on the loop. Per loaded version, :meth:`Service.compiled` keeps what the handler needs (the raw
+forward, the version as text and as a header), built once when the version is first served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kit.serving.config import ServiceConfig
+from kit.serving.engine import Forward, InferenceEngine
+from kit.serving.http import ClientGone, HttpError, Receive, Response, Scope, as_http_error, content_length, read_body
+from kit.serving.logs import ACCESS_LOGGER
+from kit.serving.metrics import Metrics
+from kit.serving.protocol import BINARY_HEADER, parse_predict, parse_v2_infer, predict_response, v2_response
+from kit.serving.router import choose
+from kit.serving.security import Authenticator, Identity, RateLimiter, Unauthorized
+from kit.serving.slots import ModelSlots
+
+log = logging.getLogger("kit.serving.app")
+access = logging.getLogger(ACCESS_LOGGER)
+
+VERSION_HEADER_OUT = "X-Kit-Model-Version"
+_BINARY = BINARY_HEADER.lower().encode()
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One served version, prepared once: what the inference handler reads per request."""
+
+    slot: Any  # kit.serving.slots.Slot
+    forward: Forward
+    version: str
+    signature: Any
+    max_batch: int  # rows per forward pass: the service's and the exported program's limit
+
+
+def _raw_forward(slot: Any) -> Forward:
+    infer = slot.infer
+    forward = getattr(slot, "forward", None) or getattr(infer, "forward", None)  # Batcher.forward
+    if forward is not None:
+        return forward  # type: ignore[no-any-return]
+
+    def call(inputs: tuple[Any, ...]) -> tuple[Any, ...]:  # batching disabled: infer is the bare forward
+        return infer(inputs)[0]  # type: ignore[no-any-return]
+    return call
+
+
+@dataclass
+class Service:
+    """Everything one worker's handlers share; built once by :func:`kit.serving.asgi.create_asgi_app`."""
+
+    config: ServiceConfig
+    slots: ModelSlots
+    metrics: Metrics
+    auth: Authenticator
+    limiter: RateLimiter
+    engine: InferenceEngine
+    pid: int = field(default_factory=os.getpid)
+    _compiled: dict[int, Compiled] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.model = cfg.model
+        self.version_header = cfg.version_header.lower().encode() if cfg.version_header else None
+        self.user_header = cfg.user_header.lower().encode() if cfg.user_header else None
+
+    def compiled(self, slot: Any) -> Compiled:
+        c = self._compiled.get(id(slot))
+        if c is None or c.slot is not slot:
+            if len(self._compiled) > 8:  # versions come and go with reloads; keep the ones served now
+                live = {id(s) for s in self.slots.state.slots()}
+                self._compiled = {k: v for k, v in self._compiled.items() if k in live}
+            c = Compiled(slot, _raw_forward(slot), str(slot.version), slot.signature,
+                         int(getattr(slot.infer, "max_batch", 1)))
+            self._compiled[id(slot)] = c
+        return c
+
+    def not_ready_reason(self) -> str:
+        err = self.slots.last_error
+        return err["error"] if err else "still loading"
+
+    def authorize(self, headers: dict[bytes, bytes], client_addr: str | None) -> Identity:
+        """The caller (API key hashed once, or a JWT: :class:`kit.serving.security.Authenticator`), then the
+        rate limit; HttpError 401 / 429."""
+        try:
+            who = self.auth.identify(_text(headers, b"x-api-key"), _text(headers, b"authorization"))
+        except Unauthorized as exc:
+            raise HttpError(str(exc), 401, {"WWW-Authenticate": exc.challenge}) from exc
+        if self.limiter.enabled:
+            ok, wait = self.limiter.allow(who.client or f"addr:{client_addr}")
+            if not ok:
+                raise HttpError(f"Rate limit exceeded ({self.config.rate_limit:g} requests/s per client); "
+                                f"retry in {wait:.2f}s.", 429, {"Retry-After": str(max(1, round(wait + 0.5)))})
+        return who
+
+
+@dataclass
+class Outcome:
+    """What the request log and the metrics record about one request."""
+
+    rid: str
+    version: int | None = None
+    route: str | None = None
+    batch: int = 0
+    shape: list[int] | None = None
+
+
+def log_request(svc: Service, scope: Scope, out: Outcome, status: int, seconds: float, *,
+                inference: bool) -> None:
+    """The one place a request is recorded: the metrics (inference only) and one JSON log line."""
+    if inference:
+        svc.metrics.observe(svc.model, out.version, out.route or "rejected", status, seconds, out.batch)
+    if svc.config.access_log:
+        access.info("request", extra={"kit": {
+            "request_id": out.rid, "method": scope["method"], "path": scope["path"], "model": svc.model,
+            "version": out.version, "route": out.route, "status": status,
+            "latency_ms": round(seconds * 1000, 3), "batch": out.batch, "input_shape": out.shape}})
+
+
+async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name: str | None,
+                version: str | None) -> Response:
+    """``POST /predict`` (``name`` None) or v2 infer of model ``name`` (``version``: a pinned version)."""
+    headers = dict(scope["headers"])
+    resp_headers = {"X-Request-Id": out.rid}
+    out.route = "rejected"
+    if scope["method"] != "POST":
+        raise HttpError(f"Method {scope['method']} is not allowed here; use POST.", 405, {"Allow": "POST"})
+    client = scope.get("client")
+    who = svc.authorize(headers, client[0] if client else None)
+    if name is not None and name != svc.model:
+        raise HttpError(f"This service serves model {svc.model!r}, not {name[:64]!r}.", 404)
+    body = await read_body(receive, content_length(headers), svc.config.max_body_bytes)
+    state = svc.slots.state
+    if not state.ready:
+        raise HttpError(f"Model {svc.model!r} is not loaded yet ({svc.not_ready_reason()}).", 503)
+    override = version or _text(headers, svc.version_header)
+    slot, out.route = choose(state, model=svc.model, override=override,
+                             user=who.user or _text(headers, svc.user_header))
+    if version:
+        out.route = "path"
+    c = svc.compiled(slot)
+    out.version = slot.version
+    resp_headers[VERSION_HEADER_OUT] = c.version
+    max_rows = svc.config.max_batch
+    if name is None:
+        inputs, unbatched = parse_predict(body, c.signature, max_rows)
+        out.shape = list(inputs[0].shape)
+        outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
+        return Response(200, predict_response(outputs, c.signature, unbatched, svc.model, slot.version),
+                        headers=resp_headers)
+    binary = headers.get(_BINARY)
+    inputs, doc = parse_v2_infer(body, binary.decode("latin-1") if binary is not None else None, c.signature,
+                                 max_rows)
+    out.shape = list(inputs[0].shape)
+    outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
+    data, header_len = v2_response(outputs, c.signature, doc, svc.model, slot.version)
+    if header_len is None:
+        return Response(200, data, headers=resp_headers)
+    resp_headers[BINARY_HEADER] = str(header_len)
+    return Response(200, data, b"application/octet-stream", resp_headers)
+
+
+def _text(headers: dict[bytes, bytes], name: bytes | None) -> str | None:
+    if name is None:
+        return None
+    v = headers.get(name)
+    return v.decode("latin-1") if v is not None else None
+
+
+async def run_infer(svc: Service, scope: Scope, receive: Receive, name: str | None,
+                    version: str | None) -> tuple[Response | None, Outcome]:
+    """:func:`infer` with its errors turned into responses; None when the client went away."""
+    out = Outcome(request_id(scope))
+    try:
+        resp = await infer(svc, scope, receive, out, name, version)
+    except ClientGone:
+        return None, out
+    except Exception as exc:
+        err = as_http_error(exc)
+        if err is None:  # a bug or a model failure, never a client's fault
+            log.exception("unhandled error on %s (request %s)", scope["path"], out.rid)
+            err = HttpError(f"Internal error ({type(exc).__name__}); see the service log, request id {out.rid}.",
+                            500)
+        resp = Response.error(err)
+        resp.headers["X-Request-Id"] = out.rid
+        if err.status == 413:  # the rest of the body is unread: close rather than parse it as a request
+            resp.close = True
+    return resp, out
+
+
+def request_id(scope: Scope) -> str:
+    for k, v in scope["headers"]:
+        if k == b"x-request-id":
+            return str(v.decode("latin-1"))[:128]
+    return os.urandom(8).hex()
+
+
+def now() -> float:
+    return time.perf_counter()

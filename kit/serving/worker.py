@@ -1,0 +1,294 @@
+"""The gunicorn worker of the ASGI engine: uvicorn's gunicorn worker (httptools, uvloop) with three
+changes for serving models.
+
+* **TCP_NODELAY** on every accepted connection: with Nagle on, a small response written in two
+  segments waits for the client's delayed ACK (~40 ms on Linux) on a keep-alive connection.
+* **Read deadlines** (:class:`KitHttpProtocol`): a request head must arrive within ``header_timeout``
+  seconds of the connection opening (or of its first byte on a kept-alive connection) and be at most
+  ``max_head_bytes``; a body within ``body_timeout`` of its head; an idle kept-alive connection closes
+  after ``keepalive``. uvicorn alone resets its only timer on every byte and arms none for a new
+  connection, so trickling or silent clients would hold sockets forever. A late client's connection is
+  closed; on the event loop it never blocked anyone else.
+* **Balanced accept** (:class:`BalancedListener`): all workers watch the one listening socket; a worker
+  that holds more connections than the least-loaded live worker (+1) waits ``ACCEPT_BACKOFF`` before
+  accepting, so an idle worker takes the connection, and once it holds 2 more it asks one client per
+  response to reconnect (``Connection: close``). Connection counts live in an anonymous shared memory map
+  that the master creates when it imports this module (gunicorn imports the worker class before forking).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import multiprocessing
+import os
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker
+
+log = logging.getLogger("kit.serving.worker")
+
+ACCEPT_BACKOFF = 0.003  # seconds a worker over its share waits before accepting anyway
+_SLOTS = 128
+_SLOT = struct.Struct("qq")  # pid, open connections
+
+
+class ConnectionShare:
+    """Open connections per worker, in memory shared by every worker of one master."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, _SLOTS * _SLOT.size)  # anonymous, MAP_SHARED: inherited by fork
+        self._lock = multiprocessing.Lock()
+        self.index = -1
+        self.count = 0
+        self._peers: list[int] = []
+        self._peers_at = 0.0
+
+    def claim(self) -> None:
+        """In a worker: take a free slot (empty, or of a dead process)."""
+        pid = os.getpid()
+        with self._lock:
+            for i in range(_SLOTS):
+                other, _ = _SLOT.unpack_from(self._map, i * _SLOT.size)
+                if other == 0 or other == pid or not _alive(other):
+                    _SLOT.pack_into(self._map, i * _SLOT.size, pid, 0)
+                    self.index = i
+                    return
+
+    def release(self) -> None:
+        if self.index >= 0:
+            _SLOT.pack_into(self._map, self.index * _SLOT.size, 0, 0)
+            self.index = -1
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if self.index >= 0:
+            _SLOT.pack_into(self._map, self.index * _SLOT.size + 8, self.count)
+
+    def least_peer(self) -> int | None:
+        """The fewest connections any other live worker holds (None: no other worker)."""
+        now = time.monotonic()
+        if now - self._peers_at > 1.0:  # who is alive, re-checked once a second
+            self._peers_at = now
+            self._peers = [i for i in range(_SLOTS) if i != self.index
+                           and (pid := _SLOT.unpack_from(self._map, i * _SLOT.size)[0]) and _alive(pid)]
+        if not self._peers:
+            return None
+        return min(_SLOT.unpack_from(self._map, i * _SLOT.size + 8)[0] for i in self._peers)
+
+    def excess(self) -> int:
+        """How many connections this worker holds above the least-loaded other worker."""
+        least = self.least_peer()
+        return 0 if least is None else self.count - least
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+SHARE = ConnectionShare()  # created in the master at import, before any fork
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_head_bytes: int = 64 * 1024
+
+
+class KitHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with TCP_NODELAY, read deadlines and connection accounting."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits: Limits = getattr(config, "kit_limits", Limits())
+        self.share: ConnectionShare | None = getattr(config, "kit_share", None)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head = 0  # bytes of the request head so far
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # not TCP (a unix socket)
+                pass
+        if self.share is not None:
+            self.share.add(1)
+        self._arm(self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self.share is not None:
+            self.share.add(-1)
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()  # the app sees http.disconnect if it was reading the body
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head = 0
+        if self._deadline is None:  # a new request on a kept-alive connection; a fresh one is armed already
+            self._arm(self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._head += len(url)
+        self._check_head()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head += len(name) + len(value) + 4
+        self._check_head()
+        super().on_header(name, value)
+
+    def _check_head(self) -> None:
+        if self._head > self.limits.max_head_bytes:
+            self._disarm()
+            from httptools import HttpParserError
+
+            raise HttpParserError(f"request head over {self.limits.max_head_bytes} bytes")  # -> 400, close
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        if self.share is not None and self.share.excess() >= 2 and self.cycle is not None:
+            self.cycle.keep_alive = False  # this client reconnects, most likely to a less loaded worker
+        self._arm(self.limits.body_timeout)  # disarmed when the message completes
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+
+class BalancedListener:
+    """Accepts connections on a shared listening socket, deferring to less loaded workers."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Any, share: ConnectionShare):
+        self.sock = sock
+        self.factory = protocol_factory
+        self.share = share
+        self.loop = asyncio.get_running_loop()
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        if self.share.excess() >= 1:  # let a less loaded worker take it; accept anyway after the back-off
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.call_later(ACCEPT_BACKOFF, self._accept_one)
+            return
+        self._accept_one()
+
+    def _accept_one(self) -> None:
+        if self._closed:
+            return
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            conn = None
+        except OSError as exc:  # EMFILE and friends: say so, retry shortly
+            log.error("accept failed: %s", exc)
+            conn = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+        if conn is not None:
+            conn.setblocking(False)
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError:
+            conn.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.loop.remove_reader(self.sock.fileno())
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+class _Server(Server):
+    """uvicorn's server with :class:`BalancedListener` instead of ``loop.create_server``."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if not sockets:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(3)
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                              app_state=self.lifespan.state)
+
+        self.servers = [BalancedListener(sock, create_protocol, SHARE) for sock in sockets]  # type: ignore[misc]
+        self.started = True
+
+
+class KitUvicornWorker(UvicornWorker):
+    """gunicorn worker class of the ASGI engine (``worker_class`` in a generated gunicorn.conf.py)."""
+
+    CONFIG_KWARGS = {"loop": "uvloop", "http": KitHttpProtocol, "lifespan": "on"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
+        self.config.kit_share = SHARE  # type: ignore[attr-defined]
+        self.config.kit_limits = LIMITS  # type: ignore[attr-defined]  (set by the master: set_limits)
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        SHARE.claim()
+        server = _Server(config=self.config)
+        self._install_sigquit_handler()
+        try:
+            await server.serve(sockets=self.sockets)
+        finally:
+            SHARE.release()
+        if not server.started:
+            sys.exit(3)  # gunicorn's WORKER_BOOT_ERROR
+
+
+LIMITS = Limits()
+
+
+def set_limits(limits: Limits) -> None:
+    """Called by a generated gunicorn.conf.py (in the master) with the service's read deadlines."""
+    global LIMITS
+    LIMITS = limits
