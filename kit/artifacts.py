@@ -483,3 +483,12 @@ def save_program(program: Any, path: Path) -> None:
         torch.export.save(program, path)
     finally:
         program.example_inputs = saved
+
+
+def limits_for(max_bytes: int | None) -> Limits:
+    """The default limits with ``max_bytes`` (``[model] max_artifact_bytes``) in place, if given."""
+    if max_bytes is None:
+        return DEFAULT_LIMITS
+    if max_bytes <= 0:
+        raise UnsafeArtifactError(f"max_artifact_bytes must be positive, got {max_bytes}.")
+    return Limits(max_bytes=max_bytes)

@@ -556,8 +556,13 @@ class Registry:
                         artifact_sha256=mv.artifact_sha256)
         return key.key_id
 
-    def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True) -> "LoadedModel":
-        """Load a version for inference, after verifying every file's sha256 (and the environment)."""
+    def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True,
+             max_artifact_bytes: int | None = None) -> "LoadedModel":
+        """Load a version for inference, after verifying every file's sha256 (and the environment).
+
+        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB).
+        """
+        from kit.artifacts import limits_for
         from kit.capture import EXAMPLE_FILE, MODEL_FILE, Signature, load_examples, load_program
         from kit.env import Fingerprint, diff, fingerprint
 
@@ -573,11 +578,12 @@ class Registry:
         if check_env:
             drift = diff(Fingerprint.from_dict(mv.env), fingerprint())
             drift.raise_for_errors(f"This environment (for {mv.ref})")
-        module = load_program(mv.path / MODEL_FILE)
+        limits = limits_for(max_artifact_bytes)
+        module = load_program(mv.path / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
         name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
         if callable(name_dims):
             name_dims(Signature.from_dict(mv.signature))
-        ins, outs = load_examples(mv.path / EXAMPLE_FILE)
+        ins, outs = load_examples(mv.path / EXAMPLE_FILE, limits)
         return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift, signed_by)
 
     # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)

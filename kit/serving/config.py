@@ -31,7 +31,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "engine": ("engine", str), "header_timeout": ("header_timeout", float),
         "body_timeout": ("body_timeout", float),
     },
-    "model": {"name": ("model", str), "registry": ("registry", str), "check_env": ("check_env", bool)},
+    "model": {"name": ("model", str), "registry": ("registry", str), "check_env": ("check_env", bool),
+              "max_artifact_bytes": ("max_artifact_bytes", int)},
     "routing": {"version_header": ("version_header", str), "user_header": ("user_header", str)},
     "reload": {"poll_interval": ("poll_interval", float), "retry_max": ("retry_max", float)},
     "batching": {"enabled": ("batching", bool), "max_batch": ("max_batch", int),
@@ -41,6 +42,36 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "auth": {"api_keys_sha256": ("api_keys_sha256", list), "keys_file": ("keys_file", str)},
     "logging": {"access_log": ("access_log", bool)},
 }
+# [auth.jwt]: key -> type (the fields of JwtSettings; "enabled" turns it on)
+_JWT_SCHEMA: dict[str, type] = {
+    "enabled": bool, "algorithms": list, "secret_env": str, "secret_file": str, "public_key_file": str,
+    "jwks_file": str, "issuer": str, "audience": list, "leeway": float, "client_claim": str,
+    "required_claims": list,
+}
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """``[auth.jwt]``: bearer JWTs checked with a shared secret (HS*) or a public key / JWKS file (RS*, PS*,
+    ES*, EdDSA). ``secret`` is the value of ``secret_env`` in the service's environment (never printed)."""
+
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret_env: str = ""
+    secret: str | None = field(default=None, repr=False)
+    secret_file: Path | None = None
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    issuer: str = ""
+    audience: tuple[str, ...] = ()
+    leeway: float = 30.0  # seconds of clock skew allowed on exp, nbf and iat
+    client_claim: str = "sub"  # the client for rate limits and sticky routing
+    required_claims: tuple[str, ...] = ("exp",)
+
+    @property
+    def hmac(self) -> bool:
+        return self.algorithms[0] in HMAC_ALGORITHMS
 
 
 @dataclass(frozen=True)
@@ -66,6 +97,7 @@ class ServiceConfig:
     header_timeout: float = 10.0  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = 30.0  # asgi: seconds for a request body to arrive after its head
     check_env: bool = True
+    max_artifact_bytes: int = 8 << 30  # [model]: the most a model's files may expand to when opened
     version_header: str = "X-Kit-Version"  # "" disables the override
     user_header: str = "X-Kit-User"
     poll_interval: float = 0.5
@@ -78,12 +110,13 @@ class ServiceConfig:
     rate_burst: int = 0  # 0: max(1, rate_limit)
     api_keys_sha256: tuple[str, ...] = ()
     keys_file: Path | None = None
+    jwt: JwtSettings | None = None  # [auth.jwt] enabled = true
     access_log: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys_sha256) or self.keys_file is not None
+        return bool(self.api_keys_sha256) or self.keys_file is not None or self.jwt is not None
 
     def with_(self, **changes: Any) -> "ServiceConfig":
         return dataclasses.replace(self, **changes)
@@ -115,9 +148,13 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     except tomllib.TOMLDecodeError as exc:
         raise ServiceError(f"{path} is not valid TOML ({exc}).") from exc
     values: dict[str, Any] = {}
+    jwt_table = None
     for section, body in data.items():
         if section not in _SCHEMA or not isinstance(body, dict):
             raise ServiceError(f"{path}: unknown section [{section}]; known: {sorted(_SCHEMA)}.")
+        if section == "auth" and "jwt" in body:
+            body = dict(body)
+            jwt_table = body.pop("jwt")
         for key, value in body.items():
             if key not in _SCHEMA[section]:
                 raise ServiceError(
@@ -156,6 +193,8 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values["keys_file"] = kf if kf.is_absolute() else service_dir / kf
     else:
         values.pop("keys_file", None)
+    if jwt_table is not None:
+        values["jwt"] = _jwt_settings(jwt_table, path, service_dir, environ)
     if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
         raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
     if values.get("engine", "flask") not in ("flask", "asgi"):
@@ -167,6 +206,53 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         if key in values and values[key] < 1:
             raise ServiceError(f"{path}: {key} must be >= 1, got {values[key]}.")
     return ServiceConfig(service_dir=service_dir, **values)
+
+
+def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[str, str]) -> JwtSettings | None:
+    """Check ``[auth.jwt]`` (no key material is read here: :mod:`kit.serving.security` does that)."""
+    where = f"{path}: [auth.jwt]"
+    if not isinstance(table, dict):
+        raise ServiceError(f"{where} must be a table ([auth.jwt] with enabled = true and its keys).")
+    v: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _JWT_SCHEMA:
+            raise ServiceError(f"{where}: unknown key {key!r}; known: {sorted(_JWT_SCHEMA)}.")
+        if key == "audience" and isinstance(value, str):
+            value = [value] if value else []
+        v[key] = _check("auth.jwt", key, value, _JWT_SCHEMA[key], path)
+    if not v.pop("enabled", False):
+        return None
+    for key in ("algorithms", "audience", "required_claims"):
+        if key in v:
+            if not all(isinstance(x, str) and x for x in v[key]):
+                raise ServiceError(f"{where} {key} must be a list of non-empty strings, got {v[key]!r}.")
+            v[key] = tuple(v[key])
+    algs = v.get("algorithms", ("HS256",))
+    unknown = [a for a in algs if a not in HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS]
+    if not algs or unknown:
+        raise ServiceError(f"{where} algorithms = {list(algs)!r}: use HS256/HS384/HS512 (a shared secret) or "
+                           f"{', '.join(ASYMMETRIC_ALGORITHMS)} (a public key); 'none' is never accepted.")
+    if len({a in HMAC_ALGORITHMS for a in algs}) > 1:
+        raise ServiceError(f"{where} algorithms = {list(algs)!r} mixes shared-secret (HS*) and public-key "
+                           "algorithms; a service checks one kind (mixing them invites algorithm confusion).")
+    for key in ("secret_file", "public_key_file", "jwks_file"):
+        if v.get(key):
+            p = Path(v[key]).expanduser()
+            v[key] = p if p.is_absolute() else service_dir / p
+        else:
+            v.pop(key, None)
+    sources = [k for k in ("secret_env", "secret_file", "public_key_file", "jwks_file") if v.get(k)]
+    want = ("secret_env", "secret_file") if algs[0] in HMAC_ALGORITHMS else ("public_key_file", "jwks_file")
+    if len(sources) != 1 or sources[0] not in want:
+        raise ServiceError(f"{where}: algorithms {list(algs)} need exactly one of {' or '.join(want)} "
+                           f"(have {sources or 'none'}).")
+    if v.get("secret_env"):
+        v["secret"] = environ.get(v["secret_env"]) or None
+    if not 0 <= v.get("leeway", 30.0) <= 300:
+        raise ServiceError(f"{where} leeway = {v['leeway']} must be between 0 and 300 seconds.")
+    if "client_claim" in v and not v["client_claim"]:
+        raise ServiceError(f"{where} client_claim must name a claim (default \"sub\").")
+    return JwtSettings(**v)
 
 
 def cpu_count() -> int:

@@ -77,12 +77,14 @@ class ModelSlots:
     """The versions one worker serves for one model, kept in step with ``aliases.json``."""
 
     def __init__(self, registry: Any, model: str, *, device: str = "cpu", check_env: bool = True,
+                 max_artifact_bytes: int | None = None,
                  batching: bool = True, max_batch: int = 64, max_wait_ms: float = 0.0,
                  poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Any = None):
         self.registry = registry
         self.model = model
         self.device = device
         self.check_env = check_env
+        self.max_artifact_bytes = max_artifact_bytes
         self.batching = batching
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
@@ -201,7 +203,8 @@ class ModelSlots:
     def _load(self, version: int) -> Slot:
         t0 = time.perf_counter()
         device = _resolve_device(self.device)
-        loaded = self.registry.load(self.model, version, check_env=self.check_env)  # sha256 + env
+        loaded = self.registry.load(self.model, version, check_env=self.check_env,
+                                    max_artifact_bytes=self.max_artifact_bytes)  # sha256 + env
         if device != "cpu":
             import torch
 
