@@ -1,14 +1,16 @@
 """Turn an ``nn.Module`` and an example input into a portable artifact.
 
-The artifact is a ``torch.export`` program (``.pt2``) with a dynamic batch dimension, plus the example
-input and the eager model's output on it (the reference that warm-up and reload checks compare against).
-Loading never unpickles arbitrary objects: ``.pt2`` programs and ``weights_only`` state dicts only.
+The artifact is a ``torch.export`` program (``.pt2``) with a dynamic batch dimension (and any other dims
+the user names dynamic), plus the example input and the eager model's output on it (the reference that
+warm-up and reload checks compare against). Loading never unpickles arbitrary objects: ``.pt2`` programs
+and ``weights_only`` state dicts only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,59 +20,15 @@ import torch
 
 from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, inspect_pt2, load_exported_program, save_program
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
+from kit.signature import (BATCH, DEFAULT_MAX_BATCH, DEFAULT_MAX_DIM, Signature, TensorSpec, flatten_outputs,
+                           normalize_dynamic, parse_dynamic)
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt2"
 EXAMPLE_FILE = "example.npz"
-BATCH = "batch"
-DEFAULT_MAX_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: ``shape`` holds ints, and the string ``"batch"`` for the dynamic dim."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch: int = DEFAULT_MAX_BATCH
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-            "max_batch": self.max_batch,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Signature":
-        return cls(
-            inputs=tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
-            max_batch=int(d.get("max_batch", DEFAULT_MAX_BATCH)),
-        )
-
-    def describe(self) -> str:
-        ins = ", ".join(s.describe() for s in self.inputs)
-        outs = ", ".join(s.describe() for s in self.outputs)
-        return f"({ins}) -> ({outs})"
+__all__ = ["BATCH", "DEFAULT_MAX_BATCH", "CapturedModel", "ExportedForward", "Parity", "Signature", "TensorSpec",
+           "capture", "flatten_outputs", "load_examples", "load_program", "load_weights", "parse_dynamic"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +37,12 @@ class Parity:
     max_abs_diff: float
     atol: float
     rtol: float
+    dim_values: dict[str, tuple[int, ...]] = field(default_factory=dict)  # named dim -> values checked
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_sizes": list(self.batch_sizes),
+            "dims": {k: list(v) for k, v in self.dim_values.items()},
             "max_abs_diff": self.max_abs_diff,
             "atol": self.atol,
             "rtol": self.rtol,
@@ -118,7 +78,22 @@ def _as_tuple(x: Any, what: str) -> tuple[torch.Tensor, ...]:
         return tuple(x)
     raise CaptureError(
         f"{what} must be a tensor or a tuple of tensors, got {type(x).__name__}. "
-        "Wrap dict inputs/outputs in a module that takes and returns tensors."
+        "Wrap dict inputs in a module that takes tensors as separate arguments."
+    )
+
+
+def _output_kind(out: Any) -> tuple[str, list[str] | None]:
+    """What the model returns ("tensor", "tuple" or "dict") and, for a dict, its keys."""
+    if isinstance(out, torch.Tensor):
+        return "tensor", None
+    if isinstance(out, Mapping) and out and all(isinstance(k, str) and k and isinstance(v, torch.Tensor)
+                                                for k, v in out.items()):
+        return "dict", list(out)
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return "tuple", None
+    raise CaptureError(
+        f"The model's output must be a tensor, a tuple of tensors or a dict of names to tensors, got "
+        f"{type(out).__name__}. Wrap the model in a module that returns one of those."
     )
 
 
@@ -142,13 +117,6 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _spec(name: str, t: torch.Tensor, dynamic: bool) -> TensorSpec:
-    shape: list[int | str] = list(t.shape)
-    if dynamic and shape:
-        shape[0] = BATCH
-    return TensorSpec(name=name, dtype=_dtype_name(t), shape=tuple(shape))
-
-
 def _resample(inputs: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A batch of ``batch`` rows drawn from the example rows (keeps values realistic for any dtype)."""
     g = torch.Generator().manual_seed(seed)
@@ -157,15 +125,28 @@ def _resample(inputs: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tu
     return tuple(t[idx] for t in inputs)
 
 
-def _run(fn: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def _resize_dims(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
+                 values: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
+    """``inputs`` with each named dim set to ``values[name]`` by repeating (or cutting) the example along it:
+    positions cycle, so ids stay valid ids and masks stay masks."""
+    out = list(inputs)
+    for i, dims in dyn.items():
+        for d, name in dims.items():
+            n = out[i].shape[d]
+            if values[name] != n:
+                out[i] = out[i].index_select(d, torch.arange(values[name]) % n)
+    return tuple(out)
+
+
+def _run(fn: Any, inputs: tuple[torch.Tensor, ...], names: list[str] | None) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        return _as_tuple(fn(*inputs), "The model's output")
+        return flatten_outputs(fn(*inputs), names)
 
 
 def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float, rtol: float) -> tuple[float, bool]:
     worst, ok = 0.0, True
     for x, y in zip(a, b):
-        if x.shape != y.shape:
+        if not isinstance(y, torch.Tensor) or x.shape != y.shape:
             return float("inf"), False
         if x.is_floating_point() or x.is_complex():
             d = (x.double() - y.double()).abs()
@@ -185,10 +166,135 @@ _EXPORT_HINTS = (
 )
 
 
+def _export_reason(exc: BaseException) -> str:
+    """The exporter's first line, plus the lines that say which constraint failed and how to fix it."""
+    lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    detail = [ln.strip() for ln in lines[1:] if ln.lstrip().startswith(("- ", "Suggested fixes")) or "Dim(" in ln][:4]
+    return " ".join([f"{type(exc).__name__}: {first}", *detail])
+
+
+def _dim_ranges(values: Mapping[str, int], dims: Mapping[str, tuple[int, int]] | None) -> dict[str, tuple[int, int]]:
+    ranges: dict[str, tuple[int, int]] = {}
+    unknown = sorted(set(dims or {}) - set(values) - {BATCH})
+    if unknown:
+        raise CaptureError(f"dims gives ranges for {unknown}, which no input names dynamic (named: {sorted(values)}).")
+    for name, v in values.items():
+        lo, hi = (dims or {}).get(name, (1, max(DEFAULT_MAX_DIM, v)))
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
+            raise CaptureError(f"The range of {name} must be two ints MIN < MAX, got {(lo, hi)!r}; a dim with "
+                               "one value is static (leave it out of dynamic).")
+        if not lo <= v <= hi:
+            raise CaptureError(f"The example has {name} = {v}, outside its range {lo}..{hi}.")
+        if hi < 2 and v == 1:
+            raise CaptureError(f"{name} needs a range reaching 2 or more to be dynamic.")
+        ranges[name] = (lo, hi)
+    return ranges
+
+
+def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]], dynamic_batch: bool,
+                    max_batch: int, ranges: Mapping[str, tuple[int, int]]) -> tuple[Any, ...] | None:
+    if not dynamic_batch and not dyn:
+        return None
+    made = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items()}
+    batch = torch.export.Dim(BATCH, min=1, max=max_batch)
+    shapes = []
+    for i in range(len(inputs)):
+        spec: dict[int, Any] = {0: batch} if dynamic_batch else {}
+        spec.update({d: made[name] for d, name in dyn.get(i, {}).items()})
+        shapes.append(spec or None)
+    return tuple(shapes)
+
+
+def _example_dims(inputs: tuple[torch.Tensor, ...], names: list[str], dyn: dict[int, dict[int, str]]) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for i, dims in dyn.items():
+        for d, name in dims.items():
+            v = int(inputs[i].shape[d])
+            if values.setdefault(name, v) != v:
+                raise CaptureError(f"The example inputs disagree on {name}: {names[i]!r} dim {d} is {v}, "
+                                   f"another input has {values[name]}. Inputs sharing a dim name must match.")
+    return values
+
+
+def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
+    if any(t.dim() == 0 for t in inputs):
+        raise CaptureError("A dynamic batch needs every example input to have a batch dimension (dim 0).")
+    batch = inputs[0].shape[0]
+    if any(t.shape[0] != batch for t in inputs):
+        raise CaptureError(
+            f"Example inputs disagree on the batch size: {[tuple(t.shape) for t in inputs]}. "
+            "Every input's first dimension is the batch."
+        )
+    if batch < 1:
+        raise CaptureError("The example batch is empty; give at least one example row.")
+
+
+def _io_specs(program: torch.export.ExportedProgram, names: list[str], inputs: tuple[torch.Tensor, ...],
+              out_names: list[str], outs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
+              dynamic_batch: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs; output dims come from the program's symbolic shapes (names substituted)."""
+    in_specs = []
+    for i, (n, t) in enumerate(zip(names, inputs)):
+        shape: list[int | str] = list(t.shape)
+        if dynamic_batch:
+            shape[0] = BATCH
+        for d, dim_name in dyn.get(i, {}).items():
+            shape[d] = dim_name
+        in_specs.append(TensorSpec(n, _dtype_name(t), tuple(shape)))
+    try:
+        out_shapes = _symbolic_output_shapes(program, in_specs)
+    except Exception as exc:  # symbolic metadata is best effort: fall back to the eager shapes
+        log.debug("no symbolic output shapes (%s); using eager shapes", exc)
+        out_shapes = [tuple([BATCH, *o.shape[1:]] if dynamic_batch and o.dim() else o.shape) for o in outs]
+    out_specs = tuple(TensorSpec(n, _dtype_name(o), tuple(s)) for n, o, s in zip(out_names, outs, out_shapes))
+    return tuple(in_specs), out_specs
+
+
+def _symbolic_output_shapes(program: torch.export.ExportedProgram, in_specs: list[TensorSpec]) -> list[tuple[int | str, ...]]:
+    import sympy
+    from torch.export.graph_signature import OutputKind
+
+    nodes = list(program.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"][-len(in_specs):]
+    names: dict[Any, Any] = {}
+    for node, spec in zip(placeholders, in_specs):
+        for d, label in zip(node.meta["val"].shape, spec.shape):
+            if isinstance(d, torch.SymInt) and isinstance(label, str):
+                names[d.node.expr] = sympy.Symbol(label)
+    outputs = [n for n in nodes if n.op == "output"][0].args[0]
+    kinds = [s.kind for s in program.graph_signature.output_specs]
+    shapes: list[tuple[int | str, ...]] = []
+    for node, kind in zip(outputs, kinds):
+        if kind != OutputKind.USER_OUTPUT:
+            continue
+        shape: list[int | str] = []
+        for d in node.meta["val"].shape:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                expr = d.node.expr
+                shape.append(str(names[expr]) if expr in names else str(expr.subs(names)))
+        shapes.append(tuple(shape))
+    return shapes
+
+
+def _second_values(values: Mapping[str, int], ranges: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Another value of every named dim, inside its range, for the second parity check."""
+    second = {}
+    for name, v in values.items():
+        lo, hi = ranges[name]
+        w = min(hi, v + 3)
+        second[name] = w if w != v else max(lo, v - 1)
+    return second
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Any,
     *,
+    dynamic: Mapping[Any, Mapping[int, str]] | None = None,
+    dims: Mapping[str, tuple[int, int]] | None = None,
     dynamic_batch: bool = True,
     max_batch: int = DEFAULT_MAX_BATCH,
     atol: float = 1e-5,
@@ -201,81 +307,87 @@ def capture(
     Parameters
     ----------
     model : the module; it is put in eval mode (and left so).
-    example_inputs : a tensor or tuple of tensors whose first dimension is the batch.
-    dynamic_batch : export the batch dimension as dynamic (default). A batch-1 example would make
-        torch.export specialise the batch to 1, so such an example is widened to 2 rows for tracing.
-    atol, rtol : parity tolerance between eager and exported outputs.
-    check_batch : the second batch size checked for parity (default: example batch + 3).
+    example_inputs : a tensor or tuple of tensors (any dtypes) whose first dimension is the batch.
+    dynamic : more dynamic dims, ``{input name or position: {dim index: dim name}}``, e.g.
+        ``{"ids": {1: "seq"}, "mask": {1: "seq"}}``; inputs sharing a name must agree on it.
+    dims : inclusive ``(min, max)`` per named dim (default ``(1, 4096)``).
+    dynamic_batch : export dim 0 as the dynamic batch (default). Size-1 example dims would make
+        torch.export specialise them to 1, so such an example is widened to 2 for tracing.
+    atol, rtol : parity tolerance between eager and exported outputs, checked on the example, a second
+        batch size (``check_batch``, default example batch + 3) and a second value of every named dim.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}.")
     inputs = tuple(t.detach() for t in _as_tuple(example_inputs, "example_inputs"))
     if dynamic_batch:
-        if any(t.dim() == 0 for t in inputs):
-            raise CaptureError("A dynamic batch needs every example input to have a batch dimension (dim 0).")
-        batch = inputs[0].shape[0]
-        if any(t.shape[0] != batch for t in inputs):
-            raise CaptureError(
-                f"Example inputs disagree on the batch size: {[tuple(t.shape) for t in inputs]}. "
-                "Every input's first dimension is the batch."
-            )
-        if batch < 1:
-            raise CaptureError("The example batch is empty; give at least one example row.")
+        _check_batch(inputs)
     model.eval()
     names = _input_names(model, len(inputs))
+    dyn = normalize_dynamic(dynamic, names, [t.dim() for t in inputs], dynamic_batch=dynamic_batch)
+    values = _example_dims(inputs, names, dyn)
+    ranges = _dim_ranges(values, dims)
     t0 = time.perf_counter()
 
     trace_inputs = inputs
     if dynamic_batch and inputs[0].shape[0] == 1:
         # torch.export specialises size-1 dims (0/1 specialisation): trace with two rows instead.
         trace_inputs = _resample(inputs, 2)
-    dynamic_shapes = None
-    if dynamic_batch:
-        dim = torch.export.Dim("batch", min=1, max=max_batch)
-        dynamic_shapes = tuple({0: dim} for _ in inputs)
+    trace_inputs = _resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
     try:
         with torch.no_grad():
-            program = torch.export.export(model, trace_inputs, dynamic_shapes=dynamic_shapes, strict=strict)
+            program = torch.export.export(model, trace_inputs, strict=strict,
+                                          dynamic_shapes=_dynamic_shapes(inputs, dyn, dynamic_batch, max_batch, ranges))
     except Exception as exc:  # torch raises many unrelated types here; translate at the boundary
-        reason = str(exc).strip().splitlines()
-        first = reason[0] if reason else type(exc).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}. "
-            + _EXPORT_HINTS
-        ) from exc
+        hint = _EXPORT_HINTS
+        if "onstraint" in str(exc) and (dyn or dynamic_batch):
+            hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
+                    "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
+                    + hint)
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {_export_reason(exc).rstrip('.')}. "
+                           + hint) from exc
 
     exported = program.module()
-    eager_ref = _run(model, inputs)
-    sizes = [inputs[0].shape[0]] if inputs[0].dim() else [1]
-    checks = [inputs]
+    with torch.no_grad():
+        raw = model(*inputs)
+    kind, out_names = _output_kind(raw)
+    eager_ref = flatten_outputs(raw)
+    checks: list[tuple[str, tuple[torch.Tensor, ...]]] = [(f"batch {inputs[0].shape[0] if inputs[0].dim() else 1}",
+                                                          inputs)]
+    sizes = [int(inputs[0].shape[0]) if inputs[0].dim() else 1]
     if dynamic_batch:
         b2 = check_batch or inputs[0].shape[0] + 3
-        checks.append(_resample(inputs, b2, seed=1))
+        checks.append((f"batch {b2}", _resample(inputs, b2, seed=1)))
         sizes.append(b2)
+    second = _second_values(values, ranges)
+    if second:
+        checks.append((", ".join(f"{k} {v}" for k, v in second.items()), _resize_dims(inputs, dyn, second)))
     worst = 0.0
-    for size, x in zip(sizes, checks):
-        expected = eager_ref if x is inputs else _run(model, x)
+    for label, x in checks:
+        expected = eager_ref if x is inputs else _run(model, x, out_names)
         try:
-            got = _run(exported, x)
+            got = _run(exported, x, out_names)
         except Exception as exc:
             raise CaptureError(
-                f"The exported program failed on a batch of {size}: {type(exc).__name__}: {exc}. "
-                "The model may depend on a fixed batch size; pass dynamic_batch=False if so."
+                f"The exported program failed at {label}: {type(exc).__name__}: {str(exc)[:300]}. "
+                "The model may depend on a fixed size there; pass dynamic_batch=False or leave that dim static."
             ) from exc
         diff, ok = _max_diff(expected, got, atol, rtol)
         worst = max(worst, diff)
         if not ok:
             raise ParityError(
-                f"Exported and eager outputs differ at batch {size}: max |diff| = {diff:.3g} exceeds "
+                f"Exported and eager outputs differ at {label}: max |diff| = {diff:.3g} exceeds "
                 f"atol={atol:g} + rtol={rtol:g}·|eager|. Check for randomness or train-mode layers in "
                 "forward, or loosen atol/rtol if the difference is expected.",
-                max_abs_diff=diff, atol=atol, rtol=rtol, batch_size=size,
+                max_abs_diff=diff, atol=atol, rtol=rtol, batch_size=int(x[0].shape[0]) if x[0].dim() else 1,
             )
     seconds = time.perf_counter() - t0
+    out_labels = out_names or [f"output_{i}" for i in range(len(eager_ref))]
+    in_specs, out_specs = _io_specs(program, names, inputs, out_labels, eager_ref, dyn, dynamic_batch)
+    all_dims = ({BATCH: (1, max_batch)} if dynamic_batch else {}) | ranges
     signature = Signature(
-        inputs=tuple(_spec(n, t, dynamic_batch) for n, t in zip(names, inputs)),
-        outputs=tuple(_spec(f"output_{i}", t, dynamic_batch) for i, t in enumerate(eager_ref)),
+        inputs=in_specs, outputs=out_specs,
         max_batch=max_batch if dynamic_batch else int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+        dims=all_dims, output_kind=kind,
     )
     log.info("captured %s in %.2fs: %s", type(model).__name__, seconds, signature.describe())
     return CapturedModel(
@@ -283,7 +395,7 @@ def capture(
         signature=signature,
         example_inputs=inputs,
         reference_outputs=eager_ref,
-        parity=Parity(tuple(sizes), worst, atol, rtol),
+        parity=Parity(tuple(sizes), worst, atol, rtol, {k: (values[k], second[k]) for k in values}),
         seconds=seconds,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
     )
@@ -350,13 +462,21 @@ class ExportedForward(torch.nn.Module):
             self.register_buffer(f"lifted_{i}", t.detach(), persistent=False)
         placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"][len(specs) - n_user:]
         self._expect: list[tuple[int, tuple[int | None, ...], torch.dtype]] = []
-        for node in placeholders:
+        # dynamic dims: (input, dim, symbol, min, max); inputs sharing a symbol must agree on its value
+        self._dynamic: list[tuple[int, int, str, int, int]] = []
+        for k, node in enumerate(placeholders):
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise _Unsupported("a user input has no recorded example value")
             dims = tuple(d if isinstance(d, int) else None for d in val.shape)
             self._expect.append((len(dims), dims, val.dtype))
+            for d, size in enumerate(val.shape):
+                if not isinstance(size, int):
+                    lo, hi = _symbol_range(program, size)
+                    self._dynamic.append((k, d, str(size), lo, hi))
         self._names = [n.name for n in placeholders]
+        self._labels = [[str(s) if s is not None else "batch" if d == 0 else f"d{d}" for d, s in enumerate(dims)]
+                        for _, dims, _ in self._expect]
         self.graph = program.graph_module
         self._out_spec = program.call_spec.out_spec
 
@@ -367,9 +487,30 @@ class ExportedForward(torch.nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"input {name!r} must be a tensor, got {type(x).__name__}")
             if x.dim() != rank or any(d is not None and d != s for d, s in zip(dims, x.shape)) or x.dtype != dtype:
-                want = ", ".join("batch" if d is None else str(d) for d in dims)
+                want = ", ".join(self._labels[self._names.index(name)])
                 raise ValueError(f"input {name!r} must be {str(dtype).removeprefix('torch.')}[{want}], "
                                  f"got {str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
+        if self._dynamic:
+            self._check_dynamic(inputs)
+
+    def _check_dynamic(self, inputs: tuple[Any, ...]) -> None:
+        seen: dict[str, tuple[int, int, int]] = {}
+        for k, d, sym, lo, hi in self._dynamic:
+            v = int(inputs[k].shape[d])
+            label = self._labels[k][d]
+            if not lo <= v <= hi:
+                raise ValueError(f"input {self._names[k]!r} dim {d} ({label}) is {v}; the exported program "
+                                 f"accepts {lo} to {hi}")
+            first = seen.setdefault(sym, (v, k, d))
+            if first[0] != v:
+                raise ValueError(f"inputs disagree on {label}: {self._names[first[1]]!r} dim {first[2]} is "
+                                 f"{first[0]} but {self._names[k]!r} dim {d} is {v}")
+
+    def name_dims(self, signature: Any) -> None:
+        """Use the signature's dim names (``seq``) in error messages instead of placeholders."""
+        for k, spec in enumerate(getattr(signature, "inputs", ())[: len(self._labels)]):
+            if len(spec.shape) == len(self._labels[k]):
+                self._labels[k] = [str(s) for s in spec.shape]
 
     def forward(self, *inputs: Any) -> Any:
         self._check(inputs)
@@ -379,6 +520,15 @@ class ExportedForward(torch.nn.Module):
         from torch.utils import _pytree
 
         return _pytree.tree_unflatten(list(outs), self._out_spec)
+
+
+def _symbol_range(program: torch.export.ExportedProgram, size: Any) -> tuple[int, int]:
+    """The inclusive range torch.export recorded for a symbolic input dim (unbounded ends: 0 and 2**62)."""
+    rng = program.range_constraints.get(getattr(getattr(size, "node", None), "expr", None))
+    if rng is None:
+        return 0, 2**62
+    lo, hi = rng.lower, rng.upper
+    return (int(lo) if lo.is_finite else 0), (int(hi) if hi.is_finite else 2**62)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
