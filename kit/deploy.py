@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit.errors import DeployError, InvalidNameError, KitError, PromotionRefusedError
+from kit.errors import DeployError, InvalidNameError, KitError
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
+from kit.render import aliases_line, gate_summary
+from kit.traffic import require_production, set_traffic
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,6 @@ class DeployResult:
         return f"DeployResult({self.ref}{alias}{where}, {self.seconds:.1f}s)"
 
 
-def aliases_line(name: str, a: Aliases) -> str:
-    s = f"{name}: production={a.production if a.production is not None else '-'}"
-    if a.canary is not None:
-        s += f", canary={a.canary} at {a.canary_weight:.0%}"
-    return s
-
-
 def deploy(
     registry: Registry,
     model: Any,
@@ -112,17 +107,12 @@ def deploy(
     """
     validate_name(name)
     if canary is not None and promote:
-        raise InvalidNameError("Choose one of --canary and --promote, not both.")
+        raise InvalidNameError("Choose one of a canary and a promotion, not both.")
     if canary is not None:
         if not 0.0 < canary <= 1.0:
             raise InvalidNameError(f"Canary weight must be in (0%, 100%], got {canary:.0%}.")
         # Checked before any work: a canary splits traffic with production, so one must exist.
-        have = name in registry.models() and registry.aliases(name).production is not None
-        if not have:
-            raise PromotionRefusedError(
-                f"Model {name!r} has no production version yet, so --canary has nothing to split traffic "
-                f"with. Deploy with --promote first (or `%promote {name}@N`)."
-            )
+        require_production(registry, name)
     if service is not None:
         validate_name(service, "service name")
     result = DeployResult(name=name)
@@ -136,7 +126,7 @@ def deploy(
 
     def fail(step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
         finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
-        msg = f"%deploy stopped at step {len(result.steps)}/{total} ({step_name}): {why}"
+        msg = f"deploy stopped at step {len(result.steps)}/{total} ({step_name}): {why}"
         if report is not None:
             msg += f" Report: {report}"
         return DeployError(msg, step=step_name, report=report, result=result)
@@ -176,10 +166,7 @@ def deploy(
     result.gate = gate
     n_ok = sum(1 for c in gate.checks if getattr(c, "passed", False))
     if not gate.passed:
-        failed = [c for c in gate.checks if not getattr(c, "passed", False)]
-        why = gate.error or "; ".join(_check_text(c) for c in failed[:3]) or "the gate did not pass"
-        raise fail("gate", t0, f"{mv.ref} failed validation ({n_ok}/{len(gate.checks)} checks passed): {why}.",
-                   report=gate.report)
+        raise fail("gate", t0, gate_summary(gate) + ".", report=gate.report)
     finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks", str(gate.report)))
 
     # 4. alias move
@@ -187,21 +174,22 @@ def deploy(
     try:
         if promote:
             before = registry.aliases(name).production
-            result.aliases = registry.promote(name, mv.version, user=user, why="%deploy --promote")
+            result.aliases = registry.promote(name, mv.version, user=user, why="deploy: promote")
             detail = f"production {before if before is not None else '-'} -> {mv.version}"
         elif canary is not None:
-            result.aliases = registry.set_canary(name, mv.version, canary, user=user, why="%deploy --canary")
-            detail = f"canary {mv.version} at {canary:.0%} beside production {result.aliases.production}"
+            change = set_traffic(registry, name, mv.version, canary, user=user, why="deploy: canary")
+            result.aliases = change.aliases
+            detail = change.describe()
         else:
             result.aliases = registry.aliases(name)
-            detail = (f"none asked for (--promote or --canary 10%); {aliases_line(name, result.aliases)}")
+            detail = f"none asked for (neither promote nor a canary); {aliases_line(name, result.aliases)}"
     except KitError as exc:
         raise fail("alias", t0, str(exc), where=registry.aliases_path(name)) from exc
     finish(Step("alias", time.perf_counter() - t0, True, detail, str(registry.aliases_path(name))))
 
     # 5. service generation
     if service is None:
-        finish(Step("service", -1.0, True, "none asked for (--service NAME generates one)"))
+        finish(Step("service", -1.0, True, "none asked for (name a service to generate one)"))
         return result
     t0 = time.perf_counter()
     try:
@@ -234,11 +222,3 @@ def _service_model(service_dir: Path) -> str | None:
     except (OSError, tomllib.TOMLDecodeError):
         return None
     return model if isinstance(model, str) else None
-
-
-def _check_text(check: Any) -> str:
-    if callable(getattr(check, "line", None)):
-        return str(check.line())
-    name = getattr(check, "name", "check")
-    detail = getattr(check, "detail", None) or getattr(check, "message", None) or ""
-    return f"{name}: {detail}" if detail else str(name)

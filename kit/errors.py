@@ -28,7 +28,19 @@ from __future__ import annotations
 
 
 class KitError(Exception):
-    """Base class of every error Kit raises on purpose."""
+    """Base class of every error Kit raises on purpose.
+
+    The message describes the next step as an action ("validate it first", "force it with a reason"),
+    never as one shell's flag. ``remedy`` names that action for the shells, which add their own hint when
+    they show the error (``kit.cli._common``, ``kit.magics``, ``kit.widgets``); ``subject`` is what it is
+    about (a ``name@version`` or a model name). Remedies: "validate", "force", "why", "promote",
+    "start_canary".
+    """
+
+    def __init__(self, *args: object, remedy: str | None = None, subject: str | None = None):
+        super().__init__(*args)
+        self.remedy = remedy
+        self.subject = subject
 
 
 class ConfigError(KitError, ValueError):

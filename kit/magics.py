@@ -3,7 +3,8 @@
     %deploy MODEL --example X --name NAME [--validate NB ...] [--canary 10% | --promote] [--service NAME]
     %models [NAME]              models, or one model's versions with gate verdicts and aliases
     %promote NAME@VERSION       production (needs a passing gate for that exact artifact)
-    %canary NAME@VERSION 10%    start a canary;  %canary NAME 25%  re-weight;  %canary NAME --stop
+    %canary NAME@VERSION 10%    give VERSION 10% of traffic: starts a canary, or replaces the running one
+    %canary NAME 25%            re-weight the canary;   %canary NAME --stop (or 0%) ends it  (kit.traffic)
     %rollback NAME              production back to the previous version, ends any canary
     %registry [NAME]            the registry panel (kit.widgets.RegistryPanel)
 
@@ -25,11 +26,27 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from kit._text import metrics_text, table
 from kit.config import KitConfig, load_config
 from kit.errors import KitError
-from kit.deploy import DeployResult, Step, aliases_line, deploy
-from kit.registry import Aliases, Registry, detect_source, parse_ref, parse_weight
+from kit.deploy import DeployResult, Step, deploy
+from kit.registry import Registry, detect_source, parse_ref, parse_weight
+from kit.render import aliases_line, model_rows, models_text, versions_text
+from kit.traffic import set_traffic
+
+# The magics' words for a library error's remedy (kit.errors.KitError.remedy).
+_HINTS = {
+    "validate": "Validate it with %registry (the Validate button) or `!kit validate {subject}`; "
+                "forcing is for the command line (`!kit promote ... --force --why '...'`).",
+    "why": "Give a reason: --why '...'.",
+    "promote": "Promote a version: %promote {subject}@N, or %deploy ... --promote.",
+    "start_canary": "Start one: %canary {subject}@N 10%.",
+}
+
+
+def usage_error(exc: KitError) -> UsageError:
+    """A library error as IPython's one-line UsageError, with the magics' hint for its remedy."""
+    hint = _HINTS.get(exc.remedy or "", "")
+    return UsageError(f"{exc} {hint.format(subject=exc.subject or 'NAME')}".rstrip())
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +98,7 @@ class KitMagics(Magics):
             try:
                 self._config = load_config()
             except KitError as exc:
-                raise UsageError(str(exc)) from None
+                raise usage_error(exc) from None
         return self._config
 
     def _registry(self) -> Registry:
@@ -153,7 +170,7 @@ class KitMagics(Magics):
                 on_step=printer.step, progress=printer.progress,
             )
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
     def _eval_dict(self, expr: str | None, what: str) -> dict[str, Any] | None:
         if expr is None:
@@ -173,28 +190,12 @@ class KitMagics(Magics):
         reg = self._registry()
         try:
             if args.name is None:
-                names = reg.models()
-                if not names:
-                    print(f"No models in {reg.root}. Deploy one with %deploy.")
-                    return
-                rows = []
-                for n in names:
-                    a = reg.aliases(n)
-                    vs = reg.versions(n)
-                    rows.append([n, len(vs), vs[-1].version if vs else "-", a.production or "-",
-                                 f"{a.canary} ({a.canary_weight:.0%})" if a.canary else "-"])
-                print(table(rows, ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
+                rows = model_rows(reg)
+                print(models_text(rows) if rows else f"No models in {reg.root}. Deploy one with %deploy.")
                 return
-            name, _ = parse_ref(args.name)
-            a = reg.aliases(name)
-            rows = []
-            for mv in reg.versions(name):
-                rows.append([mv.version, mv.short_sha, mv.created[:19].replace("T", " "),
-                             metrics_text(mv.metrics), reg.gate_verdict(mv)[0], ", ".join(badges(a, mv.version))])
-            print(f"{aliases_line(name, a)}   ({reg.root})")
-            print(table(rows, ["VERSION", "SHA256", "CREATED (UTC)", "METRICS", "GATE", "ALIASES"]))
+            print(versions_text(reg, parse_ref(args.name)[0]))
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
     # ---- %promote
     @magic_arguments()
@@ -212,40 +213,36 @@ class KitMagics(Magics):
             a = reg.promote(name, sel, why=_unquote(args.why), user=self.kit_config.user)
             print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
     # ---- %canary
     @magic_arguments()
-    @argument("ref", metavar="NAME[@VERSION]", help="NAME@VERSION starts a canary; NAME re-weights or stops it")
+    @argument("ref", metavar="NAME[@VERSION]",
+              help="NAME@VERSION starts a canary or replaces the running one; NAME re-weights or stops it")
     @argument("weight", metavar="WEIGHT", nargs="?", default=None, help="share of traffic: 10%% or 0.1; 0%% stops")
     @argument("--stop", action="store_true", help="end the canary: all traffic back to production")
     @argument("--why", default=None, help="a reason, recorded in the audit log")
     @line_magic
     def canary(self, line: str) -> None:
-        """Start, re-weight or stop a canary. Writes aliases.json: running services follow within seconds."""
+        """Start, replace, re-weight or stop a canary (:func:`kit.traffic.set_traffic`, one rule for every face).
+
+        Writes aliases.json: running services follow within seconds.
+        """
         args = parse_argstring(self.canary, line)
         try:
             name, sel = parse_ref(args.ref)
+            if args.stop and args.weight is not None:
+                raise UsageError("%canary: give a WEIGHT or --stop, not both.")
+            if not args.stop and args.weight is None:
+                raise UsageError(f"%canary: give a weight, e.g. %canary {args.ref} 10%, or --stop.")
             reg = self._registry()
-            reg.versions(name)  # ModelNotFoundError names the models there are
-            user = self.kit_config.user
-            if args.stop:
-                if args.weight is not None:
-                    raise UsageError("%canary: give a WEIGHT or --stop, not both.")
-                a = reg.end_canary(name, why=_unquote(args.why), user=user)
-            else:
-                if args.weight is None:
-                    raise UsageError(f"%canary: give a weight, e.g. %canary {args.ref} 10%, or --stop.")
-                w = parse_weight(args.weight)
-                if w == 0.0:
-                    a = reg.end_canary(name, why=_unquote(args.why), user=user)
-                elif sel is None:
-                    a = reg.set_canary_weight(name, w, why=_unquote(args.why), user=user)
-                else:
-                    a = reg.set_canary(name, sel, w, why=_unquote(args.why), user=user)
-            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+            change = set_traffic(reg, name, None if args.stop else sel,
+                                 0.0 if args.stop else parse_weight(args.weight), why=_unquote(args.why),
+                                 user=self.kit_config.user)
+            print(change.describe())
+            print(f"{aliases_line(name, change.aliases or reg.aliases(name))}  -> {reg.aliases_path(name)}")
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
     # ---- %rollback
     @magic_arguments()
@@ -261,7 +258,7 @@ class KitMagics(Magics):
             a = reg.rollback(name, why=_unquote(args.why), user=self.kit_config.user)
             print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
     # ---- %registry
     @magic_arguments()
@@ -284,21 +281,10 @@ class KitMagics(Magics):
             return RegistryPanel(reg, name, gate_timeout=self.kit_config.gate_timeout,
                                  user=self.kit_config.user)
         except KitError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from None
 
 
-# --------------------------------------------------------------------------- helpers shared with kit.widgets
-
-
-def badges(a: Aliases, version: int) -> list[str]:
-    out = []
-    if a.production == version:
-        out.append("production")
-    if a.canary == version:
-        out.append(f"canary {a.canary_weight:.0%}")
-    if version in a.previous and a.production != version:
-        out.append("previous")
-    return out
+# --------------------------------------------------------------------------- helpers
 
 
 def _as_example(value: Any, expr: str) -> Any:

@@ -640,15 +640,16 @@ class Registry:
         if force:
             if not why or not why.strip():
                 raise PromotionRefusedError(
-                    f"A forced {action} of {mv.ref} needs a reason; pass why=... (--why on the command line). "
-                    "It is recorded in the audit log."
+                    f"A forced {action} of {mv.ref} needs a reason (why=...); it is recorded in the audit log.",
+                    remedy="why",
                 )
             return None
         gate = self.passing_gate(mv)
         if self.require_gate and gate is None:
             raise PromotionRefusedError(
                 f"Refusing to {action} {mv.ref}: no passing gate recorded for its artifact sha256 "
-                f"{mv.short_sha}. Run `kit validate {mv.ref}` first, or force it with --force --why '...'."
+                f"{mv.short_sha}. Validate it first, or force it with a reason (audited as forced).",
+                remedy="validate", subject=mv.ref,
             )
         return gate
 
@@ -711,8 +712,9 @@ class Registry:
             if not (cur.canary == mv.version):  # re-weighting a running canary needs no new gate
                 gate = self._check_gate(mv, force, why, "start a canary of")
             new = self._write_aliases(name, dataclasses.replace(cur, canary=mv.version, canary_weight=weight))
+            replaced = cur.canary if cur.canary not in (None, mv.version) else None  # kit.traffic's rule
             self._event(name, "canary", version=mv.version, weight=weight, forced=force, why=why, user=user,
-                        gate=(gate or {}).get("run_id"), aliases=new.to_json())
+                        gate=(gate or {}).get("run_id"), replaced=replaced, aliases=new.to_json())
         return new
 
     def set_canary_weight(self, name: str, weight: float, *, why: str | None = None,
@@ -720,7 +722,8 @@ class Registry:
         weight = _check_weight(weight)
         cur = self.aliases(name)
         if cur.canary is None:
-            raise PromotionRefusedError(f"Model {name!r} has no canary; start one with `kit canary {name}@N`.")
+            raise PromotionRefusedError(f"Model {name!r} has no canary to re-weight. Name the version to start one with.",
+                                        remedy="start_canary", subject=name)
         return self.set_canary(name, cur.canary, weight, why=why, user=user)
 
     def end_canary(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:

@@ -24,88 +24,19 @@ import ipywidgets as widgets
 
 from kit.errors import KitError
 from kit.registry import Aliases, ModelVersion, Registry
+from kit.render import gate_cell, gate_summary, report_link, versions_html
+from kit.traffic import TrafficChange, plan_traffic, set_traffic, stop_traffic
+
+__all__ = ["RegistryPanel", "gate_cell", "versions_html"]
 
 log = logging.getLogger(__name__)
 
-_CSS = """
-<style>
-.kit-table {border-collapse: collapse; font-size: 13px; font-family: var(--jp-ui-font-family, sans-serif);
-            margin: 4px 0; min-width: 640px}
-.kit-table th {text-align: left; padding: 5px 10px; border-bottom: 2px solid #c8ccd0; color: #57606a;
-               font-weight: 600; background: #f6f8fa}
-.kit-table td {padding: 5px 10px; border-bottom: 1px solid #e4e7ea; vertical-align: middle}
-.kit-table tr.kit-prod td {background: #f0faf2}
-.kit-table tr.kit-canary td {background: #fff8ec}
-.kit-sha {font-family: var(--jp-code-font-family, monospace); color: #57606a}
-.kit-badge {display: inline-block; padding: 1px 8px; margin-right: 4px; border-radius: 10px; font-size: 11px;
-            font-weight: 600; color: #fff; line-height: 17px}
-.kit-b-production {background: #1a7f37} .kit-b-canary {background: #bc4c00} .kit-b-previous {background: #8c959f}
-.kit-pass {color: #1a7f37; font-weight: 600} .kit-fail {color: #cf222e; font-weight: 600}
-.kit-none {color: #8c959f}
-.kit-table a, .kit-status a {color: #0969da; text-decoration: underline}
-.kit-metric {font-family: var(--jp-code-font-family, monospace); font-size: 12px}
-</style>
-"""
-
-
-# --------------------------------------------------------------------------- the versions table
-
-
-def _badges(a: Aliases, version: int) -> list[tuple[str, str]]:
-    out = []
-    if a.production == version:
-        out.append(("production", "production"))
-    if a.canary == version:
-        out.append(("canary", f"canary {a.canary_weight:.0%}"))
-    if version in a.previous and a.production != version:
-        out.append(("previous", "previous"))
-    return out
-
-
-def _report_path(reg: Registry, mv: ModelVersion, result: Mapping[str, Any]) -> Path | None:
-    """The gate report of ``result`` (where :mod:`kit.gate.evidence` says it lies)."""
-    from kit.gate.evidence import report_path
-
-    return report_path(reg.root, reg.version_dir(mv.name, mv.version), result)
-
-
-def gate_cell(reg: Registry, mv: ModelVersion) -> tuple[str, Path | None]:
-    """(verdict, report path): ``passed`` (a passing gate for this exact artifact), ``failed``, or ``-``."""
-
-    verdict, result = reg.gate_verdict(mv)
-    return verdict, (_report_path(reg, mv, result) if result else None)
-
-
-def versions_html(reg: Registry, name: str) -> str:
-    """The versions table as HTML (badges, verdicts with report links). Newest version first."""
-    a = reg.aliases(name)
-    rows = []
-    for mv in reversed(reg.versions(name)):
-        verdict, report = gate_cell(reg, mv)
-        if verdict == "passed":
-            gate = '<span class="kit-pass">&#10003; passed</span>'
-        elif verdict in ("failed", "stale"):
-            gate = f'<span class="kit-fail">&#10007; {verdict}</span>'
-        else:
-            gate = '<span class="kit-none">not validated</span>'
-        if report is not None:
-            gate += (f' &middot; <a href="{html.escape(report.as_uri())}" target="_blank" '
-                     f'title="{html.escape(str(report))}">report</a>')
-        metrics = " ".join(
-            f'<span class="kit-metric">{html.escape(str(k))}={html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))}</span>'
-            for k, v in mv.metrics.items()
-        ) or '<span class="kit-none">-</span>'
-        badges = "".join(f'<span class="kit-badge kit-b-{cls}">{html.escape(text)}</span>'
-                         for cls, text in _badges(a, mv.version))
-        cls = "kit-prod" if a.production == mv.version else "kit-canary" if a.canary == mv.version else ""
-        rows.append(
-            f'<tr class="{cls}" data-version="{mv.version}"><td><b>v{mv.version}</b></td>'
-            f'<td class="kit-sha" title="{mv.artifact_sha256}">{mv.short_sha}</td>'
-            f'<td>{html.escape(mv.created[:16].replace("T", " "))} UTC</td><td>{metrics}</td>'
-            f"<td>{gate}</td><td>{badges}</td></tr>"
-        )
-    head = "".join(f"<th>{h}</th>" for h in ("version", "sha256", "created", "metrics", "gate", "aliases"))
-    return f'{_CSS}<table class="kit-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+# The panel's own words for a library error's remedy (kit.errors.KitError.remedy).
+_HINTS = {
+    "validate": "The Validate button runs the gate (the panel never forces).",
+    "promote": "Promote a version first.",
+    "start_canary": "Select a version and move the slider.",
+}
 
 
 # --------------------------------------------------------------------------- the panel
@@ -161,6 +92,8 @@ class RegistryPanel(widgets.VBox):
         self.canary = widgets.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, readout_format=".0%",
                                           continuous_update=False, description="canary",
                                           style={"description_width": "56px"}, layout=widgets.Layout(width="420px"))
+        self.stop_button = widgets.Button(description="End canary", icon="stop",
+                                          tooltip="End the canary: all traffic back to production")
         self.canary_label = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="240px",
                                                                                          visibility="hidden"))
@@ -173,14 +106,17 @@ class RegistryPanel(widgets.VBox):
         self.rollback_button.on_click(self._guarded("Rollback", self._on_rollback))
         self.report_button.on_click(self._guarded("Report", self._on_report))
         self.refresh_button.on_click(self._guarded("Refresh", lambda _b: self.refresh()))
+        self.stop_button.on_click(self._guarded("End canary", self._on_stop))
         self.canary.observe(self._guarded("Canary", self._on_canary), names="value")
+        self.version.observe(self._guarded("Select", lambda _c: self._sync_canary()), names="value")
 
         super().__init__(children=[
             self.header,
             self.table,
             widgets.HBox([self.version, self.validate_button, self.promote_button, self.rollback_button,
                           self.report_button, self.refresh_button]),
-            widgets.HBox([self.canary, self.canary_label]),
+            widgets.HBox([self.canary, self.stop_button]),
+            self.canary_label,
             widgets.HBox([self.progress, self.progress_label]),
             self.status,
             self.out,
@@ -233,17 +169,45 @@ class RegistryPanel(widgets.VBox):
                 others = [v for v in nums if v != a.production]
                 self.version.value = (others or nums)[-1]
             self._known = nums
-            self.canary.value = a.canary_weight if a.canary is not None else 0.0
         finally:
             self._syncing = False
-        if a.canary is not None:
-            self.canary_label.value = (f"v{a.canary} gets {a.canary_weight:.0%} of traffic, "
-                                       f"production v{a.production} the rest (0% ends the canary)")
-        elif a.production is None:
-            self.canary_label.value = '<span style="color:#8c959f">no production yet: promote a version first</span>'
-        else:
-            self.canary_label.value = ('<span style="color:#8c959f">no canary: select a version and move the '
-                                       "slider to start one</span>")
+        self._sync_canary(a)
+
+    def _sync_canary(self, a: Aliases | None = None) -> None:
+        """The slider shows the selected version's share of traffic; the label says what moving it does.
+
+        The rule is :mod:`kit.traffic`'s: another version than the running canary replaces it, and the
+        label says so before the slider is moved.
+        """
+        a = a or self.registry.aliases(self.name)
+        sel = self.version.value
+        self._syncing = True
+        try:
+            self.canary.value = a.canary_weight if sel is not None and sel == a.canary else 0.0
+            self.canary.disabled = sel is None or sel == a.production or a.production is None
+            self.stop_button.disabled = a.canary is None
+        finally:
+            self._syncing = False
+        self.canary_label.value = self._canary_text(a, sel)
+
+    def _canary_text(self, a: Aliases, sel: int | None) -> str:
+        grey = '<span style="color:#57606a">{}</span>'
+        now = (f"canary v{a.canary} gets {a.canary_weight:.0%} of traffic, production v{a.production} the rest. "
+               if a.canary is not None else "")
+        if a.production is None:
+            return grey.format("no production yet: promote a version first")
+        if sel is None or sel == a.production:
+            return grey.format(html.escape(now + "Select another version to give it a share of traffic."))
+        try:
+            plan = plan_traffic(self.registry, self.name, sel, 0.1)
+        except KitError as exc:
+            return grey.format(html.escape(now + str(exc)))
+        if plan.action == "replace":
+            return ('<span style="color:#bc4c00">' + html.escape(now) + f"<b>Moving the slider replaces canary "
+                    f"v{a.canary} with v{sel}</b>: v{a.canary} then gets no traffic.</span>")
+        if plan.action == "start":
+            return grey.format(f"no canary: moving the slider starts one with v{sel}")
+        return grey.format(html.escape(now + "Move the slider to re-weight it; 0% or End canary ends it."))
 
     @staticmethod
     def _option_label(a: Aliases, mv: ModelVersion) -> str:
@@ -262,13 +226,14 @@ class RegistryPanel(widgets.VBox):
 
         @wraps(fn)
         def run(*args: Any) -> None:
-            if label == "Canary" and self._syncing:
+            if label in ("Canary", "Select") and self._syncing:
                 return
             with self.out:
                 try:
                     fn(*args)
                 except KitError as exc:
-                    self._say(f"{label} failed: {html.escape(str(exc))}", error=True)
+                    hint = _HINTS.get(exc.remedy or "")
+                    self._say(f"{label} failed: {html.escape(str(exc) + (' ' + hint if hint else ''))}", error=True)
                     self._safe_refresh()
                 except Exception as exc:  # a bug, or a library we call: show it, with its traceback
                     self._say(f"{label} failed unexpectedly: {type(exc).__name__}: {html.escape(str(exc))}",
@@ -317,16 +282,8 @@ class RegistryPanel(widgets.VBox):
         self.progress.value = self.progress.max
         self.progress.bar_style = "success" if result.passed else "danger"
         self.progress_label.value = f"{result.seconds:5.1f}s  {'passed' if result.passed else 'FAILED'}"
-        link = (f'<a href="{html.escape(Path(result.report).as_uri())}" target="_blank" '
-                f'title="{html.escape(str(result.report))}">report</a>')
-        n_ok = sum(1 for c in result.checks if getattr(c, "passed", False))
-        if result.passed:
-            self._say(f"{self.name}@{v} passed validation ({n_ok}/{len(result.checks)} checks, "
-                      f"{result.seconds:.1f}s) &middot; {link}")
-        else:
-            why = html.escape(result.error or "see the report")
-            self._say(f"{self.name}@{v} FAILED validation ({n_ok}/{len(result.checks)} checks passed): {why} "
-                      f"&middot; {link}", error=True)
+        self._say(f"{html.escape(gate_summary(result))} &middot; {report_link(Path(result.report))}",
+                  error=not result.passed)
         self.refresh()
 
     def _on_promote(self, _button: Any = None) -> None:
@@ -341,22 +298,18 @@ class RegistryPanel(widgets.VBox):
         self._say(f"{self.name}: rolled back, production is now v{a.production}")
 
     def _on_canary(self, change: Mapping[str, Any]) -> None:
-        weight = float(change["new"])
-        a = self.registry.aliases(self.name)
-        if weight <= 0.0:
-            if a.canary is None:
-                return
-            self.registry.end_canary(self.name, user=self.user, why="registry panel")
-            self.refresh()
-            self._say(f"{self.name}: canary ended, all traffic to production v{a.production}")
-            return
-        if a.canary is not None:
-            new = self.registry.set_canary_weight(self.name, weight, user=self.user, why="registry panel")
-        else:
-            new = self.registry.set_canary(self.name, self.selected, weight, user=self.user, why="registry panel")
+        """The slider gives the selected version its share of traffic: :func:`kit.traffic.set_traffic`."""
+        self._show_change(set_traffic(self.registry, self.name, self.selected, float(change["new"]),
+                                      user=self.user, why="registry panel"))
+
+    def _on_stop(self, _button: Any = None) -> None:
+        self._show_change(stop_traffic(self.registry, self.name, user=self.user, why="registry panel"))
+
+    def _show_change(self, change: TrafficChange) -> None:
         self.refresh()
-        self._say(f"{self.name}: canary v{new.canary} at {new.canary_weight:.0%} "
-                  f"(aliases.json serial {new.serial}; running services follow within seconds)")
+        a = change.aliases
+        serial = f" (aliases.json serial {a.serial}; running services follow within seconds)" if a else ""
+        self._say(html.escape(f"{self.name}: {change.describe()}") + serial)
 
     def _on_report(self, _button: Any = None) -> None:
         from IPython.display import HTML, display

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -57,3 +58,35 @@ def make_project(root: Path, repo_root: Path) -> Path:
         "display_name": "Kit (test)", "language": "python",
     }))
     return root
+
+
+def pass_gate(reg: Any, name: str, version: int) -> None:
+    """Write a passing gate result the way kit.gate does (the gate itself runs in test_gate_papermill.py)."""
+    from kit._io import atomic_write_json
+
+    mv = reg.get(name, version)
+    path = reg.gate_root(name, version) / "r1" / "result.json"
+    atomic_write_json(path, {"run_id": "r1", "passed": True, "artifact_sha256": mv.artifact_sha256})
+    reg.sign_evidence(path)  # as kit.gate does: a keyed registry counts only signed results
+
+
+def three_versions(reg: Any, name: str = "m", gated: tuple[int, ...] = (1, 2, 3)) -> Any:
+    """``name`` with three small Linear versions (the ``gated`` ones with a passing gate), production v1."""
+    import torch
+    from torch import nn
+
+    for s in range(3):
+        torch.manual_seed(s)
+        reg.register(name, nn.Linear(4, 2), torch.randn(2, 4))
+    for v in gated:
+        pass_gate(reg, name, v)
+    reg.promote(name, 1, user="t")
+    return reg
+
+
+def project_keyring():
+    """The keyring kit's shells use in this test session (conftest points KIT_KEYS_DIR at a temp folder):
+    a registry opened with it signs what it registers, so `kit` commands, magics and the gate trust it."""
+    from kit.signing import Keyring
+
+    return Keyring(Path(os.environ["KIT_KEYS_DIR"]))

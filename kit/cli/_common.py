@@ -10,8 +10,25 @@ from typing import Any
 import click
 
 from kit.config import KitConfig, load_config
-from kit._text import table  # noqa: F401  (re-exported for the command modules)
+from kit.render import table  # noqa: F401  (re-exported for the command modules)
 from kit.errors import KitError
+
+# The library's errors describe the next step as an action (KitError.remedy); the CLI names its command.
+_HINTS = {
+    "validate": "Run `kit validate {subject}`, or add --force --why '...' to this command.",
+    "why": "Add --why '...'.",
+    "force": "Add --force to this command.",
+    "promote": "Run `kit promote {subject}@N`.",
+    "start_canary": "Run `kit canary {subject}@N --weight 10%`.",
+}
+
+
+def error_line(exc: KitError) -> str:
+    """``kit: error: <message> <the CLI's hint for its remedy>``: one line."""
+    hint = _HINTS.get(exc.remedy or "", "")
+    if hint:
+        hint = " " + hint.format(subject=exc.subject or "NAME")
+    return f"kit: error: {exc}{hint}"
 
 
 class KitGroup(click.Group):
@@ -21,7 +38,7 @@ class KitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KitError as exc:
-            click.echo(f"kit: error: {exc}", err=True)
+            click.echo(error_line(exc), err=True)
             ctx.exit(2)
 
 

@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import click
 
-from kit._text import metrics_text
 from kit.cli._common import Context, emit_json, json_option, pass_kit, table
 from kit.errors import KitError
-from kit.registry import Aliases, parse_ref, parse_weight
-
-
-def _badges(a: Aliases, v: int) -> str:
-    b = []
-    if a.production == v:
-        b.append("production")
-    if a.canary == v:
-        b.append(f"canary {a.canary_weight:.0%}")
-    return ", ".join(b)
-
-
-def _aliases_line(name: str, a: Aliases) -> str:
-    s = f"{name}: production={a.production}"
-    if a.canary is not None:
-        s += f", canary={a.canary} at {a.canary_weight:.0%}"
-    return s
+from kit.registry import parse_ref, parse_weight
+from kit.render import aliases_line, badges_text, model_rows, models_text, versions_text
 
 
 @click.command("models")
@@ -34,31 +18,20 @@ def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
     """List models, or the versions of NAME."""
     reg = k.registry()
     if name is None:
-        rows = []
-        for n in reg.models():
-            vs = reg.versions(n)
-            a = reg.aliases(n)
-            rows.append({"name": n, "versions": len(vs), "latest": vs[-1].version if vs else None,
-                         "production": a.production, "canary": a.canary, "canary_weight": a.canary_weight})
+        rows = model_rows(reg)
         if as_json:
             return emit_json(rows)
         if not rows:
             click.echo(f"No models in {reg.root}. Register one from a notebook with %deploy, or run `make demo`.")
             return
-        click.echo(table([[r["name"], r["versions"], r["latest"], r["production"] or "-",
-                           f"{r['canary']} ({r['canary_weight']:.0%})" if r["canary"] else "-"] for r in rows],
-                         ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"]))
+        click.echo(models_text(rows))
         return
     name, _ = parse_ref(name)
-    vs = reg.versions(name)
-    a = reg.aliases(name)
     if as_json:
-        return emit_json([{**mv.to_dict(), "aliases": _badges(a, mv.version), "gate": reg.gate_verdict(mv)[0]}
-                          for mv in vs])
-    click.echo(table(
-        [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
-          metrics_text(mv.metrics), reg.gate_verdict(mv)[0], _badges(a, mv.version)] for mv in vs],
-        ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "GATE", "ALIASES"]))
+        a = reg.aliases(name)
+        return emit_json([{**mv.to_dict(), "aliases": badges_text(a, mv.version), "gate": reg.gate_verdict(mv)[0]}
+                          for mv in reg.versions(name)])
+    click.echo(versions_text(reg, name))
 
 
 @click.command("show")
@@ -76,7 +49,7 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
 
     a = reg.aliases(mv.name)
     sig = Signature.from_dict(mv.signature)
-    click.echo(f"{mv.ref}  {_badges(a, mv.version)}".rstrip())
+    click.echo(f"{mv.ref}  {badges_text(a, mv.version)}".rstrip())
     click.echo(f"  path:       {mv.path}")
     click.echo(f"  created:    {mv.created}")
     click.echo(f"  sha256:     {mv.artifact_sha256}")
@@ -132,6 +105,8 @@ def history_cmd(k: Context, name: str, as_json: bool) -> None:
         detail = []
         if e.get("weight") is not None:
             detail.append(f"weight={e['weight']:.0%}")
+        if e.get("replaced") is not None:
+            detail.append(f"replaced={e['replaced']}")
         if e.get("from_version") is not None:
             detail.append(f"from={e['from_version']}")
         if "passed" in e:
@@ -159,7 +134,7 @@ def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
     reg = k.registry()
     mv = reg.resolve(ref)
     a = reg.promote(mv.name, mv.version, force=force, why=why, user=k.config.user)
-    click.echo(_aliases_line(mv.name, a) + (" (forced)" if force else ""))
+    click.echo(aliases_line(mv.name, a) + (" (forced)" if force else ""))
 
 
 @click.command("canary")
@@ -170,21 +145,23 @@ def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
 @_why
 @pass_kit
 def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool, why: str | None) -> None:
-    """Start or re-weight a canary (NAME@VERSION --weight 10%), or end it (NAME --stop)."""
-    reg = k.registry()
+    """Give NAME@VERSION a share of traffic (--weight 10%), re-weight the canary (NAME --weight), or end it (--stop).
+
+    There is one canary at a time: naming another version while a canary runs replaces it (the old
+    canary gets no more traffic; the audit log records it). The rule: kit.traffic.
+    """
+    from kit.traffic import set_traffic
+
     name, sel = parse_ref(ref)
-    w = None if weight is None else parse_weight(weight)
-    if stop or w == 0.0:
-        a = reg.end_canary(name, why=why, user=k.config.user)
-    else:
-        if w is None:
-            raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1); --stop ends it.")
-        if sel is None:
-            a = reg.set_canary_weight(name, w, why=why, user=k.config.user)
-        else:
-            mv = reg.get(name, sel)
-            a = reg.set_canary(name, mv.version, w, force=force, why=why, user=k.config.user)
-    click.echo(_aliases_line(name, a))
+    if stop and weight is not None:
+        raise KitError("Give --weight or --stop, not both.")
+    if not stop and weight is None:
+        raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1); --stop ends it.")
+    change = set_traffic(k.registry(), name, None if stop else sel, 0.0 if stop else parse_weight(weight or "0"),
+                         force=force, why=why, user=k.config.user)
+    click.echo(change.describe())
+    assert change.aliases is not None
+    click.echo(aliases_line(name, change.aliases))
 
 
 @click.command("rollback")
@@ -195,7 +172,7 @@ def rollback_cmd(k: Context, name: str, why: str | None) -> None:
     """Production back to the previous production version; ends any canary."""
     n = parse_ref(name)[0]
     a = k.registry().rollback(n, why=why, user=k.config.user)
-    click.echo(_aliases_line(n, a))
+    click.echo(aliases_line(n, a))
 
 
 @click.group("aliases")
@@ -210,7 +187,7 @@ def aliases_repair(k: Context, name: str) -> None:
     """Rebuild NAME's aliases.json from the newest snapshot in its audit log."""
     n = parse_ref(name)[0]
     a = k.registry().repair_aliases(n, user=k.config.user)
-    click.echo("repaired " + _aliases_line(n, a))
+    click.echo("repaired " + aliases_line(n, a))
 
 
 @click.command("env")

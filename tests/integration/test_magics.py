@@ -89,7 +89,7 @@ def test_user_errors_are_usage_errors(with_model, capsys, registry):
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --validate missing.ipynb", "missing.ipynb")
     # --canary without a production version is refused before anything is captured or registered.
     assert_usage_error(ip, capsys, "%deploy model --example x --name digits --canary 10%",
-                       "no production", "--promote first")
+                       "no production", "Promote a version first", "%promote digits@N")
     assert registry.models() == []
     assert_usage_error(ip, capsys, "%canary nothing 10%", "No model 'nothing'")
     assert_usage_error(ip, capsys, "%rollback nothing", "No model 'nothing'")

@@ -97,8 +97,9 @@ def test_bad_versions_are_refused(reg, bad):
 
 def test_promotion_needs_a_passing_gate_for_this_artifact(reg):
     v1 = reg.register("m", _small(0), torch.randn(1, 4))
-    with pytest.raises(PromotionRefusedError, match="kit validate m@1"):
+    with pytest.raises(PromotionRefusedError, match="Validate it first") as e:
         reg.promote("m", 1)
+    assert (e.value.remedy, e.value.subject) == ("validate", "m@1")  # each shell words the hint itself
     _pass_gate(reg, v1, passed=False)
     with pytest.raises(PromotionRefusedError):
         reg.promote("m", 1)

@@ -1,0 +1,146 @@
+"""One rule for splitting a model's traffic between production and a canary, for every face.
+
+``kit canary``, ``%canary``, the registry panel's slider and :func:`kit.deploy.deploy` all call
+:func:`set_traffic`; what it would do is known before it does it (:func:`plan_traffic`), so a face can say
+so first. The rule:
+
+- ``set_traffic(registry, name, version, weight)`` gives ``version`` that share of the traffic (0 < weight
+  <= 1); production serves the rest.
+- There is at most one canary. Naming another version while a canary runs **replaces** it: the new version
+  becomes the canary at ``weight`` and the old canary gets no more traffic. The audit event (``canary``)
+  records the replaced version (``replaced``).
+- Naming the running canary, or no version at all, **re-weights** it. With no canary running, naming no
+  version is refused (which version would it be?).
+- Weight 0 **stops** the canary when it names the canary or no version: all traffic back to production.
+  Weight 0 for a version that gets no traffic changes nothing.
+- Starting or replacing needs a passing gate for the new version (or ``force`` with a reason, audited as
+  forced); re-weighting needs none. Production cannot also be the canary, and without a production
+  version there is nothing to split traffic with.
+
+Every move goes through :meth:`kit.registry.Registry.set_canary` / ``end_canary``, which hold the model's
+lock, re-check the state and append the audit event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from kit.errors import InvalidNameError, PromotionRefusedError
+from kit.registry import Aliases, Registry
+
+Action = Literal["start", "replace", "reweight", "stop", "none"]
+
+
+@dataclass(frozen=True)
+class TrafficChange:
+    """What a traffic request does (from :func:`plan_traffic`) or did (from :func:`set_traffic`)."""
+
+    name: str
+    action: Action
+    version: int | None  # the version the request is about (the canary after start/replace/re-weight)
+    weight: float  # its share of traffic afterwards
+    production: int | None
+    replaced: int | None = None  # the canary that stops getting traffic (replace, stop)
+    needs_gate: bool = False  # start and replace need a passing gate for ``version``
+    aliases: Aliases | None = None  # after the move (set_traffic); None for a plan
+
+    def describe(self) -> str:
+        """One sentence a person reads before (or after) the move: the same words in every face."""
+        v, w, prod = self.version, f"{self.weight:.0%}", self.production
+        if self.action == "start":
+            return f"start a canary: v{v} gets {w} of {self.name}'s traffic, production v{prod} the rest"
+        if self.action == "replace":
+            return (f"replace canary v{self.replaced} with v{v} at {w}: v{self.replaced} gets no more traffic, "
+                    f"production v{prod} the rest")
+        if self.action == "reweight":
+            return f"re-weight canary v{v} to {w}, production v{prod} the rest"
+        if self.action == "stop":
+            return f"end canary v{self.replaced}: all of {self.name}'s traffic to production v{prod}"
+        return f"no change: v{v} gets no traffic" if v is not None else f"no change: {self.name} has no canary"
+
+
+def require_production(registry: Registry, name: str) -> int:
+    """The production version ``name`` splits traffic with; refused (with the next step) when there is none."""
+    prod = registry.aliases(name).production if name in registry.models() else None
+    if prod is None:
+        raise PromotionRefusedError(
+            f"Model {name!r} has no production version, so a canary has nothing to split traffic with. "
+            "Promote a version first.", remedy="promote", subject=name,
+        )
+    return prod
+
+
+def plan_traffic(registry: Registry, name: str, version: int | str | None, weight: float) -> TrafficChange:
+    """What :func:`set_traffic` would do now, without doing it. Raises what it would raise (gate aside)."""
+    weight = _weight(weight)
+    target = registry.get(name, version).version if version is not None else None
+    if target is None:
+        registry.versions(name)  # ModelNotFoundError names the models there are
+    cur = registry.aliases(name)
+    if weight == 0.0:
+        if cur.canary is None or (target is not None and target != cur.canary):
+            return TrafficChange(name, "none", target, 0.0, cur.production)
+        return TrafficChange(name, "stop", None, 0.0, cur.production, replaced=cur.canary)
+    prod = require_production(registry, name)
+    if target is None:
+        if cur.canary is None:
+            raise PromotionRefusedError(
+                f"Model {name!r} has no canary to re-weight. Name the version to start one with.",
+                remedy="start_canary", subject=name,
+            )
+        target = cur.canary
+    if target == prod:
+        raise PromotionRefusedError(
+            f"{name}@{target} is production already; a canary must be another version."
+        )
+    if cur.canary == target:
+        return TrafficChange(name, "reweight", target, weight, prod)
+    if cur.canary is None:
+        return TrafficChange(name, "start", target, weight, prod, needs_gate=True)
+    return TrafficChange(name, "replace", target, weight, prod, replaced=cur.canary, needs_gate=True)
+
+
+def set_traffic(
+    registry: Registry,
+    name: str,
+    version: int | str | None,
+    weight: float,
+    *,
+    force: bool = False,
+    why: str | None = None,
+    user: str | None = None,
+) -> TrafficChange:
+    """Give ``version`` (default: the running canary) ``weight`` of ``name``'s traffic, by the rule above.
+
+    Returns the change made, with the resulting aliases. Raises :class:`PromotionRefusedError` when the
+    rule refuses (no production, production named, no canary to re-weight, no passing gate) and
+    :class:`InvalidNameError` for a weight outside [0, 1].
+    """
+    change = plan_traffic(registry, name, version, weight)
+    if change.action == "none":
+        return _with_aliases(change, registry.aliases(name))
+    if change.action == "stop":
+        return _with_aliases(change, registry.end_canary(name, why=why, user=user))
+    assert change.version is not None
+    after = registry.set_canary(name, change.version, change.weight, force=force, why=why, user=user)
+    return _with_aliases(change, after)
+
+
+def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user: str | None = None) -> TrafficChange:
+    """End the canary (if any): all traffic back to production."""
+    return set_traffic(registry, name, None, 0.0, why=why, user=user)
+
+
+def _with_aliases(change: TrafficChange, aliases: Aliases) -> TrafficChange:
+    return replace(change, aliases=aliases)
+
+
+def _weight(weight: float) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError) as exc:
+        raise InvalidNameError(f"Canary weight must be a number from 0 to 1, got {weight!r}.") from exc
+    if not 0.0 <= w <= 1.0:
+        raise InvalidNameError(f"Canary weight must be from 0% to 100% (0.1 is 10%), got {weight!r}.")
+    return w
