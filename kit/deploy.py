@@ -90,6 +90,8 @@ def deploy(
     user: str | None = None,
     on_step: Callable[[int, Step], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    dynamic: Mapping[Any, Mapping[int, str]] | None = None,
+    dims: Mapping[str, tuple[int, int]] | None = None,
 ) -> DeployResult:
     """capture -> register -> gate -> alias move -> service generation; stop at the first failure.
 
@@ -98,6 +100,8 @@ def deploy(
     canary : start a canary of the new version at this weight (0 < w <= 1); needs a production version.
     promote : make the new version production. Neither ``canary`` nor ``promote``: no alias moves.
     service : generate ``services_dir/<service>/`` serving ``name`` (kit.servicegen.generate).
+    dynamic, dims : named dynamic dims and their ranges, passed to :func:`kit.capture.capture`
+        (e.g. ``dynamic={"ids": {1: "seq"}, "mask": {1: "seq"}}``, ``dims={"seq": (2, 512)}``).
     on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
 
     Raises
@@ -136,7 +140,7 @@ def deploy(
 
     t0 = time.perf_counter()
     try:
-        captured = capture(model, example_inputs)
+        captured = capture(model, example_inputs, dynamic=dynamic, dims=dims)
     except KitError as exc:
         raise fail("capture", t0, str(exc)) from exc
     finish(Step("capture", time.perf_counter() - t0, True,

@@ -129,6 +129,8 @@ class KitMagics(Magics):
     @argument("--service", metavar="NAME", default=None, help="generate services/NAME serving this model")
     @argument("--metrics", metavar="DICT", default=None, help="a dict of metrics to record (variable name)")
     @argument("--tags", metavar="DICT", default=None, help="a dict of tags to record (variable name)")
+    @argument("--dynamic", metavar="INPUT:DIM=NAME", action="append", default=[],
+              help="a dynamic dim besides the batch, e.g. ids:1=seq (optional range: ids:1=seq:2..512; repeatable)")
     @line_magic
     def deploy(self, line: str) -> DeployResult:
         """Capture, register, validate, move an alias and generate a service, one line per step.
@@ -152,6 +154,9 @@ class KitMagics(Magics):
             metrics = self._eval_dict(args.metrics, "--metrics")
             tags = self._eval_dict(args.tags, "--tags")
             params = _parse_params(args.param)
+            from kit.signature import parse_dynamic
+
+            dynamic, dims = parse_dynamic(args.dynamic)
             weight = parse_weight(args.canary) if args.canary is not None else None
             if weight == 0.0:
                 raise UsageError("%deploy: --canary 0% would send no traffic to the new version; give a weight > 0.")
@@ -164,7 +169,7 @@ class KitMagics(Magics):
             printer = _StepPrinter(self.shell)
             return deploy(
                 self._registry(), model, example, args.name, notebooks=notebooks, params=params,
-                canary=weight, promote=args.promote, service=args.service,
+                canary=weight, promote=args.promote, service=args.service, dynamic=dynamic or None, dims=dims or None,
                 services_dir=cfg.project_root / "services", metrics=metrics, tags=tags, source=source,
                 project_root=cfg.project_root, gate_timeout=cfg.gate_timeout, user=cfg.user,
                 on_step=printer.step, progress=printer.progress,
