@@ -39,7 +39,13 @@ DEFAULTS: dict[str, Any] = {
     "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
     "max_wait_ms": 0.0, "max_body_bytes": 8 * 1024 * 1024, "rate_limit": 0.0, "rate_burst": 0,
     "api_keys_sha256": (), "keys_file": "", "access_log": True,
+    # [auth.jwt]; an HS* service with no secret source reads KIT_JWT_SECRET
+    "jwt": False, "jwt_algorithms": ("HS256",), "jwt_secret_env": "", "jwt_secret_file": "",
+    "jwt_public_key_file": "", "jwt_jwks_file": "", "jwt_issuer": "", "jwt_audience": (), "jwt_leeway": 30.0,
+    "jwt_client_claim": "sub", "jwt_required_claims": ("exp",),
 }
+_JWT_TEXT = ("jwt_secret_env", "jwt_secret_file", "jwt_public_key_file", "jwt_jwks_file", "jwt_issuer",
+             "jwt_client_claim")
 
 
 def _env() -> jinja2.Environment:
@@ -53,6 +59,19 @@ def _toml_str(value: str, what: str) -> str:
     if any(c in value for c in '"\\\n\r\t') or not value.isprintable():
         raise ServiceError(f"{what} {value!r} holds a quote, backslash or control character; choose another.")
     return value
+
+
+def _jwt_context(ctx: dict[str, Any]) -> None:
+    """Check the ``jwt_*`` options for TOML; the service checks their meaning when it loads service.toml."""
+    for key in _JWT_TEXT:
+        ctx[key] = _toml_str(str(ctx[key]), key)
+    for key in ("jwt_algorithms", "jwt_audience", "jwt_required_claims"):
+        value = ctx[key]
+        ctx[key] = [_toml_str(str(x), key) for x in ([value] if isinstance(value, str) else value)]
+    ctx["jwt_leeway"] = float(ctx["jwt_leeway"])
+    sources = ("jwt_secret_env", "jwt_secret_file", "jwt_public_key_file", "jwt_jwks_file")
+    if ctx["jwt"] and not any(ctx[k] for k in sources) and str(ctx["jwt_algorithms"][0]).startswith("HS"):
+        ctx["jwt_secret_env"] = "KIT_JWT_SECRET"
 
 
 def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str, str]:
@@ -72,6 +91,7 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
         if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
             raise ServiceError(f"API key hash {k[:16]!r}... is not a sha256 hex digest (64 hex characters).")
     ctx["api_keys_sha256"] = keys
+    _jwt_context(ctx)
     env = _env()
     return {f: env.get_template(f + ".j2").render(**ctx) for f in FILES}
 

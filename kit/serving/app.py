@@ -31,7 +31,7 @@ from kit.serving.protocol import (
     v2_response,
 )
 from kit.serving.router import RouteError, choose
-from kit.serving.security import ApiKeys, RateLimiter, hash_key
+from kit.serving.security import ANONYMOUS, ApiKeys, Authenticator, Identity, JwtVerifier, RateLimiter, Unauthorized
 from kit.serving.slots import ModelSlots
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     if watch:
         slots.start()
     keys = ApiKeys(config.api_keys_sha256, config.keys_file)
+    auth = Authenticator(keys, JwtVerifier(config.jwt) if config.jwt is not None else None)
     limiter = RateLimiter(config.rate_limit, config.rate_burst)
     model = config.model
     vh = config.version_header
@@ -122,6 +123,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
             msg = f"Request body too large: the limit is {config.max_body_bytes} bytes ([limits] max_body_bytes)."
         elif exc.code == 405:
             msg = f"Method {request.method} is not allowed on {request.path}."
+            allowed = getattr(exc, "valid_methods", None) or ["GET"]
+            return _error(msg, 405, {"Allow": ", ".join(sorted(allowed))})
         elif exc.code == 404:
             msg = f"No endpoint {request.path}; see /openapi.json."
         return _error(msg, exc.code or 500)
@@ -133,23 +136,18 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
 
     # ---- inference: a plain WSGI fast path in front of Flask (the hot path skips Flask's request
     # context, hooks and Request/Response objects; everything else goes through Flask as usual)
-    def _refuse(environ: dict[str, Any]) -> tuple[int, str, dict[str, str]] | None:
-        client = None
-        if keys.enabled:
-            presented = environ.get("HTTP_X_API_KEY")
-            auth = environ.get("HTTP_AUTHORIZATION", "")
-            if not presented and auth[:7].lower() == "bearer ":
-                presented = auth[7:].strip()
-            if not keys.check(presented):
-                return 401, ("Missing or unknown API key: send it as 'X-API-Key: KEY' or "
-                             "'Authorization: Bearer KEY'."), {"WWW-Authenticate": "Bearer"}
-            client = "key:" + hash_key(presented)[:16] if presented else None
+    def _refuse(environ: dict[str, Any]) -> tuple[tuple[int, str, dict[str, str]] | None, Identity]:
+        """(refusal or None, the caller): API keys and/or JWTs ([auth]), then the rate limit."""
+        try:
+            who = auth.identify(environ.get("HTTP_X_API_KEY"), environ.get("HTTP_AUTHORIZATION"))
+        except Unauthorized as exc:
+            return (401, str(exc), {"WWW-Authenticate": exc.challenge}), ANONYMOUS
         if limiter.enabled:
-            ok, wait = limiter.allow(client or f"addr:{environ.get('REMOTE_ADDR')}")
+            ok, wait = limiter.allow(who.client or f"addr:{environ.get('REMOTE_ADDR')}")
             if not ok:
-                return 429, (f"Rate limit exceeded ({config.rate_limit:g} requests/s per client); "
-                             f"retry in {wait:.2f}s."), {"Retry-After": str(max(1, round(wait + 0.5)))}
-        return None
+                return (429, (f"Rate limit exceeded ({config.rate_limit:g} requests/s per client); "
+                              f"retry in {wait:.2f}s."), {"Retry-After": str(max(1, round(wait + 0.5)))}), who
+        return None, who
 
     def _read_body(environ: dict[str, Any]) -> bytes:
         try:
@@ -174,8 +172,9 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
         ctype = JSON
         try:
             if environ["REQUEST_METHOD"] != "POST":
+                headers["Allow"] = "POST"
                 raise RequestError(f"Method {environ['REQUEST_METHOD']} is not allowed here; use POST.", 405)
-            refused = _refuse(environ)
+            refused, who = _refuse(environ)
             if refused is not None:
                 status, msg, extra = refused
                 headers.update(extra)
@@ -188,7 +187,7 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
                 raise RequestError(f"Model {model!r} is not loaded yet ({_not_ready_reason()}).", 503)
             try:
                 slot, route = choose(state, model=model, override=version or environ.get(vh_env),
-                                     user=environ.get(uh_env))
+                                     user=who.user or environ.get(uh_env))
             except RouteError as exc:
                 raise RequestError(str(exc), exc.status) from exc
             if version:
@@ -336,7 +335,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     def openapi() -> Response:
         state = slots.state
         sig = state.production.signature if state.production else None
-        return _json(build_openapi(config.name, model, sig, auth=keys.enabled, version_header=vh,
+        return _json(build_openapi(config.name, model, sig, auth=auth.enabled, jwt=config.jwt is not None,
+                                   max_batch=config.max_batch, version_header=vh,
                                    user_header=uh))
 
     if slots.state.ready:

@@ -1,31 +1,71 @@
-"""The service's OpenAPI 3.0 description (served at ``/openapi.json``)."""
+"""The service's OpenAPI 3.0 description (served at ``/openapi.json``).
+
+Input schemas state what the service accepts: the dtype's range (a float32 input takes finite numbers
+within +-3.4028234663852886e38; beyond that a value becomes infinite and is refused), integer bounds,
+booleans, and each dimension's length (fixed, a named dynamic range, or 1 to ``max_batch`` rows).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 
-def _nested(spec: Any) -> dict[str, Any]:
-    leaf: dict[str, Any] = {"type": "integer"} if "int" in spec.dtype else {"type": "number"}
-    schema = leaf
+# Largest finite value of each float dtype (what a JSON number may be and stay finite after conversion).
+FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38,
+             "float64": 1.7976931348623157e308}
+
+
+def leaf_schema(dtype: str) -> dict[str, Any]:
+    """The JSON schema of one element of a ``dtype`` tensor (torch dtype names without "torch.")."""
+    if dtype == "bool":
+        return {"type": "boolean"}
+    if dtype in FLOAT_MAX:
+        m = FLOAT_MAX[dtype]
+        return {"type": "number", "format": "double" if dtype == "float64" else "float", "minimum": -m, "maximum": m}
+    try:
+        info = np.iinfo(np.dtype(dtype))
+    except TypeError:  # complex or another kind JSON cannot carry: say number, the service says the rest
+        return {"type": "number"}
+    return {"type": "integer", "format": "int64" if info.bits == 64 else "int32",
+            "minimum": int(info.min), "maximum": int(info.max)}
+
+
+def _nested(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str, Any]:
+    schema = leaf_schema(spec.dtype)
     for d in reversed(spec.shape):
         schema = {"type": "array", "items": schema}
-        if d != "batch":
+        if isinstance(d, int):
             schema.update(minItems=d, maxItems=d)
-        else:
-            schema.update(minItems=1)
+            continue
+        lo, hi = _range(dims.get(d))
+        if d == "batch" and max_batch:
+            hi = min(hi, max_batch) if hi else max_batch
+        schema["minItems"] = lo
+        if hi:
+            schema["maxItems"] = hi
     return schema
 
 
+def _range(r: Any) -> tuple[int, int | None]:
+    """A dim's (min, max) from Signature.dims: a (min, max) pair or {"min": .., "max": ..}; default (1, None)."""
+    if isinstance(r, dict):
+        return int(r.get("min", 1)), r.get("max")
+    if isinstance(r, (tuple, list)) and len(r) == 2:
+        return int(r[0]), int(r[1])
+    return 1, None
+
+
 def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version_header: str,
-                  user_header: str) -> dict[str, Any]:
+                  user_header: str, jwt: bool = False, max_batch: int | None = None) -> dict[str, Any]:
     err = {"description": "Client error; the message names what was expected.",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    dims = dict(getattr(sig, "dims", None) or {})
     if sig is not None and len(sig.inputs) == 1:
-        inputs: dict[str, Any] = _nested(sig.inputs[0])
+        inputs: dict[str, Any] = _nested(sig.inputs[0], dims, max_batch)
     elif sig is not None:
-        inputs = {"type": "object", "properties": {s.name: _nested(s) for s in sig.inputs},
-                  "required": [s.name for s in sig.inputs]}
+        inputs = {"type": "object", "properties": {s.name: _nested(s, dims, max_batch) for s in sig.inputs},
+                  "required": [s.name for s in sig.inputs], "additionalProperties": False}
     else:
         inputs = {}
     headers = []
@@ -98,5 +138,6 @@ def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version
     if auth:
         doc["components"]["securitySchemes"] = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            "Bearer": {"type": "http", "scheme": "bearer"}}
+            "Bearer": {"type": "http", "scheme": "bearer", **({"bearerFormat": "JWT"} if jwt else {}),
+                       "description": "an API key" + (" or a JWT" if jwt else "")}}
     return doc
