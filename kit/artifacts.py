@@ -492,3 +492,9 @@ def limits_for(max_bytes: int | None) -> Limits:
     if max_bytes <= 0:
         raise UnsafeArtifactError(f"max_artifact_bytes must be positive, got {max_bytes}.")
     return Limits(max_bytes=max_bytes)
+
+
+def check_version_files(directory: Path, limits: Limits = DEFAULT_LIMITS) -> None:
+    """The checks a service makes before loading a registered version (``model.pt2``, ``example.npz``)."""
+    inspect_pt2(Path(directory) / "model.pt2", limits)
+    check_npz(Path(directory) / "example.npz", limits)

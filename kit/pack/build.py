@@ -39,7 +39,7 @@ from typing import Any
 
 import kit
 from kit._io import fsync_dir, sha256_file
-from kit.errors import KitError, PackError
+from kit.errors import KitError, PackError, UnsafeArtifactError
 from kit.pack import envscan
 from kit.pack._tar import TarMember
 from kit.pack.runtime import MANIFEST
