@@ -434,6 +434,7 @@ def pack(
     forced: list[str] = []
 
     # -- models: the versions the aliases name, verified before anything is written
+    from kit.artifacts import check_version_files
     from kit.registry import Registry
 
     reg = Registry(reg_root, require_gate=True, user="kit-pack")
@@ -451,6 +452,11 @@ def pack(
         if int(res.ref.rsplit("@", 1)[1]) in versions and not res.ok:
             raise PackError(f"{res.ref} failed verification ({'; '.join(res.problems)}); it will not be shipped. "
                             f"Run `kit verify {res.ref}` and restore or re-register it.")
+    for mv in mvs:  # what a server checks before torch reads a byte: no pickle, no code, bounded size
+        try:
+            check_version_files(mv.path)
+        except UnsafeArtifactError as exc:
+            raise PackError(f"{mv.ref} will not be shipped: {exc}") from exc
     label = f"v{aliases.production}" + (f"-canary{aliases.canary}" if len(versions) > 1 else "")
 
     # -- the environment, and every check that can refuse it
