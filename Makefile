@@ -11,7 +11,7 @@ CONDA      := $(shell command -v micromamba || command -v mamba || command -v co
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps
+.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -75,6 +75,10 @@ lab: $(STAMP) ## JupyterLab in the same environment the service uses
 
 browser-deps: ## Debian's chromium for the browser test (root, apt)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+fleet-deps: ## Debian's nginx, prometheus and buildah for the fleet tests (root, apt)
+	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah >/dev/null)
 
 clean: ## remove build outputs (keeps the environment and the registry)
 	rm -rf dist build .pytest_cache test-artifacts

@@ -1,7 +1,7 @@
 """The ``kit`` command: a thin click shell over the library.
 
 Each area registers its commands from its own module (``registry_cmds``, ``gate_cmds``,
-``service_cmds``, ``pack_cmds``); they share the error handling and table helpers in ``_common``.
+``service_cmds``, ``pack_cmds``, ``fleet_cmds``); they share the error handling and table helpers in ``_common``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def cli(ctx: click.Context, registry: str | None, verbose: int) -> None:
 
 
 def _register_all() -> None:
-    from kit.cli import gate_cmds, key_cmds, pack_cmds, registry_cmds, service_cmds
+    from kit.cli import fleet_cmds, gate_cmds, key_cmds, pack_cmds, registry_cmds, service_cmds
 
-    for mod in (registry_cmds, gate_cmds, service_cmds, pack_cmds, key_cmds):
+    for mod in (registry_cmds, gate_cmds, service_cmds, pack_cmds, fleet_cmds, key_cmds):
         mod.register(cli)
 
 

@@ -39,6 +39,11 @@ class Metrics:
                              ["model", "slot"], registry=reg, **kw)
         self.weight = Gauge("kit_canary_weight", "Canary weight in effect (per worker).", ["model"],
                             registry=reg, **kw)
+        # The version as a label, so alert rules can join request metrics (labelled by version) to the
+        # slot serving it: "canary worse than production" (kit fleet prometheus). 1 while served, else 0.
+        self.slot = Gauge("kit_slot_version", "1 for the version a slot serves (per worker), 0 once it stops.",
+                          ["model", "slot", "version"], registry=reg, **kw)
+        self._slots: dict[tuple[str, str], str] = {}
 
     def observe(self, model: str, version: int | None, route: str, code: int, seconds: float,
                 batch: int = 0) -> None:
@@ -56,6 +61,16 @@ class Metrics:
         self.version.labels(model, "production").set(state.production.version if state.production else 0)
         self.version.labels(model, "canary").set(state.canary.version if state.canary else 0)
         self.weight.labels(model).set(state.weight)
+        for slot_name, slot in (("production", state.production), ("canary", state.canary)):
+            now = str(slot.version) if slot is not None else None
+            was = self._slots.get((model, slot_name))
+            if was is not None and was != now:
+                self.slot.labels(model, slot_name, was).set(0)
+            if now is not None:
+                self.slot.labels(model, slot_name, now).set(1)
+                self._slots[(model, slot_name)] = now
+            else:
+                self._slots.pop((model, slot_name), None)
 
     def render(self) -> bytes:
         if self.multiprocess_dir:

@@ -125,9 +125,23 @@ class ModelSlots:
     def _stat(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.registry.aliases_path(self.model))
-        except FileNotFoundError:
+        except OSError:  # missing, or the registry is unreachable: _apply says which
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_reachable(self) -> None:
+        """Fail clearly when the registry folder itself is gone (an unmounted or unreachable share)."""
+        root = self.registry.root
+        try:
+            os.stat(root)
+            os.listdir(root)
+        except OSError as exc:
+            serving = self.state.production.version if self.state.production else None
+            still = f"still serving version {serving}" if serving is not None else "nothing loaded yet"
+            raise ServingError(
+                f"The registry {root} is unreachable ({type(exc).__name__}: {exc.strerror or exc}); {still}. "
+                "Check the shared filesystem's mount (docs/fleet.md); the service retries on its own."
+            ) from exc
 
     def refresh(self, force: bool = False) -> bool:
         """Follow ``aliases.json`` once. Returns True when the served state changed."""
@@ -144,6 +158,7 @@ class ModelSlots:
                 return False
 
     def _apply(self) -> bool:
+        self._check_reachable()
         aliases = self.registry.aliases(self.model)
         cur = self.state
         if aliases.production is None:

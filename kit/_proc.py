@@ -1,0 +1,92 @@
+"""Process helpers: a free port, waiting for an HTTP endpoint, stopping a process group, a log tail.
+
+Used by :mod:`kit.fleet` and the fleet tests, which start real nginx, prometheus and gunicorn processes.
+No torch, no third-party imports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from kit.errors import ServiceError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; (0, b"") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def wait_http(url: str, *, timeout: float = 30.0, ok: Callable[[int, bytes], bool] | None = None,
+              process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> float:
+    """Poll ``url`` until ``ok(status, body)`` (default: status 200); returns the seconds waited.
+
+    Raises :class:`ServiceError` with the log tail when ``process`` exits first or time runs out.
+    """
+    ok = ok or (lambda status, _body: status == 200)
+    t0 = time.monotonic()
+    last: tuple[int, bytes] = (0, b"")
+    while time.monotonic() - t0 < timeout:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"The process behind {url} exited with code {process.returncode} before it "
+                               f"answered. Log tail ({log_path}):\n{tail(log_path)}")
+        last = http_status(url, timeout=2.0)
+        if ok(*last):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise ServiceError(f"{url} did not answer as expected within {timeout:.0f}s (last: {last[0]} "
+                       f"{last[1][:200]!r}). Log tail ({log_path}):\n{tail(log_path)}")
+
+
+def stop_group(process: subprocess.Popen[bytes], *, timeout: float = 10.0,
+               sig: signal.Signals = signal.SIGTERM) -> int | None:
+    """Send ``sig`` to the process (started with ``start_new_session=True``), then SIGKILL its whole
+    group after ``timeout`` seconds, so no child outlives it. Returns the exit code."""
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    return process.returncode
+
+
+def tail(path: Path | str | None, n: int = 25) -> str:
+    """The last ``n`` lines of a log file ("" when there is none)."""
+    if path is None:
+        return ""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-n:])
