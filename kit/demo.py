@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     t = _step(5, total, f"generate the service services/{DEMO_SERVICE}/")
     key = "demo-key"
     svc_dir = generate(DEMO_SERVICE, DEMO_MODEL, registry=reg.root, out_dir=services, force=True,
-                       api_keys_sha256=[hashlib.sha256(key.encode()).hexdigest()])
+                       api_keys_sha256=[hashlib.sha256(key.encode()).hexdigest()],
+                       trusted_keys=reg.keyring.service_keys() if reg.keyring is not None else ())
     _done(t, f"wrote {svc_dir}")
 
     t = _step(6, total, "start it with gunicorn on 127.0.0.1 and ask for a prediction")

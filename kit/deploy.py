@@ -208,7 +208,8 @@ def deploy(
     try:
         # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
         out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
-                       force=target.exists())
+                       force=target.exists(),  # [trust]: the key this registry signs with
+                       trusted_keys=registry.keyring.service_keys() if registry.keyring is not None else ())
     except KitError as exc:
         raise fail("service", t0, str(exc)) from exc
     result.service_dir = Path(out)

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
     "max_wait_ms": 0.0, "max_body_bytes": 8 * 1024 * 1024, "rate_limit": 0.0, "rate_burst": 0,
     "api_keys_sha256": (), "keys_file": "", "access_log": True,
+    "trusted_keys": (),  # [trust] public_keys ("ed25519:..."): shells pass the project's key (kit.signing)
     # [auth.jwt]; an HS* service with no secret source reads KIT_JWT_SECRET
     "jwt": False, "jwt_algorithms": ("HS256",), "jwt_secret_env": "", "jwt_secret_file": "",
     "jwt_public_key_file": "", "jwt_jwks_file": "", "jwt_issuer": "", "jwt_audience": (), "jwt_leeway": 30.0,
@@ -74,6 +75,17 @@ def _jwt_context(ctx: dict[str, Any]) -> None:
         ctx["jwt_secret_env"] = "KIT_JWT_SECRET"
 
 
+def _trusted_keys(keys: Any) -> list[str]:
+    from kit.errors import SigningKeyError
+    from kit.signing import Trust
+
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    try:
+        return [k.text() for k in Trust.from_texts(keys, "trusted_keys").keys]
+    except SigningKeyError as exc:
+        raise ServiceError(str(exc)) from exc
+
+
 def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str, str]:
     """The generated files' text (no writing). ``options`` are service.toml settings (see DEFAULTS)."""
     from kit.registry import validate_name
@@ -91,6 +103,7 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
         if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
             raise ServiceError(f"API key hash {k[:16]!r}... is not a sha256 hex digest (64 hex characters).")
     ctx["api_keys_sha256"] = keys
+    ctx["trusted_keys"] = _trusted_keys(ctx["trusted_keys"])
     _jwt_context(ctx)
     env = _env()
     return {f: env.get_template(f + ".j2").render(**ctx) for f in FILES}

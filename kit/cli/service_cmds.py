@@ -38,6 +38,8 @@ def new(kit: Context, name: str, model: str, out_dir: Path, force: bool, bind: s
                                if v is not None}
     if api_keys:
         options["api_keys_sha256"] = tuple(hash_key(k) for k in api_keys)
+    # [trust]: the project's signing key (made on first use) and kit.toml's trusted_keys
+    options["trusted_keys"] = kit.config.keyring().service_keys()
     path = generate(name, model, registry=kit.config.registry, out_dir=out_dir, force=force,
                     check_model=not no_check_model, **options)
     if as_json:

@@ -250,8 +250,9 @@ def run_gate(
     mv = registry.get(name, version)
     bad = [r for r in registry.verify(mv.name, mv.version) if not r.ok]
     if bad:
-        raise GateError(f"{mv.ref} fails its sha256 check ({'; '.join(bad[0].problems)}); a gate on it would "
-                        "prove nothing. Restore the files or register the model again.")
+        raise GateError(f"{mv.ref} fails verification (signature of meta.json, sha256 of its files: "
+                        f"{'; '.join(bad[0].problems)}); a gate on it would prove nothing. Restore the files or "
+                        "register the model again.")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
@@ -338,7 +339,7 @@ def run_gate(
         log.warning("could not render %s: %s", result.report, exc)
         atomic_write_text(result.report, f"<pre>{html.escape(render_text(result))}\n\n(report rendering "
                                          f"failed: {html.escape(str(exc))})</pre>")
-    write_result(result)
+    registry.sign_evidence(write_result(result))  # result.json.sig: a result forged without the key is no gate
     registry.record_event(
         mv.name, "gate", version=mv.version, run_id=run_id, passed=passed, artifact_sha256=mv.artifact_sha256,
         checks=len(all_checks), failed=[c.name for c in result.failed_checks], error=result.error,

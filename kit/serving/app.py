@@ -64,8 +64,10 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     watch : start the hot-reload watcher thread (tests may drive ``app.extensions["kit"].refresh()``).
     """
     from kit.registry import Registry
+    from kit.serving.config import service_keyring
 
-    registry = registry or Registry(config.registry, require_gate=False, user=f"service:{config.name}")
+    registry = registry or Registry(config.registry, require_gate=False, user=f"service:{config.name}",
+                                    keyring=service_keyring(config))  # [trust] public_keys
     metrics = Metrics(metrics_dir)
     slots = ModelSlots(registry, config.model, device=config.device, check_env=config.check_env,
                        max_artifact_bytes=config.max_artifact_bytes,

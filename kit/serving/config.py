@@ -9,6 +9,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import ServiceError
+
+log = logging.getLogger(__name__)
 
 SERVICE_FILE = "service.toml"
 
@@ -41,6 +44,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
                "rate_burst": ("rate_burst", int)},
     "auth": {"api_keys_sha256": ("api_keys_sha256", list), "keys_file": ("keys_file", str)},
     "logging": {"access_log": ("access_log", bool)},
+    "trust": {"public_keys": ("trusted_keys", list)},
 }
 # [auth.jwt]: key -> type (the fields of JwtSettings; "enabled" turns it on)
 _JWT_SCHEMA: dict[str, type] = {
@@ -110,6 +114,7 @@ class ServiceConfig:
     rate_burst: int = 0  # 0: max(1, rate_limit)
     api_keys_sha256: tuple[str, ...] = ()
     keys_file: Path | None = None
+    trusted_keys: tuple[str, ...] = ()  # [trust] public_keys: versions must be signed by one of these
     jwt: JwtSettings | None = None  # [auth.jwt] enabled = true
     access_log: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +200,7 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values.pop("keys_file", None)
     if jwt_table is not None:
         values["jwt"] = _jwt_settings(jwt_table, path, service_dir, environ)
+    values["trusted_keys"] = _trusted_keys(values.get("trusted_keys", []), path)
     if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
         raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
     if values.get("engine", "flask") not in ("flask", "asgi"):
@@ -253,6 +259,31 @@ def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[st
     if "client_claim" in v and not v["client_claim"]:
         raise ServiceError(f"{where} client_claim must name a claim (default \"sub\").")
     return JwtSettings(**v)
+
+
+def _trusted_keys(keys: list[Any], path: Path) -> tuple[str, ...]:
+    from kit.errors import SigningKeyError
+    from kit.signing import Trust
+
+    try:
+        Trust.from_texts([str(k) for k in keys], f"{path}: [trust] public_keys")
+    except SigningKeyError as exc:
+        raise ServiceError(str(exc)) from exc
+    return tuple(str(k) for k in keys)
+
+
+def service_keyring(cfg: ServiceConfig) -> Any:
+    """The :class:`kit.signing.Keyring` a service's registry verifies against: ``[trust] public_keys``
+    only (a service never signs). None, with a warning, when service.toml trusts no key."""
+    from kit.signing import Keyring, Trust
+
+    if not cfg.trusted_keys:
+        log.warning("%s: service.toml has no [trust] public_keys, so model versions are NOT signature-checked "
+                    "(sha256 only: anyone who can write the registry can change what is served). Add the "
+                    "project's key (`kit keys show`) or regenerate the service with `kit service new --force`.",
+                    cfg.service_dir / SERVICE_FILE)
+        return None
+    return Keyring.verify_only(Trust.from_texts(cfg.trusted_keys))
 
 
 def cpu_count() -> int:

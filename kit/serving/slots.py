@@ -41,7 +41,7 @@ class Slot:
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "sha256": self.sha256, "load_seconds": round(self.load_seconds, 3),
-                "device": self.device}
+                "device": self.device, "signed_by": getattr(self.loaded, "signed_by", None)}
 
 
 @dataclass(frozen=True)

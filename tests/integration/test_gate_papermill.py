@@ -35,9 +35,12 @@ def reg(tmp_path_factory, digits_model):
     import torch
 
     from kit.registry import Registry
+    from kit_testing import project_keyring
 
     model, split, acc = digits_model
-    r = Registry(tmp_path_factory.mktemp("gate") / "registry", require_gate=True, user="tester")
+    # signed with the session's key, which `kit validate` (config-resolved) trusts
+    r = Registry(tmp_path_factory.mktemp("gate") / "registry", require_gate=True, user="tester",
+                 keyring=project_keyring())
     r.register("demo-digits", model, torch.from_numpy(split.x_test[:1]), metrics={"accuracy": acc})
     return r
 

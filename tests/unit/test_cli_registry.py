@@ -11,11 +11,12 @@ from torch import nn
 
 from kit.cli import cli
 from kit.registry import Registry
+from kit_testing import project_keyring
 
 
 @pytest.fixture
 def reg(tmp_path) -> Registry:
-    r = Registry(tmp_path / "reg")
+    r = Registry(tmp_path / "reg", keyring=project_keyring())  # signed, as `kit` (which verifies) expects
     for s in range(2):
         torch.manual_seed(s)
         r.register("m", nn.Linear(4, 2), torch.randn(1, 4), metrics={"acc": 0.9 + s / 100})
