@@ -336,6 +336,12 @@ class Keyring:
                                   "Sign where the key is kept (`kit keys list`).")
         return self._signer
 
+    def service_keys(self) -> tuple[str, ...]:
+        """The public keys a service generated from this project trusts (``[trust] public_keys``): the
+        signing key's (made on first use) and the extra trusted keys."""
+        own = (self.signer().public,) if self.can_sign() else ()
+        return tuple(k.text() for k in (Trust(own) + self.extra).keys)
+
     def trust(self) -> Trust:
         """Every key this keyring accepts: the key folder's public keys, the signing key, ``trusted``."""
         t = self.extra
