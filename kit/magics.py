@@ -29,7 +29,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from kit.config import KitConfig, load_config
 from kit.errors import KitError
 from kit.deploy import DeployResult, Step, deploy
-from kit.registry import Registry, detect_source, parse_ref, parse_weight
+from kit.registry import Aliases, Registry, detect_source, parse_ref, parse_weight
 from kit.render import aliases_line, model_rows, models_text, versions_text
 from kit.traffic import set_traffic
 
@@ -216,7 +216,7 @@ class KitMagics(Magics):
                 raise UsageError(f"%promote: say which version, e.g. %promote {name}@2.")
             reg = self._registry()
             a = reg.promote(name, sel, why=_unquote(args.why), user=self.kit_config.user)
-            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+            _moved(reg, name, a)
         except KitError as exc:
             raise usage_error(exc) from None
 
@@ -245,7 +245,7 @@ class KitMagics(Magics):
                                  0.0 if args.stop else parse_weight(args.weight), why=_unquote(args.why),
                                  user=self.kit_config.user)
             print(change.describe())
-            print(f"{aliases_line(name, change.aliases or reg.aliases(name))}  -> {reg.aliases_path(name)}")
+            _moved(reg, name, change.aliases or reg.aliases(name))
         except KitError as exc:
             raise usage_error(exc) from None
 
@@ -261,7 +261,7 @@ class KitMagics(Magics):
             name, _ = parse_ref(args.name)
             reg = self._registry()
             a = reg.rollback(name, why=_unquote(args.why), user=self.kit_config.user)
-            print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
+            _moved(reg, name, a)
         except KitError as exc:
             raise usage_error(exc) from None
 
@@ -290,6 +290,11 @@ class KitMagics(Magics):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _moved(reg: Registry, name: str, a: Aliases) -> None:
+    """Where the traffic goes now, and the file running services follow."""
+    print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
 
 
 def _as_example(value: Any, expr: str) -> Any:

@@ -128,10 +128,11 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
         if model not in models:
             raise ServiceError(
                 f"Registry {registry} has no model {model!r} (have: {', '.join(models) or 'none'}). Register "
-                "it first, or pass check_model=False (--no-check-model) to generate ahead of time."
+                "it first, or generate without the model check (check_model=False) to do it ahead of time.",
+                remedy="no_check_model", subject=model,
             )
     if out.exists() and not force:
-        raise ServiceError(f"{out} already exists. Pass force=True (--force) to regenerate its files.")
+        raise ServiceError(f"{out} already exists. Force it to regenerate its files (force=True).", remedy="force")
     try:
         rel = os.path.relpath(registry, out)
     except ValueError:  # another drive (Windows)
@@ -155,7 +156,7 @@ def check_config(service_dir: Path | str, *, python: str | None = None, env: Map
     )
     if res.returncode != 0:
         tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
-        raise ServiceError(f"gunicorn --check-config failed for {service_dir} (exit {res.returncode}):\n" + "\n".join(tail))
+        raise ServiceError(f"`gunicorn --check-config` failed for {service_dir} (exit {res.returncode}):\n" + "\n".join(tail))
     return res
 
 

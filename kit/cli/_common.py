@@ -18,6 +18,7 @@ _HINTS = {
     "validate": "Run `kit validate {subject}`, or add --force --why '...' to this command.",
     "why": "Add --why '...'.",
     "force": "Add --force to this command.",
+    "no_check_model": "Add --no-check-model.",
     "promote": "Run `kit promote {subject}@N`.",
     "start_canary": "Run `kit canary {subject}@N --weight 10%`.",
 }

@@ -468,7 +468,7 @@ def pack(
                            + envscan.check_platform(s, target_platform), prefix)
     clobbered = envscan.check_conda_files(s)
     if clobbered and not force:
-        envscan.raise_problems(clobbered, prefix)
+        envscan.raise_problems(clobbered, prefix, forcible=True)
     forced += [p.message for p in clobbered]
 
     from kit.env import Fingerprint, diff
@@ -484,7 +484,8 @@ def pack(
                    f"{'; '.join(d.message for d in report.errors)}")
             if not force:
                 raise PackError(f"{msg}. The server would refuse to load it. Pack from the environment the "
-                                "model was captured in, re-capture the model here, or pass --force.")
+                                "model was captured in, re-capture the model here, or force the pack "
+                                "(recorded in its manifest).", remedy="force")
             forced.append(msg)
     for w in warnings:
         _say(progress, f"warning: {w}")

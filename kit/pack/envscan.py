@@ -126,7 +126,7 @@ def env_python(prefix: Path) -> Path:
             return cand
     raise PackError(
         f"No Python interpreter in {prefix} (looked for bin/python, bin/python3). "
-        "Point `kit pack --env` at a conda environment or venv, or create one with `make env`."
+        "Pack from a conda environment or venv instead (name its folder), or create one with `make env`."
     )
 
 
@@ -381,17 +381,17 @@ def check_conda_files(s: EnvScan) -> list[Problem]:
         out.append(Problem("clobbered", (
             f"pip package {pip_pkg} overwrote files of conda package {conda_pkg} ({_few(files)}). "
             f"Fix the environment: `pip uninstall {pip_pkg.split()[0]}` and install it with conda, or "
-            f"`conda install --force-reinstall {conda_pkg.split()[0]}`; or pass --force to pack it anyway."
+            f"`conda install --force-reinstall {conda_pkg.split()[0]}`; or force the pack to ship it anyway."
         )))
     for pkg, files in sorted(missing.items()):
         out.append(Problem("clobbered", (
             f"files of conda package {pkg} are missing ({_few(files)}), usually deleted by `pip uninstall` "
-            f"or pip replacing it. Run `conda install --force-reinstall {pkg.split()[0]}`; or pass --force."
+            f"or pip replacing it. Run `conda install --force-reinstall {pkg.split()[0]}`; or force the pack."
         )))
     for pkg, files in sorted(resized.items()):
         out.append(Problem("clobbered", (
             f"files of conda package {pkg} were changed after conda installed them ({_few(files)}; size "
-            f"differs from conda-meta). Run `conda install --force-reinstall {pkg.split()[0]}`; or pass --force."
+            f"differs from conda-meta). Run `conda install --force-reinstall {pkg.split()[0]}`; or force the pack."
         )))
     return out
 
@@ -458,10 +458,11 @@ def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def raise_problems(problems: list[Problem], where: Path) -> None:
+def raise_problems(problems: list[Problem], where: Path, *, forcible: bool = False) -> None:
+    """One PackError listing every problem; ``forcible`` ones name forcing as the way past them."""
     if problems:
         body = "\n".join(f"  - [{p.check}] {p.message}" for p in problems)
-        raise PackError(f"Cannot pack the environment {where}:\n{body}")
+        raise PackError(f"Cannot pack the environment {where}:\n{body}", remedy="force" if forcible else None)
 
 
 def running_prefix() -> Path:

@@ -9,7 +9,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from kit.config import KitConfig
+from kit.config import load_config
 from kit.magics import KitMagics, parse_weight
 from kit.registry import Registry
 from kit_testing import write_validation_notebook
@@ -23,8 +23,8 @@ MODEL = "digits"
 def shell(tmp_path: Path, registry: Registry):
     """A real InteractiveShell with Kit's magics over a temporary registry (what %load_ext kit does)."""
     ip = InteractiveShell.instance()
-    cfg = KitConfig(registry=registry.root, project_root=tmp_path, require_gate=True, user="tester",
-                    gate_timeout=120.0)
+    # What %load_ext kit resolves (with the session's signing keys, as the registry fixture has).
+    cfg = load_config(cwd=tmp_path, registry=registry.root, user="tester", gate_timeout=120.0)
     ip.register_magics(KitMagics(ip, config=cfg))
     yield ip
     for var in ("model", "x", "metrics", "deployed", "weak"):
