@@ -29,7 +29,9 @@ from kit.gate.record import kit_location
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "validation" / "default.ipynb"
+# Inside the package (package-data), so an installed kit has it; `kit init` copies it into a project.
+DEFAULT_NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "validation" / "default.ipynb"
+_PACKAGED = DEFAULT_NOTEBOOK.parent
 START_TIMEOUT = 60.0
 SETUP_TAG = "kit-gate-setup"
 
@@ -148,7 +150,7 @@ def _mark_failure(executed: Path, found: _Culprit, headline: str, ename: str, ev
 
 def _run_one(
     src: Path, nb: Any, executed: Path, records: Path, kernel_log: Path, params: dict[str, Any],
-    kernel_name: str, timeout: float, run_id: str,
+    kernel_name: str, timeout: float, run_id: str, cwd: Path,
 ) -> tuple[str, str | None, int | None, str | None, str | None]:
     """Run one notebook; returns (status, error, cell, ename, evalue). Never raises for a verdict."""
     import papermill
@@ -161,7 +163,7 @@ def _run_one(
         papermill.execute_notebook(
             prepared, str(executed), parameters=params, kernel_name=kernel_name, language="python",
             progress_bar=False, log_output=False, start_timeout=START_TIMEOUT, report_mode=False,
-            cwd=str(src.parent), execution_timeout=timeout,
+            cwd=str(cwd), execution_timeout=timeout,
             kernel_manager_class=_kernel_manager_class(kernel_name, kernel_log),
         )
     except PapermillExecutionError as exc:
@@ -233,7 +235,10 @@ def run_gate(
     ----------
     registry : kit.registry.Registry
     name, version : the model and version (a number, ``"latest"``, ``"production"``, ``"canary"``).
-    notebooks : validation notebooks to run, in order; default ``notebooks/validation/default.ipynb``.
+    notebooks : validation notebooks to run, in order; default: the model-agnostic notebook inside the
+        package (:data:`DEFAULT_NOTEBOOK`). A notebook runs in its own folder, so it finds files beside it;
+        kit's own notebooks run in the caller's working directory, so ``data=held_out.npz`` is relative
+        to where the gate was started.
     params : parameters for every notebook; each must declare each one (else GateError). ``registry``,
         ``model_name`` and ``version`` are filled in from the arguments where a notebook declares them.
     timeout : seconds any one cell may run (papermill's execution timeout).
@@ -294,7 +299,8 @@ def run_gate(
         say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} ...")
         t = time.perf_counter()
         status, error, cell, ename, evalue = _run_one(
-            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id)
+            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id,
+            Path.cwd() if src.is_relative_to(_PACKAGED) else src.parent)
         seconds = round(time.perf_counter() - t, 2)
 
         recs = read_records(records)

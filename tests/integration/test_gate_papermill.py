@@ -46,15 +46,27 @@ def reg(tmp_path_factory, digits_model):
 
 
 @pytest.fixture(scope="module")
-def default_run(reg):
+def heldout(tmp_path_factory, digits_model):
+    """The held-out rows as the default gate's data: ``pixels`` (named like the input) and ``labels``."""
+    from kit.demo import save_split
+
+    return save_split(tmp_path_factory.mktemp("data") / "heldout.npz", digits_model[1])
+
+
+@pytest.fixture(scope="module")
+def default_run(reg, heldout):
     lines: list[str] = []
     # Latency budgets widened from the notebook's defaults (50 / 200 ms): this machine is shared by
     # parallel jobs, and the point here is the whole path, parameters included, not this CPU's speed.
-    result = gate.run_gate(reg, "demo-digits", "latest", params=BUDGETS, progress=lines.append, timeout=120)
+    result = gate.run_gate(reg, "demo-digits", "latest", params={**BUDGETS, "data": str(heldout)},
+                           progress=lines.append, timeout=120)
     return result, lines
 
 
 BUDGETS = {"max_p95_ms_batch1": 500.0, "max_p95_ms_batch_n": 2000.0}
+CHECKS = ["parity on the stored example", "deterministic on repeat", "finite outputs", "batch consistency",
+          "latency p95, batch 1", "latency p95, batch 64", "wrong shape is refused", "finite outputs on the data",
+          "accuracy"]
 
 
 def _events(reg, kind="gate"):
@@ -70,17 +82,16 @@ def test_default_notebook_passes_on_the_registered_model(reg, default_run):
     assert result.passed, gate.render_text(result)
     assert result.error is None and result.version == 1 and result.artifact_sha256 == mv.artifact_sha256
     names = [c.name for c in result.checks]
-    assert names == ["parity on the stored example", "accuracy", "latency p95, batch 1", "latency p95, batch 64",
-                     "finite outputs", "wrong shape is refused"]
+    assert names == CHECKS
     acc = next(c for c in result.checks if c.name == "accuracy")
-    assert acc.value >= 0.9 and acc.threshold == 0.9 and "449 rows" in acc.detail
+    assert acc.value >= 0.9 and acc.threshold == 0.9 and "449 rows of heldout.npz" in acc.detail
     lat = {c.name: c for c in result.checks if c.name.startswith("latency")}
     assert lat["latency p95, batch 1"].threshold == 500.0 and lat["latency p95, batch 64"].threshold == 2000.0
     assert 0 < lat["latency p95, batch 1"].value < 500.0
     shape = next(c for c in result.checks if c.name == "wrong shape is refused")
     assert "expected pixels: float32[batch, 64]" in shape.detail
     assert lines[0] == "[1/1] default.ipynb: running on demo-digits@1 ..."
-    assert lines[1].startswith("[1/1] default.ipynb: passed, 6 check(s) (6 passed) in ")
+    assert lines[1].startswith(f"[1/1] default.ipynb: passed, {len(CHECKS)} check(s) ({len(CHECKS)} passed) in ")
 
 
 def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
@@ -90,7 +101,7 @@ def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
     stored = json.loads((result.run_dir / "result.json").read_text())
     assert stored["passed"] is True and stored["artifact_sha256"] == mv.artifact_sha256
     assert stored["report"] == str(result.report.relative_to(reg.root))
-    assert len(stored["checks"]) == 6
+    assert len(stored["checks"]) == len(CHECKS)
     # the kernel ran this very interpreter: the "one environment" promise
     assert [k["executable"] for k in stored["kernel"]["kernels"]] == [sys.executable]
     # the executed notebook got the version's coordinates as injected parameters
@@ -100,17 +111,18 @@ def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
     assert any("✓ PASS  accuracy" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     page = result.report.read_text()
     # the verdict's table of checks, and the notebook's own gate.summary() table further down
-    assert "Gate PASSED: demo-digits@1" in page and page.count(">PASS</td>") == 2 * 6
+    assert "Gate PASSED: demo-digits@1" in page and page.count(">PASS</td>") == 2 * len(CHECKS)
     assert reg.passing_gate(mv)["run_id"] == result.run_id
     ev = _events(reg)
-    assert any(e["run_id"] == result.run_id and e["passed"] is True and e["checks"] == 6 for e in ev)
+    assert any(e["run_id"] == result.run_id and e["passed"] is True and e["checks"] == len(CHECKS) for e in ev)
 
 
-def test_default_notebook_fails_a_threshold_through_the_cli(reg):
+def test_default_notebook_fails_a_threshold_through_the_cli(reg, heldout):
     r = CliRunner().invoke(cli, ["--registry", str(reg.root), "validate", "demo-digits@1", "-p", "min_accuracy=1.01",
+                                 "-p", f"data={heldout}",
                                  *[f"-p{k}={v}" for k, v in BUDGETS.items()], "--timeout", "120"])
     assert r.exit_code == 1, r.output
-    assert "[1/1] default.ipynb: failed, 6 check(s) (5 passed)" in r.output
+    assert f"[1/1] default.ipynb: failed, {len(CHECKS)} check(s) ({len(CHECKS) - 1} passed)" in r.output
     assert "FAIL    accuracy" in r.output and "1.01" in r.output
     assert "gate FAILED: demo-digits@1" in r.output
     report = r.output.split("report: ")[-1].strip()

@@ -170,14 +170,16 @@ def test_an_assignment_papermill_cannot_parse_is_an_error(tmp_path):
 
 def test_the_default_notebook_declares_its_parameters():
     path = gate.DEFAULT_NOTEBOOK
-    assert path == ROOT / "notebooks" / "validation" / "default.ipynb"
+    assert path == ROOT / "kit" / "notebooks" / "validation" / "default.ipynb"  # package data: in the wheel
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     declared = gate.declared_params(path)
     assert set(gate.AUTO_PARAMS) <= set(declared)
-    assert {"data", "min_accuracy", "max_p95_ms_batch1", "max_p95_ms_batch_n", "batch_n"} <= set(declared)
+    assert {"data", "metric", "min_accuracy", "min_metric", "max_metric", "output", "max_p95_ms_batch1",
+            "max_p95_ms_batch_n", "batch_n"} <= set(declared)
+    assert "kit.demo" not in path.read_text()  # model-agnostic: nothing of the demo
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 

@@ -1,0 +1,391 @@
+"""The default, model-agnostic validation checks (what ``default.ipynb`` calls, one function per cell).
+
+Every function takes a :class:`kit.registry.LoadedModel`, records its verdict with
+:func:`kit.gate.check` and returns the measured value, so a copied notebook can reuse, reorder or drop
+any of them. Nothing here knows the model: inputs are made from the stored example (rows resampled,
+values taken from the example, so integer ids stay in its range and masks stay masks), dynamic dims come
+from the signature (``dims``; a signature written before named dims has only the batch).
+
+Without data the suite proves what can be proven: parity on the stored example, determinism, finite
+outputs, batch consistency, latency budgets at batch 1 and batch N, every dynamic dim at its bounds,
+and a wrong shape refused. :func:`quality` adds a metric on an ``.npz`` of the user's own data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kit.errors import GateError
+from kit.gate.record import check
+
+LABELS = "labels"
+_EVAL_CHUNK = 256  # rows per forward when scoring data: bounded memory whatever the model's max batch
+_MAX_DIM_TRY = 4096  # a dynamic dim is tried up to here (a range to 2**31 would only measure memory)
+
+
+# --------------------------------------------------------------------------- model-agnostic helpers
+
+
+def outputs_of(model: Any, out: Any) -> tuple[torch.Tensor, ...]:
+    """A model's output as a tuple of tensors in the signature's order (tensor, tuple or dict)."""
+    if isinstance(out, Mapping):
+        names = [s.name for s in model.signature.outputs]
+        keys = names if set(names) == set(out) else list(out)
+        return tuple(out[k] for k in keys)
+    if isinstance(out, (tuple, list)):
+        return tuple(out)
+    return (out,)
+
+
+def run(model: Any, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Call the model and flatten what it returns (detached, on the CPU)."""
+    return tuple(t.detach().cpu() for t in outputs_of(model, model(*inputs)))
+
+
+def tolerances(model: Any) -> tuple[float, float]:
+    """(atol, rtol) recorded at capture (the parity the exported program was held to)."""
+    parity = (getattr(model.version, "capture", None) or {}).get("parity", {})
+    return float(parity.get("atol", 1e-5)), float(parity.get("rtol", 1e-4))
+
+
+def dim_ranges(model: Any) -> dict[str, tuple[int, int]]:
+    """The signature's named dims and their inclusive ranges; ``batch`` alone for older signatures."""
+    sig = model.signature
+    dims = getattr(sig, "dims", None)
+    if dims:
+        return {str(k): (int(lo), int(hi)) for k, (lo, hi) in dict(dims).items()}
+    batched = any(s.shape and s.shape[0] == "batch" for s in sig.inputs)
+    return {"batch": (1, int(sig.max_batch))} if batched else {}
+
+
+def max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """The largest absolute difference between two output tuples (inf when their shapes differ)."""
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel():
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return worst
+
+
+def _close(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], atol: float, rtol: float) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and bool(torch.allclose(x.double(), y.double(), atol=atol, rtol=rtol, equal_nan=False))
+        for x, y in zip(a, b))
+
+
+def make_inputs(model: Any, rows: int, *, sizes: Mapping[str, int] | None = None,
+                seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs of ``rows`` rows made from the stored example, every dynamic dim at ``sizes[name]``.
+
+    Rows are drawn (the same rows for every input, so ids and their mask stay paired); a dim grown
+    past the example repeats its values, so every value is one the example holds.
+    """
+    sig, example = model.signature, model.example_inputs
+    gen = np.random.default_rng(seed)
+    have = int(example[0].shape[0]) if example and example[0].dim() else 1
+    pick = torch.from_numpy(gen.integers(0, have, size=rows)) if rows != have else torch.arange(have)
+    out = []
+    for spec, x in zip(sig.inputs, example):
+        if spec.shape and spec.shape[0] == "batch":
+            x = x.index_select(0, pick)
+        for axis, name in enumerate(spec.shape):
+            if axis and isinstance(name, str) and sizes and name in sizes and x.shape[axis] > 0:
+                x = x.index_select(axis, torch.arange(int(sizes[name])) % x.shape[axis])
+        out.append(x.contiguous())
+    return tuple(out)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def parity(model: Any) -> float:
+    """The stored example still gives the stored reference output (within the capture's tolerance)."""
+    atol, rtol = tolerances(model)
+    got = run(model, model.example_inputs)
+    ref = tuple(model.reference_outputs)
+    worst = max_diff(got, ref)
+    same = worst != float("inf")
+    check("parity on the stored example", passed=same and _close(got, ref, atol, rtol), value=worst,
+          threshold=atol, detail=f"max |output - reference|, rtol {rtol:g}" if same
+          else "outputs differ in number or shape from the reference")
+    return worst
+
+
+def determinism(model: Any, repeats: int = 3, rows: int = 8) -> float:
+    """The same input gives the same output on every call."""
+    atol, _ = tolerances(model)
+    rows = max(1, min(rows, int(model.signature.max_batch)))
+    x = make_inputs(model, rows, seed=1)
+    first = run(model, x)
+    worst = max(max_diff(first, run(model, x)) for _ in range(max(1, repeats - 1)))
+    check("deterministic on repeat", passed=worst <= atol, value=worst, threshold=atol,
+          detail=f"max |difference| over {repeats} calls at batch {rows}")
+    return worst
+
+
+def finite(model: Any, rows: int = 64) -> int:
+    """No NaN or inf in the outputs, on the example and on ``rows`` rows made from it."""
+    n = max(1, min(rows, int(model.signature.max_batch)))
+    outs = run(model, model.example_inputs) + run(model, make_inputs(model, n, seed=2))
+    bad = sum(int((~torch.isfinite(o)).sum()) for o in outs if o.is_floating_point() or o.is_complex())
+    check("finite outputs", passed=bad == 0, value=bad, threshold=0,
+          detail=f"non-finite values on the example and {n} rows made from it")
+    return bad
+
+
+def batch_consistency(model: Any, rows: int = 16) -> float:
+    """Each row's answer does not depend on the rows batched with it (the service batches requests)."""
+    if "batch" not in dim_ranges(model):
+        return 0.0
+    atol, rtol = tolerances(model)
+    n = max(1, min(rows, int(model.signature.max_batch)))
+    x = make_inputs(model, n, seed=3)
+    whole = run(model, x)
+    worst, ok = 0.0, True
+    for i in range(n):
+        alone = run(model, tuple(t[i:i + 1] for t in x))
+        part = tuple(o[i:i + 1] for o in whole)
+        worst = max(worst, max_diff(alone, part))
+        ok = ok and _close(alone, part, atol * 10, rtol * 10)
+    check("batch consistency", passed=ok, value=worst, threshold=atol * 10,
+          detail=f"each of {n} rows alone vs in one batch (rtol {rtol * 10:g})")
+    return worst
+
+
+def _p95_ms(model: Any, inputs: Sequence[torch.Tensor], repeats: int) -> float:
+    for _ in range(5):  # warm-up, as the service does before it takes traffic
+        model(*inputs)
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        model(*inputs)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return float(np.percentile(times, 95))
+
+
+def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float = 50.0,
+            max_p95_ms_batch_n: float = 200.0, repeats: int = 50) -> tuple[float, float]:
+    """p95 of single calls at batch 1 and at batch ``batch_n`` (capped by the max batch) against budgets."""
+    n = max(1, min(int(batch_n), int(model.signature.max_batch))) if "batch" in dim_ranges(model) else 1
+    threads = torch.get_num_threads()
+    p1 = _p95_ms(model, make_inputs(model, 1, seed=4), repeats)
+    check("latency p95, batch 1", passed=p1 <= max_p95_ms_batch1, value=round(p1, 3),
+          threshold=max_p95_ms_batch1, detail=f"ms over {repeats} calls, {threads} threads")
+    pn = _p95_ms(model, make_inputs(model, n, seed=5), repeats)
+    check(f"latency p95, batch {n}", passed=pn <= max_p95_ms_batch_n, value=round(pn, 3),
+          threshold=max_p95_ms_batch_n, detail=f"ms over {repeats} calls, {threads} threads")
+    return p1, pn
+
+
+def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
+    """Every named dim other than the batch runs at its minimum, the example's value and its maximum,
+    with finite outputs whose dims of that name follow it."""
+    sig = model.signature
+    tried: dict[str, list[int]] = {}
+    seen = {name: int(x.shape[i]) for spec, x in zip(sig.inputs, model.example_inputs)
+            for i, name in enumerate(spec.shape) if isinstance(name, str)}
+    for name, (lo, hi) in dim_ranges(model).items():
+        if name == "batch":
+            continue
+        values = sorted({lo, min(max(seen.get(name, lo), lo), hi), min(hi, _MAX_DIM_TRY)})
+        problems = []
+        for v in values:
+            try:
+                outs = run(model, make_inputs(model, rows, sizes={name: v}, seed=6))
+            except Exception as exc:  # any failure inside the declared range is the finding
+                problems.append(f"{name}={v}: {_first_line(exc)}")
+                continue
+            for spec, o in zip(sig.outputs, outs):
+                wrong = [i for i, d in enumerate(spec.shape) if d == name and i < o.dim() and o.shape[i] != v]
+                if wrong or len(spec.shape) != o.dim():
+                    problems.append(f"{name}={v}: output {spec.name} has shape {tuple(o.shape)}, "
+                                    f"signature {spec.describe()}")
+                if (o.is_floating_point() or o.is_complex()) and not bool(torch.isfinite(o).all()):
+                    problems.append(f"{name}={v}: output {spec.name} is not finite")
+        tried[name] = values
+        check(f"dynamic dim {name}", passed=not problems, value=", ".join(map(str, values)),
+              threshold=f"{lo}..{hi}", detail="; ".join(problems[:3]) or f"ran at batch {rows} with {name} = "
+              + ", ".join(map(str, values)))
+    return tried
+
+
+def wrong_shape(model: Any) -> str:
+    """An input of the wrong shape is refused with an error, not answered.
+
+    A static dim of the first input that has one is made one longer; a model whose dims are all
+    dynamic gets an input with one dim too many.
+    """
+    sig = model.signature
+    x = list(make_inputs(model, min(2, int(sig.max_batch)), seed=7))
+    spec_i, axis = next(((k, i) for k, s in enumerate(sig.inputs) for i, d in enumerate(s.shape)
+                         if i and isinstance(d, int)), (0, None))
+    if axis is not None:
+        t = x[spec_i]
+        x[spec_i] = torch.cat([t, t.narrow(axis, 0, 1)], dim=axis)
+    else:
+        x[spec_i] = x[spec_i].unsqueeze(-1)
+    spec = sig.inputs[spec_i]
+    try:
+        out = model(*x)
+        refused, message = False, f"answered with {[tuple(o.shape) for o in outputs_of(model, out)]}"
+    except Exception as exc:  # the refusal is what is checked; its message is the evidence
+        refused, message = True, _first_line(exc)
+    check("wrong shape is refused", passed=refused, value=str(tuple(x[spec_i].shape)),
+          detail=f"expected {spec.describe()}; got {message}")
+    return message
+
+
+# --------------------------------------------------------------------------- quality on the user's data
+
+
+def load_data(model: Any, path: str | Path) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
+    """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled)."""
+    p = Path(path).expanduser()
+    names = [s.name for s in model.signature.inputs]
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            have = list(z.files)
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise GateError(f"{p} has no array(s) {', '.join(missing)}; it holds {', '.join(have) or 'none'}. "
+                                f"Save one array per input, named like the inputs ({', '.join(names)}), plus "
+                                f"optional {LABELS!r}: np.savez(path, {', '.join(f'{n}=...' for n in names)}, "
+                                f"{LABELS}=...).")
+            arrays = {n: z[n] for n in names}
+            labels = z[LABELS] if LABELS in have else None
+    except (OSError, ValueError) as exc:
+        raise GateError(f"Cannot read data {p}: {exc}. It must be an .npz of plain arrays.") from exc
+    rows = {n: len(a) if a.ndim else 0 for n, a in arrays.items()}
+    if len(set(rows.values())) != 1 or (labels is not None and len(labels) != next(iter(rows.values()))):
+        raise GateError(f"{p}: arrays disagree on the number of rows ({rows}"
+                        + (f", labels {len(labels)}" if labels is not None else "") + ").")
+    tensors = tuple(torch.from_numpy(np.ascontiguousarray(arrays[s.name])).to(getattr(torch, s.dtype))
+                    for s in model.signature.inputs)
+    return tensors, labels
+
+
+def _output_index(model: Any, output: str | int | None) -> int:
+    names = [s.name for s in model.signature.outputs]
+    if output in (None, ""):
+        return 0
+    if isinstance(output, int) and 0 <= output < len(names):
+        return output
+    if output in names:
+        return names.index(str(output))
+    raise GateError(f"output={output!r} is not one of the model's outputs ({', '.join(names)}).")
+
+
+def predict(model: Any, inputs: Sequence[torch.Tensor], output: str | int | None = None) -> np.ndarray:
+    """One output over all rows of ``inputs``, in chunks (bounded memory)."""
+    k = _output_index(model, output)
+    n = int(inputs[0].shape[0])
+    step = max(1, min(_EVAL_CHUNK, int(model.signature.max_batch)))
+    parts = [run(model, tuple(t[i:i + step] for t in inputs))[k] for i in range(0, n, step)]
+    return torch.cat(parts).numpy()
+
+
+def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Classifier accuracy: argmax over the last dim of scores; one score per row is a binary
+    logit (> 0) or, when every value lies in [0, 1], a probability (> 0.5)."""
+    labels = np.asarray(labels)
+    if outputs.ndim == labels.ndim + 1 and outputs.shape[-1] > 1:
+        pred = outputs.argmax(-1)
+    else:
+        scores = outputs.reshape(labels.shape) if outputs.size == labels.size else None
+        if scores is None:
+            raise GateError(f"Cannot compute accuracy from output shape {outputs.shape} and labels "
+                            f"{labels.shape}; name another output (output=...) or a metric "
+                            "(metric='module:function').")
+        cut = 0.5 if scores.dtype == bool or (scores.min() >= 0 and scores.max() <= 1) else 0.0
+        pred = scores > cut if scores.dtype != bool else scores
+    return float((pred.astype(np.int64) == labels.astype(np.int64)).mean())
+
+
+def resolve_metric(spec: str) -> Callable[..., Any]:
+    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name.isidentifier():
+        raise GateError(f"metric={spec!r} is not 'module:function' (e.g. 'myproject.metrics:f1').")
+    try:
+        if mod_name.endswith(".py"):
+            loc = importlib.util.spec_from_file_location(Path(mod_name).stem, Path(mod_name).expanduser())
+            if loc is None or loc.loader is None:
+                raise ImportError(f"no Python file at {mod_name}")
+            module = importlib.util.module_from_spec(loc)
+            loc.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except (ImportError, OSError) as exc:
+        raise GateError(f"metric={spec!r}: cannot import {mod_name} ({exc}). Install it in this "
+                        "environment, or name a file: 'path/to/metrics.py:function'.") from exc
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise GateError(f"metric={spec!r}: {mod_name} has no function {fn_name}.")
+    return fn
+
+
+def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: float = 0.9,
+            min_metric: float | None = None, max_metric: float | None = None,
+            output: str | int | None = None) -> float | None:
+    """A quality check on the user's data (``data``: .npz, arrays named like the inputs + ``labels``).
+
+    ``metric`` empty: accuracy against ``min_accuracy`` (needs labels). ``metric="module:function"``:
+    ``function(outputs, labels)`` (numpy arrays; labels None without them) returns a number held to
+    ``min_metric`` and/or ``max_metric``. Outputs are the first output unless ``output`` names one.
+    Also checks that the outputs on the data are finite. Returns the score (None: nothing to score).
+    """
+    inputs, labels = load_data(model, data)
+    out = predict(model, inputs, output)
+    name = model.signature.outputs[_output_index(model, output)].name
+    rows = f"{len(out)} rows of {Path(data).name}, output {name}"
+    bad = int((~np.isfinite(out)).sum()) if np.issubdtype(out.dtype, np.inexact) else 0
+    check("finite outputs on the data", passed=bad == 0, value=bad, threshold=0, detail=rows)
+    if metric:
+        if min_metric is None and max_metric is None:
+            raise GateError(f"metric={metric!r} needs a threshold: min_metric=... (higher is better) or "
+                            "max_metric=... (lower is better).")
+        score = float(resolve_metric(metric)(out, labels))
+        ok = np.isfinite(score) and (min_metric is None or score >= min_metric) and (
+            max_metric is None or score <= max_metric)
+        bound = " and ".join(x for x in (f">= {min_metric}" if min_metric is not None else "",
+                                          f"<= {max_metric}" if max_metric is not None else "") if x)
+        check(metric.rpartition(":")[2], passed=bool(ok), value=round(score, 6), threshold=bound, detail=rows)
+        return score
+    if labels is None:
+        print(f"{Path(data).name} has no {LABELS!r} array: no accuracy check (add labels, or name a metric).")
+        return None
+    acc = accuracy(out, labels)
+    check("accuracy", passed=acc >= min_accuracy, value=round(acc, 4), threshold=min_accuracy, detail=rows)
+    return acc
+
+
+def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64, max_p95_ms_batch1: float = 50.0,
+            max_p95_ms_batch_n: float = 200.0, latency_repeats: int = 50, **quality_args: Any) -> None:
+    """Every check of the default notebook, in its order (for scripts and tests)."""
+    parity(model)
+    determinism(model)
+    finite(model, rows=batch_n)
+    batch_consistency(model)
+    latency(model, batch_n=batch_n, max_p95_ms_batch1=max_p95_ms_batch1, max_p95_ms_batch_n=max_p95_ms_batch_n,
+            repeats=latency_repeats)
+    dynamic_dims(model)
+    wrong_shape(model)
+    if data:
+        quality(model, data, **quality_args)
