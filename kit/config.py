@@ -34,6 +34,10 @@ class KitConfig:
     keys_dir: Path | None = None
     signing_key: Path | None = None
     trusted_keys: tuple[str, ...] = ()
+    # Where generated services go, and the validation notebooks a gate runs when none is named
+    # (empty: kit's own model-agnostic default). `kit init` writes both into kit.toml.
+    services: Path | None = None
+    validation: tuple[Path, ...] = ()
 
     def keyring(self) -> Any:
         """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
@@ -81,8 +85,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _coerce(key: str, value: Any) -> Any:
     if key in ("registry", "project_root"):
         return Path(value)
-    if key in ("keys_dir", "signing_key"):
+    if key in ("keys_dir", "signing_key", "services"):
         return Path(str(value)).expanduser()
+    if key == "validation":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+            raise ConfigError(f"validation must be a list of notebook paths, got {value!r}.")
+        return tuple(Path(p).expanduser() for p in items)
     if key == "trusted_keys":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
@@ -147,6 +156,8 @@ def load_config(
     for key in ("keys_dir", "signing_key"):  # relative paths in kit.toml are relative to the project
         if values.get(key) is not None and not values[key].is_absolute():
             values[key] = (project_root / values[key]).resolve()
+    values["services"] = (project_root / (values.get("services") or "services")).resolve()
+    values["validation"] = tuple((project_root / p).resolve() for p in values.get("validation", ()))
     return KitConfig(**values)
 
 

@@ -120,7 +120,7 @@ class KitMagics(Magics):
               help="example input: a tensor, numpy array or tuple of them (batch first)")
     @argument("--name", "-n", metavar="NAME", required=True, help="model name in the registry")
     @argument("--validate", metavar="NB", nargs="+", default=None,
-              help="validation notebook(s) for the gate (default notebooks/validation/default.ipynb)")
+              help="validation notebook(s) for the gate (default: kit.toml's validation, else kit's default)")
     @argument("--param", "-p", metavar="KEY=VALUE", action="append", default=[],
               help="a parameter for the validation notebooks (repeatable)")
     @argument("--canary", metavar="WEIGHT", default=None,
@@ -160,7 +160,8 @@ class KitMagics(Magics):
             weight = parse_weight(args.canary) if args.canary is not None else None
             if weight == 0.0:
                 raise UsageError("%deploy: --canary 0% would send no traffic to the new version; give a weight > 0.")
-            notebooks = [_resolve_nb(_unquote(nb) or nb, cfg) for nb in args.validate] if args.validate else None
+            notebooks = ([_resolve_nb(_unquote(nb) or nb, cfg) for nb in args.validate] if args.validate
+                         else [str(p) for p in cfg.validation] or None)
             source = dict(detect_source(cwd=cfg.project_root))
             session = self.shell.user_ns.get("__session__") if self.shell is not None else None
             if session:
@@ -170,7 +171,7 @@ class KitMagics(Magics):
             return deploy(
                 self._registry(), model, example, args.name, notebooks=notebooks, params=params,
                 canary=weight, promote=args.promote, service=args.service, dynamic=dynamic or None, dims=dims or None,
-                services_dir=cfg.project_root / "services", metrics=metrics, tags=tags, source=source,
+                services_dir=cfg.services or cfg.project_root / "services", metrics=metrics, tags=tags, source=source,
                 project_root=cfg.project_root, gate_timeout=cfg.gate_timeout, user=cfg.user,
                 on_step=printer.step, progress=printer.progress,
             )

@@ -132,6 +132,7 @@ class RegistryPanel(widgets.VBox):
         cfg = config or load_config()
         kwargs.setdefault("gate_timeout", cfg.gate_timeout)
         kwargs.setdefault("user", cfg.user)
+        kwargs.setdefault("notebooks", list(cfg.validation) or None)
         return cls(Registry.from_config(cfg), name, **kwargs)
 
     # ---- rendering

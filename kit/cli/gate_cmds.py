@@ -15,7 +15,8 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
 @click.command("validate")
 @click.argument("ref", metavar="NAME@VERSION")
 @click.option("--notebook", "notebooks", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Validation notebook to run (repeatable); default notebooks/validation/default.ipynb.")
+              help="Validation notebook to run (repeatable); default: kit.toml's validation, else kit's "
+                   "model-agnostic default notebook.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Notebook parameter (repeatable), e.g. -p min_accuracy=0.95. Values are JSON, else Python "
                    "literals, else text (as %deploy --param). Every notebook must declare every parameter.")
@@ -43,7 +44,7 @@ def validate_cmd(k: Context, ref: str, notebooks: tuple[Path, ...], params: tupl
     name, sel = parse_ref(ref)
     mv = reg.get(name, sel)
     result = run_gate(
-        reg, mv.name, mv.version, notebooks=list(notebooks) or None, params=values,
+        reg, mv.name, mv.version, notebooks=list(notebooks) or list(k.config.validation) or None, params=values,
         timeout=timeout if timeout is not None else k.config.gate_timeout, kernel_name=kernel_name,
         progress=None if as_json else click.echo,
     )
