@@ -204,7 +204,7 @@ def deploy(
     existing = _service_model(target) if target.exists() else None
     if target.exists() and existing != name:
         raise fail("service", t0, f"{target} already exists and serves model {existing!r}, not {name!r}. "
-                   "Choose another --service name, or remove that folder.")
+                   "Choose another service name, or remove that folder.")
     try:
         # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
         out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),

@@ -158,7 +158,7 @@ def test_deploy_stops_at_a_failing_gate(with_model, capsys, registry, validation
         ip, capsys,
         f"%deploy model --example x --name {MODEL} --metrics metrics --validate {validation_nb} "
         f"--param min_accuracy=1.01 --promote",
-        "stopped at step 3/5 (gate)", "failed validation", "accuracy", "Report: ")
+        "stopped at step 3/5 (gate)", "FAILED validation", "accuracy", "Report: ")
     report = Path(msg.split("Report: ", 1)[1].strip())
     assert report.is_file() and report.name == "report.html"
     # The version exists (registered, with its failed gate as evidence) but nothing moved.

@@ -107,3 +107,21 @@ def test_panel_says_it_replaces_before_it_does(reg):
     panel.stop_button.click()
     assert state(reg) == (1, None, 0.0) and "end canary v3" in panel.status.value
     assert panel.stop_button.disabled
+
+
+def test_deploy_with_a_canary_running_replaces_it(reg, tmp_path):
+    """deploy(canary=...) registers v4, runs the real gate (papermill), then applies the same rule."""
+    import torch
+    from torch import nn
+
+    from kit.deploy import deploy
+    from kit_testing import write_validation_notebook
+
+    nb = write_validation_notebook(tmp_path / "validate.ipynb")
+    torch.manual_seed(4)
+    result = deploy(reg, nn.Linear(4, 2), torch.randn(2, 4), "m", notebooks=[nb], metrics={"accuracy": 0.9},
+                    canary=0.15, project_root=tmp_path, gate_timeout=120, user="tester")
+    assert result.version is not None and result.version.version == 4
+    assert state(reg) == (1, 4, 0.15) and replaced_in_audit(reg) == ("canary", 4, 2)
+    alias_step = [s for s in result.steps if s.name == "alias"][0]
+    assert "replace canary v2 with v4 at 15%: v2 gets no more traffic" in alias_step.detail
