@@ -34,7 +34,7 @@ class KitError(Exception):
     never as one shell's flag. ``remedy`` names that action for the shells, which add their own hint when
     they show the error (``kit.cli._common``, ``kit.magics``, ``kit.widgets``); ``subject`` is what it is
     about (a ``name@version`` or a model name). Remedies: "validate", "force", "why", "promote",
-    "start_canary", "no_check_model".
+    "start_canary", "no_check_model", "refresh".
     """
 
     def __init__(self, *args: object, remedy: str | None = None, subject: str | None = None):

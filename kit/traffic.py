@@ -18,7 +18,9 @@ so first. The rule:
   version there is nothing to split traffic with.
 
 Every move goes through :meth:`kit.registry.Registry.set_canary` / ``end_canary``, which hold the model's
-lock, re-check the state and append the audit event.
+lock, re-check the state and append the audit event. A face that showed a state before acting (the panel)
+passes it as ``shown``: if production or the canary moved since (another notebook, the CLI), the request is
+refused rather than applied to a split the person did not see.
 """
 
 from __future__ import annotations
@@ -71,13 +73,19 @@ def require_production(registry: Registry, name: str) -> int:
     return prod
 
 
-def plan_traffic(registry: Registry, name: str, version: int | str | None, weight: float) -> TrafficChange:
+def plan_traffic(registry: Registry, name: str, version: int | str | None, weight: float, *,
+                 shown: Aliases | None = None) -> TrafficChange:
     """What :func:`set_traffic` would do now, without doing it. Raises what it would raise (gate aside)."""
     weight = _weight(weight)
     target = registry.get(name, version).version if version is not None else None
     if target is None:
         registry.versions(name)  # ModelNotFoundError names the models there are
     cur = registry.aliases(name)
+    if shown is not None and (shown.production, shown.canary) != (cur.production, cur.canary):
+        raise PromotionRefusedError(
+            f"{name}'s traffic changed since it was shown (now {_split(cur)}, shown {_split(shown)}); "
+            "nothing was changed. Look again and repeat the request.", remedy="refresh", subject=name,
+        )
     if weight == 0.0:
         if cur.canary is None or (target is not None and target != cur.canary):
             return TrafficChange(name, "none", target, 0.0, cur.production)
@@ -110,14 +118,15 @@ def set_traffic(
     force: bool = False,
     why: str | None = None,
     user: str | None = None,
+    shown: Aliases | None = None,
 ) -> TrafficChange:
     """Give ``version`` (default: the running canary) ``weight`` of ``name``'s traffic, by the rule above.
 
     Returns the change made, with the resulting aliases. Raises :class:`PromotionRefusedError` when the
-    rule refuses (no production, production named, no canary to re-weight, no passing gate) and
-    :class:`InvalidNameError` for a weight outside [0, 1].
+    rule refuses (no production, production named, no canary to re-weight, no passing gate, or the split
+    differs from ``shown``) and :class:`InvalidNameError` for a weight outside [0, 1].
     """
-    change = plan_traffic(registry, name, version, weight)
+    change = plan_traffic(registry, name, version, weight, shown=shown)
     if change.action == "none":
         return _with_aliases(change, registry.aliases(name))
     if change.action == "stop":
@@ -127,9 +136,15 @@ def set_traffic(
     return _with_aliases(change, after)
 
 
-def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user: str | None = None) -> TrafficChange:
+def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user: str | None = None,
+                 shown: Aliases | None = None) -> TrafficChange:
     """End the canary (if any): all traffic back to production."""
-    return set_traffic(registry, name, None, 0.0, why=why, user=user)
+    return set_traffic(registry, name, None, 0.0, why=why, user=user, shown=shown)
+
+
+def _split(a: Aliases) -> str:
+    prod = f"production v{a.production}" if a.production is not None else "no production"
+    return prod + (f", canary v{a.canary}" if a.canary is not None else ", no canary")
 
 
 def _with_aliases(change: TrafficChange, aliases: Aliases) -> TrafficChange:

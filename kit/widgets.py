@@ -36,6 +36,7 @@ _HINTS = {
     "validate": "The Validate button runs the gate (the panel never forces).",
     "promote": "Promote a version first.",
     "start_canary": "Select a version and move the slider.",
+    "refresh": "The panel now shows the current split.",
 }
 
 
@@ -72,6 +73,7 @@ class RegistryPanel(widgets.VBox):
         self._run_gate = run_gate
         self._syncing = False
         self._known: list[int] = []
+        self._shown: Aliases | None = None
         self.last_gate: Any = None
         registry.versions(name)  # fail now, with the registry's message, if the model is missing
 
@@ -181,6 +183,7 @@ class RegistryPanel(widgets.VBox):
         label says so before the slider is moved.
         """
         a = a or self.registry.aliases(self.name)
+        self._shown = a  # what the person sees; a move is refused if the split changed since
         sel = self.version.value
         self._syncing = True
         try:
@@ -301,10 +304,11 @@ class RegistryPanel(widgets.VBox):
     def _on_canary(self, change: Mapping[str, Any]) -> None:
         """The slider gives the selected version its share of traffic: :func:`kit.traffic.set_traffic`."""
         self._show_change(set_traffic(self.registry, self.name, self.selected, float(change["new"]),
-                                      user=self.user, why="registry panel"))
+                                      user=self.user, why="registry panel", shown=self._shown))
 
     def _on_stop(self, _button: Any = None) -> None:
-        self._show_change(stop_traffic(self.registry, self.name, user=self.user, why="registry panel"))
+        self._show_change(stop_traffic(self.registry, self.name, user=self.user, why="registry panel",
+                                       shown=self._shown))
 
     def _show_change(self, change: TrafficChange) -> None:
         self.refresh()

@@ -109,6 +109,19 @@ def test_panel_says_it_replaces_before_it_does(reg):
     assert panel.stop_button.disabled
 
 
+def test_panel_refuses_a_move_on_a_split_it_did_not_show(reg):
+    panel = RegistryPanel(reg, "m", user="tester")
+    panel.version.value = 2
+    assert "re-weight" in panel.canary_label.value  # v2 is the canary the panel shows
+    set_traffic(reg, "m", 3, 0.5, why="someone else, from the CLI")  # behind the panel's back
+    panel.canary.value = 0.4  # would now replace v3 with v2: not what the person was shown
+    assert "kit-error" in panel.status.value and "changed since it was shown" in panel.status.value
+    assert state(reg) == (1, 3, 0.5)
+    assert "replaces canary v3 with v2" in panel.canary_label.value  # redrawn: the next move is informed
+    panel.canary.value = 0.4
+    assert state(reg) == (1, 2, 0.4) and replaced_in_audit(reg) == ("canary", 2, 3)
+
+
 def test_deploy_with_a_canary_running_replaces_it(reg, tmp_path):
     """deploy(canary=...) registers v4, runs the real gate (papermill), then applies the same rule."""
     import torch
