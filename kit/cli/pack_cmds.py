@@ -36,7 +36,8 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
     if target.is_dir():
         registry = kit_ctx.config.registry if kit_ctx.registry_override else None
         res = pack(target, out_dir=out_dir, force=force, progress=say, env_prefix=env_prefix,
-                   registry=registry, target_platform=target_platform, compresslevel=compresslevel)
+                   registry=registry, target_platform=target_platform, compresslevel=compresslevel,
+                   keyring=kit_ctx.config.keyring())
         result["pack"] = res.to_dict()
         archive = res.archive
         if not as_json:
@@ -49,7 +50,9 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
         raise click.UsageError(f"{target} is a file; pass a service folder (services/NAME), or --verify to "
                                "verify an archive.")
     if do_verify:
-        rep = verify_archive(archive, progress=say)
+        # run.sh checks the archive's signature against this project's keys, as a server that trusts them
+        trusted = tuple(k.text() for k in kit_ctx.config.keyring().trust().keys)
+        rep = verify_archive(archive, progress=say, trusted_keys=trusted)
         result["verify"] = rep.to_dict()
         if not as_json:
             click.echo(f"verified {Path(rep.archive).name}: ready in {rep.ready_seconds:.1f}s, {rep.model}@"

@@ -9,6 +9,7 @@ end-of-archive blocks. A concatenation of gzip members is one valid gzip stream,
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import stat
 import tarfile
@@ -31,6 +32,10 @@ class TarMember:
         self._on_bytes = on_bytes
         self.entries = 0
         self.bytes_in = 0
+        # What run.sh checks before any interpreter of the archive starts (kit-pack.sha256, kit-pack.links):
+        # the sha256 of every regular file as written, and every symlink's target, by archive name.
+        self.hashes: dict[str, str] = {}
+        self.links: dict[str, str] = {}
 
     def _write(self, data: bytes) -> None:
         self._gz.write(data)
@@ -44,7 +49,8 @@ class TarMember:
         self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         self.entries += 1
 
-    def _data(self, f: IO[bytes], size: int, what: str) -> None:
+    def _data(self, f: IO[bytes], size: int, what: str) -> str:
+        h = hashlib.sha256()
         left = size
         while left:
             chunk = f.read(min(_CHUNK, left))
@@ -52,9 +58,11 @@ class TarMember:
                 raise PackError(f"{what} shrank while it was being packed; nothing may change the environment "
                                 "during `kit pack`. Run it again.")
             self._write(chunk)
+            h.update(chunk)
             left -= len(chunk)
         if size % BLOCK:
             self._write(b"\0" * (BLOCK - size % BLOCK))
+        return h.hexdigest()
 
     def add_path(self, path: Path, arcname: str) -> None:
         """Add a file, directory or symlink as it is on disk (symlinks stay links)."""
@@ -66,6 +74,8 @@ class TarMember:
             ti.type = tarfile.SYMTYPE
             ti.linkname = os.readlink(path)
             self._header(ti)
+            self.links[arcname] = ti.linkname
+            self.hashes.pop(arcname, None)
         elif stat.S_ISDIR(st.st_mode):
             ti.type = tarfile.DIRTYPE
             self._header(ti)
@@ -73,7 +83,8 @@ class TarMember:
             ti.size = st.st_size
             self._header(ti)
             with open(path, "rb") as f:
-                self._data(f, st.st_size, str(path))
+                self.hashes[arcname] = self._data(f, st.st_size, str(path))
+            self.links.pop(arcname, None)
         # sockets, fifos and devices have no place in an environment archive: skipped
 
     def add_bytes(self, arcname: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> None:
@@ -84,7 +95,7 @@ class TarMember:
         self._header(ti)
         import io
 
-        self._data(io.BytesIO(data), len(data), arcname)
+        self.hashes[arcname] = self._data(io.BytesIO(data), len(data), arcname)
 
     def add_member(self, ti: tarfile.TarInfo, f: IO[bytes] | None) -> None:
         """Re-emit an entry read from another tar (e.g. conda-pack's output)."""
@@ -92,7 +103,11 @@ class TarMember:
         if ti.isreg():
             if f is None:
                 raise PackError(f"tar entry {ti.name} has no data")
-            self._data(f, ti.size, ti.name)
+            self.hashes[ti.name] = self._data(f, ti.size, ti.name)
+        elif ti.islnk() and ti.linkname in self.hashes:  # a hard link has its target's bytes
+            self.hashes[ti.name] = self.hashes[ti.linkname]
+        elif ti.issym():
+            self.links[ti.name] = ti.linkname
 
     def close(self, *, end_of_archive: bool) -> None:
         if end_of_archive:

@@ -40,9 +40,10 @@ from typing import Any
 import kit
 from kit._io import fsync_dir, sha256_file
 from kit.errors import KitError, PackError, UnsafeArtifactError
-from kit.pack import envscan
+from kit.pack import envscan, integrity
 from kit.pack._tar import TarMember
 from kit.pack.runtime import MANIFEST
+from kit.signing import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class PackResult:
     warnings: tuple[str, ...] = ()
     forced: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    signed_by: str | None = None  # the key that signed kit-pack.sha256 and <archive>.sha256
+    checked_files: int = 0  # files run.sh checks with sha256sum before any interpreter starts
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -291,16 +294,17 @@ def _write_conda_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str],
 
 
 def _env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], compresslevel: int, cache_dir: Path | None, force: bool, tmp: Path,
-               progress: Progress | None) -> tuple[Path, bool, int]:
-    """Write (or reuse) the environment's gzip member; returns (file, reused, env bytes)."""
+               progress: Progress | None) -> tuple[Path, bool, int, tuple[dict[str, str], dict[str, str]]]:
+    """Write (or reuse) the environment's gzip member; returns (file, reused, env bytes, (file sha256s, links))."""
     # kit's own files go into the second member (see pack), so editing kit does not invalidate this layer.
     key, total, _sizes = _layer_key(s, exclude, {}, arc_env, compresslevel)
     if cache_dir is not None:
         cached = cache_dir / f"env-{key[:32]}.gz"
-        if cached.is_file():
+        digests = integrity.read_layer_digests(cached)
+        if cached.is_file() and digests is not None:
             os.utime(cached)
             _say(progress, f"environment unchanged since an earlier pack: reusing {cached}")
-            return cached, True, total
+            return cached, True, total, digests
     out = (cache_dir or tmp) / f".env-{key[:32]}.gz.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     verb = "conda-pack" if s.kind == "conda" else "packing the venv"
@@ -314,18 +318,21 @@ def _env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], compressleve
             else:
                 _write_venv_layer(member, s, exclude, arc_env)
             member.close(end_of_archive=False)
+            digests = (member.hashes, member.links)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         out.unlink(missing_ok=True)
         raise
     if cache_dir is None:
-        return out, False, total
+        return out, False, total, digests
     final = cache_dir / f"env-{key[:32]}.gz"
+    integrity.write_layer_digests(final, *digests)  # first: a layer without its digests is never reused
     os.replace(out, final)
     for old in sorted(cache_dir.glob("env-*.gz"), key=lambda p: p.stat().st_mtime, reverse=True)[_KEEP_LAYERS:]:
         old.unlink(missing_ok=True)
-    return final, False, total
+        integrity.digests_path(old).unlink(missing_ok=True)
+    return final, False, total, digests
 
 
 # --------------------------------------------------------------------------- the small parts
@@ -406,6 +413,7 @@ def pack(
     compresslevel: int = 4,
     cache_dir: Path | None = None,
     bind: str = "0.0.0.0:8000",
+    keyring: Keyring | None = None,
 ) -> PackResult:
     """Pack ``service_dir``, its environment and the model versions its aliases name.
 
@@ -422,6 +430,8 @@ def pack(
     compresslevel : gzip level for the archive (1 fast .. 9 small).
     cache_dir : where environment layers are kept for the next pack; default ``out_dir/.layers``.
     bind : the ``KIT_BIND`` the systemd unit sets.
+    keyring : verifies the models' signatures and signs the archive's file list (kit-pack.sha256.sig) and
+        ``<archive>.sha256.sig`` with its key; None: unsigned (run.sh then refuses it under KIT_TRUST).
     """
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -437,7 +447,8 @@ def pack(
     from kit.artifacts import check_version_files
     from kit.registry import Registry
 
-    reg = Registry(reg_root, require_gate=True, user="kit-pack")
+    signer = keyring.signer() if keyring is not None and keyring.can_sign() else None
+    reg = Registry(reg_root, require_gate=True, user="kit-pack", keyring=keyring)  # signatures checked too
     try:
         aliases = reg.aliases(svc.model)
     except KitError as exc:
@@ -547,13 +558,13 @@ def pack(
                                    "artifact_sha256": {str(mv.version): mv.artifact_sha256 for mv in mvs}}},
             "files": files, "env": s.fingerprint, "warnings": warnings, "forced": forced,
             "packed_on": {"host": socket.gethostname(), "prefix": str(prefix)},
-            "systemd_analyze": unit_check,
+            "systemd_analyze": unit_check, "signed_by": signer.key_id if signer is not None else None,
         }
 
         # -- the environment layer, then the archive
         t = time.monotonic()
-        layer, reused, env_bytes = _env_layer(s, f"{stem}/env", exclude, compresslevel, cache_dir, force, tmp,
-                                              progress)
+        layer, reused, env_bytes, (env_files, env_links) = _env_layer(
+            s, f"{stem}/env", exclude, compresslevel, cache_dir, force, tmp, progress)
         timings["env_layer"] = time.monotonic() - t
         sizes["env"] = env_bytes
         _say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items())
@@ -572,10 +583,12 @@ def pack(
                 for p in sorted(stage.rglob("*")):
                     member.add_path(p, f"{stem}/{p.relative_to(stage)}")
                 member.add_bytes(f"{stem}/{MANIFEST}", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+                checked = integrity.add_to_archive(member, stem, env_files, env_links, signer)
                 member.close(end_of_archive=True)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(part, archive)
+            integrity.sign_archive(archive, signer)
             fsync_dir(out_dir)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -592,7 +605,8 @@ def pack(
     return PackResult(archive=archive, size_bytes=size, kind=s.kind, seconds=round(seconds, 2),
                       models={svc.model: versions}, service=svc.name, label=label, root=stem,
                       env_bytes=env_bytes, layer_cached=reused, sizes=sizes, warnings=tuple(warnings),
-                      forced=tuple(forced), timings={k: round(v, 2) for k, v in timings.items()})
+                      forced=tuple(forced), timings={k: round(v, 2) for k, v in timings.items()},
+                      signed_by=signer.key_id if signer is not None else None, checked_files=checked)
 
 
 def _largest(s: envscan.EnvScan, n: int = 4) -> str:

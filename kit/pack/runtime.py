@@ -1,9 +1,11 @@
 """Checks ``run.sh`` runs on the server, inside the unpacked environment, before starting the service.
 
-``python -m kit.pack.runtime verify ROOT`` re-hashes every shipped file against ``kit-pack.json``,
-re-verifies each model version against its ``meta.json``, compares the environment's fingerprint with
-the one recorded when it was packed, and makes sure ``kit`` is imported from the packed environment.
-It imports only the standard library and light parts of kit (no torch, no serving).
+``python -m kit.pack verify ROOT`` (after run.sh has checked every file with sha256sum, before any
+interpreter ran) re-hashes the service, models and run.sh against ``kit-pack.json``, re-verifies each model
+version against its ``meta.json`` and its signature by a key in ``service/service.toml`` ``[trust]``,
+compares the environment's fingerprint with the one recorded when it was packed, and makes sure ``kit``
+is imported from the packed environment. It imports only the standard library and light parts of kit
+(no torch, no serving).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import sha256_file
-from kit.errors import IntegrityError, PackError
+from kit.errors import IntegrityError, KitError, PackError
 
 MANIFEST = "kit-pack.json"
 # What must be equal for "the environment that runs is the environment that was packed".
@@ -61,7 +63,7 @@ def check_files(root: Path, manifest: dict[str, Any]) -> int:
 def check_models(root: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
     from kit.registry import Registry
 
-    reg = Registry(Path(root) / "registry", require_gate=True, user="run.sh")
+    reg = Registry(Path(root) / "registry", require_gate=True, user="run.sh", keyring=_service_trust(Path(root)))
     refs = []
     for name, m in sorted(manifest["models"].items()):
         for v in m["versions"]:
@@ -71,6 +73,20 @@ def check_models(root: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
                                      f"{'; '.join(res.problems)}. Extract the archive again.")
             refs.append(res.ref)
     return tuple(refs)
+
+
+def _service_trust(root: Path) -> Any:
+    """The keyring of ``[trust] public_keys`` in the packed service.toml (None: signatures not checked)."""
+    import tomllib
+
+    from kit.signing import Keyring, Trust
+
+    try:
+        with open(root / "service" / "service.toml", "rb") as f:
+            keys = tomllib.load(f).get("trust", {}).get("public_keys", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PackError(f"{root}/service/service.toml is unreadable ({exc}); extract the archive again.") from exc
+    return Keyring.verify_only(Trust.from_texts(keys, "service.toml [trust] public_keys")) if keys else None
 
 
 def check_env(root: Path, manifest: dict[str, Any]) -> str:
@@ -112,14 +128,14 @@ def verify_unpacked(root: Path) -> RuntimeCheck:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "verify":
-        print("usage: python -m kit.pack.runtime verify ROOT", file=sys.stderr)
+        print("usage: python -m kit.pack verify ROOT", file=sys.stderr)
         return 2
     try:
         res = verify_unpacked(Path(argv[1]))
-    except (PackError, IntegrityError) as exc:
+    except KitError as exc:  # PackError, IntegrityError (SignatureError), a bad [trust] key
         print(f"run.sh: error: {exc}", file=sys.stderr)
         return 1
-    print(f"run.sh: verified {res.files} files, models {', '.join(res.models)} (sha256), "
+    print(f"run.sh: verified {res.files} files, models {', '.join(res.models)} (sha256, signatures), "
           f"environment as packed ({res.env_summary})", file=sys.stderr)
     return 0
 

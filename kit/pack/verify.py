@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +181,12 @@ def predict_example(url: str, root: Path, model: str, versions: list[int], attem
 
 
 def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | None = None,
-                   progress: Callable[[str], None] | None = None) -> VerifyReport:
-    """Unpack ``archive`` into a temporary folder, serve it, check /readyz and the stored example, stop."""
+                   progress: Callable[[str], None] | None = None, trusted_keys: Sequence[str] = ()) -> VerifyReport:
+    """Unpack ``archive`` into a temporary folder, serve it, check /readyz and the stored example, stop.
+
+    ``trusted_keys`` (``ed25519:...``): run.sh gets them as ``KIT_TRUST``, so the archive's signature is
+    checked as on a server that trusts them.
+    """
     archive = Path(archive).absolute()
     if not archive.is_file():
         raise PackError(f"No archive at {archive}; build one with `kit pack services/NAME`.")
@@ -209,8 +213,11 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
         # A one-time API key, valid only for this verification run: the service's own keys are stored
         # hashed, so the verifier adds its key's digest through KIT_API_KEYS_SHA256 and sends the key.
         key = secrets.token_urlsafe(24)
-        proc = start_unpacked(root, port, log_path, cwd=tmp,
-                              extra_env={"KIT_API_KEYS_SHA256": hashlib.sha256(key.encode()).hexdigest()})
+        extra = {"KIT_API_KEYS_SHA256": hashlib.sha256(key.encode()).hexdigest()}
+        if trusted_keys:
+            (tmp / "trusted_keys").write_text("".join(f"{k}\n" for k in trusted_keys))
+            extra["KIT_TRUST"] = str(tmp / "trusted_keys")
+        proc = start_unpacked(root, port, log_path, cwd=tmp, extra_env=extra)
         try:
             wait_ready(url, proc, timeout, log_path)
             ready_s = time.monotonic() - t

@@ -31,19 +31,31 @@ def demo_service(tmp_path, registered):
 
     registry, mv = registered
     registry.promote(mv.name, mv.version, force=True, why="test")  # gates are the gate area's; forced here
-    svc = generate("demo", mv.name, registry=registry.root, out_dir=tmp_path / "services")
+    svc = generate("demo", mv.name, registry=registry.root, out_dir=tmp_path / "services",
+                   trusted_keys=registry.keyring.service_keys())  # [trust]: the key that signed the model
     return registry, mv, svc
 
 
 def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, tmp_path, repo_root, digits_model):
     registry, mv, svc = demo_service
     lines: list[str] = []
-    res = pack(svc, out_dir=tmp_path / "dist", progress=lines.append, cache_dir=repo_root / ".cache" / "pack-layers")
+    res = pack(svc, out_dir=tmp_path / "dist", progress=lines.append, cache_dir=repo_root / ".cache" / "pack-layers",
+               keyring=registry.keyring)
     print(f"\nvenv archive {res.size_bytes / 1e6:.0f} MB, env {res.env_bytes / 1e9:.2f} GB, {res.seconds:.1f}s, "
           f"layer cached: {res.layer_cached}, {res.timings}")
     assert res.archive.name == "demo-v1-linux-x86_64.tar.gz" and res.kind == "venv"
     assert res.models == {"demo-digits": [1]} and not res.forced
     assert any("size report" in line for line in lines)
+    assert res.signed_by == registry.keyring.signer().key_id and res.checked_files > 10_000
+    trust = tmp_path / "trusted_keys"  # the operator's copy of the packer's public key, outside the archive
+    trust.write_text(registry.keyring.signer().public.text() + "\n")
+    # beside the archive: its sha256 and a signature an operator checks with openssl before extracting
+    line = res.archive.with_name(res.archive.name + ".sha256")
+    (tmp_path / "pub.pem").write_text(registry.keyring.signer().public.pem())
+    ok = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(tmp_path / "pub.pem"), "-rawin",
+                         "-in", str(line), "-sigfile", str(line) + ".sig"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert subprocess.run(["sha256sum", "-c", line.name], cwd=line.parent, capture_output=True).returncode == 0
 
     # The server: another directory, only the archive; no PYTHONPATH, cwd outside the checkout.
     server = tmp_path / "server"
@@ -59,7 +71,7 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
-    proc = start_unpacked(root, port, log, cwd=server)
+    proc = start_unpacked(root, port, log, cwd=server, extra_env={"KIT_TRUST": str(trust)})
     try:
         t = time.monotonic()
         wait_ready(url, proc, 120, log)
@@ -83,6 +95,9 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
         stop(proc)
     text = log.read_text()
     assert "verified" in text and "environment as packed" in text, text[-2000:]
+    assert "signed by a trusted key" in text and "nothing added" in text, text[-2000:]
+    assert "RuntimeWarning" not in text, text[-2000:]  # python -m kit.pack (runpy warned for kit.pack.runtime)
+
     kit_paths = [p for p in (root / "env").rglob("kit/__init__.py")]
     assert kit_paths and all(p.is_relative_to(root / "env") for p in kit_paths)
 
@@ -95,6 +110,24 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
         chk = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "kit-demo.service")],
                              capture_output=True, text=True)
         assert chk.returncode == 0, chk.stderr
+
+    # An edited module in env/ and an added .pth are refused before any interpreter of the archive starts.
+    app = next((root / "env").glob("lib/python*/site-packages/kit/serving/app.py"))
+    original = app.read_bytes()
+    app.write_bytes(original + b"\nimport os  # edited\n")
+    t = time.monotonic()
+    out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
+    print(f"run.sh verify (every file checked) {time.monotonic() - t:.1f}s")
+    assert out.returncode == 1 and "kit/serving/app.py: sha256 differs" in out.stderr, out.stderr
+    app.write_bytes(original)
+    pth = app.parents[2] / "zz-evil.pth"
+    pth.write_text("import os; os.system('touch /tmp/kit-pack-pth-ran')\n")
+    out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
+    assert out.returncode == 1 and "zz-evil.pth" in out.stderr and "were not packed" in out.stderr, out.stderr
+    pth.unlink()
+    # serving wrote nothing into the archive (no __pycache__ either): it verifies again as packed
+    out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
+    assert out.returncode == 0, out.stderr
 
     # A tampered model file is caught by run.sh before gunicorn starts.
     model_file = root / "registry" / "demo-digits" / "versions" / "1" / "model.pt2"

@@ -1,0 +1,104 @@
+"""What run.sh checks before any interpreter of the archive starts, and the signature over it.
+
+Every regular file of the archive, ``env/`` included, is listed with its sha256 in ``kit-pack.sha256``
+(coreutils ``sha256sum`` format, paths relative to the archive folder), and every symlink with its target
+in ``kit-pack.links`` (``path<TAB>target``). run.sh checks both with coreutils alone, refuses any file that
+is not listed (an added ``.pth`` or ``__pycache__/*.pyc`` runs code at interpreter start), and only then
+runs ``conda-unpack`` or Python::
+
+    kit-pack.sha256       "<sha256>  <path>" for every regular file but itself and its signature
+    kit-pack.sha256.sig   the raw 64-byte Ed25519 signature of kit-pack.sha256 (``openssl pkeyutl -rawin``)
+    kit-pack.links        "<path>\\t<target>" for every symlink
+
+The signature is checked against public keys the operator provides (``KIT_TRUST``, a file; default
+``/etc/kit/trusted_keys`` when present), never against a key inside the archive. Beside the archive,
+``<archive>.sha256`` and ``<archive>.sha256.sig`` let an operator check the whole archive, run.sh
+included, before extracting it. See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from kit._io import atomic_write_bytes, sha256_file
+from kit.errors import PackError
+from kit.pack._tar import TarMember
+from kit.signing import SigningKey
+
+SUMS = "kit-pack.sha256"
+SUMS_SIG = "kit-pack.sha256.sig"
+LINKS = "kit-pack.links"
+# Written by run.sh on the server: the relocation marker and the env's hashes right after conda-unpack.
+RUNTIME_FILES = ("env/.kit-unpacked", "env/.kit-unpacked.sha256")
+
+
+def _relative(arcname: str, stem: str) -> str:
+    if not arcname.startswith(stem + "/"):
+        raise PackError(f"archive entry {arcname!r} is outside the archive folder {stem}/.")
+    rel = arcname[len(stem) + 1:]
+    if any(c in rel for c in "\n\t\\") or not rel:
+        raise PackError(f"{rel!r} has a newline, tab or backslash in its name, which run.sh's sha256sum check "
+                        "cannot list. Rename or remove that file in the environment and pack again.")
+    return rel
+
+
+def sums_text(hashes: Mapping[str, str], stem: str) -> bytes:
+    """``kit-pack.sha256``: one ``sha256sum`` line per regular file (archive names -> relative paths)."""
+    lines = sorted(f"{h}  {_relative(a, stem)}\n" for a, h in hashes.items())
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def links_text(links: Mapping[str, str], stem: str) -> bytes:
+    """``kit-pack.links``: ``path<TAB>target`` per symlink."""
+    out = []
+    for a, target in sorted(links.items()):
+        if any(c in target for c in "\n\t"):
+            raise PackError(f"symlink {a} points at {target!r}, whose name run.sh cannot check; remove it.")
+        out.append(f"{_relative(a, stem)}\t{target}\n")
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def write_layer_digests(layer: Path, hashes: Mapping[str, str], links: Mapping[str, str]) -> None:
+    """Keep a cached environment layer's hashes beside it (a reused layer is not read again)."""
+    atomic_write_bytes(digests_path(layer), json.dumps({"files": dict(hashes), "links": dict(links)}).encode())
+
+
+def read_layer_digests(layer: Path) -> tuple[dict[str, str], dict[str, str]] | None:
+    try:
+        d = json.loads(digests_path(layer).read_text())
+        return dict(d["files"]), dict(d["links"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a layer cached before hashes were kept: written again
+
+
+def digests_path(layer: Path) -> Path:
+    return layer.with_name(layer.name + ".sha256.json")
+
+
+def add_to_archive(member: TarMember, stem: str, env_files: dict[str, str], env_links: dict[str, str],
+                   signer: SigningKey | None) -> int:
+    """Add kit-pack.links, kit-pack.sha256 (every file, env/ included) and its signature; returns the count."""
+    links = {a: t for a, t in env_links.items() if a not in member.hashes}
+    links.update(member.links)
+    member.add_bytes(f"{stem}/{LINKS}", links_text(links, stem))
+    files = {a: h for a, h in env_files.items() if a not in member.links}
+    files.update(member.hashes)
+    sums = sums_text(files, stem)
+    member.add_bytes(f"{stem}/{SUMS}", sums)
+    if signer is not None:
+        member.add_bytes(f"{stem}/{SUMS_SIG}", signer.sign(sums))
+    return len(files)
+
+
+def sign_archive(archive: Path, signer: SigningKey | None) -> None:
+    """``<archive>.sha256`` (sha256sum format) and, with a key, ``<archive>.sha256.sig``: what an operator
+    checks with openssl and sha256sum before extracting (run.sh itself included)."""
+    line = f"{sha256_file(archive)}  {archive.name}\n".encode()
+    atomic_write_bytes(archive.with_name(archive.name + ".sha256"), line)
+    sig = archive.with_name(archive.name + ".sha256.sig")
+    if signer is not None:
+        atomic_write_bytes(sig, signer.sign(line))
+    else:
+        sig.unlink(missing_ok=True)
