@@ -116,11 +116,12 @@ def run(root: Path, workers: int = 2) -> dict[str, Any]:
         for _ in range(8 * workers):
             _post(running.url + "/predict", {"inputs": x})
         pids = workers_of(running.pid)
-        mem = {str(p): {**memory(p), "model_pt2_mapping": file_mapping(p, "model.pt2")} for p in pids}
+        mem: dict[str, dict[str, Any]] = {str(p): {**memory(p), "model_pt2_mapping": file_mapping(p, "model.pt2")}
+                                          for p in pids}
         master = memory(running.pid)
         readyz = _readyz(running.url)
     weight_bytes = (mv.path / "model.pt2").stat().st_size
-    uss = sorted(m["uss"] for m in mem.values())
+    uss = sorted(int(m["uss"]) for m in mem.values())
     return {
         "params": n_params, "model_pt2_bytes": weight_bytes, "workers": len(pids), "verified": ok,
         "reference_check": str(check) if check is not None else None,
@@ -129,7 +130,7 @@ def run(root: Path, workers: int = 2) -> dict[str, Any]:
         "first_answer_version": first.get("model_version"), "readyz_status": readyz.get("status"),
         "master": master, "per_worker": mem,
         "max_worker_uss_over_weights": round(uss[-1] / weight_bytes, 3) if uss else None,
-        "target": "each worker's USS (what it adds) <= 0.25 x model.pt2",
+        "target": "private bytes of the weights' mapping <= 0.25 x model.pt2 in every worker",
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
     }
 
