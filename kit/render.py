@@ -149,7 +149,7 @@ def badges_html(a: "Aliases", version: int) -> str:
 def _gate_html(verdict: str, report: Path | None) -> str:
     if verdict == "passed":
         gate = '<span class="kit-pass">&#10003; passed</span>'
-    elif verdict in ("failed", "stale"):
+    elif verdict in ("failed", "stale", "unsigned"):  # unsigned: a pass no trusted key signed
         gate = f'<span class="kit-fail">&#10007; {verdict}</span>'
     else:
         gate = '<span class="kit-none">not validated</span>'
