@@ -326,10 +326,9 @@ class JwtVerifier:
             return hit[0]
         claims = self.verify(token)
         who = self.identity(claims)
-        exp, nbf = claims.get("exp"), claims.get("nbf")
+        exp, nbf = _number(claims.get("exp"), float("inf")), _number(claims.get("nbf"), float("-inf"))
         with self._lock:
-            self._verified[token] = (who, float(exp) if _number(exp) else float("inf"),
-                                     float(nbf) if _number(nbf) else float("-inf"))
+            self._verified[token] = (who, exp, nbf)
             while len(self._verified) > 4096:
                 self._verified.popitem(last=False)
         return who
@@ -344,8 +343,8 @@ class JwtVerifier:
         return Identity(client="jwt:" + hash_key(user)[:16], user=user)
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _number(x: Any, default: float) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
 
 
 def _challenge(error: str) -> str:
@@ -385,29 +384,35 @@ class Authenticator:
 
     def identify(self, api_key: str | None, authorization: str | None) -> Identity:
         """The caller's identity from the ``X-API-Key`` and ``Authorization`` header values (either may be
-        None), or :class:`Unauthorized` naming what was wrong with the credentials."""
+        None), or :class:`Unauthorized` naming what was wrong. Every credential presented must be valid:
+        a wrong key is refused even next to a valid token (a wrong credential is never ignored)."""
         if not self.enabled:
             return ANONYMOUS
         auth = authorization or ""
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        why = []
-        if api_key and self.keys.enabled:
-            digest = hash_key(api_key)
-            if self.keys.check_digest(digest):
-                return Identity(client="key:" + digest[:16])
-            why.append("the X-API-Key is not a known key")
-        if bearer and self.jwt is not None and _looks_like_jwt(bearer):
-            return self.jwt.authenticate(bearer)
-        if bearer and self.keys.enabled:
-            digest = hash_key(bearer)
-            if self.keys.check_digest(digest):
-                return Identity(client="key:" + digest[:16])
-            why.append("the bearer token is not a known API key" + (" nor a JWT" if self.jwt else ""))
-        elif bearer:
-            why.append("the bearer token is not a JWT")
-        what = " or ".join(x for x, on in (("'X-API-Key: KEY'", self.keys.enabled),
-                                           ("'Authorization: Bearer KEY'", self.keys.enabled),
-                                           ("'Authorization: Bearer JWT'", self.jwt is not None)) if on)
-        reason = "; ".join(why) if why else "no credentials"
-        raise Unauthorized(f"Unauthorized: {reason}. Send {what}.",
-                           _challenge("invalid_token") if why else "Bearer")
+        who = None
+        if api_key is not None:
+            who = self._key(api_key, "the X-API-Key is not a known key")
+        if bearer is not None:
+            if self.jwt is not None and _looks_like_jwt(bearer):
+                token_who = self.jwt.authenticate(bearer)
+            else:
+                token_who = self._key(bearer, "the bearer token is not a known API key" + (
+                    " nor a JWT" if self.jwt is not None else "") if self.keys.enabled else
+                    "the bearer token is not a JWT")
+            who = who or token_who
+        if who is None:
+            raise Unauthorized(f"Unauthorized: no credentials. {self._hint()}", "Bearer")
+        return who
+
+    def _key(self, presented: str, why: str) -> Identity:
+        digest = hash_key(presented)
+        if self.keys.enabled and self.keys.check_digest(digest):
+            return Identity(client="key:" + digest[:16])
+        raise Unauthorized(f"Unauthorized: {why}. {self._hint()}", _challenge("invalid_token"))
+
+    def _hint(self) -> str:
+        ways = [x for x, on in (("'X-API-Key: KEY'", self.keys.enabled),
+                                ("'Authorization: Bearer KEY'", self.keys.enabled),
+                                ("'Authorization: Bearer JWT'", self.jwt is not None)) if on]
+        return "Send " + " or ".join(ways) + "."

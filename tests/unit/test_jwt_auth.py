@@ -155,6 +155,15 @@ def test_api_keys_and_jwt_both_on(hs):
     with pytest.raises(Unauthorized, match="not a known API key nor a JWT") as e:
         auth.identify(None, "Bearer nope")
     assert "nope" not in str(e.value)
+    good_jwt = "Bearer " + _hs({"iss": "https://idp.example", "aud": "kit-svc"})
+    with pytest.raises(Unauthorized, match="the X-API-Key is not a known key"):
+        auth.identify("wrong", good_jwt)  # a wrong credential is never ignored, even beside a valid one
+    with pytest.raises(Unauthorized, match="Bad signature"):
+        auth.identify("k-123", "Bearer " + _hs({"iss": "https://idp.example", "aud": "kit-svc"}, secret="n" * 40))
+    assert auth.identify("k-123", good_jwt).client.startswith("key:")
+    jwt_only = Authenticator(ApiKeys(()), hs.jwt)
+    with pytest.raises(Unauthorized, match="the bearer token is not a JWT. Send 'Authorization: Bearer JWT'."):
+        jwt_only.identify(None, "Bearer k-123")
 
 
 TOML = """
