@@ -338,10 +338,10 @@ class Registry:
             a = self.aliases(name)
             v = a.production if ref == "production" else a.canary
             if v is None:
-                raise VersionNotFoundError(
+                raise VersionNotFoundError(  # each shell adds its own command for the remedy
                     f"Model {name!r} has no {ref} version. "
-                    + (f"Start one with `kit canary {name}@N --weight 10%`." if ref == "canary"
-                       else f"Set one with `kit promote {name}@N`.")
+                    + ("Start a canary first." if ref == "canary" else "Promote a version first."),
+                    remedy="start_canary" if ref == "canary" else "promote", subject=name,
                 )
             return self._read_version(name, v)
         version = validate_version(ref)

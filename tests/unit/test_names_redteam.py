@@ -82,11 +82,16 @@ def test_service_names_are_checked_as_service_names(reg, tmp_path):
 def test_missing_alias_hints_are_runnable_commands(reg):
     with pytest.raises(VersionNotFoundError) as e:
         reg.get("mlp", "canary")
-    assert str(e.value).endswith("Start one with `kit canary mlp@N --weight 10%`.")
+    assert (e.value.remedy, e.value.subject) == ("start_canary", "mlp")  # the library names the action ...
     with pytest.raises(VersionNotFoundError) as e:
         reg.get("mlp", "production")
-    assert str(e.value).endswith("Set one with `kit promote mlp@N`.")
-    assert str(e.value).count("`") == 2
+    assert (e.value.remedy, e.value.subject) == ("promote", "mlp")
+    # ... and the CLI says it as a command that runs.
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "show", "mlp@canary"])
+    assert r.exit_code == 2 and r.output.rstrip().endswith("Run `kit canary mlp@N --weight 10%`."), r.output
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "show", "mlp@production"])
+    assert r.exit_code == 2 and r.output.rstrip().endswith("Run `kit promote mlp@N`."), r.output
+    assert r.output.count("`") == 2  # one whole command, quoted once
 
 
 @pytest.mark.parametrize("override", ["\u00b2", "\u0661", "\uff11"])
