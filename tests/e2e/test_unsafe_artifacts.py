@@ -66,6 +66,7 @@ def test_gate_fails_and_nothing_runs(planted):
     _, reg, marker = planted
     result = run_gate(reg, MODEL, 2)
     assert not result.passed
+    assert "UnsafeArtifactError" in result.error and "opaque_obj_0" in result.error  # the notebook's load refused
     assert not marker.exists()
 
 
