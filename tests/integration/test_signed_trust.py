@@ -89,6 +89,7 @@ def test_a_service_refuses_forged_and_foreign_versions_and_keeps_serving(signed,
     svc = generate("svc", MODEL, registry=signed.root, out_dir=tmp_path / "services",
                    trusted_keys=signed.keyring.service_keys())
     cfg = load_service_config(svc)
+    assert not [p for p in svc.rglob("*") if p.suffix in (".pem", ".key")]  # public keys only, never a private one
     assert cfg.trusted_keys == (signed.keyring.signer().public.text(),)
     app = create_app(cfg, watch=False)
     client = app.test_client()

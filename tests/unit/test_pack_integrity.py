@@ -172,3 +172,40 @@ def test_names_run_sh_cannot_list_are_refused_at_pack_time():
         integrity.sums_text({f"{STEM}/a\nb": "0" * 64}, STEM)
     with pytest.raises(PackError, match="outside the archive folder"):
         integrity.sums_text({"elsewhere/a": "0" * 64}, STEM)
+
+
+def test_the_server_side_check_verifies_model_signatures_against_the_packed_trust(tmp_path):
+    """After run.sh's file check: `python -m kit.pack verify` checks each shipped version's signature
+    against service/service.toml [trust] (what the service will do), so a list rewritten together with a
+    re-hashed meta.json still fails where the trust is right."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from kit._io import atomic_write_json
+    from kit.errors import IntegrityError
+    from kit.pack.runtime import check_models
+    from kit.registry import Registry, artifact_digest
+    from kit.signing import Keyring
+
+    root = tmp_path / STEM
+    reg = Registry(root / "registry", keyring=Keyring(tmp_path / "keys"))
+    torch.manual_seed(0)
+    mv = reg.register("m", torch.nn.Linear(4, 2), torch.randn(2, 4))
+    (root / "service").mkdir()
+    toml = root / "service" / "service.toml"
+    toml.write_text(f'[trust]\npublic_keys = ["{reg.keyring.signer().public.text()}"]\n')
+    manifest = {"models": {"m": {"versions": [1]}}}
+    assert check_models(root, manifest) == ("m@1",)
+    with np.load(mv.path / "example.npz") as z:
+        arrays = {k: z[k] * 2 for k in z.files}
+    np.savez(mv.path / "example.npz", **arrays)
+    meta = json.loads((mv.path / "meta.json").read_text())
+    meta["files"]["example.npz"] = sha256_file(mv.path / "example.npz")
+    meta["artifact_sha256"] = artifact_digest(meta["files"])
+    atomic_write_json(mv.path / "meta.json", meta)
+    with pytest.raises(IntegrityError, match="m@1 .*changed after it was signed"):
+        check_models(root, manifest)
+    toml.write_text("[trust]\npublic_keys = []\n")  # an archive made for a service without trust: sha256 only
+    assert check_models(root, manifest) == ("m@1",)
