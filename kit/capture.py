@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +171,7 @@ def _export_reason(exc: BaseException) -> str:
     """The exporter's first line, plus the lines that say which constraint failed and how to fix it."""
     lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()]
     first = lines[0] if lines else type(exc).__name__
-    detail = [ln.strip() for ln in lines[1:] if ln.lstrip().startswith(("- ", "Suggested fixes")) or "Dim(" in ln][:4]
+    detail = [ln.strip() for ln in lines[1:] if ln.lstrip().startswith("- ") or "Dim(" in ln][:4]
     return " ".join([f"{type(exc).__name__}: {first}", *detail])
 
 
@@ -334,12 +335,17 @@ def capture(
         trace_inputs = _resample(inputs, 2)
     trace_inputs = _resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # nn.GRU/nn.LSTM re-assign their flat weights while traced; torch warns, the program is right
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
             program = torch.export.export(model, trace_inputs, strict=strict,
                                           dynamic_shapes=_dynamic_shapes(inputs, dyn, dynamic_batch, max_batch, ranges))
     except Exception as exc:  # torch raises many unrelated types here; translate at the boundary
         hint = _EXPORT_HINTS
-        if "onstraint" in str(exc) and (dyn or dynamic_batch):
+        if "specialized it to be a constant" in str(exc):
+            hint = ("The model fixes that dim to the example's size (recurrent layers such as nn.GRU/nn.LSTM "
+                    "do under torch.export): keep it static by leaving it out of dynamic. " + hint)
+        elif "onstraint" in str(exc) and (dyn or dynamic_batch):
             hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
                     "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
                     + hint)
