@@ -81,11 +81,7 @@ def plan_traffic(registry: Registry, name: str, version: int | str | None, weigh
     if target is None:
         registry.versions(name)  # ModelNotFoundError names the models there are
     cur = registry.aliases(name)
-    if shown is not None and (shown.production, shown.canary) != (cur.production, cur.canary):
-        raise PromotionRefusedError(
-            f"{name}'s traffic changed since it was shown (now {_split(cur)}, shown {_split(shown)}); "
-            "nothing was changed. Look again and repeat the request.", remedy="refresh", subject=name,
-        )
+    _check_shown(name, cur, shown)
     if weight == 0.0:
         if cur.canary is None or (target is not None and target != cur.canary):
             return TrafficChange(name, "none", target, 0.0, cur.production)
@@ -140,6 +136,14 @@ def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user:
                  shown: Aliases | None = None) -> TrafficChange:
     """End the canary (if any): all traffic back to production."""
     return set_traffic(registry, name, None, 0.0, why=why, user=user, shown=shown)
+
+
+def _check_shown(name: str, cur: Aliases, shown: Aliases | None) -> None:
+    if shown is not None and (shown.production, shown.canary) != (cur.production, cur.canary):
+        raise PromotionRefusedError(
+            f"{name}'s traffic changed since it was shown (now {_split(cur)}, shown {_split(shown)}); "
+            "nothing was changed. Look again and repeat the request.", remedy="refresh", subject=name,
+        )
 
 
 def _split(a: Aliases) -> str:

@@ -1,9 +1,12 @@
 """ipywidgets panels, thin over :mod:`kit.registry` and :mod:`kit.gate`.
 
 :class:`RegistryPanel` shows one model's versions (version, sha256, created, metrics, gate verdict with a
-link to its report, alias badges) with Validate / Promote / Rollback buttons and a canary weight slider
-that writes ``aliases.json`` (running services follow it within seconds). Every rule lives in the
-library: Promote goes through :meth:`kit.registry.Registry.promote` and its gate rule, never ``force``.
+link to its report, alias badges) with Validate / Promote / Rollback buttons, a canary weight slider and
+an End canary button that write ``aliases.json`` (running services follow it within seconds). Every rule
+lives in the library: Promote goes through :meth:`kit.registry.Registry.promote` and its gate rule, never
+``force``; the slider gives the selected version its share through :func:`kit.traffic.set_traffic`, and
+the line under it says beforehand what a move would do (start, re-weight, or replace the running canary).
+The tables and badges are :mod:`kit.render`'s.
 
 Every callback runs inside the panel's Output area and catches its own errors, so a failure shows up
 red in the panel instead of vanishing into JupyterLab's log (see tqdm.notebook and the ipywidgets docs).
@@ -206,11 +209,13 @@ class RegistryPanel(widgets.VBox):
             plan = plan_traffic(self.registry, self.name, sel, 0.1)
         except KitError as exc:
             return grey.format(html.escape(now + str(exc)))
+        gate = ("" if self.registry.passing_gate(self.registry.get(self.name, sel)) is not None
+                else f" It needs a passing gate first: click Validate on v{sel}.")
         if plan.action == "replace":
             return ('<span style="color:#bc4c00">' + html.escape(now) + f"<b>Moving the slider replaces canary "
-                    f"v{a.canary} with v{sel}</b>: v{a.canary} then gets no traffic.</span>")
+                    f"v{a.canary} with v{sel}</b>: v{a.canary} then gets no traffic.{gate}</span>")
         if plan.action == "start":
-            return grey.format(f"no canary: moving the slider starts one with v{sel}")
+            return grey.format(f"no canary: moving the slider starts one with v{sel}.{gate}")
         return grey.format(html.escape(now + "Move the slider to re-weight it; 0% or End canary ends it."))
 
     @staticmethod

@@ -138,3 +138,17 @@ def test_deploy_with_a_canary_running_replaces_it(reg, tmp_path):
     assert state(reg) == (1, 4, 0.15) and replaced_in_audit(reg) == ("canary", 4, 2)
     alias_step = [s for s in result.steps if s.name == "alias"][0]
     assert "replace canary v2 with v4 at 15%: v2 gets no more traffic" in alias_step.detail
+
+
+def test_panel_says_when_the_chosen_version_needs_its_gate(registry):
+    reg = three_versions(registry, gated=(1, 2))
+    set_traffic(reg, "m", 2, 0.2)
+    panel = RegistryPanel(reg, "m", user="tester")
+    panel.version.value = 3
+    assert "replaces canary v2 with v3" in panel.canary_label.value
+    assert "needs a passing gate first: click Validate on v3" in panel.canary_label.value
+    panel.canary.value = 0.1  # refused by the gate rule, shown red; the canary stays
+    assert "kit-error" in panel.status.value and "no passing gate" in panel.status.value
+    assert "The Validate button runs the gate" in panel.status.value and state(reg) == (1, 2, 0.2)
+    panel.version.value = 2
+    assert "needs a passing gate" not in panel.canary_label.value  # re-weighting needs none
