@@ -21,8 +21,10 @@ import torch
 
 from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, inspect_pt2, load_exported_program, save_program
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
-from kit.signature import (BATCH, DEFAULT_MAX_BATCH, DEFAULT_MAX_DIM, Signature, TensorSpec, flatten_outputs,
-                           normalize_dynamic, parse_dynamic)
+from kit._capture_shapes import (EXPORT_HINTS, dim_ranges, dynamic_shapes, example_dims, export_reason,
+                                 io_specs, resize_dims, second_values)
+from kit.signature import (BATCH, DEFAULT_MAX_BATCH, Signature, TensorSpec, flatten_outputs, normalize_dynamic,
+                           parse_dynamic)
 
 log = logging.getLogger(__name__)
 
@@ -114,29 +116,12 @@ def _input_names(model: torch.nn.Module, n: int) -> list[str]:
     return [f"input_{i}" for i in range(n)]
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def _resample(inputs: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A batch of ``batch`` rows drawn from the example rows (keeps values realistic for any dtype)."""
     g = torch.Generator().manual_seed(seed)
     n = inputs[0].shape[0]
     idx = torch.randint(0, n, (batch,), generator=g)
     return tuple(t[idx] for t in inputs)
-
-
-def _resize_dims(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
-                 values: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
-    """``inputs`` with each named dim set to ``values[name]`` by repeating (or cutting) the example along it:
-    positions cycle, so ids stay valid ids and masks stay masks."""
-    out = list(inputs)
-    for i, dims in dyn.items():
-        for d, name in dims.items():
-            n = out[i].shape[d]
-            if values[name] != n:
-                out[i] = out[i].index_select(d, torch.arange(values[name]) % n)
-    return tuple(out)
 
 
 def _run(fn: Any, inputs: tuple[torch.Tensor, ...], names: list[str] | None) -> tuple[torch.Tensor, ...]:
@@ -160,64 +145,6 @@ def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: fl
     return worst, ok
 
 
-_EXPORT_HINTS = (
-    "Make control flow independent of tensor values (or use torch.cond), avoid .item()/.tolist()/"
-    "numpy calls in forward, pass dynamic_batch=False if the model only works at one batch size, "
-    "or try strict=False."
-)
-
-
-def _export_reason(exc: BaseException) -> str:
-    """The exporter's first line, plus the lines that say which constraint failed and how to fix it."""
-    lines = [ln.rstrip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    detail = [ln.strip() for ln in lines[1:] if ln.lstrip().startswith("- ") or "Dim(" in ln][:4]
-    return " ".join([f"{type(exc).__name__}: {first}", *detail])
-
-
-def _dim_ranges(values: Mapping[str, int], dims: Mapping[str, tuple[int, int]] | None) -> dict[str, tuple[int, int]]:
-    ranges: dict[str, tuple[int, int]] = {}
-    unknown = sorted(set(dims or {}) - set(values) - {BATCH})
-    if unknown:
-        raise CaptureError(f"dims gives ranges for {unknown}, which no input names dynamic (named: {sorted(values)}).")
-    for name, v in values.items():
-        lo, hi = (dims or {}).get(name, (1, max(DEFAULT_MAX_DIM, v)))
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
-            raise CaptureError(f"The range of {name} must be two ints MIN < MAX, got {(lo, hi)!r}; a dim with "
-                               "one value is static (leave it out of dynamic).")
-        if not lo <= v <= hi:
-            raise CaptureError(f"The example has {name} = {v}, outside its range {lo}..{hi}.")
-        if hi < 2 and v == 1:
-            raise CaptureError(f"{name} needs a range reaching 2 or more to be dynamic.")
-        ranges[name] = (lo, hi)
-    return ranges
-
-
-def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]], dynamic_batch: bool,
-                    max_batch: int, ranges: Mapping[str, tuple[int, int]]) -> tuple[Any, ...] | None:
-    if not dynamic_batch and not dyn:
-        return None
-    made = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items()}
-    batch = torch.export.Dim(BATCH, min=1, max=max_batch)
-    shapes = []
-    for i in range(len(inputs)):
-        spec: dict[int, Any] = {0: batch} if dynamic_batch else {}
-        spec.update({d: made[name] for d, name in dyn.get(i, {}).items()})
-        shapes.append(spec or None)
-    return tuple(shapes)
-
-
-def _example_dims(inputs: tuple[torch.Tensor, ...], names: list[str], dyn: dict[int, dict[int, str]]) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for i, dims in dyn.items():
-        for d, name in dims.items():
-            v = int(inputs[i].shape[d])
-            if values.setdefault(name, v) != v:
-                raise CaptureError(f"The example inputs disagree on {name}: {names[i]!r} dim {d} is {v}, "
-                                   f"another input has {values[name]}. Inputs sharing a dim name must match.")
-    return values
-
-
 def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
     if any(t.dim() == 0 for t in inputs):
         raise CaptureError("A dynamic batch needs every example input to have a batch dimension (dim 0).")
@@ -229,65 +156,6 @@ def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
         )
     if batch < 1:
         raise CaptureError("The example batch is empty; give at least one example row.")
-
-
-def _io_specs(program: torch.export.ExportedProgram, names: list[str], inputs: tuple[torch.Tensor, ...],
-              out_names: list[str], outs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
-              dynamic_batch: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Input and output specs; output dims come from the program's symbolic shapes (names substituted)."""
-    in_specs = []
-    for i, (n, t) in enumerate(zip(names, inputs)):
-        shape: list[int | str] = list(t.shape)
-        if dynamic_batch:
-            shape[0] = BATCH
-        for d, dim_name in dyn.get(i, {}).items():
-            shape[d] = dim_name
-        in_specs.append(TensorSpec(n, _dtype_name(t), tuple(shape)))
-    try:
-        out_shapes = _symbolic_output_shapes(program, in_specs)
-    except Exception as exc:  # symbolic metadata is best effort: fall back to the eager shapes
-        log.debug("no symbolic output shapes (%s); using eager shapes", exc)
-        out_shapes = [tuple([BATCH, *o.shape[1:]] if dynamic_batch and o.dim() else o.shape) for o in outs]
-    out_specs = tuple(TensorSpec(n, _dtype_name(o), tuple(s)) for n, o, s in zip(out_names, outs, out_shapes))
-    return tuple(in_specs), out_specs
-
-
-def _symbolic_output_shapes(program: torch.export.ExportedProgram, in_specs: list[TensorSpec]) -> list[tuple[int | str, ...]]:
-    import sympy
-    from torch.export.graph_signature import OutputKind
-
-    nodes = list(program.graph.nodes)
-    placeholders = [n for n in nodes if n.op == "placeholder"][-len(in_specs):]
-    names: dict[Any, Any] = {}
-    for node, spec in zip(placeholders, in_specs):
-        for d, label in zip(node.meta["val"].shape, spec.shape):
-            if isinstance(d, torch.SymInt) and isinstance(label, str):
-                names[d.node.expr] = sympy.Symbol(label)
-    outputs = [n for n in nodes if n.op == "output"][0].args[0]
-    kinds = [s.kind for s in program.graph_signature.output_specs]
-    shapes: list[tuple[int | str, ...]] = []
-    for node, kind in zip(outputs, kinds):
-        if kind != OutputKind.USER_OUTPUT:
-            continue
-        shape: list[int | str] = []
-        for d in node.meta["val"].shape:
-            if isinstance(d, int):
-                shape.append(d)
-            else:
-                expr = d.node.expr
-                shape.append(str(names[expr]) if expr in names else str(expr.subs(names)))
-        shapes.append(tuple(shape))
-    return shapes
-
-
-def _second_values(values: Mapping[str, int], ranges: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-    """Another value of every named dim, inside its range, for the second parity check."""
-    second = {}
-    for name, v in values.items():
-        lo, hi = ranges[name]
-        w = min(hi, v + 3)
-        second[name] = w if w != v else max(lo, v - 1)
-    return second
 
 
 def capture(
@@ -325,23 +193,23 @@ def capture(
     model.eval()
     names = _input_names(model, len(inputs))
     dyn = normalize_dynamic(dynamic, names, [t.dim() for t in inputs], dynamic_batch=dynamic_batch)
-    values = _example_dims(inputs, names, dyn)
-    ranges = _dim_ranges(values, dims)
+    values = example_dims(inputs, names, dyn)
+    ranges = dim_ranges(values, dims)
     t0 = time.perf_counter()
 
     trace_inputs = inputs
     if dynamic_batch and inputs[0].shape[0] == 1:
         # torch.export specialises size-1 dims (0/1 specialisation): trace with two rows instead.
         trace_inputs = _resample(inputs, 2)
-    trace_inputs = _resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
+    trace_inputs = resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # nn.GRU/nn.LSTM re-assign their flat weights while traced; torch warns, the program is right
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
             program = torch.export.export(model, trace_inputs, strict=strict,
-                                          dynamic_shapes=_dynamic_shapes(inputs, dyn, dynamic_batch, max_batch, ranges))
+                                          dynamic_shapes=dynamic_shapes(inputs, dyn, dynamic_batch, max_batch, ranges))
     except Exception as exc:  # torch raises many unrelated types here; translate at the boundary
-        hint = _EXPORT_HINTS
+        hint = EXPORT_HINTS
         if "specialized it to be a constant" in str(exc):
             hint = ("The model fixes that dim to the example's size (recurrent layers such as nn.GRU/nn.LSTM "
                     "do under torch.export): keep it static by leaving it out of dynamic. " + hint)
@@ -349,7 +217,7 @@ def capture(
             hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
                     "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
                     + hint)
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {_export_reason(exc).rstrip('.')}. "
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {export_reason(exc).rstrip('.')}. "
                            + hint) from exc
 
     exported = program.module()
@@ -364,9 +232,9 @@ def capture(
         b2 = check_batch or inputs[0].shape[0] + 3
         checks.append((f"batch {b2}", _resample(inputs, b2, seed=1)))
         sizes.append(b2)
-    second = _second_values(values, ranges)
+    second = second_values(values, ranges)
     if second:
-        checks.append((", ".join(f"{k} {v}" for k, v in second.items()), _resize_dims(inputs, dyn, second)))
+        checks.append((", ".join(f"{k} {v}" for k, v in second.items()), resize_dims(inputs, dyn, second)))
     worst = 0.0
     for label, x in checks:
         expected = eager_ref if x is inputs else _run(model, x, out_names)
@@ -388,7 +256,7 @@ def capture(
             )
     seconds = time.perf_counter() - t0
     out_labels = out_names or [f"output_{i}" for i in range(len(eager_ref))]
-    in_specs, out_specs = _io_specs(program, names, inputs, out_labels, eager_ref, dyn, dynamic_batch)
+    in_specs, out_specs = io_specs(program, names, inputs, out_labels, eager_ref, dyn, dynamic_batch)
     all_dims = ({BATCH: (1, max_batch)} if dynamic_batch else {}) | ranges
     signature = Signature(
         inputs=in_specs, outputs=out_specs,
