@@ -11,7 +11,7 @@ CONDA      := $(shell command -v micromamba || command -v mamba || command -v co
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps
+.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -60,6 +60,12 @@ test-e2e: $(STAMP)
 
 validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@version)
 	$(KIT) validate $(or $(MODEL),demo-digits@latest)
+
+# ~2,400 examples per operation: > 10,000 cases in all (the test suite sends about 1,000 per engine).
+FUZZ_EXAMPLES ?= 2400
+FUZZ_ENGINE   ?= flask
+fuzz: $(STAMP) ## schemathesis vs a real service's /openapi.json with a JWT: >= 10,000 cases, 0 5xx, 0 worker deaths
+	$(PY) tests/fuzz_service.py --max-examples $(FUZZ_EXAMPLES) --engine $(FUZZ_ENGINE)
 
 bench: $(STAMP) ## serving benchmark against the in-process forward and a naive Flask app
 	$(PY) benchmarks/serving.py

@@ -47,6 +47,15 @@ def _nested(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str,
     return schema
 
 
+def _rows_or_row(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str, Any]:
+    """/predict takes a batch, or one row without the batch dimension (answered without it too)."""
+    batched = _nested(spec, dims, max_batch)
+    if not spec.shape or spec.shape[0] != "batch":
+        return batched
+    one = type("Row", (), {"dtype": spec.dtype, "shape": list(spec.shape[1:])})()
+    return {"anyOf": [batched, _nested(one, dims, max_batch)]}
+
+
 def _range(r: Any) -> tuple[int, int | None]:
     """A dim's (min, max) from Signature.dims: a (min, max) pair or {"min": .., "max": ..}; default (1, None)."""
     if isinstance(r, dict):
@@ -62,9 +71,9 @@ def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     dims = dict(getattr(sig, "dims", None) or {})
     if sig is not None and len(sig.inputs) == 1:
-        inputs: dict[str, Any] = _nested(sig.inputs[0], dims, max_batch)
+        inputs: dict[str, Any] = _rows_or_row(sig.inputs[0], dims, max_batch)
     elif sig is not None:
-        inputs = {"type": "object", "properties": {s.name: _nested(s, dims, max_batch) for s in sig.inputs},
+        inputs = {"type": "object", "properties": {s.name: _rows_or_row(s, dims, max_batch) for s in sig.inputs},
                   "required": [s.name for s in sig.inputs], "additionalProperties": False}
     else:
         inputs = {}
@@ -95,8 +104,11 @@ def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version
             op["parameters"] = params
         return {"get": op}
 
-    model_param = [{"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    version_param = [{"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}]
+    # one model per service; other names are a 404 (documented), versions are ASCII digits
+    model_param = [{"name": "model_name", "in": "path", "required": True,
+                    "schema": {"type": "string", "enum": [model]}}]
+    version_param = [{"name": "model_version", "in": "path", "required": True,
+                      "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"}}]
     v2_tensor = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
         "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"type": "string"}, "data": {"type": "array"}, "parameters": {"type": "object"}}}

@@ -228,11 +228,14 @@ def test_openapi_states_ranges_and_bearer_jwt():
         dims = {"batch": (1, 4096), "seq": (2, 16)}
 
     doc = build_openapi("s", "m", Sig(), auth=True, jwt=True, max_batch=64, version_header="", user_header="")
-    x = doc["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]
+    x, row = doc["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]["anyOf"]
+    assert (row["minItems"], row["maxItems"]) == (2, 16) and row["items"]["maxItems"] == 4  # one row, unbatched
     assert (x["minItems"], x["maxItems"]) == (1, 64)
     assert (x["items"]["minItems"], x["items"]["maxItems"]) == (2, 16)
     assert x["items"]["items"]["items"]["maximum"] == 3.4028234663852886e38
     assert doc["components"]["securitySchemes"]["Bearer"]["bearerFormat"] == "JWT"
+    name = doc["paths"]["/v2/models/{model_name}/infer"]["post"]["parameters"][0]
+    assert name["schema"]["enum"] == ["m"]
 
 
 def test_a_cached_token_still_expires():
