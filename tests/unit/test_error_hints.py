@@ -16,7 +16,8 @@ from kit.errors import KitError, ServiceError
 from kit.registry import Registry
 from kit.servicegen import generate
 
-LIBRARY = ("registry.py", "deploy.py", "servicegen.py", "traffic.py", "capture.py", "env.py", "gate", "pack")
+LIBRARY = ("registry.py", "deploy.py", "servicegen.py", "traffic.py", "capture.py", "env.py", "artifacts.py",
+           "signing.py", "config.py", "gate", "pack")
 FLAG = re.compile(r"(?<![\w-])--[a-z]")
 
 
@@ -26,7 +27,8 @@ def _raised_text(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
             for arg in node.exc.args:
-                text = "".join(n.value for n in ast.walk(arg) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+                text = "".join(n.value for n in ast.walk(arg)
+                               if isinstance(n, ast.Constant) and isinstance(n.value, str))
                 out.append((node.lineno, re.sub(r"`[^`]*`", "", text)))
     return out
 
