@@ -213,6 +213,8 @@ def capture(
         if "specialized it to be a constant" in str(exc):
             hint = ("The model fixes that dim to the example's size (recurrent layers such as nn.GRU/nn.LSTM "
                     "do under torch.export): keep it static by leaving it out of dynamic. " + hint)
+        elif "must always be equal" in str(exc):
+            hint = "Dims the model needs equal must share one name (e.g. ids:1=seq and mask:1=seq). " + hint
         elif "onstraint" in str(exc) and (dyn or dynamic_batch):
             hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
                     "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
