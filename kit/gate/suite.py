@@ -258,6 +258,10 @@ def wrong_shape(model: Any) -> str:
 def load_data(model: Any, path: str | Path) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
     """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled)."""
     p = Path(path).expanduser()
+    if not p.is_file():
+        raise GateError(f"data {str(path)!r} is not a file (looked in {p.resolve().parent}"
+                        + ("" if p.is_absolute() else "; a relative path is resolved in the notebook's working "
+                           "directory") + "). Pass an absolute path to an .npz.")
     names = [s.name for s in model.signature.inputs]
     try:
         with np.load(p, allow_pickle=False) as z:

@@ -163,6 +163,12 @@ def test_data_with_wrong_names_says_what_to_save(two, tmp_path):
         suite.quality(two, data)
 
 
+def test_missing_data_says_where_it_looked(two, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GateError, match=r"data 'held_out.npz' is not a file \(looked in .*; a relative path"):
+        suite.quality(two, "held_out.npz")
+
+
 def test_data_without_labels_still_checks_outputs(two, tmp_path, capsys):
     ids, mask = _example()
     data = tmp_path / "unlabelled.npz"
