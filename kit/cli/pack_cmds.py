@@ -23,10 +23,19 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
 @click.option("--verify", "do_verify", is_flag=True,
               help="Then unpack into a temporary folder, start it on a free port, check /readyz and the stored "
                    "example, stop it. With an archive as TARGET: only verify it.")
+@click.option("--image", "image", is_flag=True,
+              help="Also write a Containerfile next to the archive's contents (dist/<archive>.image/) and, where "
+                   "buildah or podman is installed, build dist/<archive>.image.tar. With an archive as TARGET: "
+                   "only that.")
+@click.option("--base", "image_base", default=None, help="Base image for --image (default debian:bookworm-slim "
+              "for a conda archive; a venv archive needs one with its Python at the same path).")
+@click.option("--builder", type=click.Choice(["buildah", "podman"]), default=None,
+              help="Image builder for --image (default: the first installed).")
 @json_option
 @pass_kit
 def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_prefix: Path | None,
-             target_platform: str | None, compresslevel: int, do_verify: bool, as_json: bool) -> None:
+             target_platform: str | None, compresslevel: int, do_verify: bool, image: bool,
+             image_base: str | None, builder: str | None, as_json: bool) -> None:
     """Pack services/NAME with its environment and models into dist/NAME-<version>-<platform>.tar.gz."""
     from kit.pack import pack, verify_archive
 
@@ -46,7 +55,7 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
             if res.kind == "venv":
                 click.echo("note: venv fallback; the server needs the same Python at the same path "
                            "(run.sh checks it first). A conda environment packs its interpreter.")
-    elif not do_verify:
+    elif not (do_verify or image):
         raise click.UsageError(f"{target} is a file; pass a service folder (services/NAME), or --verify to "
                                "verify an archive.")
     if do_verify:
@@ -57,6 +66,14 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
         if not as_json:
             click.echo(f"verified {Path(rep.archive).name}: ready in {rep.ready_seconds:.1f}s, {rep.model}@"
                        f"{rep.version} matched its reference (max diff {rep.max_abs_diff:.2g})")
+    if image:
+        from kit.pack.image import build_image
+
+        img = build_image(archive, base=image_base, builder=builder, progress=say)
+        result["image"] = img.to_dict()
+        if not as_json:
+            click.echo(f"{img.containerfile}" + (f"\n{img.image_archive}  {img.tag}  (podman load / docker load -i)"
+                                                 if img.image_archive else f"\nimage not built: {img.skipped}"))
     if as_json:
         emit_json(result)
 
