@@ -176,7 +176,7 @@ class JwtVerifier:
         self._stamp = _stat(self._file)
         self._keys = self._load()  # kid (or None) -> (key, alg pinned by the JWK or None)
         # Tokens that passed every check with the current keys -> (identity, exp, nbf). A client sends the
-        # same token until it expires; PyJWT takes ~180 us per token, a hit ~1 us. Cleared on key reload.
+        # same token until it expires; PyJWT takes ~190 us per HS256 token, a hit ~5 us. Cleared on key reload.
         self._verified: OrderedDict[str, tuple[Identity, float, float]] = OrderedDict()
 
     # ---- key material
@@ -261,9 +261,12 @@ class JwtVerifier:
             entry = keys[kid]
         elif len(keys) == 1 and (kid is None or None in keys):
             entry = next(iter(keys.values()))
+        elif kid is None:
+            raise Unauthorized(f"The token names no key id (kid) and this service trusts {len(keys)} keys; the "
+                               "issuer must set kid.", _challenge("invalid_token"))
         else:
-            raise Unauthorized("The token's key id (kid) names no key this service trusts "
-                               "(was the issuer's key rotated? update [auth.jwt] jwks_file).", _challenge("invalid_token"))
+            raise Unauthorized("The token's key id (kid) names no key this service trusts (was the issuer's key "
+                               "rotated? update [auth.jwt] jwks_file).", _challenge("invalid_token"))
         key, pinned = entry
         if pinned is not None and header.get("alg") != pinned:
             raise Unauthorized(f"The token is signed with {header.get('alg')!r} but its key is for {pinned}.",

@@ -142,6 +142,12 @@ def test_es256_jwks_by_kid_and_rotation(tmp_path, monkeypatch):
     auth.jwt._checked = 0.0  # the 1 s re-stat interval, without sleeping
     assert auth.identify(*_bearer(t2)).user == "svc-b"
     assert "key id (kid) names no key" in _refused(auth, t1)
+    _jwks(path, ("k1", k1), ("k2", k2))
+    os.utime(path, ns=(time.time_ns() + 2 * 10**9, time.time_ns() + 2 * 10**9))
+    auth.jwt._checked = 0.0
+    no_kid = jwt.encode({"client_id": "svc-a", "exp": NOW + 60}, k1, algorithm="ES256")
+    assert "names no key id (kid) and this service trusts 2 keys" in _refused(auth, no_kid)
+    assert auth.identify(*_bearer(t1)).user == "svc-a"
 
 
 def test_api_keys_and_jwt_both_on(hs):
