@@ -35,7 +35,8 @@ FILES = ("wsgi.py", "gunicorn.conf.py", "service.toml", "README.md", "start.sh")
 DEFAULTS: dict[str, Any] = {
     "bind": "127.0.0.1:8000", "device": "cpu", "workers": 0, "threads": 4, "torch_threads": 0,
     "timeout": 60, "graceful_timeout": 30, "keepalive": 5, "max_requests": 200000,
-    "max_requests_jitter": 20000, "preload": True, "check_env": True, "max_artifact_bytes": 8 << 30, "version_header": "X-Kit-Version",
+    "max_requests_jitter": 20000, "preload": True, "engine": "flask", "header_timeout": 10.0,
+    "body_timeout": 30.0, "check_env": True, "max_artifact_bytes": 8 << 30, "version_header": "X-Kit-Version",
     "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
     "max_wait_ms": 0.0, "max_body_bytes": 8 * 1024 * 1024, "rate_limit": 0.0, "rate_burst": 0,
     "api_keys_sha256": (), "keys_file": "", "access_log": True,
@@ -96,7 +97,7 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
     if unknown:
         raise ServiceError(f"Unknown service option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
     ctx = {**DEFAULTS, **options, "name": name, "model": model, "registry": _toml_str(registry, "registry path")}
-    for key in ("bind", "device", "version_header", "user_header", "keys_file"):
+    for key in ("bind", "device", "version_header", "user_header", "keys_file", "engine"):
         ctx[key] = _toml_str(str(ctx[key]), key)
     keys = [str(k).lower() for k in ctx["api_keys_sha256"]]
     for k in keys:

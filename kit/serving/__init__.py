@@ -19,7 +19,19 @@ from typing import Any
 
 from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 
-__all__ = ["ServiceConfig", "create_app", "load_service_config", "worker_plan"]
+__all__ = ["ServiceConfig", "create_app", "load_service_config", "make_app", "worker_plan"]
+
+
+def make_app(config: ServiceConfig, **kwargs: Any) -> Any:
+    """The app of ``config.engine``: :func:`kit.serving.asgi.create_asgi_app` ("asgi") or
+    :func:`kit.serving.app.create_app` ("flask"); same keyword arguments."""
+    if config.engine == "asgi":
+        from kit.serving.asgi import create_asgi_app
+
+        return create_asgi_app(config, **kwargs)
+    from kit.serving.app import create_app
+
+    return create_app(config, **kwargs)
 
 
 def __getattr__(name: str) -> Any:  # lazy: the app pulls in torch and flask

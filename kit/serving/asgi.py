@@ -117,8 +117,10 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     slots.refresh()  # the initial load, before this worker accepts a connection
     if watch:
         slots.start()
+    import torch
+
     engine = InferenceEngine(max_batch=config.max_batch if config.batching else 1, max_wait_ms=config.max_wait_ms,
-                             name=f"kit-infer-{config.model}")
+                             torch_threads=torch.get_num_threads(), name=f"kit-infer-{config.model}")
     auth = Authenticator(ApiKeys(config.api_keys_sha256, config.keys_file),
                          JwtVerifier(config.jwt) if config.jwt is not None else None)
     svc = Service(config=config, slots=slots, metrics=metrics, auth=auth,

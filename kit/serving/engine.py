@@ -56,8 +56,9 @@ class InferenceEngine:
     """One worker's forward passes, run on ``threads`` inference thread(s) fed by one queue."""
 
     def __init__(self, *, max_batch: int = 64, max_wait_ms: float = 0.0, threads: int = 1,
-                 name: str = "kit-infer"):
+                 torch_threads: int = 0, name: str = "kit-infer"):
         self.max_batch = max(1, int(max_batch))
+        self.torch_threads = torch_threads
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self._cv = threading.Condition()
         self._pending: deque[_Job] = deque()
@@ -99,6 +100,12 @@ class InferenceEngine:
 
     # ---- the inference thread
     def _run(self) -> None:
+        if self.torch_threads:
+            # OpenMP's thread count is per thread: a new thread would use a team of one thread per core
+            # whatever the worker set, and on a shared machine that team's spinning costs ~50 ms a call.
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while True:
             batch = self._take()
             if batch is None:
@@ -116,14 +123,15 @@ class InferenceEngine:
                 while self._rows() < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cv.wait(left)
             first = self._pending.popleft()
-            batch, rows = [first], first.rows
-            if first.limit > 1 and self._pending:
+            batch, rows, limit = [first], first.rows, first.limit
+            if limit > 1 and self._pending:
                 rest: deque[_Job] = deque()
                 while self._pending:
                     job = self._pending.popleft()
-                    if job.key == first.key and rows + job.rows <= first.limit:
+                    if job.key == first.key and rows + job.rows <= min(limit, job.limit):
                         batch.append(job)
                         rows += job.rows
+                        limit = min(limit, job.limit)
                     else:
                         rest.append(job)
                 self._pending = rest

@@ -23,6 +23,7 @@ from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 log = logging.getLogger(__name__)
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_CLASS = {"asgi": "kit.serving.worker.KitUvicornWorker", "flask": "gthread"}
 
 
 def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple[ServiceConfig, dict[str, Any]]:
@@ -33,10 +34,14 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-")
     Path(environ[METRICS_ENV]).mkdir(parents=True, exist_ok=True)
     workers, torch_threads = worker_plan(cfg)
+    if cfg.engine == "asgi":  # read deadlines of the uvicorn workers, inherited through fork
+        from kit.serving import worker
+
+        worker.set_limits(worker.Limits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout))
     settings = {
         "bind": cfg.bind,
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASS[cfg.engine],
         "threads": cfg.threads,
         "timeout": cfg.timeout,
         "graceful_timeout": cfg.graceful_timeout,
@@ -51,11 +56,12 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         "torch_threads": torch_threads,
         "preload": cfg.preload,
+        "engine": cfg.engine,
     }
     return cfg, settings
 
 
-def on_starting(server: Any, metrics_dir: str, preload: bool = True) -> None:
+def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "flask") -> None:
     """Master start: clear samples left by a previous run in the metrics folder; preload imports."""
     for f in glob.glob(os.path.join(metrics_dir, "*.db")):
         try:
@@ -65,7 +71,10 @@ def on_starting(server: Any, metrics_dir: str, preload: bool = True) -> None:
     if preload:
         import kit.capture  # noqa: F401  (torch, numpy: imports only; no threads, no CUDA)
         import kit.registry  # noqa: F401
-        import kit.serving.app  # noqa: F401  (flask, orjson, prometheus_client in multiprocess mode)
+        if engine == "asgi":
+            import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
+        else:
+            import kit.serving.app  # noqa: F401  (flask, orjson, prometheus_client in multiprocess mode)
         import torch.export  # noqa: F401
         try:  # what torch.export.load imports on first use (torch._dynamo & co): seconds per worker
             import torch._export.serde.serialize  # noqa: F401

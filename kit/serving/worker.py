@@ -39,6 +39,7 @@ log = logging.getLogger("kit.serving.worker")
 ACCEPT_BACKOFF = 0.003  # seconds a worker over its share waits before accepting anyway
 _SLOTS = 128
 _SLOT = struct.Struct("qq")  # pid, open connections
+_COUNT = struct.Struct("q")
 
 
 class ConnectionShare:
@@ -71,18 +72,18 @@ class ConnectionShare:
     def add(self, n: int) -> None:
         self.count += n
         if self.index >= 0:
-            _SLOT.pack_into(self._map, self.index * _SLOT.size + 8, self.count)
+            _COUNT.pack_into(self._map, self.index * _SLOT.size + 8, self.count)
 
     def least_peer(self) -> int | None:
         """The fewest connections any other live worker holds (None: no other worker)."""
         now = time.monotonic()
-        if now - self._peers_at > 1.0:  # who is alive, re-checked once a second
+        if now - self._peers_at > 0.1:  # who is alive, re-checked ten times a second
             self._peers_at = now
             self._peers = [i for i in range(_SLOTS) if i != self.index
                            and (pid := _SLOT.unpack_from(self._map, i * _SLOT.size)[0]) and _alive(pid)]
         if not self._peers:
             return None
-        return min(_SLOT.unpack_from(self._map, i * _SLOT.size + 8)[0] for i in self._peers)
+        return min(_COUNT.unpack_from(self._map, i * _SLOT.size + 8)[0] for i in self._peers)
 
     def excess(self) -> int:
         """How many connections this worker holds above the least-loaded other worker."""
@@ -128,9 +129,7 @@ class KitHttpProtocol(HttpToolsProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # not TCP (a unix socket)
                 pass
-        if self.share is not None:
-            self.share.add(1)
-        self._arm(self.limits.header_timeout)
+        self._arm(self.limits.header_timeout)  # (the listener counted this connection when it accepted it)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -202,9 +201,10 @@ class BalancedListener:
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        if self.share.excess() >= 1:  # let a less loaded worker take it; accept anyway after the back-off
+        excess = self.share.excess()
+        if excess >= 1:  # let a less loaded worker take it; accept anyway after the back-off
             self.loop.remove_reader(self.sock.fileno())
-            self.loop.call_later(ACCEPT_BACKOFF, self._accept_one)
+            self.loop.call_later(min(ACCEPT_BACKOFF * excess, 0.02), self._accept_one)
             return
         self._accept_one()
 
@@ -221,6 +221,7 @@ class BalancedListener:
         if not self._closed:
             self.loop.add_reader(self.sock.fileno(), self._readable)
         if conn is not None:
+            self.share.add(1)  # counted now, so the next readiness check already sees it
             conn.setblocking(False)
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
@@ -230,6 +231,7 @@ class BalancedListener:
         try:
             await self.loop.connect_accepted_socket(self.factory, conn)
         except OSError:
+            self.share.add(-1)
             conn.close()
 
     def close(self) -> None:
@@ -242,7 +244,13 @@ class BalancedListener:
 
 
 class _Server(Server):
-    """uvicorn's server with :class:`BalancedListener` instead of ``loop.create_server``."""
+    """uvicorn's server with :class:`BalancedListener` instead of ``loop.create_server``, which does not
+    re-raise the signal that stopped it: the worker class resets SIGTERM to its default, so re-raising it
+    would kill the worker after its graceful shutdown instead of letting it exit with 0."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if not sockets:
@@ -258,6 +266,7 @@ class _Server(Server):
                                               app_state=self.lifespan.state)
 
         self.servers = [BalancedListener(sock, create_protocol, SHARE) for sock in sockets]  # type: ignore[misc]
+        log.info("worker %d: accepting on %d socket(s), connection slot %d", os.getpid(), len(sockets), SHARE.index)
         self.started = True
 
 

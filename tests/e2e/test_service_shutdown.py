@@ -28,13 +28,14 @@ class Slow(nn.Module):
         return self.layers(x)
 
 
-def test_sigterm_finishes_in_flight_requests(tmp_path):
+@pytest.mark.parametrize("engine", ["flask", "asgi"])
+def test_sigterm_finishes_in_flight_requests(tmp_path, engine):
     reg = Registry(tmp_path / "registry", require_gate=True)
     torch.manual_seed(0)
     reg.register("slow", Slow().eval(), torch.rand(2, 768))
     reg.promote("slow", 1, force=True, why="test")  # gates are tested by the gate area
     d = generate("slow", "slow", registry=reg.root, out_dir=tmp_path / "services", workers=1, threads=2,
-                 max_batch=256, batching=False)
+                 max_batch=256, batching=False, engine=engine)
     svc = start_service(d, timeout=90)
     try:
         body = json.dumps({"inputs": [[0.1] * 768] * 256}).encode()

@@ -1,0 +1,151 @@
+"""The ASGI engine's pieces without a server: the inference thread and its batching, the HTTP error type,
+body reading, and route dispatch. Real torch tensors and a real event loop; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from kit.errors import ServingError
+from kit.serving.control import find
+from kit.serving.engine import InferenceEngine
+from kit.serving.http import ClientGone, HttpError, as_http_error, read_body
+from kit.serving.protocol import RequestError
+from kit.serving.router import RouteError
+
+
+class SlowDouble:
+    """forward(x) = 2x, taking ``delay`` seconds; records the thread and the rows of every call."""
+
+    def __init__(self, delay: float = 0.05):
+        self.delay = delay
+        self.calls: list[int] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+
+    def __call__(self, inputs):
+        self.threads.add(threading.current_thread().name)
+        self.calls.append(int(inputs[0].shape[0]))
+        self.gate.wait(self.delay)
+        return (inputs[0] * 2,)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_arriving_during_a_forward_pass_share_the_next_one():
+    fwd = SlowDouble(0.2)
+    engine = InferenceEngine(max_batch=64)
+
+    async def main():
+        first = engine.submit(fwd, (torch.full((1, 3), 1.0),))
+        await asyncio.sleep(0.05)  # the first forward pass is running now
+        rest = [engine.submit(fwd, (torch.full((2, 3), float(i)),)) for i in range(2, 12)]
+        return await first, await asyncio.gather(*rest), threading.current_thread().name
+
+    (out1, rows1), rest, loop_thread = _run(main())
+    engine.stop()
+    assert rows1 == 1 and torch.equal(out1[0], torch.full((1, 3), 2.0))
+    assert fwd.calls == [1, 20]  # the ten waiting requests ran as one forward pass of 20 rows
+    for i, (out, rows) in zip(range(2, 12), rest):
+        assert rows == 20 and torch.equal(out[0], torch.full((2, 3), 2.0 * i))  # each got its own rows back
+    assert loop_thread not in fwd.threads and all(t.startswith("kit-infer") for t in fwd.threads)
+
+
+def test_different_non_batch_dims_or_versions_are_never_concatenated_and_max_rows_holds():
+    a, b = SlowDouble(0.1), SlowDouble(0.0)
+    engine = InferenceEngine(max_batch=64)
+
+    async def main():
+        busy = engine.submit(a, (torch.zeros(1, 4),))
+        await asyncio.sleep(0.03)
+        futs = [engine.submit(a, (torch.zeros(1, 4),)), engine.submit(a, (torch.zeros(1, 5),)),  # seq 4 vs 5
+                engine.submit(b, (torch.zeros(1, 4),)),  # another version
+                engine.submit(a, (torch.zeros(1, 4),)), engine.submit(a, (torch.zeros(1, 4, dtype=torch.float64),))]
+        capped = [engine.submit(a, (torch.zeros(3, 4),), max_rows=4) for _ in range(2)]
+        await busy
+        return await asyncio.gather(*futs), await asyncio.gather(*capped)
+
+    outs, capped = _run(main())
+    engine.stop()
+    assert [r for _, r in outs] == [2, 1, 1, 2, 1]  # only the two same-shape, same-version requests joined
+    assert [o[0].shape[1] for o, _ in outs] == [4, 5, 4, 4, 4] and outs[4][0][0].dtype == torch.float64
+    assert [r for _, r in capped] == [3, 3]  # 3 + 3 rows exceed the version's 4-row limit: two passes
+    assert b.calls == [1]
+
+
+def test_a_failing_forward_pass_fails_every_request_in_it_and_the_engine_goes_on():
+    calls = []
+
+    def broken(inputs):
+        calls.append(inputs[0].shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return (inputs[0],)
+
+    engine = InferenceEngine()
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await engine.submit(broken, (torch.zeros(1, 2),))
+        return await engine.submit(broken, (torch.ones(2, 2),))
+
+    out, rows = _run(main())
+    engine.stop()
+    assert rows == 2 and torch.equal(out[0], torch.ones(2, 2))
+
+
+def test_max_wait_collects_more_rows_before_running():
+    fwd = SlowDouble(0.0)
+    engine = InferenceEngine(max_batch=8, max_wait_ms=80)
+
+    async def main():
+        futs = [engine.submit(fwd, (torch.zeros(1, 2),))]
+        await asyncio.sleep(0.02)
+        futs += [engine.submit(fwd, (torch.zeros(1, 2),)) for _ in range(3)]
+        return await asyncio.gather(*futs)
+
+    outs = _run(main())
+    engine.stop()
+    assert fwd.calls == [4] and all(r == 4 for _, r in outs)
+
+
+def test_one_http_error_type_for_protocol_and_router_errors():
+    for exc, status in ((RequestError("bad", 413), 413), (RouteError("gone"), 404), (HttpError("x", 429), 429)):
+        err = as_http_error(exc)
+        assert err is not None and err.status == status and str(err) == str(exc)
+    assert isinstance(HttpError("x"), ServingError) and as_http_error(ValueError("bug")) is None
+
+
+def test_read_body_limits_and_disconnects():
+    def receiver(*messages):
+        it = iter(messages)
+
+        async def receive():
+            return next(it)
+        return receive
+
+    chunks = receiver({"type": "http.request", "body": b"ab", "more_body": True},
+                      {"type": "http.request", "body": b"cd", "more_body": False})
+    assert _run(read_body(chunks, 4, 10)) == b"abcd"
+    with pytest.raises(HttpError) as e:
+        _run(read_body(receiver(), 11, 10))  # refused from Content-Length alone
+    assert e.value.status == 413 and "10 bytes" in str(e.value)
+    with pytest.raises(HttpError):
+        _run(read_body(receiver({"type": "http.request", "body": b"x" * 11, "more_body": False}), None, 10))
+    with pytest.raises(ClientGone):
+        _run(read_body(receiver({"type": "http.request", "body": b"x", "more_body": True},
+                                {"type": "http.disconnect"}), 5, 10))
+
+
+def test_control_routes_dispatch():
+    assert find("/readyz")[0].__name__ == "readyz"
+    assert find("/v2/models/m")[0].__name__ == "v2_model"
+    assert find("/v2/models/m/versions/2")[0].__name__ == "v2_model"
+    assert find("/v2/models/m/ready")[0].__name__ == "v2_model_ready"
+    assert find("/v2/models/m/versions/2/ready")[0].__name__ == "v2_model_ready"
+    assert find("/v2/models/m/versions") is None and find("/nope") is None
