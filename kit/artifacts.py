@@ -74,13 +74,14 @@ class Pt2Archive:
     weights: dict[str, dict[str, Any]]
     constants: dict[str, dict[str, Any]]
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(e.size for n, e in self.entries.items() if n.startswith(("data/weights/weight_", "data/constants/tensor_")))
+
+_RECAPTURE = "Re-capture the model with kit.capture.capture() and register it again."
+_RAISE_LIMIT = "Raise [model] max_artifact_bytes if the model is that large."
 
 
-def _refuse(path: Path, what: str, fix: str = "Re-capture the model with kit.capture.capture() and register it again.") -> UnsafeArtifactError:
-    return UnsafeArtifactError(f"Refusing to load {path}: {what}. Kit never unpickles or runs code from an artifact. {fix}")
+def _refuse(path: Path, what: str, fix: str = _RECAPTURE) -> UnsafeArtifactError:
+    return UnsafeArtifactError(
+        f"Refusing to load {path}: {what}. Kit never unpickles or runs code from an artifact. {fix}")
 
 
 # --------------------------------------------------------------------------- zip structure
@@ -109,7 +110,7 @@ def _zip_entries(path: Path, limits: Limits) -> list[Entry]:
             total += entry.size
             if total > limits.max_bytes:
                 raise _refuse(path, f"its entries hold more than {limits.max_bytes} bytes uncompressed "
-                              "(the artifact size limit)", "Raise [model] max_artifact_bytes if the model is that large.")
+                              "(the artifact size limit)", _RAISE_LIMIT)
             entries.append(entry)
     spans = sorted((e.data_offset, e.data_offset + e.compressed_size, e.name) for e in entries)
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -126,7 +127,7 @@ def _one_entry(path: Path, f: Any, info: zipfile.ZipInfo, file_size: int, limits
         raise _refuse(path, f"entry {name!r} uses compression method {info.compress_type}")
     if info.file_size > limits.max_bytes:
         raise _refuse(path, f"entry {name!r} is {info.file_size} bytes uncompressed, over the limit of "
-                      f"{limits.max_bytes}", "Raise [model] max_artifact_bytes if the model is that large.")
+                      f"{limits.max_bytes}", _RAISE_LIMIT)
     stored = info.compress_type == zipfile.ZIP_STORED
     if stored and info.file_size != info.compress_size:
         raise _refuse(path, f"entry {name!r} is stored but claims {info.file_size} bytes in {info.compress_size}")
@@ -214,7 +215,9 @@ def _check_names(path: Path, root: str, entries: dict[str, Entry]) -> None:
 
 # --------------------------------------------------------------------------- configs and program text
 
-def _payload_config(path: Path, root: str, rel: str, raw: bytes, prefix: str, entries: dict[str, Entry]) -> dict[str, dict[str, Any]]:
+def _payload_config(path: Path, root: str, rel: str, prefix: str,
+                    entries: dict[str, Entry]) -> dict[str, dict[str, Any]]:
+    raw = read_entry(path, entries[rel])
     where = f"{root}/{rel}"
     try:
         config = json.loads(raw)["config"]
@@ -228,7 +231,8 @@ def _payload_config(path: Path, root: str, rel: str, raw: bytes, prefix: str, en
         if meta.get("use_pickle") is not False:
             raise _refuse(path, f"{where} asks to unpickle {fqn!r} (use_pickle)")
         name = meta.get("path_name")
-        if not isinstance(name, str) or not re.fullmatch(rf"{prefix}\d{{1,9}}", name) or f"{_dir(rel)}{name}" not in entries:
+        ok = isinstance(name, str) and re.fullmatch(rf"{prefix}\d{{1,9}}", name) is not None
+        if not ok or f"{_dir(rel)}{name}" not in entries:
             raise _refuse(path, f"{where}: {fqn!r} points at {name!r}, not a raw tensor entry of the archive")
         tm = meta.get("tensor_meta")
         if not isinstance(tm, dict) or tm.get("layout") != 7:  # schema.Layout.Strided
@@ -255,8 +259,10 @@ _OPERATORS = frozenset({
     "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",
     "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "matmul",
 })
-_TARGET = re.compile(r"torch\.ops\.[A-Za-z_]\w*\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?|math\.[a-z_]\w*|torch\.sym_[a-z_]+|torch\._sym_sqrt")
-_GUARD_CALLS = frozenset({"Max", "Min", "Eq", "Ne", "FloorDiv", "Mod", "PythonMod", "CeilDiv", "CleanDiv", "IntTrueDiv"})
+_TARGET = re.compile(r"torch\.ops\.[A-Za-z_]\w*\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?"
+                     r"|math\.[a-z_]\w*|torch\.sym_[a-z_]+|torch\._sym_sqrt")
+_GUARD_CALLS = frozenset({"Max", "Min", "Eq", "Ne", "FloorDiv", "Mod", "PythonMod", "CeilDiv", "CleanDiv",
+                          "IntTrueDiv"})
 _SIZE_METHODS = frozenset({"size", "stride", "dim", "numel", "storage_offset"})
 
 
@@ -264,14 +270,16 @@ def _safe_sympy(node: ast.AST) -> bool:
     if isinstance(node, ast.Expression):
         return _safe_sympy(node.body)
     if isinstance(node, ast.Constant):
-        return isinstance(node.value, (int, float, bool)) or (isinstance(node.value, str) and bool(_SYMBOL.fullmatch(node.value)))
+        v = node.value
+        return isinstance(v, (int, float, bool)) or (isinstance(v, str) and bool(_SYMBOL.fullmatch(v)))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return _safe_sympy(node.operand)
     if isinstance(node, ast.Name):
         return node.id in _SYMPY_NAMES
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS:
         return all(_safe_sympy(a) for a in node.args) and all(
-            k.arg is not None and k.arg.isalpha() and isinstance(k.value, ast.Constant) and isinstance(k.value.value, bool)
+            k.arg is not None and k.arg.isalpha()
+            and isinstance(k.value, ast.Constant) and isinstance(k.value.value, bool)
             for k in node.keywords)
     return False
 
@@ -303,7 +311,8 @@ def _safe_guard(node: ast.AST) -> bool:
         if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "math":
             return f.attr in ("isnan", "isinf") and all(_safe_guard(a) for a in node.args)
         if isinstance(f, ast.Attribute) and f.attr in _SIZE_METHODS and len(node.args) <= 1:
-            return _safe_guard(f.value) and all(isinstance(a, ast.Constant) and isinstance(a.value, int) for a in node.args)
+            return _safe_guard(f.value) and all(
+                isinstance(a, ast.Constant) and isinstance(a.value, int) for a in node.args)
     return False
 
 
@@ -372,11 +381,14 @@ def inspect_pt2(path: Path, limits: Limits = DEFAULT_LIMITS) -> Pt2Archive:
     for rel in (_PROGRAM, _WEIGHTS_CONFIG, _CONSTANTS_CONFIG):
         if entries[rel].size > limits.max_json_bytes:
             raise _refuse(path, f"entry {root}/{rel} is {entries[rel].size} bytes, over {limits.max_json_bytes}")
-    weights = _payload_config(path, root, _WEIGHTS_CONFIG, read_entry(path, entries[_WEIGHTS_CONFIG]), "weight_", entries)
-    constants = _payload_config(path, root, _CONSTANTS_CONFIG, read_entry(path, entries[_CONSTANTS_CONFIG]), "tensor_", entries)
+    weights = _payload_config(path, root, _WEIGHTS_CONFIG, "weight_", entries)
+    constants = _payload_config(path, root, _CONSTANTS_CONFIG, "tensor_", entries)
     program = read_entry(path, entries[_PROGRAM])
     _check_program(path, f"{root}/{_PROGRAM}", program)
     return Pt2Archive(path, root, entries, program, weights, constants)
+
+
+_RESAVE = "Save examples with kit.capture.save_examples()."
 
 
 def check_npz(path: Path, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -384,13 +396,12 @@ def check_npz(path: Path, limits: Limits = DEFAULT_LIMITS) -> None:
     path = Path(path)
     for e in _zip_entries(path, limits):
         if not e.name.endswith(".npy") or "/" in e.name:
-            raise _refuse(path, f"entry {e.name!r} is not a .npy array", "Save examples with kit.capture.save_examples().")
+            raise _refuse(path, f"entry {e.name!r} is not a .npy array", _RESAVE)
         with zipfile.ZipFile(path) as zf, zf.open(e.name) as member:
             head = member.read(10 + 65536)
         descr = re.search(rb"'descr':\s*'([^']*)'", head)
         if head[:6] != b"\x93NUMPY" or descr is None or b"O" in descr.group(1):
-            raise _refuse(path, f"entry {e.name!r} is not a plain numeric array (object arrays are pickles)",
-                          "Save examples with kit.capture.save_examples().")
+            raise _refuse(path, f"entry {e.name!r} is not a plain numeric array (object arrays are pickles)", _RESAVE)
 
 
 # --------------------------------------------------------------------------- loading what was checked
@@ -467,7 +478,10 @@ class _MappedTensors:
         if min(stride, default=0) < 0 or offset < 0 or extent > flat.numel():
             raise _refuse(self.archive.path, f"the tensor {list(size)} over {where} reaches past its "
                           f"{flat.numel()} elements")
-        t = torch.as_strided(flat, size, stride, flat.storage_offset() + offset) if extent else torch.zeros(size, dtype=dtype)
+        if extent:  # as_strided's offset counts from the storage's start, not the flat view's
+            t = torch.as_strided(flat, size, stride, flat.storage_offset() + offset)
+        else:
+            t = torch.zeros(size, dtype=dtype)
         if param:
             return torch.nn.Parameter(t, requires_grad=bool(tm.requires_grad))
         return t
