@@ -20,11 +20,15 @@ from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, Unauthoriz
 from kit.servicegen import render
 
 SECRET = "s3cret-" + "x" * 40
-NOW = int(time.time())
+NOW = int(time.time())  # parametrize values only (collected once); tests take now()
+
+
+def now() -> int:
+    return int(time.time())
 
 
 def _hs(claims: dict, secret: str = SECRET, **kw) -> str:
-    return jwt.encode({"sub": "alice", "exp": NOW + 300, **claims}, secret, algorithm="HS256", **kw)
+    return jwt.encode({"sub": "alice", "exp": now() + 3600, **claims}, secret, algorithm="HS256", **kw)
 
 
 def _auth(settings: JwtSettings, keys: tuple[str, ...] = ()) -> Authenticator:
@@ -57,7 +61,7 @@ def test_a_good_token_names_the_client(hs):
 
 @pytest.mark.parametrize("claims, why", [
     ({"exp": NOW - 60}, "The token has expired (exp "),
-    ({"nbf": NOW + 600}, "not valid yet"),
+    ({"nbf": NOW + 7200}, "not valid yet"),
     ({"aud": "other"}, "Wrong audience: the token's aud does not include 'kit-svc'"),
     ({"iss": "https://evil.example"}, "Wrong issuer"),
     ({"exp": None}, "lacks the required 'exp' claim"),
@@ -65,20 +69,20 @@ def test_a_good_token_names_the_client(hs):
     ({"sub": None}, "no usable 'sub' claim"),
 ])
 def test_refusals_say_why_without_echoing_secrets(hs, claims, why):
-    body = {"sub": "alice", "exp": NOW + 300, "iss": "https://idp.example", "aud": "kit-svc", **claims}
+    body = {"sub": "alice", "exp": now() + 3600, "iss": "https://idp.example", "aud": "kit-svc", **claims}
     token = jwt.encode({k: v for k, v in body.items() if v is not None}, SECRET, algorithm="HS256")
     assert why in _refused(hs, token)
 
 
 def test_leeway_admits_small_clock_skew(hs):
-    token = _hs({"iss": "https://idp.example", "aud": "kit-svc", "exp": NOW - 2})
+    token = _hs({"iss": "https://idp.example", "aud": "kit-svc", "exp": now() - 2})
     assert hs.identify(*_bearer(token)).user == "alice"
 
 
 def test_bad_signature_none_algorithm_and_garbage(hs):
     good = {"iss": "https://idp.example", "aud": "kit-svc"}
     assert "Bad signature" in _refused(hs, _hs(good, secret="another-secret-" + "y" * 40))
-    unsigned = jwt.encode({"sub": "alice", "exp": NOW + 300, **good}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": "alice", "exp": now() + 3600, **good}, None, algorithm="none")
     assert "algorithm 'none' is not accepted" in _refused(hs, unsigned)
     assert "not a well-formed JWT" in _refused(hs, "eyJhbGciOi.broken.token")
 
@@ -103,12 +107,12 @@ def test_rs256_public_key_and_algorithm_confusion(tmp_path):
     key, pem = _rsa()
     (tmp_path / "pub.pem").write_bytes(pem)
     auth = _auth(JwtSettings(algorithms=("RS256",), public_key_file=tmp_path / "pub.pem"))
-    token = jwt.encode({"sub": "bob", "exp": NOW + 60}, key, algorithm="RS256")
+    token = jwt.encode({"sub": "bob", "exp": now() + 3600}, key, algorithm="RS256")
     assert auth.identify(*_bearer(token)).user == "bob"
     # The classic attack: sign HS256 with the public key as the HMAC secret.
     forged = jwt.api_jws.PyJWS(algorithms=["HS256"])
     forged._algorithms["HS256"].prepare_key = lambda k: k  # PyJWT itself refuses PEM secrets; an attacker's code does not
-    token = forged.encode(json.dumps({"sub": "bob", "exp": NOW + 60}).encode(), pem, algorithm="HS256")
+    token = forged.encode(json.dumps({"sub": "bob", "exp": now() + 3600}).encode(), pem, algorithm="HS256")
     assert "algorithm 'HS256' is not accepted" in _refused(auth, token)
     ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -133,8 +137,8 @@ def test_es256_jwks_by_kid_and_rotation(tmp_path, monkeypatch):
     _jwks(path, ("k1", k1))
     auth = _auth(JwtSettings(algorithms=("ES256",), jwks_file=path, client_claim="client_id",
                              required_claims=("exp", "client_id")))
-    t1 = jwt.encode({"client_id": "svc-a", "exp": NOW + 60}, k1, algorithm="ES256", headers={"kid": "k1"})
-    t2 = jwt.encode({"client_id": "svc-b", "exp": NOW + 60}, k2, algorithm="ES256", headers={"kid": "k2"})
+    t1 = jwt.encode({"client_id": "svc-a", "exp": now() + 3600}, k1, algorithm="ES256", headers={"kid": "k1"})
+    t2 = jwt.encode({"client_id": "svc-b", "exp": now() + 3600}, k2, algorithm="ES256", headers={"kid": "k2"})
     assert auth.identify(*_bearer(t1)).user == "svc-a"
     assert "key id (kid) names no key" in _refused(auth, t2)
     _jwks(path, ("k2", k2))  # the issuer rotates: k1 retired, k2 in
@@ -145,7 +149,7 @@ def test_es256_jwks_by_kid_and_rotation(tmp_path, monkeypatch):
     _jwks(path, ("k1", k1), ("k2", k2))
     os.utime(path, ns=(time.time_ns() + 2 * 10**9, time.time_ns() + 2 * 10**9))
     auth.jwt._checked = 0.0
-    no_kid = jwt.encode({"client_id": "svc-a", "exp": NOW + 60}, k1, algorithm="ES256")
+    no_kid = jwt.encode({"client_id": "svc-a", "exp": now() + 3600}, k1, algorithm="ES256")
     assert "names no key id (kid) and this service trusts 2 keys" in _refused(auth, no_kid)
     assert auth.identify(*_bearer(t1)).user == "svc-a"
 
