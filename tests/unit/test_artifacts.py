@@ -66,6 +66,24 @@ def test_every_model_kit_captures_passes(tmp_path):
             h = (self.emb(ids) * mask.unsqueeze(-1)).sum(1) * self.scale + torch.tensor(0.25)
             return {"logits": self.head(h), "score": h.sum(1)}
 
+    class Gru(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(100, 32), nn.Linear(32, 2)
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(ids), src_key_padding_mask=mask == 0).mean(1))
+
     from kit.demo import DigitsMLP
 
     ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
@@ -74,6 +92,9 @@ def test_every_model_kit_captures_passes(tmp_path):
         "cnn": (Cnn().eval(), torch.randn(2, 1, 8, 8), {}),
         "text": (Text(), (ids, mask), {"dynamic": {"ids": {1: "seq"}, "mask": {1: "seq"}}}),
         "int64": (nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 1)), torch.randint(0, 10, (3, 2)), {}),
+        "gru": (Gru(), torch.randn(2, 5, 8), {}),
+        "encoder": (Encoder(), (torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.int64)),
+                    {"dynamic": {"ids": {1: "seq"}, "mask": {1: "seq"}}}),
     }
     for name, (model, example, kw) in cases.items():
         cap = capture(model, example, **kw)
