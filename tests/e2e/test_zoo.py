@@ -43,14 +43,15 @@ class Served:
     rtol: float
 
 
-def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
+    """(status, body, headers); the headers are looked up case-insensitively (the ASGI engine sends lower case)."""
     req = urllib.request.Request(url, data=body, method="POST",
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read(), dict(r.headers)
+            return r.status, r.read(), r.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
+        return exc.code, exc.read(), exc.headers
 
 
 def _predict_body(served: Served, inputs: tuple[torch.Tensor, ...]) -> bytes:
@@ -58,9 +59,13 @@ def _predict_body(served: Served, inputs: tuple[torch.Tensor, ...]) -> bytes:
     return json.dumps({"inputs": {n: t.tolist() for n, t in zip(names, inputs)}}).encode()
 
 
-@pytest.fixture(scope="module", params=ZOO, ids=[z.name for z in ZOO])
+# every model on the default engine (gthread + Flask); the dynamic-seq and dict models on the ASGI engine too
+CASES = [(z, "flask") for z in ZOO] + [(z, "asgi") for z in ZOO if z.name in ("zoo-text", "zoo-two-heads")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[z.name + ("" if e == "flask" else "-asgi") for z, e in CASES])
 def served(request, tmp_path_factory, artifacts_dir):
-    z: ZooEntry = request.param
+    z, engine = request.param
     root = tmp_path_factory.mktemp(z.name)
     keys = project_keyring()
     reg = Registry(root / "registry", require_gate=True, user="zoo", keyring=keys)
@@ -79,14 +84,14 @@ def served(request, tmp_path_factory, artifacts_dir):
     else:  # serve anyway so the serving tests run; test_default_gate_passes reports the gate's verdict
         reg.promote(z.name, mv.version, force=True, why="zoo: serving checked apart from the gate")
     d = generate(z.name, z.name, registry=reg.root, out_dir=root / "services", workers=1, threads=2,
-                 trusted_keys=keys.service_keys())
+                 trusted_keys=keys.service_keys(), engine=engine)
     t0 = time.perf_counter()
     with start_service(d, timeout=180) as running:
         status, body, _ = _post(running.url + "/predict", _predict_body(Served(z, model, cap, gate, running, 0, 0),
                                                                           cap.example_inputs))
         first_s = time.perf_counter() - t0
         assert status == 200, body[:500]
-        _record(artifacts_dir, z.name, {"capture_s": round(capture_s, 2), "gate_s": round(gate_s, 1),
+        _record(artifacts_dir, f"{z.name} ({engine})", {"capture_s": round(capture_s, 2), "gate_s": round(gate_s, 1),
                                         "gate_passed": gate.passed, "first_answer_s": round(first_s, 2),
                                         "signature": cap.signature.describe()})
         parity = mv.capture["parity"]
