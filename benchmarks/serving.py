@@ -1,9 +1,14 @@
-"""Serving benchmark (`make bench`): the generated Kit service vs the in-process forward pass (the limit)
-and a naive Flask + `gunicorn -w 2` app, for the demo MLP and a small CNN, at concurrency 1, 8 and 32.
+"""Serving benchmark (`make bench`): the generated Kit service on both engines (ASGI: uvicorn workers,
+async handlers, an inference thread; Flask: gthread workers) vs the in-process forward pass (the limit)
+and the naive seed design (Flask + `gunicorn -w 2`, sync workers), for the demo MLP and a small CNN, at
+concurrency 1, 8 and 32.
 
 Kit runs as generated (2 workers, API-key auth, JSON request logs and Prometheus metrics all on);
-the MLP is sent as simple JSON to /predict, the CNN as v2 binary tensor data. Prints a markdown table
-and writes benchmarks/results/serving.json. Not a timed test: it takes about two minutes.
+the MLP is sent as simple JSON to /predict, the CNN as v2 binary tensor data. The load generator is wrk
+(closed loop, keep-alive) when it is on PATH (`apt-get install wrk`), else kit.serving.loadgen in this
+process; the output says which ran. CPU seconds used by each worker of each server are read from /proc
+during the run, to show whether both workers did the work. Prints markdown tables and writes
+benchmarks/results/serving.json. Not a timed test: it takes a few minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +43,77 @@ from kit.servicegen import free_port, generate, start_service  # noqa: E402
 
 API_KEY = "bench-key"
 CONCURRENCY = (1, 8, 32)
+WRK = shutil.which("wrk")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def workers_of(master: int) -> list[int]:
+    """The worker processes of a gunicorn master (its children)."""
+    kids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                    kids.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return sorted(kids)
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        f = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / _TICK  # utime + stime
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def run_wrk(url: str, body: bytes, headers: dict[str, str], c: int, seconds: float, work: Path) -> loadgen.Result:
+    """One closed-loop wrk run; returns a Result whose summary() has wrk's own rate and percentiles."""
+    body_file = work / f"body-{abs(hash(body))}.bin"
+    body_file.write_bytes(body)
+    script = work / f"post-{abs(hash((body, tuple(headers.items()))))}.lua"
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\n'
+                      f"f:close()\n{hdrs}")
+    out = subprocess.run([WRK, "-t", "1" if c < 4 else "2", "-c", str(c), "-d", f"{max(1.0, seconds):.0f}s",
+                          "--latency", "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    text = out.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in ([\d.]+)(s|m)", text)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", text, re.M))
+    r = loadgen.Result()
+    r.wrk = {"rps": float(rps.group(1)) if rps else 0.0, "requests": int(total.group(1)) if total else 0,  # type: ignore[attr-defined]
+             "p50_ms": _ms(pct.get("50", "")), "p99_ms": _ms(pct.get("99", "")),
+             "failed": (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0),
+             "seconds": seconds}
+    return r
+
+
+def merge(results: list[loadgen.Result]) -> dict:
+    """One summary of a server's slices at one concurrency (wrk: request-weighted; loadgen: pooled)."""
+    if results and hasattr(results[0], "wrk"):
+        ws = [r.wrk for r in results]  # type: ignore[attr-defined]
+        n = sum(w["requests"] for w in ws) or 1
+        return {"rps": sum(w["rps"] * w["seconds"] for w in ws) / sum(w["seconds"] for w in ws),
+                "p50_ms": sum(w["p50_ms"] * w["requests"] for w in ws) / n,
+                "p99_ms": max(w["p99_ms"] for w in ws), "failed": sum(w["failed"] for w in ws),
+                "requests": n}
+    acc = loadgen.Result()
+    for r in results:
+        acc.records += r.records
+        acc.errors += r.errors
+        acc.seconds += r.seconds
+    return acc.summary()
 
 
 def in_process(model: torch.nn.Module, x1: torch.Tensor, c: int, seconds: float) -> dict:
@@ -92,7 +170,9 @@ def main() -> None:
         reg.promote(name, 1, force=True, why="benchmark")
         expect = model(x1).detach().numpy()[0]
         svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
-                           threads=4, api_keys_sha256=(hash_key(API_KEY),))
+                           threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="asgi")
+        gthread_dir = generate(f"bench-{mname}-gthread", name, registry=reg.root, out_dir=work / "services",
+                               workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="flask")
         pkl = work / f"{mname}.pkl"
         torch.save(model, pkl)
 
@@ -128,25 +208,29 @@ def main() -> None:
 
         # ---- start every server once, then measure them interleaved (short slices, round robin), so
         # the background load of a shared machine hits all of them alike and the ratios stay honest
-        servers: dict[str, tuple[str, bytes, object]] = {}
+        servers: dict[str, tuple] = {}
         stoppers = []
+
+        def add(key: str, url: str, body: bytes, headers: dict, check, master: int) -> None:
+            servers[key] = (url, loadgen.build_request(url, body, headers), check, body, headers, master)
+
         try:
             t0 = time.perf_counter()
             svc = start_service(svc_dir, timeout=120)
             stoppers.append(svc.stop)
             kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
-            servers["kit"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
-            # the worker-class choice: the same service on gunicorn's sync worker (one request at a time per
-            # worker, no keep-alive, so no dynamic batching)
-            svc = start_service(svc_dir, timeout=120, args=["--worker-class", "sync"])
+            add("kit", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
+            # the previous engine: the same service on Flask + gthread workers
+            svc = start_service(gthread_dir, timeout=120)
             stoppers.append(svc.stop)
-            servers["kit-sync"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
+            add("kit-gthread", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
             if mname == "mlp":  # the JSON request log's cost: the same service with access_log off
                 nolog = generate(f"bench-{mname}-nolog", name, registry=reg.root, out_dir=work / "services",
-                                 workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), access_log=False)
+                                 workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), access_log=False,
+                                 engine="asgi")
                 svc = start_service(nolog, timeout=120)
                 stoppers.append(svc.stop)
-                servers["kit-nolog"] = (svc.url + kit_path, loadgen.build_request(svc.url + kit_path, kit_body, kit_headers), ok_kit)
+                add("kit-nolog", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
             nport = free_port()
             env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE)}
             t0 = time.perf_counter()
@@ -156,48 +240,59 @@ def main() -> None:
             stoppers.append(lambda: (naive.terminate(), naive.wait(30)))
             url = f"http://127.0.0.1:{nport}/predict"
             naive_first = first_answer(url, t0, json_body, {"Content-Type": "application/json"}, ok_json)
-            servers["naive"] = (url, loadgen.build_request(url, json_body), ok_json)
+            add("naive", url, json_body, {"Content-Type": "application/json"}, ok_json, naive.pid)
             res: dict[str, dict[int, dict]] = {k: {} for k in servers}
             for c in CONCURRENCY:
-                acc: dict[str, loadgen.Result] = {k: loadgen.Result() for k in servers}
+                acc: dict[str, list[loadgen.Result]] = {k: [] for k in servers}
+                cpu: dict[str, dict[int, float]] = {k: {} for k in servers}
                 for _ in range(a.slices):
-                    for key, (u, raw_req, check) in servers.items():
-                        r = loadgen.run(u, [raw_req], concurrency=c, duration=a.seconds / a.slices, check=check)
-                        acc[key].records += r.records
-                        acc[key].errors += r.errors
-                        acc[key].seconds += r.seconds
+                    for key, (u, raw_req, check, body, headers, master) in servers.items():
+                        pids = workers_of(master)
+                        before = {pid: cpu_seconds(pid) for pid in pids}
+                        if WRK:
+                            r = run_wrk(u, body, headers, c, a.seconds / a.slices, work)
+                        else:
+                            r = loadgen.run(u, [raw_req], concurrency=c, duration=a.seconds / a.slices, check=check)
+                        for pid in pids:
+                            cpu[key][pid] = cpu[key].get(pid, 0.0) + cpu_seconds(pid) - before[pid]
+                        acc[key].append(r)
                 for key in servers:
-                    res[key][c] = acc[key].summary()
+                    res[key][c] = merge(acc[key])
+                    res[key][c]["worker_cpu_s"] = sorted((round(v, 2) for v in cpu[key].values()), reverse=True)
         finally:
             for stop in reversed(stoppers):
                 stop()
         kit_res, naive_res = res["kit"], res["naive"]
         if mname == "mlp":
             results["json_log_cost"] = {"on": res["kit"][32], "off": res["kit-nolog"][32]}
-        results[f"{mname}_sync_worker"] = res["kit-sync"]
+        results[f"{mname}_gthread"] = res["kit-gthread"]
 
         limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
         results[mname] = {"params": nparams, "kit": kit_res, "naive": naive_res, "in_process": limit,
                           "first_answer_s": {"kit": kit_first, "naive": naive_first}}
         for c in CONCURRENCY:
-            k, n, lim, sy = kit_res[c], naive_res[c], limit[c], res["kit-sync"][c]
+            k, n, lim, gt = kit_res[c], naive_res[c], limit[c], res["kit-gthread"][c]
             rows.append(f"| {mname} ({nparams / 1e6:.2f}M) | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | "
-                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {sy['rps']:,.0f} / "
-                        f"{sy['p99_ms']:.1f} | {n['rps']:,.0f} | {n['p50_ms']:.2f} | {n['p99_ms']:.2f} | "
-                        f"{n['failed']} | **{k['rps'] / n['rps']:.2f}x** |")
-        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | "
-                    f"{naive_first:.2f} s | | | | |")
+                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {k['worker_cpu_s']} | "
+                        f"{gt['rps']:,.0f} / {gt['p99_ms']:.1f} | {gt['worker_cpu_s']} | {n['rps']:,.0f} | "
+                        f"{n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['failed']} | {n['worker_cpu_s']} | "
+                        f"**{k['rps'] / n['rps']:.2f}x** |")
+        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | | | "
+                    f"{naive_first:.2f} s | | | | | |")
 
+    gen = f"wrk ({WRK}), closed loop, keep-alive" if WRK else "kit.serving.loadgen in this process (no wrk on PATH)"
     print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
-          f" {os.cpu_count()} cores; load generator in this process\n")
-    print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | Kit on sync worker "
-          "req/s / p99 | naive req/s | naive p50 | naive p99 | naive errors | Kit / naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f" {os.cpu_count()} cores; load generator: {gen}; worker CPU: seconds per worker during the run\n")
+    print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | Kit worker CPU s | "
+          "Kit gthread req/s / p99 | gthread worker CPU s | naive req/s | naive p50 | naive p99 | naive errors | "
+          "naive worker CPU s | Kit / naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lc = results["json_log_cost"]
     on, off = lc["on"]["rps"], lc["off"]["rps"]
     print(f"\nJSON request log cost (MLP, c=32): {off:,.0f} req/s off vs {on:,.0f} req/s on "
           f"({(1 / on - 1 / off) * 1e6:+.1f} us per request, {100 * (off - on) / off:+.1f}% throughput)")
+    results["load_generator"] = gen
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {a.out}")
