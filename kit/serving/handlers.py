@@ -47,10 +47,10 @@ def _raw_forward(slot: Any) -> Forward:
     infer = slot.infer
     forward = getattr(slot, "forward", None) or getattr(infer, "forward", None)  # Batcher.forward
     if forward is not None:
-        return forward  # type: ignore[no-any-return]
+        return forward
 
     def call(inputs: tuple[Any, ...]) -> tuple[Any, ...]:  # batching disabled: infer is the bare forward
-        return infer(inputs)[0]  # type: ignore[no-any-return]
+        return infer(inputs)[0]
     return call
 
 

@@ -121,7 +121,7 @@ class KitHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0  # bytes of the request head so far
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -278,8 +278,8 @@ class KitUvicornWorker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.timeout_graceful_shutdown = self.cfg.graceful_timeout
-        self.config.kit_share = SHARE  # type: ignore[attr-defined]
-        self.config.kit_limits = LIMITS  # type: ignore[attr-defined]  (set by the master: set_limits)
+        self.config.kit_share = SHARE
+        self.config.kit_limits = LIMITS  # set by the master (set_limits)
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
