@@ -119,6 +119,8 @@ def test_the_wheel_takes_a_two_input_model_from_an_empty_folder_to_a_packed_serv
                   "wrong shape is refused", "accuracy"):
         assert f"PASS    {check}" in r.stdout, r.stdout
     assert "gate PASSED: textclf@1" in r.stdout
+    report = Path(r.stdout.split("report: ")[-1].strip()).read_text()
+    assert "report rendering failed" not in report and "jp-Notebook" in report  # nbconvert's lab template
 
     _run([kit, "promote", "textclf@1"], project, env)
     r = _run([kit, "service", "new", "textsvc", "--model", "textclf", "--workers", "1"], project, env)

@@ -134,6 +134,8 @@ def test_batch_consistency_catches_rows_that_leak_into_each_other(two):
 def test_tight_latency_budgets_fail(two):
     suite.latency(two, batch_n=4, max_p95_ms_batch1=0.0, max_p95_ms_batch_n=1e9, repeats=3)
     assert not _by_name("latency p95, batch 1").passed and _by_name("latency p95, batch 4").passed
+    assert "better of 2 rounds" in _by_name("latency p95, batch 1").detail  # a breach must reproduce
+    assert "rounds" not in _by_name("latency p95, batch 4").detail
 
 
 def test_quality_accuracy_and_a_named_metric(two, tmp_path):
