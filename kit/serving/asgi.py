@@ -112,6 +112,7 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
                                     keyring=service_keyring(config))  # [trust] public_keys
     metrics = Metrics(metrics_dir)
     slots = ModelSlots(registry, config.model, device=config.device, check_env=config.check_env,
+                       max_artifact_bytes=config.max_artifact_bytes,
                        batching=config.batching, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                        poll_interval=config.poll_interval, retry_max=config.retry_max, metrics=metrics)
     slots.refresh()  # the initial load, before this worker accepts a connection
