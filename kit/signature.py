@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kit.errors import CaptureError
@@ -41,9 +42,13 @@ class TensorSpec:
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
 
-    def named_dims(self) -> list[tuple[int, str]]:
-        """(index, name) of every dynamic dim (expressions of names excluded)."""
-        return [(i, d) for i, d in enumerate(self.shape) if isinstance(d, str) and _DIM_NAME.fullmatch(d)]
+    @cached_property
+    def _named(self) -> tuple[tuple[int, str], ...]:
+        return tuple((i, d) for i, d in enumerate(self.shape) if isinstance(d, str) and _DIM_NAME.fullmatch(d))
+
+    def named_dims(self) -> tuple[tuple[int, str], ...]:
+        """(index, name) of every dynamic dim (expressions of names excluded); computed once."""
+        return self._named
 
 
 @dataclass(frozen=True)
