@@ -169,3 +169,19 @@ def test_object_npz_is_refused_and_never_unpickled(tmp_path):
     assert not marker.exists()
     np.savez(tmp_path / "ok.npz", input_0=np.zeros((2, 3), np.float32), output_0=np.zeros(2, np.int64))
     check_npz(tmp_path / "ok.npz")
+
+
+def test_service_toml_max_artifact_bytes_reaches_registry_load(tmp_path):
+    from kit.registry import Registry
+    from kit.serving.config import load_service_config
+    from kit.servicegen import generate
+
+    reg = Registry(tmp_path / "registry", require_gate=False, user="t")
+    reg.register("tiny", nn.Linear(3, 2), torch.randn(2, 3))
+    d = generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", max_artifact_bytes=1024)
+    assert "max_artifact_bytes = 1024" in (d / "service.toml").read_text()
+    cfg = load_service_config(d, environ={})
+    assert cfg.max_artifact_bytes == 1024
+    with pytest.raises(UnsafeArtifactError, match=r"limit of 1024.*max_artifact_bytes"):
+        reg.load("tiny", 1, max_artifact_bytes=cfg.max_artifact_bytes)
+    reg.load("tiny", 1)  # the default (8 GiB) admits it
