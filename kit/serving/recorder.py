@@ -1,0 +1,192 @@
+"""Traffic capture: a sample of a service's requests (inputs, served version, outputs) as JSONL, written
+off the request path, for ``kit replay`` (:mod:`kit.replay`).
+
+:meth:`Recorder.record` is called from the request-log path of both engines for every inference request
+that was answered 200. It draws the sample and puts references to the request's tensors on a bounded
+queue (``put_nowait``: a full queue drops the record and counts it, a request never waits); the worker's
+writer thread turns them into JSON and appends them to ``<folder>/<model>-<host>-<pid>.jsonl``. A file
+that reaches ``max_file_bytes`` is closed and renamed with a sequence number, and the oldest closed files
+go once this worker's files would pass ``max_bytes`` in all (rotation). ``drop_inputs`` names inputs that
+are never written (privacy): their values are ``null`` in the record, and replay skips such records.
+
+One record (one line)::
+
+    {"schema": 1, "ts": 1764355200.123, "request_id": "...", "model": "digits", "version": 3,
+     "latency_ms": 1.9, "inputs": {"x": {"dtype": "float32", "shape": [1, 64], "data": [[...]]}},
+     "outputs": {"output_0": {"dtype": "float32", "shape": [1, 10], "data": [[...]]}}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from kit.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """``[capture]`` in service.toml (off unless ``enabled``)."""
+
+    enabled: bool = False
+    sample_rate: float = 0.01  # share of answered inference requests recorded (1.0: all)
+    folder: str = "capture"  # relative to the service folder, or absolute
+    max_bytes: int = 256 << 20  # per worker, over its current and rotated files
+    max_file_bytes: int = 16 << 20  # a file this large is closed and a new one begun
+    drop_inputs: tuple[str, ...] = ()  # input names never written
+    queue_size: int = 1024  # records waiting for the writer; beyond it records are dropped (and counted)
+
+
+_TYPES: dict[str, type] = {"enabled": bool, "sample_rate": float, "folder": str, "max_bytes": int,
+                           "max_file_bytes": int, "drop_inputs": list, "queue_size": int}
+
+
+def parse_capture_settings(table: Mapping[str, Any], where: str) -> CaptureSettings:
+    """Check a ``[capture]`` table (``where`` names the file in errors)."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        typ = _TYPES.get(key)
+        if typ is None:
+            raise ServiceError(f"{where}: unknown key {key!r} in [capture]; known: {sorted(_TYPES)}.")
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ServiceError(f"{where}: [capture] {key} = {value!r} must be a {typ.__name__}.")
+        values[key] = tuple(str(v) for v in value) if isinstance(value, list) else value
+    s = CaptureSettings(**values)
+    if not 0.0 <= s.sample_rate <= 1.0 or s.max_file_bytes < 1024 or s.max_bytes < s.max_file_bytes or s.queue_size < 1:
+        raise ServiceError(f"{where}: [capture] needs 0 <= sample_rate <= 1, max_file_bytes >= 1024, "
+                           f"max_bytes >= max_file_bytes and queue_size >= 1 (got {asdict(s)}).")
+    return s
+
+
+def tensor_doc(t: Any) -> dict[str, Any]:
+    """A tensor as JSON: dtype (torch's name without ``torch.``), shape, nested lists."""
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.detach().cpu().tolist()}
+
+
+class Recorder:
+    """One worker's capture: :meth:`record` on the request path, a writer thread behind it."""
+
+    def __init__(self, settings: CaptureSettings, model: str, folder: Path):
+        self.settings = settings
+        self.model = model
+        self.folder = folder
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self.dropped = 0  # records lost to a full queue
+        self.written = 0
+        self._drop = frozenset(settings.drop_inputs)
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(settings.queue_size)
+        self._rand = random.Random()
+        self._file: IO[bytes] | None = None
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name=f"kit-capture-{model}", daemon=True)
+        self._thread.start()
+
+    # ---- the request path
+    def record(self, rid: str, version: int | None, status: int, seconds: float, signature: Any,
+               inputs: Sequence[Any] | None, outputs: Sequence[Any] | None) -> None:
+        """Maybe record one request (no I/O, no conversion here: references go on the queue)."""
+        if status != 200 or inputs is None or outputs is None or version is None or signature is None:
+            return
+        if self.settings.sample_rate < 1.0 and self._rand.random() >= self.settings.sample_rate:
+            return
+        try:
+            self._queue.put_nowait((time.time(), rid, version, seconds, signature, tuple(inputs), tuple(outputs)))
+        except queue.Full:
+            self.dropped += 1
+
+    # ---- the writer thread
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything queued so far is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    self._close_file()
+                    return
+                self._write(item)
+            except Exception:  # capture must never take the worker down
+                log.exception("%s: capture write failed (%s)", self.model, self.folder)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, item: tuple[Any, ...]) -> None:
+        ts, rid, version, seconds, sig, inputs, outputs = item
+        names, out_names = [spec.name for spec in sig.inputs], list(sig.output_names)
+        if len(out_names) != len(outputs):
+            out_names = [f"output_{i}" for i in range(len(outputs))]
+        doc = {"schema": SCHEMA, "ts": round(ts, 3), "request_id": rid, "model": self.model, "version": version,
+               "latency_ms": round(seconds * 1000, 3),
+               "inputs": {n: (None if n in self._drop else tensor_doc(t)) for n, t in zip(names, inputs)},
+               "outputs": {n: tensor_doc(t) for n, t in zip(out_names, outputs)}}
+        line = orjson.dumps(doc) + b"\n"
+        f = self._open()
+        f.write(line)
+        f.flush()  # a reader (kit replay) sees whole lines; no fsync: a lost tail is a lost sample
+        self.written += 1
+        if f.tell() >= self.settings.max_file_bytes:
+            self._rotate()
+
+    def _current(self) -> Path:
+        return self.folder / f"{self.model}-{self.worker}.jsonl"
+
+    def _open(self) -> IO[bytes]:
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._current(), "ab")
+        return self._file
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _rotate(self) -> None:
+        self._close_file()
+        self._seq += 1
+        os.replace(self._current(), self.folder / f"{self.model}-{self.worker}.{self._seq:06d}.jsonl")
+        closed = sorted(self.folder.glob(f"{self.model}-{self.worker}.*.jsonl"))
+        total = sum(p.stat().st_size for p in closed)
+        while closed and total + self.settings.max_file_bytes > self.settings.max_bytes:
+            oldest = closed.pop(0)
+            total -= oldest.stat().st_size
+            oldest.unlink(missing_ok=True)
+
+
+def make_recorder(settings: CaptureSettings | None, model: str, service_dir: Path) -> Recorder | None:
+    """The worker's recorder, or None when ``[capture]`` is off."""
+    if settings is None or not settings.enabled:
+        return None
+    folder = Path(settings.folder).expanduser()
+    folder = folder if folder.is_absolute() else service_dir / folder
+    log.info("%s: capturing %.1f%% of answered requests to %s", model, settings.sample_rate * 100, folder)
+    return Recorder(settings, model, folder)
+
+
+__all__ = ["CaptureSettings", "Recorder", "make_recorder", "parse_capture_settings", "tensor_doc"]

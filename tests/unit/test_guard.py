@@ -1,0 +1,181 @@
+"""kit.serving.guard (the canary guard's counting, merging and decision) and kit.serving.recorder (capture
+files, rotation, dropped inputs), without processes: a real registry, a stand-in for a worker's slots.
+
+The guard under real load (gunicorn, 2 workers) is tests/e2e/test_canary_guard.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kit.errors import ServiceError
+from kit.registry import Registry
+from kit.serving.guard import (CanaryGuard, GuardSettings, SideStats, bucket_of, bucket_upper, decide, merge,
+                               parse_guard_settings)
+from kit.serving.recorder import CaptureSettings, Recorder, parse_capture_settings
+from kit.signature import Signature, TensorSpec
+from kit.traffic import guard_stop, set_traffic
+from kit_testing import three_versions
+
+S = GuardSettings(enabled=True, min_requests=20, window_s=30.0, max_error_rate_increase=0.05, max_p95_ratio=2.0,
+                  min_p95_delta_ms=5.0)
+
+
+def side(n: int, err: int, ms: float) -> SideStats:
+    return SideStats(n, err, ((bucket_of(ms / 1000), n),))
+
+
+def test_buckets_bound_a_latency_within_20_percent():
+    for s in (0.00005, 0.0004, 0.003, 0.05, 1.7):
+        assert s <= bucket_upper(bucket_of(s)) <= max(s * 1.2 + 1e-12, 1e-4)
+
+
+def test_decide_needs_evidence_on_both_sides_then_judges_errors_and_latency():
+    assert decide(side(19, 0, 1), side(500, 400, 1), S) is None  # production has too few requests
+    assert decide(side(500, 0, 1), side(19, 19, 1), S) is None
+    v = decide(side(100, 1, 1), side(40, 10, 1), S)
+    assert v is not None and v.reason == "errors" and "25.0%" in v.detail
+    assert v.evidence["canary"]["requests"] == 40 and v.evidence["production"]["errors"] == 1
+    assert decide(side(100, 1, 1), side(40, 2, 1), S) is None  # 5% vs 1%: inside +5 points
+    v = decide(side(100, 0, 2), side(40, 0, 40), S)
+    assert v is not None and v.reason == "latency" and v.evidence["canary"]["p95_ms"] >= 40
+    assert decide(side(100, 0, 0.2), side(40, 0, 1.0), S) is None  # 5x slower but < 5 ms more: jitter
+    assert decide(side(100, 0, 10), side(40, 0, 18), S) is None  # 1.8x: inside the ratio
+
+
+def test_p95_of_a_mixed_histogram():
+    st = SideStats(100, 0, tuple(sorted({bucket_of(0.001): 94, bucket_of(0.5): 6}.items())))
+    assert st.p95() == pytest.approx(bucket_upper(bucket_of(0.5)))
+    assert SideStats().p95() is None
+
+
+def test_merge_sums_workers_inside_the_window():
+    docs = [{"buckets": [{"side": "canary", "sec": 100, "n": 3, "err": 1, "hist": {"5": 3}},
+                         {"side": "production", "sec": 90, "n": 7, "err": 0, "hist": {"5": 7}}]},
+            {"buckets": [{"side": "canary", "sec": 101, "n": 2, "err": 2, "hist": {"6": 2}},
+                         {"side": "bogus", "sec": 101, "n": 9, "err": 9, "hist": {}}]}]
+    m = merge(docs, since=95)
+    assert (m["canary"].requests, m["canary"].errors, m["canary"].hist) == (5, 3, ((5, 3), (6, 2)))
+    assert m["production"].requests == 0  # its bucket left the window
+
+
+def test_settings_are_checked():
+    assert parse_guard_settings({"enabled": True, "window_s": 10}, "x").window_s == 10.0
+    with pytest.raises(ServiceError, match="unknown key 'windw'"):
+        parse_guard_settings({"windw": 1}, "service.toml")
+    with pytest.raises(ServiceError, match="min_requests"):
+        parse_guard_settings({"min_requests": 0}, "service.toml")
+    with pytest.raises(ServiceError, match="must be a int"):
+        parse_guard_settings({"min_requests": True}, "service.toml")
+    assert parse_capture_settings({"drop_inputs": ["ids"], "sample_rate": 1}, "x").drop_inputs == ("ids",)
+    with pytest.raises(ServiceError, match="sample_rate"):
+        parse_capture_settings({"sample_rate": 1.5}, "service.toml")
+
+
+@dataclass
+class _Slot:
+    version: int
+
+
+@dataclass
+class _State:
+    production: Any
+    canary: Any
+    serial: int
+
+
+class _Slots:
+    def __init__(self, reg: Registry, name: str):
+        self.reg, self.name = reg, name
+
+    @property
+    def state(self) -> _State:
+        a = self.reg.aliases(self.name)
+        return _State(_Slot(a.production) if a.production else None, _Slot(a.canary) if a.canary else None, a.serial)
+
+
+def _guards(reg: Registry, n: int = 2) -> list[CanaryGuard]:
+    guards = [CanaryGuard(S, reg, "m", _Slots(reg, "m")) for _ in range(n)]
+    for i, g in enumerate(guards):
+        g.worker = f"host-{i}"  # two workers of one test process
+    return guards
+
+
+def test_two_workers_add_up_and_end_a_failing_canary_once(tmp_path):
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    serial = reg.aliases("m").serial
+    g1, g2 = _guards(reg)
+    t = 1_000_000.0
+    for g in (g1, g2):
+        assert g.tick(now=t) is None  # they learn the split
+    for _ in range(12):  # 12 + 12 per side: enough only together (min 20)
+        for g in (g1, g2):
+            g.observe(1, 200, 0.001)
+            g.observe(2, 500, 0.001)
+            g.observe(3, 500, 0.001)  # not served here: ignored
+    import time
+
+    t = time.time()
+    assert g1.tick(now=t) is None  # g1 shared its 12 + 12; g2 has not yet
+    assert g1.window["canary"].requests == 12
+    v = g2.tick(now=t)  # g2 sees 24 + 24: decides and ends the canary
+    assert v is not None and v.reason == "errors"
+    a = reg.aliases("m")
+    assert a.canary is None and a.serial == serial + 1
+    ev = reg.history("m")[-1]
+    assert ev["event"] == "canary_guard" and ev["version"] == 2 and ev["evidence"]["canary"]["requests"] == 24
+    assert ev["evidence"]["canary"]["errors"] == 24 and ev["why"].startswith("canary guard: canary 5xx rate 100.0%")
+    # g1 judges the same evidence a moment later: the canary is gone, nothing more happens (no flapping)
+    g1._key = f"v2-s{serial}"
+    assert g1.tick(now=t) is None
+    assert guard_stop(reg, "m", 2, serial, {"detail": "stale"}) is None
+    assert [e["event"] for e in reg.history("m")].count("canary_guard") == 1
+    assert g1.status()["last_decision"]["evidence"]["canary"]["requests"] == 24  # from the audit log
+    assert (tmp_path / "reg" / "m" / "guard" / f"v2-s{serial}" / "host-0.json").is_file()
+
+
+def test_a_healthy_canary_is_never_ended_and_a_moved_canary_is_left_alone(tmp_path):
+    import time
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    (g,) = _guards(reg, 1)
+    g.tick()
+    for i in range(300):
+        g.observe(1, 500 if i % 50 == 0 else 200, 0.002)
+        g.observe(2, 500 if i % 60 == 0 else 200, 0.003)
+    assert g.tick(now=time.time()) is None and reg.aliases("m").canary == 2
+    serial = reg.aliases("m").serial
+    set_traffic(reg, "m", 2, 0.3)  # a person re-weights: the evidence of serial N is stale
+    assert guard_stop(reg, "m", 2, serial, {"detail": "stale"}) is None and reg.aliases("m").canary == 2
+
+
+def _sig() -> Signature:
+    return Signature((TensorSpec("ids", "int64", ("batch", 1)), TensorSpec("x", "float32", ("batch", 2))),
+                     (TensorSpec("output_0", "float32", ("batch", 2)),))
+
+
+def test_recorder_writes_samples_drops_inputs_and_rotates(tmp_path: Path):
+    rec = Recorder(CaptureSettings(enabled=True, sample_rate=1.0, max_file_bytes=2048, max_bytes=6144,
+                                   drop_inputs=("x",)), "m", tmp_path / "cap")
+    ids, x, out = torch.tensor([[3]]), torch.tensor([[0.5, 1.5]]), torch.tensor([[0.25, 0.75]])
+    rec.record("r0", 1, 200, 0.002, _sig(), (ids, x), (out,))
+    rec.record("r1", 1, 500, 0.002, _sig(), (ids, x), (out,))  # errors are not captured
+    rec.flush()
+    (f,) = list((tmp_path / "cap").glob("*.jsonl"))
+    doc = json.loads(f.read_text())
+    assert doc["version"] == 1 and doc["inputs"]["ids"] == {"dtype": "int64", "shape": [1, 1], "data": [[3]]}
+    assert doc["inputs"]["x"] is None and doc["outputs"]["output_0"]["data"] == [[0.25, 0.75]]
+    for i in range(200):
+        rec.record(f"r{i}", 2, 200, 0.001, _sig(), (ids, x), (out,))
+    rec.close()
+    files = list((tmp_path / "cap").glob("*.jsonl"))
+    assert 2 <= len(files) <= 4 and sum(p.stat().st_size for p in files) <= 6144 + 2048
+    assert rec.written == 201 and rec.dropped == 0
