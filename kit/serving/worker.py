@@ -178,9 +178,15 @@ class KitHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        if self.share is not None and self.share.excess() >= 2 and self.cycle is not None:
+        if self.cycle is not None and (self._last_requests() or (self.share is not None and self.share.excess() >= 2)):
             self.cycle.keep_alive = False  # this client reconnects, most likely to a less loaded worker
         self._arm(self.limits.body_timeout)  # disarmed when the message completes
+
+    def _last_requests(self) -> bool:
+        """True for the requests that take this worker to ``max_requests``: their clients are told to
+        reconnect (Connection: close), so none sends on a kept-alive connection the exiting worker closes."""
+        limit = self.config.limit_max_requests
+        return limit is not None and self.server_state.total_requests + len(self.server_state.tasks) >= limit
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -190,10 +196,12 @@ class KitHttpProtocol(HttpToolsProtocol):
 class BalancedListener:
     """Accepts connections on a shared listening socket, deferring to less loaded workers."""
 
-    def __init__(self, sock: socket.socket, protocol_factory: Any, share: ConnectionShare):
+    def __init__(self, sock: socket.socket, protocol_factory: Any, share: ConnectionShare,
+                 exiting: Any = None):
         self.sock = sock
         self.factory = protocol_factory
         self.share = share
+        self.exiting = exiting or (lambda: False)  # True once this worker has served its max_requests
         self.loop = asyncio.get_running_loop()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -201,6 +209,9 @@ class BalancedListener:
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
+        if self.exiting():  # leave new connections to the other workers (or the replacement worker)
+            self.close()
+            return
         excess = self.share.excess()
         if excess >= 1:  # let a less loaded worker take it; accept anyway after the back-off
             self.loop.remove_reader(self.sock.fileno())
@@ -265,7 +276,13 @@ class _Server(Server):
             return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
                                               app_state=self.lifespan.state)
 
-        self.servers = [BalancedListener(sock, create_protocol, SHARE) for sock in sockets]  # type: ignore[misc]
+        limit = config.limit_max_requests
+
+        def exiting() -> bool:
+            return limit is not None and self.server_state.total_requests >= limit
+
+        self.servers = [BalancedListener(sock, create_protocol, SHARE, exiting)  # type: ignore[misc]
+                        for sock in sockets]
         log.info("worker %d: accepting on %d socket(s), connection slot %d", os.getpid(), len(sockets), SHARE.index)
         self.started = True
 

@@ -165,3 +165,41 @@ def test_connections_are_shared_across_workers(svc):
             for s in socks:
                 s.close()
         time.sleep(0.3)
+
+
+def test_max_requests_restarts_workers_without_failing_a_request(tmp_path):
+    reg = Registry(tmp_path / "registry", require_gate=True, user="test")
+    torch.manual_seed(0)
+    reg.register(MODEL, DigitsMLP().eval(), torch.rand(2, 64))
+    reg.promote(MODEL, 1, force=True, why="test")
+    d = generate("recycle", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, engine="asgi",
+                 max_requests=25, max_requests_jitter=0)
+    with start_service(d, timeout=120) as running:
+        addr = _addr(running)
+        statuses, errors = [], []
+
+        def client() -> None:
+            conn = http.client.HTTPConnection(*addr, timeout=60)
+            for _ in range(40):
+                try:
+                    conn.request("POST", "/predict", body=BODY, headers={"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    r.read()
+                    statuses.append(r.status)
+                    if r.getheader("Connection", "").lower() == "close":
+                        conn.close()
+                        conn = http.client.HTTPConnection(*addr, timeout=60)
+                except OSError as exc:
+                    errors.append(repr(exc))
+                    conn.close()
+                    conn = http.client.HTTPConnection(*addr, timeout=60)
+            conn.close()
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(200)
+        logs = running.logs()
+    assert errors == [] and statuses == [200] * 160, (errors[:3], sorted(set(statuses)))
+    assert logs.count("Booting worker with pid") >= 4  # 160 requests over 25-request workers: restarts happened
