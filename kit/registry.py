@@ -737,6 +737,21 @@ class Registry:
             self._event(name, "canary_end", version=cur.canary, why=why, user=user, aliases=new.to_json())
         return new
 
+    def end_judged_canary(self, name: str, version: int, serial: int, evidence: dict[str, Any], *,
+                          why: str | None = None, user: str | None = None) -> Aliases | None:
+        """End canary ``version`` only if the aliases are still at ``serial`` (what the canary guard judged:
+        any move since makes its evidence stale), audited as ``canary_guard`` with ``evidence``.
+        None when nothing was done."""
+        self._require_model(name)
+        with self.lock(name):
+            cur = self.aliases(name)
+            if (cur.canary, cur.serial) != (version, serial):
+                return None
+            new = self._write_aliases(name, dataclasses.replace(cur, canary=None, canary_weight=0.0))
+            self._event(name, "canary_guard", version=version, why=why, user=user, evidence=evidence,
+                        aliases=new.to_json())
+        return new
+
     def rollback(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
         """Production back to the previous production version; any canary is ended."""
         self._require_model(name)

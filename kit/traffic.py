@@ -26,7 +26,7 @@ refused rather than applied to a split the person did not see.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from kit.errors import InvalidNameError, PromotionRefusedError
 from kit.registry import Aliases, Registry
@@ -136,6 +136,17 @@ def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user:
                  shown: Aliases | None = None) -> TrafficChange:
     """End the canary (if any): all traffic back to production."""
     return set_traffic(registry, name, None, 0.0, why=why, user=user, shown=shown)
+
+
+def guard_stop(registry: Registry, name: str, version: int, serial: int, evidence: dict[str, Any], *,
+               user: str | None = None) -> TrafficChange | None:
+    """The canary guard's move: end canary ``version`` if the aliases are still at ``serial`` (what the
+    guard judged), audited as ``canary_guard`` with ``evidence``. None when they moved (nothing done)."""
+    after = registry.end_judged_canary(name, version, serial, evidence, user=user,
+                                       why=f"canary guard: {evidence.get('detail', 'worse than production')}")
+    if after is None:
+        return None
+    return TrafficChange(name, "stop", None, 0.0, after.production, replaced=version, aliases=after)
 
 
 def _check_shown(name: str, cur: Aliases, shown: Aliases | None) -> None:

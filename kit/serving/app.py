@@ -18,6 +18,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from kit.serving.config import ServiceConfig
+from kit.serving.hooks import make_hooks
 from kit.serving.logs import ACCESS_LOGGER
 from kit.serving.metrics import Metrics
 from kit.serving.openapi import build_openapi
@@ -76,6 +77,7 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     slots.refresh()  # the initial load, before this worker accepts a connection
     if watch:
         slots.start()
+    hooks = make_hooks(config, registry, slots, metrics, start=watch)  # canary guard, traffic capture
     keys = ApiKeys(config.api_keys_sha256, config.keys_file)
     auth = Authenticator(keys, JwtVerifier(config.jwt) if config.jwt is not None else None)
     limiter = RateLimiter(config.rate_limit, config.rate_burst)
@@ -93,6 +95,7 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
     app.extensions["kit"] = slots
     app.extensions["kit.metrics"] = metrics
     app.extensions["kit.config"] = config
+    app.extensions["kit.hooks"] = hooks
 
     # ---- per-request bookkeeping: one JSON log line and the metrics
     @app.before_request
@@ -170,6 +173,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
         t0 = time.perf_counter()
         rid = environ.get("HTTP_X_REQUEST_ID") or os.urandom(8).hex()
         route, slot, batch, shape = "rejected", None, 0, None
+        inputs: Any = None
+        outputs: Any = None
         headers = {"X-Request-Id": rid}
         ctype = JSON
         try:
@@ -220,6 +225,8 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
         version_served = slot.version if slot is not None else None
         seconds = time.perf_counter() - t0
         metrics.observe(model, version_served, route, status, seconds, batch)
+        hooks.finished(rid, version_served, status, seconds, slot.signature if slot is not None else None,
+                       inputs, outputs)
         if log_requests:
             access.info("request", extra={"kit": {
                 "request_id": rid, "method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO"),
@@ -263,7 +270,7 @@ def create_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str 
             "production": state.production.describe() if state.production else None,
             "canary": state.canary.describe() if state.canary else None, "canary_weight": state.weight,
             "aliases_serial": state.serial, "last_reload": slots.last_reload, "reloads": slots.reloads,
-            "reload_error": slots.last_error,
+            "reload_error": slots.last_error, "canary_guard": hooks.guard_status(),
         }
         if not state.ready:
             body["status"] = f"not ready: {_not_ready_reason()}"

@@ -18,6 +18,7 @@ from kit.serving import control
 from kit.serving.config import ServiceConfig
 from kit.serving.engine import InferenceEngine
 from kit.serving.handlers import Outcome, Service, log_request, request_id, run_infer
+from kit.serving.hooks import make_hooks
 from kit.serving.http import HttpError, Receive, Response, Scope, Send, send_response
 from kit.serving.metrics import Metrics
 from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, RateLimiter
@@ -92,6 +93,8 @@ class KitAsgiApp:
         """Stop the watcher and the inference thread (after the queued forward passes)."""
         self.service.slots.stop()
         self.service.engine.stop()
+        if self.service.hooks is not None:
+            self.service.hooks.close()
 
 
 def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str | None = None,
@@ -125,7 +128,8 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     auth = Authenticator(ApiKeys(config.api_keys_sha256, config.keys_file),
                          JwtVerifier(config.jwt) if config.jwt is not None else None)
     svc = Service(config=config, slots=slots, metrics=metrics, auth=auth,
-                  limiter=RateLimiter(config.rate_limit, config.rate_burst), engine=engine)
+                  limiter=RateLimiter(config.rate_limit, config.rate_burst), engine=engine,
+                  hooks=make_hooks(config, registry, slots, metrics, start=watch))  # canary guard, capture
     if slots.state.ready:
         metrics.served(config.model, slots.state)
     else:

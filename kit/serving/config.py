@@ -46,6 +46,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "logging": {"access_log": ("access_log", bool)},
     "trust": {"public_keys": ("trusted_keys", list)},
 }
+# whole tables parsed by their own module: section -> field name (see _parse_table)
+_TABLES = {"canary_guard": "canary_guard", "capture": "capture"}
 # [auth.jwt]: key -> type (the fields of JwtSettings; "enabled" turns it on)
 _JWT_SCHEMA: dict[str, type] = {
     "enabled": bool, "algorithms": list, "secret_env": str, "secret_file": str, "public_key_file": str,
@@ -117,6 +119,8 @@ class ServiceConfig:
     trusted_keys: tuple[str, ...] = ()  # [trust] public_keys: versions must be signed by one of these
     jwt: JwtSettings | None = None  # [auth.jwt] enabled = true
     access_log: bool = True
+    canary_guard: Any = None  # kit.serving.guard.GuardSettings ([canary_guard]; absent: off)
+    capture: Any = None  # kit.serving.recorder.CaptureSettings ([capture]; absent: off)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -155,8 +159,11 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     values: dict[str, Any] = {}
     jwt_table = None
     for section, body in data.items():
+        if section in _TABLES and isinstance(body, dict):
+            values[_TABLES[section]] = _parse_table(section, body, path)
+            continue
         if section not in _SCHEMA or not isinstance(body, dict):
-            raise ServiceError(f"{path}: unknown section [{section}]; known: {sorted(_SCHEMA)}.")
+            raise ServiceError(f"{path}: unknown section [{section}]; known: {sorted([*_SCHEMA, *_TABLES])}.")
         if section == "auth" and "jwt" in body:
             body = dict(body)
             jwt_table = body.pop("jwt")
@@ -212,6 +219,16 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         if key in values and values[key] < 1:
             raise ServiceError(f"{path}: {key} must be >= 1, got {values[key]}.")
     return ServiceConfig(service_dir=service_dir, **values)
+
+
+def _parse_table(section: str, body: dict[str, Any], path: Path) -> Any:
+    if section == "canary_guard":
+        from kit.serving.guard import parse_guard_settings
+
+        return parse_guard_settings(body, str(path))
+    from kit.serving.recorder import parse_capture_settings
+
+    return parse_capture_settings(body, str(path))
 
 
 def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[str, str]) -> JwtSettings | None:

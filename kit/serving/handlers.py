@@ -64,6 +64,7 @@ class Service:
     auth: Authenticator
     limiter: RateLimiter
     engine: InferenceEngine
+    hooks: Any = None  # kit.serving.hooks.RequestHooks: canary guard, traffic capture
     pid: int = field(default_factory=os.getpid)
     _compiled: dict[int, Compiled] = field(default_factory=dict)
 
@@ -112,6 +113,9 @@ class Outcome:
     route: str | None = None
     batch: int = 0
     shape: list[int] | None = None
+    signature: Any = None  # what the request hooks (guard, capture) see
+    inputs: Any = None
+    outputs: Any = None
 
 
 def log_request(svc: Service, scope: Scope, out: Outcome, status: int, seconds: float, *,
@@ -119,6 +123,8 @@ def log_request(svc: Service, scope: Scope, out: Outcome, status: int, seconds: 
     """The one place a request is recorded: the metrics (inference only) and one JSON log line."""
     if inference:
         svc.metrics.observe(svc.model, out.version, out.route or "rejected", status, seconds, out.batch)
+        if svc.hooks is not None:
+            svc.hooks.finished(out.rid, out.version, status, seconds, out.signature, out.inputs, out.outputs)
     if svc.config.access_log:
         access.info("request", extra={"kit": {
             "request_id": out.rid, "method": scope["method"], "path": scope["path"], "model": svc.model,
@@ -153,15 +159,17 @@ async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name
     max_rows = svc.config.max_batch
     if name is None:
         inputs, unbatched = parse_predict(body, c.signature, max_rows)
-        out.shape = list(inputs[0].shape)
+        out.shape, out.signature, out.inputs = list(inputs[0].shape), c.signature, inputs
         outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
+        out.outputs = outputs
         return Response(200, predict_response(outputs, c.signature, unbatched, svc.model, slot.version),
                         headers=resp_headers)
     binary = headers.get(_BINARY)
     inputs, doc = parse_v2_infer(body, binary.decode("latin-1") if binary is not None else None, c.signature,
                                  max_rows)
-    out.shape = list(inputs[0].shape)
+    out.shape, out.signature, out.inputs = list(inputs[0].shape), c.signature, inputs
     outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
+    out.outputs = outputs
     data, header_len = v2_response(outputs, c.signature, doc, svc.model, slot.version)
     if header_len is None:
         return Response(200, data, headers=resp_headers)
