@@ -72,7 +72,8 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
 @json_option
 @pass_kit
 def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
-    """Re-hash every file of every version (or of NAME / NAME@VERSION) against meta.json."""
+    """Check every version (or NAME / NAME@VERSION): meta.json's signature by a trusted key, then every
+    file's sha256 against meta.json."""
     reg = k.registry()
     name = version = None
     if ref:
@@ -81,10 +82,12 @@ def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
     results = reg.verify(name, version)
     bad = [r for r in results if not r.ok]
     if as_json:
-        emit_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems)} for r in results])
+        emit_json([{"ref": r.ref, "ok": r.ok, "problems": list(r.problems), "signed_by": r.signed_by}
+                   for r in results])
     else:
         for r in results:
-            click.echo(f"{'ok ' if r.ok else 'BAD'} {r.ref}" + ("" if r.ok else f": {'; '.join(r.problems)}"))
+            signed = f" (signed by {r.signed_by})" if r.signed_by else ""
+            click.echo(f"{'ok ' if r.ok else 'BAD'} {r.ref}" + (signed if r.ok else f": {'; '.join(r.problems)}"))
         click.echo(f"{len(results) - len(bad)} of {len(results)} versions verified.")
     if bad:
         raise KitError(f"{len(bad)} version(s) failed verification: {', '.join(r.ref for r in bad)}. "

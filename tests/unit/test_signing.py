@@ -225,3 +225,29 @@ def test_config_resolves_keys(tmp_path):
     cfg = load_config(tmp_path, environ={"KIT_KEYS_DIR": str(tmp_path / "k2"), "KIT_SIGNING_KEY": "/x/y.pem"})
     assert cfg.keys_dir == tmp_path / "k2" and str(cfg.signing_key) == "/x/y.pem"
     assert load_config(tmp_path / "..", environ={"HOME": "/home/u"}).keys_dir is not None
+
+
+def test_keys_commands_and_signing_an_old_version(tmp_path):
+    from click.testing import CliRunner
+
+    from kit.cli import cli
+
+    env = {"KIT_KEYS_DIR": str(tmp_path / "keys")}
+
+    def run(*args: str):
+        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    assert "No keys" in run("keys", "list").output
+    made = json.loads(run("keys", "new", "--json").output)
+    assert run("keys", "show").output.strip() == made["public_key"]
+    assert run("keys", "show", "--pem").output.startswith("-----BEGIN PUBLIC KEY-----")
+    assert made["key_id"] in run("keys", "list").output
+    old = Registry(tmp_path / "reg")  # a registry written before signing: nothing signed
+    old.register("m", _small(), torch.randn(2, 4))
+    r = run("--registry", str(old.root), "verify")
+    assert r.exit_code == 2 and "m@1 (its meta.json) is not signed" in r.output and "kit keys sign m@1" in r.output
+    r = run("--registry", str(old.root), "promote", "m@1", "--force", "--why", "x")
+    assert r.exit_code == 2 and "never integrity" in r.output
+    assert f"with key {made['key_id']}" in run("--registry", str(old.root), "keys", "sign", "m@1").output
+    r = run("--registry", str(old.root), "verify")
+    assert r.exit_code == 0 and f"ok  m@1 (signed by {made['key_id']})" in r.output
