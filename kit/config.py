@@ -43,6 +43,11 @@ class KitConfig:
         """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
         from kit.signing import Keyring
 
+        for what, path in (("keys_dir", self.keys_dir), ("signing_key", self.signing_key)):
+            if path is not None and (path == self.registry or self.registry in path.parents):
+                raise ConfigError(f"{what} {path} is inside the registry {self.registry}, where anyone who can "
+                                  "write the registry could read or replace it. Keep keys elsewhere (the default "
+                                  "is ~/.config/kit/keys).")
         return Keyring(self.keys_dir, signing_key=self.signing_key, trusted=self.trusted_keys)
 
     def with_(self, **changes: Any) -> "KitConfig":

@@ -251,3 +251,12 @@ def test_keys_commands_and_signing_an_old_version(tmp_path):
     assert f"with key {made['key_id']}" in run("--registry", str(old.root), "keys", "sign", "m@1").output
     r = run("--registry", str(old.root), "verify")
     assert r.exit_code == 0 and f"ok  m@1 (signed by {made['key_id']})" in r.output
+
+
+def test_keys_inside_the_registry_are_refused(tmp_path):
+    from kit.config import load_config
+    from kit.errors import ConfigError
+
+    (tmp_path / "kit.toml").write_text('registry = "registry"\nkeys_dir = "registry/keys"\n')
+    with pytest.raises(ConfigError, match="inside the registry"):
+        load_config(tmp_path, environ={}).keyring()
