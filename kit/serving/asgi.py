@@ -89,6 +89,12 @@ class KitAsgiApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def test_client(self) -> Any:
+        """A synchronous client without a server (:class:`kit.serving.testing.AsgiTestClient`)."""
+        from kit.serving.testing import AsgiTestClient
+
+        return AsgiTestClient(self)
+
     def close(self) -> None:
         """Stop the watcher and the inference thread (after the queued forward passes)."""
         self.service.slots.stop()

@@ -1,7 +1,7 @@
-"""A synchronous test client for an ASGI app with the parts of Flask's test-client API the serving tests
-use (``get``/``post`` with ``json=``, ``data=``, ``headers=``; ``status_code``, ``headers``, ``data``,
-``json``), so the same tests drive both engines. The app runs on a real event loop in a thread (the
-ASGI engine needs one: its inference thread resolves futures on it); no network, no mocks."""
+"""``KitAsgiApp.test_client()``: a synchronous client for the ASGI app without a server, with the parts of
+Flask's test-client API that tests use (``get``/``post``/``open`` with ``json=``, ``data=``, ``headers=``;
+responses with ``status_code``, ``headers``, ``data``, ``json``, ``get_json()``). The app runs on a real
+event loop in a daemon thread (its inference thread resolves futures on that loop); no sockets."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import threading
 from typing import Any
 
 
-class Headers(dict):
+class Headers(dict[str, str]):
     """Response headers, looked up case-insensitively."""
 
     def __getitem__(self, key: str) -> str:
         return str(super().__getitem__(key.lower()))
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
     def __contains__(self, key: object) -> bool:

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from kit.demo import DigitsMLP
 from kit.registry import Registry
-from asgi_client import AsgiTestClient
 from kit.serving import create_app, load_service_config
 from kit.serving.asgi import create_asgi_app
 from kit.serving.security import hash_key
@@ -44,18 +43,8 @@ def reg(tmp_path_factory):
     return reg
 
 
-class _Asgi:
-    """The ASGI app with the Flask app's test_client() and extensions."""
-
-    def __init__(self, app):
-        self.app, self.extensions = app, app.extensions
-
-    def test_client(self):
-        return AsgiTestClient(self.app)
-
-
 def _build(config, engine):
-    return _Asgi(create_asgi_app(config, watch=False)) if engine == "asgi" else create_app(config, watch=False)
+    return create_asgi_app(config, watch=False) if engine == "asgi" else create_app(config, watch=False)
 
 
 @pytest.fixture(scope="module", params=["flask", "asgi"])
@@ -173,8 +162,8 @@ def test_hot_reload_routing_and_failed_reload(reg, tmp_path, engine):
     assert 60 <= versions.count(2) <= 140  # 50% canary, far inside 4 standard deviations (+-28)
     # a corrupted new version: the old state keeps serving, the failure shows
     mv = reg.register(MODEL, _mlp(3), torch.rand(2, 64))
-    (mv.path / "example.npz").write_bytes(b"corrupt")
-    reg.promote(MODEL, mv.version, force=True, why="test")
+    reg.promote(MODEL, mv.version, force=True, why="test")  # (promote itself refuses a corrupt version)
+    (mv.path / "example.npz").write_bytes(b"corrupt")  # the files go bad after the promotion
     assert slots.refresh() is False
     ready = c.get("/readyz").json
     assert "IntegrityError" in ready["reload_error"]["error"] and ready["production"]["version"] == 1
