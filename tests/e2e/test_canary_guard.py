@@ -1,0 +1,194 @@
+"""The canary guard under load: real gunicorn (2 workers) on 127.0.0.1 on both engines, real models, real
+failures.
+
+Production (v1) looks ids up in a 100-row embedding. Canaries:
+- v2 "healthy": the same shape of model, other weights — must never be ended;
+- v3 "faulty": an 80-row embedding, so the 20% of real requests with ids 80..99 fail inside its forward
+  pass (IndexError -> 500), nothing mocked;
+- v4 "slow": the production model plus a large batched matmul (tens of ms per request).
+Each bad canary must be ended by the guard (an audited ``canary_guard`` event with the evidence) within
+seconds of both sides having ``min_requests`` inside the window, production must answer every request it
+gets, and the decision shows in /readyz and /metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import random
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+from kit.registry import Registry
+from kit.servicegen import generate, start_service
+from kit.traffic import set_traffic
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+MODEL = "guarded"
+MIN = 30  # [canary_guard] min_requests
+DECIDE_WITHIN = 6.0  # seconds from "both sides have MIN requests" to the canary_guard event
+
+
+class Lookup(nn.Module):
+    def __init__(self, rows: int, seed: int, heavy: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(rows, 16)
+        self.head = nn.Linear(16, 4)
+        self.heavy = nn.Parameter(torch.randn(16, heavy) * 0.01) if heavy else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).sum(1)
+        if self.heavy is not None:  # ~tens of ms: (batch, 3000, 16) @ (16, 3000)
+            big = h.unsqueeze(1).expand(-1, 3000, -1) @ self.heavy
+            h = h + big.mean(dim=(1, 2)).unsqueeze(1) * 0
+        return self.head(h)
+
+
+@pytest.fixture(scope="module", params=["asgi", "flask"])
+def svc(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("guard")
+    reg = Registry(root / "registry", require_gate=False, user="e2e")
+    example = torch.tensor([[1], [7]])
+    for model in (Lookup(100, 1), Lookup(100, 2), Lookup(80, 3), Lookup(100, 4, heavy=3000)):
+        reg.register(MODEL, model.eval(), example)
+    reg.promote(MODEL, 1, force=True, why="test")
+    d = generate("guarded", MODEL, registry=reg.root, out_dir=root / "services", workers=2, poll_interval=0.2,
+                 guard_min_requests=MIN, guard_window_s=30.0, guard_interval_s=0.5, guard_min_p95_delta_ms=25.0, engine=request.param,
+                 max_batch=8)  # the slow canary warms up at max_batch rows
+    with start_service(d, timeout=90) as running:
+        yield reg, running
+    assert not running.alive()
+
+
+class Load:
+    """Two client threads posting /predict with random ids 0..99 on keep-alive connections, recording
+    (time received, served version, status) per request."""
+
+    def __init__(self, url: str, threads: int = 2):
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.stop = threading.Event()
+        self.seen: list[tuple[float, int, int]] = []
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(15)
+
+    def _run(self, seed: int) -> None:
+        rnd = random.Random(seed)
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        while not self.stop.is_set():
+            body = json.dumps({"inputs": [[rnd.randrange(100)]]})
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+                continue
+            self.seen.append((time.time(), int(r.getheader("X-Kit-Model-Version") or 0), r.status))
+        conn.close()
+
+    def enough_at(self, canary: int, since: float) -> float | None:
+        """When both sides had MIN answers after ``since``."""
+        counts = {1: 0, canary: 0}
+        for t, v, _ in self.seen:
+            if t >= since and v in counts:
+                counts[v] += 1
+                if min(counts.values()) >= MIN:
+                    return t
+        return None
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait_canary(running, version: int | None, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline:
+        body = _get(running.url + "/readyz")
+        now = (body["canary"] or {}).get("version")
+        streak = streak + 1 if now == version else 0
+        if streak >= 8:  # both workers, most likely
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"canary did not become {version}: {body}")
+
+
+def _guard_events(reg: Registry, version: int) -> list[dict]:
+    return [e for e in reg.history(MODEL) if e["event"] == "canary_guard" and e["version"] == version]
+
+
+def _run_bad_canary(reg: Registry, running, version: int, reason: str) -> dict:
+    set_traffic(reg, MODEL, version, 0.5, force=True, why="test")
+    _wait_canary(running, version)
+    t0 = time.time()
+    with Load(running.url) as load:
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and not _guard_events(reg, version):
+            time.sleep(0.1)
+        time.sleep(0.5)
+    (ev,) = _guard_events(reg, version)  # one decision, not one per worker
+    enough = load.enough_at(version, t0)
+    assert enough is not None, "the load never gave both sides enough requests"
+    decided = dt.datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
+    took = decided - enough
+    print(f"guard ended v{version} ({reason}) {took:.2f}s after both sides had {MIN} requests; "
+          f"evidence {ev['evidence']['canary']} vs {ev['evidence']['production']}")
+    assert took < DECIDE_WITHIN
+    assert ev["evidence"]["reason"] == reason and ev["evidence"]["canary"]["requests"] >= MIN
+    assert reg.aliases(MODEL).canary is None and reg.aliases(MODEL).production == 1
+    prod = [s for _, v, s in load.seen if v == 1]
+    assert prod and all(s == 200 for s in prod), "production answered an error"
+    return ev
+
+
+def test_healthy_canary_is_never_ended(svc):
+    reg, running = svc
+    set_traffic(reg, MODEL, 2, 0.5, force=True, why="test")
+    _wait_canary(running, 2)
+    with Load(running.url) as load:
+        time.sleep(8)
+    assert reg.aliases(MODEL).canary == 2 and not _guard_events(reg, 2)
+    assert sum(1 for _, v, _ in load.seen if v == 2) >= 2 * MIN
+    assert all(s == 200 for _, _, s in load.seen)
+    win = _get(running.url + "/readyz")["canary_guard"]["window"]
+    assert win["canary"]["requests"] >= MIN and win["production"]["requests"] >= MIN  # summed over workers
+
+
+def test_failing_canary_is_ended_once_with_evidence(svc):
+    reg, running = svc
+    ev = _run_bad_canary(reg, running, 3, "errors")
+    assert ev["evidence"]["canary"]["error_rate"] > 0.1 and ev["evidence"]["production"]["errors"] == 0
+    assert ev["why"].startswith("canary guard: canary 5xx rate")
+    _wait_canary(running, None)
+    guard = _get(running.url + "/readyz")["canary_guard"]
+    assert guard["last_decision"]["evidence" if "evidence" in guard["last_decision"] else "canary"] is not None
+    assert 3 in (guard["last_decision"].get("version"), guard["last_decision"].get("canary_version"))
+    metrics = urllib.request.urlopen(running.url + "/metrics", timeout=10).read().decode()
+    assert f'kit_canary_guard_decisions_total{{model="{MODEL}",reason="errors"}} 1.0' in metrics
+
+
+def test_slow_canary_is_ended(svc):
+    reg, running = svc
+    ev = _run_bad_canary(reg, running, 4, "latency")
+    c, p = ev["evidence"]["canary"], ev["evidence"]["production"]
+    assert c["p95_ms"] > 2 * p["p95_ms"] and c["errors"] == 0
