@@ -59,6 +59,19 @@ def aliases_line(name: str, a: "Aliases") -> str:
     return s
 
 
+def guard_note(reg: "Registry", name: str) -> str | None:
+    """``canary guard ended v3 at 2026-11-28 18:26 UTC: canary 5xx rate 22.7% ...`` when the canary guard made
+    the last traffic move of ``name`` (kit.serving.guard), else None."""
+    last = None
+    for ev in reg.history(name):
+        if "aliases" in ev:  # events that moved traffic carry the alias snapshot
+            last = ev
+    if last is None or last.get("event") != "canary_guard":
+        return None
+    detail = (last.get("evidence") or {}).get("detail", "worse than production")
+    return f"canary guard ended v{last.get('version')} at {str(last.get('ts', ''))[:16].replace('T', ' ')} UTC: {detail}"
+
+
 def model_rows(reg: "Registry") -> list[dict[str, Any]]:
     """One summary per model (what ``kit models`` and ``%models`` list, also as JSON)."""
     rows = []

@@ -27,7 +27,7 @@ import ipywidgets as widgets
 
 from kit.errors import KitError
 from kit.registry import Aliases, ModelVersion, Registry
-from kit.render import gate_cell, gate_summary, report_link, versions_html
+from kit.render import gate_cell, gate_summary, guard_note, report_link, versions_html
 from kit.traffic import TrafficChange, plan_traffic, set_traffic, stop_traffic
 
 __all__ = ["RegistryPanel", "gate_cell", "versions_html"]
@@ -161,6 +161,9 @@ class RegistryPanel(widgets.VBox):
             f'<div style="color:#8c959f;font-size:11px">{html.escape(str(reg.root))} &middot; aliases.json serial '
             f"{a.serial}</div>"
         )
+        note = guard_note(reg, name)
+        if note is not None:
+            self.header.value += f'<div style="color:#cf222e;font-size:12px">&#9888; {html.escape(note)}</div>'
         self.table.value = versions_html(reg, name)
         self._syncing = True
         try:

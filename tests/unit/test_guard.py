@@ -179,3 +179,19 @@ def test_recorder_writes_samples_drops_inputs_and_rotates(tmp_path: Path):
     files = list((tmp_path / "cap").glob("*.jsonl"))
     assert 2 <= len(files) <= 4 and sum(p.stat().st_size for p in files) <= 6144 + 2048
     assert rec.written == 201 and rec.dropped == 0
+
+
+def test_the_panel_and_render_say_when_the_guard_ended_a_canary(tmp_path):
+    from kit.render import guard_note
+    from kit.widgets import RegistryPanel
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    assert guard_note(reg, "m") is None
+    guard_stop(reg, "m", 2, reg.aliases("m").serial, {"detail": "canary 5xx rate 20.0% against production's 0.0%"})
+    note = guard_note(reg, "m")
+    assert note is not None and note.startswith("canary guard ended v2 at ") and "5xx rate 20.0%" in note
+    panel = RegistryPanel(reg, "m")
+    assert "canary guard ended v2" in panel.header.value
+    set_traffic(reg, "m", 3, 0.2)  # a later move: the note is history, not news
+    assert guard_note(reg, "m") is None
