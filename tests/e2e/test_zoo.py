@@ -92,7 +92,8 @@ def served(request, tmp_path_factory, artifacts_dir):
         first_s = time.perf_counter() - t0
         assert status == 200, body[:500]
         _record(artifacts_dir, f"{z.name} ({engine})", {"capture_s": round(capture_s, 2), "gate_s": round(gate_s, 1),
-                                        "gate_passed": gate.passed, "first_answer_s": round(first_s, 2),
+                                        "gate_passed": gate.passed, "ready_s": round(running.started_seconds, 2),
+                                        "first_answer_s": round(first_s, 2),
                                         "signature": cap.signature.describe()})
         parity = mv.capture["parity"]
         yield Served(z, model, cap, gate, running, max(parity["atol"], 1e-5), max(parity["rtol"], 1e-4))
