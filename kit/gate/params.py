@@ -11,9 +11,11 @@ from typing import Any
 
 from kit.errors import GateError
 
-# Parameters run_gate fills in from NAME@VERSION (only where the notebook declares them). A caller
-# may not set them: the verdict is bound to one artifact, so the notebook must test that one.
-AUTO_PARAMS = ("registry", "model_name", "version")
+# Parameters run_gate fills in (only where the notebook declares them): the registry, model and version
+# from NAME@VERSION, and caller_dir, the folder the gate was started in (relative paths a user passes,
+# such as data=held_out.npz, mean that folder). A caller may not set them: the verdict is bound to one
+# artifact, so the notebook must test that one.
+AUTO_PARAMS = ("registry", "model_name", "version", "caller_dir")
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:

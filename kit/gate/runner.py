@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # Inside the package (package-data), so an installed kit has it; `kit init` copies it into a project.
 DEFAULT_NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "validation" / "default.ipynb"
-_PACKAGED = DEFAULT_NOTEBOOK.parent
 START_TIMEOUT = 60.0
 SETUP_TAG = "kit-gate-setup"
 
@@ -150,7 +149,7 @@ def _mark_failure(executed: Path, found: _Culprit, headline: str, ename: str, ev
 
 def _run_one(
     src: Path, nb: Any, executed: Path, records: Path, kernel_log: Path, params: dict[str, Any],
-    kernel_name: str, timeout: float, run_id: str, cwd: Path,
+    kernel_name: str, timeout: float, run_id: str,
 ) -> tuple[str, str | None, int | None, str | None, str | None]:
     """Run one notebook; returns (status, error, cell, ename, evalue). Never raises for a verdict."""
     import papermill
@@ -163,7 +162,7 @@ def _run_one(
         papermill.execute_notebook(
             prepared, str(executed), parameters=params, kernel_name=kernel_name, language="python",
             progress_bar=False, log_output=False, start_timeout=START_TIMEOUT, report_mode=False,
-            cwd=str(cwd), execution_timeout=timeout,
+            cwd=str(src.parent), execution_timeout=timeout,
             kernel_manager_class=_kernel_manager_class(kernel_name, kernel_log),
         )
     except PapermillExecutionError as exc:
@@ -237,10 +236,11 @@ def run_gate(
     name, version : the model and version (a number, ``"latest"``, ``"production"``, ``"canary"``).
     notebooks : validation notebooks to run, in order; default: the model-agnostic notebook inside the
         package (:data:`DEFAULT_NOTEBOOK`). A notebook runs in its own folder, so it finds files beside it;
-        kit's own notebooks run in the caller's working directory, so ``data=held_out.npz`` is relative
-        to where the gate was started.
+        one that declares ``caller_dir`` gets the folder the gate was started in (the default notebook reads
+        a relative ``data=held_out.npz`` there).
     params : parameters for every notebook; each must declare each one (else GateError). ``registry``,
-        ``model_name`` and ``version`` are filled in from the arguments where a notebook declares them.
+        ``model_name`` and ``version`` are filled in from the arguments, ``caller_dir`` with this process's
+        working directory, where a notebook declares them.
     timeout : seconds any one cell may run (papermill's execution timeout).
     kernel_name : a Jupyter kernel; default: a private kernelspec for this very interpreter.
     progress : called with one line per step (the CLI passes ``click.echo``).
@@ -264,14 +264,16 @@ def run_gate(
     params = dict(params or {})
     reserved = sorted(set(params) & set(AUTO_PARAMS))
     if reserved:
-        raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them from {mv.ref} itself, so the "
-                        "notebook tests exactly the artifact being gated. Gate another version with NAME@VERSION.")
+        raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them itself (registry, model_name and "
+                        f"version from {mv.ref}, so the notebook tests exactly the artifact being gated; caller_dir: "
+                        "the folder it was started in). Gate another version with NAME@VERSION.")
     try:
         json.dumps(params, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise GateError(f"Gate parameters must be JSON values (numbers, strings, lists...): {exc}") from exc
     loaded = [(p, _load_notebook(p)) for p in paths]
-    auto = {"registry": str(registry.root), "model_name": mv.name, "version": mv.version}
+    auto = {"registry": str(registry.root), "model_name": mv.name, "version": mv.version,
+            "caller_dir": str(Path.cwd())}
     per_nb = []
     for p, _nb in loaded:  # every notebook is checked before any runs
         declared = check_params(p, params)
@@ -299,8 +301,7 @@ def run_gate(
         say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} ...")
         t = time.perf_counter()
         status, error, cell, ename, evalue = _run_one(
-            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id,
-            Path.cwd() if src.is_relative_to(_PACKAGED) else src.parent)
+            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id)
         seconds = round(time.perf_counter() - t, 2)
 
         recs = read_records(records)

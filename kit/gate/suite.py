@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -264,13 +265,20 @@ def wrong_shape(model: Any) -> str:
 # --------------------------------------------------------------------------- quality on the user's data
 
 
-def load_data(model: Any, path: str | Path) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
-    """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled)."""
+def _under(base: str | Path | None, path: str | Path) -> Path:
+    """``path`` as given when absolute, else in ``base`` (the folder the gate started in) when there is one."""
     p = Path(path).expanduser()
+    return p if p.is_absolute() or not base else Path(base).expanduser() / p
+
+
+def load_data(model: Any, path: str | Path, base: str | Path | None = None
+              ) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
+    """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled).
+    A relative ``path`` is read in ``base`` (the gate's ``caller_dir``), else in the working directory."""
+    p = _under(base, path)
     if not p.is_file():
-        raise GateError(f"data {str(path)!r} is not a file (looked in {p.resolve().parent}"
-                        + ("" if p.is_absolute() else "; a relative path is resolved in the notebook's working "
-                           "directory") + "). Pass an absolute path to an .npz.")
+        raise GateError(f"data {str(path)!r} is not a file (looked for {p.resolve()}). Give the path of an .npz, "
+                        "absolute or relative to the folder the gate was started in.")
     names = [s.name for s in model.signature.inputs]
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -331,14 +339,17 @@ def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((pred.astype(np.int64) == labels.astype(np.int64)).mean())
 
 
-def resolve_metric(spec: str) -> Callable[..., Any]:
-    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+def resolve_metric(spec: str, base: str | Path | None = None) -> Callable[..., Any]:
+    """``"module:function"`` or ``"path/to/file.py:function"`` (relative to ``base``) -> the function.
+    A module is imported as installed, or from ``base`` (the project the gate was started in)."""
     mod_name, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_name or not fn_name.isidentifier():
         raise GateError(f"metric={spec!r} is not 'module:function' (e.g. 'myproject.metrics:f1').")
+    if base and str(base) not in sys.path:
+        sys.path.append(str(base))  # after everything installed: the project's own modules, last
     try:
         if mod_name.endswith(".py"):
-            loc = importlib.util.spec_from_file_location(Path(mod_name).stem, Path(mod_name).expanduser())
+            loc = importlib.util.spec_from_file_location(Path(mod_name).stem, _under(base, mod_name))
             if loc is None or loc.loader is None:
                 raise ImportError(f"no Python file at {mod_name}")
             module = importlib.util.module_from_spec(loc)
@@ -356,15 +367,16 @@ def resolve_metric(spec: str) -> Callable[..., Any]:
 
 def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: float = 0.9,
             min_metric: float | None = None, max_metric: float | None = None,
-            output: str | int | None = None) -> float | None:
+            output: str | int | None = None, base: str | Path | None = None) -> float | None:
     """A quality check on the user's data (``data``: .npz, arrays named like the inputs + ``labels``).
 
     ``metric`` empty: accuracy against ``min_accuracy`` (needs labels). ``metric="module:function"``:
     ``function(outputs, labels)`` (numpy arrays; labels None without them) returns a number held to
     ``min_metric`` and/or ``max_metric``. Outputs are the first output unless ``output`` names one.
-    Also checks that the outputs on the data are finite. Returns the score (None: nothing to score).
+    Also checks that the outputs on the data are finite. Relative paths (``data``, a metric's file) are
+    read in ``base``. Returns the score (None: nothing to score).
     """
-    inputs, labels = load_data(model, data)
+    inputs, labels = load_data(model, data, base)
     out = predict(model, inputs, output)
     name = model.signature.outputs[_output_index(model, output)].name
     rows = f"{len(out)} rows of {Path(data).name}, output {name}"
@@ -374,7 +386,7 @@ def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: flo
         if min_metric is None and max_metric is None:
             raise GateError(f"metric={metric!r} needs a threshold: min_metric=... (higher is better) or "
                             "max_metric=... (lower is better).")
-        score = float(resolve_metric(metric)(out, labels))
+        score = float(resolve_metric(metric, base)(out, labels))
         ok = np.isfinite(score) and (min_metric is None or score >= min_metric) and (
             max_metric is None or score <= max_metric)
         bound = " and ".join(x for x in (f">= {min_metric}" if min_metric is not None else "",

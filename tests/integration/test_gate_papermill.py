@@ -117,9 +117,10 @@ def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
     assert any(e["run_id"] == result.run_id and e["passed"] is True and e["checks"] == len(CHECKS) for e in ev)
 
 
-def test_default_notebook_fails_a_threshold_through_the_cli(reg, heldout):
+def test_default_notebook_fails_a_threshold_through_the_cli(reg, heldout, monkeypatch):
+    monkeypatch.chdir(heldout.parent)  # a relative data path is read where the gate was started (caller_dir)
     r = CliRunner().invoke(cli, ["--registry", str(reg.root), "validate", "demo-digits@1", "-p", "min_accuracy=1.01",
-                                 "-p", f"data={heldout}",
+                                 "-p", f"data={heldout.name}",
                                  *[f"-p{k}={v}" for k, v in BUDGETS.items()], "--timeout", "120"])
     assert r.exit_code == 1, r.output
     assert f"[1/1] default.ipynb: failed, {len(CHECKS)} check(s) ({len(CHECKS) - 1} passed)" in r.output

@@ -165,10 +165,19 @@ def test_data_with_wrong_names_says_what_to_save(two, tmp_path):
         suite.quality(two, data)
 
 
-def test_missing_data_says_where_it_looked(two, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(GateError, match=r"data 'held_out.npz' is not a file \(looked in .*; a relative path"):
-        suite.quality(two, "held_out.npz")
+def test_missing_data_says_where_it_looked(two, tmp_path):
+    with pytest.raises(GateError, match=r"data 'held_out.npz' is not a file \(looked for .*/project/held_out.npz\)"):
+        suite.quality(two, "held_out.npz", base=tmp_path / "project")
+
+
+def test_relative_paths_are_read_in_the_callers_folder(two, tmp_path):
+    """The gate's caller_dir: `kit validate m@1 -p data=held_out.npz` from the project means the project's file."""
+    ids, mask = _example()
+    np.savez(tmp_path / "held_out.npz", ids=ids.numpy(), mask=mask.numpy(), labels=np.zeros(6, dtype=np.int64))
+    (tmp_path / "scores.py").write_text("def rows(outputs, labels):\n    return float(len(outputs))\n")
+    (tmp_path / "proj_metrics_kit_test.py").write_text("def rows2(outputs, labels):\n    return 2.0 * len(outputs)\n")
+    assert suite.quality(two, "held_out.npz", metric="scores.py:rows", min_metric=6, base=tmp_path) == 6.0
+    assert suite.quality(two, "held_out.npz", metric="proj_metrics_kit_test:rows2", max_metric=12, base=tmp_path) == 12.0
 
 
 def test_data_without_labels_still_checks_outputs(two, tmp_path, capsys):
