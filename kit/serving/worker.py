@@ -37,6 +37,7 @@ from uvicorn_worker import UvicornWorker
 log = logging.getLogger("kit.serving.worker")
 
 ACCEPT_BACKOFF = 0.003  # seconds a worker over its share waits before accepting anyway
+DRAIN_GRACE = 0.3  # seconds an idle kept-alive connection stays open once its worker shuts down
 _SLOTS = 128
 _SLOT = struct.Struct("qq")  # pid, open connections
 _COUNT = struct.Struct("q")
@@ -120,6 +121,7 @@ class KitHttpProtocol(HttpToolsProtocol):
         self.share: ConnectionShare | None = getattr(config, "kit_share", None)
         self._deadline: asyncio.TimerHandle | None = None
         self._head = 0  # bytes of the request head so far
+        self._draining = False  # the worker is shutting down: answer what arrives, then close
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -178,7 +180,8 @@ class KitHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        if self.cycle is not None and (self._last_requests() or (self.share is not None and self.share.excess() >= 2)):
+        if self.cycle is not None and (self._draining or self._last_requests()
+                                       or (self.share is not None and self.share.excess() >= 2)):
             self.cycle.keep_alive = False  # this client reconnects, most likely to a less loaded worker
         self._arm(self.limits.body_timeout)  # disarmed when the message completes
 
@@ -187,6 +190,16 @@ class KitHttpProtocol(HttpToolsProtocol):
         reconnect (Connection: close), so none sends on a kept-alive connection the exiting worker closes."""
         limit = self.config.limit_max_requests
         return limit is not None and self.server_state.total_requests + len(self.server_state.tasks) >= limit
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (SIGTERM, max_requests): a request in flight is answered with Connection: close;
+        an idle kept-alive connection gets ``DRAIN_GRACE`` seconds before it closes, so a request its client
+        has just sent is answered rather than cut off (uvicorn alone closes it at once)."""
+        self._draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm(DRAIN_GRACE)
+        else:
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         self._disarm()
