@@ -35,7 +35,7 @@ FILES = ("wsgi.py", "gunicorn.conf.py", "service.toml", "README.md", "start.sh")
 DEFAULTS: dict[str, Any] = {
     "bind": "127.0.0.1:8000", "device": "cpu", "workers": 0, "threads": 4, "torch_threads": 0,
     "timeout": 60, "graceful_timeout": 30, "keepalive": 5, "max_requests": 200000,
-    "max_requests_jitter": 20000, "preload": True, "engine": "flask", "header_timeout": 10.0,
+    "max_requests_jitter": 20000, "preload": True, "engine": "asgi", "header_timeout": 10.0,
     "body_timeout": 30.0, "check_env": True, "max_artifact_bytes": 8 << 30, "version_header": "X-Kit-Version",
     "user_header": "X-Kit-User", "poll_interval": 0.5, "retry_max": 30.0, "batching": True, "max_batch": 64,
     "max_wait_ms": 0.0, "max_body_bytes": 8 * 1024 * 1024, "rate_limit": 0.0, "rate_burst": 0,

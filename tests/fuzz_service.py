@@ -98,7 +98,7 @@ def serve(root: Path, engine: str):  # type: ignore[no-untyped-def]
     model, example = TwoInputs.build()
     reg.register("fuzz", model, example)
     reg.promote("fuzz", 1, force=True, why="fuzzing")
-    options = {"engine": engine} if engine != "flask" else {}
+    options = {"engine": engine}
     d = generate("fuzz", "fuzz", registry=reg.root, out_dir=root / "services", workers=2, threads=4,
                  api_keys_sha256=(hash_key(API_KEY),), jwt=True, jwt_audience=[AUD], max_batch=16,
                  max_body_bytes=256 * 1024, access_log=False, **options)

@@ -99,7 +99,7 @@ class ServiceConfig:
     max_requests: int = 200_000
     max_requests_jitter: int = 20_000
     preload: bool = True  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
-    engine: str = "flask"  # "asgi": uvicorn workers, async handlers, an inference thread (kit.serving.asgi)
+    engine: str = "asgi"  # uvicorn workers, async handlers, an inference thread; "flask": gthread + Flask
     header_timeout: float = 10.0  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = 30.0  # asgi: seconds for a request body to arrive after its head
     check_env: bool = True
@@ -210,7 +210,7 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     values["trusted_keys"] = _trusted_keys(values.get("trusted_keys", []), path)
     if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
         raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
-    if values.get("engine", "flask") not in ("flask", "asgi"):
+    if values.get("engine", "asgi") not in ("flask", "asgi"):
         raise ServiceError(f"{path}: [service] engine = {values['engine']!r}; use \"asgi\" or \"flask\".")
     for key in ("header_timeout", "body_timeout"):
         if key in values and not values[key] > 0:

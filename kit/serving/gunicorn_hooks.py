@@ -61,7 +61,7 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
     return cfg, settings
 
 
-def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "flask") -> None:
+def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "asgi") -> None:
     """Master start: clear samples left by a previous run in the metrics folder; preload imports."""
     for f in glob.glob(os.path.join(metrics_dir, "*.db")):
         try:
