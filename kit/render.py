@@ -185,3 +185,28 @@ def versions_html(reg: "Registry", name: str) -> str:
         )
     head = "".join(f"<th>{h}</th>" for h in ("version", "sha256", "created", "metrics", "gate", "aliases"))
     return f'{CSS}<table class="kit-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def replay_text(report: Any) -> str:
+    """``kit replay``'s table: a :class:`kit.replay.ReplayReport` as one row per figure."""
+    def ms(d: Mapping[str, float]) -> str:
+        return f"p50 {d['p50']:.3f} ms, p95 {d['p95']:.3f} ms" if d else "-"
+
+    agree = report.agreement
+    unit = "rows, argmax" if report.mode == "argmax" else "records within tolerance"
+    rows = [
+        ["candidate", f"{report.model}@{report.version}"],
+        ["replayed", f"{report.replayed} request(s) from {report.capture}"],
+        ["served by", ", ".join(f"v{v}: {n}" for v, n in sorted(report.served.items())) or "-"],
+        ["agreement", f"{agree:.2%} ({report.agreeing} of {report.rows if report.mode == 'argmax' else report.replayed - report.errors} {unit})"
+         if agree is not None else "-"],
+        ["max deviation", f"{report.max_deviation:.3g}" if report.max_deviation is not None else "-"],
+        ["mean deviation", f"{report.mean_deviation:.3g}" if report.mean_deviation is not None else "-"],
+        ["errors", f"{report.errors} ({report.error_rate:.1%})"],
+        ["latency, candidate", ms(report.candidate_ms) + " (in-process call)"],
+        ["latency, recorded", ms(report.recorded_ms) + " (whole request in the service)"],
+    ]
+    rows += [["skipped", f"{n}: {why}"] for why, n in sorted(report.skipped.items())]
+    rows += [["error", e] for e in report.error_examples]
+    return table(rows, ["REPLAY", ""])
+
