@@ -98,7 +98,12 @@ class TarMember:
         self.hashes[arcname] = self._data(io.BytesIO(data), len(data), arcname)
 
     def add_member(self, ti: tarfile.TarInfo, f: IO[bytes] | None) -> None:
-        """Re-emit an entry read from another tar (e.g. conda-pack's output)."""
+        """Re-emit an entry read from another tar (e.g. conda-pack's output), under ``ti.name``/``ti.linkname``.
+
+        A long name arrives in a PAX ``path`` (``linkpath``) record, which ``tobuf`` would write back as it
+        was, ignoring a renamed ``ti.name``: the entry would extract outside the archive folder. Drop them.
+        """
+        ti.pax_headers = {k: v for k, v in ti.pax_headers.items() if k not in ("path", "linkpath")}
         self._header(ti)
         if ti.isreg():
             if f is None:

@@ -100,7 +100,7 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
     assert list(site.glob("__editable__*kit*.pth"))
 
     # The model was captured with torch; this prefix has none: refused unless forced.
-    with pytest.raises(PackError, match=r"torch .*--force"):
+    with pytest.raises(PackError, match=r"torch .*force the pack"):
         pack(svc, out_dir=tmp_path / "dist", env_prefix=prefix, cache_dir=None)
 
     lines: list[str] = []

@@ -209,3 +209,30 @@ def test_the_server_side_check_verifies_model_signatures_against_the_packed_trus
         check_models(root, manifest)
     toml.write_text("[trust]\npublic_keys = []\n")  # an archive made for a service without trust: sha256 only
     assert check_models(root, manifest) == ("m@1",)
+
+
+def test_a_renamed_long_entry_keeps_its_new_name(tmp_path):
+    """conda-pack writes long names as PAX records; re-emitted under env/, they must land under env/ (they
+    used to extract outside the archive folder, which run.sh's file check found: torch's long header paths)."""
+    import io
+    import tarfile
+
+    from kit.pack._tar import TarMember
+
+    src = io.BytesIO()
+    long = "lib/python3.11/site-packages/torch/include/ATen/ops/" + "x" * 90 + ".h"
+    with tarfile.open(fileobj=src, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo(long)
+        ti.size = 3
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    src.seek(0)
+    out = tmp_path / "a.tar.gz"
+    with open(out, "wb") as f, tarfile.open(fileobj=src) as tf:
+        member = TarMember(f)
+        for ti in tf:
+            ti.name = f"{STEM}/env/{ti.name}"
+            member.add_member(ti, tf.extractfile(ti))
+        member.close(end_of_archive=True)
+    with tarfile.open(out) as tf:
+        assert tf.getnames() == [f"{STEM}/env/{long}"]
+    assert list(member.hashes) == [f"{STEM}/env/{long}"]
