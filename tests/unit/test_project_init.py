@@ -99,3 +99,13 @@ def test_the_packaged_notebook_is_package_data():
     data = tomllib.loads((root / "pyproject.toml").read_text())
     assert "notebooks/**/*" in data["tool"]["setuptools"]["package-data"]["kit"]
     assert DEFAULT_NOTEBOOK.is_relative_to(root / "kit")
+
+
+def test_nothing_in_the_package_imports_the_demo():
+    """The demo passes its data to the gate; no other module may depend on it (an installed kit has no demo data)."""
+    root = Path(__file__).resolve().parents[2] / "kit"
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "demo.py"
+             and any(s in p.read_text(encoding="utf-8") for s in ("kit.demo", "from kit import demo"))]
+    assert users == []
+    for nb in (root / "notebooks").rglob("*.ipynb"):
+        assert "kit.demo" not in nb.read_text(encoding="utf-8"), nb
