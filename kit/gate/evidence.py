@@ -293,7 +293,8 @@ def render_text(result: GateResult) -> str:
 
 
 def write_report(result: GateResult) -> Path:
-    """report.html: the verdict and table of checks, then each executed notebook (nbconvert)."""
+    """report.html: the verdict, the model card (:mod:`kit.gate.card`), the table of checks, then each executed
+    notebook (nbconvert)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -305,8 +306,11 @@ def write_report(result: GateResult) -> Path:
         f"<td style='padding:2px 10px'>{r.checks}</td><td style='padding:2px 10px'>{r.seconds:.1f}s</td>"
         f"<td style='padding:2px 10px'>{html.escape(r.error or '')}</td></tr>"
         for r in result.notebooks)
+    from kit.gate.card import model_card_html
+
     head = (
         f"<h1 style='color:{colour}'>Gate {verdict}: {html.escape(result.ref)}</h1>\n"
+        + model_card_html(result) + "\n"  # what the registry knows about the version, first
         f"<p>artifact sha256 <code>{result.artifact_sha256}</code><br>run <code>{result.run_id}</code>, "
         f"started {html.escape(result.started)}, {result.seconds:.1f}s, kernel "
         f"<code>{html.escape(sys.executable)}</code></p>\n"

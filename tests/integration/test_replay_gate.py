@@ -1,6 +1,6 @@
 """The replay gate notebook (kit/notebooks/validation/replay.ipynb) run by the real gate (papermill, a real
 kernel) over traffic captured by the real recorder: a twin of production passes, another model fails on
-agreement, and too little traffic fails on evidence."""
+agreement, and too little traffic fails on evidence. The report opens with the model card (kit.gate.card)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def setup(tmp_path_factory):
     reg = Registry(root / "registry", require_gate=False, user="t", keyring=project_keyring())
     for seed in (3, 3, 4):  # v2 is v1's twin
         torch.manual_seed(seed)
-        reg.register("clf", nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).eval(), torch.randn(2, 5))
+        reg.register("clf", nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).eval(), torch.randn(2, 5),
+                     metrics={"accuracy": 0.93})
     prod = reg.load("clf", 1)
     cap = root / "capture"
     rec = Recorder(CaptureSettings(enabled=True, sample_rate=1.0), "clf", cap)
@@ -44,6 +45,14 @@ def test_the_twin_passes_and_another_model_fails(setup):
     assert ok.passed, gate.render_text(ok)
     assert [c.name for c in ok.checks] == ["replay_records", "replay_agreement", "replay_errors"]
     assert ok.checks[1].value == 1.0
+    # the report opens with the model card: signature, lineage, environment, metrics, the gate's data, verdicts
+    report = ok.report.read_text()
+    card = report[report.index("Model card: clf@2"):report.index("Checks and verdicts")]
+    assert report.index("Model card: clf@2") < report.index("Notebook replay.ipynb")
+    for needed in ("<code>input</code> float32 [batch, 5]", "Lineage", "git commit", "torch", "2.13.0",
+                   "Metrics", "accuracy", str(cap), "replay.ipynb"):
+        assert needed in card, needed
+    assert "replay_agreement" in report[report.index("Checks and verdicts"):]
     bad = gate.run_gate(reg, "clf", 3, notebooks=[NOTEBOOK], params={"capture": str(cap)}, timeout=120)
     assert not bad.passed and not bad.checks[1].passed and bad.checks[1].value < 0.99
     thin = gate.run_gate(reg, "clf", 2, notebooks=[NOTEBOOK], params={"capture": str(cap), "limit": 5},
