@@ -12,6 +12,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import jwt
 import pytest
@@ -56,15 +57,16 @@ def svc(tmp_path_factory, request):
     assert not running.alive()
 
 
-def call(url: str, headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict, dict]:
+def call(url: str, headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict, Any]:
+    """(status, JSON body, response headers: case-insensitive, as the two engines spell names differently)"""
     data = json.dumps({"inputs": [[0.5, 0.1, 0.2, 0.3]]}).encode() if method == "POST" else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 def bearer(t: str) -> dict[str, str]:
