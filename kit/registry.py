@@ -669,16 +669,20 @@ class Registry:
         return new
 
     def promote(self, name: str, version: int | str, *, force: bool = False, why: str | None = None,
-                user: str | None = None) -> Aliases:
+                user: str | None = None, expect_serial: int | None = None) -> Aliases:
         """Move ``production`` to ``version``. Needs a passing gate for this artifact unless forced.
 
-        Promoting the current canary ends the canary.
+        Promoting the current canary ends the canary. ``expect_serial``: refuse if the aliases moved since
+        (the canary guard promotes what it judged, once).
         """
         mv = self.get(name, version)
         self._check_integrity_for(mv, "promote")  # --force overrides the gate, never integrity
         with self.lock(name):
             gate = self._check_gate(mv, force, why, "promote")
             cur = self.aliases(name)
+            if expect_serial is not None and cur.serial != expect_serial:
+                raise PromotionRefusedError(f"{name}'s aliases moved (serial {cur.serial}, expected {expect_serial}); "
+                                            "nothing was promoted.", remedy="refresh", subject=name)
             previous = cur.previous
             if cur.production is not None and cur.production != mv.version:
                 previous = (*cur.previous, cur.production)[-20:]
@@ -749,6 +753,21 @@ class Registry:
                 return None
             new = self._write_aliases(name, dataclasses.replace(cur, canary=None, canary_weight=0.0))
             self._event(name, "canary_guard", version=version, why=why, user=user, evidence=evidence,
+                        aliases=new.to_json())
+        return new
+
+    def step_canary(self, name: str, version: int, serial: int, weight: float, evidence: dict[str, Any], *,
+                    why: str | None = None, user: str | None = None) -> Aliases | None:
+        """Re-weight canary ``version`` to ``weight`` only if the aliases are still at ``serial`` (the canary
+        guard's progressive step), audited as ``canary_step`` with ``evidence``. None when nothing was done."""
+        weight = _check_weight(weight)
+        self._require_model(name)
+        with self.lock(name):
+            cur = self.aliases(name)
+            if (cur.canary, cur.serial) != (version, serial):
+                return None
+            new = self._write_aliases(name, dataclasses.replace(cur, canary_weight=weight))
+            self._event(name, "canary_step", version=version, weight=weight, why=why, user=user, evidence=evidence,
                         aliases=new.to_json())
         return new
 

@@ -49,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
 # [canary_guard] (on for new services) and [capture] (off): kit.serving.guard / kit.serving.recorder
 DEFAULTS.update({
     "canary_guard": True, "guard_min_requests": 50, "guard_window_s": 60.0, "guard_max_error_rate_increase": 0.05,
-    "guard_max_p95_ratio": 2.0, "guard_min_p95_delta_ms": 20.0, "guard_interval_s": 1.0,
+    "guard_max_p95_ratio": 2.0, "guard_min_p95_delta_ms": 20.0, "guard_interval_s": 1.0, "guard_steps": (),
+    "guard_hold_s": 300.0,
     "capture": False, "capture_sample_rate": 0.01, "capture_folder": "capture", "capture_max_bytes": 256 << 20,
     "capture_max_file_bytes": 16 << 20, "capture_drop_inputs": (),
 })
@@ -113,11 +114,12 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
     ctx["api_keys_sha256"] = keys
     ctx["trusted_keys"] = _trusted_keys(ctx["trusted_keys"])
     _jwt_context(ctx)
+    ctx["guard_steps"] = [float(x) for x in ctx["guard_steps"]]
     ctx["capture_folder"] = _toml_str(str(ctx["capture_folder"]), "capture_folder")
     drop = ctx["capture_drop_inputs"]
     ctx["capture_drop_inputs"] = [_toml_str(str(x), "capture_drop_inputs") for x in ([drop] if isinstance(drop, str) else drop)]
     for key in ("guard_window_s", "guard_max_error_rate_increase", "guard_max_p95_ratio", "guard_min_p95_delta_ms",
-                "guard_interval_s", "capture_sample_rate"):
+                "guard_interval_s", "guard_hold_s", "capture_sample_rate"):
         ctx[key] = float(ctx[key])
     env = _env()
     return {f: env.get_template(f + ".j2").render(**ctx) for f in FILES}

@@ -149,6 +149,30 @@ def guard_stop(registry: Registry, name: str, version: int, serial: int, evidenc
     return TrafficChange(name, "stop", None, 0.0, after.production, replaced=version, aliases=after)
 
 
+def guard_step(registry: Registry, name: str, version: int, serial: int, weight: float, evidence: dict[str, Any], *,
+               user: str | None = None) -> TrafficChange | None:
+    """The canary guard's progressive promotion: canary ``version`` to ``weight`` (audited ``canary_step``), or
+    at 1.0 promoted to production -- which needs a passing gate for it, as every promotion does, whatever the
+    caller's registry requires. Only if the aliases are still at ``serial``; None when they moved."""
+    why = f"canary guard: healthy for {evidence.get('hold_s', '?')}s at {evidence.get('from_weight', 0):.0%}"
+    if weight < 1.0:
+        after = registry.step_canary(name, version, serial, weight, evidence, why=why, user=user)
+        return None if after is None else TrafficChange(name, "reweight", version, weight, after.production,
+                                                        aliases=after)
+    mv = registry.get(name, version)
+    if registry.passing_gate(mv) is None:
+        raise PromotionRefusedError(
+            f"{mv.ref} stayed healthy at every step but has no passing gate, so it was not promoted "
+            "(the canary keeps its share). Validate it, then promote it.", remedy="validate", subject=mv.ref)
+    try:
+        after = registry.promote(name, version, why=why, user=user, expect_serial=serial)
+    except PromotionRefusedError:
+        if registry.aliases(name).serial != serial:  # another worker promoted it first, or a person moved it
+            return None
+        raise
+    return TrafficChange(name, "stop", None, 0.0, after.production, replaced=version, aliases=after)
+
+
 def _check_shown(name: str, cur: Aliases, shown: Aliases | None) -> None:
     if shown is not None and (shown.production, shown.canary) != (cur.production, cur.canary):
         raise PromotionRefusedError(

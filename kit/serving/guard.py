@@ -59,9 +59,12 @@ class GuardSettings:
     max_p95_ratio: float = 2.0  # canary p95 over production p95
     min_p95_delta_ms: float = 20.0  # ... and at least this much slower (tiny p95s jitter by ratios)
     interval_s: float = 1.0  # how often a worker shares its counts and judges
+    steps: tuple[float, ...] = ()  # progressive promotion: canary weights in percent, e.g. (5, 25, 50, 100)
+    hold_s: float = 300.0  # seconds a step must stay healthy (with min_requests a side) before the next
 
 
 _KEYS: dict[str, type] = {f: type(v) for f, v in asdict(GuardSettings()).items()}
+_KEYS["steps"] = list
 
 
 def parse_guard_settings(table: Mapping[str, Any], where: str) -> GuardSettings:
@@ -76,6 +79,13 @@ def parse_guard_settings(table: Mapping[str, Any], where: str) -> GuardSettings:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ServiceError(f"{where}: [canary_guard] {key} = {value!r} must be a {typ.__name__}.")
         values[key] = value
+    if "steps" in values:
+        steps = values["steps"]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 100 for x in steps) \
+                or list(steps) != sorted(set(steps)):
+            raise ServiceError(f"{where}: [canary_guard] steps = {steps!r} must be increasing percentages in "
+                               "(0, 100], e.g. [5, 25, 50, 100] (100 promotes the canary).")
+        values["steps"] = tuple(float(x) for x in steps)
     s = GuardSettings(**values)
     if s.min_requests < 1 or s.window_s <= 0 or s.interval_s <= 0 or s.max_p95_ratio < 1:
         raise ServiceError(f"{where}: [canary_guard] needs min_requests >= 1, window_s > 0, interval_s > 0 and "
@@ -184,6 +194,7 @@ class CanaryGuard:
         self._buckets: dict[tuple[str, int], list[Any]] = {}  # (side, sec) -> [n, err, {bucket: count}]
         self._sides: tuple[int | None, int | None] = (None, None)  # (production, canary) versions now
         self._key: str | None = None
+        self._key_since = 0.0  # when this worker first saw the current key
         self.window: dict[str, SideStats] = {}
         self.last_decision: dict[str, Any] | None = None
         self._decided: set[str] = set()
@@ -238,7 +249,7 @@ class CanaryGuard:
         if key != self._key:
             with self._lock:
                 self._buckets.clear()
-            self._key, self._sides, self.window = key, (prod, canary), {}
+            self._key, self._sides, self.window, self._key_since = key, (prod, canary), {}, now
         if key is None or key in self._decided:
             return None
         since = now - self.settings.window_s
@@ -249,6 +260,9 @@ class CanaryGuard:
             self._gauges.window(self.window)
         verdict = decide(self.window["production"], self.window["canary"], self.settings)
         if verdict is None:
+            if self._healthy_step_due(now):
+                self._decided.add(key)  # one step per canary key: the step itself makes a new key
+                self._step(canary, prod, state.serial, state.weight)
             return None
         self._decided.add(key)  # one decision per canary, whatever the registry says next
         return self._act(verdict, canary, prod, state.serial, key)
@@ -283,6 +297,33 @@ class CanaryGuard:
         if self._gauges is not None:
             self._gauges.decided(verdict.reason)
         return verdict
+
+    def _healthy_step_due(self, now: float) -> bool:
+        s, w = self.settings, self.window
+        return bool(s.steps) and now - self._key_since >= s.hold_s and all(
+            w[side].requests >= s.min_requests for side in SIDES)
+
+    def _step(self, canary: int | None, prod: int | None, serial: int, weight: float) -> None:
+        """Progressive promotion: the next step's weight, or production at 100 (which needs a passing gate)."""
+        from kit.traffic import guard_step
+
+        assert canary is not None
+        nxt = next((x for x in self.settings.steps if x / 100 > weight + 1e-9), None)
+        if nxt is None:
+            return
+        evidence: dict[str, Any] = {side: st.describe() for side, st in self.window.items()}
+        evidence.update(hold_s=self.settings.hold_s, window_s=self.settings.window_s, decided_by=self.worker,
+                        from_weight=weight, to_weight=nxt / 100)
+        try:
+            change = guard_step(self.registry, self.model, canary, serial, nxt / 100, evidence)
+        except Exception as exc:  # the gate refused the promotion (or the registry): say so, keep serving
+            self.last_decision = {"step": "refused", "version": canary, "error": str(exc), "ts": time.time()}
+            log.error("%s: canary guard could not promote v%d at 100%%: %s", self.model, canary, exc)
+            return
+        if change is not None:
+            self.last_decision = {"step": change.action, "version": canary, "weight": nxt / 100, "ts": time.time()}
+            log.info("%s: canary guard: v%d healthy for %gs, %s", self.model, canary, self.settings.hold_s,
+                     change.describe())
 
     def status(self) -> dict[str, Any]:
         """What /readyz shows under ``canary_guard``."""

@@ -88,6 +88,7 @@ class _State:
     production: Any
     canary: Any
     serial: int
+    weight: float = 0.0
 
 
 class _Slots:
@@ -97,7 +98,8 @@ class _Slots:
     @property
     def state(self) -> _State:
         a = self.reg.aliases(self.name)
-        return _State(_Slot(a.production) if a.production else None, _Slot(a.canary) if a.canary else None, a.serial)
+        return _State(_Slot(a.production) if a.production else None, _Slot(a.canary) if a.canary else None, a.serial,
+                      a.canary_weight)
 
 
 def _guards(reg: Registry, n: int = 2) -> list[CanaryGuard]:
@@ -195,3 +197,57 @@ def test_the_panel_and_render_say_when_the_guard_ended_a_canary(tmp_path):
     assert "canary guard ended v2" in panel.header.value
     set_traffic(reg, "m", 3, 0.2)  # a later move: the note is history, not news
     assert guard_note(reg, "m") is None
+
+
+def test_progressive_steps_raise_a_healthy_canary_then_promote_through_the_gate(tmp_path):
+    import dataclasses
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"), gated=(1, 2))  # v3 has no gate
+    steps = dataclasses.replace(S, steps=(25.0, 50.0, 100.0), hold_s=0.0)
+    g = CanaryGuard(steps, reg, "m", _Slots(reg, "m"))
+
+    def healthy_round() -> Any:
+        g.tick()  # learn the key
+        for _ in range(S.min_requests):
+            g.observe(g._sides[0], 200, 0.002)  # production
+            g.observe(g._sides[1], 200, 0.002)  # canary
+        return g.tick()
+
+    set_traffic(reg, "m", 2, 0.1)
+    healthy_round()
+    assert (reg.aliases("m").canary, reg.aliases("m").canary_weight) == (2, 0.25)
+    healthy_round()
+    assert reg.aliases("m").canary_weight == 0.5
+    healthy_round()
+    a = reg.aliases("m")
+    assert (a.production, a.canary) == (2, None)
+    events = [e["event"] for e in reg.history("m")]
+    assert events[-3:] == ["canary_step", "canary_step", "promote"]
+    assert reg.history("m")[-1]["why"].startswith("canary guard: healthy for 0.0s at 50%")
+    # v3 climbs the steps too, but without a passing gate it is never promoted: it keeps its 50%
+    set_traffic(reg, "m", 3, 0.3, force=True, why="try")
+    for _ in range(3):
+        healthy_round()
+    a = reg.aliases("m")
+    assert (a.production, a.canary, a.canary_weight) == (2, 3, 0.5)
+    assert g.status()["last_decision"]["step"] == "refused" and "no passing gate" in g.status()["last_decision"]["error"]
+    assert parse_guard_settings({"steps": [5, 25, 100]}, "x").steps == (5.0, 25.0, 100.0)
+    with pytest.raises(ServiceError, match="increasing percentages"):
+        parse_guard_settings({"steps": [50, 25]}, "x")
+
+
+def test_generated_service_toml_turns_the_guard_on_and_capture_off(tmp_path):
+    from kit.servicegen import render
+    from kit.serving.config import load_service_config
+
+    (tmp_path / "service.toml").write_text(render("s", "m", registry="reg")["service.toml"])
+    cfg = load_service_config(tmp_path)
+    assert cfg.canary_guard.enabled and cfg.canary_guard.steps == () and not cfg.capture.enabled
+    text = render("s", "m", registry="reg", guard_steps=(5, 50, 100), guard_hold_s=30, capture=True,
+                  capture_sample_rate=0.5, capture_drop_inputs=("ids",))["service.toml"]
+    (tmp_path / "service.toml").write_text(text)
+    cfg = load_service_config(tmp_path)
+    assert cfg.canary_guard.steps == (5.0, 50.0, 100.0) and cfg.canary_guard.hold_s == 30.0
+    assert (cfg.capture.enabled, cfg.capture.sample_rate, cfg.capture.drop_inputs) == (True, 0.5, ("ids",))
+    (tmp_path / "service.toml").write_text('[service]\nname = "s"\n[model]\nname = "m"\nregistry = "r"\n')
+    assert load_service_config(tmp_path).canary_guard is None  # services made before the guard: off
