@@ -144,6 +144,25 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
     assert not any(str(tmp_path / "src") in p or str(prefix) in p for p in info["sys_path"])
     assert info["version"] == 1 and info["model_sha256"] == mv.files["model.pt2"]
 
+    # conda-unpack rewrote prefixes in env/: later starts check env/ against the hashes run.sh took right
+    # after relocating (having checked the packed ones first), so a relocated file edited since is refused.
+    clean = {"PATH": os.environ["PATH"]}
+    assert (env_dir / ".kit-unpacked.sha256").is_file()
+    out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
+    assert out.returncode == 0 and "nothing added" in out.stderr, out.stderr
+    (sysconfig_data,) = env_dir.glob("lib/python*/_sysconfigdata*.py")
+    packed = (root / "kit-pack.sha256").read_text()
+    rel = str(sysconfig_data.relative_to(root))
+    relocated = (env_dir / ".kit-unpacked.sha256").read_text()
+    (before,) = [line.split()[0] for line in packed.splitlines() if line.endswith(f"  {rel}")]
+    (after,) = [line.split()[0] for line in relocated.splitlines() if line.endswith(f"  {rel}")]
+    assert before != after  # conda-unpack rewrote it: the packed hash no longer holds, the relocated one does
+    original = sysconfig_data.read_bytes()
+    sysconfig_data.write_bytes(original + b"\n# edited\n")
+    out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
+    assert out.returncode == 1 and f"{rel}: sha256 differs" in out.stderr, out.stderr
+    sysconfig_data.write_bytes(original)
+
     # Moving the relocated environment again is refused with the fix.
     moved = elsewhere / "moved"
     shutil.move(str(root), moved)
