@@ -197,6 +197,7 @@ class CanaryGuard:
         self._key_since = 0.0  # when this worker first saw the current key
         self.window: dict[str, SideStats] = {}
         self.last_decision: dict[str, Any] | None = None
+        self.error: str | None = None  # the last failure of the guard thread (e.g. a read-only registry)
         self._decided: set[str] = set()
         self._history_serial = -2  # the aliases serial at which the audit log was last read for /readyz
         self._stop = threading.Event()
@@ -236,8 +237,12 @@ class CanaryGuard:
         while not self._stop.wait(self.settings.interval_s):
             try:
                 self.tick()
-            except Exception:  # the guard must never take the worker down; say so and go on
-                log.exception("%s: canary guard tick failed", self.model)
+                self.error = None
+            except Exception as exc:  # the guard must never take the worker down; say so (once) and go on
+                if str(exc) != self.error:
+                    log.exception("%s: canary guard failed (the service keeps serving; retrying every %gs): %s",
+                                  self.model, self.settings.interval_s, exc)
+                self.error = str(exc)
 
     def tick(self, now: float | None = None) -> Verdict | None:
         """Follow the serving state, share this worker's window, judge the sum. Returns a verdict acted on."""
@@ -249,6 +254,8 @@ class CanaryGuard:
         if key != self._key:
             with self._lock:
                 self._buckets.clear()
+            if self._key is not None:
+                _forget(self.folder / self._key, self.worker)  # that split is over: its window is history
             self._key, self._sides, self.window, self._key_since = key, (prod, canary), {}, now
         if key is None or key in self._decided:
             return None
@@ -328,7 +335,7 @@ class CanaryGuard:
     def status(self) -> dict[str, Any]:
         """What /readyz shows under ``canary_guard``."""
         s = self.settings
-        return {"enabled": s.enabled, "key": self._key, "window_s": s.window_s, "min_requests": s.min_requests,
+        return {"enabled": s.enabled, "key": self._key, "error": self.error, "window_s": s.window_s, "min_requests": s.min_requests,
                 "window": {side: st.describe() for side, st in self.window.items()},
                 "last_decision": self.last_decision or self._recorded_decision()}
 
@@ -347,6 +354,15 @@ class CanaryGuard:
                 self.last_decision = {k: v for k, v in ev.items() if k != "aliases"}
                 return self.last_decision
         return None
+
+
+def _forget(folder: Path, worker: str) -> None:
+    """Remove this worker's file of a finished key, and the folder once every worker has."""
+    try:
+        (folder / f"{worker}.json").unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:  # other workers' files are still there (they remove theirs when they move on)
+        pass
 
 
 def _read_all(folder: Path) -> list[dict[str, Any]]:

@@ -128,6 +128,8 @@ def test_two_workers_add_up_and_end_a_failing_canary_once(tmp_path):
     assert g1.tick(now=t) is None  # g1 shared its 12 + 12; g2 has not yet
     assert g1.window["canary"].requests == 12
     v = g2.tick(now=t)  # g2 sees 24 + 24: decides and ends the canary
+    assert {p.name for p in (tmp_path / "reg" / "m" / "guard" / f"v2-s{serial}").iterdir()} == {"host-0.json",
+                                                                                               "host-1.json"}
     assert v is not None and v.reason == "errors"
     a = reg.aliases("m")
     assert a.canary is None and a.serial == serial + 1
@@ -140,7 +142,8 @@ def test_two_workers_add_up_and_end_a_failing_canary_once(tmp_path):
     assert guard_stop(reg, "m", 2, serial, {"detail": "stale"}) is None
     assert [e["event"] for e in reg.history("m")].count("canary_guard") == 1
     assert g1.status()["last_decision"]["evidence"]["canary"]["requests"] == 24  # from the audit log
-    assert (tmp_path / "reg" / "m" / "guard" / f"v2-s{serial}" / "host-0.json").is_file()
+    g2.tick()  # g2 moves on too: the finished split's window files and folder are gone
+    assert not (tmp_path / "reg" / "m" / "guard" / f"v2-s{serial}").exists()
 
 
 def test_a_healthy_canary_is_never_ended_and_a_moved_canary_is_left_alone(tmp_path):
