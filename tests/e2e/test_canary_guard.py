@@ -1,5 +1,4 @@
-"""The canary guard under load: real gunicorn (2 workers) on 127.0.0.1 on both engines, real models, real
-failures.
+"""The canary guard under load: real gunicorn (2 workers) on 127.0.0.1, real models, real failures.
 
 Production (v1) looks ids up in a 100-row embedding. Canaries:
 - v2 "healthy": the same shape of model, other weights — must never be ended;
@@ -52,7 +51,7 @@ class Lookup(nn.Module):
         return self.head(h)
 
 
-@pytest.fixture(scope="module", params=["asgi", "flask"])
+@pytest.fixture(scope="module", params=["asgi"])
 def svc(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("guard")
     reg = Registry(root / "registry", require_gate=False, user="e2e")
@@ -61,7 +60,7 @@ def svc(tmp_path_factory, request):
         reg.register(MODEL, model.eval(), example)
     reg.promote(MODEL, 1, force=True, why="test")
     d = generate("guarded", MODEL, registry=reg.root, out_dir=root / "services", workers=2, poll_interval=0.2,
-                 guard_min_requests=MIN, guard_window_s=30.0, guard_interval_s=0.5, guard_min_p95_delta_ms=25.0, engine=request.param,
+                 guard_min_requests=MIN, guard_window_s=30.0, guard_interval_s=0.5, guard_min_p95_delta_ms=25.0,
                  max_batch=8)  # the slow canary warms up at max_batch rows
     with start_service(d, timeout=90) as running:
         yield reg, running

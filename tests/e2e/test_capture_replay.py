@@ -1,4 +1,4 @@
-"""Traffic capture in a real service (gunicorn, 2 workers, both engines) and `kit replay` over what it wrote.
+"""Traffic capture in a real service (gunicorn, 2 workers) and `kit replay` over what it wrote.
 
 The service captures every answered request (sample_rate 1.0) into a folder; `kit replay` (a real
 subprocess) runs those requests through an identical version (full agreement, zero deviation) and through a
@@ -33,14 +33,13 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
 
 
-@pytest.mark.parametrize("engine", ["asgi", "flask"])
-def test_capture_then_replay(tmp_path: Path, engine: str):
+def test_capture_then_replay(tmp_path: Path):
     reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=project_keyring())
     for seed in (1, 1, 2):  # v2 is v1's twin, v3 another model
         reg.register(MODEL, _model(seed), torch.rand(2, 6))
     reg.promote(MODEL, 1, force=True, why="test")
     cap = tmp_path / "capture"
-    d = generate("cap", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, engine=engine,
+    d = generate("cap", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2,
                  capture=True, capture_sample_rate=1.0, capture_folder=str(cap), capture_drop_inputs=())
     gen = torch.Generator().manual_seed(0)
     with start_service(d, timeout=90) as running:
@@ -71,5 +70,5 @@ def test_capture_then_replay(tmp_path: Path, engine: str):
                            timeout=120)
     assert other.returncode == 0, other.stderr
     assert "agreement" in other.stdout and "100.00%" not in other.stdout.split("agreement")[1].splitlines()[0]
-    print(f"[{engine}] 60 requests with capture on in {took:.2f}s; `kit replay` of 60 records {replay_s:.2f}s "
+    print(f"60 requests with capture on in {took:.2f}s; `kit replay` of 60 records {replay_s:.2f}s "
           f"(candidate p50 {doc['candidate_ms']['p50']} ms, recorded p50 {doc['recorded_ms']['p50']} ms)")
