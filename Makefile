@@ -63,7 +63,7 @@ validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@vers
 
 # ~2,400 examples per operation: > 10,000 cases in all (the test suite sends about 1,000 per engine).
 FUZZ_EXAMPLES ?= 2400
-FUZZ_ENGINE   ?= flask
+FUZZ_ENGINE   ?= asgi
 fuzz: $(STAMP) ## schemathesis vs a real service's /openapi.json with a JWT: >= 10,000 cases, 0 5xx, 0 worker deaths
 	$(PY) tests/fuzz_service.py --max-examples $(FUZZ_EXAMPLES) --engine $(FUZZ_ENGINE)
 

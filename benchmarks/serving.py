@@ -1,5 +1,5 @@
-"""Serving benchmark (`make bench`): the generated Kit service on both engines (ASGI: uvicorn workers,
-async handlers, an inference thread; Flask: gthread workers) vs the in-process forward pass (the limit)
+"""Serving benchmark (`make bench`): the generated Kit service (uvicorn workers, async handlers, an
+inference thread) vs the in-process forward pass (the limit)
 and the naive seed design (Flask + `gunicorn -w 2`, sync workers), for the demo MLP and a small CNN, at
 concurrency 1, 8 and 32.
 
@@ -171,8 +171,6 @@ def main() -> None:
         expect = model(x1).detach().numpy()[0]
         svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
                            threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="asgi")
-        gthread_dir = generate(f"bench-{mname}-gthread", name, registry=reg.root, out_dir=work / "services",
-                               workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="flask")
         pkl = work / f"{mname}.pkl"
         torch.save(model, pkl)
 
@@ -220,10 +218,6 @@ def main() -> None:
             stoppers.append(svc.stop)
             kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
             add("kit", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
-            # the previous engine: the same service on Flask + gthread workers
-            svc = start_service(gthread_dir, timeout=120)
-            stoppers.append(svc.stop)
-            add("kit-gthread", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
             if mname == "mlp":  # the JSON request log's cost: the same service with access_log off
                 nolog = generate(f"bench-{mname}-nolog", name, registry=reg.root, out_dir=work / "services",
                                  workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), access_log=False,
@@ -265,28 +259,26 @@ def main() -> None:
         kit_res, naive_res = res["kit"], res["naive"]
         if mname == "mlp":
             results["json_log_cost"] = {"on": res["kit"][32], "off": res["kit-nolog"][32]}
-        results[f"{mname}_gthread"] = res["kit-gthread"]
 
         limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
         results[mname] = {"params": nparams, "kit": kit_res, "naive": naive_res, "in_process": limit,
                           "first_answer_s": {"kit": kit_first, "naive": naive_first}}
         for c in CONCURRENCY:
-            k, n, lim, gt = kit_res[c], naive_res[c], limit[c], res["kit-gthread"][c]
+            k, n, lim = kit_res[c], naive_res[c], limit[c]
             rows.append(f"| {mname} ({nparams / 1e6:.2f}M) | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | "
                         f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {k['worker_cpu_s']} | "
-                        f"{gt['rps']:,.0f} / {gt['p99_ms']:.1f} | {gt['worker_cpu_s']} | {n['rps']:,.0f} | "
+                        f"{n['rps']:,.0f} | "
                         f"{n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['failed']} | {n['worker_cpu_s']} | "
                         f"**{k['rps'] / n['rps']:.2f}x** |")
-        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | | | "
+        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | "
                     f"{naive_first:.2f} s | | | | | |")
 
     gen = f"wrk ({WRK}), closed loop, keep-alive" if WRK else "kit.serving.loadgen in this process (no wrk on PATH)"
     print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
           f" {os.cpu_count()} cores; load generator: {gen}; worker CPU: seconds per worker during the run\n")
     print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | Kit worker CPU s | "
-          "Kit gthread req/s / p99 | gthread worker CPU s | naive req/s | naive p50 | naive p99 | naive errors | "
-          "naive worker CPU s | Kit / naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "naive req/s | naive p50 | naive p99 | naive errors | naive worker CPU s | Kit / naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     lc = results["json_log_cost"]
     on, off = lc["on"]["rps"], lc["off"]["rps"]

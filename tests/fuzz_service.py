@@ -167,7 +167,7 @@ def count(report: Path) -> tuple[int, dict[str, int], list[str], list[str]]:
     return cases, statuses, sorted(set(failures)), errors
 
 
-def run_fuzz(max_examples: int, *, engine: str = "flask", seed: int = 1,
+def run_fuzz(max_examples: int, *, engine: str = "asgi", seed: int = 1,
              checks: str = "all", workdir: Path | None = None) -> FuzzResult:
     """Serve the model, fuzz it, stop it; the result says what happened."""
     root = Path(workdir or tempfile.mkdtemp(prefix="kit-fuzz-"))
@@ -192,7 +192,7 @@ def run_fuzz(max_examples: int, *, engine: str = "flask", seed: int = 1,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max-examples", type=int, default=1200, help="cases per API operation")
-    p.add_argument("--engine", default="flask", choices=["flask", "asgi"])
+    p.add_argument("--engine", default="asgi", choices=["asgi"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--checks", default="all", help="schemathesis checks that fail the run "
                    f"(default: all but {EXCLUDED_CHECKS})")

@@ -1,12 +1,15 @@
 """The serving runtime that generated services import.
 
-A generated ``wsgi.py`` calls :func:`create_app` with a :class:`ServiceConfig` read by
-:func:`load_service_config`; its ``gunicorn.conf.py`` uses :mod:`kit.serving.gunicorn_hooks`.
+A generated ``wsgi.py`` calls :func:`make_app` (the ASGI app, :mod:`kit.serving.asgi`) with a
+:class:`ServiceConfig` read by :func:`load_service_config`; its ``gunicorn.conf.py`` uses
+:mod:`kit.serving.gunicorn_hooks` and the worker class :class:`kit.serving.worker.KitUvicornWorker`.
 
 Modules: ``config`` (service.toml), ``slots`` (model slots + hot-reload watcher), ``router``
-(override / sticky / weighted), ``batching`` (dynamic batching), ``protocol`` (request parsing, the
+(override / sticky / weighted), ``engine`` (the inference thread and its batching), ``protocol`` (request parsing, the
 Open Inference Protocol v2 and its binary extension), ``metrics`` (Prometheus, multiprocess-safe),
-``security`` (API keys, rate limits), ``logs`` (JSON lines), ``openapi``, ``app`` (the Flask factory).
+``security`` (API keys, rate limits), ``logs`` (JSON lines), ``openapi``, ``asgi`` (the app),
+``handlers`` and ``control`` (its routes), ``http`` (the error and response types), ``worker`` (the
+gunicorn worker class), ``testing`` (a test client).
 
 Importing this package is cheap and never imports torch: gunicorn's master imports
 ``kit.serving.gunicorn_hooks`` and must not touch torch or CUDA; workers load models after fork.
@@ -23,20 +26,15 @@ __all__ = ["ServiceConfig", "create_app", "load_service_config", "make_app", "wo
 
 
 def make_app(config: ServiceConfig, **kwargs: Any) -> Any:
-    """The app of ``config.engine``: :func:`kit.serving.asgi.create_asgi_app` ("asgi") or
-    :func:`kit.serving.app.create_app` ("flask"); same keyword arguments."""
-    if config.engine == "asgi":
+    """The service's ASGI app (:func:`kit.serving.asgi.create_asgi_app`); what a generated wsgi.py calls."""
+    from kit.serving.asgi import create_asgi_app
+
+    return create_asgi_app(config, **kwargs)
+
+
+def __getattr__(name: str) -> Any:  # lazy: the app pulls in torch
+    if name == "create_app":
         from kit.serving.asgi import create_asgi_app
 
-        return create_asgi_app(config, **kwargs)
-    from kit.serving.app import create_app
-
-    return create_app(config, **kwargs)
-
-
-def __getattr__(name: str) -> Any:  # lazy: the app pulls in torch and flask
-    if name == "create_app":
-        from kit.serving.app import create_app
-
-        return create_app
+        return create_asgi_app
     raise AttributeError(name)

@@ -105,7 +105,7 @@ class KitAsgiApp:
 
 def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str | None = None,
                     watch: bool = True) -> KitAsgiApp:
-    """Build the ASGI app of one service worker (same arguments as :func:`kit.serving.app.create_app`).
+    """Build the ASGI app of one service worker 
 
     Parameters
     ----------

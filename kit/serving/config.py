@@ -99,7 +99,7 @@ class ServiceConfig:
     max_requests: int = 200_000
     max_requests_jitter: int = 20_000
     preload: bool = True  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
-    engine: str = "asgi"  # uvicorn workers, async handlers, an inference thread; "flask": gthread + Flask
+    engine: str = "asgi"  # uvicorn workers, async handlers, an inference thread (the only engine)
     header_timeout: float = 10.0  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = 30.0  # asgi: seconds for a request body to arrive after its head
     check_env: bool = True
@@ -210,8 +210,10 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     values["trusted_keys"] = _trusted_keys(values.get("trusted_keys", []), path)
     if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
         raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
-    if values.get("engine", "asgi") not in ("flask", "asgi"):
-        raise ServiceError(f"{path}: [service] engine = {values['engine']!r}; use \"asgi\" or \"flask\".")
+    if values.get("engine", "asgi") != "asgi":
+        raise ServiceError(f"{path}: [service] engine = {values['engine']!r}: the only engine is \"asgi\" (the "
+                           "gthread + Flask engine was removed). Set engine = \"asgi\" or regenerate the service "
+                           "with `kit service new ... --force`.")
     for key in ("header_timeout", "body_timeout"):
         if key in values and not values[key] > 0:
             raise ServiceError(f"{path}: [service] {key} must be > 0 seconds, got {values[key]}.")

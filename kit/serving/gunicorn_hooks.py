@@ -3,7 +3,7 @@ never imports torch, and nothing here ever touches CUDA.
 
 Workers load models after fork (``preload_app = False``), so a model, a thread pool or a CUDA context
 is only ever created in a worker. With ``[service] preload = true`` (the default) the master imports the
-serving modules -- torch, numpy, flask -- in ``on_starting``, before forking: importing torch starts no
+serving modules -- torch, numpy, uvicorn -- in ``on_starting``, before forking: importing torch starts no
 threads and initialises no CUDA, and each worker then starts in a fraction of a second instead of
 importing torch itself (seconds, times the number of workers, on a small machine).
 """
@@ -23,7 +23,7 @@ from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 log = logging.getLogger(__name__)
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-WORKER_CLASS = {"asgi": "kit.serving.worker.KitUvicornWorker", "flask": "gthread"}
+WORKER_CLASS = {"asgi": "kit.serving.worker.KitUvicornWorker"}
 
 
 def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple[ServiceConfig, dict[str, Any]]:
@@ -71,10 +71,7 @@ def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str
     if preload:
         import kit.capture  # noqa: F401  (torch, numpy: imports only; no threads, no CUDA)
         import kit.registry  # noqa: F401
-        if engine == "asgi":
-            import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
-        else:
-            import kit.serving.app  # noqa: F401  (flask, orjson, prometheus_client in multiprocess mode)
+        import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
         import torch.export  # noqa: F401
         try:  # what torch.export.load imports on first use (torch._dynamo & co): seconds per worker
             import torch._export.serde.serialize  # noqa: F401

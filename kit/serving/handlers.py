@@ -43,17 +43,6 @@ class Compiled:
     max_batch: int  # rows per forward pass: the service's and the exported program's limit
 
 
-def _raw_forward(slot: Any) -> Forward:
-    infer = slot.infer
-    forward = getattr(slot, "forward", None) or getattr(infer, "forward", None)  # Batcher.forward
-    if forward is not None:
-        return forward
-
-    def call(inputs: tuple[Any, ...]) -> tuple[Any, ...]:  # batching disabled: infer is the bare forward
-        return infer(inputs)[0]
-    return call
-
-
 @dataclass
 class Service:
     """Everything one worker's handlers share; built once by :func:`kit.serving.asgi.create_asgi_app`."""
@@ -80,8 +69,7 @@ class Service:
             if len(self._compiled) > 8:  # versions come and go with reloads; keep the ones served now
                 live = {id(s) for s in self.slots.state.slots()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
-            c = Compiled(slot, _raw_forward(slot), str(slot.version), slot.signature,
-                         int(getattr(slot.infer, "max_batch", 1)))
+            c = Compiled(slot, slot.forward, str(slot.version), slot.signature, slot.max_batch)
             self._compiled[id(slot)] = c
         return c
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kit.errors import KitError, ServingError
-from kit.serving.batching import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,8 @@ class Slot:
     sha256: str
     loaded: Any  # kit.registry.LoadedModel
     signature: Any  # kit.capture.Signature
-    infer: Callable[[tuple[Any, ...]], tuple[tuple[Any, ...], int]]
+    forward: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # batched tensors in, batched tensors out
+    max_batch: int  # rows per forward pass (1: batching off); the inference thread batches up to it
     load_seconds: float
     device: str
 
@@ -233,14 +233,9 @@ class ModelSlots:
         # warm the largest batch too, so the first big dynamic batch pays no first-call cost
         big = tuple(t.cpu()[[i % t.shape[0] for i in range(max_batch)]] for t in loaded.example_inputs)
         forward(big)
-        if self.batching and max_batch > 1:
-            infer: Callable[[tuple[Any, ...]], tuple[tuple[Any, ...], int]] = Batcher(
-                forward, max_batch=max_batch, max_wait_ms=self.max_wait_ms)
-        else:
-            def infer(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], int]:
-                return forward(inputs), int(inputs[0].shape[0])
         mv = loaded.version
-        slot = Slot(version=mv.version, sha256=mv.artifact_sha256, loaded=loaded, signature=sig, infer=infer,
+        slot = Slot(version=mv.version, sha256=mv.artifact_sha256, loaded=loaded, signature=sig, forward=forward,
+                    max_batch=max_batch if self.batching else 1,
                     load_seconds=time.perf_counter() - t0, device=device)
         log.info("%s@%d loaded and checked in %.2fs (sha256 %s, %s)", self.model, mv.version,
                  slot.load_seconds, mv.short_sha, device)

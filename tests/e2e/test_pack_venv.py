@@ -112,13 +112,13 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
         assert chk.returncode == 0, chk.stderr
 
     # An edited module in env/ and an added .pth are refused before any interpreter of the archive starts.
-    app = next((root / "env").glob("lib/python*/site-packages/kit/serving/app.py"))
+    app = next((root / "env").glob("lib/python*/site-packages/kit/serving/asgi.py"))
     original = app.read_bytes()
     app.write_bytes(original + b"\nimport os  # edited\n")
     t = time.monotonic()
     out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
     print(f"run.sh verify (every file checked) {time.monotonic() - t:.1f}s")
-    assert out.returncode == 1 and "kit/serving/app.py: sha256 differs" in out.stderr, out.stderr
+    assert out.returncode == 1 and "kit/serving/asgi.py: sha256 differs" in out.stderr, out.stderr
     app.write_bytes(original)
     pth = app.parents[2] / "zz-evil.pth"
     pth.write_text("import os; os.system('touch /tmp/kit-pack-pth-ran')\n")

@@ -38,7 +38,7 @@ def token(sub: str, _secret: str = SECRET, **claims) -> str:
     return jwt.encode(body, _secret, algorithm="HS256")
 
 
-@pytest.fixture(scope="module", params=["flask", "asgi"])
+@pytest.fixture(scope="module", params=["asgi"])
 def svc(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("auth")
     reg = Registry(root / "registry", require_gate=True, user="e2e")

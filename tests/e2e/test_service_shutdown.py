@@ -28,7 +28,7 @@ class Slow(nn.Module):
         return self.layers(x)
 
 
-@pytest.mark.parametrize("engine", ["flask", "asgi"])
+@pytest.mark.parametrize("engine", ["asgi"])
 def test_sigterm_finishes_in_flight_requests(tmp_path, engine):
     reg = Registry(tmp_path / "registry", require_gate=True)
     torch.manual_seed(0)

@@ -60,10 +60,10 @@ def _predict_body(served: Served, inputs: tuple[torch.Tensor, ...]) -> bytes:
 
 
 # every model on the default engine (gthread + Flask); the dynamic-seq and dict models on the ASGI engine too
-CASES = [(z, "flask") for z in ZOO] + [(z, "asgi") for z in ZOO if z.name in ("zoo-text", "zoo-two-heads")]
+CASES = [(z, "asgi") for z in ZOO]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[z.name + ("" if e == "flask" else "-asgi") for z, e in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[z.name for z, e in CASES])
 def served(request, tmp_path_factory, artifacts_dir):
     z, engine = request.param
     root = tmp_path_factory.mktemp(z.name)

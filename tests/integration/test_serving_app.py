@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kit.demo import DigitsMLP
 from kit.registry import Registry
-from kit.serving import create_app, load_service_config
+from kit.serving import load_service_config
 from kit.serving.asgi import create_asgi_app
 from kit.serving.security import hash_key
 from kit.servicegen import generate
@@ -44,10 +44,10 @@ def reg(tmp_path_factory):
 
 
 def _build(config, engine):
-    return create_asgi_app(config, watch=False) if engine == "asgi" else create_app(config, watch=False)
+    return create_asgi_app(config, watch=False)
 
 
-@pytest.fixture(scope="module", params=["flask", "asgi"])
+@pytest.fixture(scope="module", params=["asgi"])
 def engine(request):
     return request.param
 

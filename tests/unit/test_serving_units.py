@@ -1,4 +1,4 @@
-"""Fast unit tests of the serving pieces: router, batcher, config, security, device, import hygiene."""
+"""Fast unit tests of the serving pieces: router, config, security, device, import hygiene."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from kit.errors import ServiceError, ServingError
-from kit.serving.batching import Batcher
 from kit.serving.config import load_service_config, worker_plan
 from kit.serving.router import RouteError, choose, user_bucket
 from kit.serving.security import ApiKeys, RateLimiter, hash_key
@@ -48,48 +47,6 @@ def test_user_buckets_are_uniform_and_monotone():
     assert abs(share - 0.25) < 4 * (0.25 * 0.75 / len(b)) ** 0.5
     # raising a weight only adds users to the canary
     assert all((x < 0.1) <= (x < 0.25) for x in b)
-
-
-def test_batcher_joins_concurrent_requests_and_splits_results():
-    calls = []
-    gate = threading.Event()
-
-    def forward(inputs):
-        calls.append(inputs[0].shape[0])
-        if len(calls) == 1:
-            gate.wait(5)  # hold the first pass so the others queue behind it
-        return (inputs[0] * 2,)
-
-    b = Batcher(forward, max_batch=64)
-    results = {}
-
-    def call(i):
-        results[i] = b((torch.full((i + 1, 3), float(i)),))
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
-    threads[0].start()
-    while not calls:
-        pass
-    for t in threads[1:]:
-        t.start()
-    while len(b._pending) < 5:
-        pass
-    gate.set()
-    for t in threads:
-        t.join(5)
-    assert calls == [1, 2 + 3 + 4 + 5 + 6]  # one lone pass, then every queued request in one pass
-    for i, (outs, rows) in results.items():
-        assert torch.equal(outs[0], torch.full((i + 1, 3), 2.0 * i))
-        assert rows == (1 if i == 0 else 20)
-
-
-def test_batcher_respects_max_batch_and_propagates_errors():
-    b = Batcher(lambda x: (_ for _ in ()).throw(ValueError("boom")), max_batch=4)
-    with pytest.raises(ValueError, match="boom"):
-        b((torch.zeros(2, 3),))
-    b2 = Batcher(lambda x: (x[0] + 1,), max_batch=4)
-    outs, rows = b2((torch.zeros(3, 2),))
-    assert rows == 3 and torch.equal(outs[0], torch.ones(3, 2))
 
 
 def _write(tmp_path, text):
@@ -167,7 +124,7 @@ def test_cuda_device_is_refused_with_a_clear_message_without_a_gpu():
 
 
 def test_serving_never_imports_jupyter_and_hooks_never_import_torch():
-    code = ("import sys, kit.serving.app, kit.serving.gunicorn_hooks, kit.servicegen;"
+    code = ("import sys, kit.serving.asgi, kit.serving.worker, kit.serving.gunicorn_hooks, kit.servicegen;"
             "bad=[m for m in ('IPython','ipywidgets','papermill','nbconvert') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
