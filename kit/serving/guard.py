@@ -2,7 +2,7 @@
 
 Every worker of every instance counts its finished inference requests per side (production, canary) in
 one-second buckets: requests, 5xx errors and a latency histogram (:meth:`CanaryGuard.observe`, called
-from the request-log path of both engines: a lock, a dict lookup, no I/O). A background thread per
+from the request-log path, :func:`kit.serving.handlers.log_request`: a lock, a dict lookup, no I/O). A background thread per
 worker, every ``interval`` seconds:
 
 1. writes the worker's buckets of the current window to ``<registry>/<model>/guard/<key>/<host>-<pid>.json``

@@ -1,8 +1,8 @@
 """What happens after an inference request, beside the log line and the metrics: the canary guard
 (:mod:`kit.serving.guard`) and traffic capture (:mod:`kit.serving.recorder`).
 
-Both engines call :meth:`RequestHooks.finished` once per finished inference request, from their
-request-log path; it costs a few dictionary operations (the guard's counters, the capture's sample draw
+:func:`kit.serving.handlers.log_request` (the one place a request is recorded) calls
+:meth:`RequestHooks.finished` once per finished inference request; it costs a few dictionary operations (the guard's counters, the capture's sample draw
 and a queue put) and never does I/O.
 """
 

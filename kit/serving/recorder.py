@@ -1,7 +1,7 @@
 """Traffic capture: a sample of a service's requests (inputs, served version, outputs) as JSONL, written
 off the request path, for ``kit replay`` (:mod:`kit.replay`).
 
-:meth:`Recorder.record` is called from the request-log path of both engines for every inference request
+:meth:`Recorder.record` is called from the request-log path for every inference request
 that was answered 200. It draws the sample and puts references to the request's tensors on a bounded
 queue (``put_nowait``: a full queue drops the record and counts it, a request never waits); the worker's
 writer thread turns them into JSON and appends them to ``<folder>/<model>-<host>-<pid>.jsonl``. A file
