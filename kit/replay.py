@@ -30,6 +30,9 @@ from typing import Any
 
 from kit.errors import NotFoundError
 
+# the replay gate notebook, package data beside the default one: run_gate(..., notebooks=[REPLAY_NOTEBOOK])
+REPLAY_NOTEBOOK = Path(__file__).resolve().parent / "notebooks" / "validation" / "replay.ipynb"
+
 
 @dataclass(frozen=True)
 class ReplayReport:
@@ -204,4 +207,4 @@ class _Tally:
             candidate_ms=_pct(self.candidate), recorded_ms=_pct(self.recorded), error_examples=tuple(self.examples))
 
 
-__all__ = ["ReplayReport", "capture_records", "replay"]
+__all__ = ["REPLAY_NOTEBOOK", "ReplayReport", "capture_records", "replay"]

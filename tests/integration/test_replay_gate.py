@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.timeout(300)]
 NOTEBOOK = Path(kit.__file__).parent / "notebooks" / "validation" / "replay.ipynb"
 
 
+def test_the_notebook_is_package_data_where_kit_replay_says():
+    from kit.replay import REPLAY_NOTEBOOK
+
+    assert REPLAY_NOTEBOOK == NOTEBOOK.resolve() and REPLAY_NOTEBOOK.is_file()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("replay-gate")
