@@ -1,4 +1,4 @@
-"""Signatures where they are enforced: a real gate run (papermill) and a service (the Flask app, through its
+"""Signatures where they are enforced: a real gate run (papermill) and a service (the ASGI app, through its
 test client) refuse what an attacker who can write the registry, but lacks the key, puts there.
 
 The attacker here edits files in the registry folder directly, as one with write access to a file share
@@ -20,7 +20,9 @@ from kit._io import atomic_write_json, sha256_file
 from kit.demo import DigitsMLP
 from kit.errors import GateError
 from kit.registry import Registry, artifact_digest
-from kit.serving import create_app, load_service_config
+from kit.serving import load_service_config
+from kit.serving.asgi import create_asgi_app
+from kit.serving.testing import AsgiTestClient
 from kit.servicegen import generate
 from kit.signing import Keyring
 from kit_testing import write_validation_notebook
@@ -91,8 +93,21 @@ def test_a_service_refuses_forged_and_foreign_versions_and_keeps_serving(signed,
     cfg = load_service_config(svc)
     assert not [p for p in svc.rglob("*") if p.suffix in (".pem", ".key")]  # public keys only, never a private one
     assert cfg.trusted_keys == (signed.keyring.signer().public.text(),)
-    app = create_app(cfg, watch=False)
-    client = app.test_client()
+    app = create_asgi_app(cfg, watch=False)
+    client = AsgiTestClient(app)
+    try:
+        _refusals(signed, app, client, tmp_path)
+    finally:
+        _close(app, client)
+
+
+def _close(app, client) -> None:
+    client.close()
+    client.loop.close()
+    app.close()
+
+
+def _refusals(signed: Registry, app, client, tmp_path) -> None:
     slots = app.extensions["kit"]  # the ModelSlots (the watcher is off: refresh by hand)
     ready = client.get("/readyz").get_json()
     assert ready["production"]["version"] == 1
@@ -135,6 +150,10 @@ def test_a_service_without_trusted_keys_says_it_checks_no_signatures(signed, tmp
     signed.promote(MODEL, 1, force=True, why="test")
     svc = generate("plain", MODEL, registry=signed.root, out_dir=tmp_path / "services")
     with caplog.at_level(logging.WARNING, logger="kit.serving.config"):
-        app = create_app(load_service_config(svc), watch=False)
+        app = create_asgi_app(load_service_config(svc), watch=False)
     assert "NOT signature-checked" in caplog.text
-    assert app.test_client().get("/readyz").status_code == 200
+    client = AsgiTestClient(app)
+    try:
+        assert client.get("/readyz").status_code == 200
+    finally:
+        _close(app, client)
