@@ -191,3 +191,31 @@ def test_slow_canary_is_ended(svc):
     ev = _run_bad_canary(reg, running, 4, "latency")
     c, p = ev["evidence"]["canary"], ev["evidence"]["production"]
     assert c["p95_ms"] > 2 * p["p95_ms"] and c["errors"] == 0
+
+
+def test_progressive_steps_promote_a_healthy_gated_canary(tmp_path):
+    """steps = [50, 100], hold 2 s: a healthy canary with a passing gate goes 10% -> 50% -> production."""
+    from kit_testing import pass_gate
+
+    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e")
+    for model in (Lookup(100, 1), Lookup(100, 2)):
+        reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
+    reg.promote(MODEL, 1, force=True, why="test")
+    pass_gate(reg, MODEL, 2)
+    d = generate("stepped", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, poll_interval=0.2,
+                 guard_min_requests=20, guard_window_s=30.0, guard_interval_s=0.5, guard_steps=(50, 100),
+                 guard_hold_s=2.0)
+    with start_service(d, timeout=90) as running:
+        set_traffic(reg, MODEL, 2, 0.1, why="test")
+        t0 = time.monotonic()
+        with Load(running.url) as load:
+            while time.monotonic() - t0 < 45 and reg.aliases(MODEL).production != 2:
+                time.sleep(0.2)
+        took = time.monotonic() - t0
+    a = reg.aliases(MODEL)
+    assert (a.production, a.canary) == (2, None), a
+    events = [(e["event"], e.get("weight")) for e in reg.history(MODEL)]
+    assert events[-2:] == [("canary_step", 0.5), ("promote", None)]
+    assert reg.history(MODEL)[-1]["why"].startswith("canary guard: healthy for 2.0s at 50%")
+    assert all(s == 200 for _, _, s in load.seen)
+    print(f"steps 10% -> 50% -> production in {took:.1f}s (hold 2 s a step)")
