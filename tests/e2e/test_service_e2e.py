@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,14 +53,14 @@ def svc(tmp_path_factory, request):
     assert not running.alive()
 
 
-def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, Any]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            return r.status, json.loads(r.read()), r.headers  # names case-insensitive (sent lowercase)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers
 
 
 def _get(url: str) -> tuple[int, dict]:
