@@ -284,7 +284,10 @@ class CanaryGuard:
                        for (side, sec), c in self._buckets.items()]
         if not buckets and not (folder / f"{self.worker}.json").exists():
             return
-        folder.mkdir(parents=True, exist_ok=True)
+        # never parents=True: with the shared registry unmounted that would recreate <registry>/<model> on the
+        # local disk under the mount point (the fleet's unreachable-registry test caught it); fail, and retry
+        folder.parent.mkdir(exist_ok=True)
+        folder.mkdir(exist_ok=True)
         atomic_write_json(folder / f"{self.worker}.json", {"schema": 1, "worker": self.worker,
                                                           "updated": time.time(), "buckets": buckets})
 
