@@ -183,13 +183,13 @@ def parse_dynamic(items: Sequence[str]) -> tuple[dict[str, dict[int, str]], dict
     for item in items:
         m = pattern.fullmatch(item.strip())
         if m is None:
-            raise CaptureError(f"--dynamic {item!r} is not INPUT:DIM=NAME[:MIN..MAX] (e.g. ids:1=seq or "
+            raise CaptureError(f"Dynamic dim {item!r} is not INPUT:DIM=NAME[:MIN..MAX] (e.g. ids:1=seq or "
                                "ids:1=seq:2..512).")
         inp, dim, name, lo, hi = m.groups()
         dynamic.setdefault(inp, {})[int(dim)] = name
         if lo is not None and hi is not None:
             rng = (int(lo), int(hi))
             if ranges.get(name, rng) != rng:
-                raise CaptureError(f"--dynamic gives {name} two ranges: {ranges[name]} and {rng}.")
+                raise CaptureError(f"The dynamic dims give {name} two ranges: {ranges[name]} and {rng}.")
             ranges[name] = rng
     return dynamic, ranges

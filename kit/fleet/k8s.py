@@ -63,7 +63,7 @@ def render_k8s(cfg: ServiceConfig, options: K8sOptions) -> dict[str, str]:
         raise ServiceError(f"Invalid options {o}: replicas >= 1, cpus >= 1, drain >= 0, 1 <= cpu target <= 100.")
     max_replicas = o.max_replicas or 3 * o.replicas
     if max_replicas < o.replicas:
-        raise ServiceError(f"--max-replicas {max_replicas} is below --replicas {o.replicas}.")
+        raise ServiceError(f"The most replicas ({max_replicas}) is below the replicas asked for ({o.replicas}).")
     for q, what in ((o.memory, "memory"), (o.registry_size, "registry size")):
         if q is not None and not _QUANTITY.match(q):
             raise ServiceError(f"{what} {q!r} is not a Kubernetes quantity such as 2Gi or 512Mi.")

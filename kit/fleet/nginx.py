@@ -56,7 +56,7 @@ def render_nginx(cfg: ServiceConfig, upstreams: Sequence[str], listen: str, *, s
     """
     opts = options or NginxOptions()
     if not upstreams:
-        raise ServiceError("Give at least one instance: --upstream HOST:PORT (repeatable).")
+        raise ServiceError("Give at least one instance to proxy to (an upstream HOST:PORT).")
     ups = [parse_address(u, "upstream") for u in upstreams]
     if len(set(ups)) != len(ups):
         raise ServiceError(f"An upstream is listed twice: {', '.join(upstreams)}.")

@@ -42,7 +42,7 @@ def render_prometheus(cfg: ServiceConfig, targets: Sequence[str],
     """``{"prometheus.yml": ..., "kit-NAME.rules.yml": ...}`` for the instances at ``targets`` (HOST:PORT)."""
     opts = options or PrometheusOptions()
     if not targets:
-        raise ServiceError("Give at least one instance to scrape: --target HOST:PORT (repeatable).")
+        raise ServiceError("Give at least one instance to scrape (a target HOST:PORT).")
     addrs = [parse_address(t, "target") for t in targets]
     for value, what in ((opts.scrape_interval, "scrape interval"), (opts.window, "window"), (opts.for_, "for")):
         if not _DURATION.match(value):

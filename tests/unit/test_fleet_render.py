@@ -111,7 +111,7 @@ def test_k8s_refuses_bad_input(service):
         render_k8s(cfg, K8sOptions(image="has space:1"))
     with pytest.raises(ServiceError, match="quantity"):
         render_k8s(cfg, K8sOptions(image="x:1", memory="2 GB"))
-    with pytest.raises(ServiceError, match="max-replicas"):
+    with pytest.raises(ServiceError, match="most replicas"):
         render_k8s(cfg, K8sOptions(image="x:1", replicas=4, max_replicas=2))
 
 
