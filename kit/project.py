@@ -18,6 +18,8 @@ from kit._io import atomic_write_text
 from kit.errors import ConfigError
 
 NOTEBOOK = Path("notebooks") / "validation" / "default.ipynb"
+# the replay gate (captured traffic); not in `validation` by default: it needs a capture folder parameter
+REPLAY = Path("notebooks") / "validation" / "replay.ipynb"
 IGNORED = ("/registry/", "/dist/")
 # "kit" as a requirement: kit, kit[notebook], kit==0.1, kit>=0.1 ... but not kitten or my-kit.
 _KIT_REQ = re.compile(r"""^\s*kit\s*(\[[^\]]*\])?\s*(?:[=<>!~;@].*)?$""", re.IGNORECASE)
@@ -69,6 +71,7 @@ def _toml_str(s: str) -> str:
 def init_project(root: Path, *, registry: str = "registry", services: str = "services") -> InitResult:
     """Set Kit up in the project at ``root`` (created if missing); never overwrites a file."""
     from kit.gate.runner import DEFAULT_NOTEBOOK
+    from kit.replay import REPLAY_NOTEBOOK
 
     root = Path(root).expanduser().resolve()
     if root.exists() and not root.is_dir():
@@ -90,13 +93,13 @@ def init_project(root: Path, *, registry: str = "registry", services: str = "ser
         atomic_write_text(toml, kit_toml(registry, services))
         written.append(toml)
 
-    nb = root / NOTEBOOK
-    if nb.exists():
-        kept.append(nb)
-    else:
+    for src, nb in ((DEFAULT_NOTEBOOK, root / NOTEBOOK), (REPLAY_NOTEBOOK, root / REPLAY)):
+        if nb.exists():
+            kept.append(nb)
+            continue
         nb.parent.mkdir(parents=True, exist_ok=True)
         tmp = nb.with_name(f".{nb.name}.tmp")
-        shutil.copyfile(DEFAULT_NOTEBOOK, tmp)
+        shutil.copyfile(src, tmp)
         tmp.replace(nb)
         written.append(nb)
 

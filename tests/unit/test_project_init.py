@@ -11,13 +11,16 @@ from kit.cli import cli
 from kit.config import load_config
 from kit.errors import ConfigError
 from kit.gate import DEFAULT_NOTEBOOK, declared_params
+from kit.replay import REPLAY_NOTEBOOK
 from kit.project import environment_warnings, init_project
 
 
 def test_init_in_an_empty_folder_writes_config_notebook_and_gitignore(tmp_path):
     res = init_project(tmp_path / "proj")
     root = tmp_path / "proj"
-    assert res.written == (root / "kit.toml", root / "notebooks" / "validation" / "default.ipynb")
+    assert res.written == (root / "kit.toml", root / "notebooks" / "validation" / "default.ipynb",
+                           root / "notebooks" / "validation" / "replay.ipynb")
+    assert (root / "notebooks" / "validation" / "replay.ipynb").read_bytes() == REPLAY_NOTEBOOK.read_bytes()
     assert res.gitignore_added == ("/registry/", "/dist/")
     assert (root / ".gitignore").read_text().splitlines()[-2:] == ["/registry/", "/dist/"]
     nb = root / "notebooks" / "validation" / "default.ipynb"
@@ -26,8 +29,8 @@ def test_init_in_an_empty_folder_writes_config_notebook_and_gitignore(tmp_path):
     cfg = load_config(cwd=root, environ={})
     assert cfg.registry == root / "registry" and cfg.services == root / "services"
     assert cfg.validation == (nb,)  # every face gates with the project's copy from now on
-    assert res.lines()[:3] == ["wrote kit.toml", "wrote notebooks/validation/default.ipynb",
-                               "added /registry/, /dist/ to .gitignore"]
+    assert res.lines()[:4] == ["wrote kit.toml", "wrote notebooks/validation/default.ipynb",
+                               "wrote notebooks/validation/replay.ipynb", "added /registry/, /dist/ to .gitignore"]
 
 
 def test_init_twice_keeps_everything(tmp_path):
@@ -37,7 +40,8 @@ def test_init_twice_keeps_everything(tmp_path):
     before = (tmp_path / ".gitignore").read_text()
     res = init_project(tmp_path)
     assert res.written == () and res.gitignore_added == ()
-    assert res.kept == (tmp_path / "kit.toml", tmp_path / "notebooks" / "validation" / "default.ipynb")
+    assert res.kept == (tmp_path / "kit.toml", tmp_path / "notebooks" / "validation" / "default.ipynb",
+                        tmp_path / "notebooks" / "validation" / "replay.ipynb")
     assert (tmp_path / "kit.toml").read_text() == 'registry = "elsewhere"\n'
     assert (tmp_path / "notebooks" / "validation" / "default.ipynb").read_text() == "{}"
     assert (tmp_path / ".gitignore").read_text() == before
