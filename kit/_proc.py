@@ -1,7 +1,8 @@
 """Process helpers: a free port, waiting for an HTTP endpoint, stopping a process group, a log tail.
 
-Used by :mod:`kit.fleet` and the fleet tests, which start real nginx, prometheus and gunicorn processes.
-No torch, no third-party imports.
+The one set of them: :mod:`kit.servicegen` (start a generated service, wait for ``/readyz``, stop it),
+:mod:`kit.pack.verify` (``run.sh start`` an unpacked archive), :mod:`kit.fleet` and the tests that start real
+nginx, prometheus and gunicorn processes. No torch, no third-party imports.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from kit.errors import ServiceError
+from kit.errors import KitError, ServiceError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,24 +39,26 @@ def http_status(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def wait_http(url: str, *, timeout: float = 30.0, ok: Callable[[int, bytes], bool] | None = None,
-              process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> float:
+              process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None,
+              what: str = "", error: type[KitError] = ServiceError) -> float:
     """Poll ``url`` until ``ok(status, body)`` (default: status 200); returns the seconds waited.
 
-    Raises :class:`ServiceError` with the log tail when ``process`` exits first or time runs out.
+    Raises ``error`` (default :class:`ServiceError`) with the log tail when ``process`` exits first or time
+    runs out; ``what`` names the process in that message (default: "The process behind <url>").
     """
     ok = ok or (lambda status, _body: status == 200)
     t0 = time.monotonic()
     last: tuple[int, bytes] = (0, b"")
     while time.monotonic() - t0 < timeout:
         if process is not None and process.poll() is not None:
-            raise ServiceError(f"The process behind {url} exited with code {process.returncode} before it "
-                               f"answered. Log tail ({log_path}):\n{tail(log_path)}")
+            raise error(f"{what or 'The process behind ' + url} exited with code {process.returncode} before "
+                        f"{url} answered. Log tail ({log_path}):\n{tail(log_path)}")
         last = http_status(url, timeout=2.0)
         if ok(*last):
             return time.monotonic() - t0
         time.sleep(0.05)
-    raise ServiceError(f"{url} did not answer as expected within {timeout:.0f}s (last: {last[0]} "
-                       f"{last[1][:200]!r}). Log tail ({log_path}):\n{tail(log_path)}")
+    raise error(f"{url} did not answer as expected within {timeout:.0f}s (last: {last[0]} {last[1][:300]!r}). "
+                f"Log tail ({log_path}):\n{tail(log_path)}")
 
 
 def stop_group(process: subprocess.Popen[bytes], *, timeout: float = 10.0,

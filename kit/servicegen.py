@@ -8,17 +8,12 @@ and waits for ``/readyz``. Importing this module does not import torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +22,7 @@ from typing import Any
 import jinja2
 
 from kit._io import atomic_write_text
+from kit._proc import free_port, stop_group, wait_http
 from kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -176,12 +172,6 @@ def check_config(service_dir: Path | str, *, python: str | None = None, env: Map
     return res
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class RunningService:
     """A gunicorn master started by :func:`start_service`. Use as a context manager or call stop()."""
@@ -209,36 +199,9 @@ class RunningService:
             return ""
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """Graceful stop: SIGTERM to the master (in-flight requests finish), SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            try:
-                self.process.send_signal(signal.SIGTERM)
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("service %s did not stop in %.0fs; killing its process group", self.url, timeout)
-            except ProcessLookupError:
-                pass
-        # whatever is left of the group (workers of a killed master) goes too
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        return self.process.returncode
-
-
-def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"null")
-        except ValueError:
-            return exc.code, None
+        """Graceful stop: SIGTERM to the master (in-flight requests finish), then SIGKILL to whatever is
+        left of its process group after ``timeout`` (workers of a killed master go too)."""
+        return stop_group(self.process, timeout=timeout)
 
 
 def start_service(service_dir: Path | str, *, host: str = "127.0.0.1", port: int | None = None,
@@ -269,28 +232,11 @@ def start_service(service_dir: Path | str, *, host: str = "127.0.0.1", port: int
         )
     svc = RunningService(url=f"http://{host}:{port}", pid=proc.pid, service_dir=service_dir,
                          log_path=Path(log_path), process=proc)
-    deadline = t0 + timeout
-    last = None
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ServiceError(f"The service in {service_dir} exited with code {proc.returncode} before "
-                                   f"it was ready. Log tail ({log_path}):\n{_tail(svc.logs())}")
-            try:
-                status, body = _get_json(svc.url + "/readyz", timeout=2.0)
-                if status == 200:
-                    svc.started_seconds = time.monotonic() - t0
-                    return svc
-                last = body
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise ServiceError(f"The service in {service_dir} was not ready after {timeout:.0f}s (last /readyz: "
-                           f"{str(last)[:300]}). Log tail ({log_path}):\n{_tail(svc.logs())}")
+        wait_http(svc.url + "/readyz", timeout=max(0.0, t0 + timeout - time.monotonic()), process=proc,
+                  log_path=svc.log_path, what=f"The service in {service_dir}")
     except BaseException:
         svc.stop(timeout=5)
         raise
-
-
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
+    svc.started_seconds = time.monotonic() - t0
+    return svc

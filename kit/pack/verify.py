@@ -14,8 +14,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kit._proc import free_port, stop_group, tail, wait_http
 from kit.errors import PackError
 from kit.pack.runtime import MANIFEST
 
@@ -48,12 +47,6 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def extract(archive: Path, dest: Path) -> Path:
@@ -94,46 +87,11 @@ def _http(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0,
         return exc.code, payload
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise PackError(f"run.sh exited with {proc.returncode} before the service was ready:\n{_tail(log_path)}")
-        try:
-            status, last = _http(url + "/readyz", timeout=2.0)
-            if status == 200:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.25)
-    raise PackError(f"The service at {url} was not ready after {timeout:.0f}s (last /readyz: {last!r}):\n"
-                    f"{_tail(log_path)}")
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM the process group (gunicorn stops gracefully), SIGKILL what is left after ``timeout``."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> float:
+    """Wait for ``url``/readyz to answer 200 (seconds waited); :class:`PackError` with the log tail when
+    run.sh exits first or time runs out."""
+    return wait_http(url + "/readyz", timeout=timeout, process=proc, log_path=log_path, what="run.sh",
+                     error=PackError)
 
 
 def start_unpacked(root: Path, port: int, log_path: Path, extra_env: dict[str, str] | None = None,
@@ -226,9 +184,9 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
             answer_s = time.monotonic() - t
             say(f"{model}@{version} answered the stored example within {max_diff:.2g} of its reference")
         finally:
-            stop(proc)
+            stop_group(proc, timeout=30)
         return VerifyReport(archive=str(archive), ok=True, root=root.name, url=url, model=model, version=version,
                             max_abs_diff=max_diff, unpack_seconds=round(unpack_s, 2), ready_seconds=round(ready_s, 2),
-                            first_answer_seconds=round(answer_s, 3), log_tail=_tail(log_path, 1500))
+                            first_answer_seconds=round(answer_s, 3), log_tail=tail(log_path, 40))
     finally:
         tmp_ctx.cleanup()

@@ -28,7 +28,8 @@ import pytest
 
 from kit.errors import PackError
 from kit.pack import pack
-from kit.pack.verify import extract, free_port, start_unpacked, stop, wait_ready
+from kit._proc import free_port, stop_group
+from kit.pack.verify import extract, start_unpacked, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import conda_env  # noqa: E402
@@ -134,7 +135,7 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
         print(f"ready in {time.monotonic() - t:.1f}s")
         info = _get(f"http://127.0.0.1:{port}/info")
     finally:
-        stop(proc)
+        stop_group(proc, timeout=30)
     assert proc.returncode == 0, log.read_text()
     text = log.read_text()
     assert "conda-unpack" in text and "verified" in text, text
@@ -289,7 +290,7 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
             workers = _children(proc.pid)
             maps = {w: Path(f"/proc/{w}/maps").read_text() for w in workers}
         finally:
-            stop(proc)
+            stop_group(proc, timeout=30)
         assert proc.returncode == 0, log.read_text()
         text = log.read_text()
         assert "conda-unpack" in text and "verified" in text, text

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from kit.pack import pack
-from kit.pack.verify import _http, extract, free_port, start_unpacked, stop, wait_ready
+from kit._proc import free_port, stop_group
+from kit.pack.verify import _http, extract, start_unpacked, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -92,7 +93,7 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
         status, body = _http(url + "/predict", {"inputs": ex_in.tolist()})
         np.testing.assert_allclose(np.asarray(body["outputs"], dtype=np.float32), ex_out, rtol=1e-5, atol=1e-6)
     finally:
-        stop(proc)
+        stop_group(proc, timeout=30)
     text = log.read_text()
     assert "verified" in text and "environment as packed" in text, text[-2000:]
     assert "signed by a trusted key" in text and "nothing added" in text, text[-2000:]

@@ -12,7 +12,7 @@ import time
 import pytest
 import uvicorn
 
-from kit.servicegen import free_port
+from kit._proc import free_port
 from kit.serving.worker import KitHttpProtocol, Limits
 
 
