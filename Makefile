@@ -61,7 +61,7 @@ test-e2e: $(STAMP)
 validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@version)
 	$(KIT) validate $(or $(MODEL),demo-digits@latest)
 
-# ~2,400 examples per operation: > 10,000 cases in all (the test suite sends about 1,000 per engine).
+# ~2,400 examples per operation: > 10,000 cases in all (the test suite sends about 1,000).
 FUZZ_EXAMPLES ?= 2400
 FUZZ_ENGINE   ?= asgi
 fuzz: $(STAMP) ## schemathesis vs a real service's /openapi.json with a JWT: >= 10,000 cases, 0 5xx, 0 worker deaths

@@ -1,5 +1,5 @@
-"""schemathesis against a real gunicorn service's /openapi.json, with a JWT, on both engines (bounded: about
-1,000 cases each; `make fuzz` sends more than 10,000): no 5xx, no failed check, no worker death.
+"""schemathesis against a real gunicorn service's /openapi.json, with a JWT (bounded: about
+1,000 cases; `make fuzz` sends more than 10,000): no 5xx, no failed check, no worker death.
 
 The runner lives in tests/fuzz_service.py (also `python tests/fuzz_service.py --help`).
 """

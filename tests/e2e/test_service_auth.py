@@ -1,5 +1,5 @@
-"""[auth]: API keys and JWTs (tokens made by PyJWT) through a real gunicorn service (2 workers) on 127.0.0.1,
-on both engines: why a 401, the JWT's sub as the client for sticky canary routing and rate limits, and
+"""[auth]: API keys and JWTs (tokens made by PyJWT) through a real gunicorn service (2 workers) on 127.0.0.1:
+why a 401, the JWT's sub as the client for sticky canary routing and rate limits, and
 405s that carry Allow. The HS256 secret reaches the service only through its environment (KIT_JWT_SECRET).
 
 Promotions use force=True, why="test": gates are another area's job (tested there).
@@ -58,7 +58,7 @@ def svc(tmp_path_factory, request):
 
 
 def call(url: str, headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict, Any]:
-    """(status, JSON body, response headers: case-insensitive, as the two engines spell names differently)"""
+    """(status, JSON body, response headers: case-insensitive; uvicorn sends lowercase names)"""
     data = json.dumps({"inputs": [[0.5, 0.1, 0.2, 0.3]]}).encode() if method == "POST" else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
