@@ -1,0 +1,56 @@
+"""The model registry: immutable numbered versions, aliases, and an append-only audit log.
+
+One module per seam; :class:`Registry` stacks the three layers of methods, each built on the one below:
+
+- :mod:`kit.registry.names` — model names, version numbers, ``name@ref`` and canary weights (user input).
+- :mod:`kit.registry.records` — ``ModelVersion``, ``Aliases``, ``VerifyResult``, ``artifact_digest``.
+- :mod:`kit.registry.lineage` — ``detect_source``: the notebook or script and git commit of a register.
+- :mod:`kit.registry.store` — ``Store``: the on-disk layout, lock, reading, ``register``, audit log.
+- :mod:`kit.registry.integrity` — ``CheckedStore``: sha256 and signatures, ``load``, the gate rule.
+- :mod:`kit.registry.aliases` — ``AliasMoves``: promote, canary, rollback, repair.
+- :mod:`kit.registry.loaded` — ``LoadedModel``: a verified version ready for inference.
+
+Import from here (``from kit.registry import Registry``); the modules are the layout, not the interface.
+"""
+
+from __future__ import annotations
+
+from kit.registry.aliases import AliasMoves
+from kit.registry.lineage import detect_source
+from kit.registry.loaded import LoadedModel
+from kit.registry.names import (
+    ALIASES,
+    REFS,
+    is_version_text,
+    parse_ref,
+    parse_weight,
+    validate_name,
+    validate_version,
+)
+from kit.registry.records import SCHEMA, Aliases, ModelVersion, VerifyResult, artifact_digest, utcnow
+
+__all__ = [
+    "ALIASES",
+    "REFS",
+    "SCHEMA",
+    "Aliases",
+    "LoadedModel",
+    "ModelVersion",
+    "Registry",
+    "VerifyResult",
+    "artifact_digest",
+    "detect_source",
+    "is_version_text",
+    "parse_ref",
+    "parse_weight",
+    "utcnow",
+    "validate_name",
+    "validate_version",
+]
+
+
+class Registry(AliasMoves):
+    """A registry rooted at a folder. Safe to use from many processes at once.
+
+    ``Registry(root, require_gate=True, user=None, keyring=None)``; see :class:`kit.registry.store.Store`.
+    """

@@ -1,0 +1,199 @@
+"""What a registry checks before it trusts a version: every file's sha256, the signature of meta.json,
+the gate rule; and loading a version for inference once those pass.
+
+sha256 against meta.json catches accidents; the signature of meta.json (which binds every file's sha256)
+catches attackers who can write the registry but do not hold a trusted key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kit._io import sha256_file
+from kit.errors import IntegrityError, KitError, SignatureError
+from kit.gate import evidence as gate_evidence
+from kit.registry.loaded import LoadedModel
+from kit.registry.names import validate_version
+from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
+from kit.registry.store import Store
+from kit.signing import sig_path, sign_file, verify_bytes, verify_file
+
+log = logging.getLogger(__name__)
+
+
+class CheckedStore(Store):
+    """A :class:`Store` that verifies: sha256 and signatures, loading, gate evidence and the gate rule."""
+
+    def verify(self, name: str | None = None, version: int | None = None) -> list[VerifyResult]:
+        """Re-hash every file of the selected versions against meta.json."""
+        names = [name] if name else self.models()
+        results = []
+        for n in names:
+            nums = [validate_version(version)] if version is not None else self._version_numbers(n)
+            for v in nums:
+                results.append(self._verify_one(n, v))
+        return results
+
+    def _verify_one(self, name: str, version: int) -> VerifyResult:
+        ref = f"{name}@{version}"
+        try:
+            mv = self._read_version(name, version)
+        except KitError as exc:
+            return VerifyResult(ref, False, (str(exc),))
+        problems = []
+        signed_by = None
+        try:
+            signed_by = self.check_signature(mv)
+        except SignatureError as exc:
+            problems.append(str(exc))
+        problems += file_problems(mv)
+        return VerifyResult(ref, not problems, tuple(problems), signed_by)
+
+    def trust(self) -> Any:
+        """The :class:`kit.signing.Trust` reads check against; None when this registry checks no signatures."""
+        return self.keyring.trust() if self.keyring is not None else None
+
+    def check_signature(self, mv: ModelVersion) -> str | None:
+        """The key id whose signature of ``meta.json`` verifies; None when this registry has no keyring.
+
+        Raises :class:`SignatureError` (naming the key and the fix) for an unsigned version, a key not
+        trusted here, or a ``meta.json`` changed after it was signed.
+        """
+        trust = self.trust()
+        if trust is None:
+            return None
+        fix = (f"Do not serve it: restore {mv.ref} from a copy you trust or register the model again. If "
+               f"you hold the key and its files are yours, re-sign it with `kit keys sign {mv.ref}`; if "
+               "another trusted key signed it, add that key's public key to the trusted keys (service.toml "
+               "[trust] public_keys, kit.toml trusted_keys).")
+        return verify_file(mv.path / "meta.json", trust, f"{mv.ref} (its meta.json)", fix)
+
+    def check_integrity(self, mv: ModelVersion) -> str | None:
+        """Signature of meta.json, then every file's sha256; returns the verified key id (or None)."""
+        signed_by = self.check_signature(mv)
+        problems = file_problems(mv)
+        if problems:
+            raise IntegrityError(
+                f"{mv.ref} failed verification: {'; '.join(problems)}. The files were changed after "
+                "registration; restore them or register the model again."
+            )
+        return signed_by
+
+    def sign_version(self, name: str, version: int) -> str:
+        """Sign an existing version's meta.json (after checking every file's sha256); returns the key id.
+
+        For versions registered before signing (or without a key). Sign only versions you know are yours.
+        """
+        if self.keyring is None or not self.keyring.can_sign():
+            raise SignatureError(f"This registry has no signing key; sign {name}@{version} where your key is "
+                                 "(`kit keys list`).")
+        mv = self.get(name, version)
+        problems = file_problems(mv)
+        if problems:
+            raise IntegrityError(f"Refusing to sign {mv.ref}: {'; '.join(problems)}.")
+        key = self.keyring.signer()
+        with self.lock(name):
+            sign_file(mv.path / "meta.json", key)
+            self._event(name, "sign", version=mv.version, key_id=key.key_id,
+                        artifact_sha256=mv.artifact_sha256)
+        return key.key_id
+
+    def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True,
+             max_artifact_bytes: int | None = None) -> LoadedModel:
+        """Load a version for inference, after verifying every file's sha256 (and the environment).
+
+        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB).
+        """
+        from kit.artifacts import limits_for
+        from kit.capture import EXAMPLE_FILE, MODEL_FILE, Signature, load_examples, load_program
+        from kit.env import Fingerprint, diff, fingerprint
+
+        mv = self.get(name, ref)
+        signed_by = self.check_signature(mv)  # SignatureError first: it names the key and the fix
+        problems = file_problems(mv)
+        if problems:
+            raise IntegrityError(
+                f"Refusing to load {mv.ref}: {'; '.join(problems)}. The files were changed after "
+                f"registration; restore them or register the model again."
+            )
+        drift = None
+        if check_env:
+            drift = diff(Fingerprint.from_dict(mv.env), fingerprint())
+            drift.raise_for_errors(f"This environment (for {mv.ref})")
+        limits = limits_for(max_artifact_bytes)
+        module = load_program(mv.path / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
+        name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
+        if callable(name_dims):
+            name_dims(Signature.from_dict(mv.signature))
+        ins, outs = load_examples(mv.path / EXAMPLE_FILE, limits)
+        return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift, signed_by)
+
+    # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
+    def gate_root(self, name: str, version: int) -> Path:
+        return gate_evidence.gates_dir(self.version_dir(name, version))
+
+    def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
+        return gate_evidence.read_results(self.version_dir(name, version))
+
+    def passing_gate(self, mv: ModelVersion) -> dict[str, Any] | None:
+        """The newest passing gate result recorded for exactly this artifact, if any. With a keyring, only
+        results whose ``result.json.sig`` verifies against its trust count: a forged result is no gate."""
+        results = self.gate_results(mv.name, mv.version) if self.keyring is None else self._signed_gate_results(mv)
+        return gate_evidence.passing_result(results, mv.artifact_sha256)
+
+    def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
+        trust = self.trust()
+        out: list[dict[str, Any]] = []
+        for p in sorted(gate_evidence.gates_dir(mv.path).glob(f"*/{gate_evidence.RESULT_FILE}")):
+            try:
+                data = p.read_bytes()  # verify and parse the same bytes
+                verify_bytes(data, sig_path(p), trust, f"gate result {p.parent.name} of {mv.ref}",
+                             f"Run the gate again where a trusted key is: `kit validate {mv.ref}`.")
+                d = json.loads(data)
+            except SignatureError as exc:
+                log.warning("not counted as a gate: %s", exc)
+                continue
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+        return out
+
+    def sign_evidence(self, path: Path) -> str | None:
+        """Sign a file this registry wrote (a gate's result.json) with its key; the key id, or None unkeyed."""
+        if self.keyring is None or not self.keyring.can_sign():
+            return None
+        key = self.keyring.signer()
+        sign_file(path, key)
+        return key.key_id
+
+    def gate_verdict(self, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
+        """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version.
+
+        "stale": the newest result was recorded for another artifact sha256.
+        """
+        verdict, deciding = gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
+        if verdict == "passed" and self.keyring is not None and self.passing_gate(mv) is None:
+            return "unsigned", deciding  # a passing result.json no trusted key signed is no gate
+        return verdict, deciding
+
+
+def file_problems(mv: ModelVersion) -> list[str]:
+    """Every file's sha256 against meta.json (accidents; the signature of meta.json covers attackers)."""
+    problems = []
+    for fname, expected in sorted(mv.files.items()):
+        if "/" in fname or fname.startswith("."):
+            problems.append(f"{fname}: unsafe file name in meta.json")
+            continue
+        p = mv.path / fname
+        if not p.is_file():
+            problems.append(f"{fname}: missing")
+        elif (got := sha256_file(p)) != expected:
+            problems.append(f"{fname}: sha256 {got[:12]}… != recorded {expected[:12]}…")
+    if artifact_digest(mv.files) != mv.artifact_sha256:
+        problems.append("meta.json: artifact_sha256 does not match the file hashes")
+    return problems
+

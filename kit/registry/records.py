@@ -1,0 +1,115 @@
+"""The registry's records: a version's metadata (and the digest that names its artifact), the aliases
+file and a verification result.
+
+Frozen dataclasses read from and written as JSON (``meta.json``, ``aliases.json``); never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kit.errors import InvalidNameError, RegistryCorruptError
+from kit.registry.names import validate_version
+
+SCHEMA = 1
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    created: str
+    artifact_sha256: str
+    files: dict[str, str]
+    signature: dict[str, Any]
+    env: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    capture: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def short_sha(self) -> str:
+        return self.artifact_sha256[:12]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files if (self.path / f).exists())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@dataclass(frozen=True)
+class Aliases:
+    production: int | None = None
+    canary: int | None = None
+    canary_weight: float = 0.0
+    previous: tuple[int, ...] = ()
+    serial: int = 0
+    updated: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"schema": SCHEMA, "serial": self.serial, "updated": self.updated}
+        if self.production is not None:
+            d["production"] = {"version": self.production, "previous": list(self.previous)}
+        if self.canary is not None:
+            d["canary"] = {"version": self.canary, "weight": self.canary_weight}
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Aliases":
+        def bad(why: str) -> RegistryCorruptError:
+            return RegistryCorruptError(
+                f"{where} is malformed ({why}). Rebuild it from the audit log with "
+                f"`kit aliases repair {Path(where).parent.name}`."
+            )
+
+        if not isinstance(d, dict):
+            raise bad(f"expected a JSON object, got {type(d).__name__}")
+        try:
+            prod = d.get("production")
+            can = d.get("canary")
+            production = validate_version(prod["version"]) if prod else None
+            previous = tuple(validate_version(v) for v in (prod or {}).get("previous", []))
+            canary = validate_version(can["version"]) if can else None
+            weight = float(can.get("weight", 0.0)) if can else 0.0
+            serial = int(d.get("serial", 0))
+        except (KeyError, TypeError, ValueError, InvalidNameError) as exc:
+            raise bad(str(exc)) from exc
+        if not 0.0 <= weight <= 1.0:
+            raise bad(f"canary weight {weight} is outside [0, 1]")
+        return cls(production, canary, weight, previous, serial, d.get("updated"))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ref: str
+    ok: bool
+    problems: tuple[str, ...] = ()
+    signed_by: str | None = None  # the trusted key whose signature of meta.json verified
+
+
+def artifact_digest(files: Mapping[str, str]) -> str:
+    """One sha256 over every file's name and sha256: what a gate result is bound to."""
+    h = hashlib.sha256()
+    for fname in sorted(files):
+        h.update(f"{fname}\0{files[fname]}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,338 @@
+"""A registry's storage: its folders, the per-model lock, reading versions and aliases, registering a
+version, and the append-only audit log.
+
+Layout (one folder per model name)::
+
+    <root>/<name>/versions/<n>/      model.pt2, example.npz, meta.json, gates/<run-id>/...
+    <root>/<name>/aliases.json       {"production": {"version": 3, "previous": [1, 2]},
+                                      "canary": {"version": 4, "weight": 0.1}, "serial": 7, ...}
+    <root>/<name>/events.jsonl       register, gate, promote, canary, rollback (who, when, why)
+    <root>/<name>/.lock              cross-process lock for numbering, aliases and events
+
+A version is built in a hidden temporary folder and renamed into place when whole, so a crash at any
+point leaves either no version or a whole one. ``aliases.json`` is replaced atomically and is the one
+source of truth for what is served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import filelock
+
+from kit._io import append_line, atomic_write_json, fsync_dir, sha256_file
+from kit.errors import KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
+from kit.registry.lineage import detect_source
+from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
+from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, utcnow
+from kit.signing import Keyring, sign_file
+
+log = logging.getLogger(__name__)
+
+_LOCK_TIMEOUT = 60.0
+
+
+class Store:
+    """A registry's folders (see the module docstring): layout, lock, reading, register, audit log.
+
+    :class:`kit.registry.Registry` adds the integrity checks (:mod:`kit.registry.integrity`) and the alias
+    moves (:mod:`kit.registry.aliases`) on top.
+    """
+
+    def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None,
+                 keyring: Keyring | None = None):
+        """``keyring`` signs what this registry writes (meta.json, gate results) and is the trust every
+        read checks signatures against. None: nothing is signed or signature-checked (sha256 only)."""
+        self.root = Path(root).resolve()
+        self.require_gate = require_gate
+        self.user = user or "unknown"
+        self.keyring = keyring
+
+    @classmethod
+    def from_config(cls, config: Any) -> Self:
+        return cls(config.registry, require_gate=config.require_gate, user=config.user, keyring=config.keyring())
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # ---- paths and locks
+    def model_dir(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.model_dir(name) / "versions" / str(validate_version(version))
+
+    def aliases_path(self, name: str) -> Path:
+        return self.model_dir(name) / "aliases.json"
+
+    def events_path(self, name: str) -> Path:
+        return self.model_dir(name) / "events.jsonl"
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        d = self.model_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(d / ".lock"), timeout=_LOCK_TIMEOUT)
+        try:
+            with lock:
+                yield
+        except filelock.Timeout as exc:
+            raise KitError(
+                f"Timed out after {_LOCK_TIMEOUT:.0f}s waiting for the lock on model {name!r} ({d / '.lock'}). "
+                "Another kit process is holding it; retry when it finishes."
+            ) from exc
+
+    # ---- reading
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
+
+    def _version_numbers(self, name: str) -> list[int]:
+        vdir = self.model_dir(name) / "versions"
+        if not vdir.is_dir():
+            return []
+        return sorted(int(p.name) for p in vdir.iterdir() if is_version_text(p.name) and (p / "meta.json").is_file())
+
+    def _require_model(self, name: str) -> None:
+        if not (self.model_dir(name) / "versions").is_dir():
+            have = ", ".join(self.models()) or "none"
+            raise ModelNotFoundError(
+                f"No model {name!r} in the registry at {self.root} (models: {have}). "
+                "Register one with kit.registry.Registry.register() or %deploy."
+            )
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        self._require_model(name)
+        return [self._read_version(name, v) for v in self._version_numbers(name)]
+
+    def _read_version(self, name: str, version: int) -> ModelVersion:
+        path = self.version_dir(name, version)
+        meta_path = path / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError as exc:
+            raise VersionNotFoundError(self._no_version_msg(name, version)) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryCorruptError(
+                f"{meta_path} is not valid JSON ({exc}). The version was altered after it was written; "
+                "run `kit verify` and re-register the model."
+            ) from exc
+        try:
+            return ModelVersion(
+                name=name, version=version, path=path, created=meta["created"],
+                artifact_sha256=meta["artifact_sha256"], files=dict(meta["files"]),
+                signature=meta["signature"], env=meta["env"], source=meta.get("source", {}),
+                metrics=meta.get("metrics", {}), tags=meta.get("tags", {}), capture=meta.get("capture", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise RegistryCorruptError(f"{meta_path} lacks field {exc}. Run `kit verify {name}`.") from exc
+
+    def _no_version_msg(self, name: str, version: int) -> str:
+        have = self._version_numbers(name)
+        span = f"{have[0]}-{have[-1]}" if have else "none"
+        return f"Model {name!r} has no version {version} (have {span}). Run `kit models {name}`."
+
+    def get(self, name: str, ref: int | str | None = None) -> ModelVersion:
+        """A version by number, by alias (``production``, ``canary``) or ``latest``.
+
+        ``ref=None`` means production when set, else the latest version.
+        """
+        self._require_model(name)
+        if ref is None:
+            ref = "production" if self.aliases(name).production else "latest"
+        if ref == "latest":
+            nums = self._version_numbers(name)
+            if not nums:
+                raise VersionNotFoundError(f"Model {name!r} has no versions yet.")
+            return self._read_version(name, nums[-1])
+        if ref in ALIASES:
+            a = self.aliases(name)
+            v = a.production if ref == "production" else a.canary
+            if v is None:
+                raise VersionNotFoundError(  # each shell adds its own command for the remedy
+                    f"Model {name!r} has no {ref} version. "
+                    + ("Start a canary first." if ref == "canary" else "Promote a version first."),
+                    remedy="start_canary" if ref == "canary" else "promote", subject=name,
+                )
+            return self._read_version(name, v)
+        version = validate_version(ref)
+        if version not in self._version_numbers(name):
+            raise VersionNotFoundError(self._no_version_msg(name, version))
+        return self._read_version(name, version)
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``"name@ref"`` -> the version."""
+        name, sel = parse_ref(ref)
+        return self.get(name, sel)
+
+    def aliases(self, name: str) -> Aliases:
+        path = self.aliases_path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return Aliases()
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryCorruptError(
+                f"{path} is not valid JSON ({exc}; {len(text)} bytes, truncated or overwritten?). "
+                f"Rebuild it from the audit log with `kit aliases repair {name}`."
+            ) from exc
+        return Aliases.from_json(data, str(path))
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        self._require_model(name)
+        out: list[dict[str, Any]] = []
+        path = self.events_path(name)
+        if not path.exists():
+            return out
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping unreadable line %d of %s", i, path)
+        return out
+
+    # ---- writing
+    def register(
+        self,
+        name: str,
+        model: Any,
+        example_inputs: Any = None,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | None = None,
+        project_root: Path | None = None,
+        **capture_kwargs: Any,
+    ) -> ModelVersion:
+        """Register a new immutable version.
+
+        ``model`` is a :class:`kit.capture.CapturedModel`, or an ``nn.Module`` captured here with
+        ``example_inputs`` (``capture_kwargs`` go to :func:`kit.capture.capture`).
+        """
+        from kit.capture import CapturedModel, capture
+
+        validate_name(name)
+        if not isinstance(model, CapturedModel):
+            if example_inputs is None:
+                raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
+            model = capture(model, example_inputs, **capture_kwargs)
+        model_dir = self.model_dir(name)
+        (model_dir / "versions").mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp(name)
+        tmp = model_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = _new_meta(name, model, _save_synced(model, tmp), metrics=metrics, tags=tags, source=source,
+                             project_root=project_root)
+            _check_json(meta, "metrics/tags/source")
+            signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
+            with self.lock(name):
+                version = self._publish(name, tmp, meta, signer)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("registered %s@%d at %s", name, version, self.version_dir(name, version))
+        return self._read_version(name, version)
+
+    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
+        """Number, write (and sign) meta.json and rename ``tmp`` into place; callers hold the model lock."""
+        nums = self._version_numbers(name)
+        version = (nums[-1] + 1) if nums else 1
+        meta["version"] = version
+        atomic_write_json(tmp / "meta.json", meta)
+        if signer is not None:  # meta.json binds every file's sha256: its signature binds the version
+            sign_file(tmp / "meta.json", signer)
+        fsync_dir(tmp)
+        final = self.version_dir(name, version)
+        os.rename(tmp, final)  # atomic: the version appears whole or not at all
+        fsync_dir(final.parent)
+        self._event(name, "register", version=version, artifact_sha256=meta["artifact_sha256"])
+        return version
+
+    def _clean_stale_tmp(self, name: str) -> None:
+        """Remove temporary folders left by processes that died mid-register."""
+        for p in self.model_dir(name).glob(".tmp-*"):
+            try:
+                pid = int(p.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one audit record; callers hold the model lock."""
+        rec = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
+        rec.update(fields)
+        append_line(self.events_path(name), json.dumps(rec, sort_keys=True))
+        return rec
+
+    def record_event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        """Append an audit record (e.g. a gate run) under the model lock."""
+        with self.lock(name):
+            return self._event(name, event, **fields)
+
+
+def _save_synced(model: Any, folder: Path) -> dict[str, str]:
+    """``model.save(folder)``, every file fsync'd; file name -> sha256."""
+    written = model.save(folder)
+    files = {p.name: sha256_file(p) for p in written}
+    for p in written:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    return files
+
+
+def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[str, Any] | None,
+              tags: Mapping[str, Any] | None, source: Mapping[str, Any] | None,
+              project_root: Path | None) -> dict[str, Any]:
+    """A new version's meta.json, less its number (taken under the lock)."""
+    from kit.env import fingerprint
+
+    return {
+        "schema": SCHEMA,
+        "name": name,
+        "created": utcnow(),
+        "files": files,
+        "artifact_sha256": artifact_digest(files),
+        "signature": model.signature.to_dict(),
+        "env": fingerprint(project_root).to_dict(),
+        "source": dict(source) if source is not None else detect_source(cwd=project_root),
+        "metrics": dict(metrics or {}),
+        "tags": dict(tags or {}),
+        "capture": {
+            "seconds": round(model.seconds, 3),
+            "model_class": model.model_class,
+            "parity": model.parity.to_dict(),
+            "format": "torch.export",
+        },
+    }
+
+
+def _check_json(obj: Any, what: str) -> None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise KitError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
