@@ -6,9 +6,10 @@ Shown: a canary started with `kit canary` is followed by every instance within 2
 SIGKILLed, then all restarted one by one: 0 failed client requests; the registry briefly unreachable:
 every instance keeps serving and /readyz says why; `kit rollback` is followed within 2 s.
 
-Alias moves call the registry functions `kit canary` / `kit rollback` call, with force=True: gates
-(validation notebooks) and signatures are tested in their own areas. The registry is made
-unreachable by renaming its folder away and back: tests run as root, where chmod 000 does not stop reads.
+Alias moves are the real `kit canary` / `kit rollback` commands (subprocesses) on a signed registry that
+the service trusts; the canary is forced with a reason (validation notebooks are tested in their own
+area). The registry is made unreachable by renaming its folder away and back: tests run as root, where
+chmod 000 does not stop reads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from kit.fleet.nginx import NginxOptions, render_nginx
 from kit.registry import Registry
 from kit.serving.router import user_bucket
 from kit.servicegen import RunningService, generate, start_service
+from kit_testing import project_keyring
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 pytestmark = [
@@ -70,10 +73,13 @@ class Fleet:
         status, body = http_status(f"http://127.0.0.1:{self.ports[i]}/readyz")
         return json.loads(body) if status else {}
 
-    def move(self, change) -> float:
-        """Move the aliases with ``change(registry)`` (what `kit canary` / `kit rollback` call); returns the
-        wall-clock time aliases.json was written."""
-        change(self.reg)
+    def move(self, *args: str) -> float:
+        """Run ``kit ARGS`` on this registry (the operator's command); returns the wall-clock time
+        aliases.json was written."""
+        kit = Path(sys.executable).parent / "kit"
+        env = {**os.environ, "KIT_REGISTRY": str(self.reg.root)}
+        res = subprocess.run([str(kit), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"kit {' '.join(args)} failed: {res.stdout}{res.stderr}"
         return self.reg.aliases_path(MODEL).stat().st_mtime
 
 
@@ -137,14 +143,15 @@ class Load:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
-    reg = Registry(root / "registry", require_gate=True, user="fleet-test")
+    keyring = project_keyring()
+    reg = Registry(root / "registry", require_gate=True, user="fleet-test", keyring=keyring)
     example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     for seed in (1, 2, 3):
         reg.register(MODEL, _mlp(seed), example)
     reg.promote(MODEL, 1, force=True, why="test")
     reg.promote(MODEL, 2, force=True, why="test")  # production 2, previous [1]: what rollback returns to
     d = generate("fleet", MODEL, registry=reg.root, out_dir=root / "services", workers=1, threads=4,
-                 poll_interval=0.2)
+                 poll_interval=0.2, trusted_keys=keyring.service_keys())
     logs = root / "logs"
     logs.mkdir()
     f = Fleet(reg=reg, service_dir=d, ports=[free_port() for _ in range(3)], instances=[None] * 3,  # type: ignore[list-item]
@@ -191,7 +198,7 @@ def _follow(f: Fleet, t_move: float, pred, what: str) -> list[float]:
 def test_canary_is_followed_by_every_instance(fleet, record_property):
     with Load(fleet.url) as load:
         time.sleep(1.0)
-        t_move = fleet.move(lambda reg: reg.set_canary(MODEL, 3, WEIGHT, force=True, why="fleet test"))
+        t_move = fleet.move("canary", f"{MODEL}@3", "--weight", f"{WEIGHT:.0%}", "--force", "--why", "fleet test")
         lags = _follow(fleet, t_move, lambda b: (b.get("canary") or {}).get("version") == 3, "started the canary")
         t_all = t_move + max(lags)
         time.sleep(6.0)
@@ -285,7 +292,7 @@ def test_registry_unreachable_keeps_serving_and_readyz_says_why(fleet):
 def test_rollback_is_followed_by_every_instance(fleet, record_property):
     with Load(fleet.url) as load:
         time.sleep(1.0)
-        t_move = fleet.move(lambda reg: reg.rollback(MODEL, why="fleet test"))
+        t_move = fleet.move("rollback", MODEL, "--why", "fleet test")
         lags = _follow(fleet, t_move, lambda b: (b.get("production") or {}).get("version") == 1
                        and b.get("canary") is None, "rolled back")
         t_all = t_move + max(lags)
