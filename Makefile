@@ -11,7 +11,7 @@ CONDA      := $(shell command -v micromamba || command -v mamba || command -v co
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
 
-.PHONY: help env lock demo test typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
+.PHONY: help env lock demo test test-image typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -43,8 +43,11 @@ lock: $(STAMP) ## write .kit/environment.lock.json, the exact environment finger
 demo: $(STAMP) ## the main job end to end on embedded defaults
 	$(PY) -m kit.demo
 
-test: $(STAMP) ## run the whole test suite (unit, integration, e2e)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## run the whole test suite (unit, integration, e2e) but the container image build
+	$(PY) -m pytest -m "not image" $(PYTEST_ARGS)
+
+test-image: $(STAMP) ## the container image build test (kit pack --image with buildah; >10 min, GBs of disk)
+	$(PY) -m pytest -m image $(PYTEST_ARGS)
 
 typecheck: $(STAMP) ## mypy over kit/ (types on public functions; CI runs it)
 	$(PY) -m mypy

@@ -36,7 +36,7 @@ from kit.registry import Registry
 from kit.servicegen import generate
 
 BUILDAH, PODMAN = shutil.which("buildah"), shutil.which("podman")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500),
+pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(1500),
               pytest.mark.skipif(BUILDAH is None, reason="Debian's buildah is not installed (make fleet-deps)")]
 MODEL = "img-digits"
 TOOLS = ("bash", "coreutils", "findutils", "sed", "grep", "mawk")
