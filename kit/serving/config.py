@@ -17,43 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit import service_settings as settings
 from kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
-SERVICE_FILE = "service.toml"
+SERVICE_FILE = settings.SERVICE_FILE
+_d = settings.default
 
-# section -> {key: (field name, type)}
-_SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
-    "service": {
-        "name": ("name", str), "bind": ("bind", str), "device": ("device", str),
-        "workers": ("workers", int), "threads": ("threads", int), "torch_threads": ("torch_threads", int),
-        "timeout": ("timeout", int), "graceful_timeout": ("graceful_timeout", int),
-        "keepalive": ("keepalive", int), "max_requests": ("max_requests", int),
-        "max_requests_jitter": ("max_requests_jitter", int), "preload": ("preload", bool),
-        "engine": ("engine", str), "header_timeout": ("header_timeout", float),
-        "body_timeout": ("body_timeout", float),
-    },
-    "model": {"name": ("model", str), "registry": ("registry", str), "check_env": ("check_env", bool),
-              "max_artifact_bytes": ("max_artifact_bytes", int)},
-    "routing": {"version_header": ("version_header", str), "user_header": ("user_header", str)},
-    "reload": {"poll_interval": ("poll_interval", float), "retry_max": ("retry_max", float)},
-    "batching": {"enabled": ("batching", bool), "max_batch": ("max_batch", int),
-                 "max_wait_ms": ("max_wait_ms", float)},
-    "limits": {"max_body_bytes": ("max_body_bytes", int), "rate_limit": ("rate_limit", float),
-               "rate_burst": ("rate_burst", int)},
-    "auth": {"api_keys_sha256": ("api_keys_sha256", list), "keys_file": ("keys_file", str)},
-    "logging": {"access_log": ("access_log", bool)},
-    "trust": {"public_keys": ("trusted_keys", list)},
-}
-# whole tables parsed by their own module: section -> field name (see _parse_table)
-_TABLES = {"canary_guard": "canary_guard", "capture": "capture"}
-# [auth.jwt]: key -> type (the fields of JwtSettings; "enabled" turns it on)
-_JWT_SCHEMA: dict[str, type] = {
-    "enabled": bool, "algorithms": list, "secret_env": str, "secret_file": str, "public_key_file": str,
-    "jwks_file": str, "issuer": str, "audience": list, "leeway": float, "client_claim": str,
-    "required_claims": list,
-}
+
+def _o(option: str) -> Any:
+    return settings.BY_OPTION[option].default
+
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
@@ -63,7 +38,7 @@ class JwtSettings:
     """``[auth.jwt]``: bearer JWTs checked with a shared secret (HS*) or a public key / JWKS file (RS*, PS*,
     ES*, EdDSA). ``secret`` is the value of ``secret_env`` in the service's environment (never printed)."""
 
-    algorithms: tuple[str, ...] = ("HS256",)
+    algorithms: tuple[str, ...] = _d("auth.jwt", "algorithms")
     secret_env: str = ""
     secret: str | None = field(default=None, repr=False)
     secret_file: Path | None = None
@@ -71,9 +46,9 @@ class JwtSettings:
     jwks_file: Path | None = None
     issuer: str = ""
     audience: tuple[str, ...] = ()
-    leeway: float = 30.0  # seconds of clock skew allowed on exp, nbf and iat
-    client_claim: str = "sub"  # the client for rate limits and sticky routing
-    required_claims: tuple[str, ...] = ("exp",)
+    leeway: float = _d("auth.jwt", "leeway")  # seconds of clock skew allowed on exp, nbf and iat
+    client_claim: str = _d("auth.jwt", "client_claim")  # the client for rate limits and sticky routing
+    required_claims: tuple[str, ...] = _d("auth.jwt", "required_claims")
 
     @property
     def hmac(self) -> bool:
@@ -82,43 +57,44 @@ class JwtSettings:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Resolved settings of one generated service. Paths are absolute."""
+    """Resolved settings of one generated service. Paths are absolute. Defaults: the declaration in
+    :mod:`kit.service_settings` (what a generated service.toml holds)."""
 
     name: str
     model: str
     registry: Path
     service_dir: Path = Path(".")
-    bind: str = "127.0.0.1:8000"
-    device: str = "cpu"
-    workers: int = 0  # 0: min(cores, 4)
-    threads: int = 4  # gthread request threads per worker (measured: 4 beat 2 and 8 at c=32 on 2 cores)
-    torch_threads: int = 0  # 0: max(1, cores // workers), so workers x torch threads <= cores
-    timeout: int = 60  # above model load time: the master kills a silent worker after this
-    graceful_timeout: int = 30
-    keepalive: int = 5
-    max_requests: int = 200_000
-    max_requests_jitter: int = 20_000
-    preload: bool = True  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
-    engine: str = "asgi"  # uvicorn workers, async handlers, an inference thread (the only engine)
-    header_timeout: float = 10.0  # asgi: seconds for a request head to arrive (then the connection closes)
-    body_timeout: float = 30.0  # asgi: seconds for a request body to arrive after its head
-    check_env: bool = True
-    max_artifact_bytes: int = 8 << 30  # [model]: the most a model's files may expand to when opened
-    version_header: str = "X-Kit-Version"  # "" disables the override
-    user_header: str = "X-Kit-User"
-    poll_interval: float = 0.5
-    retry_max: float = 30.0
-    batching: bool = True
-    max_batch: int = 64
-    max_wait_ms: float = 0.0
-    max_body_bytes: int = 8 * 1024 * 1024
-    rate_limit: float = 0.0  # requests/second per client per worker; 0: off
-    rate_burst: int = 0  # 0: max(1, rate_limit)
+    bind: str = _o("bind")
+    device: str = _o("device")
+    workers: int = _o("workers")  # 0: min(cores, 4)
+    threads: int = _o("threads")  # gthread request threads per worker (measured: 4 beat 2 and 8 at c=32 on 2 cores)
+    torch_threads: int = _o("torch_threads")  # 0: max(1, cores // workers), so workers x torch threads <= cores
+    timeout: int = _o("timeout")  # above model load time: the master kills a silent worker after this
+    graceful_timeout: int = _o("graceful_timeout")
+    keepalive: int = _o("keepalive")
+    max_requests: int = _o("max_requests")
+    max_requests_jitter: int = _o("max_requests_jitter")
+    preload: bool = _o("preload")  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
+    engine: str = _o("engine")  # uvicorn workers, async handlers, an inference thread (the only engine)
+    header_timeout: float = _o("header_timeout")  # asgi: seconds for a request head to arrive (then the connection closes)
+    body_timeout: float = _o("body_timeout")  # asgi: seconds for a request body to arrive after its head
+    check_env: bool = _o("check_env")
+    max_artifact_bytes: int = _o("max_artifact_bytes")  # [model]: the most a model's files may expand to when opened
+    version_header: str = _o("version_header")  # "" disables the override
+    user_header: str = _o("user_header")
+    poll_interval: float = _o("poll_interval")
+    retry_max: float = _o("retry_max")
+    batching: bool = _o("batching")
+    max_batch: int = _o("max_batch")
+    max_wait_ms: float = _o("max_wait_ms")
+    max_body_bytes: int = _o("max_body_bytes")
+    rate_limit: float = _o("rate_limit")  # requests/second per client per worker; 0: off
+    rate_burst: int = _o("rate_burst")  # 0: max(1, rate_limit)
     api_keys_sha256: tuple[str, ...] = ()
     keys_file: Path | None = None
     trusted_keys: tuple[str, ...] = ()  # [trust] public_keys: versions must be signed by one of these
     jwt: JwtSettings | None = None  # [auth.jwt] enabled = true
-    access_log: bool = True
+    access_log: bool = _o("access_log")
     canary_guard: Any = None  # kit.serving.guard.GuardSettings ([canary_guard]; absent: off)
     capture: Any = None  # kit.serving.recorder.CaptureSettings ([capture]; absent: off)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -131,53 +107,17 @@ class ServiceConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check(section: str, key: str, value: Any, typ: type, path: Path) -> Any:
-    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        raise ServiceError(
-            f"{path}: [{section}] {key} = {value!r} must be a {typ.__name__}. Fix the value or regenerate "
-            "the service with `kit service new ... --force`."
-        )
-    return value
-
-
 def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | None = None) -> ServiceConfig:
-    """Read ``<service_dir>/service.toml``; apply ``KIT_REGISTRY``, ``KIT_BIND`` and
+    """Read ``<service_dir>/service.toml`` (:func:`kit.service_settings.read_service_toml`: unknown keys,
+    wrong types and out-of-range values refused); apply ``KIT_REGISTRY``, ``KIT_BIND`` and
     ``KIT_API_KEYS_SHA256`` (extra key digests, comma-separated) from ``environ``."""
     service_dir = Path(service_dir).resolve()
     path = service_dir / SERVICE_FILE
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise ServiceError(f"No {SERVICE_FILE} in {service_dir}. Generate the service with "
-                           "`kit service new NAME --model MODEL`.") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ServiceError(f"{path} is not valid TOML ({exc}).") from exc
+    doc = settings.read_service_toml(service_dir)
     values: dict[str, Any] = {}
-    jwt_table = None
-    for section, body in data.items():
-        if section in _TABLES and isinstance(body, dict):
-            values[_TABLES[section]] = _parse_table(section, body, path)
-            continue
-        if section not in _SCHEMA or not isinstance(body, dict):
-            raise ServiceError(f"{path}: unknown section [{section}]; known: {sorted([*_SCHEMA, *_TABLES])}.")
-        if section == "auth" and "jwt" in body:
-            body = dict(body)
-            jwt_table = body.pop("jwt")
-        for key, value in body.items():
-            if key not in _SCHEMA[section]:
-                raise ServiceError(
-                    f"{path}: unknown key {key!r} in [{section}]; known: {sorted(_SCHEMA[section])}."
-                )
-            fname, typ = _SCHEMA[section][key]
-            values[fname] = _check(section, key, value, typ, path)
-    for need in ("name", "model", "registry"):
-        if not values.get(need):
-            where = "[service] name" if need == "name" else f"[model] {'name' if need == 'model' else need}"
-            raise ServiceError(f"{path}: {where} is required.")
+    for section, body in doc.items():
+        if section not in _TABLES:  # flat sections: the option name is the ServiceConfig field
+            values.update({settings.BY_SECTION[section][k].option: v for k, v in body.items()})
     environ = {} if environ is None else environ
     if environ.get("KIT_REGISTRY"):
         values["registry"] = environ["KIT_REGISTRY"]
@@ -185,9 +125,33 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values["bind"] = environ["KIT_BIND"]
     registry = Path(values["registry"]).expanduser()
     values["registry"] = (registry if registry.is_absolute() else service_dir / registry).resolve()
-    keys = values.get("api_keys_sha256", [])
+    values["api_keys_sha256"] = _api_keys(values.get("api_keys_sha256", ()), path, environ)
+    if values.get("keys_file"):
+        kf = Path(values["keys_file"]).expanduser()
+        values["keys_file"] = kf if kf.is_absolute() else service_dir / kf
+    else:
+        values.pop("keys_file", None)
+    if "auth.jwt" in doc:
+        values["jwt"] = _jwt_settings(doc["auth.jwt"], path, service_dir, environ)
+    if "canary_guard" in doc:
+        from kit.serving.guard import parse_guard_settings
+
+        values["canary_guard"] = parse_guard_settings(doc["canary_guard"], str(path))
+    if "capture" in doc:
+        from kit.serving.recorder import parse_capture_settings
+
+        values["capture"] = parse_capture_settings(doc["capture"], str(path))
+    values["trusted_keys"] = _trusted_keys(list(values.get("trusted_keys", ())), path)
+    return ServiceConfig(service_dir=service_dir, **values)
+
+
+# tables that become their own settings objects (not ServiceConfig fields)
+_TABLES = ("auth.jwt", "canary_guard", "capture")
+
+
+def _api_keys(keys: tuple[str, ...], path: Path, environ: Mapping[str, str]) -> tuple[str, ...]:
     for k in keys:
-        if not (isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
+        if not (len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
             raise ServiceError(f"{path}: [auth] api_keys_sha256 holds {k!r}, not a lowercase sha256 hex "
                                "digest. Hash keys with `kit service hash-key KEY` (or sha256sum).")
     # KIT_API_KEYS_SHA256 adds digests (comma-separated) from the environment, e.g. a secret store's,
@@ -198,60 +162,20 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         if not (len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
             raise ServiceError(f"KIT_API_KEYS_SHA256 holds {k[:16]!r}…, not a lowercase sha256 hex digest. "
                                "Hash keys with `kit service hash-key KEY` (or sha256sum).")
-        keys = [*keys, k]
-    values["api_keys_sha256"] = tuple(keys)
-    if values.get("keys_file"):
-        kf = Path(values["keys_file"]).expanduser()
-        values["keys_file"] = kf if kf.is_absolute() else service_dir / kf
-    else:
-        values.pop("keys_file", None)
-    if jwt_table is not None:
-        values["jwt"] = _jwt_settings(jwt_table, path, service_dir, environ)
-    values["trusted_keys"] = _trusted_keys(values.get("trusted_keys", []), path)
-    if values.get("device", "cpu") not in ("cpu", "cuda") and not str(values["device"]).startswith("cuda:"):
-        raise ServiceError(f"{path}: [service] device = {values['device']!r}; use \"cpu\", \"cuda\" or \"cuda:N\".")
-    if values.get("engine", "asgi") != "asgi":
-        raise ServiceError(f"{path}: [service] engine = {values['engine']!r}: the only engine is \"asgi\" (the "
-                           "gthread + Flask engine was removed). Set engine = \"asgi\" or regenerate the service "
-                           "with `kit service new ... --force`.")
-    for key in ("header_timeout", "body_timeout"):
-        if key in values and not values[key] > 0:
-            raise ServiceError(f"{path}: [service] {key} must be > 0 seconds, got {values[key]}.")
-    for key in ("max_batch", "max_body_bytes", "threads"):
-        if key in values and values[key] < 1:
-            raise ServiceError(f"{path}: {key} must be >= 1, got {values[key]}.")
-    return ServiceConfig(service_dir=service_dir, **values)
-
-
-def _parse_table(section: str, body: dict[str, Any], path: Path) -> Any:
-    if section == "canary_guard":
-        from kit.serving.guard import parse_guard_settings
-
-        return parse_guard_settings(body, str(path))
-    from kit.serving.recorder import parse_capture_settings
-
-    return parse_capture_settings(body, str(path))
+        keys = (*keys, k)
+    return tuple(keys)
 
 
 def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[str, str]) -> JwtSettings | None:
-    """Check ``[auth.jwt]`` (no key material is read here: :mod:`kit.serving.security` does that)."""
+    """Check ``[auth.jwt]`` beyond its declared types and ranges (no key material is read here:
+    :mod:`kit.serving.security` does that)."""
     where = f"{path}: [auth.jwt]"
-    if not isinstance(table, dict):
-        raise ServiceError(f"{where} must be a table ([auth.jwt] with enabled = true and its keys).")
-    v: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in _JWT_SCHEMA:
-            raise ServiceError(f"{where}: unknown key {key!r}; known: {sorted(_JWT_SCHEMA)}.")
-        if key == "audience" and isinstance(value, str):
-            value = [value] if value else []
-        v[key] = _check("auth.jwt", key, value, _JWT_SCHEMA[key], path)
+    v = dict(table)
     if not v.pop("enabled", False):
         return None
     for key in ("algorithms", "audience", "required_claims"):
-        if key in v:
-            if not all(isinstance(x, str) and x for x in v[key]):
-                raise ServiceError(f"{where} {key} must be a list of non-empty strings, got {v[key]!r}.")
-            v[key] = tuple(v[key])
+        if key in v and not all(v[key]):
+            raise ServiceError(f"{where} {key} must be a list of non-empty strings, got {list(v[key])!r}.")
     algs = v.get("algorithms", ("HS256",))
     unknown = [a for a in algs if a not in HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS]
     if not algs or unknown:
@@ -273,10 +197,6 @@ def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[st
                            f"(have {sources or 'none'}).")
     if v.get("secret_env"):
         v["secret"] = environ.get(v["secret_env"]) or None
-    if not 0 <= v.get("leeway", 30.0) <= 300:
-        raise ServiceError(f"{where} leeway = {v['leeway']} must be between 0 and 300 seconds.")
-    if "client_claim" in v and not v["client_claim"]:
-        raise ServiceError(f"{where} client_claim must name a claim (default \"sub\").")
     return JwtSettings(**v)
 
 

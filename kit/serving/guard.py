@@ -34,15 +34,21 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kit import service_settings as settings
 from kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 SIDES = ("production", "canary")
+
+
+def _d(key: str) -> Any:
+    return settings.default("canary_guard", key)
+
 _RATIO = 1.2  # latency histogram buckets grow by 20%: a p95 is known to within 20%
 _BASE = 1e-4  # seconds: bucket 0 holds everything up to 0.1 ms
 _TOP = 80  # buckets: the last one holds everything above ~200 s
@@ -53,44 +59,27 @@ class GuardSettings:
     """``[canary_guard]`` in service.toml."""
 
     enabled: bool = False  # off when the section is absent (services generated before the guard)
-    min_requests: int = 50  # per side, inside the window, before anything is decided
-    window_s: float = 60.0  # seconds of traffic compared
-    max_error_rate_increase: float = 0.05  # canary 5xx rate minus production's (0.05: 5 points)
-    max_p95_ratio: float = 2.0  # canary p95 over production p95
-    min_p95_delta_ms: float = 20.0  # ... and at least this much slower (tiny p95s jitter by ratios)
-    interval_s: float = 1.0  # how often a worker shares its counts and judges
-    steps: tuple[float, ...] = ()  # progressive promotion: canary weights in percent, e.g. (5, 25, 50, 100)
-    hold_s: float = 300.0  # seconds a step must stay healthy (with min_requests a side) before the next
-
-
-_KEYS: dict[str, type] = {f: type(v) for f, v in asdict(GuardSettings()).items()}
-_KEYS["steps"] = list
+    min_requests: int = _d("min_requests")  # per side, inside the window, before anything is decided
+    window_s: float = _d("window_s")  # seconds of traffic compared
+    max_error_rate_increase: float = _d("max_error_rate_increase")  # canary 5xx rate minus production's
+    max_p95_ratio: float = _d("max_p95_ratio")  # canary p95 over production p95
+    min_p95_delta_ms: float = _d("min_p95_delta_ms")  # ... and at least this much slower (tiny p95s jitter)
+    interval_s: float = _d("interval_s")  # how often a worker shares its counts and judges
+    steps: tuple[float, ...] = _d("steps")  # progressive promotion: canary weights in percent, e.g. (5, 25, 50, 100)
+    hold_s: float = _d("hold_s")  # seconds a step must stay healthy (with min_requests a side) before the next
 
 
 def parse_guard_settings(table: Mapping[str, Any], where: str) -> GuardSettings:
-    """Check a ``[canary_guard]`` table (``where`` names the file in errors)."""
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        typ = _KEYS.get(key)
-        if typ is None:
-            raise ServiceError(f"{where}: unknown key {key!r} in [canary_guard]; known: {sorted(_KEYS)}.")
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ServiceError(f"{where}: [canary_guard] {key} = {value!r} must be a {typ.__name__}.")
-        values[key] = value
+    """Check a ``[canary_guard]`` table (``where`` names the file in errors): the declared types and ranges
+    (:mod:`kit.service_settings`), then the steps."""
+    values = settings.check_section("canary_guard", table, where)
     if "steps" in values:
         steps = values["steps"]
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 100 for x in steps) \
                 or list(steps) != sorted(set(steps)):
             raise ServiceError(f"{where}: [canary_guard] steps = {steps!r} must be increasing percentages in "
                                "(0, 100], e.g. [5, 25, 50, 100] (100 promotes the canary).")
-        values["steps"] = tuple(float(x) for x in steps)
-    s = GuardSettings(**values)
-    if s.min_requests < 1 or s.window_s <= 0 or s.interval_s <= 0 or s.max_p95_ratio < 1:
-        raise ServiceError(f"{where}: [canary_guard] needs min_requests >= 1, window_s > 0, interval_s > 0 and "
-                           f"max_p95_ratio >= 1 (got {s}).")
-    return s
+    return GuardSettings(**values)
 
 
 def bucket_of(seconds: float) -> int:

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import orjson
 
+from kit import service_settings as settings
 from kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -39,35 +40,27 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 
 
+def _d(key: str) -> Any:
+    return settings.default("capture", key)
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
     """``[capture]`` in service.toml (off unless ``enabled``)."""
 
-    enabled: bool = False
-    sample_rate: float = 0.01  # share of answered inference requests recorded (1.0: all)
-    folder: str = "capture"  # relative to the service folder, or absolute
-    max_bytes: int = 256 << 20  # per worker, over its current and rotated files
-    max_file_bytes: int = 16 << 20  # a file this large is closed and a new one begun
-    drop_inputs: tuple[str, ...] = ()  # input names never written
-    queue_size: int = 1024  # records waiting for the writer; beyond it records are dropped (and counted)
-
-
-_TYPES: dict[str, type] = {"enabled": bool, "sample_rate": float, "folder": str, "max_bytes": int,
-                           "max_file_bytes": int, "drop_inputs": list, "queue_size": int}
+    enabled: bool = _d("enabled")
+    sample_rate: float = _d("sample_rate")  # share of answered inference requests recorded (1.0: all)
+    folder: str = _d("folder")  # relative to the service folder, or absolute
+    max_bytes: int = _d("max_bytes")  # per worker, over its current and rotated files
+    max_file_bytes: int = _d("max_file_bytes")  # a file this large is closed and a new one begun
+    drop_inputs: tuple[str, ...] = _d("drop_inputs")  # input names never written
+    queue_size: int = _d("queue_size")  # records waiting for the writer; beyond it dropped (and counted)
 
 
 def parse_capture_settings(table: Mapping[str, Any], where: str) -> CaptureSettings:
-    """Check a ``[capture]`` table (``where`` names the file in errors)."""
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        typ = _TYPES.get(key)
-        if typ is None:
-            raise ServiceError(f"{where}: unknown key {key!r} in [capture]; known: {sorted(_TYPES)}.")
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise ServiceError(f"{where}: [capture] {key} = {value!r} must be a {typ.__name__}.")
-        values[key] = tuple(str(v) for v in value) if isinstance(value, list) else value
+    """Check a ``[capture]`` table (``where`` names the file in errors): the declared types and ranges
+    (:mod:`kit.service_settings`), then the sizes against each other."""
+    values = settings.check_section("capture", table, where)
     s = CaptureSettings(**values)
     if not 0.0 <= s.sample_rate <= 1.0 or s.max_file_bytes < 1024 or s.max_bytes < s.max_file_bytes or s.queue_size < 1:
         raise ServiceError(f"{where}: [capture] needs 0 <= sample_rate <= 1, max_file_bytes >= 1024, "
