@@ -219,11 +219,9 @@ def deploy(
 
 
 def _service_model(service_dir: Path) -> str | None:
-    import tomllib
+    from kit.service_settings import read_service_toml
 
     try:
-        with open(service_dir / "service.toml", "rb") as f:
-            model = tomllib.load(f).get("model", {}).get("name")
-    except (OSError, tomllib.TOMLDecodeError):
+        return str(read_service_toml(service_dir)["model"]["name"])
+    except KitError:
         return None
-    return model if isinstance(model, str) else None

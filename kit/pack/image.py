@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,11 +64,10 @@ def image_tag(service: str, label: str) -> str:
 
 
 def _port(root: Path) -> int:
+    from kit.service_settings import default, read_service_toml
+
     toml = root / "service" / "service.toml"
-    try:
-        bind = str(tomllib.loads(toml.read_text())["service"]["bind"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise PackError(f"{toml} has no readable [service] bind ({exc}); is {root} a kit pack folder?") from exc
+    bind = str(read_service_toml(root / "service", error=PackError)["service"].get("bind", default("service", "bind")))
     port = bind.rpartition(":")[2]
     if not port.isdigit():
         raise PackError(f"{toml}: [service] bind = {bind!r} has no port.")

@@ -77,15 +77,10 @@ def check_models(root: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
 
 def _service_trust(root: Path) -> Any:
     """The keyring of ``[trust] public_keys`` in the packed service.toml (None: signatures not checked)."""
-    import tomllib
-
+    from kit.service_settings import read_service_toml
     from kit.signing import Keyring, Trust
 
-    try:
-        with open(root / "service" / "service.toml", "rb") as f:
-            keys = tomllib.load(f).get("trust", {}).get("public_keys", [])
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PackError(f"{root}/service/service.toml is unreadable ({exc}); extract the archive again.") from exc
+    keys = read_service_toml(root / "service", error=PackError).get("trust", {}).get("public_keys", ())
     return Keyring.verify_only(Trust.from_texts(keys, "service.toml [trust] public_keys")) if keys else None
 
 

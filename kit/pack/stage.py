@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import kit
 from kit.errors import KitError, PackError, UnsafeArtifactError
 from kit.pack import envscan
+from kit.service_settings import SERVICE_FILE, read_service_toml
 from kit.pack._common import FORMAT_VERSION, SKIP_NAMES, Progress, say
 from kit.signing import Keyring
 
@@ -31,23 +31,16 @@ class ServiceInfo:
 
 
 def read_service(service_dir: Path) -> ServiceInfo:
-    """The service's name, model and registry, from ``service.toml``."""
+    """The service's name, model and registry, from ``service.toml`` (read and checked as the service will)."""
     service_dir = Path(service_dir).absolute()
-    toml = service_dir / "service.toml"
-    if not toml.is_file():
+    if not (service_dir / SERVICE_FILE).is_file():
         raise PackError(f"{service_dir} has no service.toml, so it is not a generated service. Generate one "
                         "with `kit service generate NAME MODEL` (or `make demo`), then pack services/NAME.")
-    try:
-        with open(toml, "rb") as f:
-            cfg = tomllib.load(f)
-        name = str(cfg.get("service", {}).get("name") or service_dir.name)
-        model = str(cfg["model"]["name"])
-        reg = Path(str(cfg["model"].get("registry", "registry")))
-    except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
-        raise PackError(f"{toml} lacks [model] name (or is not valid TOML: {exc}). Regenerate the service.") from exc
+    doc = read_service_toml(service_dir, error=PackError)
+    reg = Path(doc["model"]["registry"])
     if not reg.is_absolute():
         reg = (service_dir / reg).resolve()
-    return ServiceInfo(name, model, reg, service_dir)
+    return ServiceInfo(doc["service"]["name"], doc["model"]["name"], reg, service_dir)
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,8 @@ def test_the_server_side_check_verifies_model_signatures_against_the_packed_trus
     mv = reg.register("m", torch.nn.Linear(4, 2), torch.randn(2, 4))
     (root / "service").mkdir()
     toml = root / "service" / "service.toml"
-    toml.write_text(f'[trust]\npublic_keys = ["{reg.keyring.signer().public.text()}"]\n')
+    head = '[service]\nname = "demo"\n[model]\nname = "m"\nregistry = "../registry"\n'  # read as the service reads it
+    toml.write_text(head + f'[trust]\npublic_keys = ["{reg.keyring.signer().public.text()}"]\n')
     manifest = {"models": {"m": {"versions": [1]}}}
     assert check_models(root, manifest) == ("m@1",)
     with np.load(mv.path / "example.npz") as z:
@@ -207,7 +208,7 @@ def test_the_server_side_check_verifies_model_signatures_against_the_packed_trus
     atomic_write_json(mv.path / "meta.json", meta)
     with pytest.raises(IntegrityError, match="m@1 .*changed after it was signed"):
         check_models(root, manifest)
-    toml.write_text("[trust]\npublic_keys = []\n")  # an archive made for a service without trust: sha256 only
+    toml.write_text(head + "[trust]\npublic_keys = []\n")  # an archive made for a service without trust: sha256 only
     assert check_models(root, manifest) == ("m@1",)
 
 
