@@ -1,9 +1,10 @@
-"""Rendering ``services/<name>/`` from templates, and starting a generated service.
+"""Rendering ``services/<name>/``, and starting a generated service.
 
-``generate(name, model, registry=...)`` writes ``wsgi.py``, ``gunicorn.conf.py``, ``service.toml``,
-``README.md`` and ``start.sh``; the same inputs always give the same bytes. ``start_service(dir)``
-runs ``python -m gunicorn --config gunicorn.conf.py wsgi:app`` from the folder on a free local port
-and waits for ``/readyz``. Importing this module does not import torch.
+``generate(name, model, registry=...)`` writes ``wsgi.py``, ``gunicorn.conf.py``, ``README.md`` and
+``start.sh`` from templates and ``service.toml`` from its declaration (:mod:`kit.service_settings`); the
+same inputs always give the same bytes. ``start_service(dir)`` runs ``python -m gunicorn --config
+gunicorn.conf.py wsgi:app`` from the folder on a free local port and waits for ``/readyz``
+(:mod:`kit._proc`). Importing this module does not import torch.
 """
 
 from __future__ import annotations
