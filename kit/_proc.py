@@ -1,4 +1,5 @@
-"""Process helpers: a free port, waiting for an HTTP endpoint, stopping a process group, a log tail.
+"""Process helpers: a free port, waiting for an HTTP endpoint, stopping a process group, whether a process
+is alive, a log tail.
 
 The one set of them: :mod:`kit.servicegen` (start a generated service, wait for ``/readyz``, stop it),
 :mod:`kit.pack.verify` (``run.sh start`` an unpacked archive), :mod:`kit.fleet` and the tests that start real
@@ -82,6 +83,17 @@ def stop_group(process: subprocess.Popen[bytes], *, timeout: float = 10.0,
     except subprocess.TimeoutExpired:
         pass
     return process.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this id exists (one of another user's counts: it cannot be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tail(path: Path | str | None, n: int = 25) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Self
 import filelock
 
 from kit._io import append_line, atomic_write_json, fsync_dir, sha256_file
+from kit._proc import pid_alive
 from kit.errors import KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
 from kit.registry.lineage import detect_source
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
@@ -269,7 +270,7 @@ class Store:
                 pid = int(p.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(p, ignore_errors=True)
 
     def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
@@ -326,13 +327,3 @@ def _check_json(obj: Any, what: str) -> None:
         json.dumps(obj)
     except (TypeError, ValueError) as exc:
         raise KitError(f"{what} must be JSON-serialisable: {exc}") from exc
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -34,6 +34,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
+from kit._proc import pid_alive
+
 log = logging.getLogger("kit.serving.worker")
 
 ACCEPT_BACKOFF = 0.003  # seconds a worker over its share waits before accepting anyway
@@ -60,7 +62,7 @@ class ConnectionShare:
         with self._lock:
             for i in range(_SLOTS):
                 other, _ = _SLOT.unpack_from(self._map, i * _SLOT.size)
-                if other == 0 or other == pid or not _alive(other):
+                if other == 0 or other == pid or not pid_alive(other):
                     _SLOT.pack_into(self._map, i * _SLOT.size, pid, 0)
                     self.index = i
                     return
@@ -81,7 +83,7 @@ class ConnectionShare:
         if now - self._peers_at > 0.1:  # who is alive, re-checked ten times a second
             self._peers_at = now
             self._peers = [i for i in range(_SLOTS) if i != self.index
-                           and (pid := _SLOT.unpack_from(self._map, i * _SLOT.size)[0]) and _alive(pid)]
+                           and (pid := _SLOT.unpack_from(self._map, i * _SLOT.size)[0]) and pid_alive(pid)]
         if not self._peers:
             return None
         return min(_COUNT.unpack_from(self._map, i * _SLOT.size + 8)[0] for i in self._peers)
@@ -90,16 +92,6 @@ class ConnectionShare:
         """How many connections this worker holds above the least-loaded other worker."""
         least = self.least_peer()
         return 0 if least is None else self.count - least
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 SHARE = ConnectionShare()  # created in the master at import, before any fork
