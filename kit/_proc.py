@@ -63,12 +63,16 @@ def wait_http(url: str, *, timeout: float = 30.0, ok: Callable[[int, bytes], boo
 
 
 def stop_group(process: subprocess.Popen[bytes], *, timeout: float = 10.0,
-               sig: signal.Signals = signal.SIGTERM) -> int | None:
-    """Send ``sig`` to the process (started with ``start_new_session=True``), then SIGKILL its whole
-    group after ``timeout`` seconds, so no child outlives it. Returns the exit code."""
+               sig: signal.Signals = signal.SIGTERM, whole_group: bool = False) -> int | None:
+    """Send ``sig`` to the process (started with ``start_new_session=True``; to its whole group with
+    ``whole_group``, for a shell script whose children must hear it too), then SIGKILL the group after
+    ``timeout`` seconds, so no child outlives it. Returns the exit code."""
     if process.poll() is None:
         try:
-            process.send_signal(sig)
+            if whole_group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             pass

@@ -184,7 +184,7 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
             answer_s = time.monotonic() - t
             say(f"{model}@{version} answered the stored example within {max_diff:.2g} of its reference")
         finally:
-            stop_group(proc, timeout=30)
+            stop_group(proc, timeout=30, whole_group=True)
         return VerifyReport(archive=str(archive), ok=True, root=root.name, url=url, model=model, version=version,
                             max_abs_diff=max_diff, unpack_seconds=round(unpack_s, 2), ready_seconds=round(ready_s, 2),
                             first_answer_seconds=round(answer_s, 3), log_tail=tail(log_path, 40))

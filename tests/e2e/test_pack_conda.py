@@ -135,7 +135,7 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
         print(f"ready in {time.monotonic() - t:.1f}s")
         info = _get(f"http://127.0.0.1:{port}/info")
     finally:
-        stop_group(proc, timeout=30)
+        stop_group(proc, timeout=30, whole_group=True)
     assert proc.returncode == 0, log.read_text()
     text = log.read_text()
     assert "conda-unpack" in text and "verified" in text, text
@@ -290,7 +290,7 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
             workers = _children(proc.pid)
             maps = {w: Path(f"/proc/{w}/maps").read_text() for w in workers}
         finally:
-            stop_group(proc, timeout=30)
+            stop_group(proc, timeout=30, whole_group=True)
         assert proc.returncode == 0, log.read_text()
         text = log.read_text()
         assert "conda-unpack" in text and "verified" in text, text

@@ -93,7 +93,7 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
         status, body = _http(url + "/predict", {"inputs": ex_in.tolist()})
         np.testing.assert_allclose(np.asarray(body["outputs"], dtype=np.float32), ex_out, rtol=1e-5, atol=1e-6)
     finally:
-        stop_group(proc, timeout=30)
+        stop_group(proc, timeout=30, whole_group=True)
     text = log.read_text()
     assert "verified" in text and "environment as packed" in text, text[-2000:]
     assert "signed by a trusted key" in text and "nothing added" in text, text[-2000:]
