@@ -28,7 +28,7 @@ def service_settings(service_dir: Path | str) -> ServiceConfig:
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); a clear error otherwise."""
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not _HOST.match(host) or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not _HOST.fullmatch(host) or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ServiceError(f"{what} {text!r} is not HOST:PORT (e.g. 127.0.0.1:8001 or [::1]:8001).")
     return host, int(port)
 

@@ -48,7 +48,7 @@ class K8sOptions:
 def k8s_name(service: str) -> str:
     """A DNS-1123 name for the service (lowercase; ``_`` and ``.`` become ``-``)."""
     name = "kit-" + re.sub(r"[_.]+", "-", service.lower()).strip("-")
-    if not _DNS.match(name):
+    if not _DNS.fullmatch(name):
         raise ServiceError(f"Service name {service!r} does not make a Kubernetes name ({name!r} is not DNS-1123: "
                            "lowercase letters, digits and '-', at most 63).")
     return name
@@ -65,11 +65,11 @@ def render_k8s(cfg: ServiceConfig, options: K8sOptions) -> dict[str, str]:
     if max_replicas < o.replicas:
         raise ServiceError(f"The most replicas ({max_replicas}) is below the replicas asked for ({o.replicas}).")
     for q, what in ((o.memory, "memory"), (o.registry_size, "registry size")):
-        if q is not None and not _QUANTITY.match(q):
+        if q is not None and not _QUANTITY.fullmatch(q):
             raise ServiceError(f"{what} {q!r} is not a Kubernetes quantity such as 2Gi or 512Mi.")
     for value, what in ((o.namespace, "namespace"), (o.registry_claim, "registry claim"),
                         (o.storage_class, "storage class")):
-        if value is not None and not _DNS.match(value):
+        if value is not None and not _DNS.fullmatch(value):
             raise ServiceError(f"{what} {value!r} is not a DNS-1123 name.")
     _, port = parse_address(cfg.bind, "service.toml [service] bind")
     workers, torch_threads = worker_plan(cfg, cores=o.cpus)

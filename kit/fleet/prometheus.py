@@ -45,7 +45,7 @@ def render_prometheus(cfg: ServiceConfig, targets: Sequence[str],
         raise ServiceError("Give at least one instance to scrape (a target HOST:PORT).")
     addrs = [parse_address(t, "target") for t in targets]
     for value, what in ((opts.scrape_interval, "scrape interval"), (opts.window, "window"), (opts.for_, "for")):
-        if not _DURATION.match(value):
+        if not _DURATION.fullmatch(value):
             raise ServiceError(f"{what} {value!r} is not a Prometheus duration such as 15s, 5m or 1h.")
     if not (0 < opts.error_ratio < 1 and opts.p99_ms > 0 and opts.canary_p99_factor >= 1
             and 0 <= opts.canary_error_margin < 1):

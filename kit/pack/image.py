@@ -69,7 +69,7 @@ def _port(root: Path) -> int:
     toml = root / "service" / "service.toml"
     bind = str(read_service_toml(root / "service", error=PackError)["service"].get("bind", default("service", "bind")))
     port = bind.rpartition(":")[2]
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):
         raise PackError(f"{toml}: [service] bind = {bind!r} has no port.")
     return int(port)
 

@@ -131,3 +131,11 @@ def test_cli_writes_files_and_reports_errors(service, tmp_path):
     res = runner.invoke(cli, ["fleet", "nginx", str(service), "--upstream", "nope", "--listen", "127.0.0.1:8080",
                               "-o", str(out / "x.conf")])
     assert res.exit_code == 2 and "kit: error: upstream 'nope' is not HOST:PORT" in res.output
+
+
+def test_fleet_names_and_addresses_refuse_trailing_newlines_and_non_ascii_digits():
+    from kit.fleet._common import parse_address
+
+    for bad in ("host\n:8000", "svc\n.local:80", "127.0.0.1:８０", "127.0.0.1:²"):
+        with pytest.raises(ServiceError):
+            parse_address(bad, "upstream")
