@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -30,7 +31,8 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
     """Resolve the service config and the gunicorn settings; sets ``PROMETHEUS_MULTIPROC_DIR`` in
     ``environ`` (a fresh temporary folder unless given) so every worker inherits it."""
     cfg = load_service_config(service_dir, environ)
-    if not environ.get(METRICS_ENV):
+    owned = not environ.get(METRICS_ENV)
+    if owned:
         environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-")
     Path(environ[METRICS_ENV]).mkdir(parents=True, exist_ok=True)
     workers, torch_threads = worker_plan(cfg)
@@ -57,6 +59,7 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         "torch_threads": torch_threads,
         "preload": cfg.preload,
         "engine": cfg.engine,
+        "metrics_dir_owned": owned,  # made here, so removed when the master exits
     }
     return cfg, settings
 
@@ -91,6 +94,12 @@ def post_fork(server: Any, worker: Any, torch_threads: int) -> None:
     except RuntimeError:  # already set (torch allows it once per process)
         pass
     server.log.info("worker %s: torch threads %d", worker.pid, torch_threads)
+
+
+def on_exit(server: Any, metrics_dir: str, owned: bool) -> None:
+    """Master exit: remove the metrics folder it made (a folder given by the operator is kept)."""
+    if owned:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
