@@ -85,9 +85,9 @@ lab: $(STAMP) ## JupyterLab in the same environment the service uses
 browser-deps: ## Debian's chromium for the browser test (root, apt)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-fleet-deps: ## Debian's nginx, prometheus and buildah for the fleet tests (root, apt)
-	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah >/dev/null)
+fleet-deps: ## Debian's nginx, prometheus, buildah (fleet tests) and wrk (make bench) (root, apt)
+	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null && command -v wrk >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah wrk >/dev/null)
 
 clean: ## remove build outputs (keeps the environment and the registry)
 	rm -rf dist build .pytest_cache test-artifacts
