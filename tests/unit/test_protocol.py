@@ -8,7 +8,6 @@ import orjson
 import pytest
 import torch
 
-from kit.serving.batching import Batcher, _Item
 from kit.serving.protocol import (RequestError, parse_predict, parse_v2_infer, predict_response, v2_metadata,
                                   v2_response)
 from kit.signature import Signature, TensorSpec
@@ -122,15 +121,4 @@ def test_dict_outputs_keep_their_names_and_metadata_shows_dynamic_dims():
     assert meta["inputs"][0]["shape"] == [-1, -1] and meta["outputs"][0]["shape"] == [-1, 3]
 
 
-def test_batcher_never_joins_requests_with_different_seq():
-    calls: list[tuple[int, ...]] = []
-
-    def forward(inputs):
-        calls.append(tuple(inputs[0].shape))
-        return (inputs[0].sum(1),)
-
-    b = Batcher(forward, max_batch=64)
-    b._pending = [_Item((torch.ones(2, 5),)), _Item((torch.ones(1, 7),)), _Item((torch.ones(3, 5),))]
-    first = b._take()
-    assert [tuple(it.inputs[0].shape) for it in first] == [(2, 5), (3, 5)]
-    assert [tuple(it.inputs[0].shape) for it in b._take()] == [(1, 7)]
+# The batching rule (never join different seq) is tested on the engine: tests/unit/test_engine.py.
