@@ -227,7 +227,9 @@ def main() -> None:
                 stoppers.append(svc.stop)
                 add("kit-nolog", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
             nport = free_port()
-            env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE)}
+            # 1 torch thread per worker, as Kit's worker plan gives it: otherwise the seed design's 2 x 2
+            # OpenMP threads spin on 2 cores and the ratio measures oversubscription, not the design
+            env = {**os.environ, "NAIVE_MODEL": str(pkl), "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
             t0 = time.perf_counter()
             naive = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{nport}",
                                       "naive_app:app"], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
