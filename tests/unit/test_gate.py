@@ -22,15 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "notebooks" / "gate"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_recorder():
-    """The recorder is module state (one per kernel); leave it as found."""
-    saved_run, saved = record._run, list(record._session)
-    record._run = None
-    record._session.clear()
-    yield
-    record._run = saved_run
-    record._session[:] = saved
+pytestmark = pytest.mark.usefixtures("fresh_gate_recorder")  # tests/unit/conftest.py
 
 
 # ---------------------------------------------------------------- recording API

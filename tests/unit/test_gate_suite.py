@@ -22,14 +22,7 @@ DEFAULT_CHECKS = ["parity on the stored example", "deterministic on repeat", "fi
 LOOSE = {"max_p95_ms_batch1": 1000.0, "max_p95_ms_batch_n": 5000.0, "batch_n": 8, "latency_repeats": 5}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_recorder():
-    saved_run, saved = record._run, list(record._session)
-    record._run = None
-    record._session.clear()
-    yield
-    record._run = saved_run
-    record._session[:] = saved
+pytestmark = pytest.mark.usefixtures("fresh_gate_recorder")  # tests/unit/conftest.py
 
 
 class TwoInputs(nn.Module):
