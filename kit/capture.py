@@ -23,13 +23,12 @@ from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, inspect_pt2, load_e
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
 from kit._capture_shapes import (EXPORT_HINTS, dim_ranges, dynamic_shapes, example_dims, export_reason,
                                  io_specs, resize_dims, second_values)
+from kit.version_files import EXAMPLE_FILE, MODEL_FILE, load_example_arrays
 from kit.signature import (BATCH, DEFAULT_MAX_BATCH, Signature, TensorSpec, flatten_outputs, normalize_dynamic,
                            parse_dynamic)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt2"
-EXAMPLE_FILE = "example.npz"
 __all__ = ["BATCH", "DEFAULT_MAX_BATCH", "CapturedModel", "ExportedForward", "Parity", "Signature", "TensorSpec",
            "capture", "flatten_outputs", "load_examples", "load_program", "load_weights", "parse_dynamic"]
 
@@ -64,14 +63,17 @@ class CapturedModel:
     seconds: float
     model_class: str
     extra: dict[str, Any] = field(default_factory=dict)
+    onnx: Any = None  # kit.onnx_export.OnnxExport: model.onnx and meta.json's capture.onnx record
 
     def save(self, directory: Path) -> list[Path]:
-        """Write ``model.pt2`` and ``example.npz`` into ``directory``; returns the files written."""
+        """Write ``model.pt2``, ``example.npz`` (and ``model.onnx`` when exported) into ``directory``;
+        returns the files written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_program(self.program, directory / MODEL_FILE)
         save_examples(directory / EXAMPLE_FILE, self.example_inputs, self.reference_outputs)
-        return [directory / MODEL_FILE, directory / EXAMPLE_FILE]
+        onnx_files = self.onnx.save(directory) if self.onnx is not None else []
+        return [directory / MODEL_FILE, directory / EXAMPLE_FILE, *onnx_files]
 
 
 def _as_tuple(x: Any, what: str) -> tuple[torch.Tensor, ...]:
@@ -170,6 +172,7 @@ def capture(
     rtol: float = 1e-4,
     strict: bool = False,
     check_batch: int | None = None,
+    onnx: bool = True,
 ) -> CapturedModel:
     """Export ``model`` with ``torch.export`` and check the exported program against eager mode.
 
@@ -184,6 +187,8 @@ def capture(
         torch.export specialise them to 1, so such an example is widened to 2 for tracing.
     atol, rtol : parity tolerance between eager and exported outputs, checked on the example, a second
         batch size (``check_batch``, default example batch + 3) and a second value of every named dim.
+    onnx : also export ``model.onnx`` (:mod:`kit.onnx_export`) and check it with onnxruntime on the same
+        inputs; a model ONNX cannot take is still captured (``capture.onnx`` says why).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}.")
@@ -238,8 +243,10 @@ def capture(
     if second:
         checks.append((", ".join(f"{k} {v}" for k, v in second.items()), resize_dims(inputs, dyn, second)))
     worst = 0.0
+    eager_checks = []
     for label, x in checks:
         expected = eager_ref if x is inputs else _run(model, x, out_names)
+        eager_checks.append((label, x, expected))
         try:
             got = _run(exported, x, out_names)
         except Exception as exc:
@@ -266,14 +273,21 @@ def capture(
         dims=all_dims, output_kind=kind,
     )
     log.info("captured %s in %.2fs: %s", type(model).__name__, seconds, signature.describe())
+    parity = Parity(tuple(sizes), worst, atol, rtol, {k: (values[k], second[k]) for k in values})
+    from kit import onnx_export
+
+    onnx_result = (onnx_export.export_onnx(program, eager_checks, names, out_labels, parity.to_dict()) if onnx
+                   else onnx_export.not_exported("captured with onnx=False; capture again with onnx=True to serve "
+                                                 "with onnxruntime"))
     return CapturedModel(
         program=program,
         signature=signature,
         example_inputs=inputs,
         reference_outputs=eager_ref,
-        parity=Parity(tuple(sizes), worst, atol, rtol, {k: (values[k], second[k]) for k in values}),
+        parity=parity,
         seconds=seconds,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        onnx=onnx_result,
     )
 
 
@@ -430,11 +444,5 @@ def save_examples(path: Path, inputs: Sequence[torch.Tensor], outputs: Sequence[
 
 def load_examples(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Example inputs and reference outputs: ``.npy`` members only, no object arrays, bounded sizes."""
-    check_npz(Path(path), limits)
-    with np.load(Path(path), allow_pickle=False) as z:
-        ins = sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k.split("_")[1]))
-        outs = sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k.split("_")[1]))
-        return (
-            tuple(torch.from_numpy(z[k].copy()) for k in ins),
-            tuple(torch.from_numpy(z[k].copy()) for k in outs),
-        )
+    ins, outs = load_example_arrays(path, limits)
+    return tuple(map(torch.from_numpy, ins)), tuple(map(torch.from_numpy, outs))

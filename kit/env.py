@@ -44,6 +44,7 @@ class Fingerprint:
     environment_yml_sha256: str | None = None
     lock_sha256: str | None = None
     schema: int = SCHEMA
+    onnxruntime: str | None = None  # onnxruntime (or onnxruntime-gpu) version; None: not installed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +130,16 @@ def _torch_versions() -> tuple[str | None, str | None]:
     return v, cuda
 
 
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version (``onnxruntime`` or ``onnxruntime-gpu``), without importing it."""
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def fingerprint(project_root: Path | None = None) -> Fingerprint:
     """Fingerprint the running environment; hashes environment.yml and the lock under ``project_root``."""
     dists = _distributions()
@@ -158,6 +169,7 @@ def fingerprint(project_root: Path | None = None) -> Fingerprint:
         distributions=hashed,
         environment_yml_sha256=env_yml,
         lock_sha256=lock,
+        onnxruntime=onnxruntime_version(),
     )
 
 
@@ -185,14 +197,31 @@ def _version_drift(name: str, old: str | None, new: str | None, minor_is_error: 
     return Drift(name, old, new, "info", f"{name} build changed {old} -> {new}")
 
 
-def diff(old: Fingerprint, new: Fingerprint) -> DriftReport:
-    """What changed from ``old`` (e.g. a version's recorded fingerprint) to ``new`` (here, now)."""
+# the packages whose version decides whether a backend computes what was validated
+_RUNTIME = {"torch": "torch", "onnxruntime": "onnxruntime"}
+_RUNTIME_DISTS = ("torch", "onnxruntime", "onnxruntime-gpu")
+
+
+def diff(old: Fingerprint, new: Fingerprint, backend: str = "torch") -> DriftReport:
+    """What changed from ``old`` (e.g. a version's recorded fingerprint) to ``new`` (here, now).
+
+    ``backend`` is what will run the model: its runtime's version (torch, or onnxruntime) must keep its
+    minor version (else an error); the other runtime's change, or absence, is information only (a server
+    with onnxruntime need not have torch).
+    """
+    if backend not in _RUNTIME:
+        raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}.")
     items: list[Drift] = []
-    for name, o, n in (("python", old.python, new.python), ("torch", old.torch, new.torch)):
-        d = _version_drift(name, o, n, minor_is_error=True)
+    d = _version_drift("python", old.python, new.python, minor_is_error=True)
+    if d:
+        items.append(d)
+    for name, o, n in (("torch", old.torch, new.torch), ("onnxruntime", old.onnxruntime, new.onnxruntime)):
+        d = _version_drift(name, o, n, minor_is_error=name == _RUNTIME[backend])
+        if d and name != _RUNTIME[backend]:
+            d = dataclasses.replace(d, severity="info", message=f"{d.message} (not used by backend {backend})")
         if d:
             items.append(d)
-    if old.cuda != new.cuda:
+    if old.cuda != new.cuda and backend == "torch":
         items.append(Drift("cuda", old.cuda, new.cuda, "warning", f"CUDA build {old.cuda} -> {new.cuda}"))
     if old.platform != new.platform:
         items.append(
@@ -204,7 +233,7 @@ def diff(old: Fingerprint, new: Fingerprint) -> DriftReport:
                   f"interpreter {old.implementation} -> {new.implementation}")
         )
     for pkg in sorted(set(old.distributions) | set(new.distributions)):
-        if pkg == "torch":
+        if pkg in _RUNTIME_DISTS:
             continue
         d = _version_drift(pkg, old.distributions.get(pkg), new.distributions.get(pkg), minor_is_error=False)
         if d:

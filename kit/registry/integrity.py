@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import sha256_file
-from kit.errors import IntegrityError, KitError, SignatureError
+from kit.errors import IntegrityError, KitError, ServingError, SignatureError, UnsafeArtifactError
 from kit.gate import evidence as gate_evidence
 from kit.registry.loaded import LoadedModel
 from kit.registry.names import validate_version
 from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
 from kit.registry.store import Store
 from kit.signing import sig_path, sign_file, verify_bytes, verify_file
+from kit.version_files import (EXAMPLE_FILE, MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE, check_backend,
+                               load_example_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +103,21 @@ class CheckedStore(Store):
                         artifact_sha256=mv.artifact_sha256)
         return key.key_id
 
-    def load(self, name: str, ref: int | str | None = None, *, check_env: bool = True,
-             max_artifact_bytes: int | None = None) -> LoadedModel:
-        """Load a version for inference, after verifying every file's sha256 (and the environment).
+    def load(self, name: str, ref: int | str | None = None, *, backend: str = "torch", check_env: bool = True,
+             max_artifact_bytes: int | None = None, threads: int = 0, device: str = "cpu") -> LoadedModel:
+        """Load a version for inference, after verifying its signature, every file's sha256 (and the
+        environment, for ``backend``).
 
+        ``backend="torch"``: the exported program (tensors in and out). ``backend="onnxruntime"``: an
+        onnxruntime session over ``model.onnx`` (numpy in, a tuple of numpy out; torch is never imported),
+        with ``threads`` intra-op threads (0: onnxruntime's default) on ``device`` (``cpu``, ``cuda[:N]``).
         ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB).
         """
         from kit.artifacts import limits_for
-        from kit.capture import EXAMPLE_FILE, MODEL_FILE, Signature, load_examples, load_program
         from kit.env import Fingerprint, diff, fingerprint
+        from kit.signature import Signature
 
+        check_backend(backend)
         mv = self.get(name, ref)
         signed_by = self.check_signature(mv)  # SignatureError first: it names the key and the fix
         problems = file_problems(mv)
@@ -119,17 +126,35 @@ class CheckedStore(Store):
                 f"Refusing to load {mv.ref}: {'; '.join(problems)}. The files were changed after "
                 f"registration; restore them or register the model again."
             )
+        if backend == "onnxruntime":
+            require_onnx(mv)
         drift = None
         if check_env:
-            drift = diff(Fingerprint.from_dict(mv.env), fingerprint())
-            drift.raise_for_errors(f"This environment (for {mv.ref})")
+            drift = diff(Fingerprint.from_dict(mv.env), fingerprint(), backend=backend)
+            drift.raise_for_errors(f"This environment (for {mv.ref} on backend {backend})")
         limits = limits_for(max_artifact_bytes)
+        signature = Signature.from_dict(mv.signature)
+        if backend == "onnxruntime":
+            from kit.ort import load_onnx
+
+            module = load_onnx(mv.path / ONNX_FILE, signature, limits, threads=threads, device=device)
+            ins, outs = load_example_arrays(mv.path / EXAMPLE_FILE, limits)
+            return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, backend)
+        return self._load_torch(mv, signature, limits, drift, signed_by, device)
+
+    @staticmethod
+    def _load_torch(mv: ModelVersion, signature: Any, limits: Any, drift: Any, signed_by: str | None,
+                    device: str) -> LoadedModel:
+        from kit.capture import load_examples, load_program
+
         module = load_program(mv.path / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
         name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
         if callable(name_dims):
-            name_dims(Signature.from_dict(mv.signature))
+            name_dims(signature)
         ins, outs = load_examples(mv.path / EXAMPLE_FILE, limits)
-        return LoadedModel(mv, module, Signature.from_dict(mv.signature), ins, outs, drift, signed_by)
+        if device != "cpu":
+            module = module.to(device)
+        return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch")
 
     # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
     def gate_root(self, name: str, version: int) -> Path:
@@ -179,6 +204,19 @@ class CheckedStore(Store):
         if verdict == "passed" and self.keyring is not None and self.passing_gate(mv) is None:
             return "unsigned", deciding  # a passing result.json no trusted key signed is no gate
         return verdict, deciding
+
+
+def require_onnx(mv: ModelVersion) -> None:
+    """Refuse (``ServingError``) a version without a registered ``model.onnx``, saying why capture made
+    none; refuse (``UnsafeArtifactError``) a ``model.onnx.data`` that meta.json does not list."""
+    if ONNX_FILE not in mv.files:
+        why = mv.capture.get("onnx", {}).get("reason") or "it was registered before Kit exported ONNX"
+        raise ServingError(
+            f"{mv.ref} has no {ONNX_FILE}: it was captured without ONNX ({why.rstrip('.')}). Serve it with "
+            "backend 'torch', or register the model again where `pip install kit[onnx]` is installed.")
+    if (mv.path / ONNX_DATA_FILE).exists() and ONNX_DATA_FILE not in mv.files:
+        raise UnsafeArtifactError(f"Refusing to load {mv.ref}: {ONNX_DATA_FILE} is in its folder but meta.json "
+                                  "does not list it (added after registration). Remove it or register again.")
 
 
 def file_problems(mv: ModelVersion) -> list[str]:

@@ -1,4 +1,9 @@
-"""A verified version, loaded for inference: the module, its signature, and its stored reference example."""
+"""A verified version, loaded for inference: the module, its signature, and its stored reference example.
+
+With backend ``"torch"`` the module is the exported program (tensors in and out); with backend
+``"onnxruntime"`` it is :class:`kit.ort.OrtModule` (numpy arrays in, a tuple of numpy arrays out, in
+signature output order) and the example and reference are numpy arrays: that path never imports torch.
+"""
 
 from __future__ import annotations
 
@@ -20,43 +25,61 @@ class LoadedModel:
     reference_outputs: tuple[Any, ...]
     drift: Any = None
     signed_by: str | None = None  # the trusted key whose signature of meta.json verified at load
+    backend: str = "torch"  # "torch" | "onnxruntime"
 
     def _mismatch_cause(self) -> str:
         if self.signed_by:
             return (f"Its files are the ones key {self.signed_by} signed (signature and sha256 verified at load), so "
-                    "they were not tampered with: this environment computes differently (another torch build, "
-                    "library or device). Re-validate the version here")
+                    "they were not tampered with: this environment computes differently (another "
+                    f"{'onnxruntime' if self.backend == 'onnxruntime' else 'torch'} build, library or device). "
+                    "Re-validate the version here")
         return ("Its files match meta.json's sha256 but no signature was checked (no trusted keys here), so "
                 "either someone who can write the registry replaced the weights and re-hashed meta.json, or "
                 "this environment computes differently. Verify it against a trusted key (`kit verify`, with "
                 "`kit keys`) before trusting it; if it verifies, re-validate the version here")
 
     def __call__(self, *inputs: Any) -> Any:
+        if self.backend == "onnxruntime":
+            return self.module(*inputs)
         import torch
 
         with torch.inference_mode():
             return self.module(*inputs)
 
+    def tolerance(self) -> tuple[float, float]:
+        """(atol, rtol) this version's reference is checked with: capture's parity record for the backend."""
+        parity = self.version.capture.get("parity", {})
+        if self.backend == "onnxruntime":
+            parity = self.version.capture.get("onnx", {}).get("parity", parity)
+        return float(parity.get("atol", 1e-5)), float(parity.get("rtol", 1e-4))
+
     def check_reference(self, atol: float | None = None, rtol: float | None = None) -> float:
         """Run the stored example; raise IntegrityError when it no longer gives the reference output."""
-        import torch
+        import numpy as np
 
-        parity = self.version.capture.get("parity", {})
-        atol = parity.get("atol", 1e-5) if atol is None else atol
-        rtol = parity.get("rtol", 1e-4) if rtol is None else rtol
-        out = self(*self.example_inputs)
         from kit.signature import flatten_outputs
 
-        outs = flatten_outputs(out, [s.name for s in self.signature.outputs])
+        default_atol, default_rtol = self.tolerance()
+        atol = default_atol if atol is None else atol
+        rtol = default_rtol if rtol is None else rtol
+        outs = flatten_outputs(self(*self.example_inputs), [s.name for s in self.signature.outputs])
         worst = 0.0
         for got, ref in zip(outs, self.reference_outputs):
-            got = got.detach().cpu()
-            if got.shape != ref.shape or not torch.allclose(got.double(), ref.double(), atol=atol, rtol=rtol):
-                d = float((got.double() - ref.double()).abs().max()) if got.shape == ref.shape else float("inf")
+            got, ref = _numpy(got), _numpy(ref)
+            same = got.shape == ref.shape
+            d = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if same and got.size else 0.0
+            if not same or not np.allclose(got.astype(np.float64), ref.astype(np.float64), atol=atol, rtol=rtol):
                 raise IntegrityError(
-                    f"{self.version.ref} no longer reproduces its reference output (max |diff| {d:.3g}, "
-                    f"atol {atol:g}). {self._mismatch_cause()}."
+                    f"{self.version.ref} no longer reproduces its reference output on backend {self.backend} "
+                    f"(max |diff| {d if same else float('inf'):.3g}, atol {atol:g}). {self._mismatch_cause()}."
                 )
-            if got.numel():
-                worst = max(worst, float((got.double() - ref.double()).abs().max()))
+            worst = max(worst, d)
         return worst
+
+
+def _numpy(x: Any) -> Any:
+    """A numpy view of a torch tensor (detached, on the CPU) or a numpy array as is."""
+    if hasattr(x, "detach"):
+        t = x.detach().cpu()
+        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()  # numpy has no bfloat16
+    return x

@@ -3,7 +3,8 @@ version, and the append-only audit log.
 
 Layout (one folder per model name)::
 
-    <root>/<name>/versions/<n>/      model.pt2, example.npz, meta.json, gates/<run-id>/...
+    <root>/<name>/versions/<n>/      model.pt2, example.npz, [model.onnx, model.onnx.data], meta.json,
+                                     gates/<run-id>/...
     <root>/<name>/aliases.json       {"production": {"version": 3, "previous": [1, 2]},
                                       "canary": {"version": 4, "weight": 0.1}, "serial": 7, ...}
     <root>/<name>/events.jsonl       register, gate, promote, canary, rollback (who, when, why)
@@ -318,8 +319,18 @@ def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[
             "model_class": model.model_class,
             "parity": model.parity.to_dict(),
             "format": "torch.export",
+            "onnx": _onnx_record(model),
         },
     }
+
+
+def _onnx_record(model: Any) -> dict[str, Any]:
+    """meta.json's ``capture.onnx``: kit.onnx_export's record, or why there is none."""
+    onnx = getattr(model, "onnx", None)
+    if onnx is None:
+        return {"exported": False, "reason": "this CapturedModel carries no ONNX export; capture it again with "
+                                             "kit.capture.capture() to serve with onnxruntime"}
+    return dict(onnx.record)
 
 
 def _check_json(obj: Any, what: str) -> None:
