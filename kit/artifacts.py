@@ -309,7 +309,7 @@ def load_exported_program(archive: Pt2Archive) -> Any:
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
-    file_map = _MappedTensors(archive)
+    file_map = MappedTensors(archive)
     state_dict = {fqn: file_map.tensor(f"data/weights/{m['path_name']}", m, param=bool(m.get("is_param")))
                   for fqn, m in archive.weights.items()}
     constants = {fqn: file_map.tensor(f"data/constants/{m['path_name']}", m, param=False)
@@ -323,7 +323,7 @@ def load_exported_program(archive: Pt2Archive) -> Any:
         ) from exc
 
 
-class _MappedTensors:
+class MappedTensors:
     """Tensors over the archive's raw entries: one private mapping of the whole file, made on first use."""
 
     def __init__(self, archive: Pt2Archive):
@@ -349,23 +349,19 @@ class _MappedTensors:
 
     def tensor(self, rel: str, meta: dict[str, Any], *, param: bool) -> Any:
         import torch
-        from torch._export.serde import schema
-        from torch._export.serde.serialize import (
-            _dict_to_dataclass,
-            deserialize_scalar_type,
-            deserialize_size,
-            deserialize_storage_offset,
-            deserialize_stride,
-        )
+
+        from kit._fx_build import dtype_of
 
         where = f"{self.archive.root}/{rel}"
         try:
-            tm = _dict_to_dataclass(schema.TensorMeta, meta["tensor_meta"])
-            dtype = deserialize_scalar_type(tm.dtype)
-            size, stride = deserialize_size(tm.sizes), deserialize_stride(tm.strides)
-            offset = deserialize_storage_offset(tm.storage_offset)
+            tm = meta["tensor_meta"]
+            dtype = dtype_of(tm["dtype"])
+            size = [int(s["as_int"]) for s in tm["sizes"]]
+            stride = [int(s["as_int"]) for s in tm["strides"]]
+            offset = int(tm["storage_offset"]["as_int"])
+            requires_grad = bool(tm.get("requires_grad"))
         except Exception as exc:
-            raise _refuse(self.archive.path, f"the tensor metadata for {where} is malformed ({exc})") from exc
+            raise _refuse(self.archive.path, f"the tensor metadata for {where} is malformed ({exc!r})") from exc
         flat = self._flat(rel, dtype)
         extent = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(s > 0 for s in size) else 0
         if min(stride, default=0) < 0 or offset < 0 or extent > flat.numel():
@@ -376,7 +372,7 @@ class _MappedTensors:
         else:
             t = torch.zeros(size, dtype=dtype)
         if param:
-            return torch.nn.Parameter(t, requires_grad=bool(tm.requires_grad))
+            return torch.nn.Parameter(t, requires_grad=requires_grad)
         return t
 
 

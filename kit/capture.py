@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, inspect_pt2, load_exported_program, save_program
+from kit._program import ExportedForward, load_program
+from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, save_program
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
 from kit._capture_shapes import (EXPORT_HINTS, dim_ranges, dynamic_shapes, example_dims, export_reason,
                                  io_specs, resize_dims, second_values)
@@ -292,134 +293,6 @@ def capture(
 
 
 # --------------------------------------------------------------------------- safe loading
-
-def load_program(path: Path, limits: Limits = DEFAULT_LIMITS) -> torch.nn.Module:
-    """Load a ``.pt2`` exported program as a callable module. Never unpickles, never runs artifact code.
-
-    :func:`kit.artifacts.inspect_pt2` checks the archive first (``UnsafeArtifactError`` naming the entry);
-    the weights are then mapped from the file, shared between processes, never copied per worker.
-    """
-    return exported_forward(load_exported_program(inspect_pt2(Path(path), limits)))
-
-
-def exported_forward(program: torch.export.ExportedProgram) -> torch.nn.Module:
-    """The fastest faithful callable for ``program``: :class:`ExportedForward` when the program's
-    signature allows it (parameters, buffers and constants in, user outputs out), else ``program.module()``.
-    """
-    try:
-        return ExportedForward(program)
-    except _Unsupported as why:
-        log.debug("running %s through ExportedProgram.module(): %s", type(program).__name__, why)
-        return program.module()
-
-
-class _Unsupported(Exception):
-    pass
-
-
-class ExportedForward(torch.nn.Module):
-    """Runs an exported program's graph directly, its lifted parameters bound once.
-
-    ``ExportedProgram.module()`` re-flattens the inputs with pytree, runs a Python guard function and looks
-    up every parameter by attribute on each call: about 60 us per call on a small MLP, more than the
-    matrix work itself. This calls the same graph with the same tensors and checks what the guards
-    checked (input count, rank, static dims, dtype) in a few microseconds, raising ``ValueError`` naming
-    the expected shape. Parameters, buffers and constants are buffers of this module, so ``.to(device)``
-    moves them.
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram):
-        super().__init__()
-        from torch.export.graph_signature import InputKind, OutputKind
-
-        sig = program.graph_signature
-        specs = list(sig.input_specs)
-        kinds = [s.kind for s in specs]
-        n_user = kinds.count(InputKind.USER_INPUT)
-        if kinds[len(kinds) - n_user:] != [InputKind.USER_INPUT] * n_user:
-            raise _Unsupported("user inputs are not the last placeholders")
-        if any(o.kind != OutputKind.USER_OUTPUT for o in sig.output_specs):
-            raise _Unsupported("the program mutates buffers or returns more than user outputs")
-        for i, spec in enumerate(specs[: len(specs) - n_user]):
-            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in program.state_dict:
-                t = program.state_dict[spec.target]
-            elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR) and spec.target in program.constants:
-                t = program.constants[spec.target]
-            else:
-                raise _Unsupported(f"input {spec.target!r} of kind {spec.kind.name}")
-            if not isinstance(t, torch.Tensor):
-                raise _Unsupported(f"input {spec.target!r} is not a tensor")
-            self.register_buffer(f"lifted_{i}", t.detach(), persistent=False)
-        placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"][len(specs) - n_user:]
-        self._expect: list[tuple[int, tuple[int | None, ...], torch.dtype]] = []
-        # dynamic dims: (input, dim, symbol, min, max); inputs sharing a symbol must agree on its value
-        self._dynamic: list[tuple[int, int, str, int, int]] = []
-        for k, node in enumerate(placeholders):
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                raise _Unsupported("a user input has no recorded example value")
-            dims = tuple(d if isinstance(d, int) else None for d in val.shape)
-            self._expect.append((len(dims), dims, val.dtype))
-            for d, size in enumerate(val.shape):
-                if not isinstance(size, int):
-                    lo, hi = _symbol_range(program, size)
-                    self._dynamic.append((k, d, str(size), lo, hi))
-        self._names = [n.name for n in placeholders]
-        self._labels = [[str(s) if s is not None else "batch" if d == 0 else f"d{d}" for d, s in enumerate(dims)]
-                        for _, dims, _ in self._expect]
-        self.graph = program.graph_module
-        self._out_spec = program.call_spec.out_spec
-
-    def _check(self, inputs: tuple[Any, ...]) -> None:
-        if len(inputs) != len(self._expect):
-            raise ValueError(f"expected {len(self._expect)} input tensor(s) ({', '.join(self._names)}), got {len(inputs)}")
-        for name, x, (rank, dims, dtype) in zip(self._names, inputs, self._expect):
-            if not isinstance(x, torch.Tensor):
-                raise ValueError(f"input {name!r} must be a tensor, got {type(x).__name__}")
-            if x.dim() != rank or any(d is not None and d != s for d, s in zip(dims, x.shape)) or x.dtype != dtype:
-                want = ", ".join(self._labels[self._names.index(name)])
-                raise ValueError(f"input {name!r} must be {str(dtype).removeprefix('torch.')}[{want}], "
-                                 f"got {str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
-        if self._dynamic:
-            self._check_dynamic(inputs)
-
-    def _check_dynamic(self, inputs: tuple[Any, ...]) -> None:
-        seen: dict[str, tuple[int, int, int]] = {}
-        for k, d, sym, lo, hi in self._dynamic:
-            v = int(inputs[k].shape[d])
-            label = self._labels[k][d]
-            if not lo <= v <= hi:
-                raise ValueError(f"input {self._names[k]!r} dim {d} ({label}) is {v}; the exported program "
-                                 f"accepts {lo} to {hi}")
-            first = seen.setdefault(sym, (v, k, d))
-            if first[0] != v:
-                raise ValueError(f"inputs disagree on {label}: {self._names[first[1]]!r} dim {first[2]} is "
-                                 f"{first[0]} but {self._names[k]!r} dim {d} is {v}")
-
-    def name_dims(self, signature: Any) -> None:
-        """Use the signature's dim names (``seq``) in error messages instead of placeholders."""
-        for k, spec in enumerate(getattr(signature, "inputs", ())[: len(self._labels)]):
-            if len(spec.shape) == len(self._labels[k]):
-                self._labels[k] = [str(s) for s in spec.shape]
-
-    def forward(self, *inputs: Any) -> Any:
-        self._check(inputs)
-        outs = self.graph.forward(*self._buffers.values(), *inputs)
-        if self._out_spec is None:
-            return outs
-        from torch.utils import _pytree
-
-        return _pytree.tree_unflatten(list(outs), self._out_spec)
-
-
-def _symbol_range(program: torch.export.ExportedProgram, size: Any) -> tuple[int, int]:
-    """The inclusive range torch.export recorded for a symbolic input dim (unbounded ends: 0 and 2**62)."""
-    rng = program.range_constraints.get(getattr(getattr(size, "node", None), "expr", None))
-    if rng is None:
-        return 0, 2**62
-    lo, hi = rng.lower, rng.upper
-    return (int(lo) if lo.is_finite else 0), (int(hi) if hi.is_finite else 2**62)
-
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict with ``weights_only=True``: a pickle that would run code is refused."""

@@ -1,0 +1,276 @@
+"""Build an :class:`~kit._program.ExportedForward` straight from a checked ``.pt2``'s program JSON.
+
+torch's own deserializer imports ``torch._dynamo`` and sympy (about a second, before a byte of the model
+is read), re-creates fake tensors and a shape environment for every node, and builds an
+``ExportedProgram`` that serving never uses. Serving needs only the graph, the lifted weights, and what
+each user input must be. This module builds exactly that from the JSON that :mod:`kit.artifacts` has
+already held to its grammar: ATen operator calls with tensor, scalar, list, dtype, layout, device and
+symbolic-size arguments, and the Python operators on sizes. Anything else -- control flow (higher-order
+operators), custom objects, symbolic outputs it cannot name -- raises :class:`~kit._program.Unsupported`
+and the program is built by torch's deserializer instead.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import math
+import operator
+import re
+from typing import Any
+
+import torch
+from torch._export.serde import schema
+
+from kit._program import ExportedForward, Unsupported, UserInput
+from kit.artifacts import MappedTensors, Pt2Archive
+
+_DTYPES = {
+    "BYTE": torch.uint8, "CHAR": torch.int8, "SHORT": torch.int16, "INT": torch.int32, "LONG": torch.int64,
+    "HALF": torch.float16, "FLOAT": torch.float32, "DOUBLE": torch.float64, "COMPLEXHALF": torch.complex32,
+    "COMPLEXFLOAT": torch.complex64, "COMPLEXDOUBLE": torch.complex128, "BOOL": torch.bool,
+    "BFLOAT16": torch.bfloat16, "UINT16": torch.uint16, "UINT32": torch.uint32, "UINT64": torch.uint64,
+    "FLOAT8E4M3FN": torch.float8_e4m3fn, "FLOAT8E5M2": torch.float8_e5m2, "FLOAT8E4M3FNUZ": torch.float8_e4m3fnuz,
+    "FLOAT8E5M2FNUZ": torch.float8_e5m2fnuz, "FLOAT8E8M0FNU": torch.float8_e8m0fnu,
+}
+_LAYOUTS = {"Strided": torch.strided}
+_FORMATS = {"ContiguousFormat": torch.contiguous_format, "ChannelsLast": torch.channels_last,
+            "ChannelsLast3d": torch.channels_last_3d, "PreserveFormat": torch.preserve_format}
+# a size that is one symbol, bare or in sympy's srepr form: Symbol('s81', positive=True, integer=True)
+_SYMBOL = re.compile(r"(?:Symbol\(')?(?P<name>[a-z]{1,8}\d{1,9})(?:'(?:, [a-z]+=(?:True|False))*\))?")
+_SCALARS = ("as_int", "as_bool", "as_string", "as_ints", "as_bools", "as_strings")
+
+
+def _enum(table: dict[str, Any], enum: Any, value: Any, what: str) -> Any:
+    try:
+        return table[enum(value).name]
+    except (ValueError, KeyError):
+        raise Unsupported(f"{what} {value!r}") from None
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, str) and value not in ("Infinity", "-Infinity", "NaN"):
+        raise Unsupported(f"float {value!r}")
+    return float(value)
+
+
+def dtype_of(value: Any) -> torch.dtype:
+    """The torch dtype of a serialized ``ScalarType``."""
+    return _enum(_DTYPES, schema.ScalarType, value, "scalar type")
+
+
+class _Builder:
+    def __init__(self, program: dict[str, Any]):
+        self.program = program
+        self.graph = torch.fx.Graph()
+        self.env: dict[str, torch.fx.Node] = {}
+
+    # ---- arguments
+    def _node(self, name: Any) -> torch.fx.Node:
+        if name not in self.env:
+            raise Unsupported(f"a node reads {name!r} before it is made")
+        return self.env[name]
+
+    def _sym(self, arg: dict[str, Any]) -> Any:
+        (kind, value), = arg.items()
+        if kind == "as_name":
+            return self._node(value)
+        if kind == "as_float":
+            return _float(value)
+        if kind in ("as_int", "as_bool"):
+            return value
+        raise Unsupported(f"symbolic argument {kind}")
+
+    def arg(self, arg: dict[str, Any]) -> Any:
+        (kind, value), = arg.items()
+        if kind == "as_none":
+            return None
+        if kind == "as_tensor":
+            return self._node(value["name"])
+        if kind in ("as_float", "as_floats"):  # JSON has no inf or nan: torch writes "Infinity", "NaN"
+            return [_float(v) for v in value] if isinstance(value, list) else _float(value)
+        if kind in _SCALARS:
+            return list(value) if isinstance(value, list) else value
+        if kind == "as_tensors":
+            return [self._node(v["name"]) for v in value]
+        if kind == "as_optional_tensors":
+            return [None if "as_none" in v else self._node(v["as_tensor"]["name"]) for v in value]
+        if kind in ("as_sym_int", "as_sym_float", "as_sym_bool"):
+            return self._sym(value)
+        if kind in ("as_sym_ints", "as_sym_floats", "as_sym_bools"):
+            return [self._sym(v) for v in value]
+        if kind == "as_scalar_type":
+            return dtype_of(value)
+        if kind == "as_layout":
+            return _enum(_LAYOUTS, schema.Layout, value, "layout")
+        if kind == "as_memory_format":
+            return _enum(_FORMATS, schema.MemoryFormat, value, "memory format")
+        if kind == "as_device":
+            return torch.device(value["type"]) if value.get("index") is None else torch.device(value["type"], value["index"])
+        raise Unsupported(f"argument kind {kind}")
+
+    # ---- nodes
+    def target(self, text: str) -> Any:
+        """Resolve a call target the grammar allowed (``torch.ops.ns.op.overload``, ``_operator.x``, ...)."""
+        head, _, rest = text.partition(".")
+        if head == "_operator":
+            return getattr(operator, rest)
+        if head == "math":
+            return getattr(math, rest)
+        if text.startswith("torch.ops.higher_order."):
+            raise Unsupported(f"control flow ({text})")
+        obj: Any = torch
+        for part in rest.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def call(self, node: dict[str, Any]) -> None:
+        target = self.target(node["target"])
+        inputs = node["inputs"]
+        if isinstance(target, torch._ops.OpOverload) and target is not torch.ops.aten.item.default:
+            args, kwargs = self._schema_args(target, inputs)
+        elif isinstance(target, torch._ops.OpOverload) or not isinstance(target, torch._ops.OperatorBase):
+            args, kwargs = tuple(self.arg(i["arg"]) for i in inputs), {}
+        else:
+            raise Unsupported(f"operator {node['target']}")
+        name = node.get("name") or None
+        fx = self.graph.create_node("call_function", target, args, kwargs, name)
+        self._outputs(node["outputs"], fx)
+
+    def _schema_args(self, target: Any, inputs: list[dict[str, Any]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments as torch's deserializer places them: positional or keyword by the recorded kind."""
+        given = {i["name"]: (self.arg(i["arg"]), i.get("kind")) for i in inputs}
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for a in target._schema.arguments:
+            if a.name not in given:
+                if not a.has_default_value() and not a.kwarg_only:
+                    raise Unsupported(f"{target} lacks its argument {a.name!r}")
+                continue
+            value, kind = given[a.name]
+            if kind == schema.ArgumentKind.POSITIONAL or (kind != schema.ArgumentKind.KEYWORD
+                                                            and not a.has_default_value() and not a.kwarg_only):
+                args.append(value)
+            elif keyword.iskeyword(a.name):
+                raise Unsupported(f"{target}'s keyword argument {a.name!r}")
+            else:
+                kwargs[a.name] = value
+        return tuple(args), kwargs
+
+    def _outputs(self, outputs: list[dict[str, Any]], fx: torch.fx.Node) -> None:
+        if len(outputs) == 1:
+            (kind, value), = outputs[0].items()
+            if kind == "as_tensor":
+                self._name(value["name"], fx)
+                return
+            if kind in ("as_sym_int", "as_sym_float", "as_sym_bool") and "as_name" in value:
+                self._name(value["as_name"], fx)
+                return
+            if kind == "as_none":
+                return
+            if kind == "as_tensors":
+                outputs = [{"as_tensor": v} for v in value]
+        for i, out in enumerate(outputs):
+            (kind, value), = out.items()
+            if kind == "as_none":
+                continue
+            if kind != "as_tensor":
+                raise Unsupported(f"an operator output of kind {kind}")
+            item = self.graph.create_node("call_function", operator.getitem, (fx, i), {}, value["name"])
+            self._name(value["name"], item)
+
+    def _name(self, name: str, fx: torch.fx.Node) -> None:
+        self.env[name] = fx
+
+    # ---- the whole graph
+    def build(self) -> torch.fx.GraphModule:
+        graph = self.program["graph_module"]["graph"]
+        for inp in graph["inputs"]:
+            if "as_tensor" not in inp:
+                raise Unsupported(f"a graph input of kind {next(iter(inp))}")
+            name = inp["as_tensor"]["name"]
+            ph = self.graph.placeholder(name)
+            ph.name = name
+            self.env[name] = ph
+        for node in graph["nodes"]:
+            self.call(node)
+        outs = [self.arg(o) for o in graph["outputs"]]
+        self.graph.output(outs[0] if graph.get("is_single_tensor_return") else tuple(outs))
+        self.graph.lint()
+        return torch.fx.GraphModule(torch.nn.Module(), self.graph)
+
+
+def _spec(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    (kind, value), = entry.items()
+    return kind, value
+
+
+def _lifted(archive: Pt2Archive, specs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The tensors bound to the graph's leading placeholders, mapped from the archive."""
+    maps = MappedTensors(archive)
+    out = []
+    for kind, value in map(_spec, specs):
+        if kind == "parameter":
+            fqn, table, param = value["parameter_name"], archive.weights, True
+        elif kind == "buffer":
+            fqn, param = value["buffer_name"], False
+            table = archive.weights if fqn in archive.weights else archive.constants
+        elif kind == "tensor_constant":
+            fqn, table, param = value["tensor_constant_name"], archive.constants, False
+        else:
+            raise Unsupported(f"a program input of kind {kind}")
+        if fqn not in table:
+            raise Unsupported(f"no stored tensor for {fqn!r}")
+        folder = "weights" if table is archive.weights else "constants"
+        out.append(maps.tensor(f"data/{folder}/{table[fqn]['path_name']}", table[fqn], param=param))
+    return out
+
+
+def _user_input(program: dict[str, Any], name: str) -> UserInput:
+    meta = program["graph_module"]["graph"]["tensor_values"].get(name)
+    if meta is None:
+        raise Unsupported(f"user input {name!r} has no recorded shape")
+    ranges = program.get("range_constraints") or {}
+    dims: list[int | None] = []
+    symbols = []
+    for d, size in enumerate(meta["sizes"]):
+        if "as_int" in size:
+            dims.append(int(size["as_int"]))
+            continue
+        expr = size.get("as_expr", {}).get("expr_str")
+        m = _SYMBOL.fullmatch(expr) if isinstance(expr, str) else None
+        if m is None or m["name"] not in ranges:
+            raise Unsupported(f"user input {name!r} dim {d} is {expr!r}, not one named dynamic dim")
+        sym = m["name"]
+        lo, hi = ranges[sym]["min_val"], ranges[sym]["max_val"]
+        dims.append(None)
+        symbols.append((d, sym, int(lo) if lo is not None else 0, int(hi) if hi is not None and hi < 2**62 else 2**62))
+    return UserInput(name, tuple(dims), dtype_of(meta["dtype"]), tuple(symbols))
+
+
+def build(archive: Pt2Archive) -> ExportedForward:
+    """The callable program of an inspected archive; :class:`Unsupported` when torch's deserializer must."""
+    program = json.loads(archive.program_json)
+    if program.get("schema_version", {}).get("major") != schema.SCHEMA_VERSION[0]:
+        raise Unsupported(f"program schema {program.get('schema_version')}, Kit knows {schema.SCHEMA_VERSION}")
+    sig = program["graph_module"]["signature"]
+    specs = sig["input_specs"]
+    kinds = [_spec(s)[0] for s in specs]
+    n_user = kinds.count("user_input")
+    if kinds[len(kinds) - n_user:] != ["user_input"] * n_user:
+        raise Unsupported("user inputs are not the last placeholders")
+    if any(_spec(o)[0] != "user_output" for o in sig["output_specs"]):
+        raise Unsupported("the program mutates buffers or returns more than user outputs")
+    graph_module = _Builder(program).build()
+    user = [_spec(s)[1]["arg"] for s in specs[len(specs) - n_user:]]
+    if any("as_tensor" not in u for u in user):
+        raise Unsupported("a user input is not a tensor")
+    inputs = [_user_input(program, u["as_tensor"]["name"]) for u in user]
+    from torch.utils._pytree import treespec_loads
+
+    try:
+        out_spec = program["graph_module"]["module_call_graph"][0]["signature"]["out_spec"]
+    except (KeyError, IndexError, TypeError):
+        raise Unsupported("the program records no output structure") from None
+    return ExportedForward(graph_module, _lifted(archive, specs[: len(specs) - n_user]), inputs,
+                           treespec_loads(out_spec))
