@@ -71,7 +71,7 @@ def v2_model(svc: Service, parts: list[str]) -> Response:
         if not match:
             raise HttpError(f"Version {version[:12]!r} of {svc.model!r} is not served here (serving {served}).", 404)
         slot = match[0]
-    return Response.json(v2_metadata(svc.model, slot.signature, served))
+    return Response.json(v2_metadata(svc.model, slot.signature, served, slot.backend))
 
 
 def v2_model_ready(svc: Service, parts: list[str]) -> Response:

@@ -1,7 +1,7 @@
 """The inference thread of an ASGI worker: a queue of forward passes, batched.
 
 The event loop never runs a forward pass. A handler calls :meth:`InferenceEngine.submit`, which queues
-the request's tensors and returns an asyncio future; the engine's thread takes the oldest request and
+the request's numpy arrays and returns an asyncio future; the engine's thread takes the oldest request and
 every queued request that can share its forward pass -- same model version (the same ``forward``
 callable) and the same shape past the batch dimension and dtype for every input, so requests whose
 dynamic dims (e.g. ``seq``) differ are never concatenated -- up to ``max_batch`` rows, runs them as one
@@ -14,12 +14,15 @@ thread wait that long for more rows first (throughput over latency).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,9 @@ class _Job:
         self.forward = forward
         self.limit = limit
         self.inputs = inputs
-        self.rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+        self.rows = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
         # what must match to share a forward pass: the version and everything but the batch dim
-        self.key = (id(forward), tuple((tuple(t.shape[1:]), t.dtype) for t in inputs))
+        self.key = (id(forward), tuple((a.shape[1:], a.dtype) for a in inputs))
         self.future = future
         self.loop = loop
 
@@ -73,7 +76,7 @@ class InferenceEngine:
                ) -> asyncio.Future[tuple[tuple[Any, ...], int]]:
         """Queue one request's inputs; the future resolves to (outputs, rows in its forward pass).
 
-        Call it on the event loop. ``forward`` takes and returns a tuple of batched tensors; ``max_rows``
+        Call it on the event loop. ``forward`` takes and returns a tuple of batched numpy arrays; ``max_rows``
         caps the rows of any forward pass this request joins (the version's own batch limit).
         """
         loop = asyncio.get_running_loop()
@@ -148,12 +151,11 @@ class InferenceEngine:
                 outs = batch[0].forward(batch[0].inputs)
                 results = [(batch[0].future, (outs, rows), None)]
             else:
-                import torch
-
                 n = len(batch[0].inputs)
-                joined = tuple(torch.cat([j.inputs[i] for j in batch]) for i in range(n))
+                joined = tuple(np.concatenate([j.inputs[i] for j in batch]) for i in range(n))
                 outs = batch[0].forward(joined)
-                parts = [torch.split(o, [j.rows for j in batch]) for o in outs]
+                cuts = list(itertools.accumulate(j.rows for j in batch[:-1]))
+                parts = [np.split(o, cuts) for o in outs]
                 results = [(j.future, (tuple(p[k] for p in parts), rows), None) for k, j in enumerate(batch)]
         except Exception as exc:  # every request in the batch gets the failure (a 500 with its id)
             results = [(j.future, None, exc) for j in batch]

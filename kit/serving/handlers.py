@@ -4,7 +4,8 @@ control routes: the per-worker :class:`Service` context, authorisation and the o
 A request is parsed and checked on the event loop (:mod:`kit.serving.protocol`), its forward pass runs on
 the worker's inference thread (:class:`kit.serving.engine.InferenceEngine`), and the response is written
 back on the loop. Per loaded version, :meth:`Service.compiled` keeps what the handler needs (the raw
-forward, the version as text and as a header), built once when the version is first served.
+forward, the version as text, the signature compiled for parsing), built once when the version is first
+served. Requests are numpy arrays from parsing to the response, whichever backend serves.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Compiled:
     version: str
     signature: Any
     max_batch: int  # rows per forward pass: the service's and the exported program's limit
+    wire: Any  # kit.serving.protocol.CompiledSignature: what parsing and answering read
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Service:
             if len(self._compiled) > 8:  # versions come and go with reloads; keep the ones served now
                 live = {id(s) for s in self.slots.state.slots()}
                 self._compiled = {k: v for k, v in self._compiled.items() if k in live}
-            c = Compiled(slot, slot.forward, str(slot.version), slot.signature, slot.max_batch)
+            c = Compiled(slot, slot.forward, str(slot.version), slot.signature, slot.max_batch, slot.wire)
             self._compiled[id(slot)] = c
         return c
 
@@ -146,19 +148,19 @@ async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name
     resp_headers[VERSION_HEADER_OUT] = c.version
     max_rows = svc.config.max_batch
     if name is None:
-        inputs, unbatched = parse_predict(body, c.signature, max_rows)
+        inputs, unbatched = parse_predict(body, c.wire, max_rows)
         out.shape, out.signature, out.inputs = list(inputs[0].shape), c.signature, inputs
         outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
         out.outputs = outputs
-        return Response(200, predict_response(outputs, c.signature, unbatched, svc.model, slot.version),
+        return Response(200, predict_response(outputs, c.wire, unbatched, svc.model, slot.version),
                         headers=resp_headers)
     binary = headers.get(_BINARY)
-    inputs, doc = parse_v2_infer(body, binary.decode("latin-1") if binary is not None else None, c.signature,
+    inputs, doc = parse_v2_infer(body, binary.decode("latin-1") if binary is not None else None, c.wire,
                                  max_rows)
     out.shape, out.signature, out.inputs = list(inputs[0].shape), c.signature, inputs
     outputs, out.batch = await svc.engine.submit(c.forward, inputs, c.max_batch)
     out.outputs = outputs
-    data, header_len = v2_response(outputs, c.signature, doc, svc.model, slot.version)
+    data, header_len = v2_response(outputs, c.wire, doc, svc.model, slot.version)
     if header_len is None:
         return Response(200, data, headers=resp_headers)
     resp_headers[BINARY_HEADER] = str(header_len)

@@ -1,16 +1,21 @@
 """Request and response bodies: Kit's simple JSON, and the Open Inference Protocol v2 (KServe/Triton)
 with its binary tensor data extension. Everything a client sends is checked against the model's
 signature here; a mismatch is a :class:`RequestError` (4xx) whose message names what was expected.
+
+Requests become numpy arrays (the signature's dtype, C-contiguous) and responses are built from numpy
+arrays, whichever backend serves (torch or onnxruntime): this module never imports torch. What a check
+needs from a signature (dtypes, static dims, integer bounds, named-dim ranges, names, the texts of the
+error messages) is prepared once per loaded version by :func:`compile_signature`; a request only reads it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
-import torch
 
 from kit.errors import ServingError
 
@@ -34,7 +39,7 @@ class RequestError(ServingError):
 def np_dtype(spec_dtype: str) -> np.dtype:
     try:
         return np.dtype(spec_dtype)
-    except TypeError:  # bfloat16 and friends: send float32, converted after
+    except TypeError:  # bfloat16 and friends: send float32, converted by the backend's forward
         return np.dtype("float32")
 
 
@@ -52,6 +57,16 @@ def expected(sig: Any) -> str:
             + (f" ({', '.join(ranges)})" if ranges else ""))
 
 
+def predict_example(sig: Any) -> str:
+    if len(sig.inputs) == 1:
+        return '{"inputs": [[...], ...]}'
+    return '{"inputs": {' + ", ".join(f'"{s.name}": [[...]]' for s in sig.inputs) + "}}"
+
+
+def output_names(sig: Any, n: int) -> list[str]:
+    return [s.name for s in sig.outputs] if len(sig.outputs) == n else [f"output_{i}" for i in range(n)]
+
+
 # which value kinds each dtype kind accepts: ints for floats, never bools for numbers or numbers for bools
 _OK_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
@@ -60,50 +75,113 @@ def _fits(kind: str, want: np.dtype) -> bool:
     return kind in _OK_KINDS.get(want.kind, want.kind)
 
 
-def _static_shape_ok(shape: Any, spec: Any) -> bool:
-    return len(shape) == len(spec.shape) and all(isinstance(s, str) or s == d for s, d in zip(spec.shape, shape))
+@dataclass(frozen=True)
+class InputPlan:
+    """One input, prepared once: what a request's array is checked against."""
+
+    spec: Any  # kit.signature.TensorSpec
+    dtype: np.dtype  # what the backend receives
+    kinds: str  # value kinds accepted (numpy dtype kinds)
+    rank: int
+    static: tuple[tuple[int, int], ...]  # (dim index, size) of every fixed dim
+    batched: bool  # dim 0 is "batch" (a request may then leave it out on /predict)
+    bounds: tuple[int, int] | None  # integer dtypes: the range a value must lie in
+    text: str  # the shape as the error messages write it
 
 
-def check_array(arr: np.ndarray, spec: Any, sig: Any, max_rows: int, *, allow_unbatched: bool) -> tuple[np.ndarray, bool]:
-    """Check kind, rank, static dims, integer range and finiteness; cast to the spec dtype.
-    Returns (array, was_unbatched). Named dims (batch, seq, ...) are checked across inputs by ``check_dims``."""
+@dataclass(frozen=True)
+class CompiledSignature:
+    """A signature prepared once per loaded version (:func:`compile_signature`), so that parsing a request
+    does no name->spec lookups and builds no message text unless it refuses the request."""
+
+    sig: Any  # kit.signature.Signature
+    inputs: tuple[InputPlan, ...]
+    index: dict[str, int]  # input name -> position
+    names: list[str]  # input names in signature order
+    batched: tuple[int, ...]  # positions of the inputs whose dim 0 is "batch"
+    named: tuple[tuple[int, int, str, int, int], ...]  # (input, dim, name, lo, hi) of every named dim
+    expected: str  # "inputs x: float32[batch, 64]": what every refusal names
+    example: str  # the /predict body for this model
+    outputs: list[str]  # output names in signature order
+    unwrap_single: bool  # one output and not a dict model: /predict answers a bare array
+
+
+def _plan(spec: Any) -> InputPlan:
     want = np_dtype(spec.dtype)
+    bounds = (int(np.iinfo(want).min), int(np.iinfo(want).max)) if want.kind in "iu" else None
+    return InputPlan(spec=spec, dtype=want, kinds=_OK_KINDS.get(want.kind, want.kind), rank=len(spec.shape),
+                     static=tuple((i, d) for i, d in enumerate(spec.shape) if not isinstance(d, str)),
+                     batched=bool(spec.shape) and spec.shape[0] == "batch", bounds=bounds, text=shape_text(spec))
+
+
+def compile_signature(sig: Any) -> CompiledSignature:
+    """Prepare ``sig`` for the request path (done once per loaded version, off the request path)."""
+    if isinstance(sig, CompiledSignature):
+        return sig
+    named = tuple((i, d, name, *sig.dim_range(name)) for i, spec in enumerate(sig.inputs)
+                  for d, name in spec.named_dims())
+    return CompiledSignature(
+        sig=sig, inputs=tuple(_plan(s) for s in sig.inputs), index={s.name: i for i, s in enumerate(sig.inputs)},
+        names=[s.name for s in sig.inputs],
+        batched=tuple(i for i, s in enumerate(sig.inputs) if s.shape and s.shape[0] == "batch"),
+        named=named, expected=expected(sig), example=predict_example(sig), outputs=output_names(sig, len(sig.outputs)),
+        unwrap_single=len(sig.outputs) == 1 and getattr(sig, "output_kind", "tuple") != "dict")
+
+
+def check_array(arr: np.ndarray, p: InputPlan, cs: CompiledSignature, *, allow_unbatched: bool
+                ) -> tuple[np.ndarray, bool]:
+    """Check kind, rank, static dims, integer range and finiteness; cast to the input's dtype (C-contiguous).
+    Returns (array, was_unbatched). Named dims (batch, seq, ...) are checked across inputs by ``check_dims``."""
+    spec = p.spec
     kind = arr.dtype.kind
-    if not _fits(kind, want):
+    if kind not in p.kinds:
         got = {"b": "true/false", "f": "non-integer"}.get(kind, arr.dtype.name if kind not in "OUS" else "non-numeric")
-        hint = " (send true/false)" if want.kind == "b" else ""
+        hint = " (send true/false)" if p.dtype.kind == "b" else ""
         raise RequestError(f"Input {spec.name!r} has {got} values; expected {spec.dtype}{hint}. "
-                           f"The model takes {expected(sig)}.")
+                           f"The model takes {cs.expected}.")
     unbatched = False
-    shape = spec.shape
-    if allow_unbatched and arr.ndim == len(shape) - 1 and shape and shape[0] == "batch":
+    if allow_unbatched and p.batched and arr.ndim == p.rank - 1:
         arr = arr[None]
         unbatched = True
-    if not _static_shape_ok(arr.shape, spec):
-        raise RequestError(f"Input {spec.name!r} has shape {list(arr.shape)}; expected {shape_text(spec)} "
-                           f"(the model takes {expected(sig)}).")
-    if want.kind in "iu" and arr.dtype != want and arr.size:
-        info = np.iinfo(want)
-        if arr.min() < info.min or arr.max() > info.max:
+    shape = arr.shape
+    if len(shape) != p.rank or any(shape[i] != d for i, d in p.static):
+        raise RequestError(f"Input {spec.name!r} has shape {list(shape)}; expected {p.text} "
+                           f"(the model takes {cs.expected}).")
+    if arr.dtype != p.dtype:
+        if p.bounds is not None and arr.size and (arr.min() < p.bounds[0] or arr.max() > p.bounds[1]):
             raise RequestError(f"Input {spec.name!r} has values outside the range of {spec.dtype} "
-                               f"({info.min} to {info.max}).")
-    with np.errstate(all="ignore"):
-        arr = arr.astype(want, copy=False)
-    if want.kind == "f" and not np.isfinite(arr).all():
+                               f"({p.bounds[0]} to {p.bounds[1]}).")
+        with np.errstate(all="ignore"):
+            arr = arr.astype(p.dtype)
+    if p.dtype.kind == "f" and not np.isfinite(arr).all():
         raise RequestError(f"Input {spec.name!r} holds NaN or infinite values (after conversion to "
-                           f"{spec.dtype}); send finite numbers. The model takes {expected(sig)}.")
+                           f"{spec.dtype}); send finite numbers. The model takes {cs.expected}.")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     return arr, unbatched
 
 
-def to_tensor(arr: np.ndarray, spec: Any) -> torch.Tensor:
-    arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:  # a view of the request body (binary data): torch wants its own copy
-        arr = arr.copy()
-    t = torch.from_numpy(arr)
-    want = getattr(torch, spec.dtype, None)
-    if isinstance(want, torch.dtype) and t.dtype != want:
-        t = t.to(want)
-    return t
+def check_dims(arrays: list[np.ndarray], cs: CompiledSignature, max_rows: int) -> None:
+    """Every named dim (batch, seq, ...) agrees across inputs and lies in its range (400 naming it)."""
+    rows = -1
+    for i in cs.batched:
+        n = arrays[i].shape[0]
+        if rows == -1:
+            rows = n
+        elif n != rows:
+            raise RequestError(f"Inputs have different row counts {[arrays[j].shape[0] for j in cs.batched]}; "
+                               f"every input needs the same batch size ({cs.expected}).")
+    if rows != -1 and not 1 <= rows <= max_rows:
+        raise RequestError(f"The request has {rows} rows; send 1 to {max_rows} rows per request.")
+    seen: dict[str, int] = {}
+    for i, d, name, lo, hi in cs.named:
+        v = arrays[i].shape[d]
+        if seen.setdefault(name, v) != v or not lo <= v <= hi:
+            try:  # the signature's own check words the refusal (which dim, which inputs, the range)
+                cs.sig.dim_values([a.shape for a in arrays])
+            except ValueError as exc:
+                raise RequestError(f"{exc} (the model takes {cs.expected}).") from exc
+            raise RequestError(f"Input {cs.names[i]!r} dim {d} ({name}) is {v}; the model takes {cs.expected}.")
 
 
 def _has_bool(value: Any) -> bool:
@@ -119,94 +197,73 @@ def _has_bool(value: Any) -> bool:
     return False
 
 
-def _nested_to_array(value: Any, spec: Any, sig: Any, bools: bool = False) -> np.ndarray:
+def _nested_to_array(value: Any, p: InputPlan, cs: CompiledSignature, bools: bool = False) -> np.ndarray:
     """``bools``: the body has a true/false somewhere, so look for them mixed into numbers."""
+    spec = p.spec
     if not isinstance(value, list):
-        raise RequestError(f"Input {spec.name!r} must be a nested list of numbers; expected {shape_text(spec)} "
-                           f"{spec.dtype} (the model takes {expected(sig)}).")
+        raise RequestError(f"Input {spec.name!r} must be a nested list of numbers; expected {p.text} "
+                           f"{spec.dtype} (the model takes {cs.expected}).")
     try:
         with np.errstate(all="ignore"):
             arr = np.asarray(value)
     except (ValueError, TypeError, OverflowError) as exc:
         raise RequestError(f"Input {spec.name!r} is not a regular nested list of numbers ({str(exc)[:120]}); "
-                           f"expected {shape_text(spec)} {spec.dtype}.") from exc
+                           f"expected {p.text} {spec.dtype}.") from exc
     if arr.dtype.kind not in "biuf":
         raise RequestError(f"Input {spec.name!r} holds non-numeric or ragged values; expected "
-                           f"{shape_text(spec)} {spec.dtype} (the model takes {expected(sig)}).")
+                           f"{p.text} {spec.dtype} (the model takes {cs.expected}).")
     if bools and arr.dtype.kind != "b" and _has_bool(value):
         raise RequestError(f"Input {spec.name!r} mixes true/false with numbers; send only numbers for "
-                           f"{spec.dtype} (the model takes {expected(sig)}).")
+                           f"{spec.dtype} (the model takes {cs.expected}).")
     return arr
 
 
-def loads(body: bytes, sig: Any, example: str) -> Any:
+def loads(body: bytes, cs: CompiledSignature, example: str) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"The body is not valid JSON ({str(exc)[:160]}). Expected {example}; "
-                           f"the model takes {expected(sig)}.") from exc
+                           f"the model takes {cs.expected}.") from exc
 
 
-def predict_example(sig: Any) -> str:
-    if len(sig.inputs) == 1:
-        return '{"inputs": [[...], ...]}'
-    return '{"inputs": {' + ", ".join(f'"{s.name}": [[...]]' for s in sig.inputs) + "}}"
-
-
-def parse_predict(body: bytes, sig: Any, max_rows: int) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """``{"inputs": nested list}`` (or ``{"inputs": {name: nested list}}``) -> tensors, unbatched flag."""
-    doc = loads(body, sig, predict_example(sig))
+def parse_predict(body: bytes, sig: Any, max_rows: int) -> tuple[tuple[np.ndarray, ...], bool]:
+    """``{"inputs": nested list}`` (or ``{"inputs": {name: nested list}}``) -> arrays, unbatched flag.
+    ``sig``: a :class:`CompiledSignature` (a plain signature is compiled first, for callers off the hot path)."""
+    cs = compile_signature(sig)
+    doc = loads(body, cs, cs.example)
     if not isinstance(doc, dict) or "inputs" not in doc:
-        raise RequestError(f"Expected a JSON object {predict_example(sig)}; the model takes {expected(sig)}.")
+        raise RequestError(f"Expected a JSON object {cs.example}; the model takes {cs.expected}.")
     inputs = doc["inputs"]
     if isinstance(inputs, dict):
-        names = [s.name for s in sig.inputs]
-        if sorted(inputs) != sorted(names):
-            raise RequestError(f"Inputs named {sorted(inputs)[:8]}; expected exactly {names} "
-                               f"(the model takes {expected(sig)}).")
-        values = [inputs[n] for n in names]
-    elif len(sig.inputs) == 1:
+        if len(inputs) != len(cs.names) or any(n not in cs.index for n in inputs):
+            raise RequestError(f"Inputs named {sorted(inputs)[:8]}; expected exactly {cs.names} "
+                               f"(the model takes {cs.expected}).")
+        values = [inputs[n] for n in cs.names]
+    elif len(cs.names) == 1:
         values = [inputs]
     else:
-        raise RequestError(f"This model has {len(sig.inputs)} inputs: send {predict_example(sig)}.")
-    arrays, flags = [], []
+        raise RequestError(f"This model has {len(cs.names)} inputs: send {cs.example}.")
+    arrays, unbatched = [], True
     bools = b"true" in body or b"false" in body
-    for spec, value in zip(sig.inputs, values):
-        arr, unb = check_array(_nested_to_array(value, spec, sig, bools), spec, sig, max_rows, allow_unbatched=True)
+    for p, value in zip(cs.inputs, values):
+        arr, unb = check_array(_nested_to_array(value, p, cs, bools), p, cs, allow_unbatched=True)
         arrays.append(arr)
-        flags.append(unb)
-    check_dims(arrays, sig, max_rows)
-    return tuple(to_tensor(a, s) for a, s in zip(arrays, sig.inputs)), all(flags)
+        unbatched = unbatched and unb
+    check_dims(arrays, cs, max_rows)
+    return tuple(arrays), unbatched
 
 
-def check_dims(arrays: list[np.ndarray], sig: Any, max_rows: int) -> None:
-    """Every named dim (batch, seq, ...) agrees across inputs and lies in its range (400 naming it)."""
-    batched = [a for a, s in zip(arrays, sig.inputs) if s.shape and s.shape[0] == "batch"]
-    if len({a.shape[0] for a in batched}) > 1:
-        raise RequestError(f"Inputs have different row counts {[a.shape[0] for a in batched]}; every input "
-                           f"needs the same batch size ({expected(sig)}).")
-    if batched and not 1 <= batched[0].shape[0] <= max_rows:
-        raise RequestError(f"The request has {batched[0].shape[0]} rows; send 1 to {max_rows} rows per request.")
-    try:
-        sig.dim_values([a.shape for a in arrays])
-    except ValueError as exc:
-        raise RequestError(f"{exc} (the model takes {expected(sig)}).") from exc
-
-
-def output_names(sig: Any, n: int) -> list[str]:
-    return [s.name for s in sig.outputs] if len(sig.outputs) == n else [f"output_{i}" for i in range(n)]
-
-
-def predict_response(outputs: tuple[torch.Tensor, ...], sig: Any, unbatched: bool, model: str,
+def predict_response(outputs: tuple[np.ndarray, ...], sig: Any, unbatched: bool, model: str,
                      version: int) -> bytes:
     """``{"outputs": ...}``: one array for one output, else ``{name: array}`` (always so for dict models)."""
-    arrays = [o.detach().cpu().numpy() for o in outputs]
-    if unbatched:
-        arrays = [a[0] for a in arrays]
-    if len(arrays) == 1 and getattr(sig, "output_kind", "tuple") != "dict":
+    cs = compile_signature(sig)
+    arrays = [a[0] for a in outputs] if unbatched else list(outputs)
+    arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
+    if len(arrays) == 1 and cs.unwrap_single:
         out: Any = arrays[0]
     else:
-        out = dict(zip(output_names(sig, len(arrays)), arrays))
+        names = cs.outputs if len(cs.outputs) == len(arrays) else output_names(cs.sig, len(arrays))
+        out = dict(zip(names, arrays))
     return orjson.dumps({"outputs": out, "model": model, "model_version": version},
                         option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -214,66 +271,66 @@ def predict_response(outputs: tuple[torch.Tensor, ...], sig: Any, unbatched: boo
 # --------------------------------------------------------------------------- Open Inference Protocol v2
 
 
-def _v2_header(body: bytes, header_length: str | None, sig: Any) -> tuple[Any, bytes]:
+def _v2_header(body: bytes, header_length: str | None, cs: CompiledSignature) -> tuple[Any, bytes]:
     if header_length is None:
-        return loads(body, sig, '{"inputs": [{"name", "shape", "datatype", "data"}]}'), b""
+        return loads(body, cs, '{"inputs": [{"name", "shape", "datatype", "data"}]}'), b""
     try:
         n = int(header_length)
     except ValueError as exc:
         raise RequestError(f"{BINARY_HEADER} must be an integer, got {header_length[:20]!r}.") from exc
     if not 0 <= n <= len(body):
         raise RequestError(f"{BINARY_HEADER} is {n} but the body has {len(body)} bytes.")
-    return loads(body[:n], sig, "a JSON inference header"), body[n:]
+    return loads(body[:n], cs, "a JSON inference header"), body[n:]
 
 
 def parse_v2_infer(body: bytes, header_length: str | None, sig: Any, max_rows: int
-                   ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-    """A v2 inference request -> (tensors in signature order, request doc). Everything is checked before
-    the forward pass, requested output names included."""
-    doc, binary = _v2_header(body, header_length, sig)
+                   ) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
+    """A v2 inference request -> (arrays in signature order, request doc). Everything is checked before
+    the forward pass, requested output names included. Binary tensor data stays a read-only view of the
+    body when its dtype is already the input's (the backend's forward copes: see kit.serving.slots)."""
+    cs = compile_signature(sig)
+    doc, binary = _v2_header(body, header_length, cs)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise RequestError('Expected a v2 inference request {"inputs": [{"name", "shape", "datatype", "data"}]}; '
-                           f"the model takes {expected(sig)}.")
-    requested_outputs(doc, sig)
-    by_name: dict[str, np.ndarray] = {}
+                           f"the model takes {cs.expected}.")
+    requested_outputs(doc, cs)
+    arrays: list[Any] = [None] * len(cs.inputs)
     offset = 0
-    specs = {s.name: s for s in sig.inputs}
     bools = b"true" in body or b"false" in body
     for i, inp in enumerate(doc["inputs"]):
         if not isinstance(inp, dict):
             raise RequestError(f"inputs[{i}] must be an object with name, shape, datatype and data.")
         name = inp.get("name")
-        if not isinstance(name, str) or name not in specs:
-            raise RequestError(f"inputs[{i}] is named {str(name)[:40]!r}; expected {sorted(specs)} "
-                               f"(the model takes {expected(sig)}).")
-        if name in by_name:
-            raise RequestError(f"Input {name!r} is given twice; send each of {sorted(specs)} once.")
-        arr, size = _v2_input(inp, specs[name], sig, binary, offset, bools)
+        k = cs.index.get(name) if isinstance(name, str) else None
+        if k is None:
+            raise RequestError(f"inputs[{i}] is named {str(name)[:40]!r}; expected {sorted(cs.names)} "
+                               f"(the model takes {cs.expected}).")
+        if arrays[k] is not None:
+            raise RequestError(f"Input {name!r} is given twice; send each of {sorted(cs.names)} once.")
+        arr, size = _v2_input(inp, cs.inputs[k], cs, binary, offset, bools)
         offset += size
-        by_name[name] = check_array(arr, specs[name], sig, max_rows, allow_unbatched=False)[0]
+        arrays[k] = check_array(arr, cs.inputs[k], cs, allow_unbatched=False)[0]
     if offset != len(binary):
         raise RequestError(f"{len(binary) - offset} bytes of binary data are not claimed by any input's "
                            "binary_data_size.")
-    missing = [n for n in specs if n not in by_name]
+    missing = [n for n, a in zip(cs.names, arrays) if a is None]
     if missing:
-        raise RequestError(f"Missing input(s) {missing}; the model takes {expected(sig)}.")
-    arrays = [by_name[s.name] for s in sig.inputs]
-    check_dims(arrays, sig, max_rows)
-    return tuple(to_tensor(a, s) for a, s in zip(arrays, sig.inputs)), doc
+        raise RequestError(f"Missing input(s) {missing}; the model takes {cs.expected}.")
+    check_dims(arrays, cs, max_rows)
+    return tuple(arrays), doc
 
 
-def _v2_input(inp: dict[str, Any], spec: Any, sig: Any, binary: bytes, offset: int, bools: bool
+def _v2_input(inp: dict[str, Any], p: InputPlan, cs: CompiledSignature, binary: bytes, offset: int, bools: bool
               ) -> tuple[np.ndarray, int]:
     """One v2 input -> (array, binary bytes it used). The shape is checked against the signature before
     anything is sized from it (a shape whose product overflows int64 is a 400, not a 500)."""
+    spec = p.spec
     name, shape, dt = spec.name, inp.get("shape"), inp.get("datatype")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
-        raise RequestError(f"Input {name!r}: shape must be a list of non-negative integers; "
-                           f"expected {shape_text(spec)}.")
-    if not _static_shape_ok(shape, spec):
-        raise RequestError(f"Input {name!r} has shape {shape}; expected {shape_text(spec)} "
-                           f"(the model takes {expected(sig)}).")
+        raise RequestError(f"Input {name!r}: shape must be a list of non-negative integers; expected {p.text}.")
+    if len(shape) != p.rank or any(shape[i] != d for i, d in p.static):
+        raise RequestError(f"Input {name!r} has shape {shape}; expected {p.text} (the model takes {cs.expected}).")
     if dt not in V2_TO_NUMPY:
         raise RequestError(f"Input {name!r}: datatype {str(dt)[:20]!r} is not supported; expected "
                            f"{v2_datatype(spec.dtype)} ({spec.dtype}).")
@@ -297,7 +354,7 @@ def _v2_input(inp: dict[str, Any], spec: Any, sig: Any, binary: bytes, offset: i
     data = inp.get("data")
     if not isinstance(data, list):
         raise RequestError(f"Input {name!r}: needs \"data\" (a flat or nested list) or binary data.")
-    arr = _nested_to_array(data, spec, sig, bools)
+    arr = _nested_to_array(data, p, cs, bools)
     if arr.size != count:
         raise RequestError(f"Input {name!r}: {arr.size} values for shape {shape} (needs {count}).")
     if arr.size and not _fits(arr.dtype.kind, npdt):
@@ -310,13 +367,17 @@ def _v2_input(inp: dict[str, Any], spec: Any, sig: Any, binary: bytes, offset: i
         raise RequestError(f"Input {name!r}: cannot read the data as {dt} ({str(exc)[:80]}).") from exc
 
 
+def _binary_output_default(doc: dict[str, Any]) -> bool:
+    raw = doc.get("parameters")
+    return bool(raw.get("binary_data_output", False)) if isinstance(raw, dict) else False
+
+
 def requested_outputs(doc: dict[str, Any], sig: Any) -> dict[str, bool] | None:
     """``{output name: binary?}`` for the outputs a v2 request names (None: all); unknown names are a 400."""
     if not isinstance(doc.get("outputs"), list):
         return None
-    names = output_names(sig, len(sig.outputs))
-    raw_params = doc.get("parameters")
-    all_binary = bool(raw_params.get("binary_data_output", False)) if isinstance(raw_params, dict) else False
+    names = compile_signature(sig).outputs
+    all_binary = _binary_output_default(doc)
     requested: dict[str, bool] = {}
     for o in doc["outputs"]:
         if not isinstance(o, dict) or o.get("name") not in names:
@@ -327,18 +388,19 @@ def requested_outputs(doc: dict[str, Any], sig: Any) -> dict[str, bool] | None:
     return requested
 
 
-def v2_response(outputs: tuple[torch.Tensor, ...], sig: Any, doc: dict[str, Any], model: str,
+def v2_response(outputs: tuple[np.ndarray, ...], sig: Any, doc: dict[str, Any], model: str,
                 version: int) -> tuple[bytes, int | None]:
     """The v2 response body and, when any output is binary, the JSON header length."""
-    names = output_names(sig, len(outputs))
-    raw_params = doc.get("parameters")
-    all_binary = bool(raw_params.get("binary_data_output", False)) if isinstance(raw_params, dict) else False
-    requested = requested_outputs(doc, sig)
+    cs = compile_signature(sig)
+    names = cs.outputs if len(cs.outputs) == len(outputs) else output_names(cs.sig, len(outputs))
+    all_binary = _binary_output_default(doc)
+    requested = requested_outputs(doc, cs)
     outs, blobs = [], []
-    for name, t in zip(names, outputs):
+    for name, arr in zip(names, outputs):
         if requested is not None and name not in requested:
             continue
-        arr = np.ascontiguousarray(t.detach().cpu().numpy())
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
         entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_V2.get(arr.dtype.name, "FP32"),
                                  "shape": list(arr.shape)}
         if (requested or {}).get(name, all_binary):
@@ -357,11 +419,14 @@ def v2_response(outputs: tuple[torch.Tensor, ...], sig: Any, doc: dict[str, Any]
     return head, None
 
 
-def v2_metadata(model: str, sig: Any, versions: list[int]) -> dict[str, Any]:
+PLATFORMS = {"torch": "pytorch_torch_export", "onnxruntime": "onnxruntime_onnx"}  # as Triton names them
+
+
+def v2_metadata(model: str, sig: Any, versions: list[int], backend: str = "torch") -> dict[str, Any]:
     """v2 model metadata: every dynamic dim (batch, seq, an expression of them) is -1."""
     def spec(s: Any) -> dict[str, Any]:
         return {"name": s.name, "datatype": v2_datatype(s.dtype),
                 "shape": [-1 if isinstance(d, str) else d for d in s.shape]}
 
-    return {"name": model, "versions": [str(v) for v in versions], "platform": "pytorch_torch_export",
+    return {"name": model, "versions": [str(v) for v in versions], "platform": PLATFORMS.get(backend, backend),
             "inputs": [spec(s) for s in sig.inputs], "outputs": [spec(s) for s in sig.outputs]}

@@ -69,8 +69,12 @@ def parse_capture_settings(table: Mapping[str, Any], where: str) -> CaptureSetti
 
 
 def tensor_doc(t: Any) -> dict[str, Any]:
-    """A tensor as JSON: dtype (torch's name without ``torch.``), shape, nested lists."""
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.detach().cpu().tolist()}
+    """An array as JSON: dtype (numpy's name, which is torch's without ``torch.``), shape, nested lists.
+    The serving path hands numpy arrays; a torch tensor is taken too."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu()
+        return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.tolist()}
+    return {"dtype": t.dtype.name, "shape": list(t.shape), "data": t.tolist()}
 
 
 class Recorder:

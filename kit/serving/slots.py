@@ -4,7 +4,8 @@ Each worker holds one immutable :class:`ServingState` (production slot, canary s
 and replaces it with a single reference assignment, which is atomic: a request reads ``slots.state``
 once and serves from that snapshot to the end. A watcher thread stats ``aliases.json`` (cheap) every
 ``poll_interval`` seconds; on a change it loads any new version off the request path, through
-:meth:`kit.registry.Registry.load` (sha256 of every file, environment fingerprint) and
+:meth:`kit.registry.Registry.load` (sha256 of every file, environment fingerprint) on the service's
+backend (:mod:`kit.serving.backends`: torch or onnxruntime, numpy in and out either way) and
 :meth:`LoadedModel.check_reference` (warm-up plus the stored reference output), and only then swaps.
 On any failure the old state keeps serving; the failure is kept in :attr:`ModelSlots.last_error`
 (shown by ``/readyz``), logged, counted in the metrics, and retried with backoff.
@@ -12,7 +13,6 @@ On any failure the old state keeps serving; the failure is kept in :attr:`ModelS
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kit.errors import KitError, ServingError
+from kit.serving.backends import load_for_serving, warm_up
+from kit.serving.backends import resolve_torch_device as _resolve_device  # noqa: F401  (its unit test)
+from kit.serving.protocol import CompiledSignature, compile_signature
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +37,16 @@ class Slot:
     sha256: str
     loaded: Any  # kit.registry.LoadedModel
     signature: Any  # kit.capture.Signature
-    forward: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # batched tensors in, batched tensors out
+    forward: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # batched numpy arrays in, batched numpy arrays out
     max_batch: int  # rows per forward pass (1: batching off); the inference thread batches up to it
     load_seconds: float
     device: str
+    wire: CompiledSignature  # the signature prepared for the request path, once per loaded version
+    backend: str = "torch"  # "torch" | "onnxruntime"
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "sha256": self.sha256, "load_seconds": round(self.load_seconds, 3),
-                "device": self.device, "signed_by": getattr(self.loaded, "signed_by", None)}
+                "device": self.device, "backend": self.backend, "signed_by": getattr(self.loaded, "signed_by", None)}
 
 
 @dataclass(frozen=True)
@@ -59,30 +64,18 @@ class ServingState:
         return [s for s in (self.production, self.canary) if s is not None]
 
 
-def _resolve_device(device: str) -> str:
-    """The torch device for models. Only ever called in a worker (after fork), never in the master."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ServingError(
-                f"service.toml asks for device {device!r} but torch {torch.__version__} sees no CUDA GPU "
-                f"(torch.cuda.is_available() is False; built for CUDA {torch.version.cuda}). Run on a GPU "
-                "machine with a CUDA build of torch, or set [service] device = \"cpu\"."
-            )
-    return device
-
-
 class ModelSlots:
     """The versions one worker serves for one model, kept in step with ``aliases.json``."""
 
-    def __init__(self, registry: Any, model: str, *, device: str = "cpu", check_env: bool = True,
-                 max_artifact_bytes: int | None = None,
+    def __init__(self, registry: Any, model: str, *, device: str = "cpu", backend: str = "torch", threads: int = 0,
+                 check_env: bool = True, max_artifact_bytes: int | None = None,
                  batching: bool = True, max_batch: int = 64, max_wait_ms: float = 0.0,
                  poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Any = None):
         self.registry = registry
         self.model = model
         self.device = device
+        self.backend = backend
+        self.threads = threads  # onnxruntime's intra-op threads (the worker plan's torch_threads; 0: its default)
         self.check_env = check_env
         self.max_artifact_bytes = max_artifact_bytes
         self.batching = batching
@@ -217,53 +210,16 @@ class ModelSlots:
     # ---- loading one version (off the request path)
     def _load(self, version: int) -> Slot:
         t0 = time.perf_counter()
-        device = _resolve_device(self.device)
-        loaded = self.registry.load(self.model, version, check_env=self.check_env,
-                                    max_artifact_bytes=self.max_artifact_bytes)  # sha256 + env
-        if device != "cpu":
-            import torch
-
-            dev = torch.device(device)
-            loaded = dataclasses.replace(loaded, module=loaded.module.to(dev),
-                                         example_inputs=tuple(t.to(dev) for t in loaded.example_inputs))
-        loaded.check_reference()  # warm-up and the stored reference output
+        loaded, forward = load_for_serving(self.registry, self.model, version, backend=self.backend,
+                                           device=self.device, threads=self.threads, check_env=self.check_env,
+                                           max_artifact_bytes=self.max_artifact_bytes)
         sig = loaded.signature
-        forward = _make_forward(loaded.module, device, [s.name for s in sig.outputs])
         max_batch = max(1, min(self.max_batch, sig.max_batch))
-        # warm the largest batch too, so the first big dynamic batch pays no first-call cost
-        big = tuple(t.cpu()[[i % t.shape[0] for i in range(max_batch)]] for t in loaded.example_inputs)
-        forward(big)
+        warm_up(forward, loaded, max_batch)  # the largest batch too: no first-call cost on the request path
         mv = loaded.version
         slot = Slot(version=mv.version, sha256=mv.artifact_sha256, loaded=loaded, signature=sig, forward=forward,
-                    max_batch=max_batch if self.batching else 1,
-                    load_seconds=time.perf_counter() - t0, device=device)
-        log.info("%s@%d loaded and checked in %.2fs (sha256 %s, %s)", self.model, mv.version,
-                 slot.load_seconds, mv.short_sha, device)
+                    max_batch=max_batch if self.batching else 1, load_seconds=time.perf_counter() - t0,
+                    device=self.device, wire=compile_signature(sig), backend=self.backend)
+        log.info("%s@%d loaded and checked in %.2fs (sha256 %s, %s, %s)", self.model, mv.version,
+                 slot.load_seconds, mv.short_sha, self.backend, self.device)
         return slot
-
-
-def _make_forward(module: Any, device: str, names: list[str]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """``inputs -> outputs`` as tuples of tensors; a dict output becomes its values in signature order."""
-    import torch
-
-    from kit.signature import flatten_outputs
-
-    # Call forward directly, skipping nn.Module.__call__'s hook machinery. For kit.capture.ExportedForward
-    # (what Registry.load returns for inference programs) forward still checks rank, static dims and dtype
-    # in a few microseconds; kit.serving.protocol has checked them against the signature already.
-    call = getattr(module, "forward", module)
-
-    if device == "cpu":
-        def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-            with torch.inference_mode():
-                out = call(*inputs)
-            return flatten_outputs(out, names)
-    else:
-        dev = torch.device(device)
-
-        def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-            with torch.inference_mode():
-                out = call(*(t.to(dev, non_blocking=True) for t in inputs))
-            return tuple(o.cpu() for o in flatten_outputs(out, names))
-    return forward
-

@@ -1,13 +1,17 @@
 """The ASGI engine's pieces without a server: the inference thread and its batching, the HTTP error type,
-body reading, and route dispatch. Real torch tensors and a real event loop; no mocks."""
+body reading, and route dispatch. Real numpy arrays (what both backends' forwards
+take) and a real event loop; no mocks."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
+import numpy as np
+import orjson
 import pytest
-import torch
 
 from kit.errors import ServingError
 from kit.serving.control import find
@@ -42,17 +46,17 @@ def test_requests_arriving_during_a_forward_pass_share_the_next_one():
     engine = InferenceEngine(max_batch=64)
 
     async def main():
-        first = engine.submit(fwd, (torch.full((1, 3), 1.0),))
+        first = engine.submit(fwd, (np.full((1, 3), 1.0, np.float32),))
         await asyncio.sleep(0.05)  # the first forward pass is running now
-        rest = [engine.submit(fwd, (torch.full((2, 3), float(i)),)) for i in range(2, 12)]
+        rest = [engine.submit(fwd, (np.full((2, 3), float(i), np.float32),)) for i in range(2, 12)]
         return await first, await asyncio.gather(*rest), threading.current_thread().name
 
     (out1, rows1), rest, loop_thread = _run(main())
     engine.stop()
-    assert rows1 == 1 and torch.equal(out1[0], torch.full((1, 3), 2.0))
+    assert rows1 == 1 and np.array_equal(out1[0], np.full((1, 3), 2.0, np.float32))
     assert fwd.calls == [1, 20]  # the ten waiting requests ran as one forward pass of 20 rows
     for i, (out, rows) in zip(range(2, 12), rest):
-        assert rows == 20 and torch.equal(out[0], torch.full((2, 3), 2.0 * i))  # each got its own rows back
+        assert rows == 20 and np.array_equal(out[0], np.full((2, 3), 2.0 * i, np.float32))  # each got its own rows back
     assert loop_thread not in fwd.threads and all(t.startswith("kit-infer") for t in fwd.threads)
 
 
@@ -61,19 +65,20 @@ def test_different_non_batch_dims_or_versions_are_never_concatenated_and_max_row
     engine = InferenceEngine(max_batch=64)
 
     async def main():
-        busy = engine.submit(a, (torch.zeros(1, 4),))
+        busy = engine.submit(a, (np.zeros((1, 4), np.float32),))
         await asyncio.sleep(0.03)
-        futs = [engine.submit(a, (torch.zeros(1, 4),)), engine.submit(a, (torch.zeros(1, 5),)),  # seq 4 vs 5
-                engine.submit(b, (torch.zeros(1, 4),)),  # another version
-                engine.submit(a, (torch.zeros(1, 4),)), engine.submit(a, (torch.zeros(1, 4, dtype=torch.float64),))]
-        capped = [engine.submit(a, (torch.zeros(3, 4),), max_rows=4) for _ in range(2)]
+        futs = [engine.submit(a, (np.zeros((1, 4), np.float32),)),
+                engine.submit(a, (np.zeros((1, 5), np.float32),)),  # seq 4 vs 5
+                engine.submit(b, (np.zeros((1, 4), np.float32),)),  # another version
+                engine.submit(a, (np.zeros((1, 4), np.float32),)), engine.submit(a, (np.zeros((1, 4), np.float64),))]
+        capped = [engine.submit(a, (np.zeros((3, 4), np.float32),), max_rows=4) for _ in range(2)]
         await busy
         return await asyncio.gather(*futs), await asyncio.gather(*capped)
 
     outs, capped = _run(main())
     engine.stop()
     assert [r for _, r in outs] == [2, 1, 1, 2, 1]  # only the two same-shape, same-version requests joined
-    assert [o[0].shape[1] for o, _ in outs] == [4, 5, 4, 4, 4] and outs[4][0][0].dtype == torch.float64
+    assert [o[0].shape[1] for o, _ in outs] == [4, 5, 4, 4, 4] and outs[4][0][0].dtype == np.float64
     assert [r for _, r in capped] == [3, 3]  # 3 + 3 rows exceed the version's 4-row limit: two passes
     assert b.calls == [1]
 
@@ -91,12 +96,12 @@ def test_a_failing_forward_pass_fails_every_request_in_it_and_the_engine_goes_on
 
     async def main():
         with pytest.raises(RuntimeError, match="boom"):
-            await engine.submit(broken, (torch.zeros(1, 2),))
-        return await engine.submit(broken, (torch.ones(2, 2),))
+            await engine.submit(broken, (np.zeros((1, 2), np.float32),))
+        return await engine.submit(broken, (np.ones((2, 2), np.float32),))
 
     out, rows = _run(main())
     engine.stop()
-    assert rows == 2 and torch.equal(out[0], torch.ones(2, 2))
+    assert rows == 2 and np.array_equal(out[0], np.ones((2, 2), np.float32))
 
 
 def test_max_wait_collects_more_rows_before_running():
@@ -104,9 +109,9 @@ def test_max_wait_collects_more_rows_before_running():
     engine = InferenceEngine(max_batch=8, max_wait_ms=80)
 
     async def main():
-        futs = [engine.submit(fwd, (torch.zeros(1, 2),))]
+        futs = [engine.submit(fwd, (np.zeros((1, 2), np.float32),))]
         await asyncio.sleep(0.02)
-        futs += [engine.submit(fwd, (torch.zeros(1, 2),)) for _ in range(3)]
+        futs += [engine.submit(fwd, (np.zeros((1, 2), np.float32),)) for _ in range(3)]
         return await asyncio.gather(*futs)
 
     outs = _run(main())
@@ -149,3 +154,48 @@ def test_control_routes_dispatch():
     assert find("/v2/models/m/ready")[0].__name__ == "v2_model_ready"
     assert find("/v2/models/m/versions/2/ready")[0].__name__ == "v2_model_ready"
     assert find("/v2/models/m/versions") is None and find("/nope") is None
+
+
+def test_the_request_path_modules_never_import_torch():
+    """One numpy path serves both backends: an onnxruntime worker imports these and never torch."""
+    code = ("import sys, kit.serving.protocol, kit.serving.engine, kit.serving.backends, kit.serving.handlers;"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_signature_is_compiled_once_and_parsing_gives_contiguous_numpy():
+    from kit.serving.protocol import compile_signature, parse_predict, parse_v2_infer, predict_response
+    from kit.signature import Signature, TensorSpec
+
+    sig = Signature(inputs=(TensorSpec("ids", "int64", ("batch", "seq")), TensorSpec("x", "float32", ("batch", 2))),
+                    outputs=(TensorSpec("y", "float32", ("batch",)),), dims={"batch": (1, 64), "seq": (1, 8)})
+    cs = compile_signature(sig)
+    assert compile_signature(cs) is cs and cs.index == {"ids": 0, "x": 1} and cs.unwrap_single
+    (ids, x), unbatched = parse_predict(b'{"inputs": {"x": [[1, 2]], "ids": [[1, 2, 3]]}}', cs, 64)
+    assert ids.dtype == np.int64 and x.dtype == np.float32 and x.flags.c_contiguous and not unbatched
+    raw = np.arange(4, dtype=np.float32).reshape(2, 2)
+    head = orjson.dumps({"inputs": [
+        {"name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": raw.nbytes}},
+        {"name": "ids", "shape": [2, 1], "datatype": "INT64", "data": [5, 6]}]})
+    (ids, x), _ = parse_v2_infer(head + raw.tobytes(), str(len(head)), cs, 64)
+    assert not x.flags.writeable and np.array_equal(x, raw)  # a view of the body: no copy for onnxruntime
+    body = orjson.loads(predict_response((np.array([0.5, 1.5], np.float32)[::2],), cs, False, "m", 1))
+    assert body["outputs"] == [0.5]  # a non-contiguous output is serialised too
+
+
+def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
+    torch = pytest.importorskip("torch")
+    from kit.serving.backends import _torch_forward
+    from kit.signature import Signature, TensorSpec
+
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return {"b": x.sum(1), "a": x * 2}
+
+    sig = Signature(inputs=(TensorSpec("x", "float32", ("batch", 3)),),
+                    outputs=(TensorSpec("a", "float32", ("batch", 3)), TensorSpec("b", "float32", ("batch",))),
+                    output_kind="dict")
+    fwd = _torch_forward(Two(), "cpu", sig)
+    view = np.frombuffer(np.ones((2, 3), np.float32).tobytes(), np.float32).reshape(2, 3)
+    a, b = fwd((view,))  # read-only (a v2 binary body): copied for torch.from_numpy, without a warning
+    assert isinstance(a, np.ndarray) and np.array_equal(a, np.full((2, 3), 2.0)) and np.array_equal(b, [3.0, 3.0])

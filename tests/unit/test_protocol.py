@@ -1,4 +1,4 @@
-"""kit.serving.protocol for any model: named dims with ranges, integer and bool inputs, dict outputs, and
+"""kit.serving.protocol (numpy arrays in and out, never torch) for any model: named dims with ranges, integer and bool inputs, dict outputs, and
 the red-team defects of issue 9 (each refused with a 400 before any forward pass)."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-import torch
-
 from kit.serving.protocol import (RequestError, parse_predict, parse_v2_infer, predict_response, v2_metadata,
                                   v2_response)
 from kit.signature import Signature, TensorSpec
@@ -21,7 +19,7 @@ IMAGE = Signature(inputs=(TensorSpec("x", "float32", ("batch", "h", 16, 2)),),
                   outputs=(TensorSpec("y", "float32", ("batch",)),), dims={"batch": (1, 64), "h": (1, 8)})
 
 
-def _predict(doc: object, sig: Signature = TEXT) -> tuple[tuple[torch.Tensor, ...], bool]:
+def _predict(doc: object, sig: Signature = TEXT) -> tuple[tuple[np.ndarray, ...], bool]:
     return parse_predict(orjson.dumps(doc), sig, 64)
 
 
@@ -41,7 +39,7 @@ def test_predict_takes_int_ids_and_bool_masks_at_any_seq_in_range():
     for seq in (2, 7, 16):
         (ids, mask), unbatched = _predict({"inputs": {"ids": [[1] * seq, [2] * seq],
                                                        "mask": [[True] * seq, [False] * seq]}})
-        assert ids.dtype == torch.int64 and mask.dtype == torch.bool and ids.shape == (2, seq) and not unbatched
+        assert ids.dtype == np.int64 and mask.dtype == np.bool_ and ids.shape == (2, seq) and not unbatched
     (ids, _), unbatched = _predict({"inputs": {"ids": [1, 2, 3], "mask": [True, True, False]}})
     assert unbatched and ids.shape == (1, 3)
 
@@ -69,7 +67,7 @@ def test_integers_outside_the_input_dtype_are_refused():
     sig = Signature(inputs=(TensorSpec("ids", "int32", ("batch", 2)),), outputs=(TensorSpec("y", "float32", ("batch",)),))
     _refused(_predict, {"inputs": [[1, 2**40]]}, sig, match=r"outside the range of int32")
     (ids,), _ = _predict({"inputs": [[1, 2**30]]}, sig)
-    assert ids.dtype == torch.int32
+    assert ids.dtype == np.int32
 
 
 def test_v2_shape_that_overflows_int64_is_a_400_not_a_500():
@@ -96,7 +94,7 @@ def test_unknown_requested_outputs_are_refused_before_the_forward_pass():
     mask = {"name": "mask", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]}
     _refused(_v2, [ids, mask], outputs=[{"name": "nope"}], match="Requested output")
     tensors, doc = _v2([ids, mask], outputs=[{"name": "score"}])
-    assert [t.dtype for t in tensors] == [torch.int64, torch.bool]
+    assert [t.dtype for t in tensors] == [np.int64, np.bool_]
 
 
 def test_v2_binary_int_and_bool_inputs():
@@ -110,7 +108,7 @@ def test_v2_binary_int_and_bool_inputs():
 
 
 def test_dict_outputs_keep_their_names_and_metadata_shows_dynamic_dims():
-    outs = (torch.ones(2, 3), torch.zeros(2))
+    outs = (np.ones((2, 3), np.float32), np.zeros(2, np.float32))
     body = orjson.loads(predict_response(outs, TEXT, False, "m", 1))
     assert list(body["outputs"]) == ["logits", "score"]
     one = Signature(inputs=TEXT.inputs, outputs=TEXT.outputs[:1], dims=TEXT.dims, output_kind="dict")
