@@ -18,6 +18,7 @@ from kit.errors import DeployError, InvalidNameError, KitError
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
 from kit.render import aliases_line, gate_summary
 from kit.traffic import require_production, set_traffic
+from kit.version_files import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def deploy(
     progress: Callable[[str], None] | None = None,
     dynamic: Mapping[Any, Mapping[int, str]] | None = None,
     dims: Mapping[str, tuple[int, int]] | None = None,
+    backend: str = "torch",
+    onnx: bool = True,
 ) -> DeployResult:
     """capture -> register -> gate -> alias move -> service generation; stop at the first failure.
 
@@ -103,6 +106,9 @@ def deploy(
     dynamic, dims : named dynamic dims and their ranges, passed to :func:`kit.capture.capture`
         (e.g. ``dynamic={"ids": {1: "seq"}, "mask": {1: "seq"}}``, ``dims={"seq": (2, 512)}``).
     on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
+    backend : the backend that will serve (``"torch"`` or ``"onnxruntime"``): the gate runs on it and the
+        generated service's ``[model] backend`` says it.
+    onnx : export ``model.onnx`` at capture (needed for ``backend="onnxruntime"``).
 
     Raises
     ------
@@ -119,6 +125,12 @@ def deploy(
         require_production(registry, name)
     if service is not None:
         validate_name(service, "service name")
+    try:
+        check_backend(backend)
+    except ValueError as exc:
+        raise InvalidNameError(f"{exc} It is the backend the service will run.") from None
+    if backend == "onnxruntime" and not onnx:
+        raise InvalidNameError("backend 'onnxruntime' serves model.onnx: deploy without onnx=False.")
     result = DeployResult(name=name)
     total = len(STEPS)
 
@@ -140,12 +152,12 @@ def deploy(
 
     t0 = time.perf_counter()
     try:
-        captured = capture(model, example_inputs, dynamic=dynamic, dims=dims)
+        captured = capture(model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx)
     except KitError as exc:
         raise fail("capture", t0, str(exc)) from exc
     finish(Step("capture", time.perf_counter() - t0, True,
                 f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
-                f"parity max|diff| {captured.parity.max_abs_diff:.2g}"))
+                f"parity max|diff| {captured.parity.max_abs_diff:.2g}, {_onnx_line(captured)}"))
 
     # 2. register
     t0 = time.perf_counter()
@@ -164,14 +176,16 @@ def deploy(
         raise fail("gate", t0, f"kit.gate is not available ({exc}); this checkout has no validation gate.") from exc
     try:
         gate = run_gate(registry, name, mv.version, notebooks=list(notebooks) if notebooks else None,
-                        params=dict(params) if params else None, timeout=gate_timeout, progress=progress)
+                        params=dict(params) if params else None, timeout=gate_timeout, progress=progress,
+                        backend=backend)
     except KitError as exc:
         raise fail("gate", t0, f"the gate could not run: {exc}") from exc
     result.gate = gate
     n_ok = sum(1 for c in gate.checks if getattr(c, "passed", False))
     if not gate.passed:
         raise fail("gate", t0, gate_summary(gate) + ".", report=gate.report)
-    finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks", str(gate.report)))
+    finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks on {backend}",
+                str(gate.report)))
 
     # 4. alias move
     t0 = time.perf_counter()
@@ -208,7 +222,7 @@ def deploy(
     try:
         # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
         out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
-                       force=target.exists(),  # [trust]: the key this registry signs with
+                       force=target.exists(), backend=backend,  # [trust]: the key this registry signs with
                        trusted_keys=registry.keyring.service_keys() if registry.keyring is not None else ())
     except KitError as exc:
         raise fail("service", t0, str(exc)) from exc
@@ -216,6 +230,13 @@ def deploy(
     finish(Step("service", time.perf_counter() - t0, True,
                 f"{service!r} serves {name}@production (start: kit.servicegen.start_service)", str(out)))
     return result
+
+
+def _onnx_line(captured: Any) -> str:
+    rec = captured.onnx.record if captured.onnx is not None else {}
+    if rec.get("exported"):
+        return f"ONNX parity max|diff| {rec['parity']['max_abs_diff']:.2g}"
+    return f"no ONNX ({rec.get('reason', 'not exported')})"
 
 
 def _service_model(service_dir: Path) -> str | None:

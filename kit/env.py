@@ -260,7 +260,7 @@ def read_lock(project_root: Path) -> Fingerprint | None:
             cuda=data.get("cuda"), platform=data["platform"], libc=data.get("libc", "unknown"),
             conda_prefix=None, conda_name=None, prefix=data.get("prefix", ""),
             distributions_sha256=hashlib.sha256(json.dumps(dists, sort_keys=True).encode()).hexdigest(),
-            distributions=dists,
+            distributions=dists, onnxruntime=data.get("onnxruntime"),
         )
     except FileNotFoundError:
         return None
@@ -283,6 +283,7 @@ def write_lock(project_root: Path) -> Path:
             "prefix": fp.prefix,
             "torch": fp.torch,
             "cuda": fp.cuda,
+            "onnxruntime": fp.onnxruntime,
             "distributions": fp.distributions,
         },
     )

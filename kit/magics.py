@@ -131,6 +131,9 @@ class KitMagics(Magics):
     @argument("--tags", metavar="DICT", default=None, help="a dict of tags to record (variable name)")
     @argument("--dynamic", metavar="INPUT:DIM=NAME", action="append", default=[],
               help="a dynamic dim besides the batch, e.g. ids:1=seq (optional range: ids:1=seq:2..512; repeatable)")
+    @argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+              help="the backend that will serve: the gate runs on it, the service's [model] backend says it")
+    @argument("--no-onnx", action="store_true", help="do not export model.onnx at capture (torch backend only)")
     @line_magic
     def deploy(self, line: str) -> DeployResult:
         """Capture, register, validate, move an alias and generate a service, one line per step.
@@ -142,6 +145,8 @@ class KitMagics(Magics):
         args = parse_argstring(self.deploy, line)
         if args.canary is not None and args.promote:
             raise UsageError("%deploy: choose one of --canary WEIGHT and --promote, not both.")
+        if args.no_onnx and args.backend == "onnxruntime":
+            raise UsageError("%deploy: --backend onnxruntime serves model.onnx; drop --no-onnx.")
         cfg = self.kit_config
         model = self._eval(args.model, "MODEL")
         example = _as_example(self._eval(args.example, "--example"), args.example)
@@ -173,7 +178,7 @@ class KitMagics(Magics):
                 canary=weight, promote=args.promote, service=args.service, dynamic=dynamic or None, dims=dims or None,
                 services_dir=cfg.services or cfg.project_root / "services", metrics=metrics, tags=tags, source=source,
                 project_root=cfg.project_root, gate_timeout=cfg.gate_timeout, user=cfg.user,
-                on_step=printer.step, progress=printer.progress,
+                on_step=printer.step, progress=printer.progress, backend=args.backend, onnx=not args.no_onnx,
             )
         except KitError as exc:
             raise usage_error(exc) from None

@@ -24,10 +24,13 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
               help="Seconds any one cell may run (default: gate_timeout from the config, 600).")
 @click.option("--kernel", "kernel_name", default=None,
               help="Jupyter kernel name; default: this very interpreter (the one environment).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="The backend that will serve (service.toml [model] backend): the checks run on it and the "
+                   "verdict is about it. Default: torch.")
 @json_option
 @pass_kit
 def validate_cmd(k: Context, ref: str, notebooks: tuple[Path, ...], params: tuple[str, ...],
-                 timeout: float | None, kernel_name: str | None, as_json: bool) -> None:
+                 timeout: float | None, kernel_name: str | None, backend: str | None, as_json: bool) -> None:
     """Run the validation notebooks against NAME@VERSION and record the verdict beside it.
 
     VERSION is a number, latest, production or canary (NAME alone: production, else latest).
@@ -46,7 +49,7 @@ def validate_cmd(k: Context, ref: str, notebooks: tuple[Path, ...], params: tupl
     result = run_gate(
         reg, mv.name, mv.version, notebooks=list(notebooks) or list(k.config.validation) or None, params=values,
         timeout=timeout if timeout is not None else k.config.gate_timeout, kernel_name=kernel_name,
-        progress=None if as_json else click.echo,
+        progress=None if as_json else click.echo, backend=backend,
     )
     if as_json:
         emit_json({**result.to_dict(), "report_path": str(result.report)})

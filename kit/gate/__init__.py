@@ -30,7 +30,7 @@ from kit.gate.evidence import (
     write_report,
 )
 from kit.gate.kernel import KIT_KERNEL, PRIVATE_KERNEL, ensure_kernel
-from kit.gate.params import AUTO_PARAMS, check_params, declared_params, parse_params
+from kit.gate.params import AUTO_PARAMS, BACKEND_PARAM, check_params, declared_params, gate_backend, parse_params
 from kit.gate.record import (
     CheckTable,
     _begin_run,
@@ -43,8 +43,8 @@ from kit.gate.record import (
 from kit.gate.runner import DEFAULT_NOTEBOOK, evidence_problems, run_gate
 
 __all__ = [
-    "AUTO_PARAMS", "DEFAULT_NOTEBOOK", "KIT_KERNEL", "PRIVATE_KERNEL", "SCHEMA", "Check", "CheckTable",
+    "AUTO_PARAMS", "BACKEND_PARAM", "DEFAULT_NOTEBOOK", "KIT_KERNEL", "PRIVATE_KERNEL", "SCHEMA", "Check", "CheckTable",
     "GateResult", "NotebookRun", "artifact", "check", "check_params", "checks", "checks_html",
-    "declared_params", "ensure_kernel", "evidence_problems", "parse_params", "read_results",
+    "declared_params", "ensure_kernel", "gate_backend", "evidence_problems", "parse_params", "read_results",
     "render_text", "run_gate", "running_under_gate", "summary", "write_report", "_begin_run",
 ]

@@ -33,6 +33,16 @@ def _specs(specs: Iterable[Mapping[str, Any]]) -> str:
                        f"[{', '.join(str(d) for d in s.get('shape', []))}]" for s in specs) or "-"
 
 
+def _onnx(rec: Any) -> str:
+    """capture.onnx in words: exported (opset, parity) or why not."""
+    if not isinstance(rec, Mapping):
+        return "not recorded (registered before Kit exported ONNX)"
+    if rec.get("exported"):
+        return (f"<code>{_esc(rec.get('file'))}</code>, opset {_esc(rec.get('opset'))}, onnxruntime "
+                f"{_esc(rec.get('onnxruntime'))} parity max |diff| {_esc((rec.get('parity') or {}).get('max_abs_diff'))}")
+    return f"not exported: {_esc(rec.get('reason'))}"
+
+
 def read_meta(run_dir: Path) -> dict[str, Any] | None:
     """The version's meta.json for a run folder (``versions/<n>/gates/<run-id>``), None if unreadable."""
     try:
@@ -57,9 +67,11 @@ def model_card_html(result: Any, meta: Mapping[str, Any] | None = None) -> str:
                ("git commit", f"<code>{_esc(commit)}</code>" + (" (uncommitted changes)" if src.get("git_dirty") else "")
                 if commit else "not in a git repository"),
                ("captured", f"{_esc(meta.get('created'))} from {_esc(cap.get('model_class'))} "
-                            f"({_esc(cap.get('format'))}, parity max |diff| {_esc((cap.get('parity') or {}).get('max_abs_diff'))})")]
+                            f"({_esc(cap.get('format'))}, parity max |diff| {_esc((cap.get('parity') or {}).get('max_abs_diff'))})"),
+               ("ONNX", _onnx(cap.get("onnx")))]
     environment = [("python", f"{_esc(env.get('python'))} ({_esc(env.get('implementation'))})"),
                    ("torch", _esc(env.get("torch")) + (f", CUDA {_esc(env.get('cuda'))}" if env.get("cuda") else ", CPU")),
+                   ("onnxruntime", _esc(env.get("onnxruntime"))),
                    ("platform", f"{_esc(env.get('platform'))}, {_esc(env.get('libc'))}"),
                    ("environment", f"conda {_esc(env.get('conda_name'))}" if env.get("conda_prefix")
                     else f"<code>{_esc(env.get('prefix'))}</code>"),
@@ -81,7 +93,8 @@ def model_card_html(result: Any, meta: Mapping[str, Any] | None = None) -> str:
     parts = [f"<h2>Model card: {html.escape(result.ref)}</h2>",
              _table([("artifact", f"<code>{_esc(meta.get('artifact_sha256'))}</code>"),
                      ("gate", f"{verdict} ({len(result.checks) - len(result.failed_checks)} of {len(result.checks)} "
-                              "checks)")]),
+                              "checks)"),
+                     ("backend", f"<code>{_esc(getattr(result, 'backend', 'torch'))}</code> (what the checks ran on)")]),
              "<h3>Signature</h3>", _table(signature), "<h3>Lineage</h3>", _table(lineage),
              "<h3>Environment</h3>", _table(environment), "<h3>Metrics</h3>", _table(metrics),
              "<h3>Data used by the gate</h3>", _table(data),

@@ -113,6 +113,7 @@ class GateResult:
     params: dict[str, Any] = field(default_factory=dict)
     kernel: dict[str, Any] = field(default_factory=dict)
     registry_root: Path | None = None
+    backend: str = "torch"  # what loaded the model in the notebooks: the backend this verdict is about
 
     @property
     def ref(self) -> str:
@@ -139,6 +140,7 @@ class GateResult:
             "name": self.name,
             "version": self.version,
             "artifact_sha256": self.artifact_sha256,
+            "backend": self.backend,
             "started": self.started,
             "seconds": self.seconds,
             "error": self.error,
@@ -187,15 +189,29 @@ def read_results(version_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str) -> dict[str, Any] | None:
-    """The newest result that passed for exactly this artifact, if any."""
-    ok = [dict(r) for r in results if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
+def result_backend(result: Mapping[str, Any]) -> str:
+    """The backend a result judged (results written before backends: torch)."""
+    return str(result.get("backend") or "torch")
+
+
+def on_backend(results: Sequence[Mapping[str, Any]], backend: str | None) -> list[Mapping[str, Any]]:
+    """``results`` judged on ``backend`` (all of them when None)."""
+    return list(results) if backend is None else [r for r in results if result_backend(r) == backend]
+
+
+def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+                   backend: str | None = None) -> dict[str, Any] | None:
+    """The newest result that passed for exactly this artifact (on ``backend``, when given), if any."""
+    ok = [dict(r) for r in on_backend(results, backend)
+          if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
     return ok[-1] if ok else None
 
 
-def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str) -> tuple[str, dict[str, Any] | None]:
-    """("passed" | "failed" | "stale" | "-", the deciding result). "stale": the newest result was
-    recorded for another artifact sha256."""
+def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+            backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
+    """("passed" | "failed" | "stale" | "-", the deciding result), among the results on ``backend`` when
+    given. "stale": the newest result was recorded for another artifact sha256."""
+    results = on_backend(results, backend)
     if not results:
         return "-", None
     passing = passing_result(results, artifact_sha256)
@@ -287,7 +303,7 @@ def render_text(result: GateResult) -> str:
         if r.error:
             lines.append(f"{r.status.upper()}: {r.error}")
     lines.append(f"gate {'PASSED' if result.passed else 'FAILED'}: {result.ref} sha256 {result.artifact_sha256[:12]} "
-                 f"run {result.run_id} in {result.seconds:.1f}s")
+                 f"on backend {result.backend}, run {result.run_id} in {result.seconds:.1f}s")
     lines.append(f"report: {result.report}")
     return "\n".join(lines)
 
@@ -311,7 +327,8 @@ def write_report(result: GateResult) -> Path:
     head = (
         f"<h1 style='color:{colour}'>Gate {verdict}: {html.escape(result.ref)}</h1>\n"
         + model_card_html(result) + "\n"  # what the registry knows about the version, first
-        f"<p>artifact sha256 <code>{result.artifact_sha256}</code><br>run <code>{result.run_id}</code>, "
+        f"<p>artifact sha256 <code>{result.artifact_sha256}</code>, backend <code>{html.escape(result.backend)}"
+        f"</code><br>run <code>{result.run_id}</code>, "
         f"started {html.escape(result.started)}, {result.seconds:.1f}s, kernel "
         f"<code>{html.escape(sys.executable)}</code></p>\n"
         + (f"<p style='color:#b00020;font-weight:bold'>{html.escape(result.error)}</p>\n" if result.error else "")

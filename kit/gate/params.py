@@ -18,6 +18,24 @@ from kit.errors import GateError
 AUTO_PARAMS = ("registry", "model_name", "version", "caller_dir")
 
 
+BACKEND_PARAM = "backend"  # what loads the model in the notebook: "torch" or "onnxruntime"
+
+
+def gate_backend(params: Mapping[str, Any], backend: str | None = None) -> str:
+    """The backend a gate runs on: ``backend`` or ``params["backend"]`` (they must agree), else torch."""
+    from kit.version_files import BACKENDS
+
+    given = params.get(BACKEND_PARAM)
+    if backend is not None and given is not None and given != backend:
+        raise GateError(f"The gate's backend is given twice: backend={backend!r} and the parameter "
+                        f"backend={given!r}; give it once.")
+    chosen = backend if backend is not None else given if given is not None else "torch"
+    if chosen not in BACKENDS:
+        raise GateError(f"backend must be one of {', '.join(BACKENDS)}, got {chosen!r} (the backend that will "
+                        "serve: service.toml [model] backend).")
+    return str(chosen)
+
+
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
     """``["min_accuracy=0.9", "data=/tmp/x.npz"]`` -> ``{"min_accuracy": 0.9, "data": "/tmp/x.npz"}``.
 

@@ -55,18 +55,22 @@ def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, d
     print(("✓ " if c.passed else "✗ ") + c.line(), flush=True)
 
 
-def artifact(model_version_or_sha: Any) -> str:
-    """Record which artifact this notebook loaded (a ``ModelVersion`` or its sha256).
+def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
+    """Record which artifact this notebook loaded (a ``ModelVersion`` or its sha256), and with which
+    backend (``model.backend``: ``"torch"`` or ``"onnxruntime"``).
 
-    run_gate fails the run when a notebook loaded anything but the artifact being gated.
+    run_gate fails the run when a notebook loaded anything but the artifact being gated, or loaded it
+    with another backend than the one gated.
     """
     sha = getattr(model_version_or_sha, "artifact_sha256", model_version_or_sha)
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise GateError(f"gate.artifact needs a ModelVersion or a sha256 hex string, got {model_version_or_sha!r}.")
     ref = getattr(model_version_or_sha, "ref", None)
     if _run is not None:
-        _append(_run.records, {"kind": "artifact", "sha256": sha, "ref": ref})
-    print(f"artifact {ref + ' ' if ref else ''}sha256 {sha[:12]}", flush=True)
+        _append(_run.records, {"kind": "artifact", "sha256": sha, "ref": ref,
+                               **({"backend": backend} if backend else {})})
+    print(f"artifact {ref + ' ' if ref else ''}sha256 {sha[:12]}" + (f" on backend {backend}" if backend else ""),
+          flush=True)
     return sha
 
 

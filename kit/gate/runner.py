@@ -24,7 +24,7 @@ from kit.errors import GateError
 from kit.gate.evidence import (REPORT_FILE, Check, GateResult, NotebookRun, gates_dir, read_records,
                                render_text, write_report, write_result)
 from kit.gate.kernel import _kernel_manager_class, ensure_kernel
-from kit.gate.params import AUTO_PARAMS, check_params
+from kit.gate.params import AUTO_PARAMS, BACKEND_PARAM, check_params, gate_backend
 from kit.gate.record import kit_location
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,12 @@ def _run_one(
 
 
 def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_sha256: str,
-                      prefix: str) -> list[str]:
+                      prefix: str, backend: str = "torch") -> list[str]:
     """What in a notebook's records breaks the gate's promises, besides failed checks.
 
     The kernel must have run the environment at ``prefix`` (the one that will serve), and every
-    artifact the notebook declared with :func:`artifact` must be the one being gated.
+    artifact the notebook declared with :func:`artifact` must be the one being gated, loaded with the
+    gated ``backend`` where it says which.
     """
     problems = []
     for r in records:
@@ -214,6 +215,9 @@ def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_s
         if r.get("kind") == "artifact" and r.get("sha256") != artifact_sha256:
             problems.append(f"it loaded artifact {r.get('ref') or ''} sha256 {str(r.get('sha256'))[:12]}, "
                             f"not {ref} ({artifact_sha256[:12]})".replace("artifact  sha256", "artifact sha256"))
+        if r.get("kind") == "artifact" and r.get("backend") not in (None, backend):
+            problems.append(f"it loaded {ref} with backend {r.get('backend')}, not {backend}; load it with "
+                            "Registry.load(..., backend=backend)")
     return problems
 
 
@@ -227,6 +231,7 @@ def run_gate(
     timeout: float = 600.0,
     kernel_name: str | None = None,
     progress: Progress | None = None,
+    backend: str | None = None,
 ) -> GateResult:
     """Run the validation notebooks against ``name@version`` and record the verdict beside it.
 
@@ -244,6 +249,9 @@ def run_gate(
     timeout : seconds any one cell may run (papermill's execution timeout).
     kernel_name : a Jupyter kernel; default: a private kernelspec for this very interpreter.
     progress : called with one line per step (the CLI passes ``click.echo``).
+    backend : what loads the model in the notebooks, the backend that will serve: ``"torch"`` (default) or
+        ``"onnxruntime"`` (or the parameter ``backend``). Every notebook must declare a ``backend`` parameter
+        to be gated on onnxruntime; the verdict (result.json ``backend``) is about that backend only.
 
     Returns
     -------
@@ -262,6 +270,8 @@ def run_gate(
         raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
     params = dict(params or {})
+    backend = gate_backend(params, backend)
+    params.pop(BACKEND_PARAM, None)
     reserved = sorted(set(params) & set(AUTO_PARAMS))
     if reserved:
         raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them itself (registry, model_name and "
@@ -277,14 +287,20 @@ def run_gate(
     per_nb = []
     for p, _nb in loaded:  # every notebook is checked before any runs
         declared = check_params(p, params)
-        per_nb.append({**{k: v for k, v in auto.items() if k in declared}, **params})
+        if BACKEND_PARAM not in declared and backend != "torch":
+            raise GateError(f"{p.name} declares no {BACKEND_PARAM!r} parameter, so it cannot load {mv.ref} with "
+                            f"backend {backend}. Add `{BACKEND_PARAM} = \"torch\"` to its cell tagged 'parameters' and "
+                            f"load with reg.load(model_name, version, backend={BACKEND_PARAM}).")
+        backend_param = {BACKEND_PARAM: backend} if BACKEND_PARAM in declared else {}
+        per_nb.append({**{k: v for k, v in auto.items() if k in declared}, **backend_param, **params})
     kernel = ensure_kernel(kernel_name)
 
     run_id, started = _utc_stamp()
     run_id = f"{run_id}-{uuid.uuid4().hex[:6]}"
     run_dir = gates_dir(registry.version_dir(mv.name, mv.version)) / run_id
     run_dir.mkdir(parents=True)
-    log.info("gate %s on %s: %d notebook(s), evidence in %s", run_id, mv.ref, len(paths), run_dir)
+    log.info("gate %s on %s (backend %s): %d notebook(s), evidence in %s", run_id, mv.ref, backend, len(paths),
+             run_dir)
 
     all_checks: list[Check] = []
     runs: list[NotebookRun] = []
@@ -298,7 +314,7 @@ def run_gate(
         executed = run_dir / f"{stem}.ipynb"
         records = run_dir / f"{stem}.checks.jsonl"
         kernel_log = run_dir / f"{stem}.kernel.log"
-        say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} ...")
+        say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} (backend {backend}) ...")
         t = time.perf_counter()
         status, error, cell, ename, evalue = _run_one(
             src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id)
@@ -310,7 +326,7 @@ def run_gate(
         k = next((r for r in recs if r.get("kind") == "kernel"), None)
         if k:
             kernels.append({"notebook": executed.name, **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
-        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix)
+        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix, backend)
         if status == "passed":
             failed = [c for c in nb_checks if not c.passed]
             if failed:
@@ -338,7 +354,7 @@ def run_gate(
         seconds=round(time.perf_counter() - t0, 2), started=started, params=params,
         kernel={"name": kernel, "caller_executable": sys.executable, "caller_prefix": sys.prefix,
                 "kernels": kernels},
-        registry_root=Path(registry.root),
+        registry_root=Path(registry.root), backend=backend,
     )
     try:
         write_report(result)
@@ -351,7 +367,7 @@ def run_gate(
         mv.name, "gate", version=mv.version, run_id=run_id, passed=passed, artifact_sha256=mv.artifact_sha256,
         checks=len(all_checks), failed=[c.name for c in result.failed_checks], error=result.error,
         report=result.to_dict()["report"], seconds=result.seconds,
-        notebooks=[Path(r.notebook).name for r in runs],
+        notebooks=[Path(r.notebook).name for r in runs], backend=backend,
     )
     log.info("gate %s on %s: %s", run_id, mv.ref, "passed" if passed else f"FAILED: {result.error}")
     return result

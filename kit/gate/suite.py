@@ -9,6 +9,10 @@ from the signature (``dims``; a signature written before named dims has only the
 Without data the suite proves what can be proven: parity on the stored example, determinism, finite
 outputs, batch consistency, latency budgets at batch 1 and batch N, every dynamic dim at its bounds,
 and a wrong shape refused. :func:`quality` adds a metric on an ``.npz`` of the user's own data.
+
+Every check runs through the loaded model's backend (``model.backend``: ``"torch"`` takes and returns
+tensors, ``"onnxruntime"`` numpy arrays), so its evidence is about what will serve. Inputs are made and
+outputs compared as numpy arrays; :func:`make_inputs` and :func:`run` hand back the backend's own kind.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kit.errors import GateError
 from kit.gate.record import check
+from kit.registry.loaded import as_numpy
 
 LABELS = "labels"
 _EVAL_CHUNK = 256  # rows per forward when scoring data: bounded memory whatever the model's max batch
@@ -35,7 +39,20 @@ _MAX_DIM_TRY = 4096  # a dynamic dim is tried up to here (a range to 2**31 would
 # --------------------------------------------------------------------------- model-agnostic helpers
 
 
-def outputs_of(model: Any, out: Any) -> tuple[torch.Tensor, ...]:
+def backend_of(model: Any) -> str:
+    return str(getattr(model, "backend", "torch"))
+
+
+def native(model: Any, arrays: Sequence[Any]) -> tuple[Any, ...]:
+    """numpy arrays as the backend takes them: tensors for torch, contiguous arrays for onnxruntime."""
+    if backend_of(model) == "onnxruntime":
+        return tuple(np.ascontiguousarray(a) for a in arrays)
+    import torch
+
+    return tuple(a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+
+
+def outputs_of(model: Any, out: Any) -> tuple[Any, ...]:
     """A model's output as a tuple of tensors in the signature's order (tensor, tuple or dict)."""
     if isinstance(out, Mapping):
         names = [s.name for s in model.signature.outputs]
@@ -46,13 +63,16 @@ def outputs_of(model: Any, out: Any) -> tuple[torch.Tensor, ...]:
     return (out,)
 
 
-def run(model: Any, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Call the model and flatten what it returns (detached, on the CPU)."""
-    return tuple(t.detach().cpu() for t in outputs_of(model, model(*inputs)))
+def run(model: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Call the model and flatten what it returns (tensors detached, on the CPU; or numpy arrays)."""
+    outs = outputs_of(model, model(*native(model, inputs)))
+    return tuple(t.detach().cpu() if hasattr(t, "detach") else t for t in outs)
 
 
 def tolerances(model: Any) -> tuple[float, float]:
-    """(atol, rtol) recorded at capture (the parity the exported program was held to)."""
+    """(atol, rtol) recorded at capture (the parity the backend's artifact was held to)."""
+    if callable(getattr(model, "tolerance", None)):
+        return model.tolerance()
     parity = (getattr(model.version, "capture", None) or {}).get("parity", {})
     return float(parity.get("atol", 1e-5)), float(parity.get("rtol", 1e-4))
 
@@ -67,45 +87,55 @@ def dim_ranges(model: Any) -> dict[str, tuple[int, int]]:
     return {"batch": (1, int(sig.max_batch))} if batched else {}
 
 
-def max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+def _f64(x: Any) -> np.ndarray:
+    return as_numpy(x).astype(np.float64)
+
+
+def max_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
     """The largest absolute difference between two output tuples (inf when their shapes differ)."""
     if len(a) != len(b):
         return float("inf")
     worst = 0.0
     for x, y in zip(a, b):
+        x, y = _f64(x), _f64(y)
         if x.shape != y.shape:
             return float("inf")
-        if x.numel():
-            worst = max(worst, float((x.double() - y.double()).abs().max()))
+        if x.size:
+            worst = max(worst, float(np.abs(x - y).max()))
     return worst
 
 
-def _close(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], atol: float, rtol: float) -> bool:
+def _close(a: Sequence[Any], b: Sequence[Any], atol: float, rtol: float) -> bool:
     return len(a) == len(b) and all(
-        x.shape == y.shape and bool(torch.allclose(x.double(), y.double(), atol=atol, rtol=rtol, equal_nan=False))
-        for x, y in zip(a, b))
+        x.shape == y.shape and bool(np.allclose(x, y, atol=atol, rtol=rtol, equal_nan=False))
+        for x, y in ((_f64(p), _f64(q)) for p, q in zip(a, b)))
+
+
+def _nonfinite(x: Any) -> int:
+    a = as_numpy(x)
+    return int((~np.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
 
 
 def make_inputs(model: Any, rows: int, *, sizes: Mapping[str, int] | None = None,
-                seed: int = 0) -> tuple[torch.Tensor, ...]:
+                seed: int = 0) -> tuple[Any, ...]:
     """Inputs of ``rows`` rows made from the stored example, every dynamic dim at ``sizes[name]``.
 
     Rows are drawn (the same rows for every input, so ids and their mask stay paired); a dim grown
     past the example repeats its values, so every value is one the example holds.
     """
-    sig, example = model.signature, model.example_inputs
+    sig, example = model.signature, [as_numpy(x) for x in model.example_inputs]
     gen = np.random.default_rng(seed)
-    have = int(example[0].shape[0]) if example and example[0].dim() else 1
-    pick = torch.from_numpy(gen.integers(0, have, size=rows)) if rows != have else torch.arange(have)
+    have = int(example[0].shape[0]) if example and example[0].ndim else 1
+    pick = gen.integers(0, have, size=rows) if rows != have else np.arange(have)
     out = []
     for spec, x in zip(sig.inputs, example):
         if spec.shape and spec.shape[0] == "batch":
-            x = x.index_select(0, pick)
+            x = x.take(pick, axis=0)
         for axis, name in enumerate(spec.shape):
             if axis and isinstance(name, str) and sizes and name in sizes and x.shape[axis] > 0:
-                x = x.index_select(axis, torch.arange(int(sizes[name])) % x.shape[axis])
-        out.append(x.contiguous())
-    return tuple(out)
+                x = x.take(np.arange(int(sizes[name])) % x.shape[axis], axis=axis)
+        out.append(np.ascontiguousarray(x))
+    return native(model, out)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -145,7 +175,7 @@ def finite(model: Any, rows: int = 64) -> int:
     """No NaN or inf in the outputs, on the example and on ``rows`` rows made from it."""
     n = max(1, min(rows, int(model.signature.max_batch)))
     outs = run(model, model.example_inputs) + run(model, make_inputs(model, n, seed=2))
-    bad = sum(int((~torch.isfinite(o)).sum()) for o in outs if o.is_floating_point() or o.is_complex())
+    bad = sum(_nonfinite(o) for o in outs)
     check("finite outputs", passed=bad == 0, value=bad, threshold=0,
           detail=f"non-finite values on the example and {n} rows made from it")
     return bad
@@ -161,7 +191,7 @@ def batch_consistency(model: Any, rows: int = 16) -> float:
     whole = run(model, x)
     worst, ok = 0.0, True
     for i in range(n):
-        alone = run(model, tuple(t[i:i + 1] for t in x))
+        alone = run(model, tuple(as_numpy(t)[i:i + 1] for t in x))
         part = tuple(o[i:i + 1] for o in whole)
         worst = max(worst, max_diff(alone, part))
         ok = ok and _close(alone, part, atol * 10, rtol * 10)
@@ -170,7 +200,7 @@ def batch_consistency(model: Any, rows: int = 16) -> float:
     return worst
 
 
-def _p95_ms(model: Any, inputs: Sequence[torch.Tensor], repeats: int) -> float:
+def _p95_ms(model: Any, inputs: Sequence[Any], repeats: int) -> float:
     for _ in range(5):  # warm-up, as the service does before it takes traffic
         model(*inputs)
     times = []
@@ -181,7 +211,7 @@ def _p95_ms(model: Any, inputs: Sequence[torch.Tensor], repeats: int) -> float:
     return float(np.percentile(times, 95))
 
 
-def _within(model: Any, inputs: Sequence[torch.Tensor], repeats: int, budget: float) -> tuple[float, int]:
+def _within(model: Any, inputs: Sequence[Any], repeats: int, budget: float) -> tuple[float, int]:
     """(p95 ms, rounds): a breach must reproduce. A second round is measured only when the first breaks
     the budget, and the better one counts: a scheduler hiccup on a shared machine is not the model."""
     p = _p95_ms(model, inputs, repeats)
@@ -194,14 +224,25 @@ def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float = 50.0,
             max_p95_ms_batch_n: float = 200.0, repeats: int = 50) -> tuple[float, float]:
     """p95 of single calls at batch 1 and at batch ``batch_n`` (capped by the max batch) against budgets."""
     n = max(1, min(int(batch_n), int(model.signature.max_batch))) if "batch" in dim_ranges(model) else 1
-    threads = torch.get_num_threads()
+    threads = _threads(model)
     results = []
     for rows, budget, seed in ((1, max_p95_ms_batch1, 4), (n, max_p95_ms_batch_n, 5)):
         p, rounds = _within(model, make_inputs(model, rows, seed=seed), repeats, budget)
         check(f"latency p95, batch {rows}", passed=p <= budget, value=round(p, 3), threshold=budget,
-              detail=f"ms over {repeats} calls, {threads} threads" + (", better of 2 rounds" if rounds > 1 else ""))
+              detail=f"ms over {repeats} calls, backend {backend_of(model)}, {threads}"
+              + (", better of 2 rounds" if rounds > 1 else ""))
         results.append(p)
     return results[0], results[1]
+
+
+def _threads(model: Any) -> str:
+    """How many intra-op threads the backend runs with, in words."""
+    if backend_of(model) == "onnxruntime":
+        n = model.module.session.get_session_options().intra_op_num_threads
+        return f"{n} threads" if n else "onnxruntime's default threads"
+    import torch
+
+    return f"{torch.get_num_threads()} threads"
 
 
 def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
@@ -222,12 +263,12 @@ def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
             except Exception as exc:  # any failure inside the declared range is the finding
                 problems.append(f"{name}={v}: {_first_line(exc)}")
                 continue
-            for spec, o in zip(sig.outputs, outs):
-                wrong = [i for i, d in enumerate(spec.shape) if d == name and i < o.dim() and o.shape[i] != v]
-                if wrong or len(spec.shape) != o.dim():
+            for spec, o in zip(sig.outputs, map(as_numpy, outs)):
+                wrong = [i for i, d in enumerate(spec.shape) if d == name and i < o.ndim and o.shape[i] != v]
+                if wrong or len(spec.shape) != o.ndim:
                     problems.append(f"{name}={v}: output {spec.name} has shape {tuple(o.shape)}, "
                                     f"signature {spec.describe()}")
-                if (o.is_floating_point() or o.is_complex()) and not bool(torch.isfinite(o).all()):
+                if _nonfinite(o):
                     problems.append(f"{name}={v}: output {spec.name} is not finite")
         tried[name] = values
         check(f"dynamic dim {name}", passed=not problems, value=", ".join(map(str, values)),
@@ -243,17 +284,17 @@ def wrong_shape(model: Any) -> str:
     dynamic gets an input with one dim too many.
     """
     sig = model.signature
-    x = list(make_inputs(model, min(2, int(sig.max_batch)), seed=7))
+    x = [as_numpy(t) for t in make_inputs(model, min(2, int(sig.max_batch)), seed=7)]
     spec_i, axis = next(((k, i) for k, s in enumerate(sig.inputs) for i, d in enumerate(s.shape)
                          if i and isinstance(d, int)), (0, None))
     if axis is not None:
         t = x[spec_i]
-        x[spec_i] = torch.cat([t, t.narrow(axis, 0, 1)], dim=axis)
+        x[spec_i] = np.concatenate([t, t.take([0], axis=axis)], axis=axis)
     else:
-        x[spec_i] = x[spec_i].unsqueeze(-1)
+        x[spec_i] = x[spec_i][..., None]
     spec = sig.inputs[spec_i]
     try:
-        out = model(*x)
+        out = model(*native(model, x))
         refused, message = False, f"answered with {[tuple(o.shape) for o in outputs_of(model, out)]}"
     except Exception as exc:  # the refusal is what is checked; its message is the evidence
         refused, message = True, _first_line(exc)
@@ -272,7 +313,7 @@ def _under(base: str | Path | None, path: str | Path) -> Path:
 
 
 def load_data(model: Any, path: str | Path, base: str | Path | None = None
-              ) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
+              ) -> tuple[tuple[Any, ...], np.ndarray | None]:
     """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled).
     A relative ``path`` is read in ``base`` (the gate's ``caller_dir``), else in the working directory."""
     p = _under(base, path)
@@ -297,6 +338,10 @@ def load_data(model: Any, path: str | Path, base: str | Path | None = None
     if len(set(rows.values())) != 1 or (labels is not None and len(labels) != next(iter(rows.values()))):
         raise GateError(f"{p}: arrays disagree on the number of rows ({rows}"
                         + (f", labels {len(labels)}" if labels is not None else "") + ").")
+    if backend_of(model) == "onnxruntime":
+        return tuple(np.ascontiguousarray(arrays[s.name], dtype=np.dtype(s.dtype)) for s in model.signature.inputs), labels
+    import torch
+
     tensors = tuple(torch.from_numpy(np.ascontiguousarray(arrays[s.name])).to(getattr(torch, s.dtype))
                     for s in model.signature.inputs)
     return tensors, labels
@@ -313,13 +358,13 @@ def _output_index(model: Any, output: str | int | None) -> int:
     raise GateError(f"output={output!r} is not one of the model's outputs ({', '.join(names)}).")
 
 
-def predict(model: Any, inputs: Sequence[torch.Tensor], output: str | int | None = None) -> np.ndarray:
+def predict(model: Any, inputs: Sequence[Any], output: str | int | None = None) -> np.ndarray:
     """One output over all rows of ``inputs``, in chunks (bounded memory)."""
     k = _output_index(model, output)
     n = int(inputs[0].shape[0])
     step = max(1, min(_EVAL_CHUNK, int(model.signature.max_batch)))
     parts = [run(model, tuple(t[i:i + step] for t in inputs))[k] for i in range(0, n, step)]
-    return torch.cat(parts).numpy()
+    return np.concatenate([as_numpy(p) for p in parts])
 
 
 def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:

@@ -163,11 +163,12 @@ class CheckedStore(Store):
     def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
         return gate_evidence.read_results(self.version_dir(name, version))
 
-    def passing_gate(self, mv: ModelVersion) -> dict[str, Any] | None:
-        """The newest passing gate result recorded for exactly this artifact, if any. With a keyring, only
-        results whose ``result.json.sig`` verifies against its trust count: a forged result is no gate."""
+    def passing_gate(self, mv: ModelVersion, backend: str | None = None) -> dict[str, Any] | None:
+        """The newest passing gate result recorded for exactly this artifact (on ``backend``, when given), if
+        any. With a keyring, only results whose ``result.json.sig`` verifies against its trust count: a
+        forged result is no gate."""
         results = self.gate_results(mv.name, mv.version) if self.keyring is None else self._signed_gate_results(mv)
-        return gate_evidence.passing_result(results, mv.artifact_sha256)
+        return gate_evidence.passing_result(results, mv.artifact_sha256, backend)
 
     def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
         trust = self.trust()
@@ -195,13 +196,15 @@ class CheckedStore(Store):
         sign_file(path, key)
         return key.key_id
 
-    def gate_verdict(self, mv: ModelVersion) -> tuple[str, dict[str, Any] | None]:
-        """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version.
+    def gate_verdict(self, mv: ModelVersion, backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
+        """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version (among the
+        results on ``backend``, when given).
 
         "stale": the newest result was recorded for another artifact sha256.
         """
-        verdict, deciding = gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256)
-        if verdict == "passed" and self.keyring is not None and self.passing_gate(mv) is None:
+        verdict, deciding = gate_evidence.verdict(self.gate_results(mv.name, mv.version), mv.artifact_sha256,
+                                                  backend)
+        if verdict == "passed" and self.keyring is not None and self.passing_gate(mv, backend) is None:
             return "unsigned", deciding  # a passing result.json no trusted key signed is no gate
         return verdict, deciding
 

@@ -65,7 +65,7 @@ class LoadedModel:
         outs = flatten_outputs(self(*self.example_inputs), [s.name for s in self.signature.outputs])
         worst = 0.0
         for got, ref in zip(outs, self.reference_outputs):
-            got, ref = _numpy(got), _numpy(ref)
+            got, ref = as_numpy(got), as_numpy(ref)
             same = got.shape == ref.shape
             d = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if same and got.size else 0.0
             if not same or not np.allclose(got.astype(np.float64), ref.astype(np.float64), atol=atol, rtol=rtol):
@@ -77,7 +77,7 @@ class LoadedModel:
         return worst
 
 
-def _numpy(x: Any) -> Any:
+def as_numpy(x: Any) -> Any:
     """A numpy view of a torch tensor (detached, on the CPU) or a numpy array as is."""
     if hasattr(x, "detach"):
         t = x.detach().cpu()
