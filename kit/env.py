@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -94,13 +95,33 @@ class DriftReport:
             )
 
 
+_DISTS: tuple[tuple[tuple[str, int], ...], dict[str, str]] | None = None
+
+
+def _path_stamp() -> tuple[tuple[str, int], ...]:
+    """Where distributions are found, with each folder's mtime: an install or removal changes it."""
+    stamp = []
+    for entry in sys.path:
+        try:
+            stamp.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(stamp)
+
+
 def _distributions() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]  # None when missing (an email.message.Message)
-        if name:
-            out[_norm(name)] = dist.version
-    return dict(sorted(out.items()))
+    """Installed distributions and versions; read once per process until sys.path's folders change
+    (about 0.1 s a read: a service's master reads it before forking, so a worker's first load is fast)."""
+    global _DISTS
+    stamp = _path_stamp()
+    if _DISTS is None or _DISTS[0] != stamp:
+        out: dict[str, str] = {}
+        for dist in importlib.metadata.distributions():
+            name = dist.metadata["Name"]  # None when missing (an email.message.Message)
+            if name:
+                out[_norm(name)] = dist.version
+        _DISTS = (stamp, dict(sorted(out.items())))
+    return dict(_DISTS[1])
 
 
 def _norm(name: str) -> str:
