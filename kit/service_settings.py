@@ -73,6 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("model", "name", str, REQUIRED, option="model"),
     _s("model", "registry", str, REQUIRED, "relative to this folder, or absolute"),
     _s("model", "check_env", bool, True, "refuse versions captured in an incompatible environment"),
+    _s("model", "backend", str, "torch", '"torch" (model.pt2) or "onnxruntime" (model.onnx; workers never import torch)',
+       rule=('"torch" or "onnxruntime"', lambda v: v in ("torch", "onnxruntime"))),
     _s("model", "max_artifact_bytes", int, 8 << 30, "the most a version's files may expand to when opened (zip bombs)",
        rule=_ONE),
     _s("routing", "version_header", str, "X-Kit-Version", 'explicit version override ("" disables it)'),

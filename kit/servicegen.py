@@ -112,6 +112,8 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
                 "it first, or generate without the model check (check_model=False) to do it ahead of time.",
                 remedy="no_check_model", subject=model,
             )
+        for line in backend_warnings(registry, model, options.get("backend", "torch")):
+            log.warning("%s", line)
     if out.exists() and not force:
         raise ServiceError(f"{out} already exists. Force it to regenerate its files (force=True).", remedy="force")
     try:
@@ -125,6 +127,34 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
     os.chmod(out / "start.sh", 0o755)
     log.info("generated service %s for model %s at %s", name, model, out)
     return out
+
+
+def backend_warnings(registry: Path | str, model: str, backend: str) -> list[str]:
+    """What stands between ``model``'s production version and serving it with ``backend``.
+
+    Raises ``ServiceError`` when production has no ``model.onnx`` for backend ``onnxruntime`` (with the
+    reason capture recorded); returns warnings: no production version yet, or no passing gate on that backend.
+    """
+    from kit.registry import Registry
+    from kit.version_files import ONNX_FILE
+
+    if backend == "torch":
+        return []
+    reg = Registry(registry)
+    production = reg.aliases(model).production
+    if production is None:
+        return [f"{model} has no production version yet; gate it on {backend} before promoting: "
+                f"`kit validate {model}@N --backend {backend}`."]
+    mv = reg.get(model, production)
+    if ONNX_FILE not in mv.files:
+        why = (mv.capture.get("onnx") or {}).get("reason") or "registered before Kit exported ONNX"
+        raise ServiceError(f"{mv.ref} (production) has no {ONNX_FILE}, so backend {backend!r} cannot serve it: "
+                           f"{why.rstrip('.')}. Generate with backend 'torch', or register a version with ONNX "
+                           "(`pip install kit[onnx]`) and promote it.")
+    if reg.passing_gate(mv, backend) is None:
+        return [f"{mv.ref} (production) has no passing gate on {backend}: its evidence is about another backend. "
+                f"Run `kit validate {mv.ref} --backend {backend}`."]
+    return []
 
 
 def check_config(service_dir: Path | str, *, python: str | None = None, env: Mapping[str, str] | None = None,

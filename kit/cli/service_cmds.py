@@ -26,16 +26,23 @@ def service() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Where the model runs.")
 @click.option("--api-key", "api_keys", multiple=True, help="Require this API key on inference (stored as sha256).")
 @click.option("--no-check-model", is_flag=True, help="Generate even if the registry lacks the model.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="What runs the model: torch (model.pt2, default) or onnxruntime (model.onnx; workers never "
+                   "import torch).")
 @json_option
 @pass_kit
 def new(kit: Context, name: str, model: str, out_dir: Path, force: bool, bind: str | None, workers: int | None,
-        device: str | None, api_keys: tuple[str, ...], no_check_model: bool, as_json: bool) -> None:
+        device: str | None, api_keys: tuple[str, ...], no_check_model: bool, backend: str | None,
+        as_json: bool) -> None:
     """Render services/NAME/ (wsgi.py, gunicorn.conf.py, service.toml, README.md, start.sh)."""
     from kit.serving.security import hash_key
-    from kit.servicegen import generate
+    from kit.servicegen import backend_warnings, generate
 
-    options: dict[str, Any] = {k: v for k, v in {"bind": bind, "workers": workers, "device": device}.items()
-                               if v is not None}
+    options: dict[str, Any] = {k: v for k, v in {"bind": bind, "workers": workers, "device": device,
+                                                 "backend": backend}.items() if v is not None}
+    if backend and not no_check_model and model in kit.registry().models():
+        for line in backend_warnings(kit.config.registry, model, backend):  # refuses a production without ONNX
+            click.echo(f"kit: warning: {line}", err=True)
     if api_keys:
         options["api_keys_sha256"] = tuple(hash_key(k) for k in api_keys)
     # [trust]: the project's signing key (made on first use) and kit.toml's trusted_keys
