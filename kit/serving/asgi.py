@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from kit.serving import control
-from kit.serving.config import ServiceConfig
+from kit.serving.config import ServiceConfig, worker_plan
 from kit.serving.engine import InferenceEngine
 from kit.serving.handlers import Outcome, Service, log_request, request_id, run_infer
 from kit.serving.hooks import make_hooks
@@ -120,17 +120,18 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     registry = registry or Registry(config.registry, require_gate=False, user=f"service:{config.name}",
                                     keyring=service_keyring(config))  # [trust] public_keys
     metrics = Metrics(metrics_dir)
-    slots = ModelSlots(registry, config.model, device=config.device, check_env=config.check_env,
-                       max_artifact_bytes=config.max_artifact_bytes,
+    backend = config.backend
+    metrics.serving_backend(config.model, backend)
+    threads = worker_plan(config)[1]  # workers x threads <= cores: torch's (set in post_fork) or onnxruntime's
+    slots = ModelSlots(registry, config.model, device=config.device, backend=backend, threads=threads,
+                       check_env=config.check_env, max_artifact_bytes=config.max_artifact_bytes,
                        batching=config.batching, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                        poll_interval=config.poll_interval, retry_max=config.retry_max, metrics=metrics)
     slots.refresh()  # the initial load, before this worker accepts a connection
     if watch:
         slots.start()
-    import torch
-
     engine = InferenceEngine(max_batch=config.max_batch if config.batching else 1, max_wait_ms=config.max_wait_ms,
-                             torch_threads=torch.get_num_threads(), name=f"kit-infer-{config.model}")
+                             torch_threads=_torch_threads(backend), name=f"kit-infer-{config.model}")
     auth = Authenticator(ApiKeys(config.api_keys_sha256, config.keys_file),
                          JwtVerifier(config.jwt) if config.jwt is not None else None)
     svc = Service(config=config, slots=slots, metrics=metrics, auth=auth,
@@ -141,6 +142,16 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     else:
         log.error("%s: not ready at start-up: %s", config.model, svc.not_ready_reason())
     return KitAsgiApp(svc)
+
+
+def _torch_threads(backend: str) -> int:
+    """The inference thread's torch thread count: the worker's (post_fork set it), on the torch backend only.
+    An onnxruntime worker never imports torch; its session has its own intra-op pool (``threads``)."""
+    if backend != "torch":
+        return 0
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 __all__ = ["KitAsgiApp", "create_asgi_app"]

@@ -37,7 +37,7 @@ def load_for_serving(registry: Any, model: str, version: int, *, backend: str, d
         loaded = registry.load(model, version, backend="onnxruntime", threads=threads, device=device,
                                check_env=check_env, max_artifact_bytes=max_artifact_bytes)  # sha256 + env
         loaded.check_reference()  # warm-up and the stored reference output, on numpy
-        return loaded, _ort_forward(loaded.module)
+        return loaded, _ort_forward(loaded.module, loaded.signature)
     if backend != "torch":
         raise ServingError(f"Unknown serving backend {backend!r}; service.toml [model] backend takes one of "
                            f"{list(BACKENDS)}.")
@@ -85,11 +85,16 @@ def resolve_torch_device(device: str) -> str:
     return device
 
 
-def _ort_forward(module: Any) -> Forward:
-    """kit.ort's module takes numpy arrays (read-only views too: onnxruntime only reads them) and returns
-    a tuple of numpy arrays in signature order already."""
+def _ort_forward(module: Any, sig: Any) -> Forward:
+    """``session.run`` with the signature's names, fed the arrays as they are: onnxruntime only reads them
+    (a read-only view of a v2 binary body is fine). The OrtModule's own per-call checks are skipped, as
+    the torch path skips nn.Module hooks: kit.serving.protocol has checked every input against the signature."""
+    run = module.session.run
+    ins = [s.name for s in sig.inputs]
+    outs = [s.name for s in sig.outputs]
+
     def forward(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(module(*inputs))
+        return tuple(run(outs, dict(zip(ins, inputs))))
     return forward
 
 

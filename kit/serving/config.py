@@ -78,6 +78,7 @@ class ServiceConfig:
     header_timeout: float = _o("header_timeout")  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = _o("body_timeout")  # asgi: seconds for a request body to arrive after its head
     check_env: bool = _o("check_env")
+    backend: str = "torch"
     max_artifact_bytes: int = _o("max_artifact_bytes")  # [model]: the most a model's files may expand to when opened
     version_header: str = _o("version_header")  # "" disables the override
     user_header: str = _o("user_header")

@@ -25,7 +25,7 @@ def healthz(svc: Service, _: list[str]) -> Response:
 def readyz(svc: Service, _: list[str]) -> Response:
     state, slots = svc.slots.state, svc.slots
     body: dict[str, Any] = {
-        "model": svc.model, "ready": state.ready, "pid": svc.pid,
+        "model": svc.model, "backend": svc.config.backend, "ready": state.ready, "pid": svc.pid,
         "production": state.production.describe() if state.production else None,
         "canary": state.canary.describe() if state.canary else None, "canary_weight": state.weight,
         "aliases_serial": state.serial, "last_reload": slots.last_reload, "reloads": slots.reloads,

@@ -6,6 +6,11 @@ is only ever created in a worker. With ``[service] preload = true`` (the default
 serving modules -- torch, numpy, uvicorn -- in ``on_starting``, before forking: importing torch starts no
 threads and initialises no CUDA, and each worker then starts in a fraction of a second instead of
 importing torch itself (seconds, times the number of workers, on a small machine).
+
+With ``[model] backend = "onnxruntime"`` the master preloads onnxruntime, numpy and the serving modules
+instead, and never torch: neither the master nor a worker of such a service imports it (tested by
+reading every process's memory maps). The backend is the one :func:`prepare` read from service.toml, so a
+``gunicorn.conf.py`` generated before backends existed works unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_CLASS = {"asgi": "kit.serving.worker.KitUvicornWorker"}
+_BACKEND = "torch"  # set by prepare() from service.toml
 
 
 def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple[ServiceConfig, dict[str, Any]]:
@@ -36,6 +42,8 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-")
     Path(environ[METRICS_ENV]).mkdir(parents=True, exist_ok=True)
     workers, torch_threads = worker_plan(cfg)
+    global _BACKEND
+    _BACKEND = cfg.backend  # what on_starting and post_fork (in this process and its forks) serve with
     if cfg.engine == "asgi":  # read deadlines of the uvicorn workers, inherited through fork
         from kit.serving import worker
 
@@ -59,33 +67,52 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         "torch_threads": torch_threads,
         "preload": cfg.preload,
         "engine": cfg.engine,
+        "backend": cfg.backend,
         "metrics_dir_owned": owned,  # made here, so removed when the master exits
     }
     return cfg, settings
 
 
-def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "asgi") -> None:
+def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "asgi",
+                backend: str | None = None) -> None:
     """Master start: clear samples left by a previous run in the metrics folder; preload imports."""
     for f in glob.glob(os.path.join(metrics_dir, "*.db")):
         try:
             os.unlink(f)
         except OSError:
             pass
-    if preload:
-        import kit.capture  # noqa: F401  (torch, numpy: imports only; no threads, no CUDA)
+    if not preload:
+        return
+    from kit.env import fingerprint
+
+    if (backend or _BACKEND) == "onnxruntime":
+        _preload_onnxruntime()
+    else:
+        import kit._fx_build  # noqa: F401  (torch and what loading a version imports: no torch deserializer)
+        import kit.capture  # noqa: F401  (imports only: no threads, no CUDA)
         import kit.registry  # noqa: F401
         import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
-        import torch.export  # noqa: F401
-        try:  # what torch.export.load imports on first use (torch._dynamo & co): seconds per worker
-            import torch._export.serde.serialize  # noqa: F401
-            import torch.export.pt2_archive  # noqa: F401
-        except ImportError:  # private modules of another torch version: workers import what they need
-            pass
+    fingerprint()  # read once per process (0.1 s) and inherited by every worker: their first load is fast
 
 
-def post_fork(server: Any, worker: Any, torch_threads: int) -> None:
-    """In the worker, before the app loads: cap torch's threads so workers x threads <= cores."""
+def _preload_onnxruntime() -> None:
+    """What an onnxruntime worker imports, torch excluded: importing onnxruntime makes no session and no
+    thread pool (each worker's session makes its own after fork)."""
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import kit.ort  # noqa: F401
+    import kit.registry  # noqa: F401
+    import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
+
+
+def post_fork(server: Any, worker: Any, torch_threads: int, backend: str | None = None) -> None:
+    """In the worker, before the app loads: cap torch's threads so workers x threads <= cores. On the
+    onnxruntime backend torch is not imported; the session gets the same count (kit.serving.asgi)."""
     os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # for libraries that read it at import
+    if (backend or _BACKEND) == "onnxruntime":
+        server.log.info("worker %s: onnxruntime intra-op threads %d", worker.pid, torch_threads)
+        return
     import torch
 
     torch.set_num_threads(torch_threads)

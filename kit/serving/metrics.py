@@ -43,6 +43,10 @@ class Metrics:
         # slot serving it: "canary worse than production" (kit fleet prometheus). 1 while served, else 0.
         self.slot = Gauge("kit_slot_version", "1 for the version a slot serves (per worker), 0 once it stops.",
                           ["model", "slot", "version"], registry=reg, **kw)
+        # An info gauge rather than a label on every family: the request metrics' labels (and the alert
+        # rules that join them) stay the same whichever backend serves.
+        self.backend = Gauge("kit_backend", "1 for the backend this worker serves with (torch, onnxruntime).",
+                             ["model", "backend"], registry=reg, **kw)
         self._slots: dict[tuple[str, str], str] = {}
 
     def observe(self, model: str, version: int | None, route: str, code: int, seconds: float,
@@ -53,6 +57,9 @@ class Metrics:
             self.latency.labels(model, v).observe(seconds)
             if batch:
                 self.batch.labels(model, v).observe(batch)
+
+    def serving_backend(self, model: str, backend: str) -> None:
+        self.backend.labels(model, backend).set(1)
 
     def reload(self, model: str, result: str) -> None:
         self.reloads.labels(model, result).inc()
