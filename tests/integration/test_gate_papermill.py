@@ -90,7 +90,8 @@ def test_default_notebook_passes_on_the_registered_model(reg, default_run):
     assert 0 < lat["latency p95, batch 1"].value < 500.0
     shape = next(c for c in result.checks if c.name == "wrong shape is refused")
     assert "expected pixels: float32[batch, 64]" in shape.detail
-    assert lines[0] == "[1/1] default.ipynb: running on demo-digits@1 ..."
+    assert lines[0] == "[1/1] default.ipynb: running on demo-digits@1 (backend torch) ..."
+    assert result.backend == "torch" and result.to_dict()["backend"] == "torch"
     assert lines[1].startswith(f"[1/1] default.ipynb: passed, {len(CHECKS)} check(s) ({len(CHECKS)} passed) in ")
 
 
@@ -278,3 +279,25 @@ def test_promotion_through_the_cli(registered):
     r = run(cli, [*args, "validate", "demo-digits@1", "--notebook", str(FIXTURES / "passes.ipynb")])
     assert r.exit_code == 0, r.output
     assert "gate PASSED: demo-digits@1" in r.output and "PASS    value above threshold" in r.output
+
+
+# ---------------------------------------------------------------- the same notebook on the onnxruntime backend
+
+
+def test_default_notebook_gates_the_onnxruntime_backend(reg, heldout):
+    """The checks run on model.onnx through onnxruntime: the verdict (and result.json) is about that backend,
+    and a torch pass does not count as an onnxruntime pass."""
+    mv = reg.get("demo-digits", 1)
+    assert mv.capture["onnx"]["exported"] is True and "model.onnx" in mv.files
+    result = gate.run_gate(reg, "demo-digits", 1, params={**BUDGETS, "data": str(heldout)}, timeout=120,
+                           backend="onnxruntime")
+    assert result.passed, gate.render_text(result)
+    assert [c.name for c in result.checks] == CHECKS
+    assert "backend onnxruntime" in next(c for c in result.checks if c.name == "latency p95, batch 1").detail
+    stored = json.loads((result.run_dir / "result.json").read_text())
+    assert stored["backend"] == "onnxruntime" and "backend" not in stored["params"]
+    executed = nbformat.read(result.run_dir / "default.ipynb", as_version=4)
+    injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert 'backend = "onnxruntime"' in injected.source
+    assert reg.passing_gate(mv, "onnxruntime")["run_id"] == result.run_id
+    assert "onnxruntime" in result.report.read_text()
