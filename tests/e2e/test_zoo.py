@@ -130,6 +130,14 @@ def _close(served: Served, got: dict[str, np.ndarray], want: dict[str, np.ndarra
                                    atol=served.atol, rtol=served.rtol, err_msg=f"{served.zoo.name} output {k}")
 
 
+def test_onnx_export_is_recorded(served):
+    """Which zoo models capture exports to ONNX (and checks with onnxruntime): ZooEntry.onnx says."""
+    rec = served.captured.onnx.record
+    assert rec["exported"] is served.zoo.onnx, rec.get("reason")
+    if rec["exported"]:
+        assert rec["parity"]["max_abs_diff"] <= max(rec["parity"]["atol"], 1e-5)
+
+
 def test_default_gate_passes(served):
     g = served.gate
     failed = [(c.name, c.value, c.threshold) for c in g.failed_checks]

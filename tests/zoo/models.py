@@ -135,6 +135,7 @@ class ZooEntry:
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
     dims: dict[str, tuple[int, int]] = field(default_factory=dict)
     seqs: tuple[int, ...] = (0,)  # sequence lengths the tests send (0: the model has no seq dim)
+    onnx: bool = True  # capture exports model.onnx with onnxruntime parity (all six do with torch 2.13 / ORT 1.32)
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
