@@ -40,10 +40,10 @@ def test_register_writes_immutable_layout(reg, tmp_path):
     mv = reg.register("m", _small(), torch.randn(2, 4), metrics={"acc": 0.5}, tags={"team": "x"},
                       source={"kind": "script", "path": "train.py"})
     assert mv.version == 1 and mv.ref == "m@1"
-    assert sorted(p.name for p in mv.path.iterdir()) == ["example.npz", "meta.json", "model.pt2"]
+    assert sorted(p.name for p in mv.path.iterdir()) == ["example.npz", "meta.json", "model.onnx", "model.pt2"]
     meta = json.loads((mv.path / "meta.json").read_text())
     assert meta["schema"] == 1 and meta["version"] == 1
-    assert set(meta["files"]) == {"model.pt2", "example.npz"}
+    assert set(meta["files"]) == {"model.pt2", "example.npz", "model.onnx"} and meta["capture"]["onnx"]["exported"]
     assert meta["artifact_sha256"] == artifact_digest(meta["files"])
     assert meta["signature"]["inputs"][0]["shape"] == ["batch", 4]
     assert meta["env"]["torch"].startswith("2.") and meta["env"]["python"]
