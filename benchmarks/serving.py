@@ -1,14 +1,19 @@
 """Serving benchmark (`make bench`): the generated Kit service (uvicorn workers, async handlers, an
 inference thread) vs the in-process forward pass (the limit)
 and the naive seed design (Flask + `gunicorn -w 2`, sync workers), for the demo MLP and a small CNN, at
-concurrency 1, 8 and 32.
+concurrency 1, 8 and 32. Kit runs twice: on the torch backend (model.pt2) and on the onnxruntime backend
+(model.onnx, `[model] backend = "onnxruntime"`: its workers never import torch), measured in the same
+interleaved slices; the benchmark also reports each one's first correct answer after start and the
+memory of its master and workers (RSS, PSS and USS = private pages, from /proc/<pid>/smaps_rollup).
 
 Kit runs as generated (2 workers, API-key auth, JSON request logs and Prometheus metrics all on);
 the MLP is sent as simple JSON to /predict, the CNN as v2 binary tensor data. The load generator is wrk
 (closed loop, keep-alive) when it is on PATH (`apt-get install wrk`), else kit.serving.loadgen in this
 process; the output says which ran. CPU seconds used by each worker of each server are read from /proc
 during the run, to show whether both workers did the work. Prints markdown tables and writes
-benchmarks/results/serving.json. Not a timed test: it takes a few minutes.
+benchmarks/results/serving.json. Not a timed test: it takes a few minutes. A short smoke run (checks
+the harness, measures nothing worth quoting): `python benchmarks/serving.py --seconds 1 --slices 1 --out
+/tmp/serving-smoke.json`.
 """
 
 from __future__ import annotations
@@ -67,6 +72,24 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(f[11]) + int(f[12])) / _TICK  # utime + stime
+
+
+def memory(pid: int) -> dict[str, float]:
+    """MiB of one process from /proc/<pid>/smaps_rollup: Rss, Pss, and USS (Private_Clean + Private_Dirty,
+    what the process would free on exit; forked workers share the master's preloaded pages)."""
+    fields: dict[str, float] = {}
+    try:
+        for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines()[1:]:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+    except OSError:
+        return {}
+    return {"rss_mib": round(fields.get("Rss", 0.0), 1), "pss_mib": round(fields.get("Pss", 0.0), 1),
+            "uss_mib": round(fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0), 1)}
+
+
+def server_memory(master: int) -> dict[str, object]:
+    return {"master": memory(master), "workers": [memory(pid) for pid in workers_of(master)]}
 
 
 def _ms(text: str) -> float:
@@ -135,6 +158,39 @@ def in_process(model: torch.nn.Module, x1: torch.Tensor, c: int, seconds: float)
             "p99_ms": lat[int(0.99 * len(lat))] * 1000, "failed": 0}
 
 
+def in_process_ort(reg: Registry, name: str, x1: torch.Tensor, c: int, seconds: float) -> dict:
+    """The onnxruntime limit: the session alone at batch c, all cores (what Kit's onnxruntime workers run)."""
+    loaded = reg.load(name, 1, backend="onnxruntime", threads=os.cpu_count() or 1)
+    sess, feed_name = loaded.module.session, loaded.signature.inputs[0].name
+    xb = np.ascontiguousarray(np.repeat(x1.numpy(), c, axis=0))
+    for _ in range(20):
+        sess.run(None, {feed_name: xb})
+    lat = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = time.perf_counter()
+        sess.run(None, {feed_name: xb})
+        lat.append(time.perf_counter() - s)
+    lat.sort()
+    return {"rps": c / lat[len(lat) // 2], "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[int(0.99 * len(lat))] * 1000, "failed": 0}
+
+
+def table_row(label: str, c: int, lim: dict, k: dict, n: dict) -> str:
+    return (f"| {label} | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | {k['p50_ms']:.2f} | {k['p99_ms']:.2f} | "
+            f"{k['failed']} | {k['worker_cpu_s']} | {n['rps']:,.0f} | {n['p50_ms']:.2f} | {n['p99_ms']:.2f} | "
+            f"{n['failed']} | {n['worker_cpu_s']} | **{k['rps'] / n['rps']:.2f}x** |")
+
+
+def memory_rows(mname: str, mem: dict) -> list[str]:
+    def cell(m: dict) -> str:
+        return f"{m['rss_mib']:.0f} / {m['pss_mib']:.0f} / {m['uss_mib']:.0f}" if m else "-"
+
+    names = {"kit": "Kit torch", "kit-ort": "Kit onnxruntime", "naive": "naive"}
+    return [f"| {mname} | {names[k]} | {cell(m['master'])} | " + " | ".join(cell(w) for w in m["workers"]) + " |"
+            for k, m in mem.items()]
+
+
 def first_answer(url: str, start: float, body: bytes, headers: dict, ok) -> float:
     while True:
         try:
@@ -163,7 +219,7 @@ def main() -> None:
         "mlp": (DigitsMLP().eval(), torch.rand(1, 64)),
         "cnn": (SmallCNN().eval(), torch.rand(1, 3, 32, 32)),
     }
-    rows, results = [], {}
+    rows, mem_rows, results = [], [], {}
     for mname, (model, x1) in models.items():
         nparams = sum(p.numel() for p in model.parameters())
         name = f"bench-{mname}"
@@ -172,6 +228,8 @@ def main() -> None:
         expect = model(x1).detach().numpy()[0]
         svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
                            threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="asgi")
+        ort_dir = generate(f"bench-{mname}-ort", name, registry=reg.root, out_dir=work / "services", workers=2,
+                           threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="asgi", backend="onnxruntime")
         pkl = work / f"{mname}.pkl"
         torch.save(model, pkl)
 
@@ -219,6 +277,11 @@ def main() -> None:
             stoppers.append(svc.stop)
             kit_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
             add("kit", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
+            t0 = time.perf_counter()
+            svc = start_service(ort_dir, timeout=120)
+            stoppers.append(svc.stop)
+            ort_first = first_answer(svc.url + kit_path, t0, kit_body, kit_headers, ok_kit)
+            add("kit-ort", svc.url + kit_path, kit_body, kit_headers, ok_kit, svc.pid)
             if mname == "mlp":  # the JSON request log's cost: the same service with access_log off
                 nolog = generate(f"bench-{mname}-nolog", name, registry=reg.root, out_dir=work / "services",
                                  workers=2, threads=4, api_keys_sha256=(hash_key(API_KEY),), access_log=False,
@@ -256,6 +319,7 @@ def main() -> None:
                 for key in servers:
                     res[key][c] = merge(acc[key])
                     res[key][c]["worker_cpu_s"] = sorted((round(v, 2) for v in cpu[key].values()), reverse=True)
+            mem = {key: server_memory(servers[key][5]) for key in ("kit", "kit-ort", "naive")}  # after the load
         finally:
             for stop in reversed(stoppers):
                 stop()
@@ -264,17 +328,17 @@ def main() -> None:
             results["json_log_cost"] = {"on": res["kit"][32], "off": res["kit-nolog"][32]}
 
         limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
-        results[mname] = {"params": nparams, "kit": kit_res, "naive": naive_res, "in_process": limit,
-                          "first_answer_s": {"kit": kit_first, "naive": naive_first}}
+        limit_ort = {c: in_process_ort(reg, name, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
+        results[mname] = {"params": nparams, "kit": kit_res, "kit_onnxruntime": res["kit-ort"], "naive": naive_res,
+                          "in_process": limit, "in_process_onnxruntime": limit_ort, "memory": mem,
+                          "first_answer_s": {"kit": kit_first, "kit_onnxruntime": ort_first, "naive": naive_first}}
         for c in CONCURRENCY:
-            k, n, lim = kit_res[c], naive_res[c], limit[c]
-            rows.append(f"| {mname} ({nparams / 1e6:.2f}M) | {c} | {lim['rps']:,.0f} | {k['rps']:,.0f} | "
-                        f"{k['p50_ms']:.2f} | {k['p99_ms']:.2f} | {k['failed']} | {k['worker_cpu_s']} | "
-                        f"{n['rps']:,.0f} | "
-                        f"{n['p50_ms']:.2f} | {n['p99_ms']:.2f} | {n['failed']} | {n['worker_cpu_s']} | "
-                        f"**{k['rps'] / n['rps']:.2f}x** |")
-        rows.append(f"| {mname} first correct answer after start | | | {kit_first:.2f} s | | | | | "
-                    f"{naive_first:.2f} s | | | | | |")
+            rows.append(table_row(f"{mname} ({nparams / 1e6:.2f}M)", c, limit[c], kit_res[c], naive_res[c]))
+        for c in CONCURRENCY:
+            rows.append(table_row(f"{mname} onnxruntime", c, limit_ort[c], res["kit-ort"][c], naive_res[c]))
+        rows.append(f"| {mname} first correct answer after start | | | torch {kit_first:.2f} s, onnxruntime "
+                    f"{ort_first:.2f} s | | | | | {naive_first:.2f} s | | | | | |")
+        mem_rows.extend(memory_rows(mname, mem))
 
     gen = f"wrk ({WRK}), closed loop, keep-alive" if WRK else "kit.serving.loadgen in this process (no wrk on PATH)"
     print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
@@ -283,6 +347,9 @@ def main() -> None:
           "naive req/s | naive p50 | naive p99 | naive errors | naive worker CPU s | Kit / naive |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\nMemory after the run, MiB (RSS / PSS / USS; USS = private pages, what a process frees on exit)\n")
+    print("| model | server | master | worker 1 | worker 2 |\n|---|---|---|---|---|")
+    print("\n".join(mem_rows))
     lc = results["json_log_cost"]
     on, off = lc["on"]["rps"], lc["off"]["rps"]
     print(f"\nJSON request log cost (MLP, c=32): {off:,.0f} req/s off vs {on:,.0f} req/s on "
