@@ -52,7 +52,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, pos: int, end: int):  # type: ignore[no-untyped-def]
+def _fields(buf: memoryview, pos: int, end: int):
     """(field number, wire type, value or (start, stop) of a length-delimited field) of one message."""
     while pos < end:
         key, pos = _varint(buf, pos, end)

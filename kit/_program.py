@@ -133,7 +133,7 @@ def _user_input(program: torch.export.ExportedProgram, node: Any) -> UserInput:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise Unsupported("a user input has no recorded example value")
-    symbols = []
+    symbols: list[tuple[int, str, int, int]] = []
     for d, size in enumerate(val.shape):
         if not isinstance(size, int):
             lo, hi = _symbol_range(program, size)

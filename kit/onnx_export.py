@@ -95,6 +95,8 @@ def _export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names:
             warnings.simplefilter("ignore")  # torch.onnx's deprecations are not the user's to fix
             onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=in_names,
                                              output_names=out_names, verbose=False)
+            if onnx_program is None:  # only with dynamo=False, which Kit never asks for
+                raise RuntimeError("torch.onnx.export returned no program")
             onnx_program.save(str(folder / ONNX_FILE))
     finally:
         for lg, level in quiet:
