@@ -199,3 +199,19 @@ def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
     view = np.frombuffer(np.ones((2, 3), np.float32).tobytes(), np.float32).reshape(2, 3)
     a, b = fwd((view,))  # read-only (a v2 binary body): copied for torch.from_numpy, without a warning
     assert isinstance(a, np.ndarray) and np.array_equal(a, np.full((2, 3), 2.0)) and np.array_equal(b, [3.0, 3.0])
+
+
+def test_the_torch_forward_casts_dtypes_numpy_lacks():
+    torch = pytest.importorskip("torch")
+    from kit.serving.backends import _torch_forward
+    from kit.signature import Signature, TensorSpec
+
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            assert x.dtype == torch.bfloat16  # sent as float32 (numpy has no bfloat16), cast by the forward
+            return x * 2
+
+    sig = Signature(inputs=(TensorSpec("x", "bfloat16", ("batch", 2)),),
+                    outputs=(TensorSpec("y", "bfloat16", ("batch", 2)),))
+    (y,) = _torch_forward(Half(), "cpu", sig)((np.ones((1, 2), np.float32),))
+    assert y.dtype == np.float32 and np.array_equal(y, [[2.0, 2.0]])
