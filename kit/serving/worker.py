@@ -10,10 +10,13 @@ changes for serving models.
   connection, so trickling or silent clients would hold sockets forever. A late client's connection is
   closed; on the event loop it never blocked anyone else.
 * **Balanced accept** (:class:`BalancedListener`): all workers watch the one listening socket; a worker
-  that holds more connections than the least-loaded live worker (+1) waits ``ACCEPT_BACKOFF`` before
-  accepting, so an idle worker takes the connection, and once it holds 2 more it asks one client per
-  response to reconnect (``Connection: close``). Connection counts live in an anonymous shared memory map
-  that the master creates when it imports this module (gunicorn imports the worker class before forking).
+  that holds more connections than the least-loaded live worker leaves a pending connection to it,
+  re-checking every ``ACCEPT_POLL``; after ``ACCEPT_MAX_WAIT`` (the peer is descheduled, busy or stuck)
+  it accepts everything pending, so no connection waits longer than that for a peer. When a worker has held 2 or more
+  connections above a peer for ``REBALANCE_AFTER`` (a worker restarted for ``max_requests``), it asks one
+  client per response to reconnect (``Connection: close``). Connection counts live in an anonymous shared
+  memory map that the master creates when it imports this module (gunicorn imports the worker class
+  before forking).
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from kit._proc import pid_alive
 
 log = logging.getLogger("kit.serving.worker")
 
-ACCEPT_BACKOFF = 0.003  # seconds a worker over its share waits before accepting anyway
+ACCEPT_POLL = 0.001  # seconds between looks at the peers while a worker over its share leaves a connection
+ACCEPT_MAX_WAIT = 0.002  # seconds pending connections wait for a less loaded peer before all are accepted
+ACCEPT_BURST = 64  # connections accepted at most in one go once that wait is over
+REBALANCE_AFTER = 0.1  # seconds an imbalance of 2+ connections lasts before clients are asked to reconnect
 DRAIN_GRACE = 0.3  # seconds an idle kept-alive connection stays open once its worker shuts down
 _SLOTS = 128
 _SLOT = struct.Struct("qq")  # pid, open connections
@@ -55,6 +61,7 @@ class ConnectionShare:
         self.count = 0
         self._peers: list[int] = []
         self._peers_at = 0.0
+        self._over_since = 0.0
 
     def claim(self) -> None:
         """In a worker: take a free slot (empty, or of a dead process)."""
@@ -92,6 +99,17 @@ class ConnectionShare:
         """How many connections this worker holds above the least-loaded other worker."""
         least = self.least_peer()
         return 0 if least is None else self.count - least
+
+    def overloaded(self) -> bool:
+        """True once this worker has held 2+ connections above a peer for ``REBALANCE_AFTER`` seconds:
+        a burst's passing imbalance asks no client to reconnect; a lasting one does."""
+        if self.excess() < 2:
+            self._over_since = 0.0
+            return False
+        now = time.monotonic()
+        if not self._over_since:
+            self._over_since = now
+        return now - self._over_since >= REBALANCE_AFTER
 
 
 SHARE = ConnectionShare()  # created in the master at import, before any fork
@@ -173,7 +191,7 @@ class KitHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
         if self.cycle is not None and (self._draining or self._last_requests()
-                                       or (self.share is not None and self.share.excess() >= 2)):
+                                       or (self.share is not None and self.share.overloaded())):
             self.cycle.keep_alive = False  # this client reconnects, most likely to a less loaded worker
         self._arm(self.limits.body_timeout)  # disarmed when the message completes
 
@@ -217,31 +235,42 @@ class BalancedListener:
         if self.exiting():  # leave new connections to the other workers (or the replacement worker)
             self.close()
             return
-        excess = self.share.excess()
-        if excess >= 1:  # let a less loaded worker take it; accept anyway after the back-off
+        if self.share.excess() >= 1:  # leave it to a less loaded worker for a moment
             self.loop.remove_reader(self.sock.fileno())
-            self.loop.call_later(min(ACCEPT_BACKOFF * excess, 0.02), self._accept_one)
+            self.loop.call_later(ACCEPT_POLL, self._defer, time.monotonic() + ACCEPT_MAX_WAIT)
             return
         self._accept_one()
 
-    def _accept_one(self) -> None:
+    def _defer(self, until: float) -> None:
+        """Still ahead of a peer and not waited ``ACCEPT_MAX_WAIT`` yet: look again shortly; once the peer
+        caught up accept one, once the wait is over accept all that is pending."""
         if self._closed:
             return
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            conn = None
-        except OSError as exc:  # EMFILE and friends: say so, retry shortly
-            log.error("accept failed: %s", exc)
-            conn = None
-        if not self._closed:
-            self.loop.add_reader(self.sock.fileno(), self._readable)
-        if conn is not None:
+        if self.share.excess() < 1:
+            self._accept_one()
+        elif time.monotonic() < until:
+            self.loop.call_later(ACCEPT_POLL, self._defer, until)
+        else:
+            self._accept_one(ACCEPT_BURST)
+
+    def _accept_one(self, burst: int = 1) -> None:
+        if self._closed:
+            return
+        for _ in range(burst):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE and friends: say so, retry shortly
+                log.error("accept failed: %s", exc)
+                break
             self.share.add(1)  # counted now, so the next readiness check already sees it
             conn.setblocking(False)
             task = self.loop.create_task(self._connect(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
