@@ -10,16 +10,18 @@ served. Requests are numpy arrays from parsing to the response, whichever backen
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from kit.serving.config import ServiceConfig
 from kit.serving.engine import Forward, InferenceEngine
 from kit.serving.http import ClientGone, HttpError, Receive, Response, Scope, as_http_error, content_length, read_body
-from kit.serving.logs import ACCESS_LOGGER
+from kit.serving.logs import log_access
 from kit.serving.metrics import Metrics
 from kit.serving.protocol import BINARY_HEADER, parse_predict, parse_v2_infer, predict_response, v2_response
 from kit.serving.router import choose
@@ -27,7 +29,6 @@ from kit.serving.security import Authenticator, Identity, RateLimiter, Unauthori
 from kit.serving.slots import ModelSlots
 
 log = logging.getLogger("kit.serving.app")
-access = logging.getLogger(ACCESS_LOGGER)
 
 VERSION_HEADER_OUT = "X-Kit-Model-Version"
 _BINARY = BINARY_HEADER.lower().encode()
@@ -116,10 +117,9 @@ def log_request(svc: Service, scope: Scope, out: Outcome, status: int, seconds: 
         if svc.hooks is not None:
             svc.hooks.finished(out.rid, out.version, status, seconds, out.signature, out.inputs, out.outputs)
     if svc.config.access_log:
-        access.info("request", extra={"kit": {
-            "request_id": out.rid, "method": scope["method"], "path": scope["path"], "model": svc.model,
-            "version": out.version, "route": out.route, "status": status,
-            "latency_ms": round(seconds * 1000, 3), "batch": out.batch, "input_shape": out.shape}})
+        log_access({"request_id": out.rid, "method": scope["method"], "path": scope["path"], "model": svc.model,
+                    "version": out.version, "route": out.route, "status": status,
+                    "latency_ms": round(seconds * 1000, 3), "batch": out.batch, "input_shape": out.shape})
 
 
 async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name: str | None,
@@ -195,11 +195,20 @@ async def run_infer(svc: Service, scope: Scope, receive: Receive, name: str | No
     return resp, out
 
 
+_IDS: tuple[int, str, Iterator[int]] = (-1, "", itertools.count())
+
+
 def request_id(scope: Scope) -> str:
+    """The client's X-Request-Id, else a new id: a random per-process prefix and a counter (unique, and
+    no getrandom call per request)."""
+    global _IDS
     for k, v in scope["headers"]:
         if k == b"x-request-id":
             return str(v.decode("latin-1"))[:128]
-    return os.urandom(8).hex()
+    pid, prefix, counter = _IDS
+    if pid != os.getpid():  # first call in this process (a forked worker must not repeat its parent's ids)
+        _IDS = pid, prefix, counter = os.getpid(), os.urandom(5).hex(), itertools.count()
+    return f"{prefix}{next(counter):06x}"
 
 
 def now() -> float:

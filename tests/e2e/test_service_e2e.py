@@ -164,9 +164,15 @@ def test_promote_canary_rollback_under_load(svc, tmp_path):
                   if line.startswith("kit_requests_total{") and 'code="200"' in line)
     assert counted >= len(records), (counted, len(records))
     assert counted <= len(records) + 5  # the few probes other tests in this module may have sent
-    served_pids = {json.loads(line).get("pid") for line in running.logs().splitlines()
-                   if line.startswith("{") and '"path":"/predict"' in line}
-    assert len(served_pids) == 2, "both workers should have served requests"
+    lines = [json.loads(line) for line in running.logs().splitlines()
+             if line.startswith("{") and '"path":"/predict"' in line]
+    assert len({d["pid"] for d in lines}) == 2, "both workers should have served requests"
+    # one whole JSON line per request (lines are written per event-loop pass: none lost or interleaved)
+    ok = [d for d in lines if d["status"] == 200]
+    assert len(records) <= len(ok) <= len(records) + 5, (len(ok), len(records))
+    assert len({d["request_id"] for d in ok}) == len(ok), "request ids must be unique"
+    assert all(d["logger"] == "kit.serving.access" and d["msg"] == "request" and d["latency_ms"] > 0
+               and d["version"] in (1, 2, 3) and d["ts"].endswith("Z") for d in ok)
 
 
 def test_failed_reload_keeps_the_old_model_serving(svc):

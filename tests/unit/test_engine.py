@@ -215,3 +215,41 @@ def test_the_torch_forward_casts_dtypes_numpy_lacks():
                     outputs=(TensorSpec("y", "bfloat16", ("batch", 2)),))
     (y,) = _torch_forward(Half(), "cpu", sig)((np.ones((1, 2), np.float32),))
     assert y.dtype == np.float32 and np.array_equal(y, [[2.0, 2.0]])
+
+
+def test_access_lines_of_one_loop_pass_are_written_together():
+    """kit.serving.logs.AccessLog: every request line whole and in order, one write per event-loop pass."""
+    import asyncio
+    import io
+    import json
+    import logging
+
+    from kit.serving.logs import AccessLog
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, s: str) -> int:
+            Counting.writes += 1
+            return super().write(s)
+
+    stream = Counting()
+    log = AccessLog(logging.StreamHandler(stream))
+
+    async def burst() -> None:
+        for i in range(50):
+            log.write({"request_id": f"r{i}", "status": 200})
+        assert Counting.writes == 0  # nothing written until the loop pass ends
+        await asyncio.sleep(0)
+        assert Counting.writes == 1
+        log.write({"request_id": "late", "status": 404})
+        await asyncio.sleep(0)
+
+    asyncio.run(burst())
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [d["request_id"] for d in docs] == [f"r{i}" for i in range(50)] + ["late"]
+    assert Counting.writes == 2
+    assert all(d["logger"] == "kit.serving.access" and d["msg"] == "request" and d["ts"].endswith("Z")
+               for d in docs)
+    log.write({"request_id": "outside a loop"})  # no running loop: written at once
+    assert stream.getvalue().splitlines()[-1].endswith('"request_id":"outside a loop"}')
