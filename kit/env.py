@@ -117,11 +117,22 @@ def _distributions() -> dict[str, str]:
     if _DISTS is None or _DISTS[0] != stamp:
         out: dict[str, str] = {}
         for dist in importlib.metadata.distributions():
-            name = dist.metadata["Name"]  # None when missing (an email.message.Message)
+            name, version = _name_and_version(dist)
             if name:
-                out[_norm(name)] = dist.version
+                out[_norm(name)] = version
         _DISTS = (stamp, dict(sorted(out.items())))
     return dict(_DISTS[1])
+
+
+def _name_and_version(dist: importlib.metadata.Distribution) -> tuple[str | None, str]:
+    """From a ``<name>-<version>.dist-info`` folder's name (the wheel spec escapes '-' in the name), which
+    is 100x faster than parsing every METADATA file; from the metadata for anything else (egg-info)."""
+    folder = getattr(dist, "_path", None)
+    if isinstance(folder, Path) and folder.name.endswith(".dist-info"):
+        name, sep, version = folder.name.removesuffix(".dist-info").partition("-")
+        if sep and name and version and "-" not in version:
+            return name, version
+    return dist.metadata["Name"], dist.version  # Name is None when missing (an email.message.Message)
 
 
 def _norm(name: str) -> str:

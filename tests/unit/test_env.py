@@ -81,3 +81,16 @@ def test_lock_is_what_the_running_environment_is_compared_with(tmp_path):
         assert "make lock" in str(exc)
     else:
         raise AssertionError("a broken lock must be reported")
+
+
+def test_names_from_dist_info_folders_equal_the_metadata():
+    """The fingerprint reads names and versions from dist-info folder names; they must say what METADATA says."""
+    import importlib.metadata
+
+    from kit.env import _name_and_version, _norm
+
+    dists = list(importlib.metadata.distributions())
+    assert len(dists) > 20
+    for dist in dists:
+        name, version = _name_and_version(dist)
+        assert (_norm(name or ""), version) == (_norm(dist.metadata["Name"] or ""), dist.version), dist
