@@ -205,6 +205,37 @@ def first_answer(url: str, start: float, body: bytes, headers: dict, ok) -> floa
         time.sleep(0.01)
 
 
+def reload_under_load(reg: Registry, name: str, url: str, raw_req: bytes, seconds: float = 6.0,
+                      c: int = 8) -> dict:
+    """Promote version 2, then roll back to 1, while ``c`` clients send requests: failed requests, the
+    versions that answered, and the longest gap between two answers in the second after each move
+    against the longest gap away from the moves (the same run's background)."""
+    import threading
+
+    moves: list[float] = []
+
+    def mover() -> None:
+        for at, move in ((0.3, lambda: reg.promote(name, 2, force=True, why="bench: reload under load")),
+                         (0.65, lambda: reg.rollback(name, why="bench: reload under load"))):
+            time.sleep(max(0.0, t0 + at * seconds - time.perf_counter()))
+            moves.append(time.perf_counter())
+            move()
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=mover)
+    th.start()
+    r = loadgen.run(url, [raw_req], concurrency=c, duration=seconds)
+    th.join()
+    done = sorted(start + lat for start, lat, status, _, _ in r.records if status == 200)
+    gaps = [(b, b - a) for a, b in zip(done, done[1:])]
+    near = [g for t, g in gaps if any(m <= t <= m + 1.0 for m in moves)]
+    away = [g for t, g in gaps if t > t0 + 0.2 and not any(m - 0.1 <= t <= m + 1.0 for m in moves)]
+    versions = sorted({v for *_, v, _ in r.records if v})
+    return {"requests": len(r.records), "failed": r.summary()["failed"], "versions": versions,
+            "max_gap_near_reload_ms": round(max(near, default=0.0) * 1000, 2),
+            "max_gap_elsewhere_ms": round(max(away, default=0.0) * 1000, 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=4.0, help="per server and concurrency, in total")
@@ -225,6 +256,10 @@ def main() -> None:
         name = f"bench-{mname}"
         reg.register(name, model, x1.repeat(2, *([1] * (x1.dim() - 1))))
         reg.promote(name, 1, force=True, why="benchmark")
+        if mname == "mlp":  # version 2, for the reload under load
+            with torch.no_grad():
+                other = DigitsMLP().eval()
+            reg.register(name, other, x1.repeat(2, 1))
         expect = model(x1).detach().numpy()[0]
         svc_dir = generate(f"bench-{mname}", name, registry=reg.root, out_dir=work / "services", workers=2,
                            threads=4, api_keys_sha256=(hash_key(API_KEY),), engine="asgi")
@@ -320,12 +355,16 @@ def main() -> None:
                     res[key][c] = merge(acc[key])
                     res[key][c]["worker_cpu_s"] = sorted((round(v, 2) for v in cpu[key].values()), reverse=True)
             mem = {key: server_memory(servers[key][5]) for key in ("kit", "kit-ort", "naive")}  # after the load
+            if mname == "mlp":
+                reload = {key: reload_under_load(reg, name, servers[key][0], servers[key][1])
+                          for key in ("kit", "kit-ort")}
         finally:
             for stop in reversed(stoppers):
                 stop()
         kit_res, naive_res = res["kit"], res["naive"]
         if mname == "mlp":
             results["json_log_cost"] = {"on": res["kit"][32], "off": res["kit-nolog"][32]}
+            results["reload_under_load"] = reload
 
         limit = {c: in_process(model, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
         limit_ort = {c: in_process_ort(reg, name, x1, c, min(a.seconds, 2.0)) for c in CONCURRENCY}
@@ -354,6 +393,11 @@ def main() -> None:
     on, off = lc["on"]["rps"], lc["off"]["rps"]
     print(f"\nJSON request log cost (MLP, c=32): {off:,.0f} req/s off vs {on:,.0f} req/s on "
           f"({(1 / on - 1 / off) * 1e6:+.1f} us per request, {100 * (off - on) / off:+.1f}% throughput)")
+    for key, rl in results["reload_under_load"].items():
+        print(f"Hot reload under load ({'torch' if key == 'kit' else 'onnxruntime'}, MLP, 8 clients, promote 2 then "
+              f"roll back to 1): {rl['requests']:,} requests, {rl['failed']} failed, versions {rl['versions']}, "
+              f"longest gap between answers {rl['max_gap_near_reload_ms']} ms within 1 s of a move "
+              f"({rl['max_gap_elsewhere_ms']} ms elsewhere in the run)")
     results["load_generator"] = gen
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2, default=str))
