@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +94,33 @@ def project_keyring():
     from kit.signing import Keyring
 
     return Keyring(Path(os.environ["KIT_KEYS_DIR"]))
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    """GET ``url``: (status, parsed JSON body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_all_workers(url: str, pred: Any, timeout: float = 30.0) -> dict:
+    """Poll /readyz (any worker answers) until ``pred`` has held for 12 answers in a row; the last body."""
+    deadline, streak, body = time.monotonic() + timeout, 0, {}
+    while time.monotonic() < deadline:
+        _, body = get_json(url + "/readyz")
+        streak = streak + 1 if pred(body) else 0
+        if streak >= 12:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"workers did not converge within {timeout}s; last /readyz: {body}")
+
+
+def start_load(url: str, body: Path, out: Path, *, concurrency: int, duration: float, users: int) -> Any:
+    """kit.serving.loadgen in its own process: ``users`` sticky users and as many anonymous requests, new
+    connections every 25 requests (so they land on either worker); returns the Popen."""
+    return subprocess.Popen([sys.executable, "-m", "kit.serving.loadgen", url, "--body-file", str(body),
+                             "--concurrency", str(concurrency), "--duration", str(duration),
+                             "--max-requests", "20000", "--users", str(users), "--anonymous", str(users),
+                             "--out", str(out), "--reconnect-every", "25"])

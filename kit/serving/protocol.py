@@ -37,10 +37,13 @@ class RequestError(ServingError):
 
 
 def np_dtype(spec_dtype: str) -> np.dtype:
+    """The numpy dtype a request's values take: float32 for a dtype numpy lacks (bfloat16 and friends),
+    converted by the backend's forward -- also once ml_dtypes (which onnx imports) has taught numpy the name."""
     try:
-        return np.dtype(spec_dtype)
-    except TypeError:  # bfloat16 and friends: send float32, converted by the backend's forward
+        dt = np.dtype(spec_dtype)
+    except TypeError:
         return np.dtype("float32")
+    return dt if dt.type.__module__ == "numpy" else np.dtype("float32")
 
 
 def v2_datatype(spec_dtype: str) -> str:

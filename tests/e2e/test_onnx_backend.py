@@ -11,8 +11,6 @@ Promotions use force=True, why="test": gates are tested in the gate area (and on
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import nn
 from kit.registry import Registry
 from kit.serving.router import user_bucket
 from kit.servicegen import generate, start_service
+from kit_testing import start_load, wait_all_workers
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime (pip install kit[onnx])")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -102,18 +101,6 @@ def _get(url: str) -> tuple[int, Any]:
             return r.status, json.loads(data) if "json" in r.headers.get("Content-Type", "") else data.decode()
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def _wait_all_workers(url: str, pred, timeout: float = 30.0) -> dict:
-    """Poll /readyz (any worker answers) until ``pred`` has held for 12 answers in a row."""
-    deadline, streak, body = time.monotonic() + timeout, 0, {}
-    while time.monotonic() < deadline:
-        _, body = _get(url + "/readyz")
-        streak = streak + 1 if pred(body) else 0
-        if streak >= 12:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"workers did not converge within {timeout}s; last /readyz: {body}")
 
 
 def _inputs(rows: int, seq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -204,19 +191,16 @@ def test_hot_reload_under_load_and_sticky_canary(svc, tmp_path):
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"inputs": {"ids": ids.tolist(), "mask": mask.tolist()}}))
     out = tmp_path / "load.json"
-    load = subprocess.Popen([sys.executable, "-m", "kit.serving.loadgen", running.url + "/predict",
-                             "--body-file", str(body), "--concurrency", "8", "--duration", "10",
-                             "--max-requests", "20000", "--users", "30", "--anonymous", "30", "--out", str(out),
-                             "--reconnect-every", "25"])  # new connections land on either worker
+    load = start_load(running.url + "/predict", body, out, concurrency=8, duration=10, users=30)
     try:
         events = [(time.perf_counter(), {1})]
         time.sleep(1.5)
         reg.promote(MODEL, 2, force=True, why="test")
         events.append((time.perf_counter(), {2}))
-        _wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
+        wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
         reg.set_canary(MODEL, 3, 0.5, force=True, why="test")
         events.append((time.perf_counter(), {2, 3}))
-        _wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
+        wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
         t_stable = time.perf_counter()
         assert load.wait(30) == 0
         t_end = time.perf_counter()
@@ -272,7 +256,7 @@ def test_a_version_without_onnx_keeps_the_old_one_serving(svc):
                       dynamic=DYNAMIC, dims={"seq": (2, 16)}, onnx=False)
     assert mv.capture["onnx"]["exported"] is False
     reg.promote(MODEL, mv.version, force=True, why="test")
-    body = _wait_all_workers(running.url, lambda b: b["reload_error"] is not None)
+    body = wait_all_workers(running.url, lambda b: b["reload_error"] is not None)
     assert "model.onnx" in body["reload_error"]["error"] and body["status"].startswith("degraded"), body
     assert body["production"]["version"] == serving
     for _ in range(10):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any
@@ -26,6 +24,7 @@ from kit.errors import IntegrityError
 from kit.registry import Registry
 from kit.serving.router import user_bucket
 from kit.servicegen import check_config, generate, start_service
+from kit_testing import get_json, start_load, wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -63,26 +62,6 @@ def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict,
         return exc.code, json.loads(exc.read()), exc.headers
 
 
-def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _wait_all_workers(url: str, pred, timeout: float = 20.0) -> None:
-    """Poll /readyz (any worker answers) until ``pred`` has held for 12 answers in a row."""
-    deadline, streak = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        _, body = _get(url + "/readyz")
-        streak = streak + 1 if pred(body) else 0
-        if streak >= 12:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"workers did not converge within {timeout}s; last /readyz: {body}")
-
-
 def test_generated_service_passes_check_config(svc):
     _, running, d = svc
     res = check_config(d)
@@ -95,28 +74,24 @@ def test_promote_canary_rollback_under_load(svc, tmp_path):
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"inputs": [[0.5] * 64]}))
     out = tmp_path / "load.json"
-    # the load generator runs in its own process: 2 connections at a time, 40 sticky users + 40 anonymous requests
-    load = subprocess.Popen([sys.executable, "-m", "kit.serving.loadgen", running.url + "/predict",
-                             "--body-file", str(body), "--concurrency", "2", "--duration", "14",
-                             "--max-requests", "20000", "--users", "40", "--anonymous", "40", "--out", str(out),
-                             "--reconnect-every", "25"])  # new connections land on either worker
+    load = start_load(running.url + "/predict", body, out, concurrency=2, duration=14, users=40)
     try:
         events = [(time.perf_counter(), {1})]
         time.sleep(1.5)
         reg.promote(MODEL, 2, force=True, why="test")
         events.append((time.perf_counter(), {2}))
-        _wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
+        wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
         time.sleep(1.0)
         reg.set_canary(MODEL, 3, 0.25, force=True, why="test")
         t_canary = time.perf_counter()
         events.append((t_canary, {2, 3}))
-        _wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
+        wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
         t_canary_stable = time.perf_counter()
         time.sleep(5.0)
         t_rollback = time.perf_counter()
         reg.rollback(MODEL, why="test")
         events.append((t_rollback, {1}))
-        _wait_all_workers(running.url, lambda b: b["production"]["version"] == 1 and b["canary"] is None)
+        wait_all_workers(running.url, lambda b: b["production"]["version"] == 1 and b["canary"] is None)
         assert load.wait(30) == 0
     finally:
         if load.poll() is None:
@@ -191,8 +166,8 @@ def test_failed_reload_keeps_the_old_model_serving(svc):
     cur = reg.aliases(MODEL)
     atomic_write_json(reg.aliases_path(MODEL), dataclasses.replace(
         cur, production=mv.version, previous=(*cur.previous, cur.production), serial=cur.serial + 1).to_json())
-    _wait_all_workers(running.url, lambda b: b["reload_error"] is not None)
-    status, body = _get(running.url + "/readyz")
+    wait_all_workers(running.url, lambda b: b["reload_error"] is not None)
+    status, body = get_json(running.url + "/readyz")
     assert status == 200 and "IntegrityError" in body["reload_error"]["error"]
     assert body["production"]["version"] == serving and body["status"].startswith("degraded")
     for _ in range(20):
@@ -204,7 +179,7 @@ def test_failed_reload_keeps_the_old_model_serving(svc):
                for line in text.splitlines())
     assert "reload failed, still serving" in running.logs()
     reg.rollback(MODEL, why="test")  # back to a loadable version: the error clears
-    _wait_all_workers(running.url, lambda b: b["reload_error"] is None)
+    wait_all_workers(running.url, lambda b: b["reload_error"] is None)
 
 
 def test_tritonclient_against_the_v2_endpoints(svc):

@@ -253,3 +253,13 @@ def test_access_lines_of_one_loop_pass_are_written_together():
                for d in docs)
     log.write({"request_id": "outside a loop"})  # no running loop: written at once
     assert stream.getvalue().splitlines()[-1].endswith('"request_id":"outside a loop"}')
+
+
+def test_bfloat16_travels_as_float32_even_once_ml_dtypes_is_imported():
+    """onnx imports ml_dtypes, which registers "bfloat16" with numpy; the wire dtype must not change with it."""
+    pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # noqa: F401
+
+    from kit.serving.protocol import np_dtype
+
+    assert np_dtype("bfloat16") == np.float32 and np_dtype("int64") == np.int64 and np_dtype("bool") == np.bool_
