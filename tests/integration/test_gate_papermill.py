@@ -122,8 +122,10 @@ def test_default_notebook_fails_a_threshold_through_the_cli(reg, heldout, monkey
     monkeypatch.chdir(heldout.parent)  # a relative data path is read where the gate was started (caller_dir)
     r = CliRunner().invoke(cli, ["--registry", str(reg.root), "validate", "demo-digits@1", "-p", "min_accuracy=1.01",
                                  "-p", f"data={heldout.name}",
-                                 *[f"-p{k}={v}" for k, v in BUDGETS.items()], "--timeout", "120"])
+                                 *[f"-p{k}={v}" for k, v in BUDGETS.items()], "--timeout", "120",
+                                 "--backend", "onnxruntime"])  # the CLI's backend reaches the notebook
     assert r.exit_code == 1, r.output
+    assert "backend onnxruntime" in r.output
     assert f"[1/1] default.ipynb: failed, {len(CHECKS)} check(s) ({len(CHECKS) - 1} passed)" in r.output
     assert "FAIL    accuracy" in r.output and "1.01" in r.output
     assert "gate FAILED: demo-digits@1" in r.output

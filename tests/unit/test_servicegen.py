@@ -34,3 +34,18 @@ def test_cli_service_new(registered, tmp_path):
     r = CliRunner().invoke(cli, ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name,
                                  "--out-dir", str(tmp_path)])
     assert r.exit_code == 2 and "kit: error:" in r.output and "--force" in r.output
+
+
+def test_cli_service_new_backend(registered, tmp_path):
+    reg, mv = registered
+    base = ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name, "--out-dir", str(tmp_path)]
+    r = CliRunner().invoke(cli, [*base, "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert 'backend = "onnxruntime"' in (tmp_path / "web" / "service.toml").read_text()
+    assert "no production version yet" in r.output and "--backend onnxruntime" in r.output
+    reg.promote(mv.name, mv.version, force=True, why="test")
+    r = CliRunner().invoke(cli, [*base, "--force", "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert f"kit validate {mv.ref} --backend onnxruntime" in r.output  # no gate ran on that backend yet
+    r = CliRunner().invoke(cli, [*base, "--force", "--backend", "tensorrt"])
+    assert r.exit_code == 2 and "onnxruntime" in r.output and "torch" in r.output
