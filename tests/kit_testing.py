@@ -124,3 +124,18 @@ def start_load(url: str, body: Path, out: Path, *, concurrency: int, duration: f
                              "--concurrency", str(concurrency), "--duration", str(duration),
                              "--max-requests", "20000", "--users", str(users), "--anonymous", str(users),
                              "--out", str(out), "--reconnect-every", "25"])
+
+
+def unexpected_versions(records: list, events: list[tuple[float, set[int]]], lag: float) -> list:
+    """Load records (start, latency, status, version, user) whose version was not in the aliases when the
+    request was sent: ``events`` are (time, versions served from then on); a version may still answer up to
+    ``lag`` s after it left (the watchers' poll) and up to 0.5 s before its move was recorded."""
+    def allowed(t: float) -> set[int]:
+        ok: set[int] = set()
+        for i, (start, versions) in enumerate(events):
+            end = events[i + 1][0] if i + 1 < len(events) else float("inf")
+            if start <= t + 0.5 and end >= t - lag:
+                ok |= versions
+        return ok
+
+    return [r for r in records if int(r[3]) not in allowed(r[0])]

@@ -24,7 +24,7 @@ from torch import nn
 from kit.registry import Registry
 from kit.serving.router import user_bucket
 from kit.servicegen import generate, start_service
-from kit_testing import start_load, wait_all_workers
+from kit_testing import start_load, unexpected_versions, wait_all_workers
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime (pip install kit[onnx])")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -212,15 +212,7 @@ def test_hot_reload_under_load_and_sticky_canary(svc, tmp_path):
     assert result["errors"] == [] and result["summary"]["failed"] == 0, result["summary"]
     assert all(r[2] == 200 for r in records) and len(records) > 200, result["summary"]
 
-    def allowed(t: float) -> set[int]:
-        ok: set[int] = set()
-        for i, (start, versions) in enumerate(events):
-            end = events[i + 1][0] if i + 1 < len(events) else float("inf")
-            if start <= t + 0.5 and end >= t - LAG:
-                ok |= versions
-        return ok
-
-    bad = [r for r in records if int(r[3]) not in allowed(r[0])]
+    bad = unexpected_versions(records, events, LAG)
     assert not bad, f"{len(bad)} responses from unexpected versions, e.g. {bad[:3]}"
     users: dict[str, set[int]] = {}
     for t, _, _, version, user in records:

@@ -24,7 +24,7 @@ from kit.errors import IntegrityError
 from kit.registry import Registry
 from kit.serving.router import user_bucket
 from kit.servicegen import check_config, generate, start_service
-from kit_testing import get_json, start_load, wait_all_workers
+from kit_testing import get_json, start_load, unexpected_versions, wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -104,15 +104,7 @@ def test_promote_canary_rollback_under_load(svc, tmp_path):
     assert all(r[2] == 200 for r in records)
 
     # every response from a version that was (or just stopped being) in the aliases when it was sent
-    def allowed(t: float) -> set[int]:
-        ok: set[int] = set()
-        for i, (start, versions) in enumerate(events):
-            end = events[i + 1][0] if i + 1 < len(events) else float("inf")
-            if start <= t + 0.5 and end >= t - LAG:
-                ok |= versions
-        return ok
-
-    bad = [r for r in records if int(r[3]) not in allowed(r[0])]
+    bad = unexpected_versions(records, events, LAG)
     assert not bad, f"{len(bad)} responses from unexpected versions, e.g. {bad[:3]}"
 
     # while the canary ran, on every worker: sticky users always on the version their hash says,

@@ -19,6 +19,7 @@ import crafted_artifacts as ca
 from kit.errors import PackError, ServiceError, UnsafeArtifactError
 from kit.registry import Registry, artifact_digest
 from kit.servicegen import generate, start_service
+from kit_testing import wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODEL = "victim"
@@ -93,6 +94,9 @@ def test_service_stays_on_the_old_version_on_reload(planted):
     reg.promote(MODEL, 1, force=True, why="good")
     d = generate("victim-b", MODEL, registry=reg.root, out_dir=root / "services", workers=2, poll_interval=0.2)
     with start_service(d, timeout=90) as running:
+        # start_service returns once one worker is ready: the other must serve version 1 too before the
+        # attacker's promotion, or it starts on the crafted version and is (rightly) never ready
+        wait_all_workers(running.url, lambda b: (b.get("production") or {}).get("version") == 1)
         reg.promote(MODEL, 3, force=True, why="attacker")
         # /readyz is answered by either of the 2 workers, each reloading on its own: judge the answer of
         # one that has tried the crafted version (the other may not have yet), and every answer meanwhile
