@@ -23,7 +23,6 @@ from typing import Any
 
 from kit.errors import KitError, ServingError
 from kit.serving.backends import load_for_serving, warm_up
-from kit.serving.backends import resolve_torch_device as _resolve_device  # noqa: F401  (its unit test)
 from kit.serving.protocol import CompiledSignature, compile_signature
 
 log = logging.getLogger(__name__)

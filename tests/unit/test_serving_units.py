@@ -14,7 +14,7 @@ from kit.errors import ServiceError, ServingError
 from kit.serving.config import load_service_config, worker_plan
 from kit.serving.router import RouteError, choose, user_bucket
 from kit.serving.security import ApiKeys, RateLimiter, hash_key
-from kit.serving.slots import _resolve_device
+from kit.serving.backends import resolve_torch_device as _resolve_device
 from kit.servicegen import render
 
 
