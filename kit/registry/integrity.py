@@ -152,8 +152,8 @@ class CheckedStore(Store):
         if callable(name_dims):
             name_dims(signature)
         ins, outs = load_examples(mv.path / EXAMPLE_FILE, limits)
-        if device != "cpu":
-            module = module.to(device)
+        if device != "cpu":  # the module and the stored example together, so check_reference runs there
+            module, ins = module.to(device), tuple(t.to(device) for t in ins)
         return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch")
 
     # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)

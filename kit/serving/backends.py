@@ -17,7 +17,6 @@ before a version is served.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +41,8 @@ def load_for_serving(registry: Any, model: str, version: int, *, backend: str, d
         raise ServingError(f"Unknown serving backend {backend!r}; service.toml [model] backend takes one of "
                            f"{list(BACKENDS)}.")
     device = resolve_torch_device(device)
-    loaded = registry.load(model, version, check_env=check_env, max_artifact_bytes=max_artifact_bytes)
-    if device != "cpu":
-        import torch
-
-        dev = torch.device(device)
-        loaded = dataclasses.replace(loaded, module=loaded.module.to(dev),
-                                     example_inputs=tuple(t.to(dev) for t in loaded.example_inputs))
+    loaded = registry.load(model, version, check_env=check_env, max_artifact_bytes=max_artifact_bytes,
+                           device=device)  # the registry moves the module and the example to the device
     loaded.check_reference()  # warm-up and the stored reference output
     return loaded, _torch_forward(loaded.module, device, loaded.signature)
 
