@@ -125,6 +125,9 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
     for fname, text in files.items():
         atomic_write_text(out / fname, text)
     os.chmod(out / "start.sh", 0o755)
+    from kit.guard_key import load_or_create_guard_key
+
+    load_or_create_guard_key(out)  # guard.key (0600): the canary guard's credential; kept when regenerated
     log.info("generated service %s for model %s at %s", name, model, out)
     return out
 

@@ -7,18 +7,20 @@ from click.testing import CliRunner
 
 from kit.cli import cli
 from kit.errors import ServiceError
+from kit.guard_key import GUARD_KEY_FILE
 from kit.servicegen import FILES, generate
 
 
 def test_generate_is_deterministic_and_refuses_overwrite(registered, tmp_path):
     reg, mv = registered
     d = generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services")
-    assert sorted(p.name for p in d.iterdir()) == sorted(FILES)
-    first = {f: (d / f).read_bytes() for f in FILES}
+    assert sorted(p.name for p in d.iterdir()) == sorted((*FILES, GUARD_KEY_FILE))
+    assert (d / GUARD_KEY_FILE).stat().st_mode & 0o777 == 0o600  # the canary guard's credential
+    first = {f: (d / f).read_bytes() for f in (*FILES, GUARD_KEY_FILE)}
     with pytest.raises(ServiceError, match="already exists"):
         generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services")
     generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services", force=True)
-    assert {f: (d / f).read_bytes() for f in FILES} == first
+    assert {f: (d / f).read_bytes() for f in (*FILES, GUARD_KEY_FILE)} == first  # the guard key is kept
     assert 'registry = "../../registry"' in first["service.toml"].decode()
     with pytest.raises(ServiceError, match="has no model 'nope'"):
         generate("x", "nope", registry=reg.root, out_dir=tmp_path / "services")
