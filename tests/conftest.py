@@ -26,11 +26,31 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def digits_model():
-    """The demo MLP trained once per session (a few seconds) with its held-out accuracy."""
-    from kit.demo import digits_split, train
+    """The demo MLP with its held-out accuracy, trained once per content of kit/demo.py and torch's version.
+
+    The weights are cached as an npz (no pickle) in ``.cache/digits-<key>.npz``: each test process (the
+    suite runs on several) reads them instead of training again.
+    """
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from kit.demo import DigitsMLP, digits_split, train
 
     split = digits_split()
+    key = hashlib.sha256((ROOT / "kit" / "demo.py").read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cache = ROOT / ".cache" / f"digits-{key}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            model = DigitsMLP()
+            model.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files if k != "__accuracy"})
+            return model.eval(), split, float(z["__accuracy"])
     model, acc = train(epochs=15, split=split)
+    cache.parent.mkdir(exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, __accuracy=np.float64(acc), **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    os.replace(tmp, cache)  # whole or not at all; another process's copy is as good
     return model, split, acc
 
 
@@ -46,6 +66,20 @@ def _signing_keys_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("KIT_KEYS_DIR", None)
     else:
         os.environ["KIT_KEYS_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _version_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Loads cache verified versions in a per-session folder (kit.registry.cache), never in ~/.cache/kit;
+    subprocesses, notebooks and services the tests start inherit it."""
+    cache = tmp_path_factory.mktemp("kit-cache")
+    old = os.environ.get("KIT_CACHE_DIR")
+    os.environ["KIT_CACHE_DIR"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("KIT_CACHE_DIR", None)
+    else:
+        os.environ["KIT_CACHE_DIR"] = old
 
 
 @pytest.fixture

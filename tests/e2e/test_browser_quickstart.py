@@ -131,7 +131,7 @@ def test_quickstart_in_jupyterlab_renders_the_registry_panel(lab, project: Path,
                                                                artifacts_dir: Path):
     if not Path(CHROMIUM).is_file():
         pytest.skip("Debian chromium not installed (make browser-deps)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
+    from playwright import sync_api
     base, token, lab_log = lab
     shot = artifacts_dir / "browser-quickstart.png"
     panel_shot = artifacts_dir / "browser-registry-panel.png"

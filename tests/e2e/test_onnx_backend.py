@@ -26,7 +26,6 @@ from kit.serving.router import user_bucket
 from kit.servicegen import generate, start_service
 from kit_testing import start_load, unexpected_versions, wait_all_workers
 
-pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime (pip install kit[onnx])")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MODEL = "onnx-text"

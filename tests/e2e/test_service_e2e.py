@@ -175,7 +175,6 @@ def test_failed_reload_keeps_the_old_model_serving(svc):
 
 
 def test_tritonclient_against_the_v2_endpoints(svc):
-    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
     import tritonclient.http as httpclient
 
     reg, running, _ = svc

@@ -184,7 +184,7 @@ def test_the_signature_is_compiled_once_and_parsing_gives_contiguous_numpy():
 
 
 def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
-    torch = pytest.importorskip("torch")
+    import torch
     from kit.serving.backends import _torch_forward
     from kit.signature import Signature, TensorSpec
 
@@ -202,7 +202,7 @@ def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
 
 
 def test_the_torch_forward_casts_dtypes_numpy_lacks():
-    torch = pytest.importorskip("torch")
+    import torch
     from kit.serving.backends import _torch_forward
     from kit.signature import Signature, TensorSpec
 
@@ -257,8 +257,7 @@ def test_access_lines_of_one_loop_pass_are_written_together():
 
 def test_bfloat16_travels_as_float32_even_once_ml_dtypes_is_imported():
     """onnx imports ml_dtypes, which registers "bfloat16" with numpy; the wire dtype must not change with it."""
-    pytest.importorskip("ml_dtypes")
-    import ml_dtypes  # noqa: F401
+    import ml_dtypes  # noqa: F401  (onnx, a declared dependency, imports it)
 
     from kit.serving.protocol import np_dtype
 
