@@ -10,8 +10,12 @@ PYTHON     ?= python3
 CONDA      := $(shell command -v micromamba || command -v mamba || command -v conda)
 STAMP      := $(ENV)/.kit-installed
 PYTEST_ARGS ?=
+# The suite runs on several processes: most tests wait on subprocesses (gunicorn, kernels, nginx), so more
+# workers than cores pays; a file's tests stay on one worker (they share module fixtures).
+TEST_WORKERS ?= 4
+XDIST       := -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: help env lock demo test test-image typecheck test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
+.PHONY: help env lock demo test test-image typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -44,7 +48,7 @@ demo: $(STAMP) ## the main job end to end on embedded defaults
 	$(PY) -m kit.demo
 
 test: $(STAMP) ## run the whole test suite (unit, integration, e2e) but the container image build
-	$(PY) -m pytest -m "not image" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not image" $(XDIST) $(PYTEST_ARGS)
 
 test-image: $(STAMP) ## the container image build test (kit pack --image with buildah; >10 min, GBs of disk)
 	$(PY) -m pytest -m image $(PYTEST_ARGS)
@@ -52,14 +56,17 @@ test-image: $(STAMP) ## the container image build test (kit pack --image with bu
 typecheck: $(STAMP) ## mypy over kit/ (types on public functions; CI runs it)
 	$(PY) -m mypy
 
+lint: $(STAMP) ## ruff over kit/, tests/ and benchmarks/: pyflakes, import order, likely bugs (CI runs it)
+	$(ENV)/bin/ruff check kit tests benchmarks
+
 test-unit: $(STAMP)
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit $(XDIST) $(PYTEST_ARGS)
 
 test-integration: $(STAMP)
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration $(XDIST) $(PYTEST_ARGS)
 
 test-e2e: $(STAMP)
-	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/e2e $(XDIST) $(PYTEST_ARGS)
 
 validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@version)
 	$(KIT) validate $(or $(MODEL),demo-digits@latest)
