@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from kit.errors import InvalidNameError, PromotionRefusedError
 from kit.registry import Aliases, Registry
+from kit.signing import SigningKey
 
 Action = Literal["start", "replace", "reweight", "stop", "none"]
 
@@ -139,10 +140,14 @@ def stop_traffic(registry: Registry, name: str, *, why: str | None = None, user:
 
 
 def guard_stop(registry: Registry, name: str, version: int, serial: int, evidence: dict[str, Any], *,
-               user: str | None = None) -> TrafficChange | None:
+               user: str | None = None, signer: SigningKey | None = None) -> TrafficChange | None:
     """The canary guard's move: end canary ``version`` if the aliases are still at ``serial`` (what the
-    guard judged), audited as ``canary_guard`` with ``evidence``. None when they moved (nothing done)."""
-    after = registry.end_judged_canary(name, version, serial, evidence, user=user,
+    guard judged), recorded as ``canary_guard`` with ``evidence``. None when they moved (nothing done).
+
+    ``signer``: the service's guard key (:func:`kit.guard_key.load_or_create_guard_key`). Readers accept the
+    record only if the canary's own signed record delegated that key (ending a canary is within its
+    authority); without it the registry signs with its own key, when it has one."""
+    after = registry.end_judged_canary(name, version, serial, evidence, user=user, signer=signer,
                                        why=f"canary guard: {evidence.get('detail', 'worse than production')}")
     if after is None:
         return None
@@ -150,13 +155,16 @@ def guard_stop(registry: Registry, name: str, version: int, serial: int, evidenc
 
 
 def guard_step(registry: Registry, name: str, version: int, serial: int, weight: float, evidence: dict[str, Any], *,
-               user: str | None = None) -> TrafficChange | None:
-    """The canary guard's progressive promotion: canary ``version`` to ``weight`` (audited ``canary_step``), or
+               user: str | None = None, signer: SigningKey | None = None) -> TrafficChange | None:
+    """The canary guard's progressive promotion: canary ``version`` to ``weight`` (recorded ``canary_step``), or
     at 1.0 promoted to production -- which needs a passing gate for it, as every promotion does, whatever the
-    caller's registry requires. Only if the aliases are still at ``serial``; None when they moved."""
+    caller's registry requires. Only if the aliases are still at ``serial``; None when they moved.
+
+    ``signer`` (the guard key) may only step to the next value of the plan its registration declared, or
+    promote at 100% relying on a signed passing gate (:func:`kit.registry.moves.check_guard_move`)."""
     why = f"canary guard: healthy for {evidence.get('hold_s', '?')}s at {evidence.get('from_weight', 0):.0%}"
     if weight < 1.0:
-        after = registry.step_canary(name, version, serial, weight, evidence, why=why, user=user)
+        after = registry.step_canary(name, version, serial, weight, evidence, why=why, user=user, signer=signer)
         return None if after is None else TrafficChange(name, "reweight", version, weight, after.production,
                                                         aliases=after)
     mv = registry.get(name, version)
@@ -165,7 +173,7 @@ def guard_step(registry: Registry, name: str, version: int, serial: int, weight:
             f"{mv.ref} stayed healthy at every step but has no passing gate, so it was not promoted "
             "(the canary keeps its share). Validate it, then promote it.", remedy="validate", subject=mv.ref)
     try:
-        after = registry.promote(name, version, why=why, user=user, expect_serial=serial)
+        after = registry.promote(name, version, why=why, user=user, expect_serial=serial, signer=signer)
     except PromotionRefusedError:
         if registry.aliases(name).serial != serial:  # another worker promoted it first, or a person moved it
             return None

@@ -1,25 +1,35 @@
 """The alias moves: promote, canary (start, re-weight, end, the canary guard's judged end and progressive
-step), rollback and repair.
+step), rollback, repair and migration -- each one a signed move record (:mod:`kit.registry.moves`).
 
-Each move takes the model's lock, rewrites ``aliases.json`` atomically with ``serial`` bumped, and appends
-an audit event carrying the resulting alias snapshot (what ``repair_aliases`` rebuilds from). Promoting and
-starting a canary need a passing gate for the artifact unless forced with a reason; forcing overrides the
-gate, never integrity.
+Each move takes the model's lock, reads the newest record that verifies (never ``aliases.json``), and creates
+the next record exclusively, signed by the registry's key (or, for the canary guard's moves, by the
+service's guard key, whose authority the canary's record delegated); ``aliases.json`` is then rewritten
+as a copy of it. The record is the audit entry. Promoting and starting a canary need a passing gate for
+the artifact unless forced with a reason; forcing overrides the gate, never integrity.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
-from kit._io import atomic_write_json
-from kit.errors import IntegrityError, PromotionRefusedError, SignatureError
+from kit._io import atomic_write_bytes, read_capped
+from kit.errors import IntegrityError, KitError, PromotionRefusedError, SignatureError
+from kit.gate import evidence as gate_evidence
 from kit.registry.integrity import CheckedStore
+from kit.registry.movelog import aliases_of
+from kit.registry.moves import MAX_RECORD_BYTES, Move, envelope, guard_registration, read_guard_registration
 from kit.registry.names import check_weight
 from kit.registry.records import Aliases, ModelVersion, utcnow
+from kit.signing import PublicKey, SigningKey, sig_path, verify_bytes
 
 log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class AliasMoves(CheckedStore):
@@ -52,23 +62,84 @@ class AliasMoves(CheckedStore):
             raise IntegrityError(f"Refusing to {action} {mv.ref} (forcing overrides the gate, never integrity): "
                                  f"{exc}") from exc
 
-    def _write_aliases(self, name: str, new: Aliases) -> Aliases:
-        new = dataclasses.replace(new, serial=new.serial + 1, updated=utcnow())
-        atomic_write_json(self.aliases_path(name), new.to_json())
-        return new
+    # ---- what a record relies on and points at
+    def _relies_on(self, mv: ModelVersion, gate: dict[str, Any] | None, force: bool, why: str | None) -> dict[str, Any]:
+        if force:
+            return {"force": {"version": mv.version, "why": why}}
+        if gate is None:
+            return {}
+        run_id = str(gate.get("run_id"))
+        path = gate_evidence.gates_dir(mv.path) / run_id / gate_evidence.RESULT_FILE
+        digest = hashlib.sha256(read_capped(path, MAX_RECORD_BYTES * 16)).hexdigest() if path.is_file() else None
+        return {"gate": {"version": mv.version, "run_id": run_id, "result_sha256": digest}}
 
+    def _artifacts(self, name: str, state: Aliases, known: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for v in [state.production, state.canary, *state.previous]:
+            if v is None:
+                continue
+            out[str(v)] = known.get(str(v)) or self._read_version(name, v).artifact_sha256
+        return out
+
+    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+        """Why ``gate`` (a record's ``relies_on.gate``) is not a signed passing gate of ``artifact_sha256``."""
+        run_id = str(gate.get("run_id", ""))
+        if not _RUN_ID.fullmatch(run_id) or ".." in run_id or gate.get("version") != version:
+            return f"gate {run_id!r} of version {gate.get('version')!r} is not a gate of v{version}"
+        path = gate_evidence.gates_dir(self.version_dir(name, version)) / run_id / gate_evidence.RESULT_FILE
+        try:
+            data = read_capped(path, MAX_RECORD_BYTES * 16)
+            if hashlib.sha256(data).hexdigest() != gate.get("result_sha256"):
+                return f"gate {run_id}'s result.json is not the one the record names"
+            trust = self.trust()
+            if trust is not None:
+                verify_bytes(data, sig_path(path), trust, f"gate result {run_id}", "Run the gate again.")
+            d = json.loads(data)
+        except (OSError, ValueError, KitError) as exc:
+            return f"gate {run_id}: {exc}"
+        if not (isinstance(d, dict) and d.get("passed") is True and d.get("artifact_sha256") == artifact_sha256):
+            return f"gate {run_id} did not pass for artifact {artifact_sha256[:12]}"
+        return None
+
+    def _signer(self, signer: SigningKey | None) -> SigningKey | None:
+        if signer is not None:
+            return signer
+        if self.keyring is None:
+            return None  # an unsigned registry (tests, Registry(path)): its readers check no signatures
+        return self.keyring.signer()  # SigningKeyError for a registry that only verifies (a service)
+
+    def _move(self, name: str, action: str, change: Any, *, user: str | None, why: str | None,
+              signer: SigningKey | None = None, relies_on: dict[str, Any] | None = None,
+              details: dict[str, Any] | None = None, known: dict[str, str] | None = None) -> Aliases:
+        """Under the lock: ``change(head_move, current) -> Aliases | None`` (None: nothing to do), then the record."""
+        key = self._signer(signer)
+        with self.lock(name):
+            ml = self.movelog(name)
+            head, cur = ml.base()
+            after = change(head, cur)
+            if after is None:
+                return cur
+            if after.canary is None:
+                after = _replace(after, guards={})
+            return ml.commit(head, action, after, key, user=user or self.user, why=why,
+                             artifacts=self._artifacts(name, after, {**cur.artifacts, **(known or {})}),
+                             relies_on=relies_on or {}, details=details or {})
+
+    # ---- the moves
     def promote(self, name: str, version: int | str, *, force: bool = False, why: str | None = None,
-                user: str | None = None, expect_serial: int | None = None) -> Aliases:
+                user: str | None = None, expect_serial: int | None = None,
+                signer: SigningKey | None = None) -> Aliases:
         """Move ``production`` to ``version``. Needs a passing gate for this artifact unless forced.
 
         Promoting the current canary ends the canary. ``expect_serial``: refuse if the aliases moved since
-        (the canary guard promotes what it judged, once).
+        (the canary guard promotes what it judged, once, signing with its guard key ``signer``).
         """
         mv = self.get(name, version)
         self._check_integrity_for(mv, "promote")  # --force overrides the gate, never integrity
-        with self.lock(name):
-            gate = self._check_gate(mv, force, why, "promote")
-            cur = self.aliases(name)
+        gate = self._check_gate(mv, force, why, "promote")
+        info: dict[str, Any] = {}
+
+        def change(head: Move | None, cur: Aliases) -> Aliases:
             if expect_serial is not None and cur.serial != expect_serial:
                 raise PromotionRefusedError(f"{name}'s aliases moved (serial {cur.serial}, expected {expect_serial}); "
                                             "nothing was promoted.", remedy="refresh", subject=name)
@@ -76,10 +147,12 @@ class AliasMoves(CheckedStore):
             if cur.production is not None and cur.production != mv.version:
                 previous = (*cur.previous, cur.production)[-20:]
             canary, weight = (cur.canary, cur.canary_weight) if cur.canary != mv.version else (None, 0.0)
-            new = self._write_aliases(name, dataclasses.replace(
-                cur, production=mv.version, previous=previous, canary=canary, canary_weight=weight))
-            self._event(name, "promote", version=mv.version, from_version=cur.production, forced=force,
-                        why=why, user=user, gate=(gate or {}).get("run_id"), aliases=new.to_json())
+            info["from"] = cur.production
+            return _replace(cur, production=mv.version, previous=previous, canary=canary, canary_weight=weight)
+
+        new = self._move(name, "promote", change, user=user, why=why, signer=signer,
+                         relies_on=self._relies_on(mv, gate, force, why), known={str(mv.version): mv.artifact_sha256},
+                         details={"version": mv.version, "forced": force, "gate": (gate or {}).get("run_id")})
         log.info("%s production -> %d", name, mv.version)
         return new
 
@@ -87,28 +160,38 @@ class AliasMoves(CheckedStore):
                    why: str | None = None, user: str | None = None) -> Aliases:
         """Start, re-weight or replace the canary: ``weight`` of traffic (0 < weight <= 1) goes to ``version``.
 
-        Faces call :func:`kit.traffic.set_traffic`, which states the rule and plans the move first.
+        Starting or replacing delegates to the model's registered guard keys (:meth:`register_guard_key`)
+        the authority to end this canary or step it along their plans. Faces call
+        :func:`kit.traffic.set_traffic`, which states the rule and plans the move first.
         """
         weight = check_weight(weight)
         mv = self.get(name, version)
-        if self.aliases(name).canary != mv.version:  # re-weighting a running canary re-hashes nothing
+        reweight = self.aliases(name).canary == mv.version
+        if not reweight:  # re-weighting a running canary re-hashes nothing and needs no new gate
             self._check_integrity_for(mv, "start a canary of")
-        with self.lock(name):
-            cur = self.aliases(name)
+        gate = None if reweight else self._check_gate(mv, force, why, "start a canary of")
+        guards = {} if reweight else self.guard_keys(name)
+
+        def change(head: Move | None, cur: Aliases) -> Aliases:
             if cur.production is None:
                 raise PromotionRefusedError(
-                    f"Model {name!r} has no production version to split traffic with. Promote one first."
-                )
+                    f"Model {name!r} has no production version to split traffic with. Promote one first.")
             if mv.version == cur.production:
                 raise PromotionRefusedError(f"{mv.ref} is already production; a canary must be another version.")
-            gate = None
-            if not (cur.canary == mv.version):  # re-weighting a running canary needs no new gate
-                gate = self._check_gate(mv, force, why, "start a canary of")
-            new = self._write_aliases(name, dataclasses.replace(cur, canary=mv.version, canary_weight=weight))
-            replaced = cur.canary if cur.canary not in (None, mv.version) else None  # kit.traffic's rule
-            self._event(name, "canary", version=mv.version, weight=weight, forced=force, why=why, user=user,
-                        gate=(gate or {}).get("run_id"), replaced=replaced, aliases=new.to_json())
-        return new
+            if cur.canary == mv.version:
+                return _replace(cur, canary_weight=weight)
+            if reweight:
+                raise PromotionRefusedError(f"{name}'s canary moved while this re-weight was prepared; nothing "
+                                            "was changed. Look again and repeat.", remedy="refresh", subject=name)
+            return _replace(cur, canary=mv.version, canary_weight=weight, guards=guards)
+
+        replaced = self.aliases(name).canary
+        return self._move(name, "canary", change, user=user, why=why,
+                          relies_on=self._relies_on(mv, gate, force, why) if not reweight else {},
+                          known={str(mv.version): mv.artifact_sha256},
+                          details={"version": mv.version, "weight": weight, "forced": force,
+                                   "gate": (gate or {}).get("run_id"),
+                                   "replaced": replaced if replaced not in (None, mv.version) else None})
 
     def set_canary_weight(self, name: str, weight: float, *, why: str | None = None,
                           user: str | None = None) -> Aliases:
@@ -122,72 +205,147 @@ class AliasMoves(CheckedStore):
     def end_canary(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
         """Send all traffic back to production."""
         self._require_model(name)
-        with self.lock(name):
-            cur = self.aliases(name)
-            if cur.canary is None:
-                return cur
-            new = self._write_aliases(name, dataclasses.replace(cur, canary=None, canary_weight=0.0))
-            self._event(name, "canary_end", version=cur.canary, why=why, user=user, aliases=new.to_json())
-        return new
+        info: dict[str, Any] = {}
+
+        def change(head: Move | None, cur: Aliases) -> Aliases | None:
+            info["version"] = cur.canary
+            return None if cur.canary is None else _replace(cur, canary=None, canary_weight=0.0)
+
+        return self._move(name, "canary_end", change, user=user, why=why, details=info)
 
     def end_judged_canary(self, name: str, version: int, serial: int, evidence: dict[str, Any], *,
-                          why: str | None = None, user: str | None = None) -> Aliases | None:
+                          why: str | None = None, user: str | None = None,
+                          signer: SigningKey | None = None) -> Aliases | None:
         """End canary ``version`` only if the aliases are still at ``serial`` (what the canary guard judged:
-        any move since makes its evidence stale), audited as ``canary_guard`` with ``evidence``.
-        None when nothing was done."""
+        any move since makes its evidence stale), recorded as ``canary_guard`` with ``evidence`` and signed by
+        the guard key ``signer`` (or the registry's key). None when nothing was done."""
         self._require_model(name)
-        with self.lock(name):
-            cur = self.aliases(name)
+        done: list[bool] = []
+
+        def change(head: Move | None, cur: Aliases) -> Aliases | None:
             if (cur.canary, cur.serial) != (version, serial):
                 return None
-            new = self._write_aliases(name, dataclasses.replace(cur, canary=None, canary_weight=0.0))
-            self._event(name, "canary_guard", version=version, why=why, user=user, evidence=evidence,
-                        aliases=new.to_json())
-        return new
+            done.append(True)
+            return _replace(cur, canary=None, canary_weight=0.0)
+
+        new = self._move(name, "canary_guard", change, user=user, why=why, signer=signer,
+                         details={"version": version, "evidence": evidence})
+        return new if done else None
 
     def step_canary(self, name: str, version: int, serial: int, weight: float, evidence: dict[str, Any], *,
-                    why: str | None = None, user: str | None = None) -> Aliases | None:
+                    why: str | None = None, user: str | None = None,
+                    signer: SigningKey | None = None) -> Aliases | None:
         """Re-weight canary ``version`` to ``weight`` only if the aliases are still at ``serial`` (the canary
-        guard's progressive step), audited as ``canary_step`` with ``evidence``. None when nothing was done."""
+        guard's progressive step), recorded as ``canary_step`` with ``evidence``. None when nothing was done."""
         weight = check_weight(weight)
         self._require_model(name)
-        with self.lock(name):
-            cur = self.aliases(name)
+        done: list[bool] = []
+
+        def change(head: Move | None, cur: Aliases) -> Aliases | None:
             if (cur.canary, cur.serial) != (version, serial):
                 return None
-            new = self._write_aliases(name, dataclasses.replace(cur, canary_weight=weight))
-            self._event(name, "canary_step", version=version, weight=weight, why=why, user=user, evidence=evidence,
-                        aliases=new.to_json())
-        return new
+            done.append(True)
+            return _replace(cur, canary_weight=weight)
+
+        new = self._move(name, "canary_step", change, user=user, why=why, signer=signer,
+                         details={"version": version, "weight": weight, "evidence": evidence})
+        return new if done else None
 
     def rollback(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
         """Production back to the previous production version; any canary is ended."""
         self._require_model(name)
-        with self.lock(name):
-            cur = self.aliases(name)
+        info: dict[str, Any] = {}
+
+        def change(head: Move | None, cur: Aliases) -> Aliases:
             if not cur.previous:
                 raise PromotionRefusedError(
                     f"Model {name!r} has no previous production version to roll back to "
                     f"(production is {cur.production}). Promote a specific version instead."
                 )
-            target = cur.previous[-1]
-            new = self._write_aliases(name, dataclasses.replace(
-                cur, production=target, previous=cur.previous[:-1], canary=None, canary_weight=0.0))
-            self._event(name, "rollback", version=target, from_version=cur.production, why=why, user=user,
-                        ended_canary=cur.canary, aliases=new.to_json())
-        log.info("%s rolled back %s -> %d", name, cur.production, target)
+            info.update(version=cur.previous[-1], from_version=cur.production, ended_canary=cur.canary)
+            return _replace(cur, production=cur.previous[-1], previous=cur.previous[:-1], canary=None,
+                            canary_weight=0.0)
+
+        new = self._move(name, "rollback", change, user=user, why=why, details=info)
+        log.info("%s rolled back %s -> %s", name, info.get("from_version"), info.get("version"))
         return new
 
+    # ---- repair, migration, guard keys
     def repair_aliases(self, name: str, *, user: str | None = None) -> Aliases:
-        """Rebuild aliases.json from the newest alias snapshot in the audit log."""
+        """Rewrite aliases.json as a copy of the newest move record that verifies (nothing is signed anew)."""
         self._require_model(name)
         with self.lock(name):
-            snap = None
-            for ev in self.history(name):
-                if "aliases" in ev:
-                    snap = ev["aliases"]
-            new = Aliases.from_json(snap, "audit log") if snap else Aliases()
-            atomic_write_json(self.aliases_path(name), new.to_json())
-            self._event(name, "aliases_repair", user=user, aliases=new.to_json())
-        return new
+            ml = self.movelog(name)
+            head = ml.head()
+            if head is None:
+                raise SignatureError(f"No move record of {name} verifies, so aliases.json cannot be rebuilt from "
+                                     f"one. A key holder signs the state to serve: `kit aliases migrate {name}` "
+                                     "(an unsigned aliases.json) or `kit promote`.", key_id=None)
+            ml.storage.write_pointer(head.data)
+            self._event(name, "aliases_repair", user=user, serial=head.serial)
+        return aliases_of(head)
 
+    def plan_migration(self, name: str) -> Aliases:
+        """The state :meth:`migrate_aliases` would sign: the unsigned aliases.json, read without a signature
+        check (show it to the key holder first). Refused when the model already has move records."""
+        self._require_model(name)
+        ml = self.movelog(name)
+        if ml.storage.serials():
+            raise PromotionRefusedError(f"{name} already has signed move records (`kit history {name}`); nothing "
+                                        "to migrate.", subject=name)
+        data = ml.storage.read_pointer()
+        if data is None:
+            return Aliases()
+        try:
+            return Aliases.from_json(json.loads(data), str(ml.storage.pointer))
+        except ValueError as exc:
+            raise PromotionRefusedError(f"{ml.storage.pointer} is not valid JSON ({exc}); promote a version "
+                                        "instead of migrating.", subject=name) from exc
+
+    def migrate_aliases(self, name: str, *, user: str | None = None, expect: Aliases | None = None) -> Aliases:
+        """Sign an old registry's unsigned aliases.json state as the first move record (serial: its old serial
+        + 1, so serials still only go forward). ``expect``: the state shown to the key holder; refused if the
+        file changed since. Needs the registry's signing key."""
+        key = self._signer(None)
+        with self.lock(name):
+            plan = self.plan_migration(name)
+            if expect is not None and plan != expect:
+                raise PromotionRefusedError(f"{name}'s aliases.json changed since it was shown; nothing was signed. "
+                                            "Look again.", remedy="refresh", subject=name)
+            return self.movelog(name).commit(None, "migrate", plan, key, user=user or self.user,
+                                             why="signed the unsigned aliases.json of an older registry",
+                                             artifacts=self._artifacts(name, plan, {}), relies_on={},
+                                             details={"version": plan.production}, serial=plan.serial + 1)
+
+    def register_guard_key(self, name: str, public_key: str, *, service: str, steps: list[float],
+                           user: str | None = None) -> Path:
+        """Record (signed by this registry's key) that ``service``'s guard key may act on ``name``'s future
+        canaries: end them, or step them along ``steps`` (fractions; 1.0 promotes, with a signed passing gate).
+        Canaries started after this delegate to it."""
+        pub = PublicKey.from_text(public_key, f"the guard key of service {service!r}")
+        steps = sorted({check_weight(s) for s in steps})
+        rec = guard_registration(name, pub.text(), service, steps, user=user or self.user, ts=utcnow())
+        path = self.model_dir(name) / "guards" / f"{pub.key_id}.json"
+        atomic_write_bytes(path, envelope(rec, self._signer(None), fmt="kit-guard-key"))
+        log.info("%s: guard key %s of service %s registered (plan %s)", name, pub.key_id, service, steps)
+        return path
+
+    def guard_keys(self, name: str) -> dict[str, Any]:
+        """The registered guard keys of ``name`` that verify: key id -> {public_key, steps, service}."""
+        out: dict[str, Any] = {}
+        folder = self.model_dir(name) / "guards"
+        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                rec = read_guard_registration(read_capped(p, MAX_RECORD_BYTES), name, self.trust(), str(p))
+            except (OSError, ValueError, KitError) as exc:
+                log.warning("%s: guard key registration %s not used: %s", name, p.name, exc)
+                continue
+            pub = PublicKey.from_text(rec["public_key"])
+            out[pub.key_id] = {"public_key": pub.text(), "steps": rec["steps"], "service": rec.get("service")}
+        return out
+
+
+def _replace(a: Aliases, **changes: Any) -> Aliases:
+    import dataclasses
+
+    return dataclasses.replace(a, **changes)

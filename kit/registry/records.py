@@ -59,12 +59,23 @@ class ModelVersion:
 
 @dataclass(frozen=True)
 class Aliases:
+    """What a model serves: the state of its newest signed move record (:mod:`kit.registry.moves`).
+
+    ``guards`` are the guard keys the running canary's record delegated (key id -> public key, plan);
+    ``signed_by`` the key whose signature of that record verified (None unsigned or unchecked);
+    ``action`` the move that made this state; ``artifacts`` the artifact sha256 of each version named.
+    """
+
     production: int | None = None
     canary: int | None = None
     canary_weight: float = 0.0
     previous: tuple[int, ...] = ()
     serial: int = 0
     updated: str | None = None
+    guards: dict[str, Any] = field(default_factory=dict, compare=False)
+    signed_by: str | None = field(default=None, compare=False)
+    action: str | None = field(default=None, compare=False)
+    artifacts: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schema": SCHEMA, "serial": self.serial, "updated": self.updated}
@@ -74,11 +85,31 @@ class Aliases:
             d["canary"] = {"version": self.canary, "weight": self.canary_weight}
         return d
 
+    def state(self) -> dict[str, Any]:
+        """The ``state`` of a move record: what a signature binds."""
+        canary = None if self.canary is None else {"version": self.canary, "weight": self.canary_weight,
+                                                   "guards": dict(self.guards)}
+        return {"production": self.production, "previous": list(self.previous), "canary": canary}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], serial: int, updated: str | None, where: str, *,
+                   signed_by: str | None = None, action: str | None = None,
+                   artifacts: Mapping[str, str] | None = None) -> "Aliases":
+        can = state.get("canary")
+        prod = state.get("production")
+        d = {"serial": serial, "updated": updated,
+             "production": {"version": prod, "previous": state.get("previous", [])} if prod is not None else None,
+             "canary": {"version": can.get("version"), "weight": can.get("weight", 0.0)} if isinstance(can, dict) else None}
+        a = cls.from_json(d, where)
+        guards = can.get("guards", {}) if isinstance(can, dict) else {}
+        return dataclasses.replace(a, guards=dict(guards) if isinstance(guards, dict) else {}, signed_by=signed_by,
+                                   action=action, artifacts=dict(artifacts or {}))
+
     @classmethod
     def from_json(cls, d: Any, where: str) -> "Aliases":
         def bad(why: str) -> RegistryCorruptError:
             return RegistryCorruptError(
-                f"{where} is malformed ({why}). Rebuild it from the audit log with "
+                f"{where} is malformed ({why}). Rebuild it from the signed move records with "
                 f"`kit aliases repair {Path(where).parent.name}`."
             )
 

@@ -17,6 +17,7 @@ source of truth for what is served.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ from kit._proc import pid_alive
 from kit.errors import KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
 from kit.registry.lineage import detect_source
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
+from kit.registry.movelog import MoveLog, move_event
+from kit.registry.moves import MoveStorage
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, utcnow
 from kit.signing import Keyring, sign_file
 
@@ -55,6 +58,7 @@ class Store:
         self.require_gate = require_gate
         self.user = user or "unknown"
         self.keyring = keyring
+        self._movelogs: dict[str, MoveLog] = {}  # per model: the signed move records (kit.registry.movelog)
 
     @classmethod
     def from_config(cls, config: Any) -> Self:
@@ -176,34 +180,50 @@ class Store:
         name, sel = parse_ref(ref)
         return self.get(name, sel)
 
+    def movelog(self, name: str) -> MoveLog:
+        """``name``'s signed move records as this registry reads and writes them (one per model, so the
+        serial it accepted last is remembered: a reader never goes back)."""
+        log_ = self._movelogs.get(name)
+        if log_ is None:
+            log_ = MoveLog(name, MoveStorage(self.model_dir(name)), self._move_trust,
+                           functools.partial(self._gate_problem, name))
+            self._movelogs[name] = log_
+        return log_
+
+    def _move_trust(self) -> Any:
+        return self.keyring.trust() if self.keyring is not None else None
+
+    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+        return "this reader cannot check gate results"  # kit.registry.aliases.AliasMoves can
+
     def aliases(self, name: str) -> Aliases:
-        path = self.aliases_path(name)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return Aliases()
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RegistryCorruptError(
-                f"{path} is not valid JSON ({exc}; {len(text)} bytes, truncated or overwritten?). "
-                f"Rebuild it from the audit log with `kit aliases repair {name}`."
-            ) from exc
-        return Aliases.from_json(data, str(path))
+        """The verified state of ``name``'s newest move record (``aliases.json`` and any newer record).
+
+        Raises :class:`SignatureError` for a record no trusted key (or delegated guard key, within its
+        authority) signed, an unsigned or pre-signing ``aliases.json`` where signatures are checked, or a
+        serial older than one this registry object already followed."""
+        return self.movelog(name).current()
 
     def history(self, name: str) -> list[dict[str, Any]]:
+        """The audit trail, oldest first: the unsigned events (register, gate, sign) and every move record,
+        each marked ``verified`` (and ``problem`` when its signature, authority or chain fails)."""
         self._require_model(name)
         out: list[dict[str, Any]] = []
         path = self.events_path(name)
-        if not path.exists():
-            return out
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping unreadable line %d of %s", i, path)
+        if path.exists():
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("skipping unreadable line %d of %s", i, path)
+                    continue
+                if isinstance(ev, dict):
+                    out.append(ev)
+        for serial, move, problem in self.movelog(name).history():
+            out.append(move_event(name, serial, move, problem))
+        out.sort(key=lambda e: str(e.get("ts", "")))
         return out
 
     # ---- writing

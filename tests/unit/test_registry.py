@@ -109,7 +109,8 @@ def test_promotion_needs_a_passing_gate_for_this_artifact(reg):
     _pass_gate(reg, v1, run_id="r3")
     a = reg.promote("m", 1)
     assert a.production == 1 and reg.history("m")[-1]["gate"] == "r3"
-    assert json.loads(reg.aliases_path("m").read_text())["production"]["version"] == 1
+    record = json.loads(json.loads(reg.aliases_path("m").read_text())["record"])  # a copy of the move record
+    assert record["state"]["production"] == 1 and record["relies_on"]["gate"]["run_id"] == "r3"
 
 
 def test_forced_promotion_needs_a_reason_and_is_audited(reg):
