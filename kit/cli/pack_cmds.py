@@ -38,6 +38,7 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
              image_base: str | None, builder: str | None, as_json: bool) -> None:
     """Pack services/NAME with its environment and models into dist/NAME-<version>-<platform>.tar.gz."""
     from kit.pack import pack, verify_archive
+    from kit.pack.integrity import ship_text
 
     say = (lambda msg: click.echo(msg, err=True))
     result: dict[str, object] = {}
@@ -55,6 +56,7 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
             if res.kind == "venv":
                 click.echo("note: venv fallback; the server needs the same Python at the same path "
                            "(run.sh checks it first). A conda environment packs its interpreter.")
+            click.echo(ship_text(res.archive, res.root, res.signed_by))
     elif not (do_verify or image):
         raise click.UsageError(f"{target} is a file; pass a service folder (services/NAME), or --verify to "
                                "verify an archive.")

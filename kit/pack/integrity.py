@@ -19,6 +19,7 @@ included, before extracting it. See docs/security.md.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,8 +31,11 @@ from kit.signing import SigningKey
 SUMS = "kit-pack.sha256"
 SUMS_SIG = "kit-pack.sha256.sig"
 LINKS = "kit-pack.links"
-# Written by run.sh on the server: the relocation marker and the env's hashes right after conda-unpack.
+# Written by run.sh on the server (conda): the env's hashes right after conda-unpack, and their MAC under a
+# host-local key with the folder they were taken in. Never packed: run.sh refuses an archive holding them.
 RUNTIME_FILES = ("env/.kit-unpacked", "env/.kit-unpacked.sha256")
+# Where the ship steps expect the packer's public key on the server: one PEM key (openssl -inkey reads one).
+SERVER_TRUST = "/etc/kit/packer.pem"
 
 
 def _relative(arcname: str, stem: str) -> str:
@@ -41,6 +45,10 @@ def _relative(arcname: str, stem: str) -> str:
     if any(c in rel for c in "\n\t\\") or not rel:
         raise PackError(f"{rel!r} has a newline, tab or backslash in its name, which run.sh's sha256sum check "
                         "cannot list. Rename or remove that file in the environment and pack again.")
+    if rel in RUNTIME_FILES or any(rel.startswith(r + ".") for r in RUNTIME_FILES):
+        raise PackError(f"{rel} is in the environment: it is the record run.sh writes on a server after "
+                        "conda-unpack, so this environment was taken from an unpacked archive, and run.sh refuses "
+                        "an archive holding it. Pack the original environment, or delete that file and pack again.")
     return rel
 
 
@@ -102,3 +110,32 @@ def sign_archive(archive: Path, signer: SigningKey | None) -> None:
         atomic_write_bytes(sig, signer.sign(line))
     else:
         sig.unlink(missing_ok=True)
+
+
+def ship_steps(archive_name: str, root: str, trust: str = SERVER_TRUST) -> list[str]:
+    """The commands an operator runs on the server, in the folder holding the archive and the two files
+    beside it: the archive's signature (openssl, against the packer's PEM key at ``trust``, put there out of
+    band) and its sha256 are checked *before* tar extracts anything, then run.sh starts with the same key as
+    ``KIT_TRUST``. ``kit pack`` prints them; a test runs exactly these lines."""
+    q = shlex.quote
+    a = q(archive_name)
+    return [
+        f"openssl pkeyutl -verify -pubin -inkey {q(trust)} -rawin -in {a}.sha256 -sigfile {a}.sha256.sig",
+        f"sha256sum --strict -c {a}.sha256",
+        f"tar xzf {a}",
+        f"KIT_TRUST={q(trust)} {q(root + '/run.sh')}",
+    ]
+
+
+def ship_text(archive: Path, root: str, key_id: str | None) -> str:
+    """What ``kit pack`` prints after packing: where the key comes from, then :func:`ship_steps` joined by
+    ``&&`` (each step runs only when the one before passed)."""
+    if key_id is None:
+        return ("note: this archive is not signed (no signing key): a server cannot tell it from one changed on "
+                "the way. Pack where `kit keys` has a key.")
+    steps = ship_steps(archive.name, root)
+    return "\n".join([
+        f"ship it: copy {archive.name} with its .sha256 and .sha256.sig; once per server, put the packer's public key"
+        f" there out of band: `kit keys show {key_id} --pem` (here) > {SERVER_TRUST} (there). Then, on the server:",
+        "  " + " \\\n    && ".join(steps),
+    ])
