@@ -6,12 +6,16 @@ from the request-log path, :func:`kit.serving.handlers.log_request`: a lock, a d
 worker, every ``interval`` seconds:
 
 1. writes the worker's buckets of the current window to ``<registry>/<model>/guard/<key>/<host>-<pid>.json``
-   (atomically), where ``key`` is ``v<canary>-s<aliases serial>``: one folder per canary as every
-   instance sees it in ``aliases.json``;
-2. reads every worker's file in that folder (all workers of all instances sharing the registry) and sums
-   the buckets inside the window, so the counts add up across processes without any coordination but
-   the filesystem (a file per writer: no appends from many hosts to one file, which NFS does not make
-   atomic; a dead worker's file still counts until its buckets leave the window);
+   (a temp file renamed over it, never through a link), where ``key`` is ``v<canary>-s<aliases serial>``:
+   one folder per canary as every instance sees it in ``aliases.json``. The file carries a MAC under the
+   service's guard key (:mod:`kit.guard_key`), bound to the model, the key and the worker
+   (:mod:`kit.serving.guard_files`);
+2. reads every other worker's file in that folder (all workers of all instances sharing the registry and
+   the guard key), size-capped, without following links, MAC checked before it is parsed strictly, and
+   sums the buckets inside the window with its own (kept in memory: deleting files cannot blind a worker
+   to its own traffic). A file that fails is ignored, reported (``/readyz``, the log,
+   ``kit_canary_guard_rejected_files_total``) and never stops the guard. Files of dead workers are swept
+   once nothing in them is inside a window;
 3. decides (:func:`decide`): with at least ``min_requests`` on both sides, a canary whose 5xx rate is
    more than ``max_error_rate_increase`` above production's, or whose p95 latency is more than
    ``max_p95_ratio`` times production's (and ``min_p95_delta_ms`` above it), is ended through
@@ -39,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from kit import service_settings as settings
-from kit.errors import ServiceError
+from kit.errors import ServiceError, SigningKeyError
+from kit.serving import guard_files as gf
+from kit.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -151,36 +157,54 @@ def decide(prod: SideStats, canary: SideStats, s: GuardSettings) -> Verdict | No
     return None
 
 
-def merge(docs: list[dict[str, Any]], since: float) -> dict[str, SideStats]:
-    """Sum the buckets of workers' window files that lie at or after ``since`` (unix seconds)."""
+def merge(windows: list[Mapping[str, Any]], since: float) -> dict[str, SideStats]:
+    """Sum the slots ``(sec, n, err, ((bucket, count), ...))`` per side of workers' windows (this worker's and
+    the verified files') that lie at or after ``since`` (unix seconds)."""
     n = {s: 0 for s in SIDES}
     err = {s: 0 for s in SIDES}
     hist: dict[str, dict[int, int]] = {s: {} for s in SIDES}
-    for doc in docs:
-        for b in doc.get("buckets", []):
-            side = b.get("side")
-            if side not in n or b.get("sec", 0) < since:
-                continue
-            n[side] += int(b.get("n", 0))
-            err[side] += int(b.get("err", 0))
-            for k, c in b.get("hist", {}).items():
-                hist[side][int(k)] = hist[side].get(int(k), 0) + int(c)
+    for win in windows:
+        for side in SIDES:
+            for sec, count, errors, buckets in win.get(side, ()):
+                if sec < since:
+                    continue
+                n[side] += count
+                err[side] += errors
+                for b, c in buckets:
+                    hist[side][b] = hist[side].get(b, 0) + c
     return {s: SideStats(n[s], err[s], tuple(sorted(hist[s].items()))) for s in SIDES}
 
 
 class CanaryGuard:
     """One worker's part of the guard (see the module docstring). ``registry`` is the service's
-    :class:`kit.registry.Registry`; ``slots`` its :class:`kit.serving.slots.ModelSlots`."""
+    :class:`kit.registry.Registry`; ``slots`` its :class:`kit.serving.slots.ModelSlots`; ``key`` the service's
+    guard key (:func:`kit.guard_key.load_or_create_guard_key`): it authenticates the window files and signs
+    the guard's moves. Without it the worker judges on its own counts only and says so."""
 
-    def __init__(self, settings: GuardSettings, registry: Any, model: str, slots: Any, metrics: Any = None):
+    def __init__(self, settings: GuardSettings, registry: Any, model: str, slots: Any, metrics: Any = None, *,
+                 key: SigningKey | None, key_error: str | None = None):
+        from kit.guard_key import window_mac_key
+
         self.settings = settings
         self.registry = registry
         self.model = model
         self.slots = slots
-        self.folder = Path(registry.root) / model / "guard"
-        self.worker = f"{socket.gethostname()}-{os.getpid()}"
+        self.model_dir = Path(registry.root) / model
+        self.folder = self.model_dir / "guard"
+        self.worker = gf.worker_name(socket.gethostname(), os.getpid())
+        self.key = key
+        self._mac_key = window_mac_key(key) if key is not None else None
+        self._key_error = key_error or (None if key is not None else "no guard key")
+        self._slot_s = gf.slot_width(settings.window_s)
         self._lock = threading.Lock()
-        self._buckets: dict[tuple[str, int], list[Any]] = {}  # (side, sec) -> [n, err, {bucket: count}]
+        self._buckets: dict[tuple[str, int], list[Any]] = {}  # (side, slot start) -> [n, err, {bucket: count}]
+        self._seq = 0  # this worker's file sequence: only goes forward
+        self._wrote = False  # this worker has a file in the current key's folder
+        self._seen_seq: dict[str, int] = {}  # other workers' highest seq read under the current key
+        self._good: set[str] = set()  # workers whose files verified (read first when there are many)
+        self.rejected: dict[str, str] = {}  # file -> why, under the current key (what /readyz shows)
+        self.rejected_total = 0
+        self._swept = 0.0
         self._sides: tuple[int | None, int | None] = (None, None)  # (production, canary) versions now
         self._key: str | None = None
         self._key_since = 0.0  # when this worker first saw the current key
@@ -202,7 +226,8 @@ class CanaryGuard:
         side = "canary" if version == canary else "production" if version == prod else None
         if side is None:
             return
-        key = (side, int(time.time()))
+        slot = self._slot_s
+        key = (side, int(time.time()) // slot * slot)
         b = bucket_of(seconds)
         with self._lock:
             cell = self._buckets.get(key)
@@ -243,15 +268,16 @@ class CanaryGuard:
         if key != self._key:
             with self._lock:
                 self._buckets.clear()
-            if self._key is not None:
-                _forget(self.folder / self._key, self.worker)  # that split is over: its window is history
+            if self._key is not None and self._wrote:
+                gf.forget(self.model_dir, self._key, self.worker + ".json")  # that split is over: history now
             self._key, self._sides, self.window, self._key_since = key, (prod, canary), {}, now
+            self._wrote, self._seen_seq, self.rejected = False, {}, {}
         if key is None or key in self._decided:
             return None
         since = now - self.settings.window_s
-        folder = self.folder / key
-        self._share(folder, since)
-        self.window = merge(_read_all(folder), since)
+        own = self._own_window(since)
+        others = self._exchange(key, own, now) if self._mac_key is not None else []
+        self.window = merge([own, *others], since)
         if self._gauges is not None:
             self._gauges.window(self.window)
         verdict = decide(self.window["production"], self.window["canary"], self.settings)
@@ -263,22 +289,83 @@ class CanaryGuard:
         self._decided.add(key)  # one decision per canary, whatever the registry says next
         return self._act(verdict, canary, prod, state.serial, key)
 
-    def _share(self, folder: Path, since: float) -> None:
-        from kit._io import atomic_write_json
-
+    def _own_window(self, since: float) -> dict[str, list[gf.Slot]]:
+        """This worker's slots inside the window (older ones dropped), per side, in time order."""
         with self._lock:
             for k in [k for k in self._buckets if k[1] < since]:
                 del self._buckets[k]
-            buckets = [{"side": side, "sec": sec, "n": c[0], "err": c[1], "hist": {str(b): n for b, n in c[2].items()}}
-                       for (side, sec), c in self._buckets.items()]
-        if not buckets and not (folder / f"{self.worker}.json").exists():
+            cells = sorted(self._buckets.items(), key=lambda kv: kv[0][1])
+            own: dict[str, list[gf.Slot]] = {side: [] for side in SIDES}
+            for (side, sec), (n, err, hist) in cells:
+                own[side].append((sec, n, err, tuple(sorted(hist.items()))))
+        return own
+
+    def _exchange(self, key: str, own: dict[str, list[gf.Slot]], now: float) -> list[Mapping[str, Any]]:
+        """Write this worker's file (when it has counts, or had a file), read and verify the others'."""
+        assert self._mac_key is not None
+        has_counts = any(own.values())
+        name = self.worker + ".json"
+        try:
+            with gf.open_key_folder(self.model_dir, key, create=has_counts) as fd:
+                if fd is None:
+                    return []
+                if has_counts or self._wrote:
+                    self._seq += 1
+                    gf.write_file(fd, name, gf.encode(self._mac_key, self.model, key, self.worker, self._seq, now,
+                                                      self._slot_s, own))
+                    self._wrote = True
+                others = self._read_others(fd, key, name, now)
+                if now - self._swept >= self.settings.window_s:
+                    self._sweep(fd, key, now)
+                return others
+        except gf.WindowFileRejected as exc:  # the folder itself: a link or not ours; judge on own counts
+            self._reject(f"guard/{key}", exc)
+            return []
+
+    def _read_others(self, fd: int, key: str, own_name: str, now: float) -> list[Mapping[str, Any]]:
+        assert self._mac_key is not None
+        names, skipped = gf.worker_files(fd, own_name, self._good)
+        windows: list[Mapping[str, Any]] = []
+        for name in names:
+            worker = name[:-5]
+            try:
+                data, _ = gf.read_file(fd, name)
+                wf = gf.decode(self._mac_key, self.model, key, worker, data, now)
+                if wf.seq < self._seen_seq.get(worker, 0):
+                    raise gf.WindowFileRejected("replay", f"{name} is older (seq {wf.seq}) than one already read "
+                                                          f"(seq {self._seen_seq[worker]}): put back, not counted")
+            except gf.WindowFileRejected as exc:
+                self._reject(name, exc)
+                continue
+            self._seen_seq[worker] = wf.seq
+            self._good.add(worker)
+            self.rejected.pop(name, None)
+            windows.append(wf.sides)
+        if len(names) >= gf.MAX_FILES:
+            self._reject(f"guard/{key}", gf.WindowFileRejected(
+                "folder", f"more than {gf.MAX_FILES} worker files ({skipped} other names): only "
+                          f"{gf.MAX_FILES} read, known workers first"))
+        return windows
+
+    def _sweep(self, fd: int, key: str, now: float) -> None:
+        """Remove dead workers' files (nothing in them is inside a window any more), here and in old keys."""
+        self._swept = now
+        cutoff = now - self.settings.window_s - 10 * self.settings.interval_s
+        gone = gf.sweep(fd, cutoff) + gf.sweep_old_keys(self.model_dir, key, cutoff)
+        if gone:
+            log.info("%s: canary guard swept %d stale window file(s) of workers that are gone", self.model, gone)
+
+    def _reject(self, name: str, exc: gf.WindowFileRejected) -> None:
+        """Ignore a file (or the folder): say so once per file and reason, count it, show it on /readyz."""
+        why = f"{exc.reason}: {exc}"
+        if self.rejected.get(name) == why:
             return
-        # never parents=True: with the shared registry unmounted that would recreate <registry>/<model> on the
-        # local disk under the mount point (the fleet's unreachable-registry test caught it); fail, and retry
-        folder.parent.mkdir(exist_ok=True)
-        folder.mkdir(exist_ok=True)
-        atomic_write_json(folder / f"{self.worker}.json", {"schema": 1, "worker": self.worker,
-                                                          "updated": time.time(), "buckets": buckets})
+        if len(self.rejected) < 20 or name in self.rejected:
+            self.rejected[name] = why
+        self.rejected_total += 1
+        log.warning("%s: canary guard ignored %s (not counted; the guard goes on): %s", self.model, name, why)
+        if self._gauges is not None:
+            self._gauges.rejected(exc.reason)
 
     def _act(self, verdict: Verdict, canary: int | None, prod: int | None, serial: int, key: str) -> Verdict | None:
         from kit.traffic import guard_stop
@@ -286,7 +373,7 @@ class CanaryGuard:
         assert canary is not None
         evidence = {**verdict.evidence, "reason": verdict.reason, "detail": verdict.detail, "canary_version": canary,
                     "production_version": prod, "aliases_serial": serial, "decided_by": self.worker}
-        change = guard_stop(self.registry, self.model, canary, serial, evidence)
+        change = guard_stop(self.registry, self.model, canary, serial, evidence, **self._signer(guard_stop))
         self.last_decision = {**evidence, "ended": change is not None, "ts": time.time()}
         if change is None:  # another worker (or a person) moved the aliases first
             log.info("%s: canary guard judged v%d worse (%s) but the canary had already moved", self.model, canary,
@@ -296,6 +383,14 @@ class CanaryGuard:
         if self._gauges is not None:
             self._gauges.decided(verdict.reason)
         return verdict
+
+    def _signer(self, move: Any) -> dict[str, Any]:
+        """``signer=`` the guard key, for a registry move that takes one (its authority is checked there)."""
+        import inspect
+
+        if self.key is None or "signer" not in inspect.signature(move).parameters:
+            return {}
+        return {"signer": self.key}
 
     def _healthy_step_due(self, now: float) -> bool:
         s, w = self.settings, self.window
@@ -314,7 +409,8 @@ class CanaryGuard:
         evidence.update(hold_s=self.settings.hold_s, window_s=self.settings.window_s, decided_by=self.worker,
                         from_weight=weight, to_weight=nxt / 100)
         try:
-            change = guard_step(self.registry, self.model, canary, serial, nxt / 100, evidence)
+            change = guard_step(self.registry, self.model, canary, serial, nxt / 100, evidence,
+                                **self._signer(guard_step))
         except Exception as exc:  # the gate refused the promotion (or the registry): say so, keep serving
             self.last_decision = {"step": "refused", "version": canary, "error": str(exc), "ts": time.time()}
             log.error("%s: canary guard could not promote v%d at 100%%: %s", self.model, canary, exc)
@@ -327,8 +423,10 @@ class CanaryGuard:
     def status(self) -> dict[str, Any]:
         """What /readyz shows under ``canary_guard``."""
         s = self.settings
-        return {"enabled": s.enabled, "key": self._key, "error": self.error, "window_s": s.window_s, "min_requests": s.min_requests,
-                "window": {side: st.describe() for side, st in self.window.items()},
+        return {"enabled": s.enabled, "key": self._key, "error": self.error or self._key_error, "window_s": s.window_s,
+                "min_requests": s.min_requests, "window": {side: st.describe() for side, st in self.window.items()},
+                "guard_key": self.key.key_id if self.key is not None else None,
+                "rejected_files": {"total": self.rejected_total, "now": dict(self.rejected)},
                 "last_decision": self.last_decision or self._recorded_decision()}
 
     def _recorded_decision(self) -> dict[str, Any] | None:
@@ -348,31 +446,6 @@ class CanaryGuard:
         return None
 
 
-def _forget(folder: Path, worker: str) -> None:
-    """Remove this worker's file of a finished key, and the folder once every worker has."""
-    try:
-        (folder / f"{worker}.json").unlink(missing_ok=True)
-        folder.rmdir()
-    except OSError:  # other workers' files are still there (they remove theirs when they move on)
-        pass
-
-
-def _read_all(folder: Path) -> list[dict[str, Any]]:
-    import json
-
-    docs = []
-    try:
-        paths = list(folder.glob("*.json"))
-    except OSError:
-        return []
-    for p in paths:
-        try:
-            docs.append(json.loads(p.read_bytes()))
-        except (OSError, ValueError):  # a file being replaced on a slow filesystem: next tick
-            continue
-    return docs
-
-
 class _GuardMetrics:
     def __init__(self, metrics: Any, model: str):
         from prometheus_client import Counter, Gauge
@@ -388,6 +461,9 @@ class _GuardMetrics:
                             ["model", "side"], registry=reg, **kw)
         self.p95 = Gauge("kit_canary_guard_p95_seconds", "p95 latency in the guard's window, all workers.",
                          ["model", "side"], registry=reg, **kw)
+        self.rejections = Counter("kit_canary_guard_rejected_files_total", "Window files (or folders) the guard "
+                                  "ignored: unauthenticated, oversized, not a regular file, malformed, replayed.",
+                                  ["model", "reason"], registry=reg)
 
     def window(self, stats: dict[str, SideStats]) -> None:
         for side, st in stats.items():
@@ -398,13 +474,25 @@ class _GuardMetrics:
     def decided(self, reason: str) -> None:
         self.decisions.labels(self.model, reason).inc()
 
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(self.model, reason).inc()
+
 
 def make_guard(settings: GuardSettings | None, registry: Any, model: str, slots: Any, metrics: Any,
-               start: bool = True) -> CanaryGuard | None:
-    """The worker's guard (started), or None when ``[canary_guard]`` is off."""
+               start: bool = True, service_dir: Path | None = None) -> CanaryGuard | None:
+    """The worker's guard (started), or None when ``[canary_guard]`` is off. The service's guard key is loaded
+    once per worker from ``service_dir`` (made there when missing)."""
+    from kit.guard_key import load_or_create_guard_key
+
     if settings is None or not settings.enabled:
         return None
-    guard = CanaryGuard(settings, registry, model, slots, metrics)
+    key, key_error = None, None
+    try:
+        key = load_or_create_guard_key(service_dir if service_dir is not None else Path("."))
+    except SigningKeyError as exc:  # judge on this worker's counts only, and say why on /readyz
+        key_error = f"no guard key, so this worker neither shares nor reads window files: {exc}"
+        log.error("%s: canary guard: %s", model, key_error)
+    guard = CanaryGuard(settings, registry, model, slots, metrics, key=key, key_error=key_error)
     if start:
         guard.start()
     return guard

@@ -42,7 +42,8 @@ class RequestHooks:
 def make_hooks(config: Any, registry: Any, slots: Any, metrics: Any, *, start: bool = True) -> RequestHooks:
     """The hooks of one worker from its :class:`kit.serving.config.ServiceConfig`."""
     return RequestHooks(
-        guard=make_guard(getattr(config, "canary_guard", None), registry, config.model, slots, metrics, start=start),
+        guard=make_guard(getattr(config, "canary_guard", None), registry, config.model, slots, metrics, start=start,
+                         service_dir=config.service_dir),  # the service's guard key (kit.guard_key)
         recorder=make_recorder(getattr(config, "capture", None), config.model, config.service_dir),
     )
 

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from kit.errors import ServiceError
+from kit.guard_key import load_or_create_guard_key
 from kit.registry import Registry
 from kit.serving.guard import (CanaryGuard, GuardSettings, SideStats, bucket_of, bucket_upper, decide, merge,
                                parse_guard_settings)
 from kit.serving.recorder import CaptureSettings, Recorder, parse_capture_settings
 from kit.signature import Signature, TensorSpec
+from kit.signing import SigningKey
 from kit.traffic import guard_stop, set_traffic
 from kit_testing import three_versions
 
@@ -56,10 +58,8 @@ def test_p95_of_a_mixed_histogram():
 
 
 def test_merge_sums_workers_inside_the_window():
-    docs = [{"buckets": [{"side": "canary", "sec": 100, "n": 3, "err": 1, "hist": {"5": 3}},
-                         {"side": "production", "sec": 90, "n": 7, "err": 0, "hist": {"5": 7}}]},
-            {"buckets": [{"side": "canary", "sec": 101, "n": 2, "err": 2, "hist": {"6": 2}},
-                         {"side": "bogus", "sec": 101, "n": 9, "err": 9, "hist": {}}]}]
+    docs = [{"canary": [(100, 3, 1, ((5, 3),))], "production": [(90, 7, 0, ((5, 7),))]},
+            {"canary": [(101, 2, 2, ((6, 2),))], "bogus": [(101, 9, 9, ())]}]
     m = merge(docs, since=95)
     assert (m["canary"].requests, m["canary"].errors, m["canary"].hist) == (5, 3, ((5, 3), (6, 2)))
     assert m["production"].requests == 0  # its bucket left the window
@@ -102,8 +102,15 @@ class _Slots:
                       a.canary_weight)
 
 
-def _guards(reg: Registry, n: int = 2) -> list[CanaryGuard]:
-    guards = [CanaryGuard(S, reg, "m", _Slots(reg, "m")) for _ in range(n)]
+def _key(reg: Registry) -> SigningKey:
+    """The guard key of the service these guards belong to (every worker holds the same one)."""
+    service = Path(reg.root).parent / "service"
+    service.mkdir(exist_ok=True)
+    return load_or_create_guard_key(service)
+
+
+def _guards(reg: Registry, n: int = 2, settings: GuardSettings = S) -> list[CanaryGuard]:
+    guards = [CanaryGuard(settings, reg, "m", _Slots(reg, "m"), key=_key(reg)) for _ in range(n)]
     for i, g in enumerate(guards):
         g.worker = f"host-{i}"  # two workers of one test process
     return guards
@@ -207,7 +214,7 @@ def test_progressive_steps_raise_a_healthy_canary_then_promote_through_the_gate(
 
     reg = three_versions(Registry(tmp_path / "reg", user="alice"), gated=(1, 2))  # v3 has no gate
     steps = dataclasses.replace(S, steps=(25.0, 50.0, 100.0), hold_s=0.0)
-    g = CanaryGuard(steps, reg, "m", _Slots(reg, "m"))
+    (g,) = _guards(reg, 1, steps)
 
     def healthy_round() -> Any:
         g.tick()  # learn the key
