@@ -18,15 +18,17 @@ included, before extracting it. See docs/security.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
-from kit._io import atomic_write_bytes, sha256_file
-from kit.errors import PackError
+from kit._io import atomic_write_bytes, read_capped, sha256_file
+from kit.errors import PackError, SignatureError
 from kit.pack._tar import TarMember
-from kit.signing import SigningKey
+from kit.signing import SigningKey, Trust
 
 SUMS = "kit-pack.sha256"
 SUMS_SIG = "kit-pack.sha256.sig"
@@ -110,6 +112,31 @@ def sign_archive(archive: Path, signer: SigningKey | None) -> None:
         atomic_write_bytes(sig, signer.sign(line))
     else:
         sig.unlink(missing_ok=True)
+
+
+def check_archive(archive: Path, f: BinaryIO, trust: Trust) -> str:
+    """What the ship steps check, in Python: ``<archive>.sha256`` signed (raw Ed25519, its bytes read once)
+    by a key in ``trust``, naming this archive, and the sha256 of the open archive ``f`` (read to its end;
+    the caller seeks back and extracts from the same open file). Returns the key id."""
+    fix = (f"Do not extract it: get {archive.name} and the two files beside it again from where it was packed, "
+           "or trust the packer's key (`kit keys show` there).")
+    try:
+        line = read_capped(archive.with_name(archive.name + ".sha256"), 4096)
+        sig = read_capped(archive.with_name(archive.name + ".sha256.sig"), 4096)
+    except (OSError, ValueError) as exc:
+        raise SignatureError(f"{archive.name} cannot be checked before extracting: {exc}. {fix}", key_id=None) from exc
+    key_id = next((k.key_id for k in trust.keys if len(sig) == 64 and k.verify(sig, line)), None)
+    if key_id is None:
+        raise SignatureError(f"{archive.name}.sha256 is not signed by a trusted key (trusted: "
+                             f"{', '.join(trust.key_ids) or 'none'}). {fix}", key_id=None)
+    want, _, name = line.decode("utf-8", "replace").rstrip("\n").partition("  ")
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    if name != archive.name or h.hexdigest() != want:
+        raise PackError(f"{archive} is not the archive its signed {archive.name}.sha256 names ({name}, sha256 "
+                        f"{want[:16]}..., this file {h.hexdigest()[:16]}...): it was changed after packing. {fix}")
+    return key_id
 
 
 def ship_steps(archive_name: str, root: str, trust: str = SERVER_TRUST) -> list[str]:

@@ -22,11 +22,13 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kit._proc import free_port, stop_group, tail, wait_http
 from kit.errors import PackError
+from kit.pack.integrity import check_archive
 from kit.pack.runtime import MANIFEST
+from kit.signing import Trust
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +51,20 @@ class VerifyReport:
         return asdict(self)
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """Extract ``archive`` into ``dest`` and return the folder it holds."""
+def extract(archive: Path, dest: Path, fileobj: BinaryIO | None = None) -> Path:
+    """Extract ``archive`` (read from ``fileobj`` when given: the open file that was checked) into ``dest``
+    and return the folder it holds."""
     dest.mkdir(parents=True, exist_ok=True)
     tar = shutil.which("tar")
     if tar:
-        res = subprocess.run([tar, "-xzf", str(archive), "-C", str(dest)], capture_output=True, text=True,
-                             check=False)
+        src = str(archive) if fileobj is None else "-"
+        res = subprocess.run([tar, "-xzf", src, "-C", str(dest)], capture_output=True, stdin=fileobj, check=False)
         if res.returncode != 0:
-            raise PackError(f"Extracting {archive} failed: {res.stderr.strip()[-500:]}")
+            raise PackError(f"Extracting {archive} failed: {res.stderr.decode(errors='replace').strip()[-500:]}")
     else:  # pragma: no cover - every supported server has tar
         import tarfile
 
-        with tarfile.open(archive, "r:gz") as tf:
+        with tarfile.open(archive, "r:gz", fileobj=fileobj) as tf:
             tf.extractall(dest, filter="fully_trusted")  # our own archive: absolute venv links are expected
     roots = [p for p in dest.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
     if len(roots) != 1:
@@ -142,8 +145,9 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
                    progress: Callable[[str], None] | None = None, trusted_keys: Sequence[str] = ()) -> VerifyReport:
     """Unpack ``archive`` into a temporary folder, serve it, check /readyz and the stored example, stop.
 
-    ``trusted_keys`` (``ed25519:...``): run.sh gets them as ``KIT_TRUST``, so the archive's signature is
-    checked as on a server that trusts them.
+    ``trusted_keys`` (``ed25519:...``): the archive's ``.sha256.sig`` must verify with one of them before
+    anything is extracted (what the ship steps do with openssl), and run.sh gets them as ``KIT_TRUST``, so
+    the file list's signature is checked as on a server that trusts them.
     """
     archive = Path(archive).absolute()
     if not archive.is_file():
@@ -158,8 +162,13 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
     try:
         tmp = Path(tmp_ctx.name)
         t = time.monotonic()
-        say(f"extracting {archive.name} into {tmp}")
-        root = extract(archive, tmp / "unpacked")
+        with open(archive, "rb") as f:
+            if trusted_keys:
+                by = check_archive(archive, f, Trust.from_texts(trusted_keys))
+                say(f"{archive.name} is signed by a trusted key ({by}) and matches its signed sha256")
+                f.seek(0)
+            say(f"extracting {archive.name} into {tmp}")
+            root = extract(archive, tmp / "unpacked", fileobj=f)
         unpack_s = time.monotonic() - t
         manifest = json.loads((root / MANIFEST).read_text())
         (model, m), = manifest["models"].items()

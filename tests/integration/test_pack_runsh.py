@@ -384,3 +384,32 @@ def test_the_printed_ship_steps_refuse_a_changed_archive_before_extracting_it(tm
 def test_kit_pack_prints_no_ship_steps_for_an_unsigned_archive():
     text = integrity.ship_text(Path("dist") / f"{STEM}.tar.gz", STEM, None)
     assert "not signed" in text and "openssl" not in text
+
+
+def test_kit_pack_verify_checks_the_archive_signature_before_extracting(tmp_path, packer):
+    """`kit pack --verify` (verify_archive) from a trusted install: the same check as the ship steps, in
+    Python, on the open file that is then extracted."""
+    from kit.errors import PackError, SignatureError
+    from kit.pack.verify import extract
+    from kit.signing import Trust
+
+    key, _trust = packer
+    archive = tar_up(make_archive(tmp_path / "build", signer=key), tmp_path / "dist", key)
+    trust = Trust.from_texts([key.public.text()])
+    with open(archive, "rb") as f:
+        assert integrity.check_archive(archive, f, trust) == key.key_id
+        f.seek(0)
+        root = extract(archive, tmp_path / "out", fileobj=f)
+    assert (root / "run.sh").is_file() and root.name == STEM
+
+    other = Trust.from_texts([KeyStore(tmp_path / "other").new().public.text()])
+    with open(archive, "rb") as f, pytest.raises(SignatureError, match="not signed by a trusted key"):
+        integrity.check_archive(archive, f, other)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 1
+    archive.write_bytes(bytes(data))
+    with open(archive, "rb") as f, pytest.raises(PackError, match="changed after packing. Do not extract it"):
+        integrity.check_archive(archive, f, trust)
+    Path(str(archive) + ".sha256.sig").unlink()
+    with open(archive, "rb") as f, pytest.raises(SignatureError, match="cannot be checked before extracting"):
+        integrity.check_archive(archive, f, trust)
