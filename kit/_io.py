@@ -1,10 +1,11 @@
-"""Atomic file writes and hashing. Every write Kit makes goes through here."""
+"""Atomic file writes, hashing, and reading untrusted files once. Every write Kit makes goes through here."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,56 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file here (0666 less the umask)."""
+    return _FILE_MODE
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_capped(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, read once through one open file; ``ValueError`` when it is not a regular
+    file (a FIFO or a device would block or never end) or holds more than ``max_bytes``.
+
+    For files others can write (the registry): the caller verifies and parses exactly these bytes.
+    """
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is over {max_bytes} bytes")
+    return data
+
+
+def copy_hashed(src: Path, dst: Path, max_bytes: int, mode: int = 0o600) -> tuple[str, int]:
+    """Copy the regular file ``src`` to a new file ``dst`` (``mode``, fsync'd), hashing the bytes as they are
+    copied; returns (sha256, size). One read of ``src``: what the digest names is what ``dst`` holds,
+    whatever happens to ``src`` meanwhile. ``ValueError`` when ``src`` is not a regular file or grows
+    past ``max_bytes``."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ValueError(f"{src} is not a regular file")
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"{src} is over {max_bytes} bytes")
+                h.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    return h.hexdigest(), size
 
 
 def fsync_dir(path: Path) -> None:

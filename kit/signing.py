@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit._io import atomic_write_bytes, atomic_write_json
+from kit._io import atomic_write_bytes, atomic_write_json, read_capped
 from kit.errors import SignatureError, SigningKeyError
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,12 @@ def signature_record(data: bytes, key: SigningKey, file_name: str) -> dict[str, 
             "signature": base64.b64encode(key.sign(data)).decode()}
 
 
-def sign_file(path: Path, key: SigningKey) -> Path:
-    """Write ``<path>.sig`` (atomically) holding ``key``'s signature of ``path``'s bytes."""
+def sign_file(path: Path, key: SigningKey, *, data: bytes | None = None) -> Path:
+    """Write ``<path>.sig`` (atomically) holding ``key``'s signature of ``path``'s bytes, or of ``data``
+    (the bytes the caller checked and wrote: what is signed is what was checked, even if ``path`` changed)."""
     path = Path(path)
     out = sig_path(path)
-    atomic_write_json(out, signature_record(path.read_bytes(), key, path.name))
+    atomic_write_json(out, signature_record(path.read_bytes() if data is None else data, key, path.name))
     return out
 
 
@@ -186,21 +187,43 @@ def verify_bytes(data: bytes, sig_file: Path, trust: Trust, what: str, fix: str)
     Raises :class:`SignatureError` naming ``what``, the key id and ``fix`` (the next step) when the
     signature is missing, unreadable, by an untrusted key, or does not match.
     """
-    trusted = ", ".join(trust.key_ids) or "none"
     try:
-        rec = json.loads(Path(sig_file).read_text())
+        sig_data = read_signature(sig_file)
     except FileNotFoundError as exc:
         raise SignatureError(f"{what} is not signed ({Path(sig_file).name} is missing); "
-                             f"trusted keys: {trusted}. {fix}", key_id=None) from exc
-    except (OSError, ValueError) as exc:
+                             f"trusted keys: {', '.join(trust.key_ids) or 'none'}. {fix}", key_id=None) from exc
+    except (OSError, ValueError) as exc:  # unreadable, not a regular file, or over the size cap
         raise SignatureError(f"{what}: the signature {sig_file} is unreadable ({exc}). {fix}", key_id=None) from exc
+    return verify_signature(data, sig_data, trust, what, fix, where=str(sig_file))
+
+
+_MAX_SIG_BYTES = 64 << 10  # a signature record is ~250 bytes
+
+
+def read_signature(sig_file: Path) -> bytes:
+    """The bytes of a ``.sig`` file, read once and size-capped (``FileNotFoundError`` when absent,
+    ``ValueError`` when over the cap or not a regular file)."""
+    return read_capped(Path(sig_file), _MAX_SIG_BYTES)
+
+
+def verify_signature(data: bytes, sig_data: bytes, trust: Trust, what: str, fix: str, *, where: str) -> str:
+    """Check the signature record ``sig_data`` (a ``.sig`` file's bytes, read by the caller) signs ``data``
+    with a trusted key; returns the key id. ``where`` names the signature file in messages.
+
+    Callers that must use exactly what was verified read both files once and pass the bytes here.
+    """
+    trusted = ", ".join(trust.key_ids) or "none"
+    try:
+        rec = json.loads(sig_data)
+    except ValueError as exc:
+        raise SignatureError(f"{what}: the signature {where} is unreadable ({exc}). {fix}", key_id=None) from exc
     try:
         key_id = str(rec["key_id"])
         sig = base64.b64decode(str(rec["signature"]), validate=True)
         if rec.get("alg") != ALG:
             raise ValueError(f"algorithm {rec.get('alg')!r}")
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-        raise SignatureError(f"{what}: the signature {sig_file} is malformed ({exc}). {fix}", key_id=None) from exc
+        raise SignatureError(f"{what}: the signature {where} is malformed ({exc}). {fix}", key_id=None) from exc
     pub = trust.get(key_id)
     if pub is None:
         raise SignatureError(f"{what} is signed by key {key_id}, which is not trusted here (trusted keys: "

@@ -12,14 +12,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kit._io import sha256_file
+from kit._io import atomic_write_bytes, sha256_file
 from kit.errors import IntegrityError, KitError, ServingError, SignatureError, UnsafeArtifactError
 from kit.gate import evidence as gate_evidence
-from kit.registry.loaded import LoadedModel
+from kit.registry.loaded import LoadedModel, VerifiedVersion
+from kit.registry.cache import safe_file_name
 from kit.registry.names import validate_version
 from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
-from kit.registry.store import Store
-from kit.signing import sig_path, sign_file, verify_bytes, verify_file
+from kit.registry.store import Store, check_place
+from kit.signing import sig_path, sign_file, verify_bytes
 from kit.version_files import (EXAMPLE_FILE, MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE, check_backend,
                                load_example_arrays)
 
@@ -41,16 +42,19 @@ class CheckedStore(Store):
 
     def _verify_one(self, name: str, version: int) -> VerifyResult:
         ref = f"{name}@{version}"
-        try:
-            mv = self._read_version(name, version)
-        except KitError as exc:
-            return VerifyResult(ref, False, (str(exc),))
         problems = []
         signed_by = None
         try:
-            signed_by = self.check_signature(mv)
-        except SignatureError as exc:
+            vv = self.verified(name, version)
+            mv, signed_by = vv.version, vv.signed_by
+        except SignatureError as exc:  # still list the files' problems, from meta.json as it reads now
             problems.append(str(exc))
+            try:
+                mv = self._read_version(name, version)
+            except KitError as exc2:
+                return VerifyResult(ref, False, (*problems, str(exc2)))
+        except KitError as exc:
+            return VerifyResult(ref, False, (str(exc),))
         problems += file_problems(mv)
         return VerifyResult(ref, not problems, tuple(problems), signed_by)
 
@@ -58,31 +62,52 @@ class CheckedStore(Store):
         """The :class:`kit.signing.Trust` reads check against; None when this registry checks no signatures."""
         return self.keyring.trust() if self.keyring is not None else None
 
-    def check_signature(self, mv: ModelVersion) -> str | None:
-        """The key id whose signature of ``meta.json`` verifies; None when this registry has no keyring.
+    def verified(self, name: str, ref: int | str | None = None) -> VerifiedVersion:
+        """A version read for use: meta.json's bytes read once (size-capped), their signature checked
+        against this registry's trust (with a keyring), the ModelVersion parsed from those same bytes, and
+        its ``name``/``version`` compared with the folder it sits in.
 
         Raises :class:`SignatureError` (naming the key and the fix) for an unsigned version, a key not
-        trusted here, or a ``meta.json`` changed after it was signed.
+        trusted here, or a ``meta.json`` changed after it was signed; :class:`IntegrityError` for a
+        meta.json signed for another place (a copied version).
         """
+        version = self._resolve_number(name, ref)
+        data = self._meta_bytes(name, version)
+        signed_by = None
         trust = self.trust()
-        if trust is None:
-            return None
-        fix = (f"Do not serve it: restore {mv.ref} from a copy you trust or register the model again. If "
-               f"you hold the key and its files are yours, re-sign it with `kit keys sign {mv.ref}`; if "
-               "another trusted key signed it, add that key's public key to the trusted keys (service.toml "
-               "[trust] public_keys, kit.toml trusted_keys).")
-        return verify_file(mv.path / "meta.json", trust, f"{mv.ref} (its meta.json)", fix)
+        if trust is not None:
+            r = f"{name}@{version}"
+            fix = (f"Do not serve it: restore {r} from a copy you trust or register the model again. If "
+                   f"you hold the key and its files are yours, re-sign it with `kit keys sign {r}`; if "
+                   "another trusted key signed it, add that key's public key to the trusted keys (service.toml "
+                   "[trust] public_keys, kit.toml trusted_keys).")
+            meta_path = self.version_dir(name, version) / "meta.json"
+            signed_by = verify_bytes(data, sig_path(meta_path), trust, f"{r} (its meta.json)", fix)
+        return VerifiedVersion(self._parse_meta(name, version, data, bound=True), signed_by, data)
+
+    def check_signature(self, mv: ModelVersion) -> str | None:
+        """The key id whose signature of ``mv``'s meta.json verifies (None when this registry has no
+        keyring), read once by :meth:`verified`; ``IntegrityError`` when what verifies is not ``mv``."""
+        return self._verified_as(mv).signed_by
+
+    def _verified_as(self, mv: ModelVersion) -> VerifiedVersion:
+        vv = self.verified(mv.name, mv.version)
+        if vv.version.artifact_sha256 != mv.artifact_sha256 or vv.version.files != mv.files:
+            raise IntegrityError(f"{mv.ref}'s meta.json changed since it was read (artifact {mv.short_sha} then, "
+                                 f"{vv.version.short_sha} now). Read it again and retry; if it keeps changing, "
+                                 "someone is rewriting the registry: restore it from a copy you trust.")
+        return vv
 
     def check_integrity(self, mv: ModelVersion) -> str | None:
         """Signature of meta.json, then every file's sha256; returns the verified key id (or None)."""
-        signed_by = self.check_signature(mv)
-        problems = file_problems(mv)
+        vv = self._verified_as(mv)
+        problems = file_problems(vv.version)
         if problems:
             raise IntegrityError(
                 f"{mv.ref} failed verification: {'; '.join(problems)}. The files were changed after "
                 "registration; restore them or register the model again."
             )
-        return signed_by
+        return vv.signed_by
 
     def sign_version(self, name: str, version: int) -> str:
         """Sign an existing version's meta.json (after checking every file's sha256); returns the key id.
@@ -92,21 +117,31 @@ class CheckedStore(Store):
         if self.keyring is None or not self.keyring.can_sign():
             raise SignatureError(f"This registry has no signing key; sign {name}@{version} where your key is "
                                  "(`kit keys list`).")
-        mv = self.get(name, version)
+        version = self._resolve_number(name, version)
+        data = self._meta_bytes(name, version)  # checked, completed and signed from this one read
+        mv = self._parse_meta(name, version, data)
         problems = file_problems(mv)
         if problems:
             raise IntegrityError(f"Refusing to sign {mv.ref}: {'; '.join(problems)}.")
+        meta = json.loads(data)
+        if "name" not in meta or "version" not in meta:  # bind it to its place (older hand-made versions)
+            meta.update(name=name, version=version)
+            data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        check_place(meta, name, version, mv.path / "meta.json")  # never re-sign a copy for a new place
         key = self.keyring.signer()
         with self.lock(name):
-            sign_file(mv.path / "meta.json", key)
+            if data != self._meta_bytes(name, version):
+                atomic_write_bytes(mv.path / "meta.json", data)
+            sign_file(mv.path / "meta.json", key, data=data)
             self._event(name, "sign", version=mv.version, key_id=key.key_id,
                         artifact_sha256=mv.artifact_sha256)
         return key.key_id
 
     def load(self, name: str, ref: int | str | None = None, *, backend: str = "torch", check_env: bool = True,
              max_artifact_bytes: int | None = None, threads: int = 0, device: str = "cpu") -> LoadedModel:
-        """Load a version for inference, after verifying its signature, every file's sha256 (and the
-        environment, for ``backend``).
+        """Load a version for inference: meta.json verified from one read (:meth:`verified`), the
+        environment checked for ``backend``, every file copied into the local verified cache while hashed
+        (:mod:`kit.registry.cache`), then mapped and parsed from the cache, never from the registry.
 
         ``backend="torch"``: the exported program (tensors in and out). ``backend="onnxruntime"``: an
         onnxruntime session over ``model.onnx`` (numpy in, a tuple of numpy out; torch is never imported),
@@ -118,14 +153,8 @@ class CheckedStore(Store):
         from kit.signature import Signature
 
         check_backend(backend)
-        mv = self.get(name, ref)
-        signed_by = self.check_signature(mv)  # SignatureError first: it names the key and the fix
-        problems = file_problems(mv)
-        if problems:
-            raise IntegrityError(
-                f"Refusing to load {mv.ref}: {'; '.join(problems)}. The files were changed after "
-                f"registration; restore them or register the model again."
-            )
+        vv = self.verified(name, ref)  # SignatureError first: it names the key and the fix
+        mv = vv.version
         if backend == "onnxruntime":
             require_onnx(mv)
         drift = None
@@ -133,28 +162,30 @@ class CheckedStore(Store):
             drift = diff(Fingerprint.from_dict(mv.env), fingerprint(), backend=backend)
             drift.raise_for_errors(f"This environment (for {mv.ref} on backend {backend})")
         limits = limits_for(max_artifact_bytes)
+        # every file copied into the private cache while hashed (one read), then mapped and parsed from there
+        files = self.cache.materialize(vv, limits.max_bytes)
         signature = Signature.from_dict(mv.signature)
         if backend == "onnxruntime":
             from kit.ort import load_onnx
 
-            module = load_onnx(mv.path / ONNX_FILE, signature, limits, threads=threads, device=device)
-            ins, outs = load_example_arrays(mv.path / EXAMPLE_FILE, limits)
-            return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, backend)
-        return self._load_torch(mv, signature, limits, drift, signed_by, device)
+            module = load_onnx(files / ONNX_FILE, signature, limits, threads=threads, device=device)
+            ins, outs = load_example_arrays(files / EXAMPLE_FILE, limits)
+            return LoadedModel(mv, module, signature, ins, outs, drift, vv.signed_by, backend, files)
+        return self._load_torch(mv, files, signature, limits, drift, vv.signed_by, device)
 
     @staticmethod
-    def _load_torch(mv: ModelVersion, signature: Any, limits: Any, drift: Any, signed_by: str | None,
-                    device: str) -> LoadedModel:
+    def _load_torch(mv: ModelVersion, files: Path, signature: Any, limits: Any, drift: Any,
+                    signed_by: str | None, device: str) -> LoadedModel:
         from kit.capture import load_examples, load_program
 
-        module = load_program(mv.path / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
+        module = load_program(files / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
         name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
         if callable(name_dims):
             name_dims(signature)
-        ins, outs = load_examples(mv.path / EXAMPLE_FILE, limits)
+        ins, outs = load_examples(files / EXAMPLE_FILE, limits)
         if device != "cpu":  # the module and the stored example together, so check_reference runs there
             module, ins = module.to(device), tuple(t.to(device) for t in ins)
-        return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch")
+        return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch", files)
 
     # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
     def gate_root(self, name: str, version: int) -> Path:
@@ -223,10 +254,12 @@ def require_onnx(mv: ModelVersion) -> None:
 
 
 def file_problems(mv: ModelVersion) -> list[str]:
-    """Every file's sha256 against meta.json (accidents; the signature of meta.json covers attackers)."""
+    """Every file's sha256 against meta.json (accidents; the signature of meta.json covers attackers).
+
+    A check only: nothing is used from these reads (loads hash what they copy into the cache)."""
     problems = []
     for fname, expected in sorted(mv.files.items()):
-        if "/" in fname or fname.startswith("."):
+        if not safe_file_name(fname):
             problems.append(f"{fname}: unsafe file name in meta.json")
             continue
         p = mv.path / fname

@@ -1,4 +1,6 @@
-"""A verified version, loaded for inference: the module, its signature, and its stored reference example.
+"""A verified version (meta.json read once, its signature checked over those bytes, parsed from them, bound
+to its place) and a verified version loaded for inference: the module, its signature, and its stored
+reference example.
 
 With backend ``"torch"`` the module is the exported program (tensors in and out); with backend
 ``"onnxruntime"`` it is :class:`kit.ort.OrtModule` (numpy arrays in, a tuple of numpy arrays out, in
@@ -7,11 +9,28 @@ signature output order) and the example and reference are numpy arrays: that pat
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kit.errors import IntegrityError
 from kit.registry.records import ModelVersion
+
+
+@dataclass(frozen=True)
+class VerifiedVersion:
+    """What :meth:`kit.registry.integrity.CheckedStore.verified` returns: the ModelVersion parsed from
+    ``meta`` (the bytes whose signature verified, by ``signed_by``; None when the registry checks no
+    signatures), whose ``name`` and ``version`` are those of the folder it was read from."""
+
+    version: ModelVersion
+    signed_by: str | None
+    meta: bytes
+
+    @property
+    def meta_sha256(self) -> str:
+        return hashlib.sha256(self.meta).hexdigest()
 
 
 @dataclass
@@ -26,6 +45,7 @@ class LoadedModel:
     drift: Any = None
     signed_by: str | None = None  # the trusted key whose signature of meta.json verified at load
     backend: str = "torch"  # "torch" | "onnxruntime"
+    files_dir: Path | None = None  # where the loaded bytes were read: the verified cache entry
 
     def _mismatch_cause(self) -> str:
         if self.signed_by:

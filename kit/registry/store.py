@@ -28,9 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from kit._io import append_line, atomic_write_json, fsync_dir, sha256_file
+from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped
 from kit._proc import pid_alive
-from kit.errors import KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
+from kit.errors import (IntegrityError, KitError, ModelNotFoundError, RegistryCorruptError,
+                        VersionNotFoundError)
+from kit.registry.cache import VersionCache, default_cache_dir
 from kit.registry.lineage import detect_source
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
 from kit.registry.movelog import MoveLog, move_event
@@ -41,6 +43,7 @@ from kit.signing import Keyring, sign_file
 log = logging.getLogger(__name__)
 
 _LOCK_TIMEOUT = 60.0
+MAX_META_BYTES = 4 << 20  # meta.json is ~30 KB (the environment's package list); a bigger one is refused
 
 
 class Store:
@@ -51,10 +54,12 @@ class Store:
     """
 
     def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None,
-                 keyring: Keyring | None = None):
+                 keyring: Keyring | None = None, cache_dir: Path | str | None = None):
         """``keyring`` signs what this registry writes (meta.json, gate results) and is the trust every
-        read checks signatures against. None: nothing is signed or signature-checked (sha256 only)."""
+        read checks signatures against. None: nothing is signed or signature-checked (sha256 only).
+        ``cache_dir``: the local verified cache loads read from (default: ``default_cache_dir()``)."""
         self.root = Path(root).resolve()
+        self.cache = VersionCache(cache_dir if cache_dir is not None else default_cache_dir())
         self.require_gate = require_gate
         self.user = user or "unknown"
         self.keyring = keyring
@@ -121,17 +126,39 @@ class Store:
         return [self._read_version(name, v) for v in self._version_numbers(name)]
 
     def _read_version(self, name: str, version: int) -> ModelVersion:
+        """A version's meta.json, parsed without any check of its signature or its place: for listing
+        (``kit models``) only. What is loaded, gated, promoted or packed is read through
+        :meth:`kit.registry.integrity.CheckedStore.verified`, which verifies the same bytes it parses."""
+        return self._parse_meta(name, version, self._meta_bytes(name, version))
+
+    def _meta_bytes(self, name: str, version: int) -> bytes:
+        """meta.json's bytes, read once (size-capped: anyone who can write the registry can write it)."""
+        meta_path = self.version_dir(name, version) / "meta.json"
+        try:
+            return read_capped(meta_path, MAX_META_BYTES)
+        except FileNotFoundError as exc:
+            raise VersionNotFoundError(self._no_version_msg(name, version)) from exc
+        except (OSError, ValueError) as exc:
+            raise RegistryCorruptError(f"{meta_path} is unreadable ({exc}). The version was altered after it was "
+                                       f"written; run `kit verify {name}` and re-register the model.") from exc
+
+    def _parse_meta(self, name: str, version: int, data: bytes, *, bound: bool = False) -> ModelVersion:
+        """The ModelVersion in meta.json's ``data`` (the caller's one read), at ``name``/versions/``version``.
+
+        ``bound``: refuse (``IntegrityError``) a meta.json whose own ``name`` and ``version`` are not where
+        it sits, e.g. a signed version copied under another model name or number (a replay).
+        """
         path = self.version_dir(name, version)
         meta_path = path / "meta.json"
         try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError as exc:
-            raise VersionNotFoundError(self._no_version_msg(name, version)) from exc
+            meta = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RegistryCorruptError(
                 f"{meta_path} is not valid JSON ({exc}). The version was altered after it was written; "
                 "run `kit verify` and re-register the model."
             ) from exc
+        if bound:
+            check_place(meta, name, version, meta_path)
         try:
             return ModelVersion(
                 name=name, version=version, path=path, created=meta["created"],
@@ -139,7 +166,7 @@ class Store:
                 signature=meta["signature"], env=meta["env"], source=meta.get("source", {}),
                 metrics=meta.get("metrics", {}), tags=meta.get("tags", {}), capture=meta.get("capture", {}),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise RegistryCorruptError(f"{meta_path} lacks field {exc}. Run `kit verify {name}`.") from exc
 
     def _no_version_msg(self, name: str, version: int) -> str:
@@ -148,10 +175,15 @@ class Store:
         return f"Model {name!r} has no version {version} (have {span}). Run `kit models {name}`."
 
     def get(self, name: str, ref: int | str | None = None) -> ModelVersion:
-        """A version by number, by alias (``production``, ``canary``) or ``latest``.
+        """A version by number, by alias (``production``, ``canary``) or ``latest``, for listing and
+        display (its signature is not checked: :meth:`CheckedStore.verified` is what loads use).
 
         ``ref=None`` means production when set, else the latest version.
         """
+        return self._read_version(name, self._resolve_number(name, ref))
+
+    def _resolve_number(self, name: str, ref: int | str | None) -> int:
+        """The version number ``ref`` names (see :meth:`get`)."""
         self._require_model(name)
         if ref is None:
             ref = "production" if self.aliases(name).production else "latest"
@@ -159,7 +191,7 @@ class Store:
             nums = self._version_numbers(name)
             if not nums:
                 raise VersionNotFoundError(f"Model {name!r} has no versions yet.")
-            return self._read_version(name, nums[-1])
+            return nums[-1]
         if ref in ALIASES:
             a = self.aliases(name)
             v = a.production if ref == "production" else a.canary
@@ -169,11 +201,11 @@ class Store:
                     + ("Start a canary first." if ref == "canary" else "Promote a version first."),
                     remedy="start_canary" if ref == "canary" else "promote", subject=name,
                 )
-            return self._read_version(name, v)
+            return v
         version = validate_version(ref)
         if version not in self._version_numbers(name):
             raise VersionNotFoundError(self._no_version_msg(name, version))
-        return self._read_version(name, version)
+        return version
 
     def resolve(self, ref: str) -> ModelVersion:
         """``"name@ref"`` -> the version."""
@@ -257,7 +289,9 @@ class Store:
         tmp = model_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            meta = _new_meta(name, model, _save_synced(model, tmp), metrics=metrics, tags=tags, source=source,
+            with self.cache.private_dir() as private:
+                files = _save_synced(model, tmp, private)
+            meta = _new_meta(name, model, files, metrics=metrics, tags=tags, source=source,
                              project_root=project_root)
             _check_json(meta, "metrics/tags/source")
             signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
@@ -273,10 +307,11 @@ class Store:
         """Number, write (and sign) meta.json and rename ``tmp`` into place; callers hold the model lock."""
         nums = self._version_numbers(name)
         version = (nums[-1] + 1) if nums else 1
-        meta["version"] = version
-        atomic_write_json(tmp / "meta.json", meta)
+        meta["version"] = version  # with meta["name"]: every verified read checks it sits at name@version
+        data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(tmp / "meta.json", data)
         if signer is not None:  # meta.json binds every file's sha256: its signature binds the version
-            sign_file(tmp / "meta.json", signer)
+            sign_file(tmp / "meta.json", signer, data=data)  # the bytes built here, whatever tmp holds now
         fsync_dir(tmp)
         final = self.version_dir(name, version)
         os.rename(tmp, final)  # atomic: the version appears whole or not at all
@@ -307,14 +342,30 @@ class Store:
             return self._event(name, event, **fields)
 
 
-def _save_synced(model: Any, folder: Path) -> dict[str, str]:
-    """``model.save(folder)``, every file fsync'd; file name -> sha256."""
-    written = model.save(folder)
-    files = {p.name: sha256_file(p) for p in written}
-    for p in written:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    return files
+def check_place(meta: Any, name: str, version: int, meta_path: Path) -> None:
+    """``IntegrityError`` unless the (signed) meta.json names the model and version folder it sits in."""
+    ref = f"{name}@{version}"
+    if not isinstance(meta, dict) or "name" not in meta or "version" not in meta:
+        raise IntegrityError(
+            f"{meta_path} does not name its model and version, so its signature does not bind it to {ref}. If "
+            f"the version is yours, re-sign it where your key is (`kit keys sign {ref}` adds them), else "
+            "register the model again.")
+    if meta["name"] != name or type(meta["version"]) is not int or meta["version"] != version:
+        raise IntegrityError(
+            f"{meta_path} was signed for {meta['name']}@{meta['version']} but sits at {ref}: a version copied "
+            f"to another place is refused. Load {meta['name']}@{meta['version']} where it was registered, "
+            f"or register the model again as {name}.")
+
+
+def _save_synced(model: Any, folder: Path, private: Path) -> dict[str, str]:
+    """``model.save`` into ``private`` (a folder only this user can write), then each file copied into the
+    registry's ``folder`` while hashed (fsync'd); file name -> sha256 of exactly the bytes written there
+    from the private copy. Hashing files in the registry folder itself would let a writer there swap one
+    between the save and the hash, and have the key holder sign the writer's bytes."""
+    from kit.artifacts import DEFAULT_MAX_ARTIFACT_BYTES
+
+    written = model.save(private)
+    return {p.name: copy_hashed(p, folder / p.name, 4 * DEFAULT_MAX_ARTIFACT_BYTES, file_mode())[0] for p in written}
 
 
 def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[str, Any] | None,

@@ -1,0 +1,276 @@
+"""A local verified cache of registered versions: what loads map and parse, instead of the registry's files.
+
+The registry's folder is untrusted storage (``docs/security.md``): anyone who can write it can swap a file
+between the moment Kit hashes it and the moment torch maps it, truncate a file a worker has mapped
+(SIGBUS), or delete a version a service still needs. So a load copies each file of a verified version
+(:class:`kit.registry.loaded.VerifiedVersion`) into a private folder, hashing the bytes as it copies them
+(one read), compares each digest with the verified meta.json, and publishes the folder atomically::
+
+    <cache>/<artifact_sha256>-<meta_sha256[:16]>/   model.pt2, example.npz, [model.onnx, model.onnx.data],
+                                                    meta.json (the verified bytes), .sealed (written last)
+
+Files are 0400, folders 0700, all owned by the user that runs the load. The folder is named by the
+artifact digest and by the digest of the meta.json that was verified, so a re-signed or re-registered
+version never shares an entry it did not check. From then on the registry can change or vanish under a
+served version without effect.
+
+An entry found already there is trusted when it is ours: a folder (not a link) owned by this user, mode
+0700, in a cache root owned by this user and not writable by others, with a ``.sealed`` record (written
+last, before the atomic rename) naming exactly the verified files and their sha256, and every file's size
+and mtime as sealed. Re-hashing is not repeated on a hit: only this user (or root) can write the entry,
+and whoever runs as this user can already change the service's own code; the stamp catches accidents (a
+file truncated or replaced by hand). A hit costs one stat per file.
+
+Location (:func:`default_cache_dir`): ``KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/kit``, else
+``~/.cache/kit``; versions loaded by the library go to ``versions/`` under it, a service's to
+``services/<service>/`` (a folder per service). :meth:`VersionCache.prune` bounds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from kit._io import copy_hashed, fsync_dir, read_capped
+from kit._proc import pid_alive
+from kit.errors import ConfigError, IntegrityError
+from kit.registry.loaded import VerifiedVersion
+
+log = logging.getLogger(__name__)
+
+SEAL = ".sealed"
+META = "meta.json"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
+
+
+def default_cache_dir(service: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """Where loads cache verified versions: ``KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/kit``, else
+    ``~/.cache/kit``; then ``versions/``, or ``services/<service>/`` for a service's own folder.
+
+    Like the key folder's default, a per-user location: read from the environment here, the one place.
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("KIT_CACHE_DIR") or (str(Path(env["XDG_CACHE_HOME"]) / "kit") if env.get("XDG_CACHE_HOME")
+                                        else str(Path.home() / ".cache" / "kit"))
+    return Path(base).expanduser() / ("versions" if service is None else Path("services") / service)
+
+
+def safe_file_name(fname: str) -> bool:
+    """A version's file name as meta.json may list it: one plain name in the version folder."""
+    return bool(fname) and "/" not in fname and "\\" not in fname and not fname.startswith(".") and "\0" not in fname
+
+
+class VersionCache:
+    """A cache folder of verified versions (see the module docstring)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"VersionCache({str(self.root)!r})"
+
+    @staticmethod
+    def key(vv: VerifiedVersion) -> str:
+        art = vv.version.artifact_sha256
+        if not isinstance(art, str) or not _HEX64.fullmatch(art):
+            raise IntegrityError(f"{vv.version.ref}: meta.json's artifact_sha256 {str(art)[:70]!r} is not a sha256 "
+                                 "digest. Restore the version from a copy you trust or register the model again.")
+        return f"{art}-{vv.meta_sha256[:16]}"
+
+    # ---- the one entry point loads use
+    def materialize(self, vv: VerifiedVersion, max_file_bytes: int) -> Path:
+        """The folder holding ``vv``'s files as verified: an entry found sealed and ours, else one made now
+        by copying each file from the registry while hashing it. ``IntegrityError`` (the entry discarded)
+        when a copied file's sha256 is not the one the verified meta.json records."""
+        key = self.key(vv)
+        entry = self.root / key
+        self._ensure_root()
+        if self._sealed(entry, vv):
+            _touch(entry)
+            return entry
+        with self._key_lock(key):
+            if self._sealed(entry, vv):  # another worker built it while this one waited
+                _touch(entry)
+                return entry
+            if os.path.lexists(entry):
+                log.warning("discarding cache entry %s: not sealed, not ours, or changed since sealed", entry)
+                self._discard(entry)
+            t0 = time.perf_counter()
+            self._build(vv, entry, max_file_bytes)
+        log.info("cached %s in %s (%.2fs)", vv.version.ref, entry, time.perf_counter() - t0)
+        return entry
+
+    def _build(self, vv: VerifiedVersion, entry: Path, max_file_bytes: int) -> None:
+        mv = vv.version
+        tmp = self.root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(mode=0o700)
+        try:
+            sealed: dict[str, dict[str, object]] = {}
+            for fname, expected in sorted(mv.files.items()):
+                if not safe_file_name(fname):
+                    raise IntegrityError(f"{mv.ref}: meta.json lists an unsafe file name {fname!r}. Restore the "
+                                         "version from a copy you trust or register the model again.")
+                sealed[fname] = self._copy_one(mv.ref, mv.path / fname, tmp / fname, expected, max_file_bytes)
+            _write_private(tmp / META, vv.meta)
+            seal = {"format": "kit-cache", "schema": 1, "key": entry.name, "ref": mv.ref,
+                    "registry": str(mv.path), "files": sealed}
+            _write_private(tmp / SEAL, json.dumps(seal, sort_keys=True).encode())  # last: it makes the entry
+            fsync_dir(tmp)
+            os.rename(tmp, entry)  # atomic: the entry appears whole or not at all
+            fsync_dir(self.root)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    @staticmethod
+    def _copy_one(ref: str, src: Path, dst: Path, expected: str, max_bytes: int) -> dict[str, object]:
+        try:
+            got, size = copy_hashed(src, dst, max_bytes)
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"Refusing to load {ref}: {src.name}: missing from {src.parent}. Restore it "
+                                 "or register the model again.") from exc
+        except ValueError as exc:
+            raise IntegrityError(f"Refusing to load {ref}: {exc}. Restore the version or register the model "
+                                 "again.") from exc
+        if got != expected:
+            raise IntegrityError(
+                f"Refusing to load {ref}: {src.name}: sha256 {got[:12]}… != recorded {str(expected)[:12]}… (the "
+                "file was changed after registration, or while it was being read). Restore it or register the "
+                "model again.")
+        os.chmod(dst, 0o400)
+        st = os.stat(dst)
+        return {"sha256": got, "size": size, "mtime_ns": st.st_mtime_ns}
+
+    @contextmanager
+    def private_dir(self) -> Iterator[Path]:
+        """A fresh folder in the cache root (0700, this user's), removed afterwards: where ``register``
+        saves a model before copying it into the registry."""
+        self._ensure_root()
+        tmp = self.root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(mode=0o700)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- trusting what is there
+    def _ensure_root(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(self.root)
+        except OSError as exc:
+            raise ConfigError(f"Cannot use the version cache {self.root} ({exc.strerror or exc}). Point "
+                              "KIT_CACHE_DIR at a folder this user can write.") from exc
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise ConfigError(f"The version cache {self.root} is not a folder owned by this user (uid "
+                              f"{os.geteuid()}); loads trust only a cache they own. Point KIT_CACHE_DIR at one.")
+        if st.st_mode & 0o077:
+            os.chmod(self.root, 0o700)
+
+    @staticmethod
+    def _sealed(entry: Path, vv: VerifiedVersion) -> bool:
+        """True when ``entry`` is ours and sealed for exactly ``vv``'s files, each as it was sealed."""
+        try:
+            st = os.lstat(entry)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                return False
+            seal = json.loads(read_capped(entry / SEAL, 1 << 20))
+            files = seal["files"]
+            if seal.get("key") != entry.name or set(files) != set(vv.version.files):
+                return False
+            for fname, expected in vv.version.files.items():
+                rec = files[fname]
+                fst = os.lstat(entry / fname)
+                if (rec["sha256"] != expected or not stat.S_ISREG(fst.st_mode) or fst.st_uid != os.geteuid()
+                        or fst.st_size != rec["size"] or fst.st_mtime_ns != rec["mtime_ns"]):
+                    return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return True
+
+    @contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """One builder per entry across this host's processes (the others wait, then find it sealed)."""
+        fd = os.open(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _discard(self, path: Path) -> None:
+        """Move ``path`` aside (atomic) and remove it; a worker that mapped its files keeps its mapping."""
+        trash = self.root / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            trash = path
+        if trash.is_symlink() or not trash.is_dir():
+            trash.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # ---- bounding it
+    def entries(self) -> list[Path]:
+        """The sealed-looking entries, least recently used first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _KEY.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    def prune(self, keep_artifacts: Iterable[str] = (), unused_for_s: float = 0.0) -> list[Path]:
+        """Remove entries whose artifact is not in ``keep_artifacts`` and that no load used for
+        ``unused_for_s`` seconds, plus debris of dead builders; returns what was removed. An entry being
+        built is skipped; removing one a running worker has mapped is safe (the mapping keeps its pages)."""
+        keep = set(keep_artifacts)
+        removed: list[Path] = []
+        now = time.time()
+        for entry in self.entries():
+            if entry.name.split("-", 1)[0] in keep or now - entry.stat().st_mtime < unused_for_s:
+                continue
+            lock = self.root / f".{entry.name}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                self._discard(entry)  # its lock file stays: a builder may hold it open
+                removed.append(entry)
+            finally:
+                os.close(fd)
+        for p in list(self.root.glob(".tmp-*")) + list(self.root.glob(".trash-*")) if self.root.is_dir() else []:
+            pid = p.name.split("-")[1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _touch(entry: Path) -> None:
+    """Record a use (the entry folder's mtime), for :meth:`VersionCache.prune`; best effort."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
