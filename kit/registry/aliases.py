@@ -101,6 +101,10 @@ class AliasMoves(CheckedStore):
             return f"gate {run_id} did not pass for artifact {artifact_sha256[:12]}"
         return None
 
+    def _state(self, name: str) -> Aliases:
+        """The state a writer plans from: its newest valid record's (never aliases.json, which anyone can edit)."""
+        return self.movelog(name).base()[1]
+
     def _signer(self, signer: SigningKey | None) -> SigningKey | None:
         if signer is not None:
             return signer
@@ -166,7 +170,7 @@ class AliasMoves(CheckedStore):
         """
         weight = check_weight(weight)
         mv = self.get(name, version)
-        reweight = self.aliases(name).canary == mv.version
+        reweight = self._state(name).canary == mv.version
         if not reweight:  # re-weighting a running canary re-hashes nothing and needs no new gate
             self._check_integrity_for(mv, "start a canary of")
         gate = None if reweight else self._check_gate(mv, force, why, "start a canary of")
@@ -185,7 +189,7 @@ class AliasMoves(CheckedStore):
                                             "was changed. Look again and repeat.", remedy="refresh", subject=name)
             return _replace(cur, canary=mv.version, canary_weight=weight, guards=guards)
 
-        replaced = self.aliases(name).canary
+        replaced = self._state(name).canary
         return self._move(name, "canary", change, user=user, why=why,
                           relies_on=self._relies_on(mv, gate, force, why) if not reweight else {},
                           known={str(mv.version): mv.artifact_sha256},
@@ -196,7 +200,7 @@ class AliasMoves(CheckedStore):
     def set_canary_weight(self, name: str, weight: float, *, why: str | None = None,
                           user: str | None = None) -> Aliases:
         weight = check_weight(weight)
-        cur = self.aliases(name)
+        cur = self._state(name)
         if cur.canary is None:
             raise PromotionRefusedError(f"Model {name!r} has no canary to re-weight. Name the version to start one with.",
                                         remedy="start_canary", subject=name)

@@ -11,13 +11,14 @@ the record format and the checks).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kit.errors import KitError, PromotionRefusedError, RegistryCorruptError, SignatureError
-from kit.registry.moves import Move, MoveStorage, Verifier, envelope, is_envelope, new_record
+from kit.registry.moves import Move, MoveStorage, Verifier, canonical, envelope, is_envelope, new_record
 from kit.registry.records import Aliases, utcnow
 from kit.signing import SigningKey, Trust
 
@@ -147,17 +148,15 @@ class MoveLog:
         rec = new_record(self.name, serial, head, action, after.state(), user=user, ts=utcnow(), why=why,
                          artifacts=artifacts, relies_on=relies_on, details=details)
         data = envelope(rec, signer)
+        if self.trust() is not None:  # what readers will check, checked first (a guard key beyond its authority)
+            move = self.verifier().verify(data, f"the new move record {serial} of {self.name}", prev=head)
+        else:
+            move = Move(rec, hashlib.sha256(canonical(rec)).hexdigest(), data, None)
         if not self.storage.create(serial, data):
             raise PromotionRefusedError(
                 f"{self.name}'s move serial {serial} was taken by another writer first (or a file a registry writer "
                 f"put at {self.storage.path(serial)}); nothing was moved. Look again (`kit history {self.name}`) "
                 "and repeat the move.", remedy="refresh", subject=self.name)
-        import hashlib
-
-        from kit.registry.moves import canonical
-
-        move = Move(rec, hashlib.sha256(canonical(rec)).hexdigest(), data,
-                    signer.key_id if signer is not None else None)
         self.storage.write_pointer(data)  # a kill before this leaves the record, which readers follow
         self.floor = max(self.floor, serial)
         return aliases_of(move)
