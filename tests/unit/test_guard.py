@@ -261,3 +261,176 @@ def test_generated_service_toml_turns_the_guard_on_and_capture_off(tmp_path):
     assert (cfg.capture.enabled, cfg.capture.sample_rate, cfg.capture.drop_inputs) == (True, 0.5, ("ids",))
     (tmp_path / "service.toml").write_text('[service]\nname = "s"\n[model]\nname = "m"\nregistry = "r"\n')
     assert load_service_config(tmp_path).canary_guard is None  # services made before the guard: off
+
+
+# ---------------------------------------------------------------------------- a registry writer without the key
+# (issue 17, class 6): what they plant in the guard's folder is ignored and reported, never counted, never
+# followed, and never switches the guard off. The same attacks against real gunicorn workers are in
+# tests/e2e/test_canary_guard.py.
+
+
+def _old_format(n: int, err: int, now: float) -> bytes:
+    """What the guard wrote before its files were authenticated (and what an attacker can write): counts
+    for both sides in seconds that stay 'inside the window' for a long time."""
+    buckets = [{"side": side, "sec": int(now) + i, "n": n, "err": e, "hist": {"5": n}}
+               for i in range(3) for side, e in (("production", 0), ("canary", err))]
+    return json.dumps({"schema": 1, "worker": "evil-1", "updated": now, "buckets": buckets}).encode()
+
+
+def _failing_round(g: CanaryGuard, now: float, n: int = 25) -> None:
+    for _ in range(n):
+        g.observe(1, 200, 0.001)
+        g.observe(2, 500, 0.001)
+
+
+def test_forged_copied_and_replayed_files_are_ignored_and_reported(tmp_path):
+    import time
+
+    from kit.serving import guard_files as gf
+    from kit.signing import KeyStore
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    key = f"v2-s{reg.aliases('m').serial}"
+    g0, g1 = _guards(reg)
+    now = time.time()
+    for g in (g0, g1):
+        g.tick(now=now)
+        for _ in range(5):
+            g.observe(1, 200, 0.001)
+            g.observe(2, 200, 0.001)
+    g1.tick(now=now)  # g1's real, authenticated file
+    folder = tmp_path / "reg" / "m" / "guard" / key
+    real = (folder / "host-1.json").read_bytes()
+    from kit.guard_key import window_mac_key
+
+    foreign = window_mac_key(KeyStore(tmp_path / "keys").new())  # a key, but not this service's
+    forged = {
+        "evil-1.json": _old_format(1000, 1000, now),  # the old format: no MAC
+        "evil-2.json": gf.encode(foreign, "m", key, "evil-2", 1, now, 1,
+                                 {"production": [(int(now), 1000, 0, ((5, 1000),))],
+                                  "canary": [(int(now), 1000, 1000, ((5, 1000),))]}),
+        "host-7.json": real,  # g1's genuine file under another worker's name
+    }
+    for name, data in forged.items():
+        (folder / name).write_bytes(data)
+    (folder.parent / "v2-s999").mkdir()
+    (folder.parent / "v2-s999" / "host-1.json").write_bytes(real)  # genuine, but for another serial
+    assert g0.tick(now=now) is None and reg.aliases("m").canary == 2  # forged 100% errors: nothing ended
+    assert g0.window["canary"].requests == 10 and g0.window["production"].requests == 10  # g0's 5 + g1's 5
+    why = g0.status()["rejected_files"]
+    assert set(why["now"]) == set(forged) and why["total"] == 3
+    assert all(w.startswith("auth: ") for w in why["now"].values())
+    # an older genuine file of g1 put back after a newer one was read: refused as a replay
+    g1.observe(2, 200, 0.001)
+    g1.tick(now=now)
+    assert g0.tick(now=now) is None and g0.window["canary"].requests == 11
+    (folder / "host-1.json").write_bytes(real)
+    g0.tick(now=now)
+    assert g0.window["canary"].requests == 5 and g0.status()["rejected_files"]["now"]["host-1.json"].startswith("replay")
+
+
+def test_malformed_huge_and_odd_files_never_switch_the_guard_off(tmp_path):
+    import os
+    import time
+
+    from kit.serving import guard_files as gf
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    key = f"v2-s{reg.aliases('m').serial}"
+    (g,) = _guards(reg, 1)
+    now = time.time()
+    g.tick(now=now)
+    folder = tmp_path / "reg" / "m" / "guard" / key
+    folder.mkdir(parents=True)
+    (folder / "bad-1.json").write_bytes(b'{"buckets": [{"side": "canary", "sec": 1e400, "n": "x"}]}')  # broke the old merge
+    big = folder / "big-1.json"  # 79 MB of healthy-looking evidence in the old format
+    one = json.dumps({"side": "canary", "sec": int(now) + 10, "n": 1, "err": 0, "hist": {"1": 1}}) + ","
+    with open(big, "w") as f:
+        f.write('{"buckets": [')
+        f.write(one * (79_000_000 // len(one)))
+        f.write(one[:-1] + "]}")
+    assert big.stat().st_size > 78_000_000
+    os.mkfifo(folder / "fifo-1.json")  # would block a plain open() forever
+    os.symlink("/dev/zero", folder / "zero-1.json")  # endless bytes through a link
+    (folder / "dir-1.json").mkdir()
+    _failing_round(g, now)
+    t0 = time.perf_counter()
+    v = g.tick(now=now)
+    took = time.perf_counter() - t0
+    assert v is not None and v.reason == "errors" and reg.aliases("m").canary is None  # the guard still works
+    assert g.window["canary"].requests == 25  # nothing of the planted files counted
+    reasons = {n: w.split(":")[0] for n, w in g.status()["rejected_files"]["now"].items()}
+    assert reasons == {"bad-1.json": "auth", "big-1.json": "size", "fifo-1.json": "type", "zero-1.json": "type",
+                       "dir-1.json": "type"}
+    assert took < 0.5, f"a tick took {took:.2f}s: the 79 MB file was read"  # the old guard parsed it: seconds
+    # an authenticated file (the key holder's) that breaks the format is refused after the MAC, before use
+    mac = g._mac_key
+    assert mac is not None
+    payload = json.dumps({"model": "m", "key": key, "worker": "h-2", "seq": 1, "updated": now, "slot_s": 1,
+                          "sides": {"production": [[int(now), 5, 9, [[1, 5]]]], "canary": []}}).encode()
+    with pytest.raises(gf.WindowFileRejected, match="malformed.*err"):
+        gf.decode(mac, "m", key, "h-2", gf.HEADER + gf._mac(mac, "m", key, "h-2", payload).encode() + b"\n" + payload,
+                  now)
+
+
+def test_planted_links_are_never_written_through(tmp_path):
+    import os
+    import time
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    key = f"v2-s{reg.aliases('m').serial}"
+    (g,) = _guards(reg, 1)
+    now = time.time()
+    g.tick(now=now)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "reg" / "m" / "guard").mkdir()
+    os.symlink(outside, tmp_path / "reg" / "m" / "guard" / key)  # the key's folder is a link elsewhere
+    _failing_round(g, now)
+    v = g.tick(now=now)
+    assert list(outside.iterdir()) == []  # nothing written there (the old guard wrote <host>-<pid>.json)
+    assert g.status()["rejected_files"]["now"][f"guard/{key}"].startswith("folder: ")
+    assert v is not None and reg.aliases("m").canary is None  # judged on its own counts
+
+    set_traffic(reg, "m", 3, 0.5, force=True, why="test")
+    key = f"v3-s{reg.aliases('m').serial}"
+    target = outside / "precious.txt"
+    target.write_text("keep me")
+    folder = tmp_path / "reg" / "m" / "guard" / key
+    folder.mkdir()
+    os.symlink(target, folder / f"{g.worker}.json")  # this worker's own file name is a link
+    g.tick(now=now)
+    for _ in range(3):
+        g.observe(1, 200, 0.001)
+    g.tick(now=now)
+    assert target.read_text() == "keep me"  # the link was replaced by the worker's file, never followed
+    assert not (folder / f"{g.worker}.json").is_symlink()
+
+
+def test_dead_workers_files_are_swept(tmp_path):
+    import os
+    import time
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    key = f"v2-s{reg.aliases('m').serial}"
+    g0, g1 = _guards(reg)
+    now = time.time()
+    for g in (g0, g1):
+        g.tick(now=now)
+        g.observe(1, 200, 0.001)
+        g.tick(now=now)
+    folder = tmp_path / "reg" / "m" / "guard" / key
+    old = folder.parent / "v9-s3"  # a split that is over, left by workers that died
+    old.mkdir()
+    (old / "gone-12.json").write_bytes(b"x")
+    (folder / ".gone-13.json.ab12.tmp").write_bytes(b"x")
+    stale = now - 10 * S.window_s
+    for p in (folder / "host-1.json", old / "gone-12.json", folder / ".gone-13.json.ab12.tmp"):
+        os.utime(p, (stale, stale))  # host-1 died: its file has not changed for ten windows
+    g0._swept = 0.0
+    g0.tick(now=now)
+    assert sorted(p.name for p in folder.iterdir()) == ["host-0.json"] and not old.exists()
