@@ -8,6 +8,7 @@ nginx, prometheus and gunicorn processes. No torch, no third-party imports.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -109,3 +110,49 @@ def tail(path: Path | str | None, n: int = 25) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-n:])
+
+
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes holding a listening TCP socket on ``port`` (Linux ``/proc``;
+    empty elsewhere, or for processes of other users this one may not look into)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    found = []
+    for proc in Path("/proc").iterdir() if inodes else ():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                cmd = " ".join((proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+                found.append((int(proc.name), cmd))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def refuse_taken_port(host: str, port: int) -> None:
+    """Raise :class:`ServiceError` naming what holds ``host:port`` if it cannot be bound (say, orphaned
+    workers of a killed service); return quietly when it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: TIME_WAIT is no holder
+        try:
+            s.bind((host, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # gunicorn reports other bind errors itself
+    holders = port_holders(port)
+    who = "; ".join(f"pid {pid} ({cmd[:80]})" for pid, cmd in holders[:4]) or "a process this user cannot see"
+    pids = " ".join(str(pid) for pid, _ in holders) or "<pid>"
+    raise ServiceError(f"{host}:{port} is already in use by {who}. Stop it (kill {pids}) or bind elsewhere "
+                       "(KIT_BIND=host:port).")
+

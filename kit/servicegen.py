@@ -24,7 +24,7 @@ import jinja2
 
 from kit import service_settings as settings
 from kit._io import atomic_write_text
-from kit._proc import free_port, stop_group, wait_http
+from kit._proc import free_port, refuse_taken_port, stop_group, wait_http
 from kit.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,8 @@ def start_service(service_dir: Path | str, *, host: str = "127.0.0.1", port: int
     if not (service_dir / "gunicorn.conf.py").is_file():
         raise ServiceError(f"{service_dir} is not a generated service (no gunicorn.conf.py). "
                            "Generate one with `kit service new NAME --model MODEL`.")
+    if port:
+        refuse_taken_port(host, port)  # else /readyz would be answered by whatever holds it
     port = port or free_port(host)
     full_env = dict(os.environ if env is None else env)
     full_env["KIT_BIND"] = f"{host}:{port}"

@@ -19,11 +19,16 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+from kit._proc import refuse_taken_port
+from kit.errors import ServiceError
 from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,15 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
 
 def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "asgi",
                 backend: str | None = None) -> None:
-    """Master start: clear samples left by a previous run in the metrics folder; preload imports."""
+    """Master start: refuse a bind address something else holds, naming it; clear samples left by a
+    previous run in the metrics folder; preload imports."""
+    for addr in getattr(server.cfg, "address", ()):
+        if isinstance(addr, tuple):  # (host, port); a unix socket path is gunicorn's to report
+            try:
+                refuse_taken_port(str(addr[0]), int(addr[1]))
+            except ServiceError as exc:
+                server.log.error("kit: error: %s", exc)
+                raise SystemExit(f"kit: error: {exc}") from None
     for f in glob.glob(os.path.join(metrics_dir, "*.db")):
         try:
             os.unlink(f)
@@ -106,9 +119,38 @@ def _preload_onnxruntime() -> None:
     import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
 
 
+MASTER_POLL = 0.2  # seconds between a worker's looks at whether its master is still alive
+ORPHAN_GRACE = 1.0  # seconds an orphaned worker gets to finish in-flight requests before it exits hard
+
+
+def watch_master(master_pid: int, poll: float = MASTER_POLL, grace: float = ORPHAN_GRACE) -> threading.Thread:
+    """In a worker: a daemon thread that ends this worker within about a second of its master's death.
+
+    A SIGKILLed master cannot stop its workers, and gunicorn's uvicorn worker never looks at its parent:
+    the orphans kept serving and held the port, so the service could not start again. When the parent is
+    no longer ``master_pid`` the worker is sent SIGTERM (its graceful stop: in-flight requests finish) and,
+    if it still runs ``grace`` seconds later, exits. Independent of the worker class.
+    """
+    def run() -> None:
+        while os.getppid() == master_pid:
+            time.sleep(poll)
+        log.error("worker %d: its master %d is gone; stopping (in-flight requests get %.1f s)",
+                  os.getpid(), master_pid, grace)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        log.error("worker %d: still running %.1f s after its master died; exiting", os.getpid(), grace)
+        os._exit(1)
+
+    t = threading.Thread(target=run, name="kit-master-watch", daemon=True)
+    t.start()
+    return t
+
+
 def post_fork(server: Any, worker: Any, torch_threads: int, backend: str | None = None) -> None:
-    """In the worker, before the app loads: cap torch's threads so workers x threads <= cores. On the
-    onnxruntime backend torch is not imported; the session gets the same count (kit.serving.asgi)."""
+    """In the worker, before the app loads: exit with the master (:func:`watch_master`); cap torch's threads
+    so workers x threads <= cores. On the onnxruntime backend torch is not imported; the session gets the
+    same count (kit.serving.asgi)."""
+    watch_master(server.pid)
     os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # for libraries that read it at import
     if (backend or _BACKEND) == "onnxruntime":
         server.log.info("worker %s: onnxruntime intra-op threads %d", worker.pid, torch_threads)
