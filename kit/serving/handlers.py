@@ -190,6 +190,8 @@ async def run_infer(svc: Service, scope: Scope, receive: Receive, name: str | No
                             500)
         resp = Response.error(err)
         resp.headers["X-Request-Id"] = out.rid
+        if out.version is not None:  # a canary's 5xx must be attributable to it as much as its 200s
+            resp.headers[VERSION_HEADER_OUT] = str(out.version)
         if err.status == 413:  # the rest of the body is unread: close rather than parse it as a request
             resp.close = True
     return resp, out
