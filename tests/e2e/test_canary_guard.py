@@ -27,6 +27,7 @@ from torch import nn
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
 from kit.traffic import set_traffic
+from kit_testing import wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -136,9 +137,11 @@ def _guard_events(reg: Registry, version: int) -> list[dict]:
     return [e for e in reg.history(MODEL) if e["event"] == "canary_guard" and e["version"] == version]
 
 
-def _run_bad_canary(reg: Registry, running, version: int, reason: str) -> dict:
+def _run_bad_canary(reg: Registry, running, version: int, reason: str, plant=None) -> dict:
     set_traffic(reg, MODEL, version, 0.5, force=True, why="test")
     _wait_canary(running, version)
+    if plant is not None:  # what a registry writer puts in the guard's folder first
+        plant(_key_folder(reg, version))
     t0 = time.time()
     with Load(running.url) as load:
         deadline = time.monotonic() + 45
@@ -191,6 +194,128 @@ def test_slow_canary_is_ended(svc):
     ev = _run_bad_canary(reg, running, 4, "latency")
     c, p = ev["evidence"]["canary"], ev["evidence"]["production"]
     assert c["p95_ms"] > 2 * p["p95_ms"] and c["errors"] == 0
+
+
+# ---------------------------------------------------------------------------- a registry writer without the key
+# (issue 17, class 6). Each of these ended, hid or redirected a canary, or was written through, before the
+# guard's files were authenticated.
+
+
+def _key_folder(reg: Registry, version: int):
+    return reg.root / MODEL / "guard" / f"v{version}-s{reg.aliases(MODEL).serial}"
+
+
+def _forged(now: float, canary_err: int, *, n: int = 1000, seconds: int = 120) -> bytes:
+    """Evidence as the guard used to write it (what needed no key): ``n`` requests a second on each side
+    for the next ``seconds`` seconds, ``canary_err`` of the canary's failed."""
+    buckets = [{"side": side, "sec": int(now) + i, "n": n, "err": e, "hist": {"5": n}}
+               for i in range(seconds) for side, e in (("production", 0), ("canary", canary_err))]
+    return json.dumps({"schema": 1, "worker": "evil-1", "updated": now, "buckets": buckets}).encode()
+
+
+class Forger(threading.Thread):
+    """A registry writer rewriting forged window files in a loop while the service works."""
+
+    def __init__(self, folder, files: dict[str, bytes]):
+        super().__init__(daemon=True)
+        self.folder, self.files, self.stop = folder, files, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name, data in self.files.items():
+                (self.folder / name).write_bytes(data)
+
+    def __enter__(self) -> "Forger":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(5)
+
+
+def _rejected_total(running) -> float:
+    metrics = urllib.request.urlopen(running.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(f'kit_canary_guard_rejected_files_total{{model="{MODEL}"'))
+
+
+def test_forged_evidence_cannot_end_a_healthy_canary(svc):
+    reg, running = svc
+    set_traffic(reg, MODEL, 2, 0.5, force=True, why="test")
+    _wait_canary(running, 2)
+    before = _rejected_total(running)
+    with Forger(_key_folder(reg, 2), {"evil-1.json": _forged(time.time(), 1000)}), Load(running.url) as load:
+        time.sleep(6)
+    assert reg.aliases(MODEL).canary == 2 and not _guard_events(reg, 2)  # the old guard ended it at once
+    assert sum(1 for _, v, _ in load.seen if v == 2) >= MIN and all(s == 200 for _, _, s in load.seen)
+    assert _rejected_total(running) > before  # reported: counted in the metric ...
+    guard = wait_all_workers(running.url, lambda b: "evil-1.json" in b["canary_guard"]["rejected_files"]["now"])
+    assert guard["canary_guard"]["rejected_files"]["now"]["evil-1.json"].startswith("auth: ")  # ... and on /readyz
+
+
+def test_forged_malformed_and_huge_files_cannot_hide_a_failing_canary(svc, tmp_path):
+    reg, running = svc
+    outside = tmp_path / "precious.json"
+    outside.write_text("keep me")
+
+    def plant(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "evil-1.json").write_bytes(_forged(time.time(), 0, n=100_000))  # hid the canary's 5xx
+        (folder / "bad-1.json").write_text('{"buckets": [{"side": "canary", "sec": 4102444800, "n": "x"}]}')  # switched the guard off
+        one = json.dumps({"side": "canary", "sec": int(time.time()) + 60, "n": 1, "err": 0, "hist": {"1": 1}})
+        with open(folder / "big-1.json", "w") as f:  # 79 MB, parsed by every worker every tick
+            f.write('{"buckets": [' + ",".join([one] * (79_000_000 // (len(one) + 1))) + "]}")
+        import os
+
+        os.symlink(outside, folder / "link-1.json")
+    before = _rejected_total(running)
+    ev = _run_bad_canary(reg, running, 3, "errors", plant=plant)  # ended within DECIDE_WITHIN all the same
+    assert ev["evidence"]["canary"]["requests"] < 10_000  # nothing forged was counted
+    assert outside.read_text() == "keep me"
+    assert _rejected_total(running) >= before + 4  # each file rejected (auth, size, type) and counted
+
+
+def test_a_linked_guard_folder_is_never_written_through(svc, tmp_path):
+    import os
+
+    reg, running = svc
+    set_traffic(reg, MODEL, 2, 0.5, force=True, why="test")
+    _wait_canary(running, 2)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    folder = _key_folder(reg, 2)
+    folder.parent.mkdir(exist_ok=True)
+    os.symlink(outside, folder)
+    with Load(running.url):
+        time.sleep(4)
+    assert list(outside.iterdir()) == []  # the old guard wrote <host>-<pid>.json there
+    body = wait_all_workers(running.url, lambda b: any(
+        w.startswith("folder: ") for w in b["canary_guard"]["rejected_files"]["now"].values()))
+    assert reg.aliases(MODEL).canary == 2 and body["canary_guard"]["enabled"]
+    set_traffic(reg, MODEL, None, 0.0, why="test")
+
+
+def test_forged_evidence_cannot_step_a_canary(tmp_path):
+    """steps = [25, 50], hold 1 s, no traffic at all: forged healthy files moved the canary 5% -> 25%."""
+    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e")
+    for model in (Lookup(100, 1), Lookup(100, 2)):
+        reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
+    reg.promote(MODEL, 1, force=True, why="test")
+    d = generate("stepped", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=1, poll_interval=0.2,
+                 guard_min_requests=20, guard_window_s=30.0, guard_interval_s=0.5, guard_steps=(25, 50),
+                 guard_hold_s=1.0)
+    with start_service(d, timeout=90) as running:
+        set_traffic(reg, MODEL, 2, 0.05, force=True, why="test")
+        _wait_canary(running, 2)
+        with Forger(_key_folder(reg, 2), {"evil-1.json": _forged(time.time(), 0, n=50)}):
+            time.sleep(5)
+        body = _get(running.url + "/readyz")
+    a = reg.aliases(MODEL)
+    assert (a.canary, a.canary_weight) == (2, 0.05), a
+    assert not [e for e in reg.history(MODEL) if e["event"] == "canary_step"]
+    assert body["canary_guard"]["rejected_files"]["now"]["evil-1.json"].startswith("auth: ")
 
 
 def test_progressive_steps_promote_a_healthy_gated_canary(tmp_path):
