@@ -288,11 +288,16 @@ class JwtVerifier:
             raise Unauthorized(f"The token's algorithm {str(alg)[:16]!r} is not accepted here (accepted: "
                                f"{', '.join(s.algorithms)}).", _challenge("invalid_token"))
         try:
-            return jwt.decode(token, self._key_for(header), algorithms=list(s.algorithms),
-                              audience=list(s.audience) or None, issuer=s.issuer or None, leeway=s.leeway,
-                              options={"require": list(s.required_claims)})
+            claims: dict[str, Any] = jwt.decode(token, self._key_for(header), algorithms=list(s.algorithms),
+                                                audience=list(s.audience) or None, issuer=s.issuer or None,
+                                                leeway=s.leeway, options={"require": list(s.required_claims)})
         except jwt.PyJWTError as exc:
             raise Unauthorized(self._why(exc, token), _challenge("invalid_token")) from exc
+        for name in _TIME_CLAIMS:  # PyJWT takes int("1796...") for these; a numeric string would be cached forever
+            if name in claims and not _is_number(claims[name]):
+                raise Unauthorized(f"The token's {name!r} claim is not a number (a JSON NumericDate, seconds since "
+                                   "1970, not a string); the issuer must send it as one.", _challenge("invalid_token"))
+        return claims
 
     def _why(self, exc: Exception, token: str) -> str:
         s = self.settings
@@ -346,8 +351,16 @@ class JwtVerifier:
         return Identity(client="jwt:" + hash_key(user)[:16], user=user)
 
 
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+
+
 def _number(x: Any, default: float) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
+    """A time claim :meth:`JwtVerifier.verify` checked is a number (absent: ``default``)."""
+    return float(x) if _is_number(x) else default
 
 
 def _challenge(error: str) -> str:

@@ -255,3 +255,21 @@ def test_a_cached_token_still_expires():
     assert auth.identify(*_bearer(token)).user == "alice"  # from the cache of verified tokens
     time.sleep(max(0.0, jwt.decode(token, SECRET, algorithms=["HS256"])["exp"] - time.time()) + 1.1)
     assert "has expired" in _refused(auth, token)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_time_claims_must_be_numbers(claim):
+    """PyJWT takes a numeric string for exp ("1796...", int() of it); the cache then read a string exp as
+    'never expires' and kept the token past its exp (issue 17, class 8). Now it is a 401 before caching."""
+    auth = _auth(JwtSettings(secret_env="S", secret=SECRET, leeway=0))
+    t = now() + 2 if claim == "exp" else now() - 2
+    token = jwt.encode({"sub": "alice", "exp": now() + 3600, claim: str(t)}, SECRET, algorithm="HS256")
+    assert f"{claim!r} claim is not a number" in _refused(auth, token)
+    assert token not in auth.jwt._verified
+
+
+def test_a_cached_token_is_never_kept_past_its_numeric_exp():
+    auth = _auth(JwtSettings(secret_env="S", secret=SECRET, leeway=0))
+    token = jwt.encode({"sub": "alice", "exp": now() + 3600}, SECRET, algorithm="HS256")
+    assert auth.identify(*_bearer(token)).user == "alice"
+    assert auth.jwt._verified[token][1] == jwt.decode(token, SECRET, algorithms=["HS256"])["exp"]
