@@ -5,9 +5,12 @@ off the request path, for ``kit replay`` (:mod:`kit.replay`).
 that was answered 200. It draws the sample and puts references to the request's tensors on a bounded
 queue (``put_nowait``: a full queue drops the record and counts it, a request never waits); the worker's
 writer thread turns them into JSON and appends them to ``<folder>/<model>-<host>-<pid>.jsonl``. A file
-that reaches ``max_file_bytes`` is closed and renamed with a sequence number, and the oldest closed files
-go once this worker's files would pass ``max_bytes`` in all (rotation). ``drop_inputs`` names inputs that
-are never written (privacy): their values are ``null`` in the record, and replay skips such records.
+that reaches ``max_file_bytes`` is closed and renamed with a sequence number. ``max_bytes`` bounds the
+folder's capture files of the model, every worker's and every predecessor's (a worker recycled by
+``max_requests`` leaves its files behind): whenever a worker begins a file, the oldest files go until the
+folder plus one more file fits (rotation). Captured requests are user data: files are 0600 in a 0700
+folder, opened without following a link. ``drop_inputs`` names inputs that are never written (privacy):
+their values are ``null`` in the record, and replay skips such records.
 
 One record (one line)::
 
@@ -22,6 +25,7 @@ import logging
 import os
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -38,6 +42,7 @@ from kit.errors import ServiceError
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
+_CLOSED = re.compile(r"\.[0-9]{6}\.jsonl$")  # a rotated file: <model>-<host>-<pid>.<seq>.jsonl
 
 
 def _d(key: str) -> Any:
@@ -51,7 +56,7 @@ class CaptureSettings:
     enabled: bool = _d("enabled")
     sample_rate: float = _d("sample_rate")  # share of answered inference requests recorded (1.0: all)
     folder: str = _d("folder")  # relative to the service folder, or absolute
-    max_bytes: int = _d("max_bytes")  # per worker, over its current and rotated files
+    max_bytes: int = _d("max_bytes")  # over the folder's capture files of the model: all workers, past ones too
     max_file_bytes: int = _d("max_file_bytes")  # a file this large is closed and a new one begun
     drop_inputs: tuple[str, ...] = _d("drop_inputs")  # input names never written
     queue_size: int = _d("queue_size")  # records waiting for the writer; beyond it dropped (and counted)
@@ -155,8 +160,13 @@ class Recorder:
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._current(), "ab")
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.folder.stat().st_mode & 0o077:
+                os.chmod(self.folder, 0o700)  # requests are user data: only the service's user reads them
+            self._trim()  # a new file: make room for it over the whole folder (predecessors' files too)
+            fd = os.open(self._current(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # also when a file of an earlier kit (0644) is reopened
+            self._file = os.fdopen(fd, "ab")
         return self._file
 
     def _close_file(self) -> None:
@@ -168,12 +178,26 @@ class Recorder:
         self._close_file()
         self._seq += 1
         os.replace(self._current(), self.folder / f"{self.model}-{self.worker}.{self._seq:06d}.jsonl")
-        closed = sorted(self.folder.glob(f"{self.model}-{self.worker}.*.jsonl"))
-        total = sum(p.stat().st_size for p in closed)
-        while closed and total + self.settings.max_file_bytes > self.settings.max_bytes:
-            oldest = closed.pop(0)
-            total -= oldest.stat().st_size
-            oldest.unlink(missing_ok=True)
+
+    def _trim(self) -> None:
+        """Remove the oldest capture files of the model in the folder until it holds at most ``max_bytes`` minus
+        one file. Another worker's open file (written in the last minute) is left to it."""
+        files = []
+        for p in self.folder.glob(f"{self.model}-*.jsonl"):
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, p, st.st_size))
+        total = sum(size for _, _, size in files)
+        recent = time.time() - 60
+        for mtime, p, size in sorted(files):
+            if total + self.settings.max_file_bytes <= self.settings.max_bytes:
+                break
+            if mtime > recent and not _CLOSED.search(p.name):  # <model>-<worker>.jsonl: maybe a live worker's
+                continue
+            p.unlink(missing_ok=True)
+            total -= size
 
 
 def make_recorder(settings: CaptureSettings | None, model: str, service_dir: Path) -> Recorder | None:

@@ -56,6 +56,8 @@ def test_capture_then_replay(tmp_path: Path):
             time.sleep(0.1)
     files = list(cap.glob("*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in files) == 60
+    assert cap.stat().st_mode & 0o777 == 0o700  # captured requests are user data (issue 17: files were 0644)
+    assert files and all(p.stat().st_mode & 0o777 == 0o600 for p in files)
     env = {**os.environ, "KIT_REGISTRY": str(reg.root)}
     kit = [str(Path(sys.executable).parent / "kit"), "replay"]
     t1 = time.perf_counter()

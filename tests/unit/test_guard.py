@@ -434,3 +434,35 @@ def test_dead_workers_files_are_swept(tmp_path):
     g0._swept = 0.0
     g0.tick(now=now)
     assert sorted(p.name for p in folder.iterdir()) == ["host-0.json"] and not old.exists()
+
+
+def test_capture_files_are_private_and_the_cap_covers_every_worker_past_and_present(tmp_path: Path):
+    """Issue 17, class 8: capture files were 0644, and max_bytes was per worker process, so a worker recycled by
+    max_requests left files nobody rotated. Now: 0600 files in a 0700 folder, and a worker beginning a file makes
+    room over the whole folder (its predecessors' files, open or closed, go oldest first)."""
+    import os
+    import time
+
+    cap = tmp_path / "cap"
+    cap.mkdir(mode=0o755)
+    old = time.time() - 3600
+    for i, name in enumerate(["m-host-101.000001.jsonl", "m-host-101.jsonl", "m-host-102.jsonl"]):
+        (cap / name).write_bytes(b"x" * 3000)  # three dead predecessors' files: 9000 bytes, over the cap
+        os.utime(cap / name, (old + i, old + i))
+    (cap / "other-host-1.jsonl").write_bytes(b"y" * 5000)  # another model's: not ours to remove
+    settings = CaptureSettings(enabled=True, sample_rate=1.0, max_file_bytes=2048, max_bytes=6144)
+    rec = Recorder(settings, "m", cap)
+    ids, x, out = torch.tensor([[3]]), torch.tensor([[0.5, 1.5]]), torch.tensor([[0.25, 0.75]])
+    rec.record("r0", 1, 200, 0.002, _sig(), (ids, x), (out,))
+    rec.flush()
+    assert os.stat(cap).st_mode & 0o777 == 0o700
+    ours = sorted(p.name for p in cap.glob("m-*.jsonl"))
+    assert ours == ["m-host-102.jsonl", f"m-{rec.worker}.jsonl"]  # the two oldest went, the newest fits
+    assert os.stat(cap / f"m-{rec.worker}.jsonl").st_mode & 0o777 == 0o600
+    assert (cap / "other-host-1.jsonl").exists()
+    for i in range(200):  # and while it writes, the folder stays inside the cap (one file's slack)
+        rec.record(f"r{i}", 1, 200, 0.001, _sig(), (ids, x), (out,))
+    rec.close()
+    files = list(cap.glob("m-*.jsonl"))
+    assert sum(p.stat().st_size for p in files) <= 6144 + 2048
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files if p.name.startswith(f"m-{rec.worker}"))
