@@ -31,6 +31,7 @@ def readyz(svc: Service, _: list[str]) -> Response:
         "aliases_serial": state.serial, "last_reload": slots.last_reload, "reloads": slots.reloads,
         "reload_error": slots.last_error,
         "canary_guard": svc.hooks.guard_status() if svc.hooks is not None else {"enabled": False},
+        "metrics": svc.metrics.status(),
     }
     if not state.ready:
         body["status"] = f"not ready: {svc.not_ready_reason()}"

@@ -44,7 +44,10 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
     cfg = load_service_config(service_dir, environ)
     owned = not environ.get(METRICS_ENV)
     if owned:
-        environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-")
+        # The service's own folder, in memory where the host has /dev/shm: not on a disk that logs or
+        # registers may fill (samples files are allocated before use either way: kit.serving.metrics).
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        environ[METRICS_ENV] = tempfile.mkdtemp(prefix=f"kit-{cfg.name}-metrics-", dir=shm)
     Path(environ[METRICS_ENV]).mkdir(parents=True, exist_ok=True)
     workers, torch_threads = worker_plan(cfg)
     global _BACKEND

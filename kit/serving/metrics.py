@@ -8,13 +8,52 @@ Flask run) the metrics live in this process's own registry.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+import prometheus_client.values
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import mmap_dict
+from prometheus_client.mmap_dict import MmapedDict
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+
+
+class ReservedMmapedDict(MmapedDict):
+    """prometheus-client's per-process sample file, with its blocks allocated before they are mapped.
+
+    The library grows a file with ``truncate`` (a sparse file) and writes through the mapping: on a full
+    filesystem the first write to an unbacked page is a SIGBUS, and workers crash-looped. Here every size the
+    file takes is first ``posix_fallocate``d, so a full filesystem is an ``OSError`` at the sample that
+    needed the space (:meth:`Metrics.observe` turns it into degraded metrics), never a signal.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False):
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    os.posix_fallocate(fd, 0, getattr(mmap_dict, "_INITIAL_MMAP_SIZE", 1 << 16))
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        need = self._used + len(key.encode()) + 32  # the library's record: length, key, padding, two doubles
+        if need > self._capacity:
+            size = self._capacity
+            while size < need:
+                size *= 2
+            os.posix_fallocate(self._f.fileno(), 0, size)  # ENOSPC here, before the mapping grows
+        super()._init_value(key)
+
+
+# Every multiprocess value made from now on (they are made in the workers, after this import) uses it.
+prometheus_client.values.MmapedDict = ReservedMmapedDict  # type: ignore[attr-defined]
 
 
 class Metrics:
@@ -49,22 +88,53 @@ class Metrics:
                              ["model", "backend"], registry=reg, **kw)
         self._slots: dict[tuple[str, str], str] = {}
 
+    degraded: str | None = None  # why samples are being dropped (the metrics folder is full), if they are
+    dropped = 0
+
     def observe(self, model: str, version: int | None, route: str, code: int, seconds: float,
                 batch: int = 0) -> None:
         v = str(version) if version is not None else "none"
-        self.requests.labels(model, v, route, str(code)).inc()
-        if version is not None:
-            self.latency.labels(model, v).observe(seconds)
-            if batch:
-                self.batch.labels(model, v).observe(batch)
+        try:
+            self.requests.labels(model, v, route, str(code)).inc()
+            if version is not None:
+                self.latency.labels(model, v).observe(seconds)
+                if batch:
+                    self.batch.labels(model, v).observe(batch)
+        except OSError as exc:  # the metrics folder is full: answers go on, metrics degrade
+            self._degrade(exc)
+
+    def _degrade(self, exc: OSError) -> None:
+        self.dropped += 1
+        if self.degraded is None:
+            self.degraded = (f"metrics are being dropped: cannot grow the samples file in {self.multiprocess_dir} "
+                             f"({exc.strerror or exc}); free space there (PROMETHEUS_MULTIPROC_DIR)")
+            log.error("%s; requests are still answered", self.degraded)
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz says of the metrics: ``ok``, or degraded with why and how many samples were dropped."""
+        if self.degraded is None:
+            return {"status": "ok"}
+        return {"status": "degraded", "reason": self.degraded, "dropped": self.dropped}
 
     def serving_backend(self, model: str, backend: str) -> None:
-        self.backend.labels(model, backend).set(1)
+        try:
+            self.backend.labels(model, backend).set(1)
+        except OSError as exc:
+            self._degrade(exc)
 
     def reload(self, model: str, result: str) -> None:
-        self.reloads.labels(model, result).inc()
+        try:
+            self.reloads.labels(model, result).inc()
+        except OSError as exc:
+            self._degrade(exc)
 
     def served(self, model: str, state: Any) -> None:
+        try:
+            self._served(model, state)
+        except OSError as exc:
+            self._degrade(exc)
+
+    def _served(self, model: str, state: Any) -> None:
         self.version.labels(model, "production").set(state.production.version if state.production else 0)
         self.version.labels(model, "canary").set(state.canary.version if state.canary else 0)
         self.weight.labels(model).set(state.weight)
