@@ -10,9 +10,10 @@ notebook with papermill in a kernel of this very interpreter, collects the recor
 
 The modules:
 
-- :mod:`kit.gate.evidence` owns the evidence format (``result.json``, ``report.html``, where they live
-  under ``versions/<n>/gates/<run-id>/``, reading them back). Part of the core: the registry uses it.
-- :mod:`kit.gate.record`: ``check``, ``artifact``, ``summary`` (what a notebook calls).
+- :mod:`kit.gate.evidence`: checks, notebook runs, the verdict (``result.json``), ``report.html``. Where the
+  evidence lives and what makes a result a pass is the core's :mod:`kit.evidence`, which the registry
+  imports (never this package: a serving worker does not load the gate).
+- :mod:`kit.gate.record`: ``check``, ``artifact``, ``summary``, ``open_registry`` (what a notebook calls).
 - :mod:`kit.gate.params`: the one parser of gate parameters (``%deploy --param``, ``kit validate -p``)
   and what a notebook declares.
 - :mod:`kit.gate.kernel`: the kernel a gate runs in.
@@ -37,6 +38,7 @@ from kit.gate.record import (
     artifact,
     check,
     checks,
+    open_registry,
     running_under_gate,
     summary,
 )
@@ -45,6 +47,7 @@ from kit.gate.runner import DEFAULT_NOTEBOOK, evidence_problems, run_gate
 __all__ = [
     "AUTO_PARAMS", "BACKEND_PARAM", "DEFAULT_NOTEBOOK", "KIT_KERNEL", "PRIVATE_KERNEL", "SCHEMA", "Check", "CheckTable",
     "GateResult", "NotebookRun", "artifact", "check", "check_params", "checks", "checks_html",
-    "declared_params", "ensure_kernel", "gate_backend", "evidence_problems", "parse_params", "read_results",
+    "declared_params", "ensure_kernel", "gate_backend", "evidence_problems", "open_registry", "parse_params",
+    "read_results",
     "render_text", "run_gate", "running_under_gate", "summary", "write_report", "_begin_run",
 ]

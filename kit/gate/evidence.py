@@ -1,19 +1,12 @@
-"""The gate's evidence: what a gate run leaves beside a version, and how it is read back.
+"""The gate's evidence as the gate writes it: checks, notebook runs, the verdict, the report.
 
-This module owns the format. The registry (the gate rule), the runner and the widgets all go through it::
+Where a run's evidence lives and what makes a result a pass is the core's (:mod:`kit.evidence`, which the
+registry imports); this module adds what only the gate needs: the records a notebook appends
+(:func:`read_records`), the :class:`GateResult` that becomes ``result.json`` (:func:`result_bytes`), and
+``report.html`` (nbconvert, imported inside :func:`write_report`).
 
-    <registry>/<name>/versions/<n>/gates/<run-id>/
-        <notebook>.ipynb         the executed notebook (also when it failed; the failing cell is marked)
-        <notebook>.checks.jsonl  what the notebook recorded (kernel identity, artifact, checks)
-        <notebook>.kernel.log    the kernel process's own stdout/stderr
-        report.html              verdict, table of checks, then every executed notebook (nbconvert)
-        result.json              the verdict; written last, so its presence means the run is whole
-
-``result.json`` with ``"passed": true`` and the version's ``artifact_sha256`` is what
-:meth:`kit.registry.Registry.passing_gate` requires before a promotion or a canary.
-
-It is part of the core: it imports nothing but the standard library and ``kit._io`` at module level
-(nbformat/nbconvert only inside :func:`write_report`), so the registry and a server can import it.
+A run is executed in a private folder of the gate process (see :mod:`kit.gate.runner`); the registry's
+``versions/<n>/gates/<run-id>/`` receives its evidence only when the verdict is decided and signed.
 """
 
 from __future__ import annotations
@@ -28,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit._io import atomic_write_json, atomic_write_text
+from kit._io import atomic_write_text
+from kit.evidence import (GATES_DIR, REPORT_FILE, RESULT_FILE, SCHEMA, gates_dir, on_backend, passing_result,
+                          read_results, report_path, result_backend, verdict)
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-GATES_DIR = "gates"
-RESULT_FILE = "result.json"
-REPORT_FILE = "report.html"
+__all__ = [  # the core's names are re-exported: kit.gate.evidence stays the one import for the gate's users
+    "GATES_DIR", "REPORT_FILE", "RESULT_FILE", "SCHEMA", "Check", "GateResult", "NotebookRun", "checks_html",
+    "gates_dir", "on_backend", "passing_result", "read_records", "read_results", "render_text", "report_path",
+    "result_backend", "result_bytes", "verdict", "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -114,6 +110,7 @@ class GateResult:
     kernel: dict[str, Any] = field(default_factory=dict)
     registry_root: Path | None = None
     backend: str = "torch"  # what loaded the model in the notebooks: the backend this verdict is about
+    files: dict[str, str] = field(default_factory=dict)  # evidence file name -> sha256, as the gate copied it
 
     @property
     def ref(self) -> str:
@@ -152,89 +149,17 @@ class GateResult:
             "notebooks": [
                 {**dataclasses.asdict(n), "executed": self._rel(n.executed)} for n in self.notebooks
             ],
+            "files": dict(sorted(self.files.items())),
         }
 
 
 
-# --------------------------------------------------------------------------- where evidence lives, reading it back
+# --------------------------------------------------------------------------- the result, as the gate writes it
 
 
-def gates_dir(version_dir: Path) -> Path:
-    """``versions/<n>/gates``: one folder per gate run of that version."""
-    return Path(version_dir) / GATES_DIR
-
-
-def write_result(result: GateResult) -> Path:
-    """Write ``result.json`` (atomically, and last: its presence means the run is whole)."""
-    path = result.run_dir / RESULT_FILE
-    atomic_write_json(path, result.to_dict())
-    return path
-
-
-def read_results(version_dir: Path) -> list[dict[str, Any]]:
-    """Every readable ``result.json`` of a version, oldest run first (run ids sort by time)."""
-    root = gates_dir(version_dir)
-    out: list[dict[str, Any]] = []
-    if root.is_dir():
-        for p in sorted(root.glob(f"*/{RESULT_FILE}")):
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                log.warning("unreadable gate result %s", p)
-                continue
-            if isinstance(d, dict):
-                out.append(d)
-            else:
-                log.warning("gate result %s is not a JSON object", p)
-    return out
-
-
-def result_backend(result: Mapping[str, Any]) -> str:
-    """The backend a result judged (results written before backends: torch)."""
-    return str(result.get("backend") or "torch")
-
-
-def on_backend(results: Sequence[Mapping[str, Any]], backend: str | None) -> list[Mapping[str, Any]]:
-    """``results`` judged on ``backend`` (all of them when None)."""
-    return list(results) if backend is None else [r for r in results if result_backend(r) == backend]
-
-
-def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
-                   backend: str | None = None) -> dict[str, Any] | None:
-    """The newest result that passed for exactly this artifact (on ``backend``, when given), if any."""
-    ok = [dict(r) for r in on_backend(results, backend)
-          if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
-    return ok[-1] if ok else None
-
-
-def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
-            backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
-    """("passed" | "failed" | "stale" | "-", the deciding result), among the results on ``backend`` when
-    given. "stale": the newest result was recorded for another artifact sha256."""
-    results = on_backend(results, backend)
-    if not results:
-        return "-", None
-    passing = passing_result(results, artifact_sha256)
-    if passing is not None:
-        return "passed", passing
-    last = dict(results[-1])
-    return ("stale" if last.get("artifact_sha256") != artifact_sha256 else "failed"), last
-
-
-def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any]) -> Path | None:
-    """The ``report.html`` of ``result``: beside its result.json, or the path it recorded."""
-    run_id = str(result.get("run_id", ""))
-    if run_id and "/" not in run_id and not run_id.startswith("."):
-        p = gates_dir(version_dir) / run_id / REPORT_FILE
-        if p.is_file():
-            return p
-    rec = result.get("report")
-    if isinstance(rec, str) and rec:
-        p = Path(rec)
-        for cand in (p, Path(registry_root) / p, gates_dir(version_dir) / p):
-            if cand.is_file():
-                return cand.resolve()
-    return None
+def result_bytes(result: GateResult) -> bytes:
+    """result.json's exact bytes: what the gate writes, signs and nothing else."""
+    return (json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -308,8 +233,9 @@ def render_text(result: GateResult) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: GateResult) -> Path:
-    """report.html: the verdict, the model card (:mod:`kit.gate.card`), the table of checks, then each executed
+def write_report(result: GateResult, meta: Mapping[str, Any] | None = None) -> Path:
+    """report.html: the verdict, the model card (:mod:`kit.gate.card`; from ``meta``, the version's meta.json
+    as the gate verified it, else read beside the run folder), the table of checks, then each executed
     notebook (nbconvert)."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -326,7 +252,7 @@ def write_report(result: GateResult) -> Path:
 
     head = (
         f"<h1 style='color:{colour}'>Gate {verdict}: {html.escape(result.ref)}</h1>\n"
-        + model_card_html(result) + "\n"  # what the registry knows about the version, first
+        + model_card_html(result, meta) + "\n"  # what the registry knows about the version, first
         f"<p>artifact sha256 <code>{result.artifact_sha256}</code>, backend <code>{html.escape(result.backend)}"
         f"</code><br>run <code>{result.run_id}</code>, "
         f"started {html.escape(result.started)}, {result.seconds:.1f}s, kernel "

@@ -31,6 +31,7 @@ class _Run:
     records: Path
     notebook: str
     run_id: str
+    trust: tuple[str, ...] = ()  # the gate's trusted public keys (ed25519:...): what open_registry verifies with
 
 
 _run: _Run | None = None
@@ -56,18 +57,24 @@ def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, d
 
 
 def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
-    """Record which artifact this notebook loaded (a ``ModelVersion`` or its sha256), and with which
-    backend (``model.backend``: ``"torch"`` or ``"onnxruntime"``).
+    """Record which artifact this notebook loaded (a loaded model, a ``ModelVersion`` or its sha256), and
+    with which backend (``model.backend``: ``"torch"`` or ``"onnxruntime"``).
 
     run_gate fails the run when a notebook loaded anything but the artifact being gated, or loaded it
-    with another backend than the one gated.
+    with another backend than the one gated. A loaded model (what ``Registry.load`` returns) also records
+    the key its signature verified against: a gate whose registry checks signatures fails a notebook that
+    loaded the model without checking (load it through :func:`open_registry`).
     """
-    sha = getattr(model_version_or_sha, "artifact_sha256", model_version_or_sha)
+    loaded = getattr(model_version_or_sha, "version", None)
+    mv = loaded if hasattr(loaded, "artifact_sha256") else model_version_or_sha
+    sha = getattr(mv, "artifact_sha256", mv)
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise GateError(f"gate.artifact needs a ModelVersion or a sha256 hex string, got {model_version_or_sha!r}.")
-    ref = getattr(model_version_or_sha, "ref", None)
+        raise GateError(f"gate.artifact needs a loaded model, a ModelVersion or a sha256 hex string, got "
+                        f"{model_version_or_sha!r}.")
+    ref = getattr(mv, "ref", None)
+    signed = {"signed_by": model_version_or_sha.signed_by} if mv is loaded else {}
     if _run is not None:
-        _append(_run.records, {"kind": "artifact", "sha256": sha, "ref": ref,
+        _append(_run.records, {"kind": "artifact", "sha256": sha, "ref": ref, **signed,
                                **({"backend": backend} if backend else {})})
     print(f"artifact {ref + ' ' if ref else ''}sha256 {sha[:12]}" + (f" on backend {backend}" if backend else ""),
           flush=True)
@@ -89,10 +96,31 @@ def running_under_gate() -> bool:
     return _run is not None
 
 
-def _begin_run(records: str, notebook: str, run_id: str) -> None:
+def open_registry(root: str | Path = "") -> Any:
+    """The registry a validation notebook loads the gated version from (a :class:`kit.registry.Registry`).
+
+    Under :func:`run_gate` it verifies ``meta.json``'s signature against the gate's own trusted keys (given
+    to this kernel by the setup cell), so someone who can write the registry but holds no key cannot put
+    other files under the version while it is being judged. By hand: the configured registry and keys
+    (kit.toml, ``KIT_*``), at ``root`` when given.
+    """
+    from kit.registry import Registry
+
+    if _run is not None:
+        if not _run.trust:
+            return Registry(root)  # the gate's registry checks no signatures (it has no keyring)
+        from kit.signing import Keyring, Trust
+
+        return Registry(root, keyring=Keyring.verify_only(Trust.from_texts(_run.trust, "the gate's trusted keys")))
+    from kit.config import load_config
+
+    return Registry.from_config(load_config(registry=root or None))
+
+
+def _begin_run(records: str, notebook: str, run_id: str, trust: Sequence[str] = ()) -> None:
     """Called by the setup cell run_gate puts first in the notebook; not for notebook authors."""
     global _run
-    _run = _Run(Path(records), notebook, run_id)
+    _run = _Run(Path(records), notebook, run_id, tuple(trust))
     _session.clear()
     _append(_run.records, {"kind": "kernel", "executable": sys.executable, "prefix": sys.prefix,
                            "pid": os.getpid(), "python": sys.version.split()[0], "run_id": run_id,

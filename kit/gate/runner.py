@@ -7,25 +7,29 @@ a kernel that does not exist. The evidence it leaves is described in :mod:`kit.g
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import html
 import json
 import logging
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit._io import atomic_write_text, sha256_file
+from kit._io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from kit.errors import GateError
-from kit.gate.evidence import (REPORT_FILE, Check, GateResult, NotebookRun, gates_dir, read_records,
-                               render_text, write_report, write_result)
+from kit.gate.evidence import (REPORT_FILE, RESULT_FILE, Check, GateResult, NotebookRun, gates_dir, read_records,
+                               render_text, result_bytes, write_report)
 from kit.gate.kernel import _kernel_manager_class, ensure_kernel
 from kit.gate.params import AUTO_PARAMS, BACKEND_PARAM, check_params, gate_backend
 from kit.gate.record import kit_location
+from kit.signing import sig_path, signature_record
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,9 @@ def _load_notebook(path: Path) -> Any:
     return nb
 
 
-def _prepare(nb: Any, records: Path, label: str, run_id: str) -> tuple[Any, dict[str, int]]:
-    """A copy of ``nb`` with cell ids and the setup cell that points kit.gate at ``records``."""
+def _prepare(nb: Any, records: Path, label: str, run_id: str, trust: Sequence[str] = ()) -> tuple[Any, dict[str, int]]:
+    """A copy of ``nb`` with cell ids and the setup cell that points kit.gate at ``records`` (and gives it the
+    public keys :func:`kit.gate.open_registry` verifies the version against)."""
     import copy
 
     import nbformat
@@ -80,7 +85,7 @@ def _prepare(nb: Any, records: Path, label: str, run_id: str) -> tuple[Any, dict
         "    import sys\n"
         f"    sys.path.append({kit_home!r})\n"
         "    import kit.gate\n"
-        f"kit.gate._begin_run({str(records)!r}, {label!r}, {run_id!r})"
+        f"kit.gate._begin_run({str(records)!r}, {label!r}, {run_id!r}, {list(trust)!r})"
     )
     setup["id"] = "kit-gate-setup"
     setup.metadata["tags"] = [SETUP_TAG]
@@ -149,14 +154,14 @@ def _mark_failure(executed: Path, found: _Culprit, headline: str, ename: str, ev
 
 def _run_one(
     src: Path, nb: Any, executed: Path, records: Path, kernel_log: Path, params: dict[str, Any],
-    kernel_name: str, timeout: float, run_id: str,
+    kernel_name: str, timeout: float, run_id: str, trust: Sequence[str] = (),
 ) -> tuple[str, str | None, int | None, str | None, str | None]:
     """Run one notebook; returns (status, error, cell, ename, evalue). Never raises for a verdict."""
     import papermill
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
-    prepared, positions = _prepare(nb, records, executed.name, run_id)
+    prepared, positions = _prepare(nb, records, executed.name, run_id, trust)
     status, error, cell, ename, evalue = "passed", None, None, None, None
     try:
         papermill.execute_notebook(
@@ -197,12 +202,13 @@ def _run_one(
 
 
 def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_sha256: str,
-                      prefix: str, backend: str = "torch") -> list[str]:
+                      prefix: str, backend: str = "torch", signed: bool = False) -> list[str]:
     """What in a notebook's records breaks the gate's promises, besides failed checks.
 
     The kernel must have run the environment at ``prefix`` (the one that will serve), and every
     artifact the notebook declared with :func:`artifact` must be the one being gated, loaded with the
-    gated ``backend`` where it says which.
+    gated ``backend`` where it says which. With ``signed`` (the gate's registry checks signatures), a
+    loaded model declared without a verified signature (``signed_by`` null) breaks them too.
     """
     problems = []
     for r in records:
@@ -218,6 +224,9 @@ def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_s
         if r.get("kind") == "artifact" and r.get("backend") not in (None, backend):
             problems.append(f"it loaded {ref} with backend {r.get('backend')}, not {backend}; load it with "
                             "Registry.load(..., backend=backend)")
+        if signed and r.get("kind") == "artifact" and "signed_by" in r and not r["signed_by"]:
+            problems.append(f"it loaded {ref} without checking its signature; load it through "
+                            "kit.gate.open_registry(registry), which verifies it against the gate's trusted keys")
     return problems
 
 
@@ -257,6 +266,12 @@ def run_gate(
     -------
     GateResult : ``passed`` only if every notebook ran without error, recorded at least one check,
         and every check passed. Failing is a verdict, not an exception.
+
+    The notebooks run in a private folder of this process (``mkdtemp``, mode 0700, outside the registry):
+    their records, executed copies and kernel logs are read there, once, and the verdict depends on
+    nothing else. The registry's ``gates/<run-id>/`` receives the evidence only when the verdict is
+    decided: the files copied, then ``result.json`` (holding their sha256) and its signature, both made
+    from the same bytes in memory.
     """
     say = progress or (lambda _line: None)
     t0 = time.perf_counter()
@@ -268,6 +283,35 @@ def run_gate(
                         "register the model again.")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    backend, params, plan = _plan(registry, mv, notebooks, params, backend)
+    kernel = ensure_kernel(kernel_name)
+    trust = registry.trust()
+    gate_run = _GateRun(mv=mv, backend=backend, kernel=kernel, timeout=float(timeout), say=say,
+                        trust=tuple(k.text() for k in trust.keys) if trust else ())
+    run_dir = gates_dir(registry.version_dir(mv.name, mv.version)) / gate_run.run_id
+    with tempfile.TemporaryDirectory(prefix=f"kit-gate-{gate_run.run_id}-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)  # mkdtemp: 0700, this user's; a registry writer cannot reach it
+        log.info("gate %s on %s (backend %s): %d notebook(s) in %s, evidence to %s", gate_run.run_id, mv.ref,
+                 backend, len(plan), work, run_dir)
+        for i, (src, nb, nb_params) in enumerate(plan, 1):
+            gate_run.run(work, src, nb, nb_params, f"[{i}/{len(plan)}]")
+        result = gate_run.result(work, params, round(time.perf_counter() - t0, 2))
+        _write_report_safely(result, gate_run.mv.to_dict())  # the card: the version as verified before the run
+        result = _publish(registry, result, work, run_dir)
+    registry.record_event(
+        mv.name, "gate", version=mv.version, run_id=result.run_id, passed=result.passed,
+        artifact_sha256=mv.artifact_sha256, checks=len(result.checks), failed=[c.name for c in result.failed_checks],
+        error=result.error, report=result.to_dict()["report"], seconds=result.seconds,
+        notebooks=[Path(r.notebook).name for r in result.notebooks], backend=backend,
+    )
+    log.info("gate %s on %s: %s", result.run_id, mv.ref, "passed" if result.passed else f"FAILED: {result.error}")
+    return result
+
+
+def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params: Mapping[str, Any] | None,
+          backend: str | None) -> tuple[str, dict[str, Any], list[tuple[Path, Any, dict[str, Any]]]]:
+    """(backend, the caller's params, [(notebook, its node, its params)]): every notebook read and its
+    parameters checked before any runs (GateError otherwise)."""
     paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
     params = dict(params or {})
     backend = gate_backend(params, backend)
@@ -284,49 +328,59 @@ def run_gate(
     loaded = [(p, _load_notebook(p)) for p in paths]
     auto = {"registry": str(registry.root), "model_name": mv.name, "version": mv.version,
             "caller_dir": str(Path.cwd())}
-    per_nb = []
-    for p, _nb in loaded:  # every notebook is checked before any runs
+    plan = []
+    for p, nb in loaded:
         declared = check_params(p, params)
         if BACKEND_PARAM not in declared and backend != "torch":
             raise GateError(f"{p.name} declares no {BACKEND_PARAM!r} parameter, so it cannot load {mv.ref} with "
                             f"backend {backend}. Add `{BACKEND_PARAM} = \"torch\"` to its cell tagged 'parameters' and "
                             f"load with reg.load(model_name, version, backend={BACKEND_PARAM}).")
         backend_param = {BACKEND_PARAM: backend} if BACKEND_PARAM in declared else {}
-        per_nb.append({**{k: v for k, v in auto.items() if k in declared}, **backend_param, **params})
-    kernel = ensure_kernel(kernel_name)
+        plan.append((p, nb, {**{k: v for k, v in auto.items() if k in declared}, **backend_param, **params}))
+    return backend, params, plan
 
-    run_id, started = _utc_stamp()
-    run_id = f"{run_id}-{uuid.uuid4().hex[:6]}"
-    run_dir = gates_dir(registry.version_dir(mv.name, mv.version)) / run_id
-    run_dir.mkdir(parents=True)
-    log.info("gate %s on %s (backend %s): %d notebook(s), evidence in %s", run_id, mv.ref, backend, len(paths),
-             run_dir)
 
-    all_checks: list[Check] = []
-    runs: list[NotebookRun] = []
-    kernels: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for i, ((src, nb), nb_params) in enumerate(zip(loaded, per_nb), 1):
-        stem = src.stem
-        while stem in used:
+@dataclass
+class _GateRun:
+    """One gate run's private state: what the notebooks recorded, read once from the private folder."""
+
+    mv: Any
+    backend: str
+    kernel: str
+    timeout: float
+    say: Progress
+    trust: tuple[str, ...]  # the public keys the notebook's registry verifies the version against
+    run_id: str = ""
+    started: str = ""
+    checks: list[Check] = field(default_factory=list)
+    runs: list[NotebookRun] = field(default_factory=list)
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    stems: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        stamp, self.started = _utc_stamp()
+        self.run_id = f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+    def run(self, work: Path, src: Path, nb: Any, params: dict[str, Any], step: str) -> None:
+        """Run one notebook in ``work`` and judge what it recorded."""
+        mv, stem = self.mv, src.stem
+        while stem in self.stems:
             stem += "-2"
-        used.add(stem)
-        executed = run_dir / f"{stem}.ipynb"
-        records = run_dir / f"{stem}.checks.jsonl"
-        kernel_log = run_dir / f"{stem}.kernel.log"
-        say(f"[{i}/{len(loaded)}] {src.name}: running on {mv.ref} (backend {backend}) ...")
+        self.stems.add(stem)
+        executed, records, kernel_log = (work / f"{stem}{ext}" for ext in (".ipynb", ".checks.jsonl", ".kernel.log"))
+        self.say(f"{step} {src.name}: running on {mv.ref} (backend {self.backend}) ...")
         t = time.perf_counter()
         status, error, cell, ename, evalue = _run_one(
-            src, nb, executed, records, kernel_log, nb_params, kernel, float(timeout), run_id)
+            src, nb, executed, records, kernel_log, params, self.kernel, self.timeout, self.run_id, self.trust)
         seconds = round(time.perf_counter() - t, 2)
-
-        recs = read_records(records)
+        recs = read_records(records)  # once, from the private folder: nobody else can write it
         nb_checks = [Check.from_dict({**r, "notebook": executed.name}) for r in recs if r.get("kind") == "check"]
-        all_checks.extend(nb_checks)
+        self.checks.extend(nb_checks)
         k = next((r for r in recs if r.get("kind") == "kernel"), None)
         if k:
-            kernels.append({"notebook": executed.name, **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
-        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix, backend)
+            self.kernels.append({"notebook": executed.name,
+                                 **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
+        problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix, self.backend, bool(self.trust))
         if status == "passed":
             failed = [c for c in nb_checks if not c.passed]
             if failed:
@@ -338,37 +392,55 @@ def run_gate(
                 status, error = "failed", f"{src.name}: " + "; ".join(problems)
         elif problems:
             error = f"{error}; also: {'; '.join(problems)}"
-        runs.append(NotebookRun(notebook=str(src), executed=executed, status=status, seconds=seconds,
-                                checks=len(nb_checks), error=error, cell=cell, ename=ename, evalue=evalue,
-                                notebook_sha256=sha256_file(src)))
-        say(f"[{i}/{len(loaded)}] {src.name}: {status}, {len(nb_checks)} check(s) "
-            f"({sum(c.passed for c in nb_checks)} passed) in {seconds:.1f}s")
-        log.info("gate %s: %s %s in %.1fs", run_id, src.name, status, seconds)
+        self.runs.append(NotebookRun(notebook=str(src), executed=executed, status=status, seconds=seconds,
+                                     checks=len(nb_checks), error=error, cell=cell, ename=ename, evalue=evalue,
+                                     notebook_sha256=sha256_file(src)))
+        self.say(f"{step} {src.name}: {status}, {len(nb_checks)} check(s) "
+                 f"({sum(c.passed for c in nb_checks)} passed) in {seconds:.1f}s")
+        log.info("gate %s: %s %s in %.1fs", self.run_id, src.name, status, seconds)
 
-    passed = all(r.ok for r in runs)
-    errors = [r.error for r in runs if r.error]
-    result = GateResult(
-        run_id=run_id, passed=passed, name=mv.name, version=mv.version, artifact_sha256=mv.artifact_sha256,
-        run_dir=run_dir, report=run_dir / REPORT_FILE, checks=tuple(all_checks), notebooks=tuple(runs),
-        error=None if passed else " | ".join(errors) or "the gate did not pass",
-        seconds=round(time.perf_counter() - t0, 2), started=started, params=params,
-        kernel={"name": kernel, "caller_executable": sys.executable, "caller_prefix": sys.prefix,
-                "kernels": kernels},
-        registry_root=Path(registry.root), backend=backend,
-    )
+    def result(self, work: Path, params: dict[str, Any], seconds: float) -> GateResult:
+        """The verdict, from this run's private state only (its paths still in ``work``)."""
+        passed = bool(self.runs) and all(r.ok for r in self.runs)
+        errors = [r.error for r in self.runs if r.error]
+        return GateResult(
+            run_id=self.run_id, passed=passed, name=self.mv.name, version=self.mv.version,
+            artifact_sha256=self.mv.artifact_sha256, run_dir=work, report=work / REPORT_FILE,
+            checks=tuple(self.checks), notebooks=tuple(self.runs),
+            error=None if passed else " | ".join(errors) or "the gate did not pass", seconds=seconds,
+            started=self.started, params=params,
+            kernel={"name": self.kernel, "caller_executable": sys.executable, "caller_prefix": sys.prefix,
+                    "kernels": self.kernels},
+            backend=self.backend,
+        )
+
+
+def _write_report_safely(result: GateResult, meta: Mapping[str, Any]) -> None:
     try:
-        write_report(result)
+        write_report(result, meta)
     except Exception as exc:  # a report that cannot render must not lose the verdict
         log.warning("could not render %s: %s", result.report, exc)
         atomic_write_text(result.report, f"<pre>{html.escape(render_text(result))}\n\n(report rendering "
                                          f"failed: {html.escape(str(exc))})</pre>")
-    registry.sign_evidence(write_result(result))  # result.json.sig: a result forged without the key is no gate
-    registry.record_event(
-        mv.name, "gate", version=mv.version, run_id=run_id, passed=passed, artifact_sha256=mv.artifact_sha256,
-        checks=len(all_checks), failed=[c.name for c in result.failed_checks], error=result.error,
-        report=result.to_dict()["report"], seconds=result.seconds,
-        notebooks=[Path(r.notebook).name for r in runs], backend=backend,
-    )
-    log.info("gate %s on %s: %s", run_id, mv.ref, "passed" if passed else f"FAILED: {result.error}")
-    return result
 
+
+def _publish(registry: Any, result: GateResult, work: Path, run_dir: Path) -> GateResult:
+    """Copy the private run folder's evidence into ``run_dir`` in the registry, then the signature and
+    ``result.json`` made from the same bytes in memory (result.json last: its presence means the run is
+    whole). The result names every copied file's sha256, so its signature covers the evidence too."""
+    run_dir.mkdir(parents=True)
+    files: dict[str, str] = {}
+    for p in sorted(work.iterdir()):
+        if p.is_file() and not p.is_symlink() and p.name != RESULT_FILE:
+            data = p.read_bytes()  # what the gate made; copied and hashed from one read
+            files[p.name] = hashlib.sha256(data).hexdigest()
+            atomic_write_bytes(run_dir / p.name, data)
+    final = dataclasses.replace(
+        result, run_dir=run_dir, report=run_dir / REPORT_FILE, registry_root=Path(registry.root), files=files,
+        notebooks=tuple(dataclasses.replace(n, executed=run_dir / n.executed.name) for n in result.notebooks))
+    data = result_bytes(final)
+    ring = registry.keyring
+    if ring is not None and ring.can_sign():  # a result nobody trusted signed is no gate
+        atomic_write_json(sig_path(run_dir / RESULT_FILE), signature_record(data, ring.signer(), RESULT_FILE))
+    atomic_write_bytes(run_dir / RESULT_FILE, data)
+    return final

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kit import evidence as gate_evidence
 from kit._io import atomic_write_bytes, sha256_file
 from kit.errors import IntegrityError, KitError, ServingError, SignatureError, UnsafeArtifactError
-from kit.gate import evidence as gate_evidence
 from kit.registry.loaded import LoadedModel, VerifiedVersion
 from kit.registry.cache import safe_file_name
 from kit.registry.names import validate_version
@@ -187,7 +187,7 @@ class CheckedStore(Store):
             module, ins = module.to(device), tuple(t.to(device) for t in ins)
         return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch", files)
 
-    # ---- gates (evidence stored beside the version; its format is kit.gate.evidence's)
+    # ---- gates (evidence stored beside the version; its format is kit.evidence's)
     def gate_root(self, name: str, version: int) -> Path:
         return gate_evidence.gates_dir(self.version_dir(name, version))
 

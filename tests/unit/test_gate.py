@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -195,6 +197,43 @@ def test_evidence_problems_catch_another_interpreter_and_another_artifact(tmp_pa
         "validate in the environment that will serve",
         "it loaded artifact m@2 sha256 bbbbbbbbbbbb, not m@1 (aaaaaaaaaaaa)",
     ]
+
+
+
+def test_a_loaded_model_records_who_signed_it_and_a_signed_gate_requires_it(tmp_path):
+    """gate.artifact(model) with what Registry.load returns records the verified key; under a gate whose
+    registry checks signatures, a model loaded without checking (signed_by None) is a problem."""
+    from kit.registry.loaded import LoadedModel
+
+    records = tmp_path / "r.jsonl"
+    gate._begin_run(str(records), "nb.ipynb", "r")
+    mv = types.SimpleNamespace(artifact_sha256="a" * 64, ref="m@1")  # the two fields artifact() reads
+    for signed_by in ("0123456789abcdef", None):
+        gate.artifact(LoadedModel(mv, None, None, (), (), signed_by=signed_by), backend="torch")  # type: ignore[arg-type]
+    recs = [json.loads(line) for line in records.read_text().splitlines()[-2:]]
+    assert [(r["sha256"], r["ref"], r["signed_by"]) for r in recs] == [("a" * 64, "m@1", "0123456789abcdef"),
+                                                                       ("a" * 64, "m@1", None)]
+    kernel = {"kind": "kernel", "executable": sys.executable, "prefix": sys.prefix}
+    assert gate.evidence_problems([kernel, recs[0]], "m@1", "a" * 64, sys.prefix, signed=True) == []
+    assert gate.evidence_problems([kernel, recs[1]], "m@1", "a" * 64, sys.prefix, signed=False) == []
+    assert gate.evidence_problems([kernel, recs[1]], "m@1", "a" * 64, sys.prefix, signed=True) == [
+        "it loaded m@1 without checking its signature; load it through kit.gate.open_registry(registry), which "
+        "verifies it against the gate's trusted keys"]
+    # a ModelVersion (or a sha) says nothing about loading: not held against it
+    assert gate.evidence_problems([kernel, {"kind": "artifact", "sha256": "a" * 64}], "m@1", "a" * 64, sys.prefix,
+                                  signed=True) == []
+
+
+def test_open_registry_under_a_gate_verifies_with_the_gates_keys_only(tmp_path):
+    from kit.signing import KeyStore
+
+    key = KeyStore(tmp_path / "keys").new()
+    gate._begin_run(str(tmp_path / "r.jsonl"), "nb.ipynb", "r", [key.public.text()])
+    reg = gate.open_registry(str(tmp_path / "registry"))
+    assert reg.keyring is not None and reg.keyring.trust().key_ids == (key.key_id,)
+    assert not reg.keyring.can_sign()  # the kernel verifies; it never signs
+    gate._begin_run(str(tmp_path / "r.jsonl"), "nb.ipynb", "r")  # a gate whose registry has no keyring
+    assert gate.open_registry(str(tmp_path / "registry")).keyring is None
 
 
 # ---------------------------------------------------------------- kernels

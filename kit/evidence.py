@@ -1,0 +1,103 @@
+"""Gate evidence as the registry reads it: where a version's gate runs live and what makes one a pass.
+
+Core: it imports the standard library only, so the registry (and through it every serving worker) can use
+it without loading the gate's runner, kernel or recorder (:mod:`kit.gate` writes the evidence and imports
+this module; never the reverse)::
+
+    <registry>/<name>/versions/<n>/gates/<run-id>/
+        result.json       the verdict, written last by the gate process (the only file the gate rule reads)
+        result.json.sig   the gate's signature of result.json's exact bytes (with a keyring)
+        report.html       verdict, model card, checks, then every executed notebook
+        <notebook>.ipynb  the executed notebooks (evidence for people; never read back to decide)
+
+A result passes for a version when it says ``"passed": true`` and names the version's ``artifact_sha256``
+(and, when asked, the backend it judged). Which results count at all (signed by a trusted key, with a
+keyring) is the registry's rule: :meth:`kit.registry.Registry.passing_gate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+GATES_DIR = "gates"
+RESULT_FILE = "result.json"
+REPORT_FILE = "report.html"
+
+
+def gates_dir(version_dir: Path) -> Path:
+    """``versions/<n>/gates``: one folder per gate run of that version."""
+    return Path(version_dir) / GATES_DIR
+
+
+def read_results(version_dir: Path) -> list[dict[str, Any]]:
+    """Every readable ``result.json`` of a version, oldest run first (run ids sort by time). Unsigned:
+    what people are shown; the gate rule reads only signed ones when the registry has a keyring."""
+    root = gates_dir(version_dir)
+    out: list[dict[str, Any]] = []
+    if root.is_dir():
+        for p in sorted(root.glob(f"*/{RESULT_FILE}")):
+            try:
+                d = json.loads(p.read_bytes())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                log.warning("unreadable gate result %s", p)
+                continue
+            if isinstance(d, dict):
+                out.append(d)
+            else:
+                log.warning("gate result %s is not a JSON object", p)
+    return out
+
+
+def result_backend(result: Mapping[str, Any]) -> str:
+    """The backend a result judged (results written before backends: torch)."""
+    return str(result.get("backend") or "torch")
+
+
+def on_backend(results: Sequence[Mapping[str, Any]], backend: str | None) -> list[Mapping[str, Any]]:
+    """``results`` judged on ``backend`` (all of them when None)."""
+    return list(results) if backend is None else [r for r in results if result_backend(r) == backend]
+
+
+def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+                   backend: str | None = None) -> dict[str, Any] | None:
+    """The newest result that passed for exactly this artifact (on ``backend``, when given), if any."""
+    ok = [dict(r) for r in on_backend(results, backend)
+          if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
+    return ok[-1] if ok else None
+
+
+def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+            backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
+    """("passed" | "failed" | "stale" | "-", the deciding result), among the results on ``backend`` when
+    given. "stale": the newest result was recorded for another artifact sha256."""
+    results = on_backend(results, backend)
+    if not results:
+        return "-", None
+    passing = passing_result(results, artifact_sha256)
+    if passing is not None:
+        return "passed", passing
+    last = dict(results[-1])
+    return ("stale" if last.get("artifact_sha256") != artifact_sha256 else "failed"), last
+
+
+def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any]) -> Path | None:
+    """The ``report.html`` of ``result``: beside its result.json, or the path it recorded."""
+    run_id = str(result.get("run_id", ""))
+    if run_id and "/" not in run_id and not run_id.startswith("."):
+        p = gates_dir(version_dir) / run_id / REPORT_FILE
+        if p.is_file():
+            return p
+    rec = result.get("report")
+    if isinstance(rec, str) and rec:
+        p = Path(rec)
+        for cand in (p, Path(registry_root) / p, gates_dir(version_dir) / p):
+            if cand.is_file():
+                return cand.resolve()
+    return None
