@@ -138,6 +138,7 @@ def _guard_events(reg: Registry, version: int) -> list[dict]:
 
 
 def _run_bad_canary(reg: Registry, running, version: int, reason: str, plant=None) -> dict:
+    before = len(_guard_events(reg, version))  # a version may have been a canary (and ended) before
     set_traffic(reg, MODEL, version, 0.5, force=True, why="test")
     _wait_canary(running, version)
     if plant is not None:  # what a registry writer puts in the guard's folder first
@@ -145,10 +146,10 @@ def _run_bad_canary(reg: Registry, running, version: int, reason: str, plant=Non
     t0 = time.time()
     with Load(running.url) as load:
         deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and not _guard_events(reg, version):
+        while time.monotonic() < deadline and len(_guard_events(reg, version)) == before:
             time.sleep(0.1)
         time.sleep(0.5)
-    (ev,) = _guard_events(reg, version)  # one decision, not one per worker
+    (ev,) = _guard_events(reg, version)[before:]  # one decision, not one per worker
     enough = load.enough_at(version, t0)
     assert enough is not None, "the load never gave both sides enough requests"
     decided = dt.datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp()
