@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 4
 XDIST       := -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: help env lock demo test test-image typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
+.PHONY: help env lock demo test test-image test-image-if-changed typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -52,6 +52,14 @@ test: $(STAMP) ## run the whole test suite (unit, integration, e2e) but the cont
 
 test-image: $(STAMP) ## the container image build test (kit pack --image with buildah; >10 min, GBs of disk)
 	$(PY) -m pytest -m image $(PYTEST_ARGS)
+	@.ci/image-key > .ci/image-tested && echo "test-image: passed; recorded its inputs' key in .ci/image-tested (commit it)"
+
+# CI: the image build runs when what it tests (pack, templates, environment, the test) changed since the
+# key recorded by the last passing `make test-image`; `make test-image` runs it on demand.
+test-image-if-changed: $(STAMP)
+	@if [ "$$(.ci/image-key)" = "$$(cat .ci/image-tested 2>/dev/null)" ]; then \
+	  echo "test-image: skipped, its inputs (kit/pack, kit/templates, environment.yml, pyproject.toml, the test) are unchanged since it last passed (.ci/image-tested); run make test-image to force it"; \
+	else $(MAKE) test-image; fi
 
 typecheck: $(STAMP) ## mypy over kit/ (types on public functions; CI runs it)
 	$(PY) -m mypy
