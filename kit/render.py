@@ -143,7 +143,7 @@ CSS = """
 
 def gate_cell(reg: "Registry", mv: "ModelVersion") -> tuple[str, Path | None]:
     """(verdict, report path): ``passed`` (a passing gate for this exact artifact), ``failed``, ``stale``, ``-``."""
-    from kit.gate.evidence import report_path
+    from kit.evidence import report_path
 
     verdict, result = reg.gate_verdict(mv)
     return verdict, (report_path(reg.root, mv.path, result) if result else None)

@@ -1,9 +1,9 @@
 """The model card that opens a gate's report.html: what the registry knows about the version judged.
 
-Made from the version's ``meta.json`` (beside the run folder: ``versions/<n>/gates/<run-id>/``) and the
-run itself, so it needs nothing but the files already there: the signature, the lineage (notebook or script,
-git commit and whether the tree was dirty), the environment it was captured in, its metrics, the data the
-gate was given, and each check with its verdict. Core like :mod:`kit.gate.evidence` (stdlib only).
+Made from the version's ``meta.json`` as the gate verified it before the run (``run_gate`` passes it; read
+beside a run folder, ``versions/<n>/gates/<run-id>/``, when not given) and the run itself: the signature, the
+lineage (notebook or script, git commit and whether the tree was dirty), the environment it was captured in,
+its metrics, the data the gate was given, and each check with its verdict. Standard library only.
 """
 
 from __future__ import annotations
