@@ -3,7 +3,9 @@
 ``%load_ext kit`` registers the IPython magics (see :mod:`kit.magics`).
 """
 
-__version__ = "0.1.0"
+from kit._version import __version__
+
+__all__ = ["__version__", "load_ipython_extension"]
 
 
 def load_ipython_extension(ipython: object) -> None:

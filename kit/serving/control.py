@@ -47,9 +47,9 @@ def v2_ready(svc: Service, _: list[str]) -> Response:
 
 
 def v2_server(svc: Service, _: list[str]) -> Response:
-    import kit
+    from kit._version import __version__
 
-    return Response.json({"name": "kit", "version": getattr(kit, "__version__", "0"),
+    return Response.json({"name": "kit", "version": __version__,
                           "extensions": ["binary_tensor_data"]})
 
 
