@@ -1,15 +1,13 @@
 """The canary guard: a service ends a canary that is worse than production, by itself, once.
 
 Every worker of every instance counts its finished inference requests per side (production, canary) in
-one-second buckets: requests, 5xx errors and a latency histogram (:meth:`CanaryGuard.observe`, called
-from the request-log path, :func:`kit.serving.handlers.log_request`: a lock, a dict lookup, no I/O). A background thread per
-worker, every ``interval`` seconds:
+time slots: requests, 5xx errors and a latency histogram (:meth:`CanaryGuard.observe`, called from
+:func:`kit.serving.handlers.log_request`: a lock, a dict lookup, no I/O). A thread per worker, every
+``interval`` seconds:
 
-1. writes the worker's buckets of the current window to ``<registry>/<model>/guard/<key>/<host>-<pid>.json``
-   (a temp file renamed over it, never through a link), where ``key`` is ``v<canary>-s<aliases serial>``:
-   one folder per canary as every instance sees it in ``aliases.json``. The file carries a MAC under the
-   service's guard key (:mod:`kit.guard_key`), bound to the model, the key and the worker
-   (:mod:`kit.serving.guard_files`);
+1. writes the worker's slots of the window to ``<registry>/<model>/guard/<key>/<host>-<pid>.json``, ``key``
+   being ``v<canary>-s<aliases serial>``, with a MAC under the service's guard key (:mod:`kit.guard_key`)
+   bound to the model, the key and the worker (:mod:`kit.serving.guard_files`);
 2. reads every other worker's file in that folder (all workers of all instances sharing the registry and
    the guard key), size-capped, without following links, MAC checked before it is parsed strictly, and
    sums the buckets inside the window with its own (kept in memory: deleting files cannot blind a worker

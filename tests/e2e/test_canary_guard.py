@@ -22,12 +22,12 @@ import urllib.request
 
 import pytest
 import torch
+from kit_testing import wait_all_workers
 from torch import nn
 
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
 from kit.traffic import set_traffic
-from kit_testing import wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -78,7 +78,7 @@ class Load:
         self.seen: list[tuple[float, int, int]] = []
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self
@@ -227,7 +227,7 @@ class Forger(threading.Thread):
             for name, data in self.files.items():
                 (self.folder / name).write_bytes(data)
 
-    def __enter__(self) -> "Forger":
+    def __enter__(self) -> Forger:
         self.start()
         return self
 

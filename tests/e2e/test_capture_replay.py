@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import project_keyring
 from torch import nn
 
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit_testing import project_keyring
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

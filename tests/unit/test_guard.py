@@ -13,17 +13,25 @@ from typing import Any
 
 import pytest
 import torch
+from kit_testing import three_versions
 
 from kit.errors import ServiceError
 from kit.guard_key import load_or_create_guard_key
 from kit.registry import Registry
-from kit.serving.guard import (CanaryGuard, GuardSettings, SideStats, bucket_of, bucket_upper, decide, merge,
-                               parse_guard_settings)
+from kit.serving.guard import (
+    CanaryGuard,
+    GuardSettings,
+    SideStats,
+    bucket_of,
+    bucket_upper,
+    decide,
+    merge,
+    parse_guard_settings,
+)
 from kit.serving.recorder import CaptureSettings, Recorder, parse_capture_settings
 from kit.signature import Signature, TensorSpec
 from kit.signing import SigningKey
 from kit.traffic import guard_stop, set_traffic
-from kit_testing import three_versions
 
 S = GuardSettings(enabled=True, min_requests=20, window_s=30.0, max_error_rate_increase=0.05, max_p95_ratio=2.0,
                   min_p95_delta_ms=5.0)

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kit.errors import ServiceError
+from kit.servicegen import render
 from kit.serving.config import JwtSettings, load_service_config
 from kit.serving.openapi import build_openapi, leaf_schema
 from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, Unauthorized, hash_key
-from kit.servicegen import render
 
 SECRET = "s3cret-" + "x" * 40
 NOW = int(time.time())  # parametrize values only (collected once); tests take now()
