@@ -203,6 +203,7 @@ class CanaryGuard:
         self.rejected: dict[str, str] = {}  # file -> why, under the current key (what /readyz shows)
         self.rejected_total = 0
         self._swept = 0.0
+        self._share_error: str | None = None
         self._sides: tuple[int | None, int | None] = (None, None)  # (production, canary) versions now
         self._key: str | None = None
         self._key_since = 0.0  # when this worker first saw the current key
@@ -269,7 +270,7 @@ class CanaryGuard:
             if self._key is not None and self._wrote:
                 gf.forget(self.model_dir, self._key, self.worker + ".json")  # that split is over: history now
             self._key, self._sides, self.window, self._key_since = key, (prod, canary), {}, now
-            self._wrote, self._seen_seq, self.rejected = False, {}, {}
+            self._wrote, self._seen_seq, self.rejected, self._good = False, {}, {}, set()
         if key is None or key in self._decided:
             return None
         since = now - self.settings.window_s
@@ -313,11 +314,17 @@ class CanaryGuard:
                                                       self._slot_s, own))
                     self._wrote = True
                 others = self._read_others(fd, key, name, now)
+                self._share_error = None
                 if now - self._swept >= self.settings.window_s:
                     self._sweep(fd, key, now)
                 return others
         except gf.WindowFileRejected as exc:  # the folder itself: a link or not ours; judge on own counts
             self._reject(f"guard/{key}", exc)
+            return []
+        except OSError as exc:  # a read-only or unmounted registry: judge on own counts, say so once
+            if self._share_error != str(exc):
+                log.error("%s: canary guard cannot share its counts (judging this worker's alone): %s", self.model, exc)
+            self._share_error = str(exc)
             return []
 
     def _read_others(self, fd: int, key: str, own_name: str, now: float) -> list[Mapping[str, Any]]:
@@ -421,7 +428,7 @@ class CanaryGuard:
     def status(self) -> dict[str, Any]:
         """What /readyz shows under ``canary_guard``."""
         s = self.settings
-        return {"enabled": s.enabled, "key": self._key, "error": self.error or self._key_error, "window_s": s.window_s,
+        return {"enabled": s.enabled, "key": self._key, "error": self.error or self._key_error or self._share_error, "window_s": s.window_s,
                 "min_requests": s.min_requests, "window": {side: st.describe() for side, st in self.window.items()},
                 "guard_key": self.key.key_id if self.key is not None else None,
                 "rejected_files": {"total": self.rejected_total, "now": dict(self.rejected)},
