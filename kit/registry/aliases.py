@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kit import evidence as gate_evidence
 from kit._io import atomic_write_bytes, read_capped
 from kit.errors import IntegrityError, KitError, PromotionRefusedError, SignatureError
-from kit.gate import evidence as gate_evidence
 from kit.registry.integrity import CheckedStore
 from kit.registry.movelog import aliases_of
 from kit.registry.moves import MAX_RECORD_BYTES, Move, envelope, guard_registration, read_guard_registration
