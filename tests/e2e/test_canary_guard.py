@@ -319,6 +319,35 @@ def test_forged_evidence_cannot_step_a_canary(tmp_path):
     assert body["canary_guard"]["rejected_files"]["now"]["evil-1.json"].startswith("auth: ")
 
 
+def test_the_guard_ends_a_canary_with_a_move_signed_by_the_service_guard_key(tmp_path):
+    """A signed registry: the service trusts only the project's key, the canary's signed start delegates to the
+    service's guard key (registered by a person), and the guard's end is a move record that key signed."""
+    from kit.guard_key import load_or_create_guard_key
+    from kit.signing import Keyring
+
+    keys = Keyring(tmp_path / "keys")
+    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=keys)
+    for model in (Lookup(100, 1), Lookup(80, 3)):
+        reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
+    reg.promote(MODEL, 1, force=True, why="test")
+    d = generate("signed", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, poll_interval=0.2,
+                 guard_min_requests=MIN, guard_window_s=30.0, guard_interval_s=0.5,
+                 trusted_keys=keys.service_keys())
+    guard = load_or_create_guard_key(d)
+    reg.register_guard_key(MODEL, guard.public.text(), service="signed", steps=[])
+    with start_service(d, timeout=90) as running:
+        set_traffic(reg, MODEL, 2, 0.5, force=True, why="test")
+        _wait_canary(running, 2)
+        with Load(running.url):
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and not _guard_events(reg, 2):
+                time.sleep(0.1)
+    (ev,) = _guard_events(reg, 2)
+    assert ev["by_guard"] and ev["evidence"]["reason"] == "errors"
+    a = Registry(reg.root, require_gate=False, keyring=Keyring.verify_only(keys.trust())).aliases(MODEL)
+    assert (a.production, a.canary, a.signed_by) == (1, None, guard.key_id)  # a reader follows the guard's move
+
+
 def test_progressive_steps_promote_a_healthy_gated_canary(tmp_path):
     """steps = [50, 100], hold 2 s: a healthy canary with a passing gate goes 10% -> 50% -> production."""
     from kit_testing import pass_gate
