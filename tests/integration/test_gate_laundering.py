@@ -129,3 +129,22 @@ def test_the_signed_result_binds_the_published_evidence(tmp_path, registered):
     d = json.loads(path.read_bytes())
     assert d["run_dir"] == str(result.run_dir.relative_to(reg.root))
     assert d["notebooks"][0]["executed"] == str((result.run_dir / "bad_model.ipynb").relative_to(reg.root))
+
+
+def test_a_planted_link_cannot_redirect_the_gates_writes(tmp_path, registered):
+    """The registry's gates/ folder replaced by a link to a folder outside it: the gate writes nothing
+    there (every component is opened without following links) and says what is wrong; no result exists."""
+    from kit.errors import GateError
+
+    reg, mv = registered
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    gates = reg.gate_root(mv.name, mv.version)
+    if gates.exists():
+        gates.rmdir()
+    gates.symlink_to(outside, target_is_directory=True)
+    nb = _failing_notebook(tmp_path / "bad_model.ipynb")
+    with pytest.raises(GateError, match="Cannot write the gate's evidence .* at 'gates'"):
+        gate.run_gate(reg, mv.name, mv.version, notebooks=[nb], timeout=120)
+    assert list(outside.iterdir()) == []
+    assert reg.passing_gate(mv) is None
