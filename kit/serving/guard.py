@@ -196,7 +196,7 @@ class CanaryGuard:
         self._slot_s = gf.slot_width(settings.window_s)
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, int], list[Any]] = {}  # (side, slot start) -> [n, err, {bucket: count}]
-        self._seq = 0  # this worker's file sequence: only goes forward
+        self._seq = 0  # this worker's file sequence (from the clock, in ms): only goes forward
         self._wrote = False  # this worker has a file in the current key's folder
         self._seen_seq: dict[str, int] = {}  # other workers' highest seq read under the current key
         self._good: set[str] = set()  # workers whose files verified (read first when there are many)
@@ -309,7 +309,7 @@ class CanaryGuard:
                 if fd is None:
                     return []
                 if has_counts or self._wrote:
-                    self._seq += 1
+                    self._seq = max(self._seq + 1, int(now * 1000))  # forward across restarts under one name too
                     gf.write_file(fd, name, gf.encode(self._mac_key, self.model, key, self.worker, self._seq, now,
                                                       self._slot_s, own))
                     self._wrote = True

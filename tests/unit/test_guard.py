@@ -474,3 +474,27 @@ def test_capture_files_are_private_and_the_cap_covers_every_worker_past_and_pres
     files = list(cap.glob("m-*.jsonl"))
     assert sum(p.stat().st_size for p in files) <= 6144 + 2048
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in files if p.name.startswith(f"m-{rec.worker}"))
+
+
+def test_a_worker_restarted_under_the_same_name_is_still_counted(tmp_path):
+    """Containers restart with the same host name and pids: the restarted worker's first file must not look
+    like a replay of its predecessor's (seq comes from the clock, so it still only goes forward)."""
+    import time
+
+    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    set_traffic(reg, "m", 2, 0.5)
+    g0, g1 = _guards(reg)
+    now = time.time()
+    for g in (g0, g1):
+        g.tick(now=now)
+    for _ in range(50):  # the predecessor wrote many files: a counter would be far ahead of a fresh one
+        g1.observe(2, 200, 0.001)
+        g1.tick(now=now)
+    g0.tick(now=now)
+    (again,) = _guards(reg, 1)
+    again.worker = "host-1"
+    again.tick(now=now + 1)
+    again.observe(2, 200, 0.001)
+    again.tick(now=now + 1)
+    g0.tick(now=now + 1)
+    assert g0.window["canary"].requests == 1 and not g0.status()["rejected_files"]["now"]
