@@ -493,7 +493,9 @@ def make_guard(settings: GuardSettings | None, registry: Any, model: str, slots:
         return None
     key, key_error = None, None
     try:
-        key = load_or_create_guard_key(service_dir if service_dir is not None else Path("."))
+        if service_dir is None:
+            raise SigningKeyError("no service folder to keep the guard key in")
+        key = load_or_create_guard_key(service_dir)
     except SigningKeyError as exc:  # judge on this worker's counts only, and say why on /readyz
         key_error = f"no guard key, so this worker neither shares nor reads window files: {exc}"
         log.error("%s: canary guard: %s", model, key_error)
