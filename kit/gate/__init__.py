@@ -17,7 +17,8 @@ The modules:
 - :mod:`kit.gate.params`: the one parser of gate parameters (``%deploy --param``, ``kit validate -p``)
   and what a notebook declares.
 - :mod:`kit.gate.kernel`: the kernel a gate runs in.
-- :mod:`kit.gate.runner`: :func:`run_gate`.
+- :mod:`kit.gate.runner`: :func:`run_gate` (the notebooks run in a private folder of the gate process).
+- :mod:`kit.gate.publish`: the run's evidence into the registry, once the verdict is decided and signed.
 """
 
 from kit.gate.evidence import (

@@ -22,8 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import atomic_write_text
-from kit.evidence import (GATES_DIR, REPORT_FILE, RESULT_FILE, SCHEMA, gates_dir, on_backend, passing_result,
-                          read_results, report_path, result_backend, verdict)
+from kit.evidence import (
+    GATES_DIR,
+    REPORT_FILE,
+    RESULT_FILE,
+    SCHEMA,
+    gates_dir,
+    on_backend,
+    passing_result,
+    read_results,
+    report_path,
+    result_backend,
+    verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ class Check:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Check":
+    def from_dict(cls, d: Mapping[str, Any]) -> Check:
         return cls(name=str(d["name"]), passed=d["passed"] is True, value=d.get("value"),
                    threshold=d.get("threshold"), detail=d.get("detail"), notebook=d.get("notebook"))
 

@@ -86,7 +86,7 @@ def checks() -> tuple[Check, ...]:
     return tuple(_session)
 
 
-def summary() -> "CheckTable":
+def summary() -> CheckTable:
     """A table of this kernel's checks; displays as HTML in a notebook and as text elsewhere."""
     return CheckTable(tuple(_session))
 

@@ -7,13 +7,10 @@ a kernel that does not exist. The evidence it leaves is described in :mod:`kit.g
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import hashlib
 import html
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -24,13 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import atomic_write_text, sha256_file
-from kit.errors import GateError
-from kit.gate.evidence import (GATES_DIR, REPORT_FILE, RESULT_FILE, Check, GateResult, NotebookRun, gates_dir,
-                               read_records, render_text, result_bytes, write_report)
+from kit.errors import GateError, KitError
+from kit.gate.evidence import (
+    REPORT_FILE,
+    Check,
+    GateResult,
+    NotebookRun,
+    gates_dir,
+    read_records,
+    render_text,
+    write_report,
+)
 from kit.gate.kernel import _kernel_manager_class, ensure_kernel
 from kit.gate.params import AUTO_PARAMS, BACKEND_PARAM, check_params, gate_backend
+from kit.gate.publish import publish
 from kit.gate.record import kit_location
-from kit.signing import sig_path, signature_record
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ Progress = Callable[[str], None]
 
 
 def _utc_stamp() -> tuple[str, str]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z",
             now.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
 
@@ -276,12 +281,7 @@ def run_gate(
     """
     say = progress or (lambda _line: None)
     t0 = time.perf_counter()
-    mv = registry.get(name, version)
-    bad = [r for r in registry.verify(mv.name, mv.version) if not r.ok]
-    if bad:
-        raise GateError(f"{mv.ref} fails verification (signature of meta.json, sha256 of its files: "
-                        f"{'; '.join(bad[0].problems)}); a gate on it would prove nothing. Restore the files or "
-                        "register the model again.")
+    mv = _verified(registry, name, version)
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     backend, params, plan = _plan(registry, mv, notebooks, params, backend)
@@ -298,7 +298,7 @@ def run_gate(
             gate_run.run(work, src, nb, nb_params, f"[{i}/{len(plan)}]")
         result = gate_run.result(work, params, round(time.perf_counter() - t0, 2))
         _write_report_safely(result, gate_run.mv.to_dict())  # the card: the version as verified before the run
-        result = _publish(registry, result, work, run_dir)
+        result = publish(registry, result, work, run_dir)
     registry.record_event(
         mv.name, "gate", version=mv.version, run_id=result.run_id, passed=result.passed,
         artifact_sha256=mv.artifact_sha256, checks=len(result.checks), failed=[c.name for c in result.failed_checks],
@@ -307,6 +307,25 @@ def run_gate(
     )
     log.info("gate %s on %s: %s", result.run_id, mv.ref, "passed" if result.passed else f"FAILED: {result.error}")
     return result
+
+
+def _verified(registry: Any, name: str, version: int | str) -> Any:
+    """The version to gate, as verified: meta.json read once, its signature checked (with a keyring), the
+    ModelVersion parsed from those bytes, then every file's sha256 against it. The artifact sha256 the
+    signed result names is that one, never a second read of meta.json a writer could have swapped."""
+    from kit.registry.integrity import file_problems
+
+    mv = registry.get(name, version)  # resolves production/canary/latest, and says so when there is no such version
+    try:
+        mv = registry.verified(mv.name, mv.version).version
+        problems = file_problems(mv)
+    except KitError as exc:  # SignatureError, IntegrityError: unsigned, untrusted, changed or copied here
+        problems = [str(exc)]
+    if problems:
+        raise GateError(f"{mv.ref} fails verification (signature of meta.json, sha256 of its files: "
+                        f"{'; '.join(problems)}); a gate on it would prove nothing. Restore the files or "
+                        "register the model again.")
+    return mv
 
 
 def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params: Mapping[str, Any] | None,
@@ -423,78 +442,3 @@ def _write_report_safely(result: GateResult, meta: Mapping[str, Any]) -> None:
         log.warning("could not render %s: %s", result.report, exc)
         atomic_write_text(result.report, f"<pre>{html.escape(render_text(result))}\n\n(report rendering "
                                          f"failed: {html.escape(str(exc))})</pre>")
-
-
-def _publish(registry: Any, result: GateResult, work: Path, run_dir: Path) -> GateResult:
-    """Copy the private run folder's evidence into ``run_dir`` in the registry, then the signature and
-    ``result.json`` made from the same bytes in memory (result.json last: its presence means the run is
-    whole). The result names every copied file's sha256, so its signature covers the evidence too."""
-    files: dict[str, str] = {}
-    with _RegistryFolder(Path(registry.root), run_dir) as out:
-        for p in sorted(work.iterdir()):
-            if p.is_file() and not p.is_symlink() and p.name != RESULT_FILE:
-                data = p.read_bytes()  # what the gate made; copied and hashed from one read
-                files[p.name] = hashlib.sha256(data).hexdigest()
-                out.write(p.name, data)
-        final = dataclasses.replace(
-            result, run_dir=run_dir, report=run_dir / REPORT_FILE, registry_root=Path(registry.root), files=files,
-            notebooks=tuple(dataclasses.replace(n, executed=run_dir / n.executed.name) for n in result.notebooks))
-        data = result_bytes(final)
-        ring = registry.keyring
-        if ring is not None and ring.can_sign():  # a result nobody trusted signed is no gate
-            sig = signature_record(data, ring.signer(), RESULT_FILE)
-            out.write(sig_path(Path(RESULT_FILE)).name, (json.dumps(sig, indent=2, sort_keys=True) + "\n").encode())
-        out.write(RESULT_FILE, data)
-    return final
-
-
-class _RegistryFolder:
-    """A new run folder under the registry, reached without following links: each component below the
-    registry root is opened with ``O_NOFOLLOW`` and files are written relative to the folder's descriptor
-    (a fresh name, fsync, rename), so a writer who plants a symlink in the registry cannot send the gate's
-    writes elsewhere; the run folder itself must not exist yet."""
-
-    def __init__(self, root: Path, run_dir: Path):
-        self.path = run_dir
-        parts = run_dir.relative_to(root).parts
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                if last or part == GATES_DIR:
-                    try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        if last:
-                            raise GateError(f"The gate's run folder {run_dir} already exists: something else wrote "
-                                            "into the registry. Run the gate again.") from None
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-        except OSError as exc:
-            os.close(fd)
-            raise GateError(f"Cannot write the gate's evidence to {run_dir}: {exc.strerror} at {part!r} (a link or a "
-                            "file where the registry keeps a folder: someone else wrote into the registry). Restore "
-                            "that folder and run the gate again.") from exc
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-
-    def write(self, name: str, data: bytes) -> None:
-        tmp = f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=self.fd),
-                       "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-
-    def __enter__(self) -> "_RegistryFolder":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            os.fsync(self.fd)  # the renames are durable before the gate reports its verdict
-        finally:
-            os.close(self.fd)
