@@ -7,23 +7,32 @@ each user input must be. This module builds exactly that from the JSON that :mod
 already held to its grammar: ATen operator calls with tensor, scalar, list, dtype, layout, device and
 symbolic-size arguments, and the Python operators on sizes. Anything else -- control flow (higher-order
 operators), custom objects, symbolic outputs it cannot name -- raises :class:`~kit._program.Unsupported`
-and the program is built by torch's deserializer instead.
+(torch's deserializer builds it only when the loader trusts the signer).
+
+No text from the artifact reaches the Python source torch.fx generates: placeholders and nodes are named
+by Kit (``input_0``, FX's own names from the resolved operator), the JSON's names are only keys of a dict.
+Call targets resolve to an ``OpOverload`` of ``aten``/``prims`` through namespace -> packet -> overload,
+or to a fixed table of Python operators that refuse ints outside int64. Sizes a node creates a tensor from
+(``full``/``zeros``/``empty``/``new_*``/``arange``/``expand``/``repeat``/``pad``/``upsample``...) are bounded
+before allocation: at load when they are constants, by a check node before the operator when they come
+from input sizes (:func:`check_size`, a microsecond per such node per call).
 """
 
 from __future__ import annotations
 
-import json
 import keyword
 import math
 import operator
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch._export.serde import schema
 
 from kit._program import ExportedForward, Unsupported, UserInput
-from kit.artifacts import MappedTensors, Pt2Archive
+from kit._pt2_grammar import INT64, MATH_FUNCTIONS, OP_TARGET, PY_OPERATORS, SYM_FUNCTIONS, is_identifier
+from kit.artifacts import DEFAULT_LIMITS, Limits, MappedTensors, Pt2Archive, tensor_limit
+from kit.errors import UnsafeArtifactError
 
 _DTYPES = {
     "BYTE": torch.uint8, "CHAR": torch.int8, "SHORT": torch.int16, "INT": torch.int32, "LONG": torch.int64,
@@ -59,11 +68,129 @@ def dtype_of(value: Any) -> torch.dtype:
     return _enum(_DTYPES, schema.ScalarType, value, "scalar type")
 
 
+class Refused(Exception):
+    """The program does something Kit never runs (the loader turns it into ``UnsafeArtifactError``)."""
+
+
+def _int_result(name: str, value: Any) -> Any:
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        raise UnsafeArtifactError(f"Refusing to run the model: its Python operator {name} made an integer "
+                                  "outside int64. Re-capture the model with kit.capture.capture().")
+    return value
+
+
+def _python_op(name: str) -> Callable[..., Any]:
+    """``operator.<name>`` whose int results must fit int64; shifts and powers are refused before they
+    compute one that would not (``1 << 10**9`` is a gigabit integer)."""
+    fn = getattr(operator, name)
+    if name not in ("lshift", "pow", "mul", "add", "sub", "neg", "abs", "floordiv", "invert"):
+        return fn  # comparisons, getitem, bitwise and/or/xor, rshift, mod, truediv: no bigger than their inputs
+
+    def op(*args: Any) -> Any:
+        if name in ("lshift", "pow") and all(isinstance(a, int) for a in args):
+            base, exp = args
+            if exp > 63 and (name == "lshift" and base != 0 or name == "pow" and abs(base) > 1):
+                raise UnsafeArtifactError(f"Refusing to run the model: its Python operator {name}({base}, {exp}) "
+                                          "would make an integer outside int64. Re-capture it with kit.capture.")
+        return _int_result(name, fn(*args))
+
+    op.__name__ = op.__qualname__ = f"kit_{name}"
+    return op
+
+
+_PY_OPS = {name: _python_op(name) for name in PY_OPERATORS}
+
+
+def resolve_target(text: str) -> Any:
+    """The callable of a call target the grammar allowed: an ``OpOverload`` of an allowed namespace (looked
+    up as namespace -> packet -> overload, never an attribute of ``torch.ops`` itself), a Python operator,
+    ``math`` function or ``torch.sym_*`` function from a fixed table. Control flow is :class:`Unsupported`."""
+    head, _, rest = text.partition(".")
+    if head == "_operator" and rest in _PY_OPS:
+        return _PY_OPS[rest]
+    if head == "math" and rest in MATH_FUNCTIONS:
+        return getattr(math, rest)
+    if head == "torch" and rest in SYM_FUNCTIONS:
+        return getattr(torch, rest)
+    if text.startswith("torch.ops.higher_order."):
+        raise Unsupported(f"control flow ({text})")
+    m = OP_TARGET.fullmatch(text)
+    if m is None or not all(is_identifier(m[p]) or m[p].startswith("_") and is_identifier(m[p][1:])
+                            for p in ("packet", "overload")):
+        raise Refused(f"calls {text[:120]!r}, not an operator of aten or prims")
+    try:
+        packet = getattr(getattr(torch.ops, m["ns"]), m["packet"])
+        overload = getattr(packet, m["overload"]) if m["overload"] in packet.overloads() else None
+    except (AttributeError, RuntimeError):
+        overload = None
+    if not isinstance(overload, torch._ops.OpOverload):
+        raise Refused(f"calls {text[:120]!r}, which is no operator overload this torch knows")
+    return overload
+
+
+# Sizes: list arguments of these names give an output's shape (or its padding, repeats, scales); single
+# ints of these operators count its elements. Strides are bounds-checked by torch against the storage.
+_COUNTS = {"eye": ("n", "m"), "one_hot": ("num_classes",), "linspace": ("steps",), "logspace": ("steps",),
+           "randperm": ("n",), "repeat_interleave": ("repeats",), "bincount": ("minlength",), "histc": ("bins",),
+           "tril_indices": ("row", "col"), "triu_indices": ("row", "col"), "multinomial": ("num_samples",),
+           "unfold": ("size",)}
+_SCALE_NAMES = re.compile(r"scales?(_[hwd])?|scale_factors?")
+
+
+def _size_args(target: Any) -> list[str]:
+    """Names of the arguments of ``target`` that decide how many elements its output holds."""
+    packet = target._schema.name.split("::", 1)[1]
+    names = []
+    for a in target._schema.arguments:
+        kind = str(a.type)
+        kind = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+        if "stride" in a.name:
+            continue
+        if kind == "List[int]" or (_SCALE_NAMES.fullmatch(a.name) and kind in ("List[float]", "float")):
+            names.append(a.name)
+        elif kind in ("int", "number") and (a.name in _COUNTS.get(packet, ()) or packet == "arange"):
+            names.append(a.name)
+    return names
+
+
+def _elements(values: list[Any], arange: bool) -> float:
+    """An upper bound of the elements an operator makes from its size arguments: the product of
+    (|v| + 1) over every size (the +1 admits 0 and -1), or for ``arange`` its number of steps."""
+    if arange:  # arange(end), arange(start, end), arange(start, end, step)
+        start, end, step = ([0, *values] if len(values) == 1 else values + [1])[:3] if len(values) < 3 else values
+        return abs(float(end) - float(start)) / abs(float(step)) + 1 if step else 1.0
+    n = 1.0
+    for v in values:
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if x is not None:
+                n *= abs(float(x)) + 1
+    return n
+
+
+_RAISE_TENSOR_LIMIT = "Raise [model] max_tensor_bytes (0 derives it from the model's size) if the model needs that."
+
+
+def _size_problem(what: str, arange: bool, limit: int, itemsize: int, values: list[Any]) -> str | None:
+    n = _elements(values, arange) * itemsize
+    if n <= limit:
+        return None
+    return f"its {what} would make a tensor of about {n:.3g} bytes, over the limit of {limit}"
+
+
+def check_size(what: str, arange: bool, limit: int, itemsize: int, *values: Any) -> None:
+    """Refuse a call whose operator ``what`` would make a tensor over ``limit`` bytes (a check node the
+    builder puts before an operator whose sizes come from input sizes)."""
+    problem = _size_problem(what, arange, limit, itemsize, list(values))
+    if problem:
+        raise UnsafeArtifactError(f"Refusing to run the model: at these input sizes {problem}. {_RAISE_TENSOR_LIMIT}")
+
+
 class _Builder:
-    def __init__(self, program: dict[str, Any]):
+    def __init__(self, program: dict[str, Any], tensor_limit: int = 1 << 62):
         self.program = program
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
+        self.limit = tensor_limit
 
     # ---- arguments
     def _node(self, name: Any) -> torch.fx.Node:
@@ -111,31 +238,50 @@ class _Builder:
 
     # ---- nodes
     def target(self, text: str) -> Any:
-        """Resolve a call target the grammar allowed (``torch.ops.ns.op.overload``, ``_operator.x``, ...)."""
-        head, _, rest = text.partition(".")
-        if head == "_operator":
-            return getattr(operator, rest)
-        if head == "math":
-            return getattr(math, rest)
-        if text.startswith("torch.ops.higher_order."):
-            raise Unsupported(f"control flow ({text})")
-        obj: Any = torch
-        for part in rest.split("."):
-            obj = getattr(obj, part)
-        return obj
+        """Resolve a call target (:func:`resolve_target`)."""
+        return resolve_target(text)
 
     def call(self, node: dict[str, Any]) -> None:
         target = self.target(node["target"])
         inputs = node["inputs"]
         if isinstance(target, torch._ops.OpOverload) and target is not torch.ops.aten.item.default:
             args, kwargs = self._schema_args(target, inputs)
-        elif isinstance(target, torch._ops.OpOverload) or not isinstance(target, torch._ops.OperatorBase):
+            self._bound_sizes(target, inputs, kwargs)
+        elif isinstance(target, torch._ops.OpOverload):
             args, kwargs = tuple(self.arg(i["arg"]) for i in inputs), {}
-        else:
-            raise Unsupported(f"operator {node['target']}")
-        name = node.get("name") or None
-        fx = self.graph.create_node("call_function", target, args, kwargs, name)
+        else:  # a Python operator: on sizes and scalars, never on tensors
+            args, kwargs = tuple(self.arg(i["arg"]) for i in inputs), {}
+            if any(isinstance(a, torch.fx.Node) and a.op != "call_function" or isinstance(a, list) for a in args) \
+                    or any(k in ("as_tensor", "as_tensors") for i in inputs for k in i["arg"]):
+                raise Refused(f"applies {node['target']} to a tensor")
+            if not any(isinstance(a, torch.fx.Node) for a in args):
+                try:  # constants: what it makes is known now
+                    target(*args)
+                except UnsafeArtifactError as exc:
+                    raise Refused(str(exc).removeprefix("Refusing to run the model: ")) from None
+                except Exception:  # noqa: BLE001  (ZeroDivisionError and the like: the call itself fails later)
+                    pass
+        fx = self.graph.create_node("call_function", target, args, kwargs)  # FX names it from the operator
         self._outputs(node["outputs"], fx)
+
+    def _bound_sizes(self, target: Any, inputs: list[dict[str, Any]], kwargs: dict[str, Any]) -> None:
+        """Check the sizes ``target`` makes a tensor from: now when they are constants, else per call."""
+        names = _size_args(target)
+        if not names:
+            return
+        given = {i["name"]: self.arg(i["arg"]) for i in inputs if i["name"] in names}
+        values = [given[n] for n in names if n in given]
+        dtype = kwargs.get("dtype")
+        itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+        what = str(target).removeprefix("aten.")
+        arange = what.startswith("arange")
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        if any(isinstance(x, torch.fx.Node) for x in flat):
+            self.graph.create_node("call_function", check_size, (what, arange, self.limit, itemsize, *values))
+            return
+        problem = _size_problem(what, arange, self.limit, itemsize, values)
+        if problem:
+            raise Refused(f"{problem}. {_RAISE_TENSOR_LIMIT}")
 
     def _schema_args(self, target: Any, inputs: list[dict[str, Any]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments as torch's deserializer places them: positional or keyword by the recorded kind."""
@@ -176,22 +322,19 @@ class _Builder:
                 continue
             if kind != "as_tensor":
                 raise Unsupported(f"an operator output of kind {kind}")
-            item = self.graph.create_node("call_function", operator.getitem, (fx, i), {}, value["name"])
+            item = self.graph.create_node("call_function", operator.getitem, (fx, i), {})
             self._name(value["name"], item)
 
     def _name(self, name: str, fx: torch.fx.Node) -> None:
-        self.env[name] = fx
+        self.env[name] = fx  # the artifact's name is a key here, never a name in the generated source
 
     # ---- the whole graph
     def build(self) -> torch.fx.GraphModule:
         graph = self.program["graph_module"]["graph"]
-        for inp in graph["inputs"]:
+        for i, inp in enumerate(graph["inputs"]):
             if "as_tensor" not in inp:
                 raise Unsupported(f"a graph input of kind {next(iter(inp))}")
-            name = inp["as_tensor"]["name"]
-            ph = self.graph.placeholder(name)
-            ph.name = name
-            self.env[name] = ph
+            self._name(inp["as_tensor"]["name"], self.graph.placeholder(f"input_{i}"))
         for node in graph["nodes"]:
             self.call(node)
         outs = [self.arg(o) for o in graph["outputs"]]
@@ -248,9 +391,11 @@ def _user_input(program: dict[str, Any], name: str) -> UserInput:
     return UserInput(name, tuple(dims), dtype_of(meta["dtype"]), tuple(symbols))
 
 
-def build(archive: Pt2Archive) -> ExportedForward:
-    """The callable program of an inspected archive; :class:`Unsupported` when torch's deserializer must."""
-    program = json.loads(archive.program_json)
+def build(archive: Pt2Archive, limits: Limits | None = None) -> ExportedForward:
+    """The callable program of an inspected archive; :class:`Unsupported` when torch's deserializer must,
+    :class:`Refused` for what Kit never runs. ``limits`` (:class:`kit.artifacts.Limits`) bounds the tensors
+    the program makes from sizes (default: derived from the model's size)."""
+    program = archive.program
     if program.get("schema_version", {}).get("major") != schema.SCHEMA_VERSION[0]:
         raise Unsupported(f"program schema {program.get('schema_version')}, Kit knows {schema.SCHEMA_VERSION}")
     sig = program["graph_module"]["signature"]
@@ -261,7 +406,8 @@ def build(archive: Pt2Archive) -> ExportedForward:
         raise Unsupported("user inputs are not the last placeholders")
     if any(_spec(o)[0] != "user_output" for o in sig["output_specs"]):
         raise Unsupported("the program mutates buffers or returns more than user outputs")
-    graph_module = _Builder(program).build()
+    model_bytes = sum(e.size for rel, e in archive.entries.items() if rel.startswith(("data/weights/", "data/constants/")))
+    graph_module = _Builder(program, tensor_limit(limits or DEFAULT_LIMITS, model_bytes)).build()
     user = [_spec(s)[1]["arg"] for s in specs[len(specs) - n_user:]]
     if any("as_tensor" not in u for u in user):
         raise Unsupported("a user input is not a tensor")

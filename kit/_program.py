@@ -3,7 +3,8 @@
 Loading builds the program's graph straight from the archive's checked JSON (:mod:`kit._fx_build`): no
 ``torch.export.load``, no torch deserializer (whose import alone pulls in ``torch._dynamo``, about a second
 on a small machine), no ``ExportedProgram``. A program that uses what the builder does not know (control
-flow, custom objects) is built by torch's deserializer instead, from the same checked JSON.
+flow, buffer mutation) is refused unless the caller trusts the signer (``Limits.trust_deserializer``):
+then torch's deserializer builds it from the same checked JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from kit.artifacts import DEFAULT_LIMITS, Limits, inspect_pt2, load_exported_program
+from kit.errors import UnsafeArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +169,25 @@ def load_program(path: Path, limits: Limits = DEFAULT_LIMITS) -> torch.nn.Module
 
     :func:`kit.artifacts.inspect_pt2` checks the archive first (``UnsafeArtifactError`` naming the entry);
     the weights are then mapped from the file, shared between processes, never copied per worker. The
-    graph is built from the checked JSON by :func:`kit._fx_build.build` when it can be (fast: no torch
-    deserializer), else by torch's deserializer.
+    graph is built from the checked JSON by :func:`kit._fx_build.build` (fast: no torch deserializer), the
+    tensors it makes from sizes bounded by ``limits.max_tensor_bytes``. What the builder does not know
+    (control flow, buffer mutation) is refused (``UnsafeArtifactError``) unless ``limits.trust_deserializer``.
     """
     from kit import _fx_build
 
     archive = inspect_pt2(Path(path), limits)
     try:
-        return _fx_build.build(archive)
+        return _fx_build.build(archive, limits)
+    except _fx_build.Refused as why:
+        fix = "" if str(why).endswith(".") else ". Kit runs only ATen operators and size arithmetic from an " \
+            "artifact: re-capture the model with kit.capture.capture()."
+        raise UnsafeArtifactError(f"Refusing to load {path}: {why}{fix}") from None
     except Unsupported as why:
-        log.info("%s: building the program with torch's deserializer (%s)", path, why)
+        if not limits.trust_deserializer:
+            raise UnsafeArtifactError(
+                f"Refusing to load {path}: it needs torch's deserializer ({why}), which Kit does not run by "
+                "default: that path trusts the signer (no bound on what the program allocates). Re-capture "
+                "without control flow or buffer mutation, or load it with "
+                "kit.artifacts.Limits(trust_deserializer=True) if you trust whoever signed it.") from None
+        log.warning("%s: building the program with torch's deserializer, trusting its signer (%s)", path, why)
     return exported_forward(load_exported_program(archive))

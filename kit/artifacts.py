@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit._pt2_grammar import program_text_problem
+from kit._pt2_grammar import ProgramTextError, is_dotted, parse_program, program_text_problem
 from kit.errors import UnsafeArtifactError
 
 GiB = 1 << 30
@@ -41,12 +41,19 @@ class Limits:
     max_entries : number of zip entries.
     max_ratio : uncompressed / compressed size of a compressed entry (zip bombs); stored entries have 1.
     max_json_bytes : the program and config JSON (parsed into Python objects, so ~10x in memory).
+    max_tensor_bytes : the most one tensor a program creates from sizes may hold (``[model]
+        max_tensor_bytes``); 0: derived from the model, the larger of 256 MiB and 16x its weights' bytes.
+    trust_deserializer : build what Kit's FX builder does not know (control flow, buffer mutation) with
+        torch's deserializer. Off by default: that path trusts the signer (its names and node metadata reach
+        code torch generates, and nothing bounds what it allocates).
     """
 
     max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     max_entries: int = 10_000
     max_ratio: float = 50.0
     max_json_bytes: int = 256 << 20
+    max_tensor_bytes: int = 0
+    trust_deserializer: bool = False
 
 
 DEFAULT_LIMITS = Limits()
@@ -73,6 +80,7 @@ class Pt2Archive:
     program_json: bytes
     weights: dict[str, dict[str, Any]]
     constants: dict[str, dict[str, Any]]
+    program: dict[str, Any]  # program_json parsed once, checked; what the loaders build from
 
 
 _RECAPTURE = "Re-capture the model with kit.capture.capture() and register it again."
@@ -226,6 +234,8 @@ def _payload_config(path: Path, root: str, rel: str, prefix: str,
     if not isinstance(config, dict):
         raise _refuse(path, f"{where} is not a payload config")
     for fqn, meta in config.items():
+        if not is_dotted(fqn):
+            raise _refuse(path, f"{where} names a tensor {fqn[:120]!r}, not dotted identifiers")
         if not isinstance(meta, dict):
             raise _refuse(path, f"{where}: {fqn!r} is not a payload entry")
         if meta.get("use_pickle") is not False:
@@ -244,9 +254,11 @@ def _dir(rel: str) -> str:
     return rel.rsplit("/", 1)[0] + "/"
 
 
-def _check_program(path: Path, where: str, raw: bytes) -> None:
+def _check_program(path: Path, where: str, raw: bytes) -> dict[str, Any]:
     try:
-        program = json.loads(raw)
+        program = parse_program(raw)
+    except ProgramTextError as exc:
+        raise _refuse(path, f"{where} holds {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise _refuse(path, f"{where} is not JSON ({exc})") from exc
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
@@ -254,6 +266,7 @@ def _check_program(path: Path, where: str, raw: bytes) -> None:
     problem = program_text_problem(program)
     if problem:
         raise _refuse(path, f"{where} {problem}")
+    return program
 
 
 # --------------------------------------------------------------------------- entry points
@@ -276,9 +289,9 @@ def inspect_pt2(path: Path, limits: Limits = DEFAULT_LIMITS) -> Pt2Archive:
             raise _refuse(path, f"entry {root}/{rel} is {entries[rel].size} bytes, over {limits.max_json_bytes}")
     weights = _payload_config(path, root, _WEIGHTS_CONFIG, "weight_", entries)
     constants = _payload_config(path, root, _CONSTANTS_CONFIG, "tensor_", entries)
-    program = read_entry(path, entries[_PROGRAM])
-    _check_program(path, f"{root}/{_PROGRAM}", program)
-    return Pt2Archive(path, root, entries, program, weights, constants)
+    raw = read_entry(path, entries[_PROGRAM])
+    program = _check_program(path, f"{root}/{_PROGRAM}", raw)
+    return Pt2Archive(path, root, entries, raw, weights, constants, program)
 
 
 _RESAVE = "Save examples with kit.capture.save_examples()."
@@ -315,7 +328,7 @@ def load_exported_program(archive: Pt2Archive) -> Any:
     constants = {fqn: file_map.tensor(f"data/constants/{m['path_name']}", m, param=False)
                  for fqn, m in archive.constants.items()}
     try:
-        serialized = _dict_to_dataclass(schema.ExportedProgram, json.loads(archive.program_json))
+        serialized = _dict_to_dataclass(schema.ExportedProgram, archive.program)
         return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
     except Exception as exc:  # torch raises many types for a malformed program; translate at the boundary
         raise UnsafeArtifactError(
@@ -388,13 +401,22 @@ def save_program(program: Any, path: Path) -> None:
         program.example_inputs = saved
 
 
-def limits_for(max_bytes: int | None) -> Limits:
-    """The default limits with ``max_bytes`` (``[model] max_artifact_bytes``) in place, if given."""
-    if max_bytes is None:
-        return DEFAULT_LIMITS
-    if max_bytes <= 0:
+def limits_for(max_bytes: int | None, max_tensor_bytes: int | None = None) -> Limits:
+    """The default limits with ``max_bytes`` (``[model] max_artifact_bytes``) and ``max_tensor_bytes``
+    (``[model] max_tensor_bytes``, 0: derived from the model) in place, if given."""
+    if max_bytes is not None and max_bytes <= 0:
         raise UnsafeArtifactError(f"max_artifact_bytes must be positive, got {max_bytes}.")
-    return Limits(max_bytes=max_bytes)
+    if max_tensor_bytes is not None and max_tensor_bytes < 0:
+        raise UnsafeArtifactError(f"max_tensor_bytes must be 0 (derived from the model) or positive, got "
+                                  f"{max_tensor_bytes}.")
+    return Limits(max_bytes=DEFAULT_MAX_ARTIFACT_BYTES if max_bytes is None else max_bytes,
+                  max_tensor_bytes=max_tensor_bytes or 0)
+
+
+def tensor_limit(limits: Limits, model_bytes: int) -> int:
+    """The most one tensor a program creates may hold: ``limits.max_tensor_bytes``, or when 0 the larger
+    of 256 MiB and 16x the model's weights (a model's activations per call rarely exceed its weights much)."""
+    return limits.max_tensor_bytes or max(GiB // 4, 16 * model_bytes)
 
 
 def check_version_files(directory: Path, limits: Limits = DEFAULT_LIMITS) -> None:

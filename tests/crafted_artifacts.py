@@ -166,3 +166,130 @@ def object_npz(marker: Path, dst: Path) -> Path:
     with open(dst, "wb") as f:
         np.savez(f, input_0=arr, output_0=np.zeros((1, 2), dtype=np.float32))
     return dst
+
+
+# --------------------------------------------------------------------------- hostile programs
+# A signed model's program JSON may be hostile: names that would be Python in the code torch.fx generates,
+# call targets outside ATen, sizes that allocate without bound. Each edit keeps the archive otherwise valid.
+
+def _program_edit(change: Callable[[dict], None]) -> Callable[[dict[str, bytes]], None]:
+    def edit(files: dict[str, bytes]) -> None:
+        program = json.loads(files["models/model.json"])
+        change(program)
+        files["models/model.json"] = json.dumps(program).encode()
+    return edit
+
+
+def _rename(obj: object, old: str, new: str) -> object:
+    """The graph name ``old`` -> ``new`` wherever it names a value: a tensor argument ``{"name": ...}``, a
+    symbol's ``as_name``, a key of a values table (never a schema argument's name)."""
+    if isinstance(obj, dict):
+        if list(obj) == ["name"] and obj["name"] == old:
+            return {"name": new}
+        return {(new if k == old else k): (new if k == "as_name" and v == old else _rename(v, old, new))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rename(v, old, new) for v in obj]
+    return obj
+
+
+def python_name(marker: Path, which: str) -> Callable[[dict[str, bytes]], None]:
+    """The user input (``which="input"``), the first node (``"node"``: its name and its output's) or the
+    graph output (``"output"``) renamed to Python that creates ``marker`` if it reaches generated code: as
+    the last parameter, ``x=<expr>`` is a default value, evaluated when torch.fx exec's ``forward``."""
+    evil = f"x=__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def change(program: dict) -> None:
+        graph = program["graph_module"]["graph"]
+        if which == "input":
+            old = graph["inputs"][-1]["as_tensor"]["name"]
+        elif which == "node":
+            old = graph["nodes"][0]["outputs"][0]["as_tensor"]["name"]
+            graph["nodes"][0]["name"] = evil
+        else:
+            old = graph["outputs"][0]["as_tensor"]["name"]
+        program.update(_rename(program, old, evil))  # type: ignore[arg-type]
+    return _program_edit(change)
+
+
+def call_target(target: str, inputs: list | None = None) -> Callable[[dict[str, bytes]], None]:
+    """The ReLU node's target replaced (and its inputs, if given)."""
+    def change(program: dict) -> None:
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].endswith("relu.default"))
+        node["target"] = target
+        if inputs is not None:
+            node["inputs"] = inputs
+    return _program_edit(change)
+
+
+def full_of(size: list[int]) -> Callable[[dict[str, bytes]], None]:
+    """The ReLU node replaced by ``aten.full(size, 1.0)``: a tensor from a shape in the JSON."""
+    return call_target("torch.ops.aten.full.default", [
+        {"name": "size", "arg": {"as_ints": size}, "kind": 1},
+        {"name": "fill_value", "arg": {"as_float": 1.0}, "kind": 1}])
+
+
+def python_operator_on(target: str, a: int, b: int) -> Callable[[dict[str, bytes]], None]:
+    """A node computing ``target(a, b)`` on JSON ints (``_operator.lshift``, 1, 10**9: a gigabit int)."""
+    def change(program: dict) -> None:
+        graph = program["graph_module"]["graph"]
+        graph["nodes"].insert(0, {"target": target, "inputs": [
+            {"name": "a", "arg": {"as_int": a}, "kind": 1}, {"name": "b", "arg": {"as_int": b}, "kind": 1}],
+            "outputs": [{"as_sym_int": {"as_name": "big"}}], "metadata": {}, "name": "big"})
+        graph["sym_int_values"]["big"] = {"as_int": 0}
+    return _program_edit(change)
+
+
+def huge_json_int(files: dict[str, bytes]) -> None:
+    """The user input's recorded dim 1 as 10**30 (Python's json would parse it into a 100-bit int)."""
+    def change(program: dict) -> None:
+        graph = program["graph_module"]["graph"]
+        graph["tensor_values"][graph["inputs"][-1]["as_tensor"]["name"]]["sizes"][1] = {"as_int": 10**30}
+    _program_edit(change)(files)
+
+
+def symbolic_full(k: int) -> Callable[[dict[str, bytes]], None]:
+    """The ReLU node replaced by ``aten.full([batch * k, 5], 1.0)``: a size computed from the input's."""
+    def change(program: dict) -> None:
+        graph = program["graph_module"]["graph"]
+        user = graph["inputs"][-1]["as_tensor"]["name"]
+        graph["nodes"][:0] = [
+            {"target": "torch.ops.aten.sym_size.int", "inputs": [
+                {"name": "self", "arg": {"as_tensor": {"name": user}}, "kind": 1},
+                {"name": "dim", "arg": {"as_int": 0}, "kind": 1}],
+             "outputs": [{"as_sym_int": {"as_name": "rows"}}], "metadata": {}, "name": "rows"},
+            {"target": "_operator.mul", "inputs": [
+                {"name": "a", "arg": {"as_sym_int": {"as_name": "rows"}}, "kind": 1},
+                {"name": "b", "arg": {"as_int": k}, "kind": 1}],
+             "outputs": [{"as_sym_int": {"as_name": "many"}}], "metadata": {}, "name": "many"}]
+        node = next(n for n in graph["nodes"] if n["target"].endswith("relu.default"))
+        node["target"] = "torch.ops.aten.full.default"
+        node["inputs"] = [{"name": "size", "arg": {"as_sym_ints": [{"as_name": "many"}, {"as_int": 5}]}, "kind": 1},
+                          {"name": "fill_value", "arg": {"as_float": 1.0}, "kind": 1}]
+    return _program_edit(change)
+
+
+def onnx_generator(dst: Path, op: str, sizes: list, *, constant_node: bool = False) -> Path:
+    """A ~120-byte ``model.onnx`` whose ``op`` (``ConstantOfShape``, ``Expand``, ``Tile``, ``Range``) makes
+    a tensor from ``sizes`` held as an initializer (or a ``Constant`` node), then adds the input ``x``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = list(zip(("start", "limit", "delta"), sizes)) if op == "Range" else [
+        ("repeats" if op == "Tile" else "shape", sizes)]
+    nodes, inits = [], []
+    for name, value in consts:
+        array = np.array(value, np.int64)
+        if constant_node:
+            nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array)))
+        else:
+            inits.append(numpy_helper.from_array(array, name))
+    first = {"ConstantOfShape": [], "Expand": ["x"], "Tile": ["x"], "Range": []}[op]
+    nodes += [helper.make_node(op, first + [n for n, _ in consts], ["big"]),
+              helper.make_node("Add", ["big", "x"] if op != "Range" else ["big", "big"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT if op != "Range" else TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT if op != "Range" else TensorProto.INT64, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(dst))
+    return dst

@@ -245,3 +245,24 @@ def test_service_backend_setting_and_its_checks(registry, tagger_capture, tmp_pa
     registry.promote("inv", 1, force=True, why="test")
     with pytest.raises(ServiceError, match="inv@1 \\(production\\) has no model.onnx.*linalg_inv_ex"):
         generate("svc3", "inv", registry=registry.root, out_dir=tmp_path, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("op,sizes", [("ConstantOfShape", [20000, 20000]), ("Expand", [20000, 20000]),
+                                      ("Tile", [20000, 20000]), ("Range", [0, 1 << 40, 1])])
+@pytest.mark.parametrize("constant_node", [False, True])
+def test_generators_with_huge_constant_sizes_are_refused(tmp_path, op, sizes, constant_node):
+    """Issue 17 class 2: a 100-byte model.onnx asking onnxruntime for 1.6 GB is refused before it opens."""
+    import crafted_artifacts as ca
+    from kit._onnx_scan import check_onnx
+    from kit.artifacts import Limits
+
+    bad = ca.onnx_generator(tmp_path / "model.onnx", op, sizes, constant_node=constant_node)
+    assert bad.stat().st_size < 300
+    with pytest.raises(UnsafeArtifactError, match=rf"its {op} node would make a tensor of about .* over the "
+                                                  r"limit of 268435456.*max_tensor_bytes"):
+        check_onnx(bad, Limits())
+    small = [2, 3] if op != "Range" else [0, 6, 1]
+    ok = ca.onnx_generator(tmp_path / "ok.onnx", op, small, constant_node=constant_node)
+    assert check_onnx(ok, Limits()) == [ok]
+    with pytest.raises(UnsafeArtifactError, match="over the limit of 8"):
+        check_onnx(ok, Limits(max_tensor_bytes=8))
