@@ -77,6 +77,8 @@ SETTINGS: tuple[Setting, ...] = (
        rule=('"torch" or "onnxruntime"', lambda v: v in ("torch", "onnxruntime"))),
     _s("model", "max_artifact_bytes", int, 8 << 30, "the most a version's files may expand to when opened (zip bombs)",
        rule=_ONE),
+    _s("model", "max_tensor_bytes", int, 0, "the most one tensor a program makes from sizes may hold; 0: max(256 MiB, "
+       "16x the weights)", rule=_NONNEG),
     _s("routing", "version_header", str, "X-Kit-Version", 'explicit version override ("" disables it)'),
     _s("routing", "user_header", str, "X-Kit-User", "sticky canary routing key"),
     _s("reload", "poll_interval", float, 0.5, "seconds between stats of aliases.json", rule=_POS),

@@ -138,7 +138,8 @@ class CheckedStore(Store):
         return key.key_id
 
     def load(self, name: str, ref: int | str | None = None, *, backend: str = "torch", check_env: bool = True,
-             max_artifact_bytes: int | None = None, threads: int = 0, device: str = "cpu") -> LoadedModel:
+             max_artifact_bytes: int | None = None, threads: int = 0, device: str = "cpu",
+             max_tensor_bytes: int = 0) -> LoadedModel:
         """Load a version for inference: meta.json verified from one read (:meth:`verified`), the
         environment checked for ``backend``, every file copied into the local verified cache while hashed
         (:mod:`kit.registry.cache`), then mapped and parsed from the cache, never from the registry.
@@ -146,7 +147,8 @@ class CheckedStore(Store):
         ``backend="torch"``: the exported program (tensors in and out). ``backend="onnxruntime"``: an
         onnxruntime session over ``model.onnx`` (numpy in, a tuple of numpy out; torch is never imported),
         with ``threads`` intra-op threads (0: onnxruntime's default) on ``device`` (``cpu``, ``cuda[:N]``).
-        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB).
+        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB);
+        ``max_tensor_bytes`` what one tensor the program makes from sizes may hold (0: derived from its size).
         """
         from kit.artifacts import limits_for
         from kit.env import Fingerprint, diff, fingerprint
@@ -161,7 +163,7 @@ class CheckedStore(Store):
         if check_env:
             drift = diff(Fingerprint.from_dict(mv.env), fingerprint(), backend=backend)
             drift.raise_for_errors(f"This environment (for {mv.ref} on backend {backend})")
-        limits = limits_for(max_artifact_bytes)
+        limits = limits_for(max_artifact_bytes, max_tensor_bytes)
         # every file copied into the private cache while hashed (one read), then mapped and parsed from there
         files = self.cache.materialize(vv, limits.max_bytes)
         signature = Signature.from_dict(mv.signature)

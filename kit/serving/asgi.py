@@ -125,6 +125,7 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     threads = worker_plan(config)[1]  # workers x threads <= cores: torch's (set in post_fork) or onnxruntime's
     slots = ModelSlots(registry, config.model, device=config.device, backend=backend, threads=threads,
                        check_env=config.check_env, max_artifact_bytes=config.max_artifact_bytes,
+                       max_tensor_bytes=config.max_tensor_bytes,
                        batching=config.batching, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                        poll_interval=config.poll_interval, retry_max=config.retry_max, metrics=metrics)
     slots.refresh()  # the initial load, before this worker accepts a connection

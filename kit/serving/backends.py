@@ -30,11 +30,13 @@ Forward = Callable[[tuple[Any, ...]], tuple[Any, ...]]
 
 
 def load_for_serving(registry: Any, model: str, version: int, *, backend: str, device: str, threads: int,
-                     check_env: bool, max_artifact_bytes: int | None) -> tuple[Any, Forward]:
+                     check_env: bool, max_artifact_bytes: int | None,
+                     max_tensor_bytes: int = 0) -> tuple[Any, Forward]:
     """(verified LoadedModel, its numpy ``forward``), the reference output checked. Off the request path."""
     if backend == "onnxruntime":
         loaded = registry.load(model, version, backend="onnxruntime", threads=threads, device=device,
-                               check_env=check_env, max_artifact_bytes=max_artifact_bytes)  # sha256 + env
+                               check_env=check_env, max_artifact_bytes=max_artifact_bytes,
+                               max_tensor_bytes=max_tensor_bytes)  # sha256 + env
         loaded.check_reference()  # warm-up and the stored reference output, on numpy
         return loaded, _ort_forward(loaded.module, loaded.signature)
     if backend != "torch":
@@ -42,6 +44,7 @@ def load_for_serving(registry: Any, model: str, version: int, *, backend: str, d
                            f"{list(BACKENDS)}.")
     device = resolve_torch_device(device)
     loaded = registry.load(model, version, check_env=check_env, max_artifact_bytes=max_artifact_bytes,
+                           max_tensor_bytes=max_tensor_bytes,
                            device=device)  # the registry moves the module and the example to the device
     loaded.check_reference()  # warm-up and the stored reference output
     return loaded, _torch_forward(loaded.module, device, loaded.signature)

@@ -80,6 +80,7 @@ class ServiceConfig:
     check_env: bool = _o("check_env")
     backend: str = "torch"
     max_artifact_bytes: int = _o("max_artifact_bytes")  # [model]: the most a model's files may expand to when opened
+    max_tensor_bytes: int = _o("max_tensor_bytes")  # [model]: the most one tensor a program makes may hold (0: derived)
     version_header: str = _o("version_header")  # "" disables the override
     user_header: str = _o("user_header")
     poll_interval: float = _o("poll_interval")

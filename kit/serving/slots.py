@@ -67,7 +67,7 @@ class ModelSlots:
     """The versions one worker serves for one model, kept in step with ``aliases.json``."""
 
     def __init__(self, registry: Any, model: str, *, device: str = "cpu", backend: str = "torch", threads: int = 0,
-                 check_env: bool = True, max_artifact_bytes: int | None = None,
+                 check_env: bool = True, max_artifact_bytes: int | None = None, max_tensor_bytes: int = 0,
                  batching: bool = True, max_batch: int = 64, max_wait_ms: float = 0.0,
                  poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Any = None):
         self.registry = registry
@@ -77,6 +77,7 @@ class ModelSlots:
         self.threads = threads  # onnxruntime's intra-op threads (the worker plan's torch_threads; 0: its default)
         self.check_env = check_env
         self.max_artifact_bytes = max_artifact_bytes
+        self.max_tensor_bytes = max_tensor_bytes
         self.batching = batching
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
@@ -211,7 +212,8 @@ class ModelSlots:
         t0 = time.perf_counter()
         loaded, forward = load_for_serving(self.registry, self.model, version, backend=self.backend,
                                            device=self.device, threads=self.threads, check_env=self.check_env,
-                                           max_artifact_bytes=self.max_artifact_bytes)
+                                           max_artifact_bytes=self.max_artifact_bytes,
+                                           max_tensor_bytes=self.max_tensor_bytes)
         sig = loaded.signature
         max_batch = max(1, min(self.max_batch, sig.max_batch))
         warm_up(forward, loaded, max_batch)  # the largest batch too: no first-call cost on the request path

@@ -161,3 +161,27 @@ def test_torch_deserializer_fallback_is_refused_unless_trusted(tmp_path):
     x = torch.randn(2, 4)
     trusted = load_program(tmp_path / "model.pt2", Limits(trust_deserializer=True))
     torch.testing.assert_close(trusted(x), model(x))
+
+
+def test_service_toml_max_tensor_bytes_reaches_registry_load(tmp_path):
+    from kit.registry import Registry
+    from kit.serving.config import load_service_config
+    from kit.servicegen import generate
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + torch.zeros(2)  # aten.zeros([2]): a tensor made from a constant size
+
+    reg = Registry(tmp_path / "registry", require_gate=False, user="t")
+    reg.register("padded", Padded(), torch.randn(2, 3))
+    d = generate("padded", "padded", registry=reg.root, out_dir=tmp_path / "services", max_tensor_bytes=4)
+    assert "max_tensor_bytes = 4" in (d / "service.toml").read_text()
+    cfg = load_service_config(d, environ={})
+    assert cfg.max_tensor_bytes == 4
+    with pytest.raises(UnsafeArtifactError, match=r"zeros.default would make a tensor .* over the limit of 4"):
+        reg.load("padded", 1, max_tensor_bytes=cfg.max_tensor_bytes)
+    reg.load("padded", 1)  # the default (derived: 256 MiB) admits it
