@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from kit import gate
-from kit.gate import kernel as gate_kernel
-from kit.gate import record
 from kit.cli import cli
 from kit.errors import GateError
+from kit.gate import kernel as gate_kernel
+from kit.gate import record
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "notebooks" / "gate"
