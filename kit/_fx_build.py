@@ -72,30 +72,38 @@ class Refused(Exception):
     """The program does something Kit never runs (the loader turns it into ``UnsafeArtifactError``)."""
 
 
-def _int_result(name: str, value: Any) -> Any:
-    if isinstance(value, int) and not -INT64 <= value < INT64:
-        raise UnsafeArtifactError(f"Refusing to run the model: its Python operator {name} made an integer "
-                                  "outside int64. Re-capture the model with kit.capture.capture().")
-    return value
+def _too_big(what: str) -> UnsafeArtifactError:
+    return UnsafeArtifactError(f"Refusing to run the model: its Python operator {what} makes an integer outside "
+                               "int64. Re-capture the model with kit.capture.capture().")
+
+
+def _kit_mul(a: Any, b: Any) -> Any:
+    r = a * b
+    if isinstance(r, int) and not -INT64 <= r < INT64:
+        raise _too_big(f"mul({a}, {b})")
+    return r
+
+
+def _kit_lshift(a: Any, b: Any) -> Any:
+    if b > 62 and a:  # refused before Python builds a b-bit integer (1 << 10**9 is 125 MB)
+        raise _too_big(f"lshift({a}, {b})")
+    return _kit_mul(a, 1 << b) if b >= 0 else a << b
+
+
+def _kit_pow(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and b > 63 and abs(a) > 1:
+        raise _too_big(f"pow({a}, {b})")
+    return _kit_mul(a ** b, 1)
+
+
+# Only these can grow an int by more than a bit per node (a chain of squarings doubles its bits each
+# time); add/sub add at most one bit, the rest never grow one. Inputs are int64: JSON ints are refused
+# outside it at parse, sizes and items of tensors are in it.
+_BOUNDED = {"mul": _kit_mul, "lshift": _kit_lshift, "pow": _kit_pow}
 
 
 def _python_op(name: str) -> Callable[..., Any]:
-    """``operator.<name>`` whose int results must fit int64; shifts and powers are refused before they
-    compute one that would not (``1 << 10**9`` is a gigabit integer)."""
-    fn = getattr(operator, name)
-    if name not in ("lshift", "pow", "mul", "add", "sub", "neg", "abs", "floordiv", "invert"):
-        return fn  # comparisons, getitem, bitwise and/or/xor, rshift, mod, truediv: no bigger than their inputs
-
-    def op(*args: Any) -> Any:
-        if name in ("lshift", "pow") and all(isinstance(a, int) for a in args):
-            base, exp = args
-            if exp > 63 and (name == "lshift" and base != 0 or name == "pow" and abs(base) > 1):
-                raise UnsafeArtifactError(f"Refusing to run the model: its Python operator {name}({base}, {exp}) "
-                                          "would make an integer outside int64. Re-capture it with kit.capture.")
-        return _int_result(name, fn(*args))
-
-    op.__name__ = op.__qualname__ = f"kit_{name}"
-    return op
+    return _BOUNDED.get(name) or getattr(operator, name)
 
 
 _PY_OPS = {name: _python_op(name) for name in PY_OPERATORS}
@@ -137,9 +145,16 @@ _COUNTS = {"eye": ("n", "m"), "one_hot": ("num_classes",), "linspace": ("steps",
 _SCALE_NAMES = re.compile(r"scales?(_[hwd])?|scale_factors?")
 
 
+# views and reshapes keep their input's element count (torch checks it): their sizes allocate nothing new
+_SAME_NUMEL = frozenset({"view", "reshape", "_unsafe_view", "unflatten", "view_copy", "_reshape_alias",
+                         "_reshape_copy"})
+
+
 def _size_args(target: Any) -> list[str]:
     """Names of the arguments of ``target`` that decide how many elements its output holds."""
     packet = target._schema.name.split("::", 1)[1]
+    if packet in _SAME_NUMEL:
+        return []
     names = []
     for a in target._schema.arguments:
         kind = str(a.type)
