@@ -6,7 +6,6 @@ this is the layer below them, for a registry without trusted keys or a key that 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -17,7 +16,7 @@ import torch
 
 import crafted_artifacts as ca
 from kit.errors import PackError, ServiceError, UnsafeArtifactError
-from kit.registry import Registry, artifact_digest
+from kit.registry import Registry
 from kit.servicegen import generate, start_service
 from kit_testing import wait_all_workers
 
@@ -27,14 +26,7 @@ MODEL = "victim"
 
 def _plant(reg: Registry, version: int, payload, marker) -> None:
     """Replace version's model.pt2 with a crafted one and re-hash meta.json so `kit verify` says ok."""
-    mv = reg.get(MODEL, version)
-    pt2 = mv.path / "model.pt2"
-    ca.rewrite(pt2, pt2.with_suffix(".tmp"), payload(marker)).replace(pt2)
-    meta_path = mv.path / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["files"]["model.pt2"] = hashlib.sha256(pt2.read_bytes()).hexdigest()
-    meta["artifact_sha256"] = artifact_digest(meta["files"])
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    ca.plant(reg, MODEL, version, payload(marker))
     assert all(r.ok for r in reg.verify(MODEL, version)), "the forgery passes sha256 verification"
 
 
