@@ -182,6 +182,11 @@ def load_program(path: Path, limits: Limits = DEFAULT_LIMITS) -> torch.nn.Module
         fix = "" if str(why).endswith(".") else ". Kit runs only ATen operators and size arithmetic from an " \
             "artifact: re-capture the model with kit.capture.capture()."
         raise UnsafeArtifactError(f"Refusing to load {path}: {why}{fix}") from None
+    except UnsafeArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, RecursionError) as exc:
+        raise UnsafeArtifactError(f"Refusing to load {path}: its program is malformed ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}). Re-capture the model with kit.capture.capture().") from exc
     except Unsupported as why:
         if not limits.trust_deserializer:
             raise UnsafeArtifactError(

@@ -185,3 +185,12 @@ def test_service_toml_max_tensor_bytes_reaches_registry_load(tmp_path):
     with pytest.raises(UnsafeArtifactError, match=r"zeros.default would make a tensor .* over the limit of 4"):
         reg.load("padded", 1, max_tensor_bytes=cfg.max_tensor_bytes)
     reg.load("padded", 1)  # the default (derived: 256 MiB) admits it
+
+
+def test_a_malformed_program_is_an_unsafe_artifact_not_a_crash(good, tmp_path):
+    def drop_inputs(program):
+        del program["graph_module"]["graph"]["nodes"][0]["inputs"]
+
+    bad = _crafted(good, tmp_path, ca._program_edit(drop_inputs))
+    with pytest.raises(UnsafeArtifactError, match=r"its program is malformed \(KeyError: 'inputs'\)"):
+        load_program(bad)
