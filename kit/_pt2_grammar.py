@@ -37,7 +37,8 @@ OP_NAMESPACES = ("aten", "prims")
 OP_TARGET = re.compile(r"torch\.ops\.(?P<ns>aten|prims)\.(?P<packet>_?[a-z][a-z0-9_]{0,99})"
                        r"\.(?P<overload>[A-Za-z][A-Za-z0-9_]{0,99})")
 # aten operators that read files, print, swap storages or skip bounds checks: never in a captured model
-_DENIED_PACKETS = re.compile(r".*(file|unsafe|_print|cufft|pin_memory|record_stream).*|set|set_|set_data")
+# (_unsafe_view is a plain view: torch.export writes it for matmul reshapes)
+_DENIED_PACKETS = re.compile(r"(?!_unsafe_view$).*(file|unsafe|_print|cufft|pin_memory|record_stream).*|set|set_|set_data")
 # Python operators on sizes (torch.export records SymInt arithmetic as these), by fixed table
 PY_OPERATORS = frozenset({
     "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",
