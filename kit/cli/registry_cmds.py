@@ -99,7 +99,9 @@ def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
 @json_option
 @pass_kit
 def history_cmd(k: Context, name: str, as_json: bool) -> None:
-    """The audit log of NAME: registrations, gates, promotions, canaries, rollbacks."""
+    """The audit log of NAME: registrations, gates, and every signed move record (promotions, canaries,
+    rollbacks), each checked: SIGNED (by a trusted key), GUARD (by a delegated guard key, within its
+    authority), UNSIGNED (a registry without keys) or REFUSED (with why). Exits 1 when any record is refused."""
     events = k.registry().history(parse_ref(name)[0])
     if as_json:
         return emit_json(events)
@@ -118,9 +120,28 @@ def history_cmd(k: Context, name: str, as_json: bool) -> None:
             detail.append("FORCED")
         if e.get("why"):
             detail.append(f"why: {e['why']}")
-        rows.append([e.get("ts", "")[:19].replace("T", " "), e.get("event"), e.get("version", ""),
-                     e.get("user", ""), " ".join(detail)])
-    click.echo(table(rows, ["WHEN (UTC)", "EVENT", "VERSION", "WHO", "DETAIL"]))
+        if e.get("problem"):
+            detail.append(f"problem: {e['problem']}")
+        rows.append([str(e.get("ts") or "")[:19].replace("T", " "), e.get("event"), e.get("version", ""),
+                     e.get("user", ""), _move_mark(e), " ".join(detail)])
+    click.echo(table(rows, ["WHEN (UTC)", "EVENT", "VERSION", "WHO", "RECORD", "DETAIL"]))
+    refused = [e for e in events if e.get("verified") is False]
+    if refused:
+        raise KitError(f"{len(refused)} move record(s) of {parse_ref(name)[0]} failed verification (serials "
+                       f"{', '.join(str(e.get('serial')) for e in refused)}): services do not follow them. Remove "
+                       "the files a registry writer put there, or restore them from a copy you trust.")
+
+
+def _move_mark(e: dict) -> str:
+    """How a history line was checked: a move record's signature, or '-' for an (unsigned) event."""
+    if e.get("verified") is None:
+        return "-"
+    if e.get("verified") is False:
+        return "REFUSED"
+    serial = f" #{e.get('serial')}"
+    if e.get("by_guard"):
+        return f"GUARD {e.get('signed_by')}{serial}"
+    return (f"SIGNED {e.get('signed_by')}" if e.get("signed_by") else "UNSIGNED") + serial
 
 
 _force = click.option("--force", is_flag=True, help="Skip the gate requirement (recorded as forced).")
@@ -180,17 +201,37 @@ def rollback_cmd(k: Context, name: str, why: str | None) -> None:
 
 @click.group("aliases")
 def aliases_group() -> None:
-    """Inspect or repair aliases.json."""
+    """Inspect, repair or migrate aliases.json (a signed copy of the newest move record)."""
 
 
 @aliases_group.command("repair")
 @click.argument("name")
 @pass_kit
 def aliases_repair(k: Context, name: str) -> None:
-    """Rebuild NAME's aliases.json from the newest snapshot in its audit log."""
+    """Rewrite NAME's aliases.json as a copy of its newest move record that verifies."""
     n = parse_ref(name)[0]
     a = k.registry().repair_aliases(n, user=k.config.user)
     click.echo("repaired " + aliases_line(n, a))
+
+
+@aliases_group.command("migrate")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Sign without asking (after the state is shown).")
+@pass_kit
+def aliases_migrate(k: Context, name: str, yes: bool) -> None:
+    """Sign the unsigned aliases.json of a registry written before signed moves as NAME's first move record.
+
+    Run it where the project's signing key is (a key holder): the state it signs is what services will
+    follow. It is shown first; check it (and `kit history NAME`) before you confirm."""
+    n = parse_ref(name)[0]
+    reg = k.registry()
+    plan = reg.plan_migration(n)
+    click.echo(f"will sign, as serial {plan.serial + 1}: {aliases_line(n, plan)}"
+               + (f" (previous: {', '.join(map(str, plan.previous))})" if plan.previous else ""))
+    if not yes:
+        click.confirm("Sign this state with your key?", abort=True)
+    a = reg.migrate_aliases(n, user=k.config.user, expect=plan)
+    click.echo(f"signed by {a.signed_by}: {aliases_line(n, a)} (serial {a.serial})")
 
 
 @click.command("env")
