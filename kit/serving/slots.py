@@ -152,6 +152,8 @@ class ModelSlots:
 
     def _apply(self) -> bool:
         self._check_reachable()
+        # the newest signed move record, verified once against [trust] (or a guard key it delegated), never
+        # older than one this worker followed: a refusal keeps the served state and /readyz says why
         aliases = self.registry.aliases(self.model)
         cur = self.state
         if aliases.production is None:
@@ -169,6 +171,11 @@ class ModelSlots:
             if v not in loaded:
                 loaded[v] = self._load(v)
                 fresh.append(v)
+            signed = aliases.artifacts.get(str(v))
+            if signed and loaded[v].sha256 != signed:  # the record names the artifact it moved traffic to
+                raise ServingError(f"{self.model}@{v} has artifact sha256 {loaded[v].sha256[:12]}, but move record "
+                                   f"{aliases.serial} points at {signed[:12]}: not the version that was moved to. "
+                                   "Restore the version, or move again.")
         new = ServingState(
             production=loaded[aliases.production],
             canary=loaded[aliases.canary] if aliases.canary is not None else None,
