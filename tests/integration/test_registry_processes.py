@@ -91,3 +91,77 @@ def _tiny():
     from torch import nn
 
     return nn.Linear(4, 2), torch.randn(1, 4)
+
+
+# ---- signed move records (kit.registry.moves) under real processes
+
+MOVES_CHILD = Path(__file__).with_name("moves_child.py")
+
+
+def _signed_model(tmp_path: Path) -> tuple[Registry, Path]:
+    from kit.signing import Keyring
+    from kit_testing import three_versions
+
+    keys = tmp_path / "keys"
+    reg = three_versions(Registry(tmp_path / "reg", user="t", keyring=Keyring(keys)), gated=(1, 2))
+    return reg, keys
+
+
+def _moves(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(MOVES_CHILD), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _assert_chain(reg: Registry) -> list[int]:
+    """Every move record verifies and chains to the one before; aliases.json is a copy of one of them."""
+    from kit.registry.moves import MoveStorage
+
+    st = MoveStorage(reg.model_dir("m"))
+    moves = [e for e in reg.history("m") if e.get("verified") is not None]
+    assert all(e["verified"] for e in moves), [e for e in moves if not e["verified"]]
+    serials = [e["serial"] for e in moves]
+    assert serials == list(range(1, len(serials) + 1)), serials
+    assert reg.aliases_path("m").read_bytes() in {st.read(s) for s in serials}, "aliases.json is no record's copy"
+    return serials
+
+
+def test_two_writers_racing_for_one_serial_exactly_one_wins(tmp_path):
+    reg, keys = _signed_model(tmp_path)
+    for round_ in range(3):
+        go = tmp_path / f"go{round_}"
+        procs = [_moves("race", str(reg.root), str(keys), str(go)) for _ in range(4)]
+        time.sleep(2.5)  # every child has read the same head (interpreter start ~1 s)
+        go.touch()
+        outs = [p.communicate(timeout=60)[0].split() for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert sorted(o[0] for o in outs) == ["lost", "lost", "lost", "won"], outs
+        assert len({o[1] for o in outs}) == 1  # all four wanted the same serial
+    assert _assert_chain(reg)[-1] == 4
+
+
+def test_concurrent_movers_lose_no_move(tmp_path):
+    reg, keys = _signed_model(tmp_path)
+    procs = [_moves("moves", str(reg.root), str(keys), "5") for _ in range(3)]
+    got = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        got += [int(x) for x in out.split()]
+    assert sorted(got) == list(range(2, 17)), got  # serial 1 is the promote; 15 moves, 15 records
+    assert _assert_chain(reg) == list(range(1, 17))
+
+
+def test_a_move_killed_midway_leaves_no_unaudited_move(tmp_path):
+    from kit.signing import Keyring
+
+    reg, keys = _signed_model(tmp_path)
+    rng = random.Random(17)
+    for _ in range(4):
+        p = _moves("loop", str(reg.root), str(keys))
+        time.sleep(rng.uniform(1.5, 3.0))
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+        serials = _assert_chain(Registry(reg.root, keyring=Keyring(keys)))
+        svc = Registry(reg.root, keyring=Keyring.verify_only(Keyring(keys).trust()))
+        assert svc.aliases("m").serial == serials[-1]  # a reader follows the newest record, even if aliases.json lags
+    assert reg.set_canary("m", 2, 0.5, force=True, why="after kills").serial == serials[-1] + 1
