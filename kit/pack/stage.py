@@ -134,6 +134,8 @@ def stage_models(registry_root: Path, model: str, versions: list[int], dest: Pat
     for fn in ("aliases.json", "events.jsonl"):
         if (src / fn).is_file():
             shutil.copy2(src / fn, out / fn)
+    if (src / "moves").is_dir():  # the signed move records: a guard-signed aliases.json is judged by the one before
+        copy_tree(src / "moves", out / "moves", skip=lambda p: p.name.startswith("."))
     for v in versions:
         copy_tree(src / "versions" / str(v), out / "versions" / str(v),
                    skip=lambda p: p.name.startswith((".tmp", ".lock")))
