@@ -26,6 +26,7 @@ refused rather than applied to a split the person did not see.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from kit.errors import InvalidNameError, PromotionRefusedError
@@ -206,3 +207,22 @@ def _weight(weight: float) -> float:
     if not 0.0 <= w <= 1.0:
         raise InvalidNameError(f"Canary weight must be from 0% to 100% (0.1 is 10%), got {weight!r}.")
     return w
+
+
+def register_service_guard(registry: Registry, service_dir: Path | str, *, user: str | None = None) -> str | None:
+    """Delegate to a generated service's canary guard: register its guard key (``guard.key``) with the
+    registry, signed by the registry's key, with the plan of its ``[canary_guard] steps``. Canaries started
+    afterwards let that key end them or step them along the plan (never promote without a signed passing
+    gate). Returns the guard key id; None when the service's guard is off."""
+    from kit.guard_key import load_or_create_guard_key
+    from kit.service_settings import read_service_toml
+
+    doc = read_service_toml(service_dir)
+    guard = doc.get("canary_guard", {})
+    if not guard.get("enabled", False):
+        return None
+    key = load_or_create_guard_key(service_dir)
+    steps = [float(s) / 100 for s in guard.get("steps", [])]
+    registry.register_guard_key(doc["model"]["name"], key.public.text(), service=Path(service_dir).name,
+                                steps=steps, user=user)
+    return key.key_id

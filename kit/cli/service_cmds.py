@@ -49,10 +49,16 @@ def new(kit: Context, name: str, model: str, out_dir: Path, force: bool, bind: s
     options["trusted_keys"] = kit.config.keyring().service_keys()
     path = generate(name, model, registry=kit.config.registry, out_dir=out_dir, force=force,
                     check_model=not no_check_model, **options)
+    from kit.traffic import register_service_guard
+
+    guard = register_service_guard(kit.registry(), path, user=kit.config.user)  # signed by the project's key
     if as_json:
-        emit_json({"service": name, "model": model, "path": str(path)})
+        emit_json({"service": name, "model": model, "path": str(path), "guard_key": guard})
     else:
         click.echo(f"generated {path} (model {model}); start it with {path}/start.sh")
+        if guard:
+            click.echo(f"registered its canary guard key {guard}: canaries started from now on may be ended or "
+                       "stepped along [canary_guard] steps by it")
 
 
 @service.command("check")

@@ -219,3 +219,27 @@ def test_unsigned_registry_reads_and_moves_without_keys(tmp_path):
     reg.aliases_path("m").write_text("[1]")
     with pytest.raises(RegistryCorruptError):
         reg.aliases("m")
+
+
+def test_a_generated_service_registers_its_guard_key_with_its_plan(reg, tmp_path):
+    from kit.guard_key import load_or_create_guard_key
+    from kit.servicegen import generate
+    from kit.traffic import register_service_guard
+
+    d = generate("web", "m", registry=reg.root, out_dir=tmp_path / "services", guard_steps=[25, 100],
+                 check_model=False)
+    kid = register_service_guard(reg, d, user="alice")
+    assert kid == load_or_create_guard_key(d).key_id
+    assert reg.guard_keys("m")[kid]["steps"] == [0.25, 1.0]
+    reg.set_canary("m", 2, 0.1)
+    assert reader(reg).aliases("m").guards[kid]["service"] == "web"
+
+
+def test_a_record_created_but_not_copied_to_aliases_json_is_followed(reg):
+    """What a kill between creating the record and rewriting aliases.json leaves: the record is the move."""
+    ml = reg.movelog("m")
+    head, cur = ml.base()
+    ml.storage.write_pointer = lambda data: None  # the kill: aliases.json is never rewritten
+    ml.commit(head, "canary", cur, reg.keyring.signer(), user="x", why=None, artifacts={}, relies_on={}, details={})
+    assert reg.aliases_path("m").read_bytes() == ml.storage.read(1)
+    assert reader(reg).aliases("m").serial == 2
