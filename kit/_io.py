@@ -36,15 +36,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _open_regular(path: Path) -> Any:
+    """``open(path, "rb")`` that refuses (``ValueError``) anything but a regular file, without blocking on
+    a FIFO (O_NONBLOCK has no effect on regular files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_capped(path: Path, max_bytes: int) -> bytes:
     """A regular file's bytes, read once through one open file; ``ValueError`` when it is not a regular
     file (a FIFO or a device would block or never end) or holds more than ``max_bytes``.
 
     For files others can write (the registry): the caller verifies and parses exactly these bytes.
     """
-    with open(path, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file")
+    with _open_regular(path) as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"{path} is over {max_bytes} bytes")
@@ -58,9 +69,7 @@ def copy_hashed(src: Path, dst: Path, max_bytes: int, mode: int = 0o600) -> tupl
     past ``max_bytes``."""
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-            raise ValueError(f"{src} is not a regular file")
+    with _open_regular(src) as fin:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fout:

@@ -175,6 +175,19 @@ class CheckedStore(Store):
             return LoadedModel(mv, module, signature, ins, outs, drift, vv.signed_by, backend, files)
         return self._load_torch(mv, files, signature, limits, drift, vv.signed_by, device)
 
+    def prune_cache(self, names: list[str] | None = None, unused_for_s: float = 86400.0) -> list[Path]:
+        """Bound the local verified cache: remove entries of versions no alias of ``names`` (default: every
+        model) names — production, canary, the rollback list — and that no load used for ``unused_for_s``."""
+        keep = set()
+        for n in names if names is not None else self.models():
+            try:
+                a = self.aliases(n)
+                nums = {a.production, a.canary, *getattr(a, "previous", ())} - {None}
+                keep |= {self._read_version(n, int(v)).artifact_sha256 for v in nums}
+            except KitError as exc:  # an unreadable model keeps its entries until they age out
+                log.warning("cache prune: %s", exc)
+        return self.cache.prune(keep, unused_for_s)
+
     @staticmethod
     def _load_torch(mv: ModelVersion, files: Path, signature: Any, limits: Any, drift: Any,
                     signed_by: str | None, device: str) -> LoadedModel:

@@ -115,10 +115,12 @@ def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir:
     watch : start the hot-reload watcher thread (tests may drive ``app.extensions["kit"].refresh()``).
     """
     from kit.registry import Registry
+    from kit.registry.cache import default_cache_dir
     from kit.serving.config import service_keyring
 
     registry = registry or Registry(config.registry, require_gate=False, user=f"service:{config.name}",
-                                    keyring=service_keyring(config))  # [trust] public_keys
+                                    keyring=service_keyring(config),  # [trust] public_keys
+                                    cache_dir=default_cache_dir(config.name))  # the service's own verified cache
     metrics = Metrics(metrics_dir)
     backend = config.backend
     metrics.serving_backend(config.model, backend)

@@ -17,6 +17,7 @@ before a version is served.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ import numpy as np
 from kit.errors import ServingError
 from kit.serving.protocol import np_dtype
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("torch", "onnxruntime")
 Forward = Callable[[tuple[Any, ...]], tuple[Any, ...]]
 
@@ -32,7 +35,21 @@ Forward = Callable[[tuple[Any, ...]], tuple[Any, ...]]
 def load_for_serving(registry: Any, model: str, version: int, *, backend: str, device: str, threads: int,
                      check_env: bool, max_artifact_bytes: int | None,
                      max_tensor_bytes: int = 0) -> tuple[Any, Forward]:
-    """(verified LoadedModel, its numpy ``forward``), the reference output checked. Off the request path."""
+    """(verified LoadedModel, its numpy ``forward``), the reference output checked. Off the request path.
+
+    ``Registry.load`` verifies meta.json from one read and maps the version from the registry's local
+    verified cache (``kit.registry.cache``), so the registry's files can change or vanish under a served
+    version without effect; the cache is pruned after each load (:func:`prune_cache`)."""
+    loaded, forward = _load(registry, model, version, backend=backend, device=device, threads=threads,
+                            check_env=check_env, max_artifact_bytes=max_artifact_bytes,
+                            max_tensor_bytes=max_tensor_bytes)
+    if hasattr(registry, "prune_cache"):
+        prune_cache(registry, model)
+    return loaded, forward
+
+
+def _load(registry: Any, model: str, version: int, *, backend: str, device: str, threads: int,
+          check_env: bool, max_artifact_bytes: int | None, max_tensor_bytes: int) -> tuple[Any, Forward]:
     if backend == "onnxruntime":
         loaded = registry.load(model, version, backend="onnxruntime", threads=threads, device=device,
                                check_env=check_env, max_artifact_bytes=max_artifact_bytes,
@@ -48,6 +65,18 @@ def load_for_serving(registry: Any, model: str, version: int, *, backend: str, d
                            device=device)  # the registry moves the module and the example to the device
     loaded.check_reference()  # warm-up and the stored reference output
     return loaded, _torch_forward(loaded.module, device, loaded.signature)
+
+
+def prune_cache(registry: Any, model: str) -> None:
+    """After a load, bound the service's verified cache (``kit.registry.cache``): entries of versions the
+    aliases no longer name, unused for a day, go. Best effort: a failure is logged, never raised."""
+    try:
+        removed = registry.prune_cache([model])
+    except Exception:  # the cache is an optimisation of disk use here; serving never depends on pruning
+        log.warning("could not prune the version cache of %s", model, exc_info=True)
+        return
+    if removed:
+        log.info("pruned %d cached version(s) of %s: %s", len(removed), model, ", ".join(p.name[:12] for p in removed))
 
 
 def warm_up(forward: Forward, loaded: Any, rows: int) -> None:
