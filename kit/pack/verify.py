@@ -180,7 +180,8 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
         # A one-time API key, valid only for this verification run: the service's own keys are stored
         # hashed, so the verifier adds its key's digest through KIT_API_KEYS_SHA256 and sends the key.
         key = secrets.token_urlsafe(24)
-        extra = {"KIT_API_KEYS_SHA256": hashlib.sha256(key.encode()).hexdigest()}
+        extra = {"KIT_API_KEYS_SHA256": hashlib.sha256(key.encode()).hexdigest(),
+                 "KIT_STATE_DIR": str(tmp / "state")}  # run.sh's key for a conda record: gone with this run
         if trusted_keys:
             (tmp / "trusted_keys").write_text("".join(f"{k}\n" for k in trusted_keys))
             extra["KIT_TRUST"] = str(tmp / "trusted_keys")

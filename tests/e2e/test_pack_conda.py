@@ -13,6 +13,7 @@ tests/fixtures/conda_env.py), and a second host.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from kit._proc import free_port, stop_group
 from kit.errors import PackError
 from kit.pack import pack
-from kit._proc import free_port, stop_group
 from kit.pack.verify import extract, start_unpacked, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
@@ -126,9 +127,30 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
     assert (env_dir / "bin" / "conda-unpack").is_file()
     assert not list((env_dir / "lib").glob("python*/site-packages/__editable__*"))
 
+    # A carrier's archive holding a record of a relocation (env/.kit-unpacked*) that lists an edited
+    # conda-unpack: refused before conda-unpack runs (run.sh used to check env/ against it and run the script).
+    state = tmp_path / "state"  # run.sh's KIT_STATE_DIR: where it keeps the key of its record
+    clean = {"PATH": os.environ["PATH"], "KIT_STATE_DIR": str(state)}
+    planted = extract(archive, elsewhere / "planted")
+    pwned = tmp_path / "pwned"
+    script = planted / "env" / "bin" / "conda-unpack"
+    script.write_text(script.read_text() + f"\nopen({str(pwned)!r}, 'w').close()\n")
+    sums = [ln for ln in (planted / "kit-pack.sha256").read_text().splitlines() if ln[66:70] == "env/"]
+    edited = f"{hashlib.sha256(script.read_bytes()).hexdigest()}  env/bin/conda-unpack"
+    (planted / "env" / ".kit-unpacked.sha256").write_text(
+        "".join((edited if ln.endswith("  env/bin/conda-unpack") else ln) + "\n" for ln in sums))
+    for marker in (None, f"{'0' * 64}\n{planted / 'env'}\n"):
+        if marker is not None:
+            (planted / "env" / ".kit-unpacked").write_text(marker)
+        out = subprocess.run([str(planted / "run.sh"), "unpack"], capture_output=True, text=True, env=clean)
+        assert out.returncode == 1 and "relocating" not in out.stderr, out.stderr
+        assert ("were not packed" if marker is None else "run-sh.key is missing") in out.stderr, out.stderr
+        assert not pwned.exists(), "the carrier's conda-unpack ran"
+    shutil.rmtree(planted)
+
     port = free_port()
     log = tmp_path / "run.log"
-    proc = start_unpacked(root, port, log, cwd=elsewhere)
+    proc = start_unpacked(root, port, log, cwd=elsewhere, extra_env={"KIT_STATE_DIR": str(state)})
     try:
         t = time.monotonic()
         wait_ready(f"http://127.0.0.1:{port}", proc, 60, log)
@@ -147,8 +169,7 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
 
     # conda-unpack rewrote prefixes in env/: later starts check env/ against the hashes run.sh took right
     # after relocating (having checked the packed ones first), so a relocated file edited since is refused.
-    clean = {"PATH": os.environ["PATH"]}
-    assert (env_dir / ".kit-unpacked.sha256").is_file()
+    assert (env_dir / ".kit-unpacked.sha256").is_file() and (state / "run-sh.key").is_file()
     out = subprocess.run([str(root / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
     assert out.returncode == 0 and "nothing added" in out.stderr, out.stderr
     (sysconfig_data,) = env_dir.glob("lib/python*/_sysconfigdata*.py")
@@ -167,8 +188,7 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
     # Moving the relocated environment again is refused with the fix.
     moved = elsewhere / "moved"
     shutil.move(str(root), moved)
-    out = subprocess.run([str(moved / "run.sh"), "verify"], capture_output=True, text=True,
-                         env={"PATH": os.environ["PATH"]})
+    out = subprocess.run([str(moved / "run.sh"), "verify"], capture_output=True, text=True, env=clean)
     assert out.returncode == 1 and "Extract the archive again" in out.stderr
 
 
@@ -269,12 +289,23 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
     env_dir = root / "env"
     assert (env_dir / "bin" / "conda-unpack").is_file()
 
+    # run.sh's start-up checks alone: the first start checks the packed list, relocates and records; a later
+    # start checks env/ against that record (its MAC under the host key) and the rest against the list.
+    state = {"KIT_STATE_DIR": str(tmp_path / "state")}
+    for when in ("first", "later"):
+        t = time.monotonic()
+        out = subprocess.run([str(root / "run.sh"), "unpack"], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"], **state})
+        times[f"{when}_start_checks"] = time.monotonic() - t
+        assert out.returncode == 0 and "nothing added" in out.stderr, out.stderr
+        assert ("conda-unpack" in out.stderr) == (when == "first"), out.stderr
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
     try:
         t = time.monotonic()
-        proc = start_unpacked(root, port, log, cwd=elsewhere)
+        proc = start_unpacked(root, port, log, cwd=elsewhere, extra_env=state)
         try:
             wait_ready(url, proc, 180, log)
             times["ready"] = time.monotonic() - t
@@ -291,7 +322,7 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
             stop_group(proc, timeout=30, whole_group=True)
         assert proc.returncode == 0, log.read_text()
         text = log.read_text()
-        assert "conda-unpack" in text and "verified" in text, text
+        assert "verified" in text, text
         assert body["model_version"] == 1
         got = np.asarray(body["outputs"], dtype=ref.dtype)
         assert got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-5), (got, ref)
@@ -303,4 +334,4 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
     finally:
         print(f"archive {res.size_bytes / 1e6:.0f} MB (environment {res.env_bytes / 1e6:.0f} MB in files); "
               + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
-        shutil.rmtree(elsewhere, ignore_errors=True)
+        shutil.rmtree(elsewhere / "opt", ignore_errors=True)  # the archive stays with the test's tmp_path
