@@ -138,7 +138,18 @@ def _refusals(signed: Registry, app, client, tmp_path) -> None:
     slots.refresh(force=True)
     assert "is not signed" in client.get("/readyz").get_json()["reload_error"]["error"]
 
-    # 4. promoting a properly signed version is followed
+    # 4. a signed version copied unchanged to a new number (a replay; its signature verifies): refused,
+    # naming the place it was signed for
+    versions = signed.model_dir(MODEL) / "versions"
+    replay = max(int(p.name) for p in versions.iterdir()) + 1
+    shutil.copytree(versions / "1", versions / str(replay), ignore=shutil.ignore_patterns("gates"))
+    _point_production_at(signed, replay)
+    slots.refresh(force=True)
+    body = client.get("/readyz").get_json()
+    assert body["production"]["version"] == 1
+    assert f"signed for {MODEL}@1 but sits at {MODEL}@{replay}" in body["reload_error"]["error"]
+
+    # 5. promoting a properly signed version is followed
     good = signed.register(MODEL, _mlp(3), torch.rand(2, 64))
     _point_production_at(signed, good.version)
     slots.refresh(force=True)

@@ -146,6 +146,8 @@ def test_a_signed_version_copied_to_another_number_or_name_is_refused(reg):
     with pytest.raises(IntegrityError, match="sits at n@1"):
         reg.check_integrity(reg.get("n", 1))
     assert reg.load("m", 1, check_env=False).signed_by is not None
+    with pytest.raises(IntegrityError, match="sits at m@2"):
+        reg.promote("m", 2, force=True, why="forcing overrides the gate, never integrity")
 
 
 def test_a_meta_without_its_place_is_refused_until_resigned(reg):
