@@ -19,9 +19,10 @@ import time
 import numpy as np
 import pytest
 
-from kit.pack import pack
 from kit._proc import free_port, stop_group
-from kit.pack.verify import _http, extract, start_unpacked, wait_ready
+from kit.pack import integrity, pack
+from kit.pack.verify import _http, wait_ready
+from kit.signing import KeyStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,35 +49,43 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
     assert res.models == {"demo-digits": [1]} and not res.forced
     assert any("size report" in line for line in lines)
     assert res.signed_by == registry.keyring.signer().key_id and res.checked_files > 10_000
-    trust = tmp_path / "trusted_keys"  # the operator's copy of the packer's public key, outside the archive
-    trust.write_text(registry.keyring.signer().public.text() + "\n")
-    # beside the archive: its sha256 and a signature an operator checks with openssl before extracting
-    line = res.archive.with_name(res.archive.name + ".sha256")
-    (tmp_path / "pub.pem").write_text(registry.keyring.signer().public.pem())
-    ok = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(tmp_path / "pub.pem"), "-rawin",
-                         "-in", str(line), "-sigfile", str(line) + ".sig"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert subprocess.run(["sha256sum", "-c", line.name], cwd=line.parent, capture_output=True).returncode == 0
-
-    # The server: another directory, only the archive; no PYTHONPATH, cwd outside the checkout.
+    # The server: another directory, only the archive and the two files beside it; the packer's PEM key put
+    # there out of band. It runs exactly the steps `kit pack` prints (the key's path replaced): openssl and
+    # sha256sum check the archive before tar extracts it, then run.sh starts with the same key as KIT_TRUST.
     server = tmp_path / "server"
     server.mkdir()
+    pem = tmp_path / "packer.pem"
+    pem.write_text(registry.keyring.signer().public.pem())
+    for suffix in ("", ".sha256", ".sha256.sig"):
+        shutil.move(str(res.archive) + suffix, server)
     archive = server / res.archive.name
-    shutil.move(str(res.archive), archive)
-    t = time.monotonic()
-    root = extract(archive, server)
-    print(f"extracted in {time.monotonic() - t:.1f}s")
-    assert not list((root / "env").glob("lib/python*/site-packages/__editable__*")), "editable kit was packed"
-    assert list((root / "env").glob("lib/python*/site-packages/kit/serving"))
+    steps = integrity.ship_text(archive, res.root, res.signed_by).split("Then, on the server:\n", 1)[1]
+    steps = steps.replace(integrity.SERVER_TRUST, str(pem))
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+
+    # A carrier's archive: its .sha256 rewritten and signed by a key of its own: refused before extracting.
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    os.link(archive, forged / archive.name)
+    attacker = KeyStore(tmp_path / "attacker").new()
+    integrity.sign_archive(forged / archive.name, attacker)
+    out = subprocess.run(["bash", "-c", steps], cwd=forged, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "Signature Verification Failure" in out.stdout + out.stderr, out
+    assert not (forged / res.root).exists(), "extracted before its signature was checked"
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
-    proc = start_unpacked(root, port, log, cwd=server, extra_env={"KIT_TRUST": str(trust)})
+    t = time.monotonic()
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(["bash", "-c", steps], cwd=server, env=dict(env, KIT_BIND=f"127.0.0.1:{port}"),
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    root = server / res.root
     try:
-        t = time.monotonic()
-        wait_ready(url, proc, 120, log)
-        print(f"ready {time.monotonic() - t:.1f}s after run.sh start")
+        wait_ready(url, proc, 300, log)
+        print(f"ready {time.monotonic() - t:.1f}s after the ship steps started (check, extract, run.sh)")
+        assert not list((root / "env").glob("lib/python*/site-packages/__editable__*")), "editable kit was packed"
+        assert list((root / "env").glob("lib/python*/site-packages/kit/serving"))
         _model, split, _acc = digits_model
         loaded = registry.load(mv.name, mv.version)
         import torch
@@ -95,6 +104,7 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
     finally:
         stop_group(proc, timeout=30, whole_group=True)
     text = log.read_text()
+    assert "Signature Verified Successfully" in text and f"{archive.name}: OK" in text, text[-2000:]
     assert "verified" in text and "environment as packed" in text, text[-2000:]
     assert "signed by a trusted key" in text and "nothing added" in text, text[-2000:]
     assert "RuntimeWarning" not in text, text[-2000:]  # python -m kit.pack (runpy warned for kit.pack.runtime)
@@ -103,6 +113,11 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
     assert kit_paths and all(p.is_relative_to(root / "env") for p in kit_paths)
 
     clean = {"PATH": os.environ["PATH"]}
+    for _ in range(2):  # the start-up file check alone (a venv has no record: every start checks the packed list)
+        t = time.monotonic()
+        out = subprocess.run([str(root / "run.sh"), "unpack"], capture_output=True, text=True, env=clean)
+        print(f"run.sh file check (untouched, {res.checked_files} files) {time.monotonic() - t:.1f}s")
+        assert out.returncode == 0, out.stderr
     # systemd unit for this location passes systemd-analyze where it exists (no systemd PID 1 here to start it).
     unit = subprocess.run([str(root / "run.sh"), "systemd-unit"], capture_output=True, text=True, env=clean, check=True)
     assert f'ExecStart="{root}/run.sh" start' in unit.stdout
