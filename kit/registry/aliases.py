@@ -281,6 +281,11 @@ class AliasMoves(CheckedStore):
         with self.lock(name):
             ml = self.movelog(name)
             head = ml.head()
+            pointer = ml.storage.read_pointer()
+            if head is None and not ml.storage.serials() and pointer is not None and not _parses(pointer):
+                ml.storage.pointer.unlink()  # never moved, and the file is garbage: no state at all
+                self._event(name, "aliases_repair", user=user, serial=0)
+                return Aliases()
             if head is None:
                 raise SignatureError(f"No move record of {name} verifies, so aliases.json cannot be rebuilt from "
                                      f"one. A key holder signs the state to serve: `kit aliases migrate {name}` "
@@ -353,3 +358,11 @@ def _replace(a: Aliases, **changes: Any) -> Aliases:
     import dataclasses
 
     return dataclasses.replace(a, **changes)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True

@@ -79,7 +79,11 @@ class MoveLog:
 
     def _legacy(self, data: bytes) -> Aliases:
         where = str(self.storage.pointer)
-        if self.trust() is not None:
+        if self.trust() is not None and self.storage.serials():  # no old registry's file: an edited one
+            raise RegistryCorruptError(
+                f"{where} is not a signed move record (edited or truncated by someone without a key), so it is not "
+                f"followed. A key holder rebuilds it from the newest valid record: `kit aliases repair {self.name}`.")
+        if self.trust() is not None and _json_object(data):
             raise SignatureError(
                 f"{where} is in the unsigned format of registries written before signed moves, so it is not "
                 f"followed. A key holder signs its state with `kit aliases migrate {self.name}`.", key_id=None)
@@ -174,3 +178,12 @@ def move_event(name: str, serial: int, move: Move | None, problem: str | None) -
     if problem is not None:
         ev["problem"] = problem
     return ev
+
+
+def _json_object(data: bytes) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:
+        return False

@@ -76,7 +76,7 @@ def test_service_follows_signed_moves_and_refuses_forged_and_replayed_ones(tmp_p
         # 2. the same state with no signature at all (the old format)
         reg.aliases_path(MODEL).write_text(json.dumps({"production": {"version": 3, "previous": [1, 2]}, "serial": 50}))
         time.sleep(1.0)
-        assert "unsigned format" in get_json(url + "/readyz")[1]["reload_error"]["error"]
+        assert "not a signed move record" in get_json(url + "/readyz")[1]["reload_error"]["error"]
         assert {_predict_version(url) for _ in range(10)} == {2}
 
         # 3. replay: the older, validly signed record (production v1) put back, the newer one hidden

@@ -67,7 +67,7 @@ def test_forged_aliases_json_is_refused_and_the_writer_can_repair(reg, tmp_path)
     assert svc.aliases("m").production == 1
     # 1. the old unsigned format pointing at v3 (whose gate never passed)
     reg.aliases_path("m").write_text(json.dumps({"production": {"version": 3, "previous": [1]}, "serial": 99}))
-    with pytest.raises(SignatureError, match="unsigned format"):
+    with pytest.raises(RegistryCorruptError, match="not a signed move record.*kit aliases repair m"):
         svc.aliases("m")
     # 2. the signed record with its state edited (the signature no longer matches)
     env = json.loads(good)
