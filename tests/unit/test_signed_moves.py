@@ -243,3 +243,19 @@ def test_a_record_created_but_not_copied_to_aliases_json_is_followed(reg):
     ml.commit(head, "canary", cur, reg.keyring.signer(), user="x", why=None, artifacts={}, relies_on={}, details={})
     assert reg.aliases_path("m").read_bytes() == ml.storage.read(1)
     assert reader(reg).aliases("m").serial == 2
+
+
+def test_a_guard_promotion_record_without_a_signed_passing_gate_is_not_followed(reg, tmp_path):
+    """Past the writer's own checks: a promote record the guard key signs by hand, at the end of its plan,
+    naming no gate, or a gate whose result.json is not the one it names, is refused by readers."""
+    import hashlib
+
+    guard, svc = _guarded(reg, tmp_path, steps=(1.0,))
+    rec = json.loads(json.loads(reg.aliases_path("m").read_bytes())["record"])
+    base = {**rec, "serial": rec["serial"] + 1, "prev_sha256": hashlib.sha256(canonical(rec)).hexdigest(),
+            "action": "promote", "state": {"production": 2, "previous": [1], "canary": None}}
+    for relies_on, why in [({}, "no gate named"),
+                           ({"gate": {"version": 2, "run_id": "r1", "result_sha256": "0" * 64}}, "not the one")]:
+        reg.aliases_path("m").write_bytes(envelope({**base, "relies_on": relies_on}, guard))
+        with pytest.raises(SignatureError, match=f"promote without a signed passing gate.*{why}"):
+            reader(reg).aliases("m")
