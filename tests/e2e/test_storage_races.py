@@ -17,6 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from kit_testing import get_json, wait_all_workers
 from torch import nn
 
 from kit._io import sha256_file
@@ -24,7 +25,6 @@ from kit.capture import capture
 from kit.registry import Registry, artifact_digest
 from kit.servicegen import generate, start_service
 from kit.signing import Keyring
-from kit_testing import get_json, wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODEL = "stored"
