@@ -40,12 +40,12 @@ sys.path.insert(0, str(HERE))
 
 from models import SmallCNN  # noqa: E402
 
+from kit._proc import free_port  # noqa: E402
 from kit.demo import DigitsMLP  # noqa: E402
 from kit.registry import Registry  # noqa: E402
+from kit.servicegen import generate, start_service  # noqa: E402
 from kit.serving import loadgen  # noqa: E402
 from kit.serving.security import hash_key  # noqa: E402
-from kit._proc import free_port  # noqa: E402
-from kit.servicegen import generate, start_service  # noqa: E402
 
 API_KEY = "bench-key"
 CONCURRENCY = (1, 8, 32)

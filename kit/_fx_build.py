@@ -24,7 +24,8 @@ import keyword
 import math
 import operator
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._export.serde import schema

@@ -22,12 +22,12 @@ For sizes: NodeProto.input 1, .output 2, .op_type 4; AttributeProto.name 1, .t 5
 
 from __future__ import annotations
 
-import mmap
-from pathlib import Path
-
 import math
+import mmap
 import struct
-from typing import Any, Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from kit.artifacts import Limits, tensor_limit
 from kit.errors import UnsafeArtifactError

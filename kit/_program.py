@@ -62,7 +62,7 @@ class ExportedForward(torch.nn.Module):
                         for u in inputs]
 
     @classmethod
-    def from_program(cls, program: torch.export.ExportedProgram) -> "ExportedForward":
+    def from_program(cls, program: torch.export.ExportedProgram) -> ExportedForward:
         """From an in-memory program (capture); raises :class:`Unsupported` when it needs ``.module()``."""
         from torch.export.graph_signature import InputKind, OutputKind
 

@@ -18,7 +18,8 @@ import ast
 import json
 import keyword
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 # Sympy names torch's deserializer may meet in an ``expr_str`` (srepr form), and the guard grammar.
 _SYMPY_CALLS = frozenset({
@@ -88,7 +89,7 @@ def _safe_guard(node: ast.AST) -> bool:
     if isinstance(node, ast.Attribute):  # math.inf
         return isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr == "inf"
     if isinstance(node, (ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp)):
-        ops = getattr(node, "ops", None) or [getattr(node, "op")]
+        ops = node.ops if isinstance(node, ast.Compare) else [node.op]
         if any(isinstance(o, (ast.Is, ast.IsNot, ast.In, ast.NotIn, ast.MatMult)) for o in ops):
             return False
         kids = [*getattr(node, "comparators", []), *getattr(node, "values", [])]

@@ -11,22 +11,37 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from kit._capture_shapes import (
+    EXPORT_HINTS,
+    dim_ranges,
+    dynamic_shapes,
+    example_dims,
+    export_reason,
+    io_specs,
+    resize_dims,
+    second_values,
+)
 from kit._program import ExportedForward, load_program
-from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz, save_program
+from kit.artifacts import DEFAULT_LIMITS, Limits, save_program
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
-from kit._capture_shapes import (EXPORT_HINTS, dim_ranges, dynamic_shapes, example_dims, export_reason,
-                                 io_specs, resize_dims, second_values)
+from kit.signature import (
+    BATCH,
+    DEFAULT_MAX_BATCH,
+    Signature,
+    TensorSpec,
+    flatten_outputs,
+    normalize_dynamic,
+    parse_dynamic,
+)
 from kit.version_files import EXAMPLE_FILE, MODEL_FILE, load_example_arrays
-from kit.signature import (BATCH, DEFAULT_MAX_BATCH, Signature, TensorSpec, flatten_outputs, normalize_dynamic,
-                           parse_dynamic)
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ class KitConfig:
                                   "is ~/.config/kit/keys).")
         return Keyring(self.keys_dir, signing_key=self.signing_key, trusted=self.trusted_keys)
 
-    def with_(self, **changes: Any) -> "KitConfig":
+    def with_(self, **changes: Any) -> KitConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -51,7 +51,7 @@ class Fingerprint:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
+    def from_dict(cls, d: dict[str, Any]) -> Fingerprint:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -27,8 +27,8 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from kit.config import KitConfig, load_config
-from kit.errors import KitError
 from kit.deploy import DeployResult, Step, deploy
+from kit.errors import KitError
 from kit.registry import Aliases, Registry, detect_source, parse_ref, parse_weight
 from kit.render import aliases_line, model_rows, models_text, versions_text
 from kit.traffic import set_traffic

@@ -18,9 +18,10 @@ import tempfile
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,7 +114,6 @@ def _torch_onnx_export(program: Any, args: tuple[Any, ...], in_names: list[str],
 
 def _export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names: list[str], folder: Path) -> int:
     """``torch.onnx.export`` into ``folder/model.onnx``; returns the opset."""
-    import torch
 
     quiet = [(logging.getLogger(n), logging.getLogger(n).level) for n in _QUIET_LOGGERS]
     try:

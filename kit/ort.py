@@ -8,12 +8,13 @@ calls once the version's files are verified.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from kit._onnx_scan import check_onnx
 from kit.artifacts import Limits
 from kit.errors import ServingError
-from kit._onnx_scan import check_onnx
 
 log = logging.getLogger(__name__)
 

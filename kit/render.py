@@ -35,7 +35,7 @@ def metrics_text(metrics: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={metric_value(v)}" for k, v in metrics.items()) or "-"
 
 
-def badges(a: "Aliases", version: int) -> list[tuple[str, str]]:
+def badges(a: Aliases, version: int) -> list[tuple[str, str]]:
     """The alias badges of ``version`` as (kind, text): production, canary with its weight, previous."""
     out = []
     if a.production == version:
@@ -47,11 +47,11 @@ def badges(a: "Aliases", version: int) -> list[tuple[str, str]]:
     return out
 
 
-def badges_text(a: "Aliases", version: int) -> str:
+def badges_text(a: Aliases, version: int) -> str:
     return ", ".join(text for _, text in badges(a, version))
 
 
-def aliases_line(name: str, a: "Aliases") -> str:
+def aliases_line(name: str, a: Aliases) -> str:
     """``digits: production=3, canary=4 at 10%``: where a model's traffic goes."""
     s = f"{name}: production={a.production if a.production is not None else '-'}"
     if a.canary is not None:
@@ -59,7 +59,7 @@ def aliases_line(name: str, a: "Aliases") -> str:
     return s
 
 
-def guard_note(reg: "Registry", name: str) -> str | None:
+def guard_note(reg: Registry, name: str) -> str | None:
     """``canary guard ended v3 at 2026-11-28 18:26 UTC: canary 5xx rate 22.7% ...`` when the canary guard made
     the last traffic move of ``name`` (kit.serving.guard), else None."""
     last = None
@@ -72,7 +72,7 @@ def guard_note(reg: "Registry", name: str) -> str | None:
     return f"canary guard ended v{last.get('version')} at {str(last.get('ts', ''))[:16].replace('T', ' ')} UTC: {detail}"
 
 
-def model_rows(reg: "Registry") -> list[dict[str, Any]]:
+def model_rows(reg: Registry) -> list[dict[str, Any]]:
     """One summary per model (what ``kit models`` and ``%models`` list, also as JSON)."""
     rows = []
     for n in reg.models():
@@ -89,7 +89,7 @@ def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
                  ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"])
 
 
-def versions_text(reg: "Registry", name: str) -> str:
+def versions_text(reg: Registry, name: str) -> str:
     """One model's versions, oldest first: sha256, created, size, metrics, gate verdict, alias badges."""
     a = reg.aliases(name)
     rows = [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
@@ -141,7 +141,7 @@ CSS = """
 """
 
 
-def gate_cell(reg: "Registry", mv: "ModelVersion") -> tuple[str, Path | None]:
+def gate_cell(reg: Registry, mv: ModelVersion) -> tuple[str, Path | None]:
     """(verdict, report path): ``passed`` (a passing gate for this exact artifact), ``failed``, ``stale``, ``-``."""
     from kit.evidence import report_path
 
@@ -154,7 +154,7 @@ def report_link(report: Path) -> str:
             f'title="{html.escape(str(report))}">report</a>')
 
 
-def badges_html(a: "Aliases", version: int) -> str:
+def badges_html(a: Aliases, version: int) -> str:
     return "".join(f'<span class="kit-badge kit-b-{kind}">{html.escape(text)}</span>'
                    for kind, text in badges(a, version))
 
@@ -169,7 +169,7 @@ def _gate_html(verdict: str, report: Path | None) -> str:
     return gate + (f" &middot; {report_link(report)}" if report is not None else "")
 
 
-def versions_html(reg: "Registry", name: str) -> str:
+def versions_html(reg: Registry, name: str) -> str:
     """The versions table as HTML (badges, verdicts with report links). Newest version first."""
     a = reg.aliases(name)
     rows = []

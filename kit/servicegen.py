@@ -185,7 +185,7 @@ class RunningService:
     process: subprocess.Popen[bytes] = field(repr=False)
     started_seconds: float = 0.0
 
-    def __enter__(self) -> "RunningService":
+    def __enter__(self) -> RunningService:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -36,7 +36,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
     def describe(self) -> str:
@@ -75,7 +75,7 @@ class Signature:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Signature":
+    def from_dict(cls, d: dict[str, Any]) -> Signature:
         """Read a signature; one written before named dims gets ``{"batch": (1, max_batch)}``."""
         inputs = tuple(TensorSpec.from_dict(x) for x in d["inputs"])
         max_batch = int(d.get("max_batch", DEFAULT_MAX_BATCH))

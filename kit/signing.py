@@ -64,7 +64,7 @@ class PublicKey:
         return f"-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n"
 
     @classmethod
-    def from_text(cls, text: str, where: str = "a public key") -> "PublicKey":
+    def from_text(cls, text: str, where: str = "a public key") -> PublicKey:
         alg, _, b64 = text.strip().partition(":")
         try:
             raw = base64.b64decode(b64, validate=True)
@@ -104,7 +104,7 @@ class SigningKey:
         return Ed25519PrivateKey.from_private_bytes(self._private).sign(data)
 
     @classmethod
-    def load(cls, path: Path) -> "SigningKey":
+    def load(cls, path: Path) -> SigningKey:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -133,7 +133,7 @@ class Trust:
     keys: tuple[PublicKey, ...] = ()
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], where: str = "the trusted keys") -> "Trust":
+    def from_texts(cls, texts: Iterable[str], where: str = "the trusted keys") -> Trust:
         return cls(tuple(PublicKey.from_text(t, where) for t in texts))
 
     def __bool__(self) -> bool:
@@ -146,7 +146,7 @@ class Trust:
     def get(self, key_id: str) -> PublicKey | None:
         return next((k for k in self.keys if k.key_id == key_id), None)
 
-    def __add__(self, other: "Trust") -> "Trust":
+    def __add__(self, other: Trust) -> Trust:
         seen = {k.key_id for k in self.keys}
         return Trust(self.keys + tuple(k for k in other.keys if k.key_id not in seen))
 
@@ -326,7 +326,7 @@ class Keyring:
         self._signer: SigningKey | None = None
 
     @classmethod
-    def verify_only(cls, trust: Trust) -> "Keyring":
+    def verify_only(cls, trust: Trust) -> Keyring:
         ring = cls(None, create=False)
         ring.extra = trust
         return ring

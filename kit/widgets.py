@@ -130,7 +130,7 @@ class RegistryPanel(widgets.VBox):
         self.refresh()
 
     @classmethod
-    def from_config(cls, name: str, config: Any = None, **kwargs: Any) -> "RegistryPanel":
+    def from_config(cls, name: str, config: Any = None, **kwargs: Any) -> RegistryPanel:
         """A panel over the configured registry (:func:`kit.config.load_config`, resolved here once)."""
         from kit.config import load_config
 

@@ -91,8 +91,8 @@ def token(secret: str = SECRET, sub: str = "fuzzer", seconds: int = 3600) -> str
 def serve(root: Path, engine: str):  # type: ignore[no-untyped-def]
     """Register the model and start its service (a :class:`kit.servicegen.RunningService`)."""
     from kit.registry import Registry
-    from kit.serving.security import hash_key
     from kit.servicegen import generate, start_service
+    from kit.serving.security import hash_key
 
     reg = Registry(root / "registry", require_gate=False, user="fuzz")
     model, example = TwoInputs.build()
@@ -152,7 +152,7 @@ def count(report: Path) -> tuple[int, dict[str, int], list[str], list[str]]:
                 errors.append(f"{kind} in {body.get('phase')} {body.get('label')}: {str(body.get('value'))[:300]}")
             if kind != "ScenarioFinished":
                 continue
-            for case in (body.get("recorder") or {}).get("cases", {}).values():
+            for _case in (body.get("recorder") or {}).get("cases", {}).values():
                 cases += 1
             for inter in (body.get("recorder") or {}).get("interactions", {}).values():
                 resp = inter.get("response") or {}

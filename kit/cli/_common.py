@@ -10,8 +10,8 @@ from typing import Any
 import click
 
 from kit.config import KitConfig, load_config
-from kit.render import table  # noqa: F401  (re-exported for the command modules)
 from kit.errors import KitError
+from kit.render import table  # noqa: F401  (re-exported for the command modules)
 
 # The library's errors describe the next step as an action (KitError.remedy); the CLI names its command.
 _HINTS = {

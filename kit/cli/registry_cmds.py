@@ -242,7 +242,8 @@ def aliases_migrate(k: Context, name: str, yes: bool) -> None:
 @pass_kit
 def env_cmd(k: Context, against: str | None, write_lock: bool, as_json: bool) -> None:
     """This environment's fingerprint and its drift from the lock, or its drift from a registered version."""
-    from kit.env import Fingerprint, diff, fingerprint, read_lock, write_lock as _write_lock
+    from kit.env import Fingerprint, diff, fingerprint, read_lock
+    from kit.env import write_lock as _write_lock
 
     if write_lock:
         click.echo(f"wrote {_write_lock(k.config.project_root)}")

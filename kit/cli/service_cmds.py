@@ -35,8 +35,8 @@ def new(kit: Context, name: str, model: str, out_dir: Path, force: bool, bind: s
         device: str | None, api_keys: tuple[str, ...], no_check_model: bool, backend: str | None,
         as_json: bool) -> None:
     """Render services/NAME/ (wsgi.py, gunicorn.conf.py, service.toml, README.md, start.sh)."""
-    from kit.serving.security import hash_key
     from kit.servicegen import backend_warnings, generate
+    from kit.serving.security import hash_key
 
     options: dict[str, Any] = {k: v for k, v in {"bind": bind, "workers": workers, "device": device,
                                                  "backend": backend}.items() if v is not None}

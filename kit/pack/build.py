@@ -38,8 +38,16 @@ from kit.pack._common import Progress, human, say
 from kit.pack._tar import TarMember
 from kit.pack.layer import editable_kit_files, env_layer, largest
 from kit.pack.runtime import MANIFEST
-from kit.pack.stage import (ServiceInfo, _render, check_environment, check_unit, manifest, plan_models,
-                            read_service, stage_files)
+from kit.pack.stage import (
+    ServiceInfo,
+    _render,
+    check_environment,
+    check_unit,
+    manifest,
+    plan_models,
+    read_service,
+    stage_files,
+)
 from kit.pack.wheel import build_kit_wheel, install_wheel
 from kit.signing import Keyring
 

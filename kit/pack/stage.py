@@ -17,8 +17,8 @@ from typing import Any
 import kit
 from kit.errors import KitError, PackError, UnsafeArtifactError
 from kit.pack import envscan
-from kit.service_settings import SERVICE_FILE, read_service_toml
 from kit.pack._common import FORMAT_VERSION, SKIP_NAMES, Progress, say
+from kit.service_settings import SERVICE_FILE, read_service_toml
 from kit.signing import Keyring
 
 
@@ -184,7 +184,7 @@ def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, reg_root: Path, 
     copy_tree(svc.directory, stage / "service")
     stage_models(reg_root, svc.model, plan.versions, stage / "registry")
     ctx = dict(service=svc.name, label=plan.label, kit_version=kit.__version__, kind=s.kind,
-               created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                python=s.python, platform=s.platform, base_interpreter=s.base_interpreter,
                unit=f"kit-{svc.name}.service", bind=bind)
     (stage / "run.sh").write_text(_render("run.sh.j2", **ctx))

@@ -15,14 +15,13 @@ from typing import Any
 from kit import evidence as gate_evidence
 from kit._io import atomic_write_bytes, sha256_file
 from kit.errors import IntegrityError, KitError, ServingError, SignatureError, UnsafeArtifactError
-from kit.registry.loaded import LoadedModel, VerifiedVersion
 from kit.registry.cache import safe_file_name
+from kit.registry.loaded import LoadedModel, VerifiedVersion
 from kit.registry.names import validate_version
 from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
 from kit.registry.store import Store, check_place
 from kit.signing import sig_path, sign_file, verify_bytes
-from kit.version_files import (EXAMPLE_FILE, MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE, check_backend,
-                               load_example_arrays)
+from kit.version_files import EXAMPLE_FILE, MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE, check_backend, load_example_arrays
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ SCHEMA = 1
 
 
 def utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Aliases:
     @classmethod
     def from_state(cls, state: Mapping[str, Any], serial: int, updated: str | None, where: str, *,
                    signed_by: str | None = None, action: str | None = None,
-                   artifacts: Mapping[str, str] | None = None) -> "Aliases":
+                   artifacts: Mapping[str, str] | None = None) -> Aliases:
         can = state.get("canary")
         prod = state.get("production")
         d = {"serial": serial, "updated": updated,
@@ -106,7 +106,7 @@ class Aliases:
                                    action=action, artifacts=dict(artifacts or {}))
 
     @classmethod
-    def from_json(cls, d: Any, where: str) -> "Aliases":
+    def from_json(cls, d: Any, where: str) -> Aliases:
         def bad(why: str) -> RegistryCorruptError:
             return RegistryCorruptError(
                 f"{where} is malformed ({why}). Rebuild it from the signed move records with "

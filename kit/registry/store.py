@@ -30,13 +30,12 @@ from typing import Any, Self
 
 from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped
 from kit._proc import pid_alive
-from kit.errors import (IntegrityError, KitError, ModelNotFoundError, RegistryCorruptError,
-                        VersionNotFoundError)
+from kit.errors import IntegrityError, KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
 from kit.registry.cache import VersionCache, default_cache_dir
 from kit.registry.lineage import detect_source
-from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
 from kit.registry.movelog import MoveLog, move_event
 from kit.registry.moves import MoveStorage
+from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, utcnow
 from kit.signing import Keyring, sign_file
 

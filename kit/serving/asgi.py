@@ -105,7 +105,7 @@ class KitAsgiApp:
 
 def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str | None = None,
                     watch: bool = True) -> KitAsgiApp:
-    """Build the ASGI app of one service worker 
+    """Build the ASGI app of one service worker
 
     Parameters
     ----------

@@ -104,7 +104,7 @@ class ServiceConfig:
     def auth_enabled(self) -> bool:
         return bool(self.api_keys_sha256) or self.keys_file is not None or self.jwt is not None
 
-    def with_(self, **changes: Any) -> "ServiceConfig":
+    def with_(self, **changes: Any) -> ServiceConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -61,11 +61,11 @@ class Response:
     close: bool = False  # send Connection: close (after a body that was not read to the end)
 
     @classmethod
-    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> "Response":
+    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
         return cls(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), JSON, headers or {})
 
     @classmethod
-    def error(cls, exc: HttpError) -> "Response":
+    def error(cls, exc: HttpError) -> Response:
         return cls(exc.status, orjson.dumps({"error": str(exc)}), JSON, dict(exc.headers))
 
 

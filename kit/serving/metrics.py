@@ -13,8 +13,15 @@ import os
 from typing import Any
 
 import prometheus_client.values
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import mmap_dict
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    mmap_dict,
+)
 from prometheus_client.mmap_dict import MmapedDict
 
 log = logging.getLogger(__name__)
@@ -53,7 +60,7 @@ class ReservedMmapedDict(MmapedDict):
 
 
 # Every multiprocess value made from now on (they are made in the workers, after this import) uses it.
-prometheus_client.values.MmapedDict = ReservedMmapedDict  # type: ignore[attr-defined]
+prometheus_client.values.MmapedDict = ReservedMmapedDict  # type: ignore[misc]
 
 
 class Metrics:

@@ -85,7 +85,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import project_keyring
 
 from kit._proc import free_port, http_status, stop_group, wait_http
 from kit.demo import DigitsMLP
 from kit.fleet import service_settings
 from kit.fleet.nginx import NginxOptions, render_nginx
 from kit.registry import Registry
-from kit.serving.router import user_bucket
 from kit.servicegen import RunningService, generate, start_service
-from kit_testing import project_keyring
+from kit.serving.router import user_bucket
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 pytestmark = [
@@ -97,7 +97,7 @@ class Load:
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for i in range(self.threads):
             t = threading.Thread(target=self._run, args=(i,), daemon=True)
             t.start()

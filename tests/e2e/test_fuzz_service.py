@@ -7,7 +7,6 @@ The runner lives in tests/fuzz_service.py (also `python tests/fuzz_service.py --
 from __future__ import annotations
 
 import pytest
-
 from fuzz_service import run_fuzz
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

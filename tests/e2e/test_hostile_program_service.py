@@ -12,13 +12,13 @@ import json
 import time
 import urllib.request
 
+import crafted_artifacts as ca
 import pytest
 import torch
+from kit_testing import get_json, wait_all_workers
 
-import crafted_artifacts as ca
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit_testing import get_json, wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODEL = "hostile"

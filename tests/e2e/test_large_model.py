@@ -7,7 +7,6 @@ around a 5K-parameter model by at most 25% of the weight size. Drives benchmarks
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 

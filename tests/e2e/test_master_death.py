@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import wait_all_workers
 from torch import nn
 
 from kit.errors import ServiceError
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit_testing import wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

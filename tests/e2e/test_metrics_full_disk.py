@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import get_json
 from torch import nn
 
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit_testing import get_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

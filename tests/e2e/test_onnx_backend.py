@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from kit_testing import start_load, unexpected_versions, wait_all_workers
 from torch import nn
 
 from kit.registry import Registry
-from kit.serving.router import user_bucket
 from kit.servicegen import generate, start_service
-from kit_testing import start_load, unexpected_versions, wait_all_workers
+from kit.serving.router import user_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from kit.registry import Registry
+from kit.servicegen import generate, start_service
 from kit.serving.router import user_bucket
 from kit.serving.security import hash_key
-from kit.servicegen import generate, start_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from kit_testing import get_json, start_load, unexpected_versions, wait_all_workers
 
 from kit._io import atomic_write_json
 from kit.demo import DigitsMLP
 from kit.errors import IntegrityError
 from kit.registry import Registry
-from kit.serving.router import user_bucket
 from kit.servicegen import check_config, generate, start_service
-from kit_testing import get_json, start_load, unexpected_versions, wait_all_workers
+from kit.serving.router import user_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
+from kit_testing import get_json, wait_all_workers
 
 from kit.demo import DigitsMLP
 from kit.registry import Registry
 from kit.registry.moves import MoveStorage, canonical, envelope
 from kit.servicegen import generate, start_service
 from kit.signing import Keyring, KeyStore
-from kit_testing import get_json, wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

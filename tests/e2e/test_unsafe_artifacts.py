@@ -11,14 +11,14 @@ import shutil
 import time
 import urllib.request
 
+import crafted_artifacts as ca
 import pytest
 import torch
+from kit_testing import wait_all_workers
 
-import crafted_artifacts as ca
 from kit.errors import PackError, ServiceError, UnsafeArtifactError
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit_testing import wait_all_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MODEL = "victim"

@@ -25,8 +25,8 @@ from kit.capture import CapturedModel, capture
 from kit.errors import CaptureError
 from kit.gate import run_gate
 from kit.registry import Registry
-from kit.serving.protocol import NUMPY_TO_V2
 from kit.servicegen import RunningService, generate, start_service
+from kit.serving.protocol import NUMPY_TO_V2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LATENCY = {"max_p95_ms_batch1": 1000.0, "max_p95_ms_batch_n": 5000.0}

@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import pytest
 import uvicorn
 
 from kit._proc import free_port

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from kit.registry import Registry
+from kit.servicegen import generate
 from kit.serving import load_service_config
 from kit.serving.asgi import create_asgi_app
-from kit.servicegen import generate
 
 
 class Lookup(nn.Module):

@@ -69,7 +69,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas(cfg):
     assert {d["kind"] for d in docs.values()} == {"Deployment", "Service", "PodDisruptionBudget",
                                                   "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
     for version in K8S_VERSIONS:
-        for name, doc in docs.items():
+        for _name, doc in docs.items():
             kv.validate(doc, version, strict=True)  # raises on any schema violation or unknown field
     # the check can fail: a typo'd field and a wrong type are refused
     dep = docs["deployment.yaml"]

@@ -33,9 +33,9 @@ pytestmark = [
 def reg(tmp_path_factory, digits_model):
     """A registry with demo-digits@1 (the trained demo MLP), shared by this module's gate runs."""
     import torch
+    from kit_testing import project_keyring
 
     from kit.registry import Registry
-    from kit_testing import project_keyring
 
     model, split, acc = digits_model
     # signed with the session's key, which `kit validate` (config-resolved) trusts

@@ -14,9 +14,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import crafted_artifacts as ca
+import pytest
 
 MB = 1 << 20
 

@@ -8,11 +8,11 @@ import nbformat
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from kit_testing import write_validation_notebook
 
 from kit.config import load_config
 from kit.magics import KitMagics, parse_weight
 from kit.registry import Registry
-from kit_testing import write_validation_notebook
 
 MODEL = "digits"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from kit_testing import make_project, processes_under
 
 from kit.registry import Registry
-from kit_testing import make_project, processes_under
 
 pytestmark = pytest.mark.slow
 

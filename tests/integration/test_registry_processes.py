@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from kit.registry import Registry
 
 CHILD = Path(__file__).with_name("registry_child.py")
@@ -99,8 +98,9 @@ MOVES_CHILD = Path(__file__).with_name("moves_child.py")
 
 
 def _signed_model(tmp_path: Path) -> tuple[Registry, Path]:
-    from kit.signing import Keyring
     from kit_testing import three_versions
+
+    from kit.signing import Keyring
 
     keys = tmp_path / "keys"
     reg = three_versions(Registry(tmp_path / "reg", user="t", keyring=Keyring(keys)), gated=(1, 2))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import project_keyring
 from torch import nn
 
 import kit
 from kit import gate
 from kit.registry import Registry
 from kit.serving.recorder import CaptureSettings, Recorder
-from kit_testing import project_keyring
 
 pytestmark = [pytest.mark.timeout(300)]
 NOTEBOOK = Path(kit.__file__).parent / "notebooks" / "validation" / "replay.ipynb"

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from kit.demo import DigitsMLP
 from kit.registry import Registry
+from kit.servicegen import generate
 from kit.serving import load_service_config
 from kit.serving.asgi import create_asgi_app
 from kit.serving.security import hash_key
-from kit.servicegen import generate
 
 MODEL = "app-digits"
 KEY = "s3cret-key"

@@ -14,18 +14,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from kit_testing import write_validation_notebook
 
 from kit import gate
 from kit._io import atomic_write_json, sha256_file
 from kit.demo import DigitsMLP
 from kit.errors import GateError
 from kit.registry import Registry, artifact_digest
+from kit.servicegen import generate
 from kit.serving import load_service_config
 from kit.serving.asgi import create_asgi_app
 from kit.serving.testing import AsgiTestClient
-from kit.servicegen import generate
 from kit.signing import Keyring
-from kit_testing import write_validation_notebook
 
 MODEL = "signed-digits"
 

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from kit_testing import three_versions
 
 from kit.cli import cli
 from kit.config import load_config
@@ -20,7 +21,6 @@ from kit.magics import KitMagics
 from kit.registry import Registry
 from kit.traffic import set_traffic
 from kit.widgets import RegistryPanel
-from kit_testing import three_versions
 
 
 @pytest.fixture
@@ -125,10 +125,10 @@ def test_panel_refuses_a_move_on_a_split_it_did_not_show(reg):
 def test_deploy_with_a_canary_running_replaces_it(reg, tmp_path):
     """deploy(canary=...) registers v4, runs the real gate (papermill), then applies the same rule."""
     import torch
+    from kit_testing import write_validation_notebook
     from torch import nn
 
     from kit.deploy import deploy
-    from kit_testing import write_validation_notebook
 
     nb = write_validation_notebook(tmp_path / "validate.ipynb")
     torch.manual_seed(4)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from kit_testing import write_validation_notebook
 
 from kit.widgets import RegistryPanel, versions_html
-from kit_testing import write_validation_notebook
 
 MODEL = "demo-digits"
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import zipfile
 
+import crafted_artifacts as ca
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import crafted_artifacts as ca
 from kit.artifacts import Limits, check_npz, inspect_pt2
 from kit.capture import capture, load_examples, load_program
 from kit.errors import UnsafeArtifactError
@@ -173,8 +173,8 @@ def test_object_npz_is_refused_and_never_unpickled(tmp_path):
 
 def test_service_toml_max_artifact_bytes_reaches_registry_load(tmp_path):
     from kit.registry import Registry
-    from kit.serving.config import load_service_config
     from kit.servicegen import generate
+    from kit.serving.config import load_service_config
 
     reg = Registry(tmp_path / "registry", require_gate=False, user="t")
     reg.register("tiny", nn.Linear(3, 2), torch.randn(2, 3))

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from kit_testing import project_keyring
 from torch import nn
 
 from kit.cli import cli
 from kit.registry import Registry
-from kit_testing import project_keyring
 
 
 @pytest.fixture

@@ -185,6 +185,7 @@ def test_the_signature_is_compiled_once_and_parsing_gives_contiguous_numpy():
 
 def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
     import torch
+
     from kit.serving.backends import _torch_forward
     from kit.signature import Signature, TensorSpec
 
@@ -203,6 +204,7 @@ def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
 
 def test_the_torch_forward_casts_dtypes_numpy_lacks():
     import torch
+
     from kit.serving.backends import _torch_forward
     from kit.signature import Signature, TensorSpec
 

@@ -13,12 +13,12 @@ import textwrap
 
 import pytest
 import torch
+from zoo.models import ZOO
 
 from kit import _fx_build
 from kit._program import ExportedForward, Unsupported, exported_forward
 from kit.artifacts import inspect_pt2, load_exported_program
 from kit.capture import capture, load_program
-from zoo.models import ZOO
 
 
 def _flat(out):

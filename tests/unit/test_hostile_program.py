@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 
+import crafted_artifacts as ca
 import pytest
 import torch
 from torch import nn
 
-import crafted_artifacts as ca
 from kit import _fx_build
 from kit.artifacts import Limits, inspect_pt2
 from kit.capture import capture, load_program
@@ -165,8 +165,8 @@ def test_torch_deserializer_fallback_is_refused_unless_trusted(tmp_path):
 
 def test_service_toml_max_tensor_bytes_reaches_registry_load(tmp_path):
     from kit.registry import Registry
-    from kit.serving.config import load_service_config
     from kit.servicegen import generate
+    from kit.serving.config import load_service_config
 
     class Padded(nn.Module):
         def __init__(self) -> None:

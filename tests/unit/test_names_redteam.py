@@ -12,8 +12,8 @@ from torch import nn
 from kit.cli import cli
 from kit.errors import InvalidNameError, VersionNotFoundError
 from kit.registry import Registry, is_version_text, parse_ref, validate_name, validate_version
-from kit.serving.router import RouteError, choose
 from kit.servicegen import generate, render
+from kit.serving.router import RouteError, choose
 
 
 def _small() -> nn.Module:

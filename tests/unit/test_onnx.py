@@ -253,6 +253,7 @@ def test_service_backend_setting_and_its_checks(registry, tagger_capture, tmp_pa
 def test_generators_with_huge_constant_sizes_are_refused(tmp_path, op, sizes, constant_node):
     """Issue 17 class 2: a 100-byte model.onnx asking onnxruntime for 1.6 GB is refused before it opens."""
     import crafted_artifacts as ca
+
     from kit._onnx_scan import check_onnx
     from kit.artifacts import Limits
 

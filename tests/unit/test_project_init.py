@@ -11,8 +11,8 @@ from kit.cli import cli
 from kit.config import load_config
 from kit.errors import ConfigError
 from kit.gate import DEFAULT_NOTEBOOK, declared_params
-from kit.replay import REPLAY_NOTEBOOK
 from kit.project import environment_warnings, init_project
+from kit.replay import REPLAY_NOTEBOOK
 
 
 def test_init_in_an_empty_folder_writes_config_notebook_and_gitignore(tmp_path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-from kit.serving.protocol import (RequestError, parse_predict, parse_v2_infer, predict_response, v2_metadata,
-                                  v2_response)
+
+from kit.serving.protocol import RequestError, parse_predict, parse_v2_infer, predict_response, v2_metadata, v2_response
 from kit.signature import Signature, TensorSpec
 
 TEXT = Signature(

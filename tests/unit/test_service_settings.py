@@ -12,10 +12,10 @@ import pytest
 from kit import service_settings as settings
 from kit.errors import PackError, ServiceError
 from kit.pack.stage import read_service
+from kit.servicegen import render
 from kit.serving.config import JwtSettings, ServiceConfig, load_service_config
 from kit.serving.guard import GuardSettings
 from kit.serving.recorder import CaptureSettings
-from kit.servicegen import render
 
 
 def _write(tmp_path, text):

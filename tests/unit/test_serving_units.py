@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kit.errors import ServiceError, ServingError
+from kit.servicegen import render
+from kit.serving.backends import resolve_torch_device as _resolve_device
 from kit.serving.config import load_service_config, worker_plan
 from kit.serving.router import RouteError, choose, user_bucket
 from kit.serving.security import ApiKeys, RateLimiter, hash_key
-from kit.serving.backends import resolve_torch_device as _resolve_device
-from kit.servicegen import render
 
 
 def _state(canary=True, weight=0.25):

@@ -11,13 +11,13 @@ import json
 import shutil
 
 import pytest
+from kit_testing import three_versions
 
 from kit.errors import PromotionRefusedError, RegistryCorruptError, SignatureError
 from kit.registry import Registry
 from kit.registry.moves import MoveStorage, canonical, envelope, new_record
 from kit.signing import Keyring, KeyStore
 from kit.traffic import guard_step, guard_stop
-from kit_testing import three_versions
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kit_testing import three_versions
 from torch import nn
 
 from kit.errors import InvalidNameError, PromotionRefusedError
 from kit.registry import Registry
 from kit.traffic import plan_traffic, set_traffic, stop_traffic
-from kit_testing import three_versions
 
 
 @pytest.fixture
