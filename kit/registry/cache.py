@@ -44,7 +44,7 @@ from pathlib import Path
 
 from kit._io import copy_hashed, fsync_dir, read_capped
 from kit._proc import pid_alive
-from kit.errors import ConfigError, IntegrityError
+from kit.errors import ConfigError, IntegrityError, UnsafeArtifactError
 from kit.registry.loaded import VerifiedVersion
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,11 @@ class VersionCache:
         except FileNotFoundError as exc:
             raise IntegrityError(f"Refusing to load {ref}: {src.name}: missing from {src.parent}. Restore it "
                                  "or register the model again.") from exc
-        except ValueError as exc:
-            raise IntegrityError(f"Refusing to load {ref}: {exc}. Restore the version or register the model "
-                                 "again.") from exc
+        except ValueError as exc:  # over the size a version's file may have: refused before it is read whole
+            raise UnsafeArtifactError(
+                f"Refusing to load {ref}: {src.name} is over the limit of {max_bytes} bytes ([model] "
+                "max_artifact_bytes in service.toml). Raise the limit if the file is yours, or restore the "
+                "version.") from exc
         if got != expected:
             raise IntegrityError(
                 f"Refusing to load {ref}: {src.name}: sha256 {got[:12]}… != recorded {str(expected)[:12]}… (the "

@@ -7,6 +7,7 @@ would: re-hashes meta.json after changing an artifact, registers with a key of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -53,11 +54,15 @@ def _forge_copy(reg: Registry, src: int) -> int:
 
 
 def _point_production_at(reg: Registry, version: int) -> None:
-    """What an attacker does instead of `kit promote`: write aliases.json."""
-    a = json.loads(reg.aliases_path(MODEL).read_text())
-    a["production"]["version"] = version
-    a["serial"] += 1
-    atomic_write_json(reg.aliases_path(MODEL), a)
+    """A move record signed by the project's key that names ``version`` without the registry's checks: as
+    if the version's files were altered after a key holder moved it. The service is the last check.
+    (A registry writer without a key can no longer write aliases.json at all: tests/unit/test_signed_moves.py.)"""
+    with reg.lock(MODEL):
+        ml = reg.movelog(MODEL)
+        head, cur = ml.base()
+        after = dataclasses.replace(cur, production=version)
+        ml.commit(head, "promote", after, reg.keyring.signer(), user="owner", why="test",
+                  artifacts=reg._artifacts(MODEL, after, {}), relies_on={"force": "test"}, details={})
 
 
 @pytest.fixture
@@ -91,7 +96,8 @@ def test_a_service_refuses_forged_and_foreign_versions_and_keeps_serving(signed,
     svc = generate("svc", MODEL, registry=signed.root, out_dir=tmp_path / "services",
                    trusted_keys=signed.keyring.service_keys())
     cfg = load_service_config(svc)
-    assert not [p for p in svc.rglob("*") if p.suffix in (".pem", ".key")]  # public keys only, never a private one
+    # public keys only, never a private one of the project (guard.key is the service's own narrow credential)
+    assert not [p for p in svc.rglob("*") if p.suffix in (".pem", ".key") and p.name != "guard.key"]
     assert cfg.trusted_keys == (signed.keyring.signer().public.text(),)
     app = create_asgi_app(cfg, watch=False)
     client = AsgiTestClient(app)
