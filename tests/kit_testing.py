@@ -139,3 +139,17 @@ def unexpected_versions(records: list, events: list[tuple[float, set[int]]], lag
         return ok
 
     return [r for r in records if int(r[3]) not in allowed(r[0])]
+
+
+def child_pids(parent: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``parent``: a gunicorn master's workers."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] != "Z":
+                out.append(int(p.name))
+    return out

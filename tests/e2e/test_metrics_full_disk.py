@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kit_testing import get_json
+from kit_testing import child_pids, get_json
 from torch import nn
 
 from kit.registry import Registry
@@ -55,18 +55,6 @@ def _predict(url: str) -> int:
         return r.status
 
 
-def _workers(master: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master and fields[0] != "Z":
-                out.append(int(p.name))
-    return out
-
 
 def test_a_worker_started_on_a_full_metrics_filesystem_answers_and_says_metrics_degraded(tmp_path, small_tmpfs):
     reg = Registry(tmp_path / "registry", require_gate=True)
@@ -78,7 +66,7 @@ def test_a_worker_started_on_a_full_metrics_filesystem_answers_and_says_metrics_
     try:
         assert _predict(svc.url) == 200
         _fill(small_tmpfs)  # the filesystem is now full: a new worker cannot get space for its samples
-        [old] = _workers(svc.pid)
+        [old] = child_pids(svc.pid)
         os.kill(old, signal.SIGKILL)
         deadline, answered, body = time.monotonic() + 30, 0, {}
         while time.monotonic() < deadline and answered < 20:
@@ -92,6 +80,6 @@ def test_a_worker_started_on_a_full_metrics_filesystem_answers_and_says_metrics_
         assert answered == 20, f"the new worker did not serve on a full metrics filesystem: {svc.logs()[-3000:]}"
         assert body["metrics"]["status"] == "degraded" and "No space left" in body["metrics"]["reason"], body
         assert svc.alive() and "Bus error" not in svc.logs() and "SIGBUS" not in svc.logs()
-        assert len(_workers(svc.pid)) == 1  # no crash loop: the one replacement worker is still there
+        assert len(child_pids(svc.pid)) == 1  # no crash loop: the one replacement worker is still there
     finally:
         svc.stop()
