@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     from kit.pack import pack
     from kit.registry import Registry
     from kit.servicegen import generate, start_service
+    from kit.traffic import register_service_guard
 
     ap = argparse.ArgumentParser(prog="python -m kit.demo", description=main.__doc__)
     ap.add_argument("--no-pack", action="store_true", help="stop after the service answered")
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     svc_dir = generate(DEMO_SERVICE, DEMO_MODEL, registry=reg.root, out_dir=services, force=True,
                        api_keys_sha256=[hashlib.sha256(key.encode()).hexdigest()],
                        trusted_keys=reg.keyring.service_keys() if reg.keyring is not None else ())
-    _done(t, f"wrote {svc_dir}")
+    guard = register_service_guard(reg, svc_dir, user=cfg.user)  # its canary guard may end demo canaries
+    _done(t, f"wrote {svc_dir}; canary guard key {guard} registered")
 
     t = _step(6, total, "start it with gunicorn on 127.0.0.1 and ask for a prediction")
     with start_service(svc_dir) as svc:

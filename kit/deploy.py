@@ -224,11 +224,12 @@ def deploy(
         out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
                        force=target.exists(), backend=backend,  # [trust]: the key this registry signs with
                        trusted_keys=registry.keyring.service_keys() if registry.keyring is not None else ())
+        guard = _register_guard(registry, Path(out), user)
     except KitError as exc:
         raise fail("service", t0, str(exc)) from exc
     result.service_dir = Path(out)
     finish(Step("service", time.perf_counter() - t0, True,
-                f"{service!r} serves {name}@production (start: kit.servicegen.start_service)", str(out)))
+                f"{service!r} serves {name}@production (start: kit.servicegen.start_service); {guard}", str(out)))
     return result
 
 
@@ -237,6 +238,17 @@ def _onnx_line(captured: Any) -> str:
     if rec.get("exported"):
         return f"ONNX parity max|diff| {rec['parity']['max_abs_diff']:.2g}"
     return f"no ONNX ({rec.get('reason', 'not exported')})"
+
+
+def _register_guard(registry: Any, service_dir: Path, user: str | None) -> str:
+    """Delegate the new service's canary guard to its key (as `kit service new` does), so the guard may end
+    or step the canaries started from here; an unsigned registry has no trust to delegate."""
+    if registry.keyring is None:
+        return "canary guard: not registered (the registry is unsigned)"
+    from kit.traffic import register_service_guard
+
+    key_id = register_service_guard(registry, service_dir, user=user)
+    return f"canary guard key {key_id} registered" if key_id else "canary guard off"
 
 
 def _service_model(service_dir: Path) -> str | None:

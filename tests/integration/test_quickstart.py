@@ -108,6 +108,10 @@ def test_quickstart_runs_end_to_end(project: Path, kit_env, artifacts_dir: Path)
         assert reg.passing_gate(mv) is not None, mv.ref
         assert mv.source.get("via") == "%deploy" and mv.source.get("kind") == "notebook"
     assert (project / "services" / SERVICE / "service.toml").is_file()
+    # %deploy delegated the service's canary guard as `kit service new` does: its key is registered, signed
+    assert "canary guard key" in first, first
+    guards = list((project / "registry" / MODEL / "guards").glob("*.json"))
+    assert len(guards) == 1 and (project / "services" / SERVICE / "guard.key").is_file(), guards
 
     # The last cell stopped the service: nothing the notebook started is left running.
     leftovers = kill_leftovers(project / "services")
