@@ -10,6 +10,7 @@ Errors also inherit the matching builtin so callers can catch either.
     │   ├── ModelNotFoundError
     │   └── VersionNotFoundError
     ├── RegistryCorruptError                     unreadable aliases.json / meta.json
+    ├── StorageError                             a folder full, read-only or failing: nothing half-written
     ├── IntegrityError                           sha256 mismatch, missing file
     │   └── SignatureError                       unsigned, untrusted key, or signature does not match
     ├── SigningKeyError (ConfigError)            no signing key / unreadable key or public key
@@ -65,6 +66,16 @@ class VersionNotFoundError(NotFoundError):
 
 class RegistryCorruptError(KitError):
     pass
+
+
+class StorageError(KitError):
+    """A write refused by the storage (no space, quota, read-only, I/O error), before or while writing.
+    ``folder`` is where, ``need`` the bytes the write needed (None when unknown)."""
+
+    def __init__(self, message: str, *, folder: str | None = None, need: int | None = None):
+        super().__init__(message)
+        self.folder = folder
+        self.need = need
 
 
 class IntegrityError(KitError):
