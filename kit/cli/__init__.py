@@ -29,9 +29,20 @@ def cli(ctx: click.Context, registry: str | None, verbose: int) -> None:
 
 
 def _register_all() -> None:
-    from kit.cli import fleet_cmds, gate_cmds, init_cmds, key_cmds, pack_cmds, registry_cmds, replay_cmds, service_cmds
+    from kit.cli import (
+        cache_cmds,
+        fleet_cmds,
+        gate_cmds,
+        init_cmds,
+        key_cmds,
+        pack_cmds,
+        registry_cmds,
+        replay_cmds,
+        service_cmds,
+    )
 
-    for mod in (registry_cmds, gate_cmds, service_cmds, pack_cmds, fleet_cmds, key_cmds, init_cmds, replay_cmds):
+    for mod in (registry_cmds, gate_cmds, service_cmds, pack_cmds, fleet_cmds, key_cmds, init_cmds, replay_cmds,
+                cache_cmds):
         mod.register(cli)
 
 
