@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kit.errors import StorageError
+
 _CHUNK = 1 << 20
+# Kept free beyond what a write needs: the file system's own blocks (folders, inodes, journal) and a
+# concurrent small write (an event line, a lock file) must still fit after ours.
+SPACE_SLACK = 1 << 20
+# The errors a storage gives when it refuses a write: these become one StorageError line.
+_STORAGE_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EROFS: "is read-only",
+                   errno.EIO: "gave an I/O error", errno.EFBIG: "refused a file that large"}
 
 
 def _read_umask() -> int:
@@ -135,3 +146,70 @@ def append_line(path: Path, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent (a write may create the folders below it)."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged writer may still write on ``folder``'s file system."""
+    st = os.statvfs(_existing(folder))
+    return st.f_bavail * st.f_frsize
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def ensure_free_space(folder: Path, need: int, what: str) -> None:
+    """``StorageError`` (one line naming ``folder`` and the space needed) unless ``need`` bytes (plus a
+    small slack) are free there, or when the folder is read-only: checked *before* a write whose size is
+    known, so a full disk refuses it whole instead of failing half-way (torch's archive writer aborts the
+    process on ENOSPC)."""
+    where = _existing(folder)
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        raise _storage_error(exc, folder, need, what) from exc
+    if st.f_flag & os.ST_RDONLY:
+        raise StorageError(f"Cannot write {what}: {folder} is on a read-only file system (mounted read-only). "
+                           "Nothing was written; remount it read-write or point Kit at a writable folder.",
+                           folder=str(folder), need=need)
+    free = st.f_bavail * st.f_frsize
+    if free < need + SPACE_SLACK:
+        raise StorageError(
+            f"Cannot write {what}: {folder} has {_human(free)} free and it needs {_human(need + SPACE_SLACK)}. "
+            f"Nothing was written; free {_human(need + SPACE_SLACK - free)} there (or move it to a larger disk) "
+            "and repeat.", folder=str(folder), need=need)
+
+
+def _storage_error(exc: OSError, folder: Path, need: int | None, what: str) -> StorageError:
+    state = _STORAGE_ERRNOS.get(exc.errno or 0, f"refused the write ({exc.strerror or exc})")
+    needs = f" ({_human(need + SPACE_SLACK)} needed)" if need is not None else ""
+    return StorageError(f"Cannot write {what}: {folder} {state}{needs}. Nothing was kept of the partial write; "
+                        "free space or fix the folder and repeat.", folder=str(folder), need=need)
+
+
+@contextmanager
+def storage_errors(folder: Path, what: str, need: int | None = None) -> Iterator[None]:
+    """Turn a storage's refusal of a write (full, quota, read-only, I/O error) inside the block into one
+    ``StorageError`` line naming ``folder``; other errors pass through unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:
+            raise _storage_error(exc, folder, need, what) from exc
+        raise

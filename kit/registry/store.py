@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped
+from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped, storage_errors
 from kit._proc import pid_alive
 from kit.errors import IntegrityError, KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
 from kit.registry.cache import VersionCache, default_cache_dir
@@ -37,6 +37,7 @@ from kit.registry.movelog import MoveLog, move_event
 from kit.registry.moves import MoveStorage
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, utcnow
+from kit.registry.space import check_register_space
 from kit.signing import Keyring, sign_file
 
 log = logging.getLogger(__name__)
@@ -283,18 +284,20 @@ class Store:
                 raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
             model = capture(model, example_inputs, **capture_kwargs)
         model_dir = self.model_dir(name)
-        (model_dir / "versions").mkdir(parents=True, exist_ok=True)
-        self._clean_stale_tmp(name)
-        tmp = model_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        need = check_register_space(model, self.cache.root, self.root, name)  # before any byte: torch aborts on ENOSPC
+        with storage_errors(model_dir, f"a new version of {name!r}", need):
+            (model_dir / "versions").mkdir(parents=True, exist_ok=True)
+            self._clean_stale_tmp(name)
+            tmp = model_dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
         try:
-            with self.cache.private_dir() as private:
+            with self.cache.private_dir() as private, storage_errors(model_dir, f"a new version of {name!r}", need):
                 files = _save_synced(model, tmp, private)
             meta = _new_meta(name, model, files, metrics=metrics, tags=tags, source=source,
                              project_root=project_root)
             _check_json(meta, "metrics/tags/source")
             signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
-            with self.lock(name):
+            with self.lock(name), storage_errors(model_dir, f"version files of {name!r}"):
                 version = self._publish(name, tmp, meta, signer)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
