@@ -101,3 +101,44 @@ def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any
             if cand.is_file():
                 return cand.resolve()
     return None
+
+
+def _one_line(v: Any, limit: int = 80) -> str:
+    """A value from a stored result as a short single line (a result is shown, never trusted, here)."""
+    s = " ".join(str(v).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def failed_checks_text(result: Mapping[str, Any], limit: int = 6) -> str:
+    """``"latency vs production, batch 64 = 3.1 (threshold 1.25); accuracy = 0.8 (threshold 0.9)"``: the
+    failed checks of a stored result with their figures (its error when no check failed)."""
+    checks = result.get("checks")
+    failed = [c for c in checks if isinstance(c, Mapping) and c.get("passed") is not True] \
+        if isinstance(checks, list) else []
+    parts = []
+    for c in failed[:limit]:
+        s = _one_line(c.get("name"))
+        if c.get("value") is not None:
+            s += f" = {_one_line(c.get('value'), 40)}"
+        if c.get("threshold") is not None:
+            s += f" (threshold {_one_line(c.get('threshold'), 40)})"
+        parts.append(s)
+    if len(failed) > limit:
+        parts.append(f"{len(failed) - limit} more")
+    if not parts and result.get("error"):
+        parts.append(_one_line(result.get("error"), 300))
+    return "; ".join(parts)
+
+
+def refusal_detail(registry_root: Path, version_dir: Path, results: Sequence[Mapping[str, Any]],
+                   artifact_sha256: str) -> str:
+    """What a refused promotion adds after "no passing gate": the newest gate of this artifact, its failed
+    checks with their figures and its report ("" when the artifact was never gated)."""
+    mine = [r for r in results if r.get("artifact_sha256") == artifact_sha256]
+    if not mine:
+        return ""
+    last = mine[-1]
+    what = failed_checks_text(last)
+    report = report_path(Path(registry_root), Path(version_dir), last)
+    return (f" Its last gate (run {_one_line(last.get('run_id'), 60)}, backend {result_backend(last)}) "
+            + ("failed: " + what if what else "did not pass") + (f"; report: {report}." if report else "."))

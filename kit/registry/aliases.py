@@ -47,10 +47,16 @@ class AliasMoves(CheckedStore):
         if self.require_gate and gate is None:
             raise PromotionRefusedError(
                 f"Refusing to {action} {mv.ref}: no passing gate recorded for its artifact sha256 "
-                f"{mv.short_sha}. Validate it first, or force it with a reason (audited as forced).",
+                f"{mv.short_sha}.{self._gate_detail(mv)} Validate it first, or force it with a reason "
+                "(audited as forced).",
                 remedy="validate", subject=mv.ref,
             )
         return gate
+
+    def _gate_detail(self, mv: ModelVersion) -> str:
+        """The newest gate of ``mv``'s artifact: its failed checks with their figures, and its report."""
+        return gate_evidence.refusal_detail(self.root, self.version_dir(mv.name, mv.version),
+                                            self.gate_results(mv.name, mv.version), mv.artifact_sha256)
 
     def _check_integrity_for(self, mv: ModelVersion, action: str) -> None:
         try:
