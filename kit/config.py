@@ -22,9 +22,9 @@ from kit.errors import ConfigError
 
 @dataclass(frozen=True)
 class KitConfig:
-    """Resolved settings. Paths are absolute."""
+    """Resolved settings. Paths are absolute; ``registry`` is a folder or an ``s3://bucket/prefix`` URL."""
 
-    registry: Path
+    registry: Path | str
     project_root: Path
     require_gate: bool = True
     user: str = "unknown"
@@ -44,7 +44,8 @@ class KitConfig:
         from kit.signing import Keyring
 
         for what, path in (("keys_dir", self.keys_dir), ("signing_key", self.signing_key)):
-            if path is not None and (path == self.registry or self.registry in path.parents):
+            if path is not None and isinstance(self.registry, Path) and (path == self.registry
+                                                                        or self.registry in path.parents):
                 raise ConfigError(f"{what} {path} is inside the registry {self.registry}, where anyone who can "
                                   "write the registry could read or replace it. Keep keys elsewhere (the default "
                                   "is ~/.config/kit/keys).")
@@ -88,6 +89,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "registry" and isinstance(value, str) and "://" in value:
+        from kit.registry.s3 import parse_s3_url  # refuses what is not s3://bucket/prefix, naming the form
+
+        bucket, prefix = parse_s3_url(value)
+        return f"s3://{bucket}/{prefix}".rstrip("/")
     if key in ("registry", "project_root"):
         return Path(value)
     if key in ("keys_dir", "signing_key", "services"):
@@ -153,11 +159,10 @@ def load_config(
         raise ConfigError(f"Unknown Kit setting(s) {sorted(unknown)}; known: {sorted(fields)}.")
     values = {k: _coerce(k, v) for k, v in values.items()}
     project_root = Path(values["project_root"]).resolve()
-    registry = Path(values["registry"])
-    if not registry.is_absolute():
-        registry = project_root / registry
     values["project_root"] = project_root
-    values["registry"] = registry.resolve()
+    if not isinstance(values["registry"], str):  # an s3:// URL stays as it is
+        registry = Path(values["registry"])
+        values["registry"] = (registry if registry.is_absolute() else project_root / registry).resolve()
     for key in ("keys_dir", "signing_key"):  # relative paths in kit.toml are relative to the project
         if values.get(key) is not None and not values[key].is_absolute():
             values[key] = (project_root / values[key]).resolve()

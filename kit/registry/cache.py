@@ -38,7 +38,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,11 +72,19 @@ def safe_file_name(fname: str) -> bool:
     return bool(fname) and "/" not in fname and "\\" not in fname and not fname.startswith(".") and "\0" not in fname
 
 
-class VersionCache:
-    """A cache folder of verified versions (see the module docstring)."""
+# (registry path of a file, new local file, size limit) -> (sha256, size) of exactly the bytes written there
+Fetch = Callable[[Path, Path, int], tuple[str, int]]
 
-    def __init__(self, root: Path | str):
+
+class VersionCache:
+    """A cache folder of verified versions (see the module docstring).
+
+    ``fetch`` copies one file of the registry into the cache while hashing it: a local copy by default; a
+    registry on an object store streams the object (:mod:`kit.registry.remote`)."""
+
+    def __init__(self, root: Path | str, fetch: Fetch | None = None):
         self.root = Path(root).expanduser().absolute()
+        self.fetch: Fetch = fetch or _copy_local
 
     def __repr__(self) -> str:
         return f"VersionCache({str(self.root)!r})"
@@ -134,10 +142,9 @@ class VersionCache:
             self._discard(tmp)
             raise
 
-    @staticmethod
-    def _copy_one(ref: str, src: Path, dst: Path, expected: str, max_bytes: int) -> dict[str, object]:
+    def _copy_one(self, ref: str, src: Path, dst: Path, expected: str, max_bytes: int) -> dict[str, object]:
         try:
-            got, size = copy_hashed(src, dst, max_bytes)
+            got, size = self.fetch(src, dst, max_bytes)
         except FileNotFoundError as exc:
             raise IntegrityError(f"Refusing to load {ref}: {src.name}: missing from {src.parent}. Restore it "
                                  "or register the model again.") from exc
@@ -260,6 +267,10 @@ class VersionCache:
             if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
         return removed
+
+
+def _copy_local(src: Path, dst: Path, max_bytes: int) -> tuple[str, int]:
+    return copy_hashed(src, dst, max_bytes)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -1,0 +1,242 @@
+"""A registry whose source of truth is an object store (``s3://bucket/prefix``), without locks.
+
+Layout in the bucket (the folder registry's, plus the claims)::
+
+    <name>/claims/<n>.json            created with If-None-Match: * -- whoever creates it owns number n
+    <name>/versions/<n>/<file>        uploaded first (multipart for big files)
+    <name>/versions/<n>/meta.json.sig then the signature
+    <name>/versions/<n>/meta.json     last, created with If-None-Match: *: the record that makes n visible
+    <name>/moves/<serial>.json        signed move records, each created with If-None-Match: *
+    <name>/aliases.json               a copy of the newest record (what services poll, with ETags)
+    <name>/events/<ts>-<id>.json      one object per audit event (an object store cannot append)
+
+A version number is taken by the claim, so two writers on two machines never share one; a number whose
+writer died after claiming stays a gap (listed by no one, never reused). Moves are the same conditional
+create of the next serial (:mod:`kit.registry.moves`): the loser is told to look again and repeat.
+
+Readers keep a per-host mirror of the small objects (meta.json, its signature, events) under the cache
+folder, so the checks written for the folder registry run unchanged on the same bytes; the big files are
+never mirrored: a load streams each one from the bucket into the local verified cache while hashing it
+(:mod:`kit.registry.cache`), once per host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from kit._io import atomic_write_bytes
+from kit.errors import IntegrityError, KitError, ModelNotFoundError, UnsafeArtifactError, VersionNotFoundError
+from kit.registry.cache import VersionCache, default_cache_dir, safe_file_name
+from kit.registry.integrity import CheckedStore
+from kit.registry.moves import MAX_RECORD_BYTES, MoveStorage
+from kit.registry.names import is_version_text, validate_name
+from kit.registry.records import ModelVersion, VerifyResult, utcnow
+from kit.registry.storage import Got, NotModified, Storage, open_storage
+from kit.signing import SIG_SUFFIX, sign_file
+
+log = logging.getLogger(__name__)
+
+MAX_META_BYTES = 4 << 20
+MAX_FILE_BYTES = 32 << 30  # what a check downloads at most per file (a load applies its own, smaller limit)
+_MAX_CLAIM_TRIES = 1000
+
+
+def mirror_dir(storage: Any, cache_base: Path | None = None) -> Path:
+    """This host's folder of small copies of ``storage``'s objects (per store: its identity's digest)."""
+    base = cache_base if cache_base is not None else default_cache_dir().parent
+    ident = storage.identity() if hasattr(storage, "identity") else storage.describe()
+    return Path(base) / "remote" / hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+class ObjectMoveStorage(MoveStorage):
+    """A model's move records in an object store: ``create`` is a PUT with If-None-Match: *, and the
+    pointer (aliases.json) is read with If-None-Match: <etag>, so an unchanged poll costs no body."""
+
+    def __init__(self, storage: Storage, name: str, mirror: Path):
+        super().__init__(mirror / name)
+        self.storage, self.name = storage, name
+        self._pointer: Got | None = None
+
+    def _key(self, serial: int) -> str:
+        return f"{self.name}/moves/{serial:08d}.json"
+
+    def read(self, serial: int) -> bytes | None:
+        got = self.storage.get(self._key(serial), MAX_RECORD_BYTES)
+        return got.data if got is not None else None
+
+    def read_pointer(self) -> bytes | None:
+        held = self._pointer
+        got = self.storage.get_if_changed(f"{self.name}/aliases.json", held.etag if held else None, MAX_RECORD_BYTES)
+        if isinstance(got, NotModified):
+            return held.data if held is not None else None
+        self._pointer = got
+        return got.data if got is not None else None
+
+    def serials(self) -> list[int]:
+        out = []
+        for key in self.storage.list_keys(f"{self.name}/moves/"):
+            n = key.rsplit("/", 1)[-1]
+            if n.endswith(".json") and len(n) == 13 and n[:8].isascii() and n[:8].isdigit():
+                out.append(int(n[:8]))
+        return sorted(out)
+
+    def create(self, serial: int, data: bytes) -> bool:
+        return self.storage.put_if_absent(self._key(serial), data)
+
+    def write_pointer(self, data: bytes) -> None:
+        self.storage.put(f"{self.name}/aliases.json", data)
+
+
+class ObjectStoreMixin(CheckedStore):
+    """The :class:`kit.registry.store.Store` methods that differ on an object store (module docstring).
+
+    Placed before :class:`kit.registry.Registry` in a subclass's bases; everything else (signature checks,
+    the gate rule, alias moves) runs unchanged over the bytes these methods read.
+    """
+
+    def __init__(self, root: Path | str, **kwargs: Any):
+        storage = open_storage(root)
+        self.url, self.storage = storage.describe(), storage
+        super().__init__(mirror_dir(storage), **kwargs)
+        self.cache = VersionCache(self.cache.root, fetch=self._fetch)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _fetch(self, src: Path, dst: Path, max_bytes: int) -> tuple[str, int]:
+        """The cache's reader: the object behind mirror path ``src`` streamed into ``dst`` while hashed."""
+        return self.storage.download(self._key(src), dst, max_bytes)
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """No lock: numbering and moves are conditional creates (a writer that loses is told to repeat)."""
+        validate_name(name)
+        with nullcontext():
+            yield
+
+    # ---- reading
+    def models(self) -> list[str]:
+        from kit.registry.names import NAME_RE
+
+        return [n for n in self.storage.folders("") if NAME_RE.fullmatch(n)]
+
+    def _version_numbers(self, name: str) -> list[int]:
+        out = set()
+        for key in self.storage.list_keys(f"{validate_name(name)}/versions/"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3] == "meta.json" and is_version_text(parts[2]):
+                out.add(int(parts[2]))
+        return sorted(out)
+
+    def _require_model(self, name: str) -> None:
+        if not self._version_numbers(name):
+            have = ", ".join(self.models()) or "none"
+            raise ModelNotFoundError(f"No model {name!r} in the registry at {self.url} (models: {have}). Register "
+                                     "one with kit.registry.Registry.register() or %deploy.")
+
+    def _meta_bytes(self, name: str, version: int) -> bytes:
+        """meta.json's bytes, read once from the bucket; it and its signature are mirrored beside each other
+        so the folder registry's checks read them where they expect them."""
+        vdir = self.version_dir(name, version)
+        got = self.storage.get(self._key(vdir / "meta.json"), MAX_META_BYTES)
+        if got is None:
+            raise VersionNotFoundError(self._no_version_msg(name, version))
+        sig = self.storage.get(self._key(vdir / ("meta.json" + SIG_SUFFIX)), MAX_RECORD_BYTES)
+        atomic_write_bytes(vdir / "meta.json", got.data)
+        if sig is not None:
+            atomic_write_bytes(vdir / ("meta.json" + SIG_SUFFIX), sig.data)
+        else:
+            (vdir / ("meta.json" + SIG_SUFFIX)).unlink(missing_ok=True)
+        return got.data
+
+    def movelog(self, name: str) -> Any:
+        from kit.registry.movelog import MoveLog
+
+        log_ = self._movelogs.get(name)
+        if log_ is None:
+            log_ = MoveLog(name, ObjectMoveStorage(self.storage, validate_name(name), self.root),
+                           self._move_trust, lambda v, g, a: self._gate_problem(name, v, g, a))
+            self._movelogs[name] = log_
+        return log_
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The folder registry's history, over this host's copy of the bucket's event objects."""
+        lines = []
+        for key in self.storage.list_keys(f"{validate_name(name)}/events/"):
+            got = self.storage.get(key, MAX_RECORD_BYTES)
+            if got is not None:
+                lines.append(got.data.decode("utf-8", "replace").strip())
+        atomic_write_bytes(self.events_path(name), ("\n".join(lines) + "\n").encode() if lines else b"")
+        return super().history(name)
+
+    # ---- checking: the files are in the bucket, so a check is a download into the verified cache
+    def check_integrity(self, mv: ModelVersion) -> str | None:
+        """Signature of meta.json, then every file streamed into the local verified cache while hashed (a
+        hit on this host costs one stat per file)."""
+        vv = self._verified_as(mv)
+        self.cache.materialize(vv, MAX_FILE_BYTES)
+        return vv.signed_by
+
+    def _verify_one(self, name: str, version: int) -> VerifyResult:
+        ref = f"{name}@{version}"
+        try:
+            vv = self.verified(name, version)
+            self.check_integrity(vv.version)
+        except (IntegrityError, UnsafeArtifactError, KitError) as exc:
+            return VerifyResult(ref, False, (str(exc),))
+        return VerifyResult(ref, True, (), vv.signed_by)
+
+    # ---- writing
+    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
+        """Claim the next number (conditional create), upload the files, the signature, then meta.json."""
+        version = self._claim(name)
+        meta["version"] = version
+        data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(tmp / "meta.json", data)
+        if signer is not None:
+            sign_file(tmp / "meta.json", signer, data=data)
+        prefix = f"{name}/versions/{version}"
+        for fname in sorted(meta["files"]):
+            if not safe_file_name(fname):
+                raise IntegrityError(f"Refusing to upload {fname!r}: not a plain file name.")
+            self.storage.upload(f"{prefix}/{fname}", tmp / fname)
+        if signer is not None:
+            self.storage.put(f"{prefix}/meta.json{SIG_SUFFIX}", (tmp / f"meta.json{SIG_SUFFIX}").read_bytes())
+        if not self.storage.put_if_absent(f"{prefix}/meta.json", data):
+            raise IntegrityError(f"{name}@{version}'s meta.json appeared while this writer held the claim to it: "
+                                 "someone writes the bucket without claiming. Nothing of it was made visible.")
+        self._event(name, "register", version=version, artifact_sha256=meta["artifact_sha256"])
+        return version
+
+    def _claim(self, name: str) -> int:
+        nums = self._version_numbers(name)
+        claimed = [int(k.rsplit("/", 1)[-1][:-5]) for k in self.storage.list_keys(f"{name}/claims/")
+                   if k.endswith(".json") and k.rsplit("/", 1)[-1][:-5].isdigit()]
+        n = max([0, *nums, *claimed]) + 1
+        body = json.dumps({"ts": utcnow(), "host": socket.gethostname(), "pid": os.getpid(),
+                           "user": getattr(self, "user", None)}).encode()
+        for _ in range(_MAX_CLAIM_TRIES):
+            if self.storage.put_if_absent(f"{name}/claims/{n}.json", body):
+                return n
+            n += 1
+        raise KitError(f"Could not claim a version number of {name!r} after {_MAX_CLAIM_TRIES} tries; "
+                       "retry the register.")
+
+    def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        rec = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
+        rec.update(fields)
+        key = f"{name}/events/{rec['ts'].replace(':', '')}-{uuid.uuid4().hex[:12]}.json"
+        self.storage.put(key, json.dumps(rec, sort_keys=True).encode())
+        return rec

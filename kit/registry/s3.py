@@ -1,0 +1,242 @@
+"""A registry in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Cloudflare R2, GCS's S3 interface,
+SeaweedFS): ``s3://bucket/prefix``.
+
+The client is obstore (Rust's ``object_store``): 4 ms to import and 16 MB installed against boto3's 160 ms and
+34 MB, streaming GETs at disk speed, multipart PUTs built in, and the conditional requests the registry is
+built from (``PUT`` ``If-None-Match: *`` as ``mode="create"``, ``GET`` ``If-None-Match: <etag>``).
+
+Settings are taken the way the AWS tools take them (:func:`aws_settings`): ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, then the profile (``AWS_PROFILE``, else ``default``) of the
+shared files (``AWS_SHARED_CREDENTIALS_FILE``/``~/.aws/credentials``, ``AWS_CONFIG_FILE``/``~/.aws/config``:
+``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``, ``region``, ``endpoint_url``).
+With no static key, obstore's own chain runs (web identity, ECS, EC2 instance metadata).
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from kit.errors import ConfigError, RegistryCorruptError, StorageError
+from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_CHUNK = 8 << 20
+_PART = 16 << 20  # multipart part size: a 400 MB file is 25 parts sent 8 at a time
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (bucket, prefix without slashes at either end); ``ConfigError`` otherwise."""
+    m = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", url)
+    prefix = (m.group(2) or "").strip("/") if m else ""
+    if m is None or not _BUCKET.fullmatch(m.group(1)) or (prefix and any(
+            p in ("", ".", "..") for p in prefix.split("/"))):
+        raise ConfigError(f"{url!r} is not a registry URL of the form s3://bucket/prefix (bucket: 3-63 lower-case "
+                          "letters, digits, dots and dashes; prefix: plain folder names).")
+    return m.group(1), prefix
+
+
+def aws_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Credentials, region and endpoint as the AWS CLI and SDKs find them (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("HOME") or Path.home())
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    creds = _ini_section(Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials"), profile)
+    conf = _ini_section(Path(env.get("AWS_CONFIG_FILE") or home / ".aws" / "config"),
+                        profile if profile == "default" else f"profile {profile}")
+    out: dict[str, str] = {}
+    picks = {"access_key_id": ("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+             "secret_access_key": ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+             "session_token": ("AWS_SESSION_TOKEN", "aws_session_token")}
+    if env.get("AWS_ACCESS_KEY_ID"):  # a key pair comes whole from one place, never mixed
+        out.update({k: env[e] for k, (e, _) in picks.items() if env.get(e)})
+    else:
+        out.update({k: v for k, (_, f) in picks.items() if (v := creds.get(f) or conf.get(f))})
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or conf.get("endpoint_url")
+    out["region"] = region or "us-east-1"
+    if endpoint:
+        out["endpoint"] = endpoint
+    return out
+
+
+def _ini_section(path: Path, section: str) -> dict[str, str]:
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (OSError, configparser.Error, UnicodeError) as exc:
+        raise ConfigError(f"{path} is not a readable AWS settings file ({exc}). Fix it or set AWS_* instead.") from exc
+    return dict(parser.items(section)) if parser.has_section(section) else {}
+
+
+class S3Storage:
+    """A bucket prefix as :class:`kit.registry.storage.Storage`, through obstore."""
+
+    def __init__(self, bucket: str, prefix: str, settings: Mapping[str, str], *, timeout_s: float = 30.0):
+        from obstore.store import S3Store
+
+        self.bucket, self.prefix = bucket, prefix
+        self.endpoint = settings.get("endpoint", "")
+        config: dict[str, Any] = {k: v for k, v in settings.items() if k != "endpoint"}
+        if self.endpoint:
+            config["endpoint"] = self.endpoint
+            config["virtual_hosted_style_request"] = False  # path style: what MinIO, Ceph, SeaweedFS serve
+        client = {"allow_http": self.endpoint.startswith("http://"), "connect_timeout": timedelta(seconds=2),
+                  "timeout": timedelta(seconds=timeout_s)}
+        retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=min(timeout_s, 10))}
+        self.store = S3Store(bucket, prefix=prefix or None, config=config,  # type: ignore[arg-type]
+                             client_options=client, retry_config=retry)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_url(cls, url: str, environ: Mapping[str, str] | None = None) -> S3Storage:
+        bucket, prefix = parse_s3_url(url)
+        return cls(bucket, prefix, aws_settings(environ))
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def identity(self) -> str:
+        """What names this store on this host (the local mirror and cache folders use its digest)."""
+        return f"{self.endpoint or 'aws'} {self.describe()}"
+
+    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        return StorageError(f"The registry {self.describe()} could not {what} {key} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Check that the store is "
+                            "reachable and the AWS_* credentials allow it, then retry.", folder=self.describe())
+
+    def get(self, key: str, max_bytes: int) -> Got | None:
+        got = self.get_if_changed(key, None, max_bytes)
+        assert not isinstance(got, NotModified)
+        return got
+
+    def get_if_changed(self, key: str, etag: str | None, max_bytes: int) -> Got | NotModified | None:
+        import obstore
+        from obstore.exceptions import NotFoundError, NotModifiedError
+
+        try:
+            res = obstore.get(self.store, check_key(key), options={"if_none_match": etag} if etag else None)
+            if int(res.meta["size"]) > max_bytes:
+                raise RegistryCorruptError(f"{self.describe()}/{key} is {res.meta['size']} bytes, over the "
+                                           f"{max_bytes} such an object may have: refused before it is read.")
+            data = bytes(res.bytes())
+        except NotModifiedError:
+            return NOT_MODIFIED
+        except (NotFoundError, FileNotFoundError):
+            return None
+        except RegistryCorruptError:
+            raise
+        except Exception as exc:
+            raise self._fail("read", key, exc) from exc
+        if len(data) > max_bytes:
+            raise RegistryCorruptError(f"{self.describe()}/{key} is over {max_bytes} bytes: refused.")
+        return Got(data, str(res.meta.get("e_tag") or hashlib.sha256(data).hexdigest()))
+
+    def put(self, key: str, data: bytes) -> None:
+        import obstore
+
+        try:
+            obstore.put(self.store, check_key(key), data, use_multipart=False)
+        except Exception as exc:
+            raise self._fail("write", key, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            obstore.put(self.store, check_key(key), data, mode="create", use_multipart=False)
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        except Exception as exc:
+            raise self._fail("create", key, exc) from exc
+        return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        import obstore
+
+        try:
+            return sorted(str(m["path"]) for batch in obstore.list(self.store, prefix or None) for m in batch)
+        except Exception as exc:
+            raise self._fail("list", prefix or "/", exc) from exc
+
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" right under ``prefix`` (a LIST with delimiter ``/``)."""
+        import obstore
+
+        try:
+            res = obstore.list_with_delimiter(self.store, prefix.rstrip("/") or None)
+        except Exception as exc:
+            raise self._fail("list", prefix or "/", exc) from exc
+        return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"])
+
+    def delete(self, key: str) -> None:
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            obstore.delete(self.store, check_key(key))
+        except (NotFoundError, FileNotFoundError):
+            pass
+        except Exception as exc:
+            raise self._fail("delete", key, exc) from exc
+
+    def download(self, key: str, dst: Path, max_bytes: int, progress: Progress | None = None) -> tuple[str, int]:
+        """Stream ``key`` into the new file ``dst`` (0600, fsync'd) while hashing it; (sha256, size).
+        ``FileNotFoundError`` when absent, ``ValueError`` past ``max_bytes`` (refused by its announced size
+        before a byte is read, and again while reading)."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        h, size = hashlib.sha256(), 0
+        try:
+            res = obstore.get(self.store, check_key(key))
+            total = int(res.meta["size"])
+            if total > max_bytes:
+                raise ValueError(f"{key} is {total} bytes, over {max_bytes}")
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                for chunk in res.stream(min_chunk_size=_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"{key} grew past {max_bytes} bytes")
+                    h.update(chunk)
+                    f.write(chunk)
+                    if progress is not None:
+                        progress(size, total)
+                f.flush()
+                os.fsync(f.fileno())
+        except (NotFoundError, FileNotFoundError) as exc:
+            raise FileNotFoundError(f"{self.describe()}/{key}") from exc
+        except (ValueError, OSError):
+            raise
+        except Exception as exc:
+            raise self._fail("download", key, exc) from exc
+        return h.hexdigest(), size
+
+    def upload(self, key: str, src: Path, progress: Progress | None = None) -> None:
+        """Send the local file ``src`` as ``key``; over one part, a multipart upload (parts in parallel)."""
+        import obstore
+
+        total = Path(src).stat().st_size
+        try:
+            obstore.put(self.store, check_key(key), _chunks(Path(src), total, progress), chunk_size=_PART,
+                        max_concurrency=8, use_multipart=total > _PART)
+        except Exception as exc:
+            raise self._fail("upload", key, exc) from exc
+
+
+def _chunks(src: Path, total: int, progress: Progress | None) -> Iterator[bytes]:
+    done = 0
+    with open(src, "rb") as f:
+        while chunk := f.read(_PART):
+            done += len(chunk)
+            yield chunk
+            if progress is not None:
+                progress(done, total)
