@@ -2,7 +2,7 @@
 default gate and a real 2-worker gunicorn service, with each worker's RSS and USS (unique memory:
 Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) and the state of its mapping of model.pt2.
 
-Kit maps a version's weights read-only from model.pt2 (kit.artifacts), so both workers share one copy in
+Kit maps a version's weights read-only from model.pt2 (kit.backends.pt2.archive), so both workers share one copy in
 the page cache. What a worker adds for the model is its USS minus that of a worker of the same service
 around a 5K-parameter model (the baseline: torch's runtime); the target is at most 25% of the weight size.
 Writes benchmarks/results/large_model.json and prints it. Takes about two minutes and ~2 GB of memory.

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kit.artifacts import DEFAULT_LIMITS
+from kit.backends.checks import DEFAULT_LIMITS
 from kit.capture import load_examples, load_program
 from kit.registry import Registry
 from kit.registry.cache import VersionCache

@@ -29,8 +29,10 @@ from kit._capture_shapes import (
     resize_dims,
     second_values,
 )
-from kit._program import ExportedForward, load_program
-from kit.artifacts import DEFAULT_LIMITS, Limits, save_program
+from kit.backends.checks import DEFAULT_LIMITS, Limits
+from kit.backends.pt2.archive import save_program
+from kit.backends.pt2.load import load_program
+from kit.backends.pt2.program import ExportedForward
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
 from kit.signature import (
     BATCH,
@@ -79,7 +81,7 @@ class CapturedModel:
     seconds: float
     model_class: str
     extra: dict[str, Any] = field(default_factory=dict)
-    onnx: Any = None  # kit.onnx_export.OnnxExport: model.onnx and meta.json's capture.onnx record
+    onnx: Any = None  # kit.backends.onnx.export.OnnxExport: model.onnx and meta.json's capture.onnx record
 
     def save(self, directory: Path) -> list[Path]:
         """Write ``model.pt2``, ``example.npz`` (and ``model.onnx`` when exported) into ``directory``;
@@ -203,7 +205,7 @@ def capture(
         torch.export specialise them to 1, so such an example is widened to 2 for tracing.
     atol, rtol : parity tolerance between eager and exported outputs, checked on the example, a second
         batch size (``check_batch``, default example batch + 3) and a second value of every named dim.
-    onnx : also export ``model.onnx`` (:mod:`kit.onnx_export`) and check it with onnxruntime on the same
+    onnx : also export ``model.onnx`` (:mod:`kit.backends.onnx.export`) and check it with onnxruntime on the same
         inputs; a model ONNX cannot take is still captured (``capture.onnx`` says why).
     """
     if not isinstance(model, torch.nn.Module):
@@ -290,7 +292,7 @@ def capture(
     )
     log.info("captured %s in %.2fs: %s", type(model).__name__, seconds, signature.describe())
     parity = Parity(tuple(sizes), worst, atol, rtol, {k: (values[k], second[k]) for k in values})
-    from kit import onnx_export
+    from kit.backends.onnx import export as onnx_export
 
     onnx_result = (onnx_export.export_onnx(program, eager_checks, names, out_labels, parity.to_dict()) if onnx
                    else onnx_export.not_exported("captured with onnx=False; capture again with onnx=True to serve "

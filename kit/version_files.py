@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kit.artifacts import DEFAULT_LIMITS, Limits, check_npz
+from kit.backends.checks import DEFAULT_LIMITS, Limits, check_npz
 
 MODEL_FILE = "model.pt2"
 EXAMPLE_FILE = "example.npz"
@@ -29,7 +29,7 @@ def check_backend(backend: Any) -> str:
 
 def load_example_arrays(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Example inputs and reference outputs as numpy arrays: ``.npy`` members only, no object arrays,
-    bounded sizes (:func:`kit.artifacts.check_npz` first)."""
+    bounded sizes (:func:`kit.backends.checks.check_npz` first)."""
     import numpy as np
 
     check_npz(Path(path), limits)

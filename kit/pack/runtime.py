@@ -85,11 +85,11 @@ def _service_trust(root: Path) -> Any:
 
 
 def check_env(root: Path, manifest: dict[str, Any]) -> str:
-    import kit
+    import kit._version
     from kit.env import Fingerprint, fingerprint
 
     env_dir = (Path(root) / "env").resolve()
-    kit_file = Path(kit.__file__).resolve()
+    kit_file = Path(kit._version.__file__).resolve()
     if env_dir not in kit_file.parents:
         raise PackError(f"kit is imported from {kit_file}, not from the packed environment {env_dir}. "
                         "Something (PYTHONPATH, a .pth file) leads outside the archive; run ./run.sh, "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kit
+from kit._version import __version__ as kit_version
 from kit.errors import KitError, PackError, UnsafeArtifactError
 from kit.pack import envscan
 from kit.pack._common import FORMAT_VERSION, SKIP_NAMES, Progress, say
@@ -56,7 +56,7 @@ class ModelPlan:
 
 def plan_models(svc: ServiceInfo, reg_root: Path, keyring: Keyring | None) -> ModelPlan:
     """The versions the aliases name, verified (sha256, signatures, safe to open) before anything is written."""
-    from kit.artifacts import check_version_files
+    from kit.backends.pt2.archive import check_version_files
     from kit.registry import Registry
 
     reg = Registry(reg_root, require_gate=True, user="kit-pack", keyring=keyring)  # signatures checked too
@@ -183,7 +183,7 @@ def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, reg_root: Path, 
     systemd-analyze is here). Returns (the template context, the unit check's output or None)."""
     copy_tree(svc.directory, stage / "service")
     stage_models(reg_root, svc.model, plan.versions, stage / "registry")
-    ctx = dict(service=svc.name, label=plan.label, kit_version=kit.__version__, kind=s.kind,
+    ctx = dict(service=svc.name, label=plan.label, kit_version=kit_version, kind=s.kind,
                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                python=s.python, platform=s.platform, base_interpreter=s.base_interpreter,
                unit=f"kit-{svc.name}.service", bind=bind)
@@ -208,7 +208,7 @@ def manifest(*, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvScan, stem: str
         "format": "kit-pack", "schema": FORMAT_VERSION, "service": svc.name, "label": plan.label,
         "root": stem, "kind": s.kind, "platform": s.platform, "python": s.python,
         "base_interpreter": s.base_interpreter, "created": created,
-        "kit": {"version": kit.__version__, "wheel": wheel_rel,
+        "kit": {"version": kit_version, "wheel": wheel_rel,
                 "source": git_source(Path(kit_dist.editable_source)) if kit_dist.editable_source else {}},
         "models": {svc.model: {"production": a.production, "canary": a.canary,
                                "canary_weight": a.canary_weight, "versions": plan.versions,

@@ -21,7 +21,7 @@ from kit.registry.names import validate_version
 from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
 from kit.registry.store import Store, check_place
 from kit.signing import sig_path, sign_file, verify_bytes
-from kit.version_files import EXAMPLE_FILE, MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE, check_backend, load_example_arrays
+from kit.version_files import ONNX_DATA_FILE, ONNX_FILE, check_backend
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,11 @@ class CheckedStore(Store):
         ``backend="torch"``: the exported program (tensors in and out). ``backend="onnxruntime"``: an
         onnxruntime session over ``model.onnx`` (numpy in, a tuple of numpy out; torch is never imported),
         with ``threads`` intra-op threads (0: onnxruntime's default) on ``device`` (``cpu``, ``cuda[:N]``).
-        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.artifacts' 8 GiB);
+        ``max_artifact_bytes`` bounds what opening the artifact may cost (default: kit.backends.checks' 8 GiB);
         ``max_tensor_bytes`` what one tensor the program makes from sizes may hold (0: derived from its size).
         """
-        from kit.artifacts import limits_for
+        from kit import backends
+        from kit.backends.checks import limits_for
         from kit.env import Fingerprint, diff, fingerprint
         from kit.signature import Signature
 
@@ -166,13 +167,9 @@ class CheckedStore(Store):
         # every file copied into the private cache while hashed (one read), then mapped and parsed from there
         files = self.cache.materialize(vv, limits.max_bytes)
         signature = Signature.from_dict(mv.signature)
-        if backend == "onnxruntime":
-            from kit.ort import load_onnx
-
-            module = load_onnx(files / ONNX_FILE, signature, limits, threads=threads, device=device)
-            ins, outs = load_example_arrays(files / EXAMPLE_FILE, limits)
-            return LoadedModel(mv, module, signature, ins, outs, drift, vv.signed_by, backend, files)
-        return self._load_torch(mv, files, signature, limits, drift, vv.signed_by, device)
+        impl = backends.get(backend).module()  # the backend's row: kit.backends.pt2.serve, kit.backends.onnx.serve
+        return impl.load_version(mv, files, signature, limits, drift=drift, signed_by=vv.signed_by, device=device,
+                                 threads=threads)
 
     def prune_cache(self, names: list[str] | None = None, unused_for_s: float = 86400.0) -> list[Path]:
         """Bound the local verified cache: remove entries of versions no alias of ``names`` (default: every
@@ -186,20 +183,6 @@ class CheckedStore(Store):
             except KitError as exc:  # an unreadable model keeps its entries until they age out
                 log.warning("cache prune: %s", exc)
         return self.cache.prune(keep, unused_for_s)
-
-    @staticmethod
-    def _load_torch(mv: ModelVersion, files: Path, signature: Any, limits: Any, drift: Any,
-                    signed_by: str | None, device: str) -> LoadedModel:
-        from kit.capture import load_examples, load_program
-
-        module = load_program(files / MODEL_FILE, limits)  # kit.artifacts checks it first: no pickle, no code
-        name_dims = getattr(module, "name_dims", None)  # kit.capture.ExportedForward: dim names in its errors
-        if callable(name_dims):
-            name_dims(signature)
-        ins, outs = load_examples(files / EXAMPLE_FILE, limits)
-        if device != "cpu":  # the module and the stored example together, so check_reference runs there
-            module, ins = module.to(device), tuple(t.to(device) for t in ins)
-        return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch", files)
 
     # ---- gates (evidence stored beside the version; its format is kit.evidence's)
     def gate_root(self, name: str, version: int) -> Path:

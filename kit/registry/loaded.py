@@ -3,7 +3,7 @@ to its place) and a verified version loaded for inference: the module, its signa
 reference example.
 
 With backend ``"torch"`` the module is the exported program (tensors in and out); with backend
-``"onnxruntime"`` it is :class:`kit.ort.OrtModule` (numpy arrays in, a tuple of numpy arrays out, in
+``"onnxruntime"`` it is :class:`kit.backends.onnx.session.OrtModule` (numpy arrays in, a tuple of numpy arrays out, in
 signature output order) and the example and reference are numpy arrays: that path never imports torch.
 """
 

@@ -364,7 +364,7 @@ def _save_synced(model: Any, folder: Path, private: Path) -> dict[str, str]:
     registry's ``folder`` while hashed (fsync'd); file name -> sha256 of exactly the bytes written there
     from the private copy. Hashing files in the registry folder itself would let a writer there swap one
     between the save and the hash, and have the key holder sign the writer's bytes."""
-    from kit.artifacts import DEFAULT_MAX_ARTIFACT_BYTES
+    from kit.backends.checks import DEFAULT_MAX_ARTIFACT_BYTES
 
     written = model.save(private)
     return {p.name: copy_hashed(p, folder / p.name, 4 * DEFAULT_MAX_ARTIFACT_BYTES, file_mode())[0] for p in written}
@@ -398,7 +398,7 @@ def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[
 
 
 def _onnx_record(model: Any) -> dict[str, Any]:
-    """meta.json's ``capture.onnx``: kit.onnx_export's record, or why there is none."""
+    """meta.json's ``capture.onnx``: kit.backends.onnx.export's record, or why there is none."""
     onnx = getattr(model, "onnx", None)
     if onnx is None:
         return {"exported": False, "reason": "this CapturedModel carries no ONNX export; capture it again with "

@@ -104,7 +104,7 @@ def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str
     if (backend or _BACKEND) == "onnxruntime":
         _preload_onnxruntime()
     else:
-        import kit._fx_build  # noqa: F401  (torch and what loading a version imports: no torch deserializer)
+        import kit.backends.pt2.fx_build  # noqa: F401  (torch and what loading a version imports: no torch deserializer)
         import kit.capture  # noqa: F401  (imports only: no threads, no CUDA)
         import kit.registry  # noqa: F401
         import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
@@ -117,7 +117,7 @@ def _preload_onnxruntime() -> None:
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
 
-    import kit.ort  # noqa: F401
+    import kit.backends.onnx.session  # noqa: F401
     import kit.registry  # noqa: F401
     import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
 

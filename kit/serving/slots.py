@@ -5,7 +5,7 @@ and replaces it with a single reference assignment, which is atomic: a request r
 once and serves from that snapshot to the end. A watcher thread stats ``aliases.json`` (cheap) every
 ``poll_interval`` seconds; on a change it loads any new version off the request path, through
 :meth:`kit.registry.Registry.load` (sha256 of every file, environment fingerprint) on the service's
-backend (:mod:`kit.serving.backends`: torch or onnxruntime, numpy in and out either way) and
+backend (:mod:`kit.backends.serving`: torch or onnxruntime, numpy in and out either way) and
 :meth:`LoadedModel.check_reference` (warm-up plus the stored reference output), and only then swaps.
 On any failure the old state keeps serving; the failure is kept in :attr:`ModelSlots.last_error`
 (shown by ``/readyz``), logged, counted in the metrics, and retried with backoff.
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kit.backends.serving import load_for_serving, warm_up
 from kit.errors import KitError, ServingError
-from kit.serving.backends import load_for_serving, warm_up
 from kit.serving.protocol import CompiledSignature, compile_signature
 
 log = logging.getLogger(__name__)

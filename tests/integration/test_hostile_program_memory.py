@@ -22,9 +22,9 @@ MB = 1 << 20
 _CHILD = textwrap.dedent("""
     import json, sys
     import torch
-    from kit.artifacts import Limits
+    from kit.backends.checks import Limits
     from kit.capture import load_program
-    from kit._onnx_scan import check_onnx
+    from kit.backends.onnx.scan import check_onnx
     pt2, onnx, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
     load_program(pt2.replace("bad", "warm")) and check_onnx(onnx.replace("bad", "warm"), Limits())  # imports, warm
     def status(key):

@@ -1,4 +1,4 @@
-"""kit.artifacts: nothing in a .pt2 or .npz can run code, and opening one has a bounded cost.
+"""kit.backends.pt2.archive: nothing in a .pt2 or .npz can run code, and opening one has a bounded cost.
 
 Every crafted payload below is live: torch.export.load (or numpy with allow_pickle) would run it and create
 the marker file (shown for the payloads torch runs on load). Kit refuses each before torch sees a byte.
@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from kit.artifacts import Limits, check_npz, inspect_pt2
+from kit.backends.checks import Limits, check_npz
+from kit.backends.pt2.archive import inspect_pt2
 from kit.capture import capture, load_examples, load_program
 from kit.errors import UnsafeArtifactError
 

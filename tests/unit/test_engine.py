@@ -158,7 +158,8 @@ def test_control_routes_dispatch():
 
 def test_the_request_path_modules_never_import_torch():
     """One numpy path serves both backends: an onnxruntime worker imports these and never torch."""
-    code = ("import sys, kit.serving.protocol, kit.serving.engine, kit.serving.backends, kit.serving.handlers;"
+    code = ("import sys, kit.serving.protocol, kit.serving.engine, kit.backends.serving,"
+            " kit.backends.onnx.serve, kit.serving.handlers;"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -186,7 +187,7 @@ def test_the_signature_is_compiled_once_and_parsing_gives_contiguous_numpy():
 def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
     import torch
 
-    from kit.serving.backends import _torch_forward
+    from kit.backends.pt2.serve import torch_forward as _torch_forward
     from kit.signature import Signature, TensorSpec
 
     class Two(torch.nn.Module):
@@ -205,7 +206,7 @@ def test_the_torch_forward_takes_and_gives_numpy_even_read_only_views():
 def test_the_torch_forward_casts_dtypes_numpy_lacks():
     import torch
 
-    from kit.serving.backends import _torch_forward
+    from kit.backends.pt2.serve import torch_forward as _torch_forward
     from kit.signature import Signature, TensorSpec
 
     class Half(torch.nn.Module):

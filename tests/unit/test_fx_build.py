@@ -1,4 +1,4 @@
-"""kit._fx_build: the program graph built from a checked .pt2's JSON, without torch's deserializer.
+"""kit.backends.pt2.fx_build: the program graph built from a checked .pt2's JSON, without torch's deserializer.
 
 Every zoo model (MLP, CNN + BatchNorm, int64 ids + mask with a dynamic seq, GRU, Transformer, dict outputs)
 must take the fast path and compute exactly what torch's own deserializer builds from the same file.
@@ -15,9 +15,9 @@ import pytest
 import torch
 from zoo.models import ZOO
 
-from kit import _fx_build
-from kit._program import ExportedForward, Unsupported, exported_forward
-from kit.artifacts import inspect_pt2, load_exported_program
+from kit.backends.pt2 import fx_build as _fx_build
+from kit.backends.pt2.archive import inspect_pt2, load_exported_program
+from kit.backends.pt2.program import ExportedForward, Unsupported, exported_forward
 from kit.capture import capture, load_program
 
 

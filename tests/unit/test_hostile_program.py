@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from kit import _fx_build
-from kit.artifacts import Limits, inspect_pt2
+from kit.backends.checks import Limits
+from kit.backends.pt2 import fx_build as _fx_build
+from kit.backends.pt2.archive import inspect_pt2
 from kit.capture import capture, load_program
 from kit.errors import UnsafeArtifactError
 

@@ -143,7 +143,8 @@ def test_a_version_without_onnx_is_refused_with_the_reason(registry):
 def test_loading_with_onnxruntime_never_imports_torch(registry, tagger_capture):
     registry.register("tagger", tagger_capture)
     code = ("import sys\nfrom kit.registry import Registry\nfrom kit.signing import Keyring\n"
-            "import kit.signature, kit.env, kit.artifacts, kit.signing, kit.version_files, kit.ort\n"
+            "import kit.signature, kit.env, kit.backends.pt2.archive, kit.signing, kit.version_files\n"
+            "import kit.backends, kit.backends.checks, kit.backends.onnx.session, kit.backends.onnx.serve\n"
             "assert 'torch' not in sys.modules\n"
             f"r = Registry({str(registry.root)!r}, keyring=Keyring({str(registry.keyring.store.root)!r}))\n"
             "m = r.load('tagger', 1, backend='onnxruntime')\nm.check_reference()\n"
@@ -178,8 +179,8 @@ def _with_external_data(folder: Path, location: str) -> Path:
 
 
 def test_external_data_outside_the_version_folder_is_refused(tmp_path):
-    from kit._onnx_scan import check_onnx
-    from kit.artifacts import Limits
+    from kit.backends.checks import Limits
+    from kit.backends.onnx.scan import check_onnx
 
     ok = _with_external_data(tmp_path, "model.onnx.data")
     assert [p.name for p in check_onnx(ok, Limits())] == ["model.onnx", "model.onnx.data"]
@@ -254,8 +255,8 @@ def test_generators_with_huge_constant_sizes_are_refused(tmp_path, op, sizes, co
     """Issue 17 class 2: a 100-byte model.onnx asking onnxruntime for 1.6 GB is refused before it opens."""
     import crafted_artifacts as ca
 
-    from kit._onnx_scan import check_onnx
-    from kit.artifacts import Limits
+    from kit.backends.checks import Limits
+    from kit.backends.onnx.scan import check_onnx
 
     bad = ca.onnx_generator(tmp_path / "model.onnx", op, sizes, constant_node=constant_node)
     assert bad.stat().st_size < 300

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kit.backends.pt2.serve import resolve_device as _resolve_device
 from kit.errors import ServiceError, ServingError
 from kit.servicegen import render
-from kit.serving.backends import resolve_torch_device as _resolve_device
 from kit.serving.config import load_service_config, worker_plan
 from kit.serving.router import RouteError, choose, user_bucket
 from kit.serving.security import ApiKeys, RateLimiter, hash_key

@@ -1,12 +1,12 @@
-"""Build an :class:`~kit._program.ExportedForward` straight from a checked ``.pt2``'s program JSON.
+"""Build an :class:`~kit.backends.pt2.program.ExportedForward` straight from a checked ``.pt2``'s program JSON.
 
 torch's own deserializer imports ``torch._dynamo`` and sympy (about a second, before a byte of the model
 is read), re-creates fake tensors and a shape environment for every node, and builds an
 ``ExportedProgram`` that serving never uses. Serving needs only the graph, the lifted weights, and what
-each user input must be. This module builds exactly that from the JSON that :mod:`kit.artifacts` has
+each user input must be. This module builds exactly that from the JSON that :mod:`kit.backends.pt2.archive` has
 already held to its grammar: ATen operator calls with tensor, scalar, list, dtype, layout, device and
 symbolic-size arguments, and the Python operators on sizes. Anything else -- control flow (higher-order
-operators), custom objects, symbolic outputs it cannot name -- raises :class:`~kit._program.Unsupported`
+operators), custom objects, symbolic outputs it cannot name -- raises :class:`~kit.backends.pt2.program.Unsupported`
 (torch's deserializer builds it only when the loader trusts the signer).
 
 No text from the artifact reaches the Python source torch.fx generates: placeholders and nodes are named
@@ -30,43 +30,22 @@ from typing import Any
 import torch
 from torch._export.serde import schema
 
-from kit._program import ExportedForward, Unsupported, UserInput
-from kit._pt2_grammar import INT64, MATH_FUNCTIONS, OP_TARGET, PY_OPERATORS, SYM_FUNCTIONS, is_identifier
-from kit.artifacts import DEFAULT_LIMITS, Limits, MappedTensors, Pt2Archive, tensor_limit
+from kit.backends.checks import DEFAULT_LIMITS, Limits, tensor_limit
+from kit.backends.pt2.archive import MappedTensors, Pt2Archive
+from kit.backends.pt2.dtypes import FORMATS, LAYOUTS, dtype_of, enum_of
+from kit.backends.pt2.grammar import INT64, MATH_FUNCTIONS, OP_TARGET, PY_OPERATORS, SYM_FUNCTIONS, is_identifier
+from kit.backends.pt2.program import ExportedForward, Unsupported, UserInput
 from kit.errors import UnsafeArtifactError
 
-_DTYPES = {
-    "BYTE": torch.uint8, "CHAR": torch.int8, "SHORT": torch.int16, "INT": torch.int32, "LONG": torch.int64,
-    "HALF": torch.float16, "FLOAT": torch.float32, "DOUBLE": torch.float64, "COMPLEXHALF": torch.complex32,
-    "COMPLEXFLOAT": torch.complex64, "COMPLEXDOUBLE": torch.complex128, "BOOL": torch.bool,
-    "BFLOAT16": torch.bfloat16, "UINT16": torch.uint16, "UINT32": torch.uint32, "UINT64": torch.uint64,
-    "FLOAT8E4M3FN": torch.float8_e4m3fn, "FLOAT8E5M2": torch.float8_e5m2, "FLOAT8E4M3FNUZ": torch.float8_e4m3fnuz,
-    "FLOAT8E5M2FNUZ": torch.float8_e5m2fnuz, "FLOAT8E8M0FNU": torch.float8_e8m0fnu,
-}
-_LAYOUTS = {"Strided": torch.strided}
-_FORMATS = {"ContiguousFormat": torch.contiguous_format, "ChannelsLast": torch.channels_last,
-            "ChannelsLast3d": torch.channels_last_3d, "PreserveFormat": torch.preserve_format}
 # a size that is one symbol, bare or in sympy's srepr form: Symbol('s81', positive=True, integer=True)
 _SYMBOL = re.compile(r"(?:Symbol\(')?(?P<name>[a-z]{1,8}\d{1,9})(?:'(?:, [a-z]+=(?:True|False))*\))?")
 _SCALARS = ("as_int", "as_bool", "as_string", "as_ints", "as_bools", "as_strings")
-
-
-def _enum(table: dict[str, Any], enum: Any, value: Any, what: str) -> Any:
-    try:
-        return table[enum(value).name]
-    except (ValueError, KeyError):
-        raise Unsupported(f"{what} {value!r}") from None
 
 
 def _float(value: Any) -> float:
     if isinstance(value, str) and value not in ("Infinity", "-Infinity", "NaN"):
         raise Unsupported(f"float {value!r}")
     return float(value)
-
-
-def dtype_of(value: Any) -> torch.dtype:
-    """The torch dtype of a serialized ``ScalarType``."""
-    return _enum(_DTYPES, schema.ScalarType, value, "scalar type")
 
 
 class Refused(Exception):
@@ -245,9 +224,9 @@ class _Builder:
         if kind == "as_scalar_type":
             return dtype_of(value)
         if kind == "as_layout":
-            return _enum(_LAYOUTS, schema.Layout, value, "layout")
+            return enum_of(LAYOUTS, schema.Layout, value, "layout")
         if kind == "as_memory_format":
-            return _enum(_FORMATS, schema.MemoryFormat, value, "memory format")
+            return enum_of(FORMATS, schema.MemoryFormat, value, "memory format")
         if kind == "as_device":
             return torch.device(value["type"]) if value.get("index") is None else torch.device(value["type"], value["index"])
         raise Unsupported(f"argument kind {kind}")
@@ -409,7 +388,7 @@ def _user_input(program: dict[str, Any], name: str) -> UserInput:
 
 def build(archive: Pt2Archive, limits: Limits | None = None) -> ExportedForward:
     """The callable program of an inspected archive; :class:`Unsupported` when torch's deserializer must,
-    :class:`Refused` for what Kit never runs. ``limits`` (:class:`kit.artifacts.Limits`) bounds the tensors
+    :class:`Refused` for what Kit never runs. ``limits`` (:class:`kit.backends.checks.Limits`) bounds the tensors
     the program makes from sizes (default: derived from the model's size)."""
     program = archive.program
     if program.get("schema_version", {}).get("major") != schema.SCHEMA_VERSION[0]:

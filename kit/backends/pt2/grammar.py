@@ -8,7 +8,7 @@ and torch.fx writes graph names into the Python source it generates and ``exec``
 own captures contain: a call target that is not an operator of an allowed namespace (``aten``, ``prims``),
 one of a fixed table of Python operators on sizes, or a known control-flow operator; a graph name that is
 not a plain identifier; a dotted name that is not dotted identifiers. :func:`parse_program` parses the JSON
-refusing integers outside int64 (a size computed from ``2**100000`` would be unbounded work). :mod:`kit.artifacts`
+refusing integers outside int64 (a size computed from ``2**100000`` would be unbounded work). :mod:`kit.backends.pt2.archive`
 refuses the archive.
 """
 
@@ -33,7 +33,7 @@ _SYMPY_CALLS = frozenset({
 _SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "S"})
 _SYMBOL = re.compile(r"[a-z]{1,8}\d{1,9}")
 # Call targets. Every part is a plain identifier, no dunder; an operator of an allowed namespace is looked
-# up by :func:`kit._fx_build.resolve_target` as namespace -> packet -> overload and must be an OpOverload.
+# up by :func:`kit.backends.pt2.fx_build.resolve_target` as namespace -> packet -> overload and must be an OpOverload.
 OP_NAMESPACES = ("aten", "prims")
 OP_TARGET = re.compile(r"torch\.ops\.(?P<ns>aten|prims)\.(?P<packet>_?[a-z][a-z0-9_]{0,99})"
                        r"\.(?P<overload>[A-Za-z][A-Za-z0-9_]{0,99})")

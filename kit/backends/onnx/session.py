@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kit._onnx_scan import check_onnx
-from kit.artifacts import Limits
+from kit.backends.checks import Limits
+from kit.backends.onnx.scan import check_onnx
 from kit.errors import ServingError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class OrtModule:
 
 
 def load_onnx(path: Path, signature: Any, limits: Limits, *, threads: int = 0, device: str = "cpu") -> OrtModule:
-    """Check ``model.onnx`` (:func:`kit._onnx_scan.check_onnx`: no file outside the version folder, bounded
+    """Check ``model.onnx`` (:func:`kit.backends.onnx.scan.check_onnx`: no file outside the version folder, bounded
     size), then open it with onnxruntime."""
     check_onnx(path, limits)
     return OrtModule(session(path, threads=threads, device=device), signature)

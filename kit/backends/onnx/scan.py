@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kit.artifacts import Limits, tensor_limit
+from kit.backends.checks import Limits, tensor_limit
 from kit.errors import UnsafeArtifactError
 from kit.version_files import ONNX_DATA_FILE
 
