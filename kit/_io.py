@@ -213,3 +213,23 @@ def storage_errors(folder: Path, what: str, need: int | None = None) -> Iterator
         if exc.errno in _STORAGE_ERRNOS:
             raise _storage_error(exc, folder, need, what) from exc
         raise
+
+
+def sweep_stale(folder: Path, pattern: str, older_than: float, now: float | None = None) -> int:
+    """Remove the regular files in ``folder`` matching ``pattern`` (a glob) last changed more than
+    ``older_than`` seconds ago: temporary files of killed writers. Callers hold the lock writers take, so a
+    file here is no live writer's (the age only spares a writer that does not take it). Links are removed,
+    never followed; errors are ignored (another sweeper got there first). Returns how many went."""
+    import time
+
+    now = time.time() if now is None else now
+    gone = 0
+    for p in Path(folder).glob(pattern):
+        try:
+            st = os.lstat(p)
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)) and now - st.st_mtime > older_than:
+                os.unlink(p)
+                gone += 1
+        except OSError:
+            continue
+    return gone

@@ -85,8 +85,9 @@ def show_cmd(k: Context, key_id: str | None, pem: bool) -> None:
 
 @keys_group.command("sign")
 @click.argument("ref", metavar="NAME@VERSION")
+@json_option
 @pass_kit
-def sign_cmd(k: Context, ref: str) -> None:
+def sign_cmd(k: Context, ref: str, as_json: bool) -> None:
     """Sign an existing version's meta.json (e.g. one registered before signing), after re-hashing its
     files. Sign only versions you know are yours: a signature is what services trust."""
     from kit.registry import parse_ref
@@ -95,6 +96,8 @@ def sign_cmd(k: Context, ref: str) -> None:
     name, sel = parse_ref(ref)
     mv = reg.get(name, sel)
     key_id = reg.sign_version(mv.name, mv.version)
+    if as_json:
+        return emit_json({"signed": mv.ref, "artifact_sha256": mv.artifact_sha256, "key_id": key_id})
     click.echo(f"signed {mv.ref} (meta.json, artifact {mv.short_sha}) with key {key_id}")
 
 

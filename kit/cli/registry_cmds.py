@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from kit.cli._common import Context, emit_json, json_option, pass_kit, table
@@ -148,16 +150,25 @@ _force = click.option("--force", is_flag=True, help="Skip the gate requirement (
 _why = click.option("--why", default=None, help="Reason, recorded in the audit log (required with --force).")
 
 
+def _moved(name: str, action: str, a: Any, **extra: Any) -> dict[str, Any]:
+    """A move as ``--json`` prints it: the model, what was done, and the aliases it left."""
+    return {"model": name, "action": action, "serial": a.serial, "signed_by": a.signed_by,
+            "aliases": a.to_json(), **extra}
+
+
 @click.command("promote")
 @click.argument("ref")
 @_force
 @_why
+@json_option
 @pass_kit
-def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
+def promote_cmd(k: Context, ref: str, force: bool, why: str | None, as_json: bool) -> None:
     """Move production to NAME@VERSION (needs a passing gate for that artifact unless --force)."""
     reg = k.registry()
     mv = reg.resolve(ref)
     a = reg.promote(mv.name, mv.version, force=force, why=why, user=k.config.user)
+    if as_json:
+        return emit_json(_moved(mv.name, "promote", a, version=mv.version, forced=force))
     click.echo(aliases_line(mv.name, a) + (" (forced)" if force else ""))
 
 
@@ -167,8 +178,10 @@ def promote_cmd(k: Context, ref: str, force: bool, why: str | None) -> None:
 @click.option("--stop", is_flag=True, help="End the canary: all traffic back to production.")
 @_force
 @_why
+@json_option
 @pass_kit
-def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool, why: str | None) -> None:
+def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool, why: str | None,
+               as_json: bool) -> None:
     """Give NAME@VERSION a share of traffic (--weight 10%), re-weight the canary (NAME --weight), or end it (--stop).
 
     There is one canary at a time: naming another version while a canary runs replaces it (the old
@@ -183,19 +196,34 @@ def canary_cmd(k: Context, ref: str, weight: str | None, stop: bool, force: bool
         raise KitError("Give the canary's share of traffic: --weight 10% (or 0.1); --stop ends it.")
     change = set_traffic(k.registry(), name, None if stop else sel, 0.0 if stop else parse_weight(weight or "0"),
                          force=force, why=why, user=k.config.user)
-    click.echo(change.describe())
     assert change.aliases is not None
+    if as_json:
+        return emit_json(_moved(name, f"canary_{change.action}", change.aliases, version=change.version,
+                                weight=change.weight, replaced=change.replaced, describe=change.describe()))
+    click.echo(change.describe())
     click.echo(aliases_line(name, change.aliases))
 
 
 @click.command("rollback")
 @click.argument("name")
 @_why
+@json_option
 @pass_kit
-def rollback_cmd(k: Context, name: str, why: str | None) -> None:
-    """Production back to the previous production version; ends any canary."""
+def rollback_cmd(k: Context, name: str, why: str | None, as_json: bool) -> None:
+    """Production back to the previous production version; ends any canary. With no previous production
+    but a canary running, it only ends the canary (production stays) and says so."""
     n = parse_ref(name)[0]
-    a = k.registry().rollback(n, why=why, user=k.config.user)
+    reg = k.registry()
+    before = reg.movelog(n).base()[1]
+    a = reg.rollback(n, why=why, user=k.config.user)
+    only_canary = a.production == before.production and before.canary is not None
+    note = (f"no previous production to roll back to: ended the canary v{before.canary}; production stays "
+            f"v{a.production}") if only_canary else None
+    if as_json:
+        return emit_json(_moved(n, "rollback", a, from_version=before.production, version=a.production,
+                                ended_canary=before.canary, only_ended_canary=only_canary, note=note))
+    if note:
+        click.echo(f"{n}: {note}")
     click.echo(aliases_line(n, a))
 
 
@@ -206,19 +234,23 @@ def aliases_group() -> None:
 
 @aliases_group.command("repair")
 @click.argument("name")
+@json_option
 @pass_kit
-def aliases_repair(k: Context, name: str) -> None:
+def aliases_repair(k: Context, name: str, as_json: bool) -> None:
     """Rewrite NAME's aliases.json as a copy of its newest move record that verifies."""
     n = parse_ref(name)[0]
     a = k.registry().repair_aliases(n, user=k.config.user)
+    if as_json:
+        return emit_json(_moved(n, "aliases_repair", a))
     click.echo("repaired " + aliases_line(n, a))
 
 
 @aliases_group.command("migrate")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Sign without asking (after the state is shown).")
+@json_option
 @pass_kit
-def aliases_migrate(k: Context, name: str, yes: bool) -> None:
+def aliases_migrate(k: Context, name: str, yes: bool, as_json: bool) -> None:
     """Sign the unsigned aliases.json of a registry written before signed moves as NAME's first move record.
 
     Run it where the project's signing key is (a key holder): the state it signs is what services will
@@ -226,11 +258,17 @@ def aliases_migrate(k: Context, name: str, yes: bool) -> None:
     n = parse_ref(name)[0]
     reg = k.registry()
     plan = reg.plan_migration(n)
-    click.echo(f"will sign, as serial {plan.serial + 1}: {aliases_line(n, plan)}"
-               + (f" (previous: {', '.join(map(str, plan.previous))})" if plan.previous else ""))
+    if as_json and not yes:
+        raise KitError("--json cannot ask for confirmation: check the state with `kit aliases migrate "
+                       f"{n}` first, then repeat with --json --yes.")
+    if not as_json:
+        click.echo(f"will sign, as serial {plan.serial + 1}: {aliases_line(n, plan)}"
+                   + (f" (previous: {', '.join(map(str, plan.previous))})" if plan.previous else ""))
     if not yes:
         click.confirm("Sign this state with your key?", abort=True)
     a = reg.migrate_aliases(n, user=k.config.user, expect=plan)
+    if as_json:
+        return emit_json(_moved(n, "migrate", a))
     click.echo(f"signed by {a.signed_by}: {aliases_line(n, a)} (serial {a.serial})")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kit import evidence as gate_evidence
-from kit._io import atomic_write_bytes, read_capped
+from kit._io import atomic_write_bytes, read_capped, storage_errors
 from kit.errors import IntegrityError, KitError, PromotionRefusedError, SignatureError
 from kit.registry.integrity import CheckedStore
 from kit.registry.movelog import aliases_of
@@ -123,8 +123,9 @@ class AliasMoves(CheckedStore):
               details: dict[str, Any] | None = None, known: dict[str, str] | None = None) -> Aliases:
         """Under the lock: ``change(head_move, current) -> Aliases | None`` (None: nothing to do), then the record."""
         key = self._signer(signer)
-        with self.lock(name):
+        with storage_errors(self.model_dir(name), f"a move of {name!r}"), self.lock(name):
             ml = self.movelog(name)
+            ml.storage.sweep()  # what killed moves left
             head, cur = ml.base()
             after = change(head, cur)
             if after is None:
@@ -267,6 +268,10 @@ class AliasMoves(CheckedStore):
         info: dict[str, Any] = {}
 
         def change(head: Move | None, cur: Aliases) -> Aliases:
+            if not cur.previous and cur.canary is not None:  # an incident: at least stop the canary's traffic
+                info.update(version=cur.production, from_version=cur.production, ended_canary=cur.canary,
+                            only_ended_canary=True)
+                return _replace(cur, canary=None, canary_weight=0.0)
             if not cur.previous:
                 raise PromotionRefusedError(
                     f"Model {name!r} has no previous production version to roll back to "
@@ -277,7 +282,11 @@ class AliasMoves(CheckedStore):
                             canary_weight=0.0)
 
         new = self._move(name, "rollback", change, user=user, why=why, details=info)
-        log.info("%s rolled back %s -> %s", name, info.get("from_version"), info.get("version"))
+        if info.get("only_ended_canary"):
+            log.warning("%s has no previous production to roll back to: ended the canary of version %s; production "
+                        "stays %s", name, info.get("ended_canary"), info.get("version"))
+        else:
+            log.info("%s rolled back %s -> %s", name, info.get("from_version"), info.get("version"))
         return new
 
     # ---- repair, migration, guard keys

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kit._io import ensure_free_space, storage_errors
 from kit.errors import KitError, PromotionRefusedError, RegistryCorruptError, SignatureError
 from kit.registry.moves import Move, MoveStorage, Verifier, canonical, envelope, is_envelope, new_record
 from kit.registry.records import Aliases, utcnow
@@ -156,12 +157,21 @@ class MoveLog:
             move = self.verifier().verify(data, f"the new move record {serial} of {self.name}", prev=head)
         else:
             move = Move(rec, hashlib.sha256(canonical(rec)).hexdigest(), data, None)
-        if not self.storage.create(serial, data):
+        where, what = self.storage.model_dir, f"{self.name}'s move record {serial}"
+        ensure_free_space(where, 2 * len(data), what)  # the record and aliases.json: refused whole, not half-made
+        with storage_errors(where, what, 2 * len(data)):
+            created = self.storage.create(serial, data)
+        if not created:
             raise PromotionRefusedError(
                 f"{self.name}'s move serial {serial} was taken by another writer first (or a file a registry writer "
                 f"put at {self.storage.path(serial)}); nothing was moved. Look again (`kit history {self.name}`) "
                 "and repeat the move.", remedy="refresh", subject=self.name)
-        self.storage.write_pointer(data)  # a kill before this leaves the record, which readers follow
+        try:
+            self.storage.write_pointer(data)  # a kill before this leaves the record, which readers follow
+        except OSError as exc:  # the move is made (readers follow the record); only the copy is stale
+            log.warning("%s: move record %d is written but aliases.json could not be rewritten (%s); readers "
+                        "follow the record. Run `kit aliases repair %s` when %s is writable again.",
+                        self.name, serial, exc, self.name, where)
         self.floor = max(self.floor, serial)
         return aliases_of(move)
 

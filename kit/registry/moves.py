@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kit._io import atomic_write_bytes, fsync_dir, read_capped
+from kit._io import atomic_write_bytes, fsync_dir, read_capped, sweep_stale
 from kit.errors import RegistryCorruptError, SignatureError
 from kit.signing import PublicKey, SigningKey, Trust, signature_record, verify_signature
 
@@ -117,6 +117,12 @@ class MoveStorage:
 
     def write_pointer(self, data: bytes) -> None:
         atomic_write_bytes(self.pointer, data)
+
+    def sweep(self, older_than: float = 60.0) -> int:
+        """Remove temporary files of killed writers (``moves/.<serial>.*.tmp``, ``.aliases.json.*.tmp``);
+        callers hold the model's lock."""
+        return sweep_stale(self.folder, ".*.tmp", older_than) + sweep_stale(self.model_dir, ".aliases.json.*.tmp",
+                                                                            older_than)
 
 
 def _read(path: Path) -> bytes | None:
