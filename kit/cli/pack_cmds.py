@@ -19,6 +19,11 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
               help="Environment to pack (default: the one running kit).")
 @click.option("--platform", "target_platform", default=None, help="Refuse unless the environment is for this "
               "platform, e.g. linux-x86_64.")
+@click.option("--include", "include", multiple=True, metavar="DIST",
+              help="Also ship this installed distribution (and what it requires); repeatable. Adds to pack.toml.")
+@click.option("--exclude", "exclude", multiple=True, metavar="DIST",
+              help="Leave this distribution out even if the service requires it; repeatable (--verify then "
+                   "names what breaks).")
 @click.option("--compress-level", "compresslevel", type=click.IntRange(1, 9), default=4, show_default=True)
 @click.option("--verify", "do_verify", is_flag=True,
               help="Then unpack into a temporary folder, start it on a free port, check /readyz and the stored "
@@ -34,7 +39,8 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
 @json_option
 @pass_kit
 def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_prefix: Path | None,
-             target_platform: str | None, compresslevel: int, do_verify: bool, image: bool,
+             target_platform: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+             compresslevel: int, do_verify: bool, image: bool,
              image_base: str | None, builder: str | None, as_json: bool) -> None:
     """Pack services/NAME with its environment and models into dist/NAME-<version>-<platform>.tar.gz."""
     from kit.pack import pack, verify_archive
@@ -45,13 +51,18 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
     archive = target
     if target.is_dir():
         registry = kit_ctx.config.registry if kit_ctx.registry_override else None
+        if isinstance(registry, str):  # kit.registry.remote: packing from a bucket is not built yet
+            from kit.errors import ConfigError
+
+            raise ConfigError(f"kit pack reads versions from a registry folder, and {registry} is an object store. "
+                              "Pack from the service's own registry folder (omit --registry) for now.")
         res = pack(target, out_dir=out_dir, force=force, progress=say, env_prefix=env_prefix,
                    registry=registry, target_platform=target_platform, compresslevel=compresslevel,
-                   keyring=kit_ctx.config.keyring())
+                   keyring=kit_ctx.config.keyring(), include=include, exclude=exclude)
         result["pack"] = res.to_dict()
         archive = res.archive
         if not as_json:
-            click.echo(f"{res.archive}  {res.size_bytes / 1e6:.1f} MB  {res.kind}  "
+            click.echo(f"{res.archive}  {res.size_bytes / 1e6:.1f} MB  {res.kind}  {res.backend}  "
                        f"{', '.join(f'{m}@{v}' for m, vs in res.models.items() for v in vs)}  {res.seconds:.1f}s")
             if res.kind == "venv":
                 click.echo("note: venv fallback; the server needs the same Python at the same path "
@@ -67,7 +78,8 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
         result["verify"] = rep.to_dict()
         if not as_json:
             click.echo(f"verified {Path(rep.archive).name}: ready in {rep.ready_seconds:.1f}s, {rep.model}@"
-                       f"{rep.version} matched its reference (max diff {rep.max_abs_diff:.2g})")
+                       f"{rep.version} matched its reference (max diff {rep.max_abs_diff:.2g}); import audit: "
+                       f"{(rep.audit or {}).get('modules', 0)} modules, none missing")
     if image:
         from kit.pack.image import build_image
 

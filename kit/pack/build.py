@@ -34,9 +34,10 @@ from typing import Any
 
 from kit._io import fsync_dir, sha256_file
 from kit.pack import envscan, integrity
+from kit.pack import select as selecting
 from kit.pack._common import Progress, human, say
 from kit.pack._tar import TarMember
-from kit.pack.layer import editable_kit_files, env_layer, largest
+from kit.pack.layer import editable_kit_files, env_layer
 from kit.pack.runtime import MANIFEST
 from kit.pack.stage import (
     ServiceInfo,
@@ -74,6 +75,9 @@ class PackResult:
     timings: dict[str, float] = field(default_factory=dict)
     signed_by: str | None = None  # the key that signed kit-pack.sha256 and <archive>.sha256
     checked_files: int = 0  # files run.sh checks with sha256sum before any interpreter starts
+    backend: str = "torch"
+    shipped: dict[str, str] = field(default_factory=dict)  # distribution -> version
+    left_out: dict[str, str] = field(default_factory=dict)  # distribution -> why
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -96,6 +100,8 @@ def pack(
     cache_dir: Path | None = None,
     bind: str = "0.0.0.0:8000",
     keyring: Keyring | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
 ) -> PackResult:
     """Pack ``service_dir``, its environment and the model versions its aliases name.
 
@@ -114,6 +120,8 @@ def pack(
     bind : the ``KIT_BIND`` the systemd unit sets.
     keyring : verifies the models' signatures and signs the archive's file list (kit-pack.sha256.sig) and
         ``<archive>.sha256.sig`` with its key; None: unsigned (run.sh then refuses it under KIT_TRUST).
+    include, exclude : distributions added to / removed from the shipped set, on top of the service's
+        ``pack.toml`` (:mod:`kit.pack.select`: the closure of what the service's backend requires).
     """
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -130,6 +138,10 @@ def pack(
     s = envscan.scan(prefix)
     timings["inspect"] = time.monotonic() - t
     warnings, forced = check_environment(s, plan, force=force, target_platform=target_platform, progress=progress)
+    sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
+    for line in selecting.report(sel):
+        say(progress, line)
+    timings["select"] = time.monotonic() - t - timings["inspect"]
     stem = f"{svc.name}-{plan.label}-{s.platform}"
     archive = out_dir / f"{stem}.tar.gz"
 
@@ -159,16 +171,16 @@ def pack(
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,
                        warnings=warnings, forced=forced, unit_check=unit_check,
-                       signed_by=signer.key_id if signer is not None else None)
+                       signed_by=signer.key_id if signer is not None else None, selection=sel.to_dict(),
+                       env=selecting.shipped_fingerprint(s.fingerprint or {}, sel))
 
         # -- the environment layer, then the archive
         t = time.monotonic()
         layer, reused, env_bytes, (env_files, env_links) = env_layer(
-            s, f"{stem}/env", editable_kit_files(s), compresslevel, cache_dir, force, tmp, progress)
+            s, f"{stem}/env", editable_kit_files(s) | set(sel.exclude_paths), compresslevel, cache_dir, force, tmp, progress)
         timings["env_layer"] = time.monotonic() - t
         sizes["env"] = env_bytes
-        say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items())
-            + f"; largest packages: {largest(s)}")
+        say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items()))
         t = time.monotonic()
         out_dir.mkdir(parents=True, exist_ok=True)
         part = out_dir / f".{archive.name}.tmp-{os.getpid()}"
@@ -206,4 +218,5 @@ def pack(
                       models={svc.model: plan.versions}, service=svc.name, label=plan.label, root=stem,
                       env_bytes=env_bytes, layer_cached=reused, sizes=sizes, warnings=tuple(warnings),
                       forced=tuple(forced), timings={k: round(v, 2) for k, v in timings.items()},
-                      signed_by=signer.key_id if signer is not None else None, checked_files=checked)
+                      signed_by=signer.key_id if signer is not None else None, checked_files=checked,
+                      backend=svc.backend, shipped=sel.shipped, left_out=sel.left_out)

@@ -104,6 +104,15 @@ def _write_venv_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str], 
         member.add_path(s.prefix / rel, f"{arc_env}/{rel}")
 
 
+def _excluded(rel: str, exclude: set[str]) -> bool:
+    """``rel`` or a folder above it is excluded."""
+    while rel and rel != ".":
+        if rel in exclude:
+            return True
+        rel = os.path.dirname(rel)
+    return False
+
+
 def _write_conda_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str], arc_env: str,
                        ignore_missing: bool, tmp: Path) -> None:
     try:
@@ -114,9 +123,11 @@ def _write_conda_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str],
     try:
         env = CondaEnv.from_prefix(str(s.prefix), ignore_editable_packages=bool(exclude),
                                    ignore_missing_files=ignore_missing)
-        for rel in sorted(exclude):
-            env = env.exclude(rel)
-            env = env.exclude(rel + "/*")
+        # what the service does not need (kit.pack.select) and the editable kit: a set, not conda-pack's
+        # exclude(pattern), which would fnmatch every file against each of tens of thousands of paths
+        kept = [f for f in env.files if not _excluded(os.path.normpath(f.target), exclude)]
+        dropped = [f for f in env.files if _excluded(os.path.normpath(f.target), exclude)]
+        env = CondaEnv(env.prefix, kept, excluded_files=list(env._excluded_files) + dropped)
         out = tmp / "conda-pack.tar"
         env.pack(output=str(out), format="tar", arcroot="", force=True, verbose=False)
     except CondaPackException as exc:

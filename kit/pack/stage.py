@@ -28,6 +28,7 @@ class ServiceInfo:
     model: str
     registry: Path
     directory: Path
+    backend: str = "torch"  # [model] backend: what the workers run (decides the shipped set)
 
 
 def read_service(service_dir: Path) -> ServiceInfo:
@@ -40,7 +41,8 @@ def read_service(service_dir: Path) -> ServiceInfo:
     reg = Path(doc["model"]["registry"])
     if not reg.is_absolute():
         reg = (service_dir / reg).resolve()
-    return ServiceInfo(doc["service"]["name"], doc["model"]["name"], reg, service_dir)
+    return ServiceInfo(doc["service"]["name"], doc["model"]["name"], reg, service_dir,
+                       str(doc["model"].get("backend", "torch")))
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,10 @@ def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, reg_root: Path, 
 
 def manifest(*, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvScan, stem: str, created: str,
              files: dict[str, str], wheel_rel: str | None, warnings: list[str], forced: list[str],
-             unit_check: str | None, signed_by: str | None) -> dict[str, Any]:
-    """kit-pack.json: what the archive holds and where it came from."""
+             unit_check: str | None, signed_by: str | None, selection: dict[str, Any] | None = None,
+             env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """kit-pack.json: what the archive holds and where it came from. ``env`` is the fingerprint of what was
+    shipped (run.sh compares the unpacked environment with it); ``selection`` what was left out and why."""
     kit_dist = s.dist("kit")
     assert kit_dist is not None  # check_kit
     a = plan.aliases
@@ -213,7 +217,8 @@ def manifest(*, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvScan, stem: str
         "models": {svc.model: {"production": a.production, "canary": a.canary,
                                "canary_weight": a.canary_weight, "versions": plan.versions,
                                "artifact_sha256": {str(mv.version): mv.artifact_sha256 for mv in plan.mvs}}},
-        "files": files, "env": s.fingerprint, "warnings": warnings, "forced": forced,
+        "files": files, "env": s.fingerprint if env is None else env, "warnings": warnings, "forced": forced,
+        "selection": selection,
         "packed_on": {"host": socket.gethostname(), "prefix": str(s.prefix)},
         "systemd_analyze": unit_check, "signed_by": signed_by,
     }

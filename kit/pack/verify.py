@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 from kit._proc import free_port, stop_group, tail, wait_http
 from kit.errors import PackError
+from kit.pack.audit import audit
 from kit.pack.integrity import check_archive
 from kit.pack.runtime import MANIFEST
 from kit.signing import Trust
@@ -46,6 +47,7 @@ class VerifyReport:
     ready_seconds: float  # run.sh start -> /readyz 200 (relocation, verification, gunicorn, model load)
     first_answer_seconds: float
     log_tail: str = ""
+    audit: dict[str, int] | None = None  # the import audit: modules imported, from env/, from the stdlib
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +143,18 @@ def predict_example(url: str, root: Path, model: str, versions: list[int], attem
     raise PackError(f"No answer from the production version after {attempts} requests to {url}/predict.")
 
 
+def _name_missing(root: Path, manifest: dict[str, Any], env: dict[str, str], failure: PackError) -> None:
+    """After a failed start: when the audit finds an import the archive lacks, raise that (it names the
+    module and the distribution left out) instead of the bare log tail."""
+    if not (root / "env" / "bin" / "python").exists():
+        return
+    try:
+        audit(root, manifest, env)
+    except PackError as exc:
+        if "which the archive does not hold" in str(exc) or "not in the archive's environment" in str(exc):
+            raise PackError(f"{exc}\n(the service did not start: {str(failure)[-1500:]})") from failure
+
+
 def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | None = None,
                    progress: Callable[[str], None] | None = None, trusted_keys: Sequence[str] = ()) -> VerifyReport:
     """Unpack ``archive`` into a temporary folder, serve it, check /readyz and the stored example, stop.
@@ -185,9 +199,16 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
         if trusted_keys:
             (tmp / "trusted_keys").write_text("".join(f"{k}\n" for k in trusted_keys))
             extra["KIT_TRUST"] = str(tmp / "trusted_keys")
+        extra["XDG_CACHE_HOME"] = str(tmp / "cache")  # the service's verified copies: gone with this run
         proc = start_unpacked(root, port, log_path, cwd=tmp, extra_env=extra)
+        audit_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp), "PYTHONNOUSERSITE": "1",
+                     "PYTHONDONTWRITEBYTECODE": "1", "XDG_CACHE_HOME": str(tmp / "audit-cache")}
         try:
-            wait_ready(url, proc, timeout, log_path)
+            try:
+                wait_ready(url, proc, timeout, log_path)
+            except PackError as exc:  # a missing import is named by the audit (run.sh has checked and relocated)
+                _name_missing(root, manifest, audit_env, exc)
+                raise
             ready_s = time.monotonic() - t
             t = time.monotonic()
             version, max_diff = predict_example(url, root, model, [int(v) for v in m["versions"]], api_key=key)
@@ -195,8 +216,12 @@ def verify_archive(archive: Path, *, timeout: float = 180.0, workdir: Path | Non
             say(f"{model}@{version} answered the stored example within {max_diff:.2g} of its reference")
         finally:
             stop_group(proc, timeout=30, whole_group=True)
+        checked = audit(root, manifest, audit_env)
+        say(f"import audit: the service imports {checked.modules} modules, {checked.from_env} from the archive's "
+            f"env/, {checked.from_stdlib} from the interpreter's standard library, nothing missing")
         return VerifyReport(archive=str(archive), ok=True, root=root.name, url=url, model=model, version=version,
                             max_abs_diff=max_diff, unpack_seconds=round(unpack_s, 2), ready_seconds=round(ready_s, 2),
-                            first_answer_seconds=round(answer_s, 3), log_tail=tail(log_path, 40))
+                            first_answer_seconds=round(answer_s, 3), log_tail=tail(log_path, 40),
+                            audit=checked.to_dict())
     finally:
         tmp_ctx.cleanup()

@@ -157,6 +157,50 @@ def test_an_added_pth_is_refused_before_any_interpreter_runs(tmp_path):
     assert out.returncode == 1 and "x.cpython-311.pyc" in out.stderr
 
 
+def test_a_checked_tree_is_sealed_and_later_starts_check_the_seal_not_every_file(tmp_path, packer):
+    """After a full check run.sh seals the tree (a MAC, under this user's key, of every path's type, inode,
+    size, ctime and mode); a later start whose tree still matches skips re-hashing. Any change (an edited
+    file, one touched, one added, a planted or copied seal) leads back to the full check."""
+    key, trust = packer
+    root = make_archive(tmp_path / "srv", signer=key)
+    state = tmp_path / "state"
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 0 and "nothing added" in out.stderr, out.stderr
+    seal = root / ".kit-sealed"
+    assert seal.is_file() and len(seal.read_text().strip()) == 64
+
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 0, out.stderr
+    assert "sealed tree unchanged" in out.stderr and "nothing added" not in out.stderr
+    assert "signed by a trusted key" in out.stderr  # the signature is checked on every start
+    # `verify` hashes every file whatever the seal says
+    assert "nothing added" in run_sh(root, "verify", trust=trust, state=state).stderr
+
+    app = next(root.rglob("kit/serving/app.py"))
+    original = app.read_bytes()
+    app.write_bytes(b"import os  # edited after the seal\n")
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 1 and "tree changed since it was sealed" in out.stderr
+    assert "kit/serving/app.py: sha256 differs" in out.stderr, out.stderr
+    app.write_bytes(original)  # same bytes, new ctime: the full check passes and seals again
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 0 and "tree changed" in out.stderr and "nothing added" in out.stderr, out.stderr
+    assert "sealed tree unchanged" in run_sh(root, "unpack", trust=trust, state=state).stderr
+
+    (app.parent / "extra.py").write_text("x = 1\n")  # an added file
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 1 and "extra.py (a file)" in out.stderr, out.stderr
+    (app.parent / "extra.py").unlink()
+
+    # a seal is only as good as its key: another user's state (or a planted seal) is not trusted
+    assert run_sh(root, "unpack", trust=trust, state=state).returncode == 0
+    out = run_sh(root, "unpack", trust=trust, state=tmp_path / "other-state")
+    assert out.returncode == 0 and "sealed tree unchanged" not in out.stderr and "nothing added" in out.stderr
+    seal.write_text("0" * 64 + "\n")
+    out = run_sh(root, "unpack", trust=trust, state=state)
+    assert out.returncode == 0 and "tree changed since it was sealed" in out.stderr and "nothing added" in out.stderr
+
+
 def test_fifos_and_sockets_are_refused_naming_the_path(tmp_path):
     """An unlisted FIFO used to pass the "nothing added" check (it looked for files and links only); a FIFO
     where a file was packed made sha256sum block for ever. Both are refused before sha256sum opens anything."""
