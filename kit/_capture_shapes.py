@@ -35,8 +35,8 @@ def resize_dims(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]]
 
 EXPORT_HINTS = (
     "Make control flow independent of tensor values (or use torch.cond), avoid .item()/.tolist()/"
-    "numpy calls in forward, pass dynamic_batch=False if the model only works at one batch size, "
-    "or try strict=False."
+    "numpy calls in forward, and pass dynamic_batch=False if the model only works at one batch size "
+    "(capture traces with strict=False unless you asked for strict=True)."
 )
 
 

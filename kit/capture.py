@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kit._capture_io import export_hint, plain_model, shapes_for, split_inputs
 from kit._capture_shapes import (
     EXPORT_HINTS,
     dim_ranges,
@@ -43,7 +44,7 @@ from kit.signature import (
     normalize_dynamic,
     parse_dynamic,
 )
-from kit.version_files import EXAMPLE_FILE, MODEL_FILE, load_example_arrays
+from kit.version_files import BF16_SUFFIX, EXAMPLE_FILE, MODEL_FILE, example_key, load_example_members
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,6 @@ class CapturedModel:
         save_examples(directory / EXAMPLE_FILE, self.example_inputs, self.reference_outputs)
         onnx_files = self.onnx.save(directory) if self.onnx is not None else []
         return [directory / MODEL_FILE, directory / EXAMPLE_FILE, *onnx_files]
-
-
-def _as_tuple(x: Any, what: str) -> tuple[torch.Tensor, ...]:
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(x)
-    raise CaptureError(
-        f"{what} must be a tensor or a tuple of tensors, got {type(x).__name__}. "
-        "Wrap dict inputs in a module that takes tensors as separate arguments."
-    )
 
 
 def _output_kind(out: Any) -> tuple[str, list[str] | None]:
@@ -157,7 +147,8 @@ def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: fl
         if x.is_floating_point() or x.is_complex():
             d = (x.double() - y.double()).abs()
             worst = max(worst, float(d.max()) if d.numel() else 0.0)
-            ok = ok and bool(torch.allclose(x.double(), y.double(), atol=atol, rtol=rtol, equal_nan=True))
+            tol_a, tol_r = _tolerance(x.dtype, atol, rtol)
+            ok = ok and bool(torch.allclose(x.double(), y.double(), atol=tol_a, rtol=tol_r, equal_nan=True))
         else:
             eq = bool(torch.equal(x, y))
             worst = max(worst, 0.0 if eq else float("inf"))
@@ -176,6 +167,76 @@ def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
         )
     if batch < 1:
         raise CaptureError("The example batch is empty; give at least one example row.")
+
+
+def _tolerance(dtype: torch.dtype, atol: float, rtol: float) -> tuple[float, float]:
+    """Parity tolerance for one output: half precision cannot meet float32's, so its floor is a few ulps."""
+    floor = _HALF_FLOOR.get(dtype, 0.0)
+    return max(atol, floor), max(rtol, floor)
+
+
+_HALF_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _export(fn: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
+            values: dict[str, int], ranges: dict[str, tuple[int, int]], dynamic_batch: bool, max_batch: int,
+            strict: bool, model_name: str) -> torch.export.ExportedProgram:
+    trace_inputs = inputs
+    if dynamic_batch and inputs[0].shape[0] == 1:
+        # torch.export specialises size-1 dims (0/1 specialisation): trace with two rows instead.
+        trace_inputs = _resample(inputs, 2)
+    trace_inputs = resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # nn.GRU/nn.LSTM re-assign their flat weights while traced; torch warns, the program is right
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
+            return torch.export.export(fn, trace_inputs, strict=strict,
+                                       dynamic_shapes=shapes_for(fn, dynamic_shapes(inputs, dyn, dynamic_batch, max_batch,
+                                                                                  ranges)))
+    except CaptureError:
+        raise
+    except Exception as exc:  # torch raises many unrelated types here; translate at the boundary
+        hint = export_hint(exc) + EXPORT_HINTS
+        if "specialized it to be a constant" in str(exc):
+            hint = ("The model fixes that dim to the example's size (recurrent layers such as nn.GRU/nn.LSTM "
+                    "do under torch.export): keep it static by leaving it out of dynamic. " + hint)
+        elif "must always be equal" in str(exc):
+            hint = "Dims the model needs equal must share one name (e.g. ids:1=seq and mask:1=seq). " + hint
+        elif "onstraint" in str(exc) and (dyn or dynamic_batch):
+            hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
+                    "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
+                    + hint)
+        raise CaptureError(f"torch.export could not capture {model_name}: {export_reason(exc).rstrip('.')}. "
+                           + hint) from exc
+
+
+def _parity_checks(fn: torch.nn.Module, exported: torch.nn.Module, checks: list[tuple[str, tuple[torch.Tensor, ...]]],
+                   eager_ref: tuple[torch.Tensor, ...], out_names: list[str] | None, atol: float,
+                   rtol: float) -> tuple[float, list[tuple[str, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]]:
+    """Eager against exported on every check input; returns the worst difference and the eager answers."""
+    worst = 0.0
+    eager_checks = []
+    for i, (label, x) in enumerate(checks):
+        expected = eager_ref if i == 0 else _run(fn, x, out_names)
+        eager_checks.append((label, x, expected))
+        try:
+            got = _run(exported, x, out_names)
+        except Exception as exc:
+            raise CaptureError(
+                f"The exported program failed at {label}: {type(exc).__name__}: {str(exc)[:300]}. "
+                "The model may depend on a fixed size there; pass dynamic_batch=False or leave that dim static."
+            ) from exc
+        diff, ok = _max_diff(expected, got, atol, rtol)
+        worst = max(worst, diff)
+        if not ok:
+            raise ParityError(
+                f"Exported and eager outputs differ at {label}: max |diff| = {diff:.3g} exceeds "
+                f"atol={atol:g} + rtol={rtol:g}·|eager| (half precision: at least {_HALF_FLOOR[torch.float16]:g} "
+                f"for float16, {_HALF_FLOOR[torch.bfloat16]:g} for bfloat16). Check for randomness or train-mode "
+                "layers in forward, or loosen atol/rtol if the difference is expected.",
+                max_abs_diff=diff, atol=atol, rtol=rtol, batch_size=int(x[0].shape[0]) if x[0].dim() else 1,
+            )
+    return worst, eager_checks
 
 
 def capture(
@@ -197,57 +258,36 @@ def capture(
     Parameters
     ----------
     model : the module; it is put in eval mode (and left so).
-    example_inputs : a tensor or tuple of tensors (any dtypes) whose first dimension is the batch.
+    example_inputs : a tensor, a tuple of tensors (positional), or a dict of parameter names to tensors
+        (passed by keyword; the keys name the inputs), of any dtypes, whose first dimension is the batch.
+        A structured output (a Hugging Face ``ModelOutput``, nested tuples) is captured as a dict of names
+        to tensors (:mod:`kit._capture_io`).
     dynamic : more dynamic dims, ``{input name or position: {dim index: dim name}}``, e.g.
         ``{"ids": {1: "seq"}, "mask": {1: "seq"}}``; inputs sharing a name must agree on it.
     dims : inclusive ``(min, max)`` per named dim (default ``(1, 4096)``).
     dynamic_batch : export dim 0 as the dynamic batch (default). Size-1 example dims would make
         torch.export specialise them to 1, so such an example is widened to 2 for tracing.
-    atol, rtol : parity tolerance between eager and exported outputs, checked on the example, a second
-        batch size (``check_batch``, default example batch + 3) and a second value of every named dim.
+    atol, rtol : parity tolerance between eager and exported outputs (float16/bfloat16 outputs at least
+        2e-3/2e-2), checked on the example, a second batch size (``check_batch``, default example batch + 3)
+        and a second value of every named dim.
     onnx : also export ``model.onnx`` (:mod:`kit.backends.onnx.export`) and check it with onnxruntime on the same
         inputs; a model ONNX cannot take is still captured (``capture.onnx`` says why).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}.")
-    inputs = tuple(t.detach() for t in _as_tuple(example_inputs, "example_inputs"))
+    inputs, keywords = split_inputs(example_inputs)
     if dynamic_batch:
         _check_batch(inputs)
     model.eval()
-    names = _input_names(model, len(inputs))
+    names = keywords or _input_names(model, len(inputs))
     dyn = normalize_dynamic(dynamic, names, [t.dim() for t in inputs], dynamic_batch=dynamic_batch)
     values = example_dims(inputs, names, dyn)
     ranges = dim_ranges(values, dims)
+    fn = plain_model(model, inputs, keywords)
     t0 = time.perf_counter()
-
-    trace_inputs = inputs
-    if dynamic_batch and inputs[0].shape[0] == 1:
-        # torch.export specialises size-1 dims (0/1 specialisation): trace with two rows instead.
-        trace_inputs = _resample(inputs, 2)
-    trace_inputs = resize_dims(trace_inputs, dyn, {n: max(v, 2) for n, v in values.items()})
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # nn.GRU/nn.LSTM re-assign their flat weights while traced; torch warns, the program is right
-            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
-            program = torch.export.export(model, trace_inputs, strict=strict,
-                                          dynamic_shapes=dynamic_shapes(inputs, dyn, dynamic_batch, max_batch, ranges))
-    except Exception as exc:  # torch raises many unrelated types here; translate at the boundary
-        hint = EXPORT_HINTS
-        if "specialized it to be a constant" in str(exc):
-            hint = ("The model fixes that dim to the example's size (recurrent layers such as nn.GRU/nn.LSTM "
-                    "do under torch.export): keep it static by leaving it out of dynamic. " + hint)
-        elif "must always be equal" in str(exc):
-            hint = "Dims the model needs equal must share one name (e.g. ids:1=seq and mask:1=seq). " + hint
-        elif "onstraint" in str(exc) and (dyn or dynamic_batch):
-            hint = ("A dynamic dim's range admits values the model cannot take: narrow it with "
-                    "dims={'NAME': (MIN, MAX)} (or --dynamic INPUT:DIM=NAME:MIN..MAX), or keep the dim static. "
-                    + hint)
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {export_reason(exc).rstrip('.')}. "
-                           + hint) from exc
-
-    exported = program.module()
+    program = _export(fn, inputs, dyn, values, ranges, dynamic_batch, max_batch, strict, type(model).__name__)
     with torch.no_grad():
-        raw = model(*inputs)
+        raw = fn(*inputs)
     kind, out_names = _output_kind(raw)
     eager_ref = flatten_outputs(raw)
     checks: list[tuple[str, tuple[torch.Tensor, ...]]] = [(f"batch {inputs[0].shape[0] if inputs[0].dim() else 1}",
@@ -260,27 +300,7 @@ def capture(
     second = second_values(values, ranges)
     if second:
         checks.append((", ".join(f"{k} {v}" for k, v in second.items()), resize_dims(inputs, dyn, second)))
-    worst = 0.0
-    eager_checks = []
-    for label, x in checks:
-        expected = eager_ref if x is inputs else _run(model, x, out_names)
-        eager_checks.append((label, x, expected))
-        try:
-            got = _run(exported, x, out_names)
-        except Exception as exc:
-            raise CaptureError(
-                f"The exported program failed at {label}: {type(exc).__name__}: {str(exc)[:300]}. "
-                "The model may depend on a fixed size there; pass dynamic_batch=False or leave that dim static."
-            ) from exc
-        diff, ok = _max_diff(expected, got, atol, rtol)
-        worst = max(worst, diff)
-        if not ok:
-            raise ParityError(
-                f"Exported and eager outputs differ at {label}: max |diff| = {diff:.3g} exceeds "
-                f"atol={atol:g} + rtol={rtol:g}·|eager|. Check for randomness or train-mode layers in "
-                "forward, or loosen atol/rtol if the difference is expected.",
-                max_abs_diff=diff, atol=atol, rtol=rtol, batch_size=int(x[0].shape[0]) if x[0].dim() else 1,
-            )
+    worst, eager_checks = _parity_checks(fn, program.module(), checks, eager_ref, out_names, atol, rtol)
     seconds = time.perf_counter() - t0
     out_labels = out_names or [f"output_{i}" for i in range(len(eager_ref))]
     in_specs, out_specs = io_specs(program, names, inputs, out_labels, eager_ref, dyn, dynamic_batch)
@@ -297,16 +317,9 @@ def capture(
     onnx_result = (onnx_export.export_onnx(program, eager_checks, names, out_labels, parity.to_dict()) if onnx
                    else onnx_export.not_exported("captured with onnx=False; capture again with onnx=True to serve "
                                                  "with onnxruntime"))
-    return CapturedModel(
-        program=program,
-        signature=signature,
-        example_inputs=inputs,
-        reference_outputs=eager_ref,
-        parity=parity,
-        seconds=seconds,
-        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
-        onnx=onnx_result,
-    )
+    return CapturedModel(program=program, signature=signature, example_inputs=inputs, reference_outputs=eager_ref,
+                         parity=parity, seconds=seconds, onnx=onnx_result,
+                         model_class=f"{type(model).__module__}.{type(model).__qualname__}")
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -325,14 +338,31 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _example_array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def save_examples(path: Path, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
-    arrays = {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
-    arrays.update({f"output_{i}": t.detach().cpu().numpy() for i, t in enumerate(outputs)})
+    """example.npz: plain ``.npy`` members; a bfloat16 tensor as its uint16 bits (numpy has no bfloat16)."""
+    arrays = {example_key("input", i, _dtype_name(t)): _example_array(t) for i, t in enumerate(inputs)}
+    arrays.update({example_key("output", i, _dtype_name(t)): _example_array(t) for i, t in enumerate(outputs)})
     with open(path, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs confuse **arrays with allow_pickle
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _example_tensor(key: str, arr: np.ndarray) -> torch.Tensor:
+    if key.endswith(BF16_SUFFIX):
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
 def load_examples(path: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Example inputs and reference outputs: ``.npy`` members only, no object arrays, bounded sizes."""
-    ins, outs = load_example_arrays(path, limits)
-    return tuple(map(torch.from_numpy, ins)), tuple(map(torch.from_numpy, outs))
+    """Example inputs and reference outputs, in their captured dtypes (bfloat16 included):
+    ``.npy`` members only, no object arrays, bounded sizes."""
+    ins, outs = load_example_members(path, limits)
+    return tuple(_example_tensor(k, a) for k, a in ins), tuple(_example_tensor(k, a) for k, a in outs)

@@ -43,6 +43,11 @@ class ModelVersion:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def __repr__(self) -> str:  # the fields hold the whole environment: a notebook shows this instead
+        onnx = "onnx" if self.capture.get("onnx", {}).get("exported") else "no onnx"
+        return (f"<ModelVersion {self.ref} sha256 {self.short_sha} created {self.created} "
+                f"{len(self.files)} files ({onnx}) at {self.path}>")
+
     @property
     def short_sha(self) -> str:
         return self.artifact_sha256[:12]

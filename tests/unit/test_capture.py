@@ -83,7 +83,7 @@ def test_uncapturable_model_gives_reason_and_what_to_try():
 
 
 def test_bad_examples_are_refused_with_expectations():
-    with pytest.raises(CaptureError, match="tensor or a tuple of tensors"):
+    with pytest.raises(CaptureError, match="a tensor, a tuple of tensors or a dict"):
         capture(nn.Linear(2, 2), [[1.0, 2.0]])
     with pytest.raises(CaptureError, match="disagree on the batch size"):
         capture(TwoInputs(), (torch.randn(3, 4), torch.tensor([1, 2])))
