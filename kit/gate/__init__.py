@@ -19,6 +19,10 @@ The modules:
 - :mod:`kit.gate.kernel`: the kernel a gate runs in.
 - :mod:`kit.gate.runner`: :func:`run_gate` (the notebooks run in a private folder of the gate process).
 - :mod:`kit.gate.publish`: the run's evidence into the registry, once the verdict is decided and signed.
+- :mod:`kit.gate.suite`: the default checks of the candidate alone; :mod:`kit.gate.compare`: the candidate
+  against production (agreement, latency ratio, quality, size), in the same kernel.
+- :mod:`kit.gate.production`: the production version a gate compares with (resolved and verified by the
+  gate process); :mod:`kit.gate.progress`: each check's start and figure shown while a notebook runs.
 """
 
 from kit.gate.evidence import (
@@ -37,17 +41,20 @@ from kit.gate.record import (
     CheckTable,
     _begin_run,
     artifact,
+    baseline,
     check,
     checks,
     open_registry,
     running_under_gate,
+    set_budget,
+    step,
     summary,
 )
 from kit.gate.runner import DEFAULT_NOTEBOOK, evidence_problems, run_gate
 
 __all__ = [
     "AUTO_PARAMS", "BACKEND_PARAM", "DEFAULT_NOTEBOOK", "KIT_KERNEL", "PRIVATE_KERNEL", "SCHEMA", "Check", "CheckTable",
-    "GateResult", "NotebookRun", "artifact", "check", "check_params", "checks", "checks_html",
+    "GateResult", "NotebookRun", "artifact", "baseline", "check", "set_budget", "step", "check_params", "checks", "checks_html",
     "declared_params", "ensure_kernel", "gate_backend", "evidence_problems", "open_registry", "parse_params",
     "read_results",
     "render_text", "run_gate", "running_under_gate", "summary", "write_report", "_begin_run",

@@ -122,6 +122,8 @@ class GateResult:
     registry_root: Path | None = None
     backend: str = "torch"  # what loaded the model in the notebooks: the backend this verdict is about
     files: dict[str, str] = field(default_factory=dict)  # evidence file name -> sha256, as the gate copied it
+    # what the candidate was compared with: {"version", "artifact_sha256", "note"} (version None: nothing)
+    baseline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -161,6 +163,7 @@ class GateResult:
                 {**dataclasses.asdict(n), "executed": self._rel(n.executed)} for n in self.notebooks
             ],
             "files": dict(sorted(self.files.items())),
+            "baseline": self.baseline,
         }
 
 
@@ -238,10 +241,20 @@ def render_text(result: GateResult) -> str:
     for r in result.notebooks:
         if r.error:
             lines.append(f"{r.status.upper()}: {r.error}")
+    if result.baseline:
+        lines.append(_baseline_text(result))
     lines.append(f"gate {'PASSED' if result.passed else 'FAILED'}: {result.ref} sha256 {result.artifact_sha256[:12]} "
                  f"on backend {result.backend}, run {result.run_id} in {result.seconds:.1f}s")
     lines.append(f"report: {result.report}")
     return "\n".join(lines)
+
+
+def _baseline_text(result: GateResult) -> str:
+    b = result.baseline
+    if b.get("version") is None:
+        return f"Compared with: nothing ({b.get('note')})."
+    return (f"Compared with production {result.name}@{b['version']} (sha256 {str(b.get('artifact_sha256'))[:12]}), "
+            "loaded beside the candidate in the same kernel: see the checks marked 'vs production'.")
 
 
 def write_report(result: GateResult, meta: Mapping[str, Any] | None = None) -> Path:
@@ -269,6 +282,7 @@ def write_report(result: GateResult, meta: Mapping[str, Any] | None = None) -> P
         f"started {html.escape(result.started)}, {result.seconds:.1f}s, kernel "
         f"<code>{html.escape(sys.executable)}</code></p>\n"
         + (f"<p style='color:#b00020;font-weight:bold'>{html.escape(result.error)}</p>\n" if result.error else "")
+        + (f"<p class='kit-gate-baseline'>{html.escape(_baseline_text(result))}</p>\n" if result.baseline else "")
         + "<h2>Checks</h2>\n" + checks_html(result.checks, with_notebook=True)
         + "\n<h2>Notebooks</h2>\n<table style='border-collapse:collapse;font-family:sans-serif;margin:0'>"
         "<tr><th style='text-align:left;padding:2px 10px'>Notebook</th><th style='text-align:left;padding:2px 10px'>"

@@ -15,7 +15,9 @@ from kit.errors import GateError
 # from NAME@VERSION, and caller_dir, the folder the gate was started in (relative paths a user passes,
 # such as data=held_out.npz, mean that folder). A caller may not set them: the verdict is bound to one
 # artifact, so the notebook must test that one.
-AUTO_PARAMS = ("registry", "model_name", "version", "caller_dir")
+# production_version: the model's production version the gate resolved and verified (None: nothing to
+# compare), which the notebook loads beside the candidate through the same verified path.
+AUTO_PARAMS = ("registry", "model_name", "version", "caller_dir", "production_version")
 
 
 BACKEND_PARAM = "backend"  # what loads the model in the notebook: "torch" or "onnxruntime"

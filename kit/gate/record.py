@@ -11,8 +11,10 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,71 @@ class _Run:
 
 _run: _Run | None = None
 _session: list[Check] = []
+
+DEFAULT_CHECK_BUDGET_S = 120.0  # seconds one step of the default checks may take (check_budget_s)
+_budget_s = DEFAULT_CHECK_BUDGET_S
+
+
+class BudgetExceeded(GateError):
+    """A step ran past its time budget (raised by :meth:`Deadline.tick`, caught by :func:`step`)."""
+
+
+@dataclass
+class Deadline:
+    """The time budget of one step: loops call :meth:`tick` between model calls and stop when it is spent."""
+
+    name: str
+    budget_s: float
+    start: float = field(default_factory=time.perf_counter)
+    stopped: bool = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def tick(self) -> None:
+        if self.elapsed() > self.budget_s:
+            self.stopped = True
+            raise BudgetExceeded(f"{self.name} ran past its time budget of {self.budget_s:g}s")
+
+
+def set_budget(seconds: Any) -> float:
+    """Set the time budget of every following :func:`step` (the notebook's ``check_budget_s``)."""
+    global _budget_s
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds <= 0:
+        raise GateError(f"check_budget_s must be a positive number of seconds, got {seconds!r}.")
+    _budget_s = float(seconds)
+    return _budget_s
+
+
+@contextmanager
+def step(name: str, budget_s: float | None = None) -> Iterator[Deadline]:
+    """One step of a gate, timed against its budget, with its start and end sent to the gate's progress.
+
+    The body calls ``deadline.tick()`` between model calls; past the budget the step stops there and a
+    failed check ``time budget: <name>`` names the budget and the setting. A single call longer than the
+    budget is not interrupted (the cell timeout, gate_timeout, bounds it); its overrun is reported when it
+    returns.
+    """
+    d = Deadline(name, float(budget_s or _budget_s))
+    if _run is not None:
+        _append(_run.records, {"kind": "begin", "step": name, "budget_s": d.budget_s})
+    print(f"… {name} (time budget {d.budget_s:g}s)", flush=True)
+    try:
+        yield d
+    except BudgetExceeded:
+        d.stopped = True
+    seconds = round(d.elapsed(), 2)
+    if d.stopped or seconds > d.budget_s:
+        check(f"time budget: {name}", passed=False, value=seconds, threshold=d.budget_s,
+              detail=f"{'stopped' if d.stopped else 'finished'} after {seconds:g}s, over the budget of "
+                     f"{d.budget_s:g}s per check; raise check_budget_s (e.g. -p check_budget_s="
+                     f"{int(d.budget_s * 4)}) or lower batch_n / latency_repeats")
+    if _run is not None:
+        _append(_run.records, {"kind": "end", "step": name, "seconds": seconds})
 
 
 def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, detail: Any = None) -> None:
@@ -78,6 +145,24 @@ def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
                                **({"backend": backend} if backend else {})})
     print(f"artifact {ref + ' ' if ref else ''}sha256 {sha[:12]}" + (f" on backend {backend}" if backend else ""),
           flush=True)
+    return sha
+
+
+def baseline(loaded: Any) -> str:
+    """Record the production version a notebook compares the candidate with (a loaded model).
+
+    run_gate fails the run when it is not the production version the gate resolved, or (with a keyring)
+    when it was loaded without checking its signature: load it through :func:`open_registry` as well.
+    """
+    mv = getattr(loaded, "version", None)
+    sha = getattr(mv, "artifact_sha256", None)
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise GateError(f"gate.baseline needs a loaded model (what Registry.load returns), got {loaded!r}.")
+    if _run is not None:
+        _append(_run.records, {"kind": "baseline", "sha256": sha, "ref": mv.ref,  # type: ignore[union-attr]
+                               "signed_by": getattr(loaded, "signed_by", None),
+                               "backend": getattr(loaded, "backend", None)})
+    print(f"compared with production {mv.ref} sha256 {sha[:12]}", flush=True)  # type: ignore[union-attr]
     return sha
 
 

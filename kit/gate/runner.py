@@ -22,6 +22,7 @@ from typing import Any
 
 from kit._io import atomic_write_text, sha256_file
 from kit.errors import GateError, KitError
+from kit.gate import production as _baseline
 from kit.gate.evidence import (
     REPORT_FILE,
     Check,
@@ -34,6 +35,8 @@ from kit.gate.evidence import (
 )
 from kit.gate.kernel import _kernel_manager_class, ensure_kernel
 from kit.gate.params import AUTO_PARAMS, BACKEND_PARAM, check_params, gate_backend
+from kit.gate.production import Baseline
+from kit.gate.progress import Follower
 from kit.gate.publish import publish
 from kit.gate.record import kit_location
 
@@ -284,11 +287,17 @@ def run_gate(
     mv = _verified(registry, name, version)
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise GateError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    backend, params, plan = _plan(registry, mv, notebooks, params, backend)
+    backend = gate_backend(dict(params or {}), backend)
+    _baseline.require_artifact(mv, backend)  # before any kernel starts
+    base = _baseline.resolve(registry, mv, backend)
+    backend, params, plan = _plan(registry, mv, notebooks, params, backend, base)
+    if not any(_baseline.PRODUCTION_PARAM in p for _, _, p in plan):
+        base = Baseline(None, None, "the notebooks declare no production_version: judged on their own checks")
+    say(base.line(mv.name))
     kernel = ensure_kernel(kernel_name)
     trust = registry.trust()
     gate_run = _GateRun(mv=mv, backend=backend, kernel=kernel, timeout=float(timeout), say=say,
-                        trust=tuple(k.text() for k in trust.keys) if trust else ())
+                        trust=tuple(k.text() for k in trust.keys) if trust else (), baseline=base)
     run_dir = gates_dir(registry.version_dir(mv.name, mv.version)) / gate_run.run_id
     with tempfile.TemporaryDirectory(prefix=f"kit-gate-{gate_run.run_id}-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)  # mkdtemp: 0700, this user's; a registry writer cannot reach it
@@ -329,7 +338,7 @@ def _verified(registry: Any, name: str, version: int | str) -> Any:
 
 
 def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params: Mapping[str, Any] | None,
-          backend: str | None) -> tuple[str, dict[str, Any], list[tuple[Path, Any, dict[str, Any]]]]:
+          backend: str | None, base: Baseline) -> tuple[str, dict[str, Any], list[tuple[Path, Any, dict[str, Any]]]]:
     """(backend, the caller's params, [(notebook, its node, its params)]): every notebook read and its
     parameters checked before any runs (GateError otherwise)."""
     paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
@@ -340,14 +349,15 @@ def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params
     if reserved:
         raise GateError(f"Don't pass {', '.join(reserved)}: the gate sets them itself (registry, model_name and "
                         f"version from {mv.ref}, so the notebook tests exactly the artifact being gated; caller_dir: "
-                        "the folder it was started in). Gate another version with NAME@VERSION.")
+                        "the folder it was started in; production_version: the model's verified production). "
+                        "Gate another version with NAME@VERSION.")
     try:
         json.dumps(params, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise GateError(f"Gate parameters must be JSON values (numbers, strings, lists...): {exc}") from exc
     loaded = [(p, _load_notebook(p)) for p in paths]
     auto = {"registry": str(registry.root), "model_name": mv.name, "version": mv.version,
-            "caller_dir": str(Path.cwd())}
+            "caller_dir": str(Path.cwd()), _baseline.PRODUCTION_PARAM: base.version}
     plan = []
     for p, nb in loaded:
         declared = check_params(p, params)
@@ -370,6 +380,7 @@ class _GateRun:
     timeout: float
     say: Progress
     trust: tuple[str, ...]  # the public keys the notebook's registry verifies the version against
+    baseline: Baseline = Baseline(None, None, "not resolved")
     run_id: str = ""
     started: str = ""
     checks: list[Check] = field(default_factory=list)
@@ -390,8 +401,9 @@ class _GateRun:
         executed, records, kernel_log = (work / f"{stem}{ext}" for ext in (".ipynb", ".checks.jsonl", ".kernel.log"))
         self.say(f"{step} {src.name}: running on {mv.ref} (backend {self.backend}) ...")
         t = time.perf_counter()
-        status, error, cell, ename, evalue = _run_one(
-            src, nb, executed, records, kernel_log, params, self.kernel, self.timeout, self.run_id, self.trust)
+        with Follower(records, self.say, f"{step} "):
+            status, error, cell, ename, evalue = _run_one(
+                src, nb, executed, records, kernel_log, params, self.kernel, self.timeout, self.run_id, self.trust)
         seconds = round(time.perf_counter() - t, 2)
         recs = read_records(records)  # once, from the private folder: nobody else can write it
         nb_checks = [Check.from_dict({**r, "notebook": executed.name}) for r in recs if r.get("kind") == "check"]
@@ -401,6 +413,7 @@ class _GateRun:
             self.kernels.append({"notebook": executed.name,
                                  **{x: k.get(x) for x in ("executable", "prefix", "python", "kit")}})
         problems = evidence_problems(recs, mv.ref, mv.artifact_sha256, sys.prefix, self.backend, bool(self.trust))
+        problems += _baseline.problems(recs, self.baseline, bool(self.trust))
         if status == "passed":
             failed = [c for c in nb_checks if not c.passed]
             if failed:
@@ -431,7 +444,7 @@ class _GateRun:
             started=self.started, params=params,
             kernel={"name": self.kernel, "caller_executable": sys.executable, "caller_prefix": sys.prefix,
                     "kernels": self.kernels},
-            backend=self.backend,
+            backend=self.backend, baseline=self.baseline.to_dict(),
         )
 
 

@@ -7,8 +7,12 @@ values taken from the example, so integer ids stay in its range and masks stay m
 from the signature (``dims``; a signature written before named dims has only the batch).
 
 Without data the suite proves what can be proven: parity on the stored example, determinism, finite
-outputs, batch consistency, latency budgets at batch 1 and batch N, every dynamic dim at its bounds,
-and a wrong shape refused. :func:`quality` adds a metric on an ``.npz`` of the user's own data.
+outputs, batch consistency, every dynamic dim at its bounds, and a wrong shape refused; latency against
+absolute budgets only where the user sets them (the default gate compares latency with production's,
+:mod:`kit.gate.compare`). :func:`quality` adds a metric on an ``.npz`` of the user's own data.
+
+Each check runs as one :func:`kit.gate.record.step`: its start and end reach the gate's progress, and it
+stops at its time budget (``check_budget_s``) with a failed check that names the budget and the setting.
 
 Every check runs through the loaded model's backend (``model.backend``: ``"torch"`` takes and returns
 tensors, ``"onnxruntime"`` numpy arrays), so its evidence is about what will serve. Inputs are made and
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from kit.errors import GateError
-from kit.gate.record import check
+from kit.gate.record import Deadline, check, step
 from kit.registry.loaded import as_numpy
 
 LABELS = "labels"
@@ -149,13 +153,15 @@ def _first_line(exc: BaseException) -> str:
 def parity(model: Any) -> float:
     """The stored example still gives the stored reference output (within the capture's tolerance)."""
     atol, rtol = tolerances(model)
-    got = run(model, model.example_inputs)
-    ref = tuple(model.reference_outputs)
-    worst = max_diff(got, ref)
-    same = worst != float("inf")
-    check("parity on the stored example", passed=same and _close(got, ref, atol, rtol), value=worst,
-          threshold=atol, detail=f"max |output - reference|, rtol {rtol:g}" if same
-          else "outputs differ in number or shape from the reference")
+    worst = float("inf")
+    with step("parity on the stored example"):
+        got = run(model, model.example_inputs)
+        ref = tuple(model.reference_outputs)
+        worst = max_diff(got, ref)
+        same = worst != float("inf")
+        check("parity on the stored example", passed=same and _close(got, ref, atol, rtol), value=worst,
+              threshold=atol, detail=f"max |output - reference|, rtol {rtol:g}" if same
+              else "outputs differ in number or shape from the reference")
     return worst
 
 
@@ -163,21 +169,28 @@ def determinism(model: Any, repeats: int = 3, rows: int = 8) -> float:
     """The same input gives the same output on every call."""
     atol, _ = tolerances(model)
     rows = max(1, min(rows, int(model.signature.max_batch)))
-    x = make_inputs(model, rows, seed=1)
-    first = run(model, x)
-    worst = max(max_diff(first, run(model, x)) for _ in range(max(1, repeats - 1)))
-    check("deterministic on repeat", passed=worst <= atol, value=worst, threshold=atol,
-          detail=f"max |difference| over {repeats} calls at batch {rows}")
+    worst = float("inf")
+    with step("deterministic on repeat") as d:
+        x = make_inputs(model, rows, seed=1)
+        first = run(model, x)
+        worst = 0.0
+        for _ in range(max(1, repeats - 1)):
+            worst = max(worst, max_diff(first, run(model, x)))
+            d.tick()
+        check("deterministic on repeat", passed=worst <= atol, value=worst, threshold=atol,
+              detail=f"max |difference| over {repeats} calls at batch {rows}")
     return worst
 
 
 def finite(model: Any, rows: int = 64) -> int:
     """No NaN or inf in the outputs, on the example and on ``rows`` rows made from it."""
     n = max(1, min(rows, int(model.signature.max_batch)))
-    outs = run(model, model.example_inputs) + run(model, make_inputs(model, n, seed=2))
-    bad = sum(_nonfinite(o) for o in outs)
-    check("finite outputs", passed=bad == 0, value=bad, threshold=0,
-          detail=f"non-finite values on the example and {n} rows made from it")
+    bad = -1
+    with step("finite outputs"):
+        outs = run(model, model.example_inputs) + run(model, make_inputs(model, n, seed=2))
+        bad = sum(_nonfinite(o) for o in outs)
+        check("finite outputs", passed=bad == 0, value=bad, threshold=0,
+              detail=f"non-finite values on the example and {n} rows made from it")
     return bad
 
 
@@ -187,51 +200,65 @@ def batch_consistency(model: Any, rows: int = 16) -> float:
         return 0.0
     atol, rtol = tolerances(model)
     n = max(1, min(rows, int(model.signature.max_batch)))
-    x = make_inputs(model, n, seed=3)
-    whole = run(model, x)
     worst, ok = 0.0, True
-    for i in range(n):
-        alone = run(model, tuple(as_numpy(t)[i:i + 1] for t in x))
-        part = tuple(o[i:i + 1] for o in whole)
-        worst = max(worst, max_diff(alone, part))
-        ok = ok and _close(alone, part, atol * 10, rtol * 10)
-    check("batch consistency", passed=ok, value=worst, threshold=atol * 10,
-          detail=f"each of {n} rows alone vs in one batch (rtol {rtol * 10:g})")
+    with step("batch consistency") as d:
+        x = make_inputs(model, n, seed=3)
+        whole = run(model, x)
+        for i in range(n):
+            alone = run(model, tuple(as_numpy(t)[i:i + 1] for t in x))
+            part = tuple(o[i:i + 1] for o in whole)
+            worst = max(worst, max_diff(alone, part))
+            ok = ok and _close(alone, part, atol * 10, rtol * 10)
+            d.tick()
+        check("batch consistency", passed=ok, value=worst, threshold=atol * 10,
+              detail=f"each of {n} rows alone vs in one batch (rtol {rtol * 10:g})")
     return worst
 
 
-def _p95_ms(model: Any, inputs: Sequence[Any], repeats: int) -> float:
-    for _ in range(5):  # warm-up, as the service does before it takes traffic
+def _p95_ms(model: Any, inputs: Sequence[Any], repeats: int, d: Deadline | None = None) -> tuple[float, int]:
+    """(p95 ms, calls timed): after a warm-up, as many of ``repeats`` calls as fit in half of what is left
+    of the step's budget (at least 5)."""
+    t = time.perf_counter()
+    for _ in range(3):  # warm-up, as the service does before it takes traffic
         model(*inputs)
+    per_call = max((time.perf_counter() - t) / 3, 1e-6)
+    n = max(1, int(repeats)) if d is None else max(min(5, int(repeats)), min(int(repeats), int(d.left() * 0.5 / per_call)))
     times = []
-    for _ in range(max(1, repeats)):
+    for _ in range(n):
         t = time.perf_counter()
         model(*inputs)
         times.append((time.perf_counter() - t) * 1000.0)
-    return float(np.percentile(times, 95))
+    return float(np.percentile(times, 95)), n
 
 
-def _within(model: Any, inputs: Sequence[Any], repeats: int, budget: float) -> tuple[float, int]:
-    """(p95 ms, rounds): a breach must reproduce. A second round is measured only when the first breaks
-    the budget, and the better one counts: a scheduler hiccup on a shared machine is not the model."""
-    p = _p95_ms(model, inputs, repeats)
-    if p <= budget:
-        return p, 1
-    return min(p, _p95_ms(model, inputs, repeats)), 2
+def _within(model: Any, inputs: Sequence[Any], repeats: int, budget: float, d: Deadline | None = None
+            ) -> tuple[float, int, int]:
+    """(p95 ms, calls, rounds): a breach must reproduce. A second round is measured only when the first
+    breaks the budget, and the better one counts: a scheduler hiccup on a shared machine is not the model."""
+    p, n = _p95_ms(model, inputs, repeats, d)
+    if p <= budget or (d is not None and d.left() <= 0):
+        return p, n, 1
+    return min(p, _p95_ms(model, inputs, repeats, d)[0]), n, 2
 
 
-def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float = 50.0,
-            max_p95_ms_batch_n: float = 200.0, repeats: int = 50) -> tuple[float, float]:
-    """p95 of single calls at batch 1 and at batch ``batch_n`` (capped by the max batch) against budgets."""
+def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float | None = None,
+            max_p95_ms_batch_n: float | None = None, repeats: int = 50) -> tuple[float | None, float | None]:
+    """p95 of single calls at batch 1 and at batch ``batch_n`` (capped by the max batch) against the
+    absolute budgets the user set (ms). There is no default budget: a batch size without one is not
+    measured here (the default gate compares latency with production's, :func:`kit.gate.compare.latency`)."""
     n = max(1, min(int(batch_n), int(model.signature.max_batch))) if "batch" in dim_ranges(model) else 1
     threads = _threads(model)
-    results = []
+    results: list[float | None] = []
     for rows, budget, seed in ((1, max_p95_ms_batch1, 4), (n, max_p95_ms_batch_n, 5)):
-        p, rounds = _within(model, make_inputs(model, rows, seed=seed), repeats, budget)
-        check(f"latency p95, batch {rows}", passed=p <= budget, value=round(p, 3), threshold=budget,
-              detail=f"ms over {repeats} calls, backend {backend_of(model)}, {threads}"
-              + (", better of 2 rounds" if rounds > 1 else ""))
-        results.append(p)
+        if budget is None:
+            results.append(None)
+            continue
+        with step(f"latency p95, batch {rows}") as d:
+            p, calls, rounds = _within(model, make_inputs(model, rows, seed=seed), repeats, float(budget), d)
+            check(f"latency p95, batch {rows}", passed=p <= budget, value=round(p, 3), threshold=budget,
+                  detail=f"ms over {calls} calls, backend {backend_of(model)}, {threads}"
+                  + (", better of 2 rounds" if rounds > 1 else "") + "; an absolute budget the user set")
+            results.append(p)
     return results[0], results[1]
 
 
@@ -256,25 +283,33 @@ def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
         if name == "batch":
             continue
         values = sorted({lo, min(max(seen.get(name, lo), lo), hi), min(hi, _MAX_DIM_TRY)})
-        problems = []
-        for v in values:
-            try:
-                outs = run(model, make_inputs(model, rows, sizes={name: v}, seed=6))
-            except Exception as exc:  # any failure inside the declared range is the finding
-                problems.append(f"{name}={v}: {_first_line(exc)}")
-                continue
-            for spec, o in zip(sig.outputs, map(as_numpy, outs)):
-                wrong = [i for i, d in enumerate(spec.shape) if d == name and i < o.ndim and o.shape[i] != v]
-                if wrong or len(spec.shape) != o.ndim:
-                    problems.append(f"{name}={v}: output {spec.name} has shape {tuple(o.shape)}, "
-                                    f"signature {spec.describe()}")
-                if _nonfinite(o):
-                    problems.append(f"{name}={v}: output {spec.name} is not finite")
-        tried[name] = values
-        check(f"dynamic dim {name}", passed=not problems, value=", ".join(map(str, values)),
-              threshold=f"{lo}..{hi}", detail="; ".join(problems[:3]) or f"ran at batch {rows} with {name} = "
-              + ", ".join(map(str, values)))
+        with step(f"dynamic dim {name}") as d:
+            problems = []
+            for v in values:
+                problems += _dim_problems(model, name, v, rows)
+                d.tick()
+            tried[name] = values
+            check(f"dynamic dim {name}", passed=not problems, value=", ".join(map(str, values)),
+                  threshold=f"{lo}..{hi}", detail="; ".join(problems[:3]) or f"ran at batch {rows} with {name} = "
+                  + ", ".join(map(str, values)))
     return tried
+
+
+def _dim_problems(model: Any, name: str, v: int, rows: int) -> list[str]:
+    """What is wrong with the model's answer at ``name = v`` (nothing: [])."""
+    try:
+        outs = run(model, make_inputs(model, rows, sizes={name: v}, seed=6))
+    except Exception as exc:  # any failure inside the declared range is the finding
+        return [f"{name}={v}: {_first_line(exc)}"]
+    problems = []
+    for spec, o in zip(model.signature.outputs, map(as_numpy, outs)):
+        wrong = [i for i, d in enumerate(spec.shape) if d == name and i < o.ndim and o.shape[i] != v]
+        if wrong or len(spec.shape) != o.ndim:
+            problems.append(f"{name}={v}: output {spec.name} has shape {tuple(o.shape)}, "
+                            f"signature {spec.describe()}")
+        if _nonfinite(o):
+            problems.append(f"{name}={v}: output {spec.name} is not finite")
+    return problems
 
 
 def wrong_shape(model: Any) -> str:
@@ -293,13 +328,15 @@ def wrong_shape(model: Any) -> str:
     else:
         x[spec_i] = x[spec_i][..., None]
     spec = sig.inputs[spec_i]
-    try:
-        out = model(*native(model, x))
-        refused, message = False, f"answered with {[tuple(o.shape) for o in outputs_of(model, out)]}"
-    except Exception as exc:  # the refusal is what is checked; its message is the evidence
-        refused, message = True, _first_line(exc)
-    check("wrong shape is refused", passed=refused, value=str(tuple(x[spec_i].shape)),
-          detail=f"expected {spec.describe()}; got {message}")
+    message = ""
+    with step("wrong shape is refused"):
+        try:
+            out = model(*native(model, x))
+            refused, message = False, f"answered with {[tuple(o.shape) for o in outputs_of(model, out)]}"
+        except Exception as exc:  # the refusal is what is checked; its message is the evidence
+            refused, message = True, _first_line(exc)
+        check("wrong shape is refused", passed=refused, value=str(tuple(x[spec_i].shape)),
+              detail=f"expected {spec.describe()}; got {message}")
     return message
 
 
@@ -421,34 +458,40 @@ def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: flo
     Also checks that the outputs on the data are finite. Relative paths (``data``, a metric's file) are
     read in ``base``. Returns the score (None: nothing to score).
     """
-    inputs, labels = load_data(model, data, base)
-    out = predict(model, inputs, output)
-    name = model.signature.outputs[_output_index(model, output)].name
-    rows = f"{len(out)} rows of {Path(data).name}, output {name}"
-    bad = int((~np.isfinite(out)).sum()) if np.issubdtype(out.dtype, np.inexact) else 0
-    check("finite outputs on the data", passed=bad == 0, value=bad, threshold=0, detail=rows)
-    if metric:
-        if min_metric is None and max_metric is None:
-            raise GateError(f"metric={metric!r} needs a threshold: min_metric=... (higher is better) or "
-                            "max_metric=... (lower is better).")
-        score = float(resolve_metric(metric, base)(out, labels))
-        ok = np.isfinite(score) and (min_metric is None or score >= min_metric) and (
-            max_metric is None or score <= max_metric)
-        bound = " and ".join(x for x in (f">= {min_metric}" if min_metric is not None else "",
-                                          f"<= {max_metric}" if max_metric is not None else "") if x)
-        check(metric.rpartition(":")[2], passed=bool(ok), value=round(score, 6), threshold=bound, detail=rows)
-        return score
-    if labels is None:
-        print(f"{Path(data).name} has no {LABELS!r} array: no accuracy check (add labels, or name a metric).")
-        return None
-    acc = accuracy(out, labels)
-    check("accuracy", passed=acc >= min_accuracy, value=round(acc, 4), threshold=min_accuracy, detail=rows)
-    return acc
+    with step("quality on the data"):
+        inputs, labels = load_data(model, data, base)
+        out = predict(model, inputs, output)
+        name = model.signature.outputs[_output_index(model, output)].name
+        rows = f"{len(out)} rows of {Path(data).name}, output {name}"
+        bad = int((~np.isfinite(out)).sum()) if np.issubdtype(out.dtype, np.inexact) else 0
+        check("finite outputs on the data", passed=bad == 0, value=bad, threshold=0, detail=rows)
+        if metric:
+            if min_metric is None and max_metric is None:
+                raise GateError(f"metric={metric!r} needs a threshold: min_metric=... (higher is better) or "
+                                "max_metric=... (lower is better).")
+            score = float(resolve_metric(metric, base)(out, labels))
+            ok = np.isfinite(score) and (min_metric is None or score >= min_metric) and (
+                max_metric is None or score <= max_metric)
+            bound = " and ".join(x for x in (f">= {min_metric}" if min_metric is not None else "",
+                                              f"<= {max_metric}" if max_metric is not None else "") if x)
+            check(metric.rpartition(":")[2], passed=bool(ok), value=round(score, 6), threshold=bound, detail=rows)
+            return score
+        if labels is None:
+            print(f"{Path(data).name} has no {LABELS!r} array: no accuracy check (add labels, or name a metric).")
+            return None
+        acc = accuracy(out, labels)
+        check("accuracy", passed=acc >= min_accuracy, value=round(acc, 4), threshold=min_accuracy, detail=rows)
+        return acc
 
 
-def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64, max_p95_ms_batch1: float = 50.0,
-            max_p95_ms_batch_n: float = 200.0, latency_repeats: int = 50, **quality_args: Any) -> None:
-    """Every check of the default notebook, in its order (for scripts and tests)."""
+def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64,
+            max_p95_ms_batch1: float | None = None, max_p95_ms_batch_n: float | None = None,
+            latency_repeats: int = 50, production: Any = None, compare_args: Mapping[str, Any] | None = None,
+            **quality_args: Any) -> None:
+    """Every check of the default notebook, in its order (for scripts and tests). With ``production`` (a
+    loaded model) the candidate is also compared with it (:func:`kit.gate.compare.against`)."""
+    from kit.gate import compare
+
     parity(model)
     determinism(model)
     finite(model, rows=batch_n)
@@ -459,3 +502,5 @@ def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64, ma
     wrong_shape(model)
     if data:
         quality(model, data, **quality_args)
+    compare.against(model, production, data=data, batch_n=batch_n, rounds=latency_repeats,
+                    **dict(compare_args or {}))
