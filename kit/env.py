@@ -21,6 +21,8 @@ from typing import Any, Literal
 from packaging.version import InvalidVersion, Version
 
 from kit._io import atomic_write_json, sha256_file
+from kit.backends import BACKENDS
+from kit.backends import get as get_backend
 from kit.errors import EnvDriftError
 
 SCHEMA = 1
@@ -230,7 +232,7 @@ def _version_drift(name: str, old: str | None, new: str | None, minor_is_error: 
 
 
 # the packages whose version decides whether a backend computes what was validated
-_RUNTIME = {"torch": "torch", "onnxruntime": "onnxruntime"}
+_RUNTIME = {b.name: b.runtime for b in BACKENDS.values()}
 _RUNTIME_DISTS = ("torch", "onnxruntime", "onnxruntime-gpu")
 
 
@@ -241,8 +243,7 @@ def diff(old: Fingerprint, new: Fingerprint, backend: str = "torch") -> DriftRep
     minor version (else an error); the other runtime's change, or absence, is information only (a server
     with onnxruntime need not have torch).
     """
-    if backend not in _RUNTIME:
-        raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}.")
+    get_backend(backend)  # ConfigError (a ValueError) naming the choices
     items: list[Drift] = []
     d = _version_drift("python", old.python, new.python, minor_is_error=True)
     if d:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kit import backends
 from kit.errors import KitError, ServiceError
 
 SERVICE_FILE = "service.toml"
@@ -73,8 +74,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("model", "name", str, REQUIRED, option="model"),
     _s("model", "registry", str, REQUIRED, "relative to this folder, or absolute"),
     _s("model", "check_env", bool, True, "refuse versions captured in an incompatible environment"),
-    _s("model", "backend", str, "torch", '"torch" (model.pt2) or "onnxruntime" (model.onnx; workers never import torch)',
-       rule=('"torch" or "onnxruntime"', lambda v: v in ("torch", "onnxruntime"))),
+    _s("model", "backend", str, backends.DEFAULT,
+       '"torch" (model.pt2) or "onnxruntime" (model.onnx; workers never import torch)',
+       rule=(" or ".join(f'"{n}"' for n in backends.names()), lambda v: v in backends.BACKENDS)),
     _s("model", "max_artifact_bytes", int, 8 << 30, "the most a version's files may expand to when opened (zip bombs)",
        rule=_ONE),
     _s("model", "max_tensor_bytes", int, 0, "the most one tensor a program makes from sizes may hold; 0: max(256 MiB, "

@@ -99,27 +99,15 @@ def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str
             pass
     if not preload:
         return
+    from kit.backends import get as get_backend
     from kit.env import fingerprint
 
-    if (backend or _BACKEND) == "onnxruntime":
-        _preload_onnxruntime()
-    else:
-        import kit.backends.pt2.fx_build  # noqa: F401  (torch and what loading a version imports: no torch deserializer)
-        import kit.capture  # noqa: F401  (imports only: no threads, no CUDA)
-        import kit.registry  # noqa: F401
-        import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
-    fingerprint()  # read once per process (0.1 s) and inherited by every worker: their first load is fast
-
-
-def _preload_onnxruntime() -> None:
-    """What an onnxruntime worker imports, torch excluded: importing onnxruntime makes no session and no
-    thread pool (each worker's session makes its own after fork)."""
-    import numpy  # noqa: F401
-    import onnxruntime  # noqa: F401
-
-    import kit.backends.onnx.session  # noqa: F401
+    # the backend row's own imports (torch and the graph builder; or onnxruntime and numpy, never torch):
+    # imports only, no threads, no CUDA, no model
+    get_backend(backend or _BACKEND).module().preload()
     import kit.registry  # noqa: F401
     import kit.serving.asgi  # noqa: F401  (orjson, prometheus_client in multiprocess mode)
+    fingerprint()  # read once per process (0.1 s) and inherited by every worker: their first load is fast
 
 
 MASTER_POLL = 0.2  # seconds between a worker's looks at whether its master is still alive

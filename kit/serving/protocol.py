@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kit.backends import BACKENDS
 from kit.errors import ServingError
 
 V2_TO_NUMPY = {
@@ -422,7 +423,7 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Any, doc: dict[str, Any], 
     return head, None
 
 
-PLATFORMS = {"torch": "pytorch_torch_export", "onnxruntime": "onnxruntime_onnx"}  # as Triton names them
+PLATFORMS = {b.name: b.platform for b in BACKENDS.values()}  # as Triton names them
 
 
 def v2_metadata(model: str, sig: Any, versions: list[int], backend: str = "torch") -> dict[str, Any]:

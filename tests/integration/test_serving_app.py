@@ -1,6 +1,7 @@
-"""The serving app through a test client, on both engines (the Flask app and the ASGI app, the latter
-on a real event loop with its inference thread): endpoints, client errors, auth, limits, hot reload,
-routing, metrics, and a fuzz test that no client input produces a 500.
+"""The serving app through a test client (the ASGI app on a real event loop with its inference thread),
+one suite of cases run over every backend of :data:`kit.backends.BACKENDS` (as uvicorn's HTTP tests run
+over every protocol implementation): endpoints, client errors, auth, limits, hot reload, routing,
+metrics, and a fuzz test that no client input produces a 500.
 
 Promotions use force=True, why="test": gates are another area's job (tested there).
 """
@@ -16,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kit import backends
 from kit.demo import DigitsMLP
 from kit.registry import Registry
 from kit.servicegen import generate
@@ -32,13 +34,18 @@ def _mlp(seed: int) -> DigitsMLP:
     return DigitsMLP().eval()
 
 
+def _capture_kw(backend: str) -> dict[str, bool]:
+    """What capture needs for ``backend``: a format exported beside the program is asked for."""
+    return {"onnx": True} if backends.get(backend).export is not None else {}
+
+
 @pytest.fixture(scope="module")
-def reg(tmp_path_factory):
+def reg(tmp_path_factory, engine):
     root = tmp_path_factory.mktemp("app")
     reg = Registry(root / "registry", require_gate=True, user="test")
     ex = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     for seed in (1, 2):
-        reg.register(MODEL, _mlp(seed), ex)
+        reg.register(MODEL, _mlp(seed), ex, **_capture_kw(engine))
     reg.promote(MODEL, 1, force=True, why="test")  # gates are tested by the gate area
     return reg
 
@@ -47,12 +54,14 @@ def _build(config, engine):
     return create_asgi_app(config, watch=False)
 
 
-@pytest.fixture(scope="module", params=["asgi"])
+@pytest.fixture(scope="module", params=backends.names())
 def engine(request):
+    """The backend under test: every row of kit.backends.BACKENDS runs the same cases (the ASGI app on each)."""
     return request.param
 
 
 def _app(reg, tmp_path, engine, **options):
+    options.setdefault("backend", engine)
     d = generate("svc", MODEL, registry=reg.root, out_dir=tmp_path, force=True, **options)
     return _build(load_service_config(d), engine)
 
@@ -161,7 +170,7 @@ def test_hot_reload_routing_and_failed_reload(reg, tmp_path, engine):
     versions = [c.post("/predict", json={"inputs": [[0.1] * 64]}).json["model_version"] for _ in range(200)]
     assert 60 <= versions.count(2) <= 140  # 50% canary, far inside 4 standard deviations (+-28)
     # a corrupted new version: the old state keeps serving, the failure shows
-    mv = reg.register(MODEL, _mlp(3), torch.rand(2, 64))
+    mv = reg.register(MODEL, _mlp(3), torch.rand(2, 64), **_capture_kw(engine))
     reg.promote(MODEL, mv.version, force=True, why="test")  # (promote itself refuses a corrupt version)
     (mv.path / "example.npz").write_bytes(b"corrupt")  # the files go bad after the promotion
     assert slots.refresh() is False
@@ -177,8 +186,8 @@ def test_hot_reload_routing_and_failed_reload(reg, tmp_path, engine):
 
 def test_not_ready_without_production(tmp_path, caplog, engine):
     reg = Registry(tmp_path / "registry", require_gate=True)
-    reg.register("lonely", _mlp(0), torch.rand(2, 64))
-    d = generate("svc", "lonely", registry=reg.root, out_dir=tmp_path)
+    reg.register("lonely", _mlp(0), torch.rand(2, 64), **_capture_kw(engine))
+    d = generate("svc", "lonely", registry=reg.root, out_dir=tmp_path, backend=engine)
     with caplog.at_level(logging.ERROR):
         c = _build(load_service_config(d), engine).test_client()
     r = c.get("/readyz")
