@@ -9,6 +9,11 @@ backend (:mod:`kit.backends.serving`: torch or onnxruntime, numpy in and out eit
 :meth:`LoadedModel.check_reference` (warm-up plus the stored reference output), and only then swaps.
 On any failure the old state keeps serving; the failure is kept in :attr:`ModelSlots.last_error`
 (shown by ``/readyz``), logged, counted in the metrics, and retried with backoff.
+
+A worker with nothing to keep (a fresh one: started, or restarted after an OOM kill) whose versions cannot
+all be loaded (the cache folder full or read-only, a program refused) falls back rather than answer
+nothing: production without its canary, else the newest loadable previous production. ``/readyz`` shows
+it under ``reload_error.fallback`` (what serves, what was wanted, why) until a retry loads the wanted state.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class ModelSlots:
         self.state = ServingState()
         self.last_error: dict[str, Any] | None = None
         self.last_reload: dict[str, Any] | None = None
+        self.fallback: dict[str, Any] | None = None  # set while serving less than aliases.json asks (see above)
+        self._wanted: Any = None  # the aliases the last _apply tried to serve
         self.reloads = {"success": 0, "failure": 0}
         self._stat_key: tuple[int, int, int] | None | bool = False  # False: never looked
         self._failures = 0
@@ -148,6 +155,8 @@ class ModelSlots:
                 return self._apply()
             except Exception as exc:  # any failure: keep serving the old state
                 self._failed(exc)
+                if self.state.production is None and self._wanted is not None:
+                    return self._fall_back(self._wanted, exc)
                 return False
 
     def _apply(self) -> bool:
@@ -155,6 +164,7 @@ class ModelSlots:
         # the newest signed move record, verified once against [trust] (or a guard key it delegated), never
         # older than one this worker followed: a refusal keeps the served state and /readyz says why
         aliases = self.registry.aliases(self.model)
+        self._wanted = aliases
         cur = self.state
         if aliases.production is None:
             if cur.production is None:
@@ -171,11 +181,7 @@ class ModelSlots:
             if v not in loaded:
                 loaded[v] = self._load(v)
                 fresh.append(v)
-            signed = aliases.artifacts.get(str(v))
-            if signed and loaded[v].sha256 != signed:  # the record names the artifact it moved traffic to
-                raise ServingError(f"{self.model}@{v} has artifact sha256 {loaded[v].sha256[:12]}, but move record "
-                                   f"{aliases.serial} points at {signed[:12]}: not the version that was moved to. "
-                                   "Restore the version, or move again.")
+            self._check_artifact(aliases, v, loaded[v])
         new = ServingState(
             production=loaded[aliases.production],
             canary=loaded[aliases.canary] if aliases.canary is not None else None,
@@ -188,6 +194,7 @@ class ModelSlots:
         if self.last_error is not None:
             log.info("%s: reload recovered (was: %s)", self.model, self.last_error.get("error"))
         self.last_error = None
+        self.fallback = None
         if fresh or changed:
             self.last_reload = {"serial": aliases.serial, "production": aliases.production,
                                 "canary": aliases.canary, "weight": new.weight, "loaded": fresh,
@@ -200,6 +207,38 @@ class ModelSlots:
                      aliases.production, aliases.canary, new.weight, fresh or "nothing new")
         return changed
 
+    def _check_artifact(self, aliases: Any, v: int, slot: Slot) -> None:
+        signed = aliases.artifacts.get(str(v))
+        if signed and slot.sha256 != signed:  # the record names the artifact it moved traffic to
+            raise ServingError(f"{self.model}@{v} has artifact sha256 {slot.sha256[:12]}, but move record "
+                               f"{aliases.serial} points at {signed[:12]}: not the version that was moved to. "
+                               "Restore the version, or move again.")
+
+    def _fall_back(self, aliases: Any, exc: BaseException) -> bool:
+        """Nothing served and the wanted state failed: serve production alone, else the newest previous
+        production that loads (each checked as any load is). Returns True when something now serves."""
+        for v in [aliases.production, *reversed(aliases.previous)]:
+            if v is None:
+                continue
+            try:
+                slot = self._load(v)
+                self._check_artifact(aliases, v, slot)
+            except Exception as again:  # noqa: BLE001  (each candidate's failure is logged; the next is tried)
+                log.error("%s: fallback to version %s failed too: %s", self.model, v, again)
+                continue
+            self.state = ServingState(production=slot, serial=aliases.serial)
+            why = f"{type(exc).__name__}: {exc}"
+            self.fallback = {"serving": v, "wanted": {"production": aliases.production, "canary": aliases.canary},
+                             "why": why, "at": time.time()}
+            if self.last_error is not None:
+                self.last_error["fallback"] = self.fallback
+            if self.metrics is not None:
+                self.metrics.served(self.model, self.state)
+            log.error("%s: FALLBACK serving version %s instead of production %s, canary %s: %s", self.model, v,
+                      aliases.production, aliases.canary, why)
+            return True
+        return False
+
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
         backoff = min(self.retry_max, self.poll_interval * 2 ** min(self._failures, 10))
@@ -207,6 +246,8 @@ class ModelSlots:
         kind = type(exc).__name__
         self.last_error = {"error": f"{kind}: {exc}", "at": time.time(), "attempts": self._failures,
                            "retry_in_s": round(backoff, 2)}
+        if self.fallback is not None:  # still serving less than wanted: keep saying so
+            self.last_error["fallback"] = self.fallback
         self.reloads["failure"] += 1
         if self.metrics is not None:
             self.metrics.reload(self.model, "failure")
