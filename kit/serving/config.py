@@ -61,7 +61,7 @@ class ServiceConfig:
 
     name: str
     model: str
-    registry: Path
+    registry: Path | str  # a folder, or an s3://bucket/prefix URL (kit.registry.remote)
     service_dir: Path = Path(".")
     bind: str = _o("bind")
     device: str = _o("device")
@@ -124,8 +124,9 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values["registry"] = environ["KIT_REGISTRY"]
     if environ.get("KIT_BIND"):
         values["bind"] = environ["KIT_BIND"]
-    registry = Path(values["registry"]).expanduser()
-    values["registry"] = (registry if registry.is_absolute() else service_dir / registry).resolve()
+    if "://" not in str(values["registry"]):  # an s3:// URL stays as it is (kit.registry.storage.open_storage)
+        registry = Path(values["registry"]).expanduser()
+        values["registry"] = (registry if registry.is_absolute() else service_dir / registry).resolve()
     values["api_keys_sha256"] = _api_keys(values.get("api_keys_sha256", ()), path, environ)
     if values.get("keys_file"):
         kf = Path(values["keys_file"]).expanduser()
