@@ -58,7 +58,7 @@ def kit_toml(registry: str = "registry", services: str = "services", notebook: P
         "# Kit settings for this project (Kit's docs/own-project.md says what each one does).\n"
         "# Paths are relative to this file. KIT_* environment variables and command-line options win.\n"
         f"registry = {_toml_str(registry)}      # model versions, aliases, gate evidence\n"
-        f"services = {_toml_str(services)}      # generated services (kit service generate, %deploy --service)\n"
+        f"services = {_toml_str(services)}      # generated services (kit service new, %deploy --service)\n"
         "# The validation notebooks every gate runs (kit validate, %deploy, the panel). Edit the copy.\n"
         f"validation = [{_toml_str(notebook.as_posix())}]\n"
     )

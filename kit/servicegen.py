@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -85,7 +86,9 @@ def render(name: str, model: str, *, registry: str, **options: Any) -> dict[str,
     validate_name(model)
     values = _values(name, model, registry, options)
     env = _env()
-    out = {f: env.get_template(f + ".j2").render(**values) for f in FILES if f != "service.toml"}
+    # start.sh runs the interpreter of the environment that generated it (PYTHON overrides)
+    out = {f: env.get_template(f + ".j2").render(**values, python=shlex.quote(sys.executable))
+           for f in FILES if f != "service.toml"}
     out["service.toml"] = settings.render_toml(values, [_HEADER.format(name=name)])
     return {f: out[f] for f in FILES}
 

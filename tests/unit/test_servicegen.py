@@ -51,3 +51,4 @@ def test_cli_service_new_backend(registered, tmp_path):
     assert f"kit validate {mv.ref} --backend onnxruntime" in r.output  # no gate ran on that backend yet
     r = CliRunner().invoke(cli, [*base, "--force", "--backend", "tensorrt"])
     assert r.exit_code == 2 and "onnxruntime" in r.output and "torch" in r.output
+
