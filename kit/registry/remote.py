@@ -126,6 +126,27 @@ class ObjectStoreMixin(CheckedStore):
         with nullcontext():
             yield
 
+    def aliases_path(self, name: str) -> Path:
+        """This host's copy of ``name``'s aliases.json, brought in step first with one conditional GET (a
+        304 when nothing moved). A service's watcher stats this path on every poll, so a move in the bucket
+        changes what it stats; while the store is unreachable the copy is removed, so the watcher re-reads,
+        keeps serving what it has and says why on /readyz (:mod:`kit.serving.slots`)."""
+        path = super().aliases_path(name)
+        try:
+            data = self.movelog(name).storage.read_pointer()
+        except KitError as exc:
+            log.warning("%s: %s", name, exc)
+            data = None
+        try:
+            held = path.read_bytes() if path.is_file() else None
+        except OSError:
+            held = None
+        if data is None:
+            path.unlink(missing_ok=True)
+        elif data != held:
+            atomic_write_bytes(path, data)
+        return path
+
     # ---- reading
     def models(self) -> list[str]:
         from kit.registry.names import NAME_RE

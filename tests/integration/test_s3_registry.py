@@ -1,0 +1,153 @@
+"""A registry in a real S3 server (SeaweedFS on 127.0.0.1, the ``s3_server`` fixture): register, verify, load,
+move and poll through ``Registry("s3://bucket/prefix")``, hostile objects refused, and 8 writers on two
+"hosts" numbering versions and moving aliases at once without a lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from kit.errors import ConfigError, IntegrityError, RegistryCorruptError
+from kit.registry import ObjectRegistry, Registry
+from kit.registry.storage import NOT_MODIFIED
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process configured the way the AWS tools are (AWS_* variables), as a user's shell would be."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return dict(s3_server.env)
+
+
+@pytest.fixture
+def url(s3_env) -> str:
+    return f"s3://kit-test/t-{uuid.uuid4().hex[:10]}"
+
+
+def _tiny(seed: int = 0) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),)
+
+
+def test_round_trip_register_verify_promote_load(url: str, keyring, tmp_path: Path):
+    reg = Registry(url, keyring=keyring, user="alice", cache_dir=tmp_path / "cache-a")
+    assert isinstance(reg, ObjectRegistry) and repr(reg) == f"Registry({url!r})"
+    model, example = _tiny()
+    mv = reg.register("tiny", model, example, onnx=False)
+    assert (mv.version, reg.models(), [v.version for v in reg.versions("tiny")]) == (1, ["tiny"], [1])
+    assert reg.register("tiny", *_tiny(1), onnx=False).version == 2
+    [ok1, ok2] = reg.verify("tiny")
+    assert ok1.ok and ok2.ok and ok1.signed_by == keyring.signer().key_id
+
+    a = reg.promote("tiny", 1, force=True, why="first")
+    assert (a.production, a.serial) == (1, 1)
+    # a second "host": its own cache and mirror, the same bucket; it sees the move and loads the version
+    other = Registry(url, keyring=keyring, user="bob", cache_dir=tmp_path / "cache-b")
+    assert other.aliases("tiny").production == 1
+    lm = other.load("tiny", "production")
+    assert lm.files_dir is not None and tmp_path / "cache-b" in lm.files_dir.parents
+    torch.testing.assert_close(lm.module(*example), model(*example))
+    other.set_canary("tiny", 2, 0.25, force=True, why="try v2")
+    assert reg.aliases("tiny").canary == 2  # the first host follows the second's move
+    reg.rollback("tiny", why="back") if reg.aliases("tiny").previous else reg.end_canary("tiny", why="end")
+    events = [e["event"] for e in other.history("tiny")]
+    assert events.count("register") == 2 and events[-2:] == ["canary", "canary_end"]
+    assert all(e.get("verified", True) for e in other.history("tiny"))
+
+
+def test_alias_poll_is_a_conditional_get(url: str, keyring, tmp_path: Path):
+    reg = Registry(url, keyring=keyring, cache_dir=tmp_path / "c")
+    reg.register("tiny", *_tiny(), onnx=False)
+    reg.promote("tiny", 1, force=True, why="x")
+    st = reg.storage
+    got = st.get("tiny/aliases.json", 1 << 20)
+    assert got is not None
+    assert st.get_if_changed("tiny/aliases.json", got.etag, 1 << 20) is NOT_MODIFIED
+    reg.register("tiny", *_tiny(1), onnx=False)
+    reg.promote("tiny", 2, force=True, why="y")
+    changed = st.get_if_changed("tiny/aliases.json", got.etag, 1 << 20)
+    assert changed is not NOT_MODIFIED and changed is not None and changed.data != got.data
+
+
+def test_a_swapped_object_is_refused_on_load(url: str, keyring, tmp_path: Path):
+    reg = Registry(url, keyring=keyring, cache_dir=tmp_path / "c1")
+    reg.register("tiny", *_tiny(), onnx=False)
+    reg.storage.put("tiny/versions/1/example.npz", b"not the registered bytes")  # someone with bucket access
+    fresh = Registry(url, keyring=keyring, cache_dir=tmp_path / "c2")
+    with pytest.raises(IntegrityError, match="sha256"):
+        fresh.load("tiny", 1)
+    [res] = fresh.verify("tiny")
+    assert not res.ok and "example.npz" in res.problems[0]
+    assert not list((tmp_path / "c2").glob("[0-9a-f]*"))  # nothing half-made is left to be trusted
+
+
+def test_an_oversized_record_is_refused_before_it_is_read(url: str, keyring, tmp_path: Path):
+    reg = Registry(url, keyring=keyring, cache_dir=tmp_path / "c")
+    reg.register("tiny", *_tiny(), onnx=False)
+    reg.storage.put("tiny/aliases.json", b"x" * (300 << 10))
+    with pytest.raises(RegistryCorruptError, match="over"):
+        reg.aliases("tiny")
+
+
+def test_bad_urls_and_keys_are_refused(s3_env):
+    for bad in ("s3://", "s3://Bad_Bucket/x", "s3://bucket/../x", "gs://bucket/x"):
+        with pytest.raises(ConfigError, match="s3://bucket/prefix"):
+            Registry(bad)
+    reg = Registry("s3://kit-test/keys")
+    with pytest.raises(RegistryCorruptError, match="plain relative"):
+        reg.storage.get("../outside", 10)
+
+
+_WRITER = r"""
+import json, os, sys, torch
+from kit.errors import PromotionRefusedError
+from kit.registry import Registry
+url, who, n_moves = sys.argv[1], sys.argv[2], int(sys.argv[3])
+reg = Registry(url, require_gate=False, user=who)
+torch.manual_seed(hash(who) % 1000)
+mv = reg.register("shared", torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),), onnx=False)
+moves = []
+while len(moves) < n_moves:
+    try:
+        a = reg.promote("shared", mv.version, force=True, why=f"{who} move {len(moves)}")
+        moves.append(a.serial)
+    except PromotionRefusedError as exc:
+        if exc.remedy != "refresh":
+            raise
+print(json.dumps({"who": who, "version": mv.version, "serials": moves}))
+"""
+
+
+def test_eight_writers_on_two_hosts_never_lose_or_double(url: str, tmp_path: Path):
+    """Two "hosts" (own cache and mirror folders), four writers each, registering and promoting at once."""
+    procs = []
+    for i in range(8):
+        host = tmp_path / f"host{i % 2}"
+        env = {**os.environ, "KIT_CACHE_DIR": str(host / "cache"), "KIT_KEYS_DIR": str(host / "keys")}
+        procs.append(subprocess.Popen([sys.executable, "-c", _WRITER, url, f"w{i}", "3"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=500)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    versions = sorted(r["version"] for r in results)
+    assert versions == list(range(1, 9))  # unique and dense
+    serials = sorted(s for r in results for s in r["serials"])
+    assert serials == list(range(1, 25))  # every move recorded exactly once, none lost
+    reg = Registry(url, require_gate=False)
+    moves = [e for e in reg.history("shared") if e["event"] == "promote"]
+    assert [m["serial"] for m in moves] == list(range(1, 25)) and all(m["verified"] for m in moves)
+    by_serial = {s: r["who"] for r in results for s in r["serials"]}
+    assert all(m["why"].startswith(by_serial[m["serial"]] + " ") for m in moves)  # each one its writer's
+    assert reg.aliases("shared").serial == 24
