@@ -33,9 +33,9 @@ _PART = 16 << 20  # multipart part size: a 400 MB file is 25 parts sent 8 at a t
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> (bucket, prefix without slashes at either end); ``ConfigError`` otherwise."""
+    """``s3://bucket/prefix`` -> (bucket, prefix without a trailing slash); ``ConfigError`` otherwise."""
     m = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", url)
-    prefix = (m.group(2) or "").strip("/") if m else ""
+    prefix = (m.group(2) or "").rstrip("/") if m else ""
     if m is None or not _BUCKET.fullmatch(m.group(1)) or (prefix and any(
             p in ("", ".", "..") for p in prefix.split("/"))):
         raise ConfigError(f"{url!r} is not a registry URL of the form s3://bucket/prefix (bucket: 3-63 lower-case "
