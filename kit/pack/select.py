@@ -41,6 +41,10 @@ _DEV_TOOLS = {
     "scikit-learn": "notebook side (training)", "scipy": "notebook side (training)",
 }
 
+# Parts of a shipped distribution that nothing at run time reads (relative to site-packages); left out.
+TRIM = {"torch": (("torch/include", "C++ headers (building extensions)"),
+                  ("torch/test", "C++ test binaries"), ("torch/share", "CMake files"))}
+
 
 @dataclass(frozen=True)
 class PackSettings:
@@ -60,11 +64,13 @@ class Selection:
     sizes: dict[str, int]  # name -> bytes installed (every distribution)
     modules: dict[str, tuple[str, ...]]  # left-out name -> the top-level modules it provides
     exclude_paths: frozenset[str] = field(default_factory=frozenset)
+    trimmed: dict[str, int] = field(default_factory=dict)  # "torch/include (C++ headers ...)" -> bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "shipped": dict(sorted(self.shipped.items())),
                 "left_out": {n: {"reason": r, "modules": list(self.modules.get(n, ())), "bytes": self.sizes.get(n, 0)}
-                             for n, r in sorted(self.left_out.items())}}
+                             for n, r in sorted(self.left_out.items())},
+                "trimmed": dict(sorted(self.trimmed.items()))}
 
 
 def read_pack_settings(service_dir: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> PackSettings:
@@ -204,7 +210,15 @@ def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettin
         drop.update(files[n])
     for n in shipped:  # a file two distributions claim (a shared folder in a RECORD) stays
         drop.difference_update(files[n])
-    return Selection(backend=backend, shipped=shipped, left_out=left, sizes=sizes,
+    trimmed: dict[str, int] = {}
+    for n, parts in TRIM.items():
+        for part, why in parts if n in shipped else ():
+            rel = os.path.normpath(os.path.join(s.site_packages, part))
+            cut = {f for f in files[n] if f == rel or f.startswith(rel + os.sep)}
+            if cut:
+                drop.update(cut)
+                trimmed[f"{part} ({why})"] = _size(s.prefix, cut)
+    return Selection(backend=backend, shipped=shipped, left_out=left, sizes=sizes, trimmed=trimmed,
                      modules={n: _top_modules(s, files[n]) for n in left},
                      exclude_paths=frozenset(_prune(s.prefix, drop)) if drop else frozenset())
 
@@ -260,7 +274,7 @@ def shipped_fingerprint(fp: dict[str, Any], sel: Selection) -> dict[str, Any]:
 def report(sel: Selection, top: int = 12) -> list[str]:
     """Size by package before and after, and what was left out and why (what ``kit pack`` prints)."""
     before = sum(sel.sizes.values())
-    after = sum(sel.sizes.get(n, 0) for n in sel.shipped)
+    after = sum(sel.sizes.get(n, 0) for n in sel.shipped) - sum(sel.trimmed.values())
     lines = [f"packages ({sel.backend} backend): {len(sel.sizes)} installed, {human(before)} -> "
              f"{len(sel.shipped)} shipped, {human(after)}"]
     ranked = sorted(sel.sizes.items(), key=lambda kv: -kv[1])
@@ -276,4 +290,5 @@ def report(sel: Selection, top: int = 12) -> list[str]:
         for why, names in sorted(by_reason.items()):
             size = sum(sel.sizes.get(n, 0) for n in names)
             lines.append(f"  also left out ({why}, {human(size)}): {', '.join(sorted(names))}")
+    lines += [f"  trimmed: {part}, {human(size)}" for part, size in sel.trimmed.items()]
     return lines

@@ -114,33 +114,62 @@ def start_unpacked(root: Path, port: int, log_path: Path, extra_env: dict[str, s
         logf.close()
 
 
+def _example(root: Path, model: str, version: int) -> tuple[Any, list[Any], list[str]]:
+    """(request inputs, reference outputs in signature order, output names) of a shipped version: one array
+    for a one-input model, else ``{name: array}`` (what /predict takes)."""
+    import numpy as np
+
+    vdir = root / "registry" / model / "versions" / str(version)
+    sig = json.loads((vdir / "meta.json").read_text()).get("signature") or {}
+    in_names = [str(i["name"]) for i in sig.get("inputs", [])]
+    out_names = [str(o["name"]) for o in sig.get("outputs", [])]
+    with np.load(vdir / "example.npz", allow_pickle=False) as z:
+        ins = [z[k].copy() for k in sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k[6:]))]
+        outs = [z[k].copy() for k in sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k[7:]))]
+    if len(ins) == 1:
+        return ins[0], outs, out_names
+    return dict(zip(in_names, ins, strict=True)), outs, out_names
+
+
 def predict_example(url: str, root: Path, model: str, versions: list[int], attempts: int = 20,
                     api_key: str | None = None) -> tuple[int, float]:
     """POST a stored example; compare with the stored reference output of the version that answered."""
     import numpy as np
 
-    examples = {}
-    for v in versions:
-        with np.load(root / "registry" / model / "versions" / str(v) / "example.npz", allow_pickle=False) as z:
-            examples[v] = (z["input_0"].copy(), z["output_0"].copy())
+    examples = {v: _example(root, model, v) for v in versions}
     x = examples[versions[0]][0]
+    body_in = {k: a.tolist() for k, a in x.items()} if isinstance(x, dict) else x.tolist()
     for _ in range(attempts):
-        status, body = _http(url + "/predict", {"inputs": x.tolist()}, api_key=api_key)
+        status, body = _http(url + "/predict", {"inputs": body_in}, api_key=api_key)
         if status != 200 or not isinstance(body, dict):
             raise PackError(f"POST {url}/predict answered {status}: {body!r}")
         v = int(body.get("model_version", -1))
         if v not in examples:
             raise PackError(f"/predict was answered by version {v}, which the archive does not ship ({versions}).")
-        if not np.array_equal(examples[v][0], x):
+        if not _same_inputs(examples[v][0], x):
             continue  # a canary with another example answered; ask again
-        got = np.asarray(body["outputs"], dtype=examples[v][1].dtype)
-        ref = examples[v][1]
-        if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-5):
-            diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
-            raise PackError(f"{model}@{v} from the archive answered {got.shape} outputs differing from the stored "
-                            f"reference by {diff:.3g}; the packed environment computes differently.")
-        return v, float(np.max(np.abs(got - ref))) if ref.size else 0.0
+        _, refs, names = examples[v]
+        outs = body["outputs"]
+        got_all = [outs[n] for n in names] if isinstance(outs, dict) else [outs]
+        worst = 0.0
+        for got_raw, ref in zip(got_all, refs, strict=True):
+            got = np.asarray(got_raw, dtype=ref.dtype)
+            if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-5):
+                diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+                raise PackError(f"{model}@{v} from the archive answered {got.shape} outputs differing from the "
+                                f"stored reference by {diff:.3g}; the packed environment computes differently.")
+            if ref.size:
+                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))))
+        return v, worst
     raise PackError(f"No answer from the production version after {attempts} requests to {url}/predict.")
+
+
+def _same_inputs(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    return not isinstance(a, dict) and not isinstance(b, dict) and bool(np.array_equal(a, b))
 
 
 def _name_missing(root: Path, manifest: dict[str, Any], env: dict[str, str], failure: PackError) -> None:
