@@ -61,7 +61,8 @@ def test_the_builder_names_every_node_itself(good, tmp_path, which):
     "torch.ops.import_module.__call__",  # torch.ops itself: imports a module
     "torch.ops.load_library",
     "torch.ops.aten.relu.__call__",      # a dunder of a real operator
-    "torch.ops.aten.__and__.Tensor",     # a dunder packet
+    "torch.ops.aten.__class__.Tensor",   # a dunder packet (only aten's ten bitwise operators are allowed)
+    "torch.ops.aten.__init__.default",
     "torch.ops.mylib.evil.default",      # an unknown namespace
     "torch.ops.quantized.linear.default",  # a namespace torch has, not allowed
     "torch.ops.aten.from_file.default",  # aten, but reads a file
@@ -195,3 +196,23 @@ def test_a_malformed_program_is_an_unsafe_artifact_not_a_crash(good, tmp_path):
     bad = _crafted(good, tmp_path, ca._program_edit(drop_inputs))
     with pytest.raises(UnsafeArtifactError, match=r"its program is malformed \(KeyError: 'inputs'\)"):
         load_program(bad)
+
+
+class BitwiseAndArange(nn.Module):
+    """What Hugging Face attention code records: `mask & mask` (aten.__and__) and arange(seq) positions."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (mask > 0) & (ids > 3)
+        pos = torch.arange(ids.shape[1])
+        return (keep * (ids + pos)).float()
+
+
+def test_aten_bitwise_dunders_and_arange_of_a_size_load_and_answer(tmp_path):
+    ids, mask = torch.randint(0, 9, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    captured = capture(BitwiseAndArange(), (ids, mask), dynamic={0: {1: "seq"}, 1: {1: "seq"}}, onnx=False)
+    assert any("__and__" in str(n.target) for n in captured.program.graph.nodes)
+    path = tmp_path / "model.pt2"
+    captured.save(tmp_path)
+    fwd = load_program(path)
+    ids2, mask2 = torch.randint(0, 9, (3, 9)), torch.randint(0, 2, (3, 9))
+    assert torch.equal(fwd(ids2, mask2), BitwiseAndArange()(ids2, mask2))

@@ -33,7 +33,15 @@ from torch._export.serde import schema
 from kit.backends.checks import DEFAULT_LIMITS, Limits, tensor_limit
 from kit.backends.pt2.archive import MappedTensors, Pt2Archive
 from kit.backends.pt2.dtypes import FORMATS, LAYOUTS, dtype_of, enum_of
-from kit.backends.pt2.grammar import INT64, MATH_FUNCTIONS, OP_TARGET, PY_OPERATORS, SYM_FUNCTIONS, is_identifier
+from kit.backends.pt2.grammar import (
+    DUNDER_PACKETS,
+    INT64,
+    MATH_FUNCTIONS,
+    OP_TARGET,
+    PY_OPERATORS,
+    SYM_FUNCTIONS,
+    is_identifier,
+)
 from kit.backends.pt2.program import ExportedForward, Unsupported, UserInput
 from kit.errors import UnsafeArtifactError
 
@@ -104,7 +112,7 @@ def resolve_target(text: str) -> Any:
         raise Unsupported(f"control flow ({text})")
     m = OP_TARGET.fullmatch(text)
     if m is None or not all(is_identifier(m[p]) or m[p].startswith("_") and is_identifier(m[p][1:])
-                            for p in ("packet", "overload")):
+                            or p == "packet" and m[p] in DUNDER_PACKETS for p in ("packet", "overload")):
         raise Refused(f"calls {text[:120]!r}, not an operator of aten or prims")
     try:
         packet = getattr(getattr(torch.ops, m["ns"]), m["packet"])
@@ -152,7 +160,7 @@ def _elements(values: list[Any], arange: bool) -> float:
     """An upper bound of the elements an operator makes from its size arguments: the product of
     (|v| + 1) over every size (the +1 admits 0 and -1), or for ``arange`` its number of steps."""
     if arange:  # arange(end), arange(start, end), arange(start, end, step)
-        start, end, step = ([0, *values] if len(values) == 1 else values + [1])[:3] if len(values) < 3 else values
+        start, end, step = (0, values[0], 1) if len(values) == 1 else (*values[:2], values[2] if len(values) > 2 else 1)
         return abs(float(end) - float(start)) / abs(float(step)) + 1 if step else 1.0
     n = 1.0
     for v in values:

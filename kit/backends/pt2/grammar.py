@@ -35,7 +35,11 @@ _SYMBOL = re.compile(r"[a-z]{1,8}\d{1,9}")
 # Call targets. Every part is a plain identifier, no dunder; an operator of an allowed namespace is looked
 # up by :func:`kit.backends.pt2.fx_build.resolve_target` as namespace -> packet -> overload and must be an OpOverload.
 OP_NAMESPACES = ("aten", "prims")
-OP_TARGET = re.compile(r"torch\.ops\.(?P<ns>aten|prims)\.(?P<packet>_?[a-z][a-z0-9_]{0,99})"
+# aten's bitwise operators are packets with dunder names (torch.ops.aten.__and__.Tensor, from `mask & mask`
+# in Hugging Face attention code): these ten, by name, and no other dunder
+DUNDER_PACKETS = frozenset(f"__{op}__" for op in ("and", "or", "xor", "lshift", "rshift",
+                                                  "iand", "ior", "ixor", "ilshift", "irshift"))
+OP_TARGET = re.compile(r"torch\.ops\.(?P<ns>aten|prims)\.(?P<packet>_?[a-z][a-z0-9_]{0,99}|__[a-z]{2,7}__)"
                        r"\.(?P<overload>[A-Za-z][A-Za-z0-9_]{0,99})")
 # aten operators that read files, print, swap storages or skip bounds checks: never in a captured model
 # (_unsafe_view is a plain view: torch.export writes it for matmul reshapes)
@@ -158,7 +162,7 @@ def _safe_target(value: Any) -> bool:
     if value.startswith("torch.ops.higher_order."):
         return value.removeprefix("torch.ops.higher_order.") in HIGHER_ORDER
     m = OP_TARGET.fullmatch(value)
-    return (m is not None and "__" not in m["packet"] and "__" not in m["overload"]
+    return (m is not None and ("__" not in m["packet"] or m["packet"] in DUNDER_PACKETS) and "__" not in m["overload"]
             and not _DENIED_PACKETS.fullmatch(m["packet"]))
 
 
