@@ -117,7 +117,7 @@ class KitMagics(Magics):
     @magic_arguments()
     @argument("model", metavar="MODEL", help="the torch.nn.Module to deploy (a variable or expression)")
     @argument("--example", "-e", metavar="X", required=True,
-              help="example input: a tensor, numpy array or tuple of them (batch first)")
+              help="example input: a tensor, numpy array, tuple of them, or dict of names to them (batch first)")
     @argument("--name", "-n", metavar="NAME", required=True, help="model name in the registry")
     @argument("--validate", metavar="NB", nargs="+", default=None,
               help="validation notebook(s) for the gate (default: kit.toml's validation, else kit's default)")
@@ -313,8 +313,10 @@ def _as_example(value: Any, expr: str) -> Any:
         if isinstance(v, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(v))
         raise UsageError(f"%deploy: --example {expr!r} holds a {type(v).__name__}; expected a torch tensor, "
-                         "a numpy array, or a tuple of them (batch dimension first).")
+                         "a numpy array, a tuple of them, or a dict of parameter names to them (batch first).")
 
+    if isinstance(value, Mapping) and value:  # passed by keyword (a tokenizer's BatchEncoding too)
+        return {str(k): one(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)) and value:
         return tuple(one(v) for v in value)
     return one(value)

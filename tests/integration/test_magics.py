@@ -97,6 +97,29 @@ def test_user_errors_are_usage_errors(with_model, capsys, registry):
     assert_usage_error(ip, capsys, "%registry", "name a model")
 
 
+def test_deploy_takes_a_dict_example_passed_by_keyword(shell, capsys, registry):
+    """A tokenizer's output (a dict) as --example: the keys name the inputs, bound by keyword."""
+    import torch
+    from torch import nn
+
+    class ByName(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids, past=None, attention_mask=None):
+            return self.emb(input_ids).mean(1) * attention_mask[:, :1]
+
+    shell.user_ns.update(model=ByName(), batch={"input_ids": torch.randint(0, 10, (2, 5)),
+                                                "attention_mask": torch.ones(2, 5)})
+    _, err = run(shell, "%deploy model --example batch --name byname --no-onnx")
+    assert err is None, (err, capsys.readouterr())
+    mv = registry.get("byname", 1)
+    assert [s["name"] for s in mv.signature["inputs"]] == ["input_ids", "attention_mask"]
+    for var in ("model", "batch"):
+        shell.user_ns.pop(var, None)
+
+
 def test_parse_weight():
     assert parse_weight("10%") == pytest.approx(0.1)
     assert parse_weight("0.25") == pytest.approx(0.25)
