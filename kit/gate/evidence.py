@@ -299,6 +299,8 @@ def write_report(result: GateResult, meta: Mapping[str, Any] | None = None) -> P
             f"<hr><h1>Notebook {html.escape(Path(r.notebook).name)}: {r.status}</h1>"))
         try:
             executed = nbformat.read(str(r.executed), as_version=4)
+            for k, cell in enumerate(executed.cells):  # ids unique across notebooks (each has kit's setup cell)
+                cell["id"] = f"nb{len(book.cells)}-{k}"
             book.cells.extend(executed.cells)
         except Exception as exc:  # nothing was written (the kernel never started)
             book.cells.append(nbformat.v4.new_markdown_cell(

@@ -486,12 +486,9 @@ def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: flo
 
 def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64,
             max_p95_ms_batch1: float | None = None, max_p95_ms_batch_n: float | None = None,
-            latency_repeats: int = 50, production: Any = None, compare_args: Mapping[str, Any] | None = None,
-            **quality_args: Any) -> None:
-    """Every check of the default notebook, in its order (for scripts and tests). With ``production`` (a
-    loaded model) the candidate is also compared with it (:func:`kit.gate.compare.against`)."""
-    from kit.gate import compare
-
+            latency_repeats: int = 50, **quality_args: Any) -> None:
+    """Every check of the candidate alone, in the default notebook's order (for scripts and tests); the
+    comparison with production is :func:`kit.gate.compare.against`."""
     parity(model)
     determinism(model)
     finite(model, rows=batch_n)
@@ -502,5 +499,3 @@ def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64,
     wrong_shape(model)
     if data:
         quality(model, data, **quality_args)
-    compare.against(model, production, data=data, batch_n=batch_n, rounds=latency_repeats,
-                    **dict(compare_args or {}))

@@ -90,9 +90,13 @@ def test_default_notebook_passes_on_the_registered_model(reg, default_run):
     assert 0 < lat["latency p95, batch 1"].value < 500.0
     shape = next(c for c in result.checks if c.name == "wrong shape is refused")
     assert "expected pixels: float32[batch, 64]" in shape.detail
-    assert lines[0] == "[1/1] default.ipynb: running on demo-digits@1 (backend torch) ..."
+    assert lines[0] == "compared with: nothing (no production version to compare; judged on its own checks)"
+    assert lines[1] == "[1/1] default.ipynb: running on demo-digits@1 (backend torch) ..."
     assert result.backend == "torch" and result.to_dict()["backend"] == "torch"
-    assert lines[1].startswith(f"[1/1] default.ipynb: passed, {len(CHECKS)} check(s) ({len(CHECKS)} passed) in ")
+    assert lines[-1].startswith(f"[1/1] default.ipynb: passed, {len(CHECKS)} check(s) ({len(CHECKS)} passed) in ")
+    # between them, each check as it ran: its start with its time budget, its figure, its time
+    assert "[1/1]   … latency p95, batch 1 (budget 120s)" in lines
+    assert [ln for ln in lines if "✓ PASS" in ln] == [f"[1/1]   ✓ {c.line()}" for c in result.checks]
 
 
 def test_default_run_keeps_the_evidence_beside_the_version(reg, default_run):
@@ -202,7 +206,9 @@ def test_several_notebooks_pass_only_if_each_does(reg):
                            params={"threshold": 0.1}, timeout=30, progress=lines.append)
     assert not result.passed
     assert [n.status for n in result.notebooks] == ["passed", "failed"]
-    assert [line.split(":")[0] for line in lines] == ["[1/2] passes.ipynb"] * 2 + ["[2/2] no_checks.ipynb"] * 2
+    steps = [line.split(":")[0] for line in lines if ".ipynb: " in line]
+    assert steps == ["[1/2] passes.ipynb"] * 2 + ["[2/2] no_checks.ipynb"] * 2
+    assert lines[0] == "compared with: nothing (the notebooks declare no production_version: judged on their own checks)"
     assert (result.run_dir / "passes.ipynb").is_file() and (result.run_dir / "no_checks.ipynb").is_file()
     assert [c.notebook for c in result.checks] == ["passes.ipynb"]
 
