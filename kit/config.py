@@ -13,7 +13,7 @@ import os
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ class KitConfig:
     # (empty: kit's own model-agnostic default). `kit init` writes both into kit.toml.
     services: Path | None = None
     validation: tuple[Path, ...] = ()
+    # kit.toml's [gate] table: parameters every gate passes to its notebooks (e.g. an absolute latency budget,
+    # max_p95_ms_batch1 = 50); `-p` / `--param` override them one by one.
+    gate: dict[str, Any] = field(default_factory=dict)
 
     def keyring(self) -> Any:
         """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
@@ -103,6 +106,10 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
             raise ConfigError(f"validation must be a list of notebook paths, got {value!r}.")
         return tuple(Path(p).expanduser() for p in items)
+    if key == "gate":
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+            raise ConfigError(f"[gate] must be a table of notebook parameters (name = value), got {value!r}.")
+        return dict(value)
     if key == "trusted_keys":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
