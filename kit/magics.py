@@ -158,7 +158,7 @@ class KitMagics(Magics):
                                  "expected a torch.nn.Module.")
             metrics = self._eval_dict(args.metrics, "--metrics")
             tags = self._eval_dict(args.tags, "--tags")
-            params = _parse_params(args.param)
+            params = {**cfg.gate, **_parse_params(args.param)}  # kit.toml's [gate], then --param
             from kit.signature import parse_dynamic
 
             dynamic, dims = parse_dynamic(args.dynamic)
