@@ -18,8 +18,9 @@ from kit.cli._common import Context, emit_json, json_option, pass_kit
               help="Validation notebook to run (repeatable); default: kit.toml's validation, else kit's "
                    "model-agnostic default notebook.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Notebook parameter (repeatable), e.g. -p min_accuracy=0.95. Values are JSON, else Python "
-                   "literals, else text (as %deploy --param). Every notebook must declare every parameter.")
+              help="Notebook parameter (repeatable), e.g. -p min_accuracy=0.95 or -p max_p95_ms_batch1=50 (an "
+                   "absolute latency budget; none by default). Values are JSON, else Python literals, else text (as "
+                   "%deploy --param); they override kit.toml's [gate]. Every notebook must declare every parameter.")
 @click.option("--timeout", type=float, default=None,
               help="Seconds any one cell may run (default: gate_timeout from the config, 600).")
 @click.option("--kernel", "kernel_name", default=None,
@@ -34,6 +35,8 @@ def validate_cmd(k: Context, ref: str, notebooks: tuple[Path, ...], params: tupl
     """Run the validation notebooks against NAME@VERSION and record the verdict beside it.
 
     VERSION is a number, latest, production or canary (NAME alone: production, else latest).
+    The default notebook judges the version against the model's production version (another one), on this
+    machine in this run, and on its own checks when there is none; each check is shown as it runs.
     The executed notebooks, report.html and result.json are kept under the version's gates/ folder;
     `kit promote` needs a passing run for that exact artifact.
 
@@ -42,7 +45,7 @@ def validate_cmd(k: Context, ref: str, notebooks: tuple[Path, ...], params: tupl
     from kit.gate import parse_params, render_text, run_gate
     from kit.registry import parse_ref
 
-    values = parse_params(params)
+    values = {**k.config.gate, **parse_params(params)}  # kit.toml's [gate], then -p one by one
     reg = k.registry()
     name, sel = parse_ref(ref)
     mv = reg.get(name, sel)
