@@ -18,7 +18,9 @@ from __future__ import annotations
 import configparser
 import hashlib
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -202,7 +204,7 @@ class S3Storage:
                 raise ValueError(f"{key} is {total} bytes, over {max_bytes}")
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
-                for chunk in res.stream(min_chunk_size=_CHUNK):
+                for chunk in _prefetched(iter(res.stream(min_chunk_size=_CHUNK))):
                     size += len(chunk)
                     if size > max_bytes:
                         raise ValueError(f"{key} grew past {max_bytes} bytes")
@@ -230,6 +232,42 @@ class S3Storage:
                         max_concurrency=8, use_multipart=total > _PART)
         except Exception as exc:
             raise self._fail("upload", key, exc) from exc
+
+
+def _prefetched(chunks: Iterator[Any], depth: int = 4) -> Iterator[Any]:
+    """``chunks``, read ahead by a thread (``depth`` chunks at most held): the next chunk comes over the wire
+    while this one is hashed and written (each step releases the GIL), so a download costs about the slower
+    of the two instead of their sum."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for c in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put(("chunk", c), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(("error", exc))
+
+    th = threading.Thread(target=pump, name="kit-s3-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _chunks(src: Path, total: int, progress: Progress | None) -> Iterator[bytes]:
