@@ -190,3 +190,59 @@ def test_kit_pack_verify_command(demo_service, tmp_path, repo_root, kit_env):
     assert result["verify"]["ok"] and result["verify"]["version"] == 1
     assert result["verify"]["max_abs_diff"] <= 1e-5
     assert "packing the venv" in out.stderr or "reusing" in out.stderr
+
+
+def test_an_onnxruntime_archive_ships_no_torch_and_passes_verify(demo_service, tmp_path, repo_root):
+    """The onnxruntime backend's archive: no torch (nor anything only torch needs), kit pack --verify's
+    checks pass (served from the unpacked archive, the stored example, the import audit) and the
+    fingerprint run.sh compares is that of exactly what was shipped."""
+    from kit.pack import verify_archive
+    from kit.servicegen import generate
+
+    registry, mv, _svc = demo_service
+    svc = generate("demo-ort", mv.name, registry=registry.root, out_dir=tmp_path / "services", workers=1,
+                   backend="onnxruntime", trusted_keys=registry.keyring.service_keys())
+    lines: list[str] = []
+    res = pack(svc, out_dir=tmp_path / "dist", progress=lines.append, keyring=registry.keyring,
+               cache_dir=repo_root / ".cache" / "pack-layers")
+    print(f"\nonnxruntime archive {res.size_bytes / 1e6:.0f} MB, env {res.env_bytes / 1e6:.0f} MB, {res.seconds:.1f}s")
+    assert res.backend == "onnxruntime" and "onnxruntime" in res.shipped
+    assert res.left_out["torch"] == "not used by the onnxruntime backend"
+    assert res.size_bytes < 120e6
+    assert any(line.startswith("packages (onnxruntime backend)") for line in lines)
+    trusted = tuple(k.text() for k in registry.keyring.trust().keys)
+    rep = verify_archive(res.archive, trusted_keys=trusted)
+    assert rep.ok and rep.version == 1 and rep.max_abs_diff <= 1e-4
+    assert rep.audit and rep.audit["modules"] > 100 and rep.audit["from_env"] > 0
+    root = verify_root_names(res.archive)
+    assert not any(n.startswith(f"{res.root}/env/lib/python3.11/site-packages/torch/") for n in root)
+    assert any(n.startswith(f"{res.root}/env/lib/python3.11/site-packages/onnxruntime/") for n in root)
+
+
+def verify_root_names(archive) -> list[str]:
+    import tarfile
+
+    with tarfile.open(archive, "r:gz") as tf:
+        return tf.getnames()
+
+
+def test_verify_names_the_module_of_a_needed_distribution_that_was_excluded(demo_service, tmp_path, repo_root):
+    """A needed distribution excluded (pack.toml): the archive is written, but kit pack --verify fails and
+    names the missing module, the distribution left out and the fix."""
+    from kit.errors import PackError
+    from kit.pack import verify_archive
+    from kit.servicegen import generate
+
+    registry, mv, _svc = demo_service
+    svc = generate("demo-ort", mv.name, registry=registry.root, out_dir=tmp_path / "services", workers=1,
+                   backend="onnxruntime", trusted_keys=registry.keyring.service_keys())
+    (svc / "pack.toml").write_text('[pack]\nexclude = ["orjson"]\n')
+    res = pack(svc, out_dir=tmp_path / "dist", keyring=registry.keyring,
+               cache_dir=repo_root / ".cache" / "pack-layers")
+    assert res.left_out["orjson"] == "excluded by pack.toml / --exclude"
+    trusted = tuple(k.text() for k in registry.keyring.trust().keys)
+    with pytest.raises(PackError) as err:
+        verify_archive(res.archive, trusted_keys=trusted, timeout=120)
+    msg = str(err.value)
+    assert "imports orjson" in msg and "distribution orjson was left out (excluded by pack.toml" in msg, msg
+    assert "[pack] include" in msg
