@@ -137,11 +137,14 @@ def pack(
     t = time.monotonic()
     s = envscan.scan(prefix)
     timings["inspect"] = time.monotonic() - t
-    warnings, forced = check_environment(s, plan, force=force, target_platform=target_platform, progress=progress)
+    envscan.raise_problems(envscan.check_kit(s), s.prefix)
     sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
     for line in selecting.report(sel):
         say(progress, line)
     timings["select"] = time.monotonic() - t - timings["inspect"]
+    shipped_fp = selecting.shipped_fingerprint(s.fingerprint or {}, sel)
+    warnings, forced = check_environment(selecting.shipped_scan(s, sel), plan, force=force, progress=progress,
+                                         target_platform=target_platform, env_fp=shipped_fp, backend=svc.backend)
     stem = f"{svc.name}-{plan.label}-{s.platform}"
     archive = out_dir / f"{stem}.tar.gz"
 
@@ -172,7 +175,7 @@ def pack(
         doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,
                        warnings=warnings, forced=forced, unit_check=unit_check,
                        signed_by=signer.key_id if signer is not None else None, selection=sel.to_dict(),
-                       env=selecting.shipped_fingerprint(s.fingerprint or {}, sel))
+                       env=shipped_fp)
 
         # -- the environment layer, then the archive
         t = time.monotonic()

@@ -13,6 +13,7 @@ A conda package is left out only when every Python distribution it installs is; 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -255,6 +256,16 @@ def _prune(prefix: Path, drop: set[str]) -> set[str]:
             out.add(rel_dir)
             touched.add(os.path.dirname(rel_dir))
     return out
+
+
+def shipped_scan(s: envscan.EnvScan, sel: Selection) -> envscan.EnvScan:
+    """``s`` as the archive will hold it (what the pre-pack checks judge): the shipped distributions, the
+    ``.pth`` files and conda packages that are not left out."""
+    out = sel.exclude_paths
+    return dataclasses.replace(
+        s, dists=tuple(d for d in s.dists if d.name in sel.shipped),
+        path_entries=tuple(e for e in s.path_entries if os.path.join(s.site_packages, e[0]) not in out),
+        conda_records=tuple(r for r in s.conda_records if r.meta_file not in out))
 
 
 def shipped_fingerprint(fp: dict[str, Any], sel: Selection) -> dict[str, Any]:

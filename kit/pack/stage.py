@@ -86,8 +86,10 @@ def plan_models(svc: ServiceInfo, reg_root: Path, keyring: Keyring | None) -> Mo
 
 
 def check_environment(s: envscan.EnvScan, plan: ModelPlan, *, force: bool, target_platform: str | None,
-                      progress: Progress | None) -> tuple[list[str], list[str]]:
-    """Every check that can refuse the environment; returns (warnings, forced refusals)."""
+                      progress: Progress | None, env_fp: dict[str, Any] | None = None,
+                      backend: str = "torch") -> tuple[list[str], list[str]]:
+    """Every check that can refuse the environment (``s``: as it will be shipped; ``env_fp``: the shipped
+    set's fingerprint, judged for ``backend``); returns (warnings, forced refusals)."""
     from kit.env import Fingerprint, diff
 
     envscan.raise_problems(envscan.check_kit(s) + envscan.check_history(s) + envscan.check_editable(s)
@@ -98,9 +100,9 @@ def check_environment(s: envscan.EnvScan, plan: ModelPlan, *, force: bool, targe
     warnings: list[str] = []
     forced = [p.message for p in clobbered]
     assert s.fingerprint is not None  # check_kit
-    env_fp = Fingerprint.from_dict(s.fingerprint)
+    fp = Fingerprint.from_dict(s.fingerprint if env_fp is None else env_fp)
     for mv in plan.mvs:
-        report = diff(Fingerprint.from_dict(mv.env), env_fp)
+        report = diff(Fingerprint.from_dict(mv.env), fp, backend=backend)
         warnings += [f"{mv.ref}: {d.message}" for d in report.warnings]
         if report.errors:
             msg = (f"{mv.ref} was captured in an environment this one is incompatible with: "

@@ -197,3 +197,21 @@ def test_a_conda_package_goes_out_only_with_every_python_distribution_it_install
     sel = select(conda, "onnxruntime")
     assert {"lib/libtorch_cpu.so", "conda-meta/pytorch-1-0.json"} <= sel.exclude_paths  # torch's conda package
     assert "lib/libssl.so" not in sel.exclude_paths and "conda-meta/openssl-1-0.json" not in sel.exclude_paths
+
+
+def test_the_pre_pack_checks_judge_what_is_shipped_not_what_is_left_out(tmp_path):
+    """An editable install the service does not need no longer blocks the pack; one it needs still does."""
+    from kit.pack.select import shipped_scan
+
+    s = make_env(tmp_path)
+    meta = next((s.prefix / SITE).glob("jupyterlab-*.dist-info"))
+    (meta / "direct_url.json").write_text(json.dumps({"url": "file:///home/me/jlab", "dir_info": {"editable": True}}))
+    s = rescan(s)
+    assert envscan.check_editable(s)  # the whole environment has a problem ...
+    sel = select(s, "torch")
+    assert envscan.check_editable(shipped_scan(s, sel)) == []  # ... that the archive does not have
+    meta = next((s.prefix / SITE).glob("numpy-*.dist-info"))
+    (meta / "direct_url.json").write_text(json.dumps({"url": "file:///home/me/np", "dir_info": {"editable": True}}))
+    s = rescan(s)
+    (problem,) = envscan.check_editable(shipped_scan(s, select(s, "torch")))
+    assert "numpy" in problem.message
