@@ -16,7 +16,7 @@ from torch import nn
 
 from kit.backends.checks import Limits, check_npz
 from kit.backends.pt2.archive import inspect_pt2
-from kit.capture import capture, load_examples, load_program
+from kit.capture import load_examples, load_program
 from kit.errors import UnsafeArtifactError
 
 
@@ -46,70 +46,6 @@ def test_the_payloads_are_live_under_torch_export_load(good, tmp_path, kind):
     except Exception:
         pass  # torch often refuses, but only after the payload ran
     assert marker.exists()
-
-
-def test_every_model_kit_captures_passes(tmp_path):
-    class Cnn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.bn(self.conv(x)).mean((2, 3)))
-
-    class Text(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.head = nn.Embedding(50, 8), nn.Linear(8, 2)
-            self.register_buffer("scale", torch.full((8,), 0.5))
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            h = (self.emb(ids) * mask.unsqueeze(-1)).sum(1) * self.scale + torch.tensor(0.25)
-            return {"logits": self.head(h), "score": h.sum(1)}
-
-    class Gru(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0][:, -1])
-
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.head = nn.Embedding(100, 32), nn.Linear(32, 2)
-            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
-            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.head(self.enc(self.emb(ids), src_key_padding_mask=mask == 0).mean(1))
-
-    from kit.demo import DigitsMLP
-
-    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
-    cases = {
-        "digits": (DigitsMLP(), torch.randn(1, 64), {}),
-        "cnn": (Cnn().eval(), torch.randn(2, 1, 8, 8), {}),
-        "text": (Text(), (ids, mask), {"dynamic": {"ids": {1: "seq"}, "mask": {1: "seq"}}}),
-        "int64": (nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 1)), torch.randint(0, 10, (3, 2)), {}),
-        "gru": (Gru(), torch.randn(2, 5, 8), {}),
-        "encoder": (Encoder(), (torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.int64)),
-                    {"dynamic": {"ids": {1: "seq"}, "mask": {1: "seq"}}}),
-    }
-    for name, (model, example, kw) in cases.items():
-        cap = capture(model, example, **kw)
-        cap.save(tmp_path / name)
-        archive = inspect_pt2(tmp_path / name / "model.pt2")
-        assert archive.entries["data/sample_inputs/model.pt"].size == 0
-        assert all(e.stored for e in archive.entries.values()), name
-        loaded = load_program(tmp_path / name / "model.pt2")
-        inputs = example if isinstance(example, tuple) else (example,)
-        expected, got = model(*inputs), loaded(*inputs)
-        if isinstance(expected, dict):
-            expected, got = list(expected.values()), list(got.values())
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-        load_examples(tmp_path / name / "example.npz")
 
 
 def test_weights_are_mapped_from_the_file_not_copied(good):

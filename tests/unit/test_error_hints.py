@@ -16,7 +16,7 @@ from kit.errors import KitError, ServiceError
 from kit.registry import Registry
 from kit.servicegen import generate
 
-LIBRARY = ("registry", "deploy.py", "servicegen.py", "traffic.py", "capture.py", "env.py", "artifacts.py",
+LIBRARY = ("registry", "deploy.py", "servicegen.py", "traffic.py", "capture.py", "env.py", "backends",
            "signing.py", "config.py", "gate", "pack", "signature.py", "fleet")
 FLAG = re.compile(r"(?<![\w-])--[a-z]")
 

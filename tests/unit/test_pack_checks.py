@@ -1,12 +1,10 @@
-"""The checks before packing, on small synthetic prefixes (no processes except conda-pack's own reader,
-bash -n and systemd-analyze). Negative fixtures: an editable install, a clobbered file, a missing
-conda-meta/history, foreign wheels and conda packages."""
+"""The checks before packing, on small synthetic prefixes (no processes: run.sh under bash -n and the
+unit under systemd-analyze are tests/integration/test_system_tools.py). Negative fixtures: an editable
+install, a clobbered file, a missing conda-meta/history, foreign wheels and conda packages."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from click.testing import CliRunner
 
 from kit.errors import IntegrityError, PackError
 from kit.pack import envscan
-from kit.pack.build import _render, check_unit, read_service
+from kit.pack.build import read_service
 from kit.pack.runtime import check_files
 
 SITE = "lib/python3.11/site-packages"
@@ -139,29 +137,6 @@ def test_kit_missing_from_env_is_refused(conda_prefix):
     s = envscan.scan(conda_prefix, info={**INFO, "fingerprint": None, "kit_error": "ModuleNotFoundError: kit"})
     (p,) = envscan.check_kit(s)
     assert "kit is not importable" in p.message and "pip install" in p.message
-
-
-def test_run_sh_renders_and_is_valid_bash(tmp_path):
-    ctx = dict(service="demo", label="v3", kit_version="0.1.0", kind="venv", created="now", python="3.11.7",
-               platform="linux-x86_64", base_interpreter="/opt/py/bin/python3.11", unit="kit-demo.service",
-               bind="0.0.0.0:8000")
-    script = tmp_path / "run.sh"
-    script.write_text(_render("run.sh.j2", **ctx))
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    text = script.read_text()
-    assert 'exec "$PY" -m gunicorn --config gunicorn.conf.py wsgi:app' in text
-    assert 'BASE_PYTHON="/opt/py/bin/python3.11"' in text and "conda-unpack" in text
-
-
-def test_systemd_unit_passes_systemd_analyze(tmp_path):
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed (the unit is then only rendered, not verified)")
-    unit = _render("unit.service.j2", service="demo", label="v3", unit="kit-demo.service", bind="0.0.0.0:8000")
-    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
-    (tmp_path / "run.sh").chmod(0o755)
-    assert check_unit(unit, tmp_path) is not None
-    with pytest.raises(PackError, match="systemd-analyze verify rejected"):
-        check_unit(unit, tmp_path / "missing")  # ExecStart not executable there
 
 
 def test_runtime_catches_a_changed_file(tmp_path):

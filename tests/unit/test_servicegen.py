@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kit.cli import cli
 from kit.errors import ServiceError
 from kit.guard_key import GUARD_KEY_FILE
 from kit.servicegen import FILES, generate
+
+
+@pytest.fixture
+def registered(registry):
+    """``demo-digits@1``: the demo's network untrained (nothing here reads its accuracy; no training in unit)."""
+    from kit.demo import DigitsMLP
+
+    torch.manual_seed(0)
+    return registry, registry.register("demo-digits", DigitsMLP().eval(), torch.randn(1, 64))
 
 
 def test_generate_is_deterministic_and_refuses_overwrite(registered, tmp_path):
