@@ -16,7 +16,8 @@ from kit.cli._common import Context, KitGroup
 
 @click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--registry", envvar="KIT_REGISTRY", type=click.Path(file_okay=False), default=None,
-              help="Registry folder (default ./registry, or [tool.kit] registry, or KIT_REGISTRY).")
+              help="Registry folder or s3://bucket/prefix (default ./registry, or [tool.kit] registry, or "
+                   "KIT_REGISTRY).")
 @click.option("-v", "--verbose", count=True, help="More log output (-v INFO, -vv DEBUG).")
 @click.version_option(package_name="kit")
 @click.pass_context
