@@ -75,7 +75,7 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
 @pass_kit
 def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
     """Check every version (or NAME / NAME@VERSION): meta.json's signature by a trusted key, then every
-    file's sha256 against meta.json."""
+    file's sha256 against meta.json. Exits 0 when all verify, 1 when any fails, 2 on an error."""
     reg = k.registry()
     name = version = None
     if ref:
@@ -91,9 +91,10 @@ def verify_cmd(k: Context, ref: str | None, as_json: bool) -> None:
             signed = f" (signed by {r.signed_by})" if r.signed_by else ""
             click.echo(f"{'ok ' if r.ok else 'BAD'} {r.ref}" + (signed if r.ok else f": {'; '.join(r.problems)}"))
         click.echo(f"{len(results) - len(bad)} of {len(results)} versions verified.")
-    if bad:
-        raise KitError(f"{len(bad)} version(s) failed verification: {', '.join(r.ref for r in bad)}. "
-                       "Restore the files or register the models again.")
+    if bad:  # a verdict, like a failed gate: exit 1 (errors that stop the check exit 2)
+        click.echo(f"kit: {len(bad)} version(s) failed verification: {', '.join(r.ref for r in bad)}. "
+                   "Restore the files or register the models again.", err=True)
+        click.get_current_context().exit(1)
 
 
 @click.command("history")
@@ -128,10 +129,11 @@ def history_cmd(k: Context, name: str, as_json: bool) -> None:
                      e.get("user", ""), _move_mark(e), " ".join(detail)])
     click.echo(table(rows, ["WHEN (UTC)", "EVENT", "VERSION", "WHO", "RECORD", "DETAIL"]))
     refused = [e for e in events if e.get("verified") is False]
-    if refused:
-        raise KitError(f"{len(refused)} move record(s) of {parse_ref(name)[0]} failed verification (serials "
-                       f"{', '.join(str(e.get('serial')) for e in refused)}): services do not follow them. Remove "
-                       "the files a registry writer put there, or restore them from a copy you trust.")
+    if refused:  # a verdict: exit 1
+        click.echo(f"kit: {len(refused)} move record(s) of {parse_ref(name)[0]} failed verification (serials "
+                   f"{', '.join(str(e.get('serial')) for e in refused)}): services do not follow them. Remove "
+                   "the files a registry writer put there, or restore them from a copy you trust.", err=True)
+        click.get_current_context().exit(1)
 
 
 def _move_mark(e: dict) -> str:

@@ -62,6 +62,11 @@ def test_promote_canary_rollback_through_the_cli(reg):
     hist = json.loads(run(reg, "history", "m", "--json").output)
     assert [e["event"] for e in hist][-2:] == ["promote", "rollback"]
     assert "FORCED" in run(reg, "history", "m").output
+    assert run(reg, "history", "m").exit_code == 0
+    newest = sorted((reg.model_dir("m") / "moves").glob("*.json"))[-1]
+    newest.write_bytes(newest.read_bytes().replace(b"oops", b"OOPS"))  # a writer without the key edits a record
+    res = run(reg, "history", "m")
+    assert res.exit_code == 1 and "REFUSED" in res.output and "failed verification" in res.output, res.output
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -81,7 +86,7 @@ def test_verify_fails_on_tampering_and_corrupt_aliases_is_clear(reg):
     p = reg.version_dir("m", 2) / "example.npz"
     p.write_bytes(p.read_bytes() + b"x")
     res = run(reg, "verify")
-    assert res.exit_code == 2 and "BAD m@2" in res.output and "1 version(s) failed" in res.output
+    assert res.exit_code == 1 and "BAD m@2" in res.output and "1 version(s) failed" in res.output
     reg.aliases_path("m").write_text("{trunc")
     res = run(reg, "show", "m")
     assert res.exit_code == 2 and "kit aliases repair m" in res.output

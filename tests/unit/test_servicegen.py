@@ -36,6 +36,19 @@ def test_generate_is_deterministic_and_refuses_overwrite(registered, tmp_path):
         generate("x", "nope", registry=reg.root, out_dir=tmp_path / "services")
 
 
+def test_cli_service_new_goes_where_kit_toml_says(registered, tmp_path, monkeypatch):
+    """The CLI and %deploy agree: kit.toml's `services` folder, not ./services, when --out-dir is not given."""
+    reg, mv = registered
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "kit.toml").write_text('services = "deploy/services"\n')
+    monkeypatch.chdir(project)
+    r = CliRunner().invoke(cli, ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name])
+    assert r.exit_code == 0, r.output
+    assert (project / "deploy" / "services" / "web" / "service.toml").is_file()
+    assert not (project / "services").exists()
+
+
 def test_cli_service_new(registered, tmp_path):
     reg, mv = registered
     r = CliRunner().invoke(cli, ["--registry", str(reg.root), "service", "new", "web", "--model", mv.name,
