@@ -93,10 +93,10 @@ def versions_text(reg: Registry, name: str) -> str:
     """One model's versions, oldest first: sha256, created, size, metrics, gate verdict, alias badges."""
     a = reg.aliases(name)
     rows = [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
-             metrics_text(mv.metrics), reg.gate_verdict(mv)[0], badges_text(a, mv.version)]
+             metrics_text(mv.metrics), ",".join(mv.backends), reg.gate_verdict(mv)[0], badges_text(a, mv.version)]
             for mv in reg.versions(name)]
     return f"{aliases_line(name, a)}   ({reg.root})\n" + table(
-        rows, ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "GATE", "ALIASES"])
+        rows, ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "BACKENDS", "GATE", "ALIASES"])
 
 
 def gate_summary(result: Any) -> str:

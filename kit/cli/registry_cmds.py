@@ -31,8 +31,8 @@ def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
     name, _ = parse_ref(name)
     if as_json:
         a = reg.aliases(name)
-        return emit_json([{**mv.to_dict(), "aliases": badges_text(a, mv.version), "gate": reg.gate_verdict(mv)[0]}
-                          for mv in reg.versions(name)])
+        return emit_json([{**mv.to_dict(), "aliases": badges_text(a, mv.version), "gate": reg.gate_verdict(mv)[0],
+                           "backends": list(mv.backends)} for mv in reg.versions(name)])
     click.echo(versions_text(reg, name))
 
 
@@ -45,7 +45,8 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
     reg = k.registry()
     mv = reg.resolve(ref)
     if as_json:
-        return emit_json({**mv.to_dict(), "gates": reg.gate_results(mv.name, mv.version)})
+        return emit_json({**mv.to_dict(), "backends": list(mv.backends), "missing_backends": mv.missing_backends(),
+                          "gates": reg.gate_results(mv.name, mv.version)})
     from kit.capture import Signature
     from kit.env import Fingerprint
 
@@ -56,6 +57,8 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
     click.echo(f"  created:    {mv.created}")
     click.echo(f"  sha256:     {mv.artifact_sha256}")
     click.echo(f"  signature:  {sig.describe()}")
+    missing = "".join(f"; not {b}: {why}" for b, why in mv.missing_backends().items())
+    click.echo(f"  backends:   {', '.join(mv.backends) or 'none'}{missing}")
     click.echo(f"  env:        {Fingerprint.from_dict(mv.env).summary()}")
     src = mv.source
     click.echo(f"  source:     {src.get('kind')} {src.get('path') or ''} "

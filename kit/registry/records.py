@@ -43,6 +43,21 @@ class ModelVersion:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends this version can be served with: those whose artifact it holds."""
+        from kit.backends import BACKENDS
+
+        return tuple(b.name for b in BACKENDS.values() if b.artifact in self.files)
+
+    def missing_backends(self) -> dict[str, str]:
+        """Backend -> why this version cannot be served with it (capture's record, e.g. the ONNX reason)."""
+        from kit.backends import BACKENDS
+
+        reason = str(self.capture.get("onnx", {}).get("reason") or "not exported at capture")
+        return {b.name: reason if b.export else "no artifact" for b in BACKENDS.values()
+                if b.name not in self.backends}
+
     def __repr__(self) -> str:  # the fields hold the whole environment: a notebook shows this instead
         onnx = "onnx" if self.capture.get("onnx", {}).get("exported") else "no onnx"
         return (f"<ModelVersion {self.ref} sha256 {self.short_sha} created {self.created} "
