@@ -34,6 +34,10 @@ def test_models_and_versions_tables(reg):
     assert "acc=0.9" in out and "VERSION" in out
     rows = json.loads(run(reg, "models", "m", "--json").output)
     assert [r["version"] for r in rows] == [1, 2]
+    assert "BACKENDS" in out and all(r["backends"][0] == "torch" for r in rows)
+    shown = json.loads(run(reg, "show", "m@1", "--json").output)
+    assert set(shown["backends"]) | set(shown["missing_backends"]) == {"torch", "onnxruntime"}
+    assert "backends:   torch" in run(reg, "show", "m@1").output
 
 
 def test_show_verify_history_env(reg):
