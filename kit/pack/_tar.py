@@ -1,9 +1,14 @@
-"""Writing tar entries into gzip members.
+"""Writing tar entries into gzip (or zstd) members.
 
-An archive is written as two gzip members laid end to end: the environment (large, and cached between
-packs of an unchanged environment) and the rest (service, models, run.sh, manifest) with the
-end-of-archive blocks. A concatenation of gzip members is one valid gzip stream, so ``tar xzf`` and
-:mod:`tarfile` read the result as one ordinary ``.tar.gz``.
+An archive is written as two compressed members laid end to end: the environment (large, and cached
+between packs of an unchanged environment) and the rest (service, models, run.sh, manifest) with the
+end-of-archive blocks. A concatenation of gzip members is one valid gzip stream, and one of zstd frames
+one valid zstd stream, so ``tar xzf`` (``tar --zstd -xf``) reads the result as one ordinary archive.
+
+``gzip`` (the default: every server can unpack it) is Python's zlib, one core. ``zstd`` pipes through
+the ``zstd`` binary with ``-T0`` (every core): measured on the torch serving environment (850 MB), level
+3 takes 4 s against gzip -4's 36 s, is 14% smaller, and unpacks in 1 s instead of 20 s; the server
+needs ``zstd`` (``apt-get install zstd``; GNU tar >= 1.31 for ``--zstd``). See docs/pack.md.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +30,54 @@ BLOCK = tarfile.BLOCKSIZE
 _CHUNK = 1 << 20
 
 
+CODECS = ("gzip", "zstd")
+SUFFIX = {"gzip": ".tar.gz", "zstd": ".tar.zst"}
+
+
+def archive_codec(name: str) -> str:
+    """The codec of an archive, from its name (``.tar.zst``: zstd; anything else: gzip)."""
+    return "zstd" if name.endswith(".tar.zst") else "gzip"
+
+
+def tar_extract_args(codec: str) -> list[str]:
+    """The GNU tar options that decompress ``codec`` (also reading from a pipe, where tar cannot guess)."""
+    return ["--zstd"] if codec == "zstd" else ["-z"]
+
+
+class _Zstd:
+    """A ``zstd -T0`` child writing one frame to ``fileobj``'s descriptor, fed through a pipe."""
+
+    def __init__(self, fileobj: BinaryIO, level: int):
+        exe = shutil.which("zstd")
+        if exe is None:
+            raise PackError("--compress zstd needs the zstd binary where kit pack runs (`apt-get install zstd`); "
+                            "or pack with gzip (the default).")
+        fileobj.flush()  # the child appends at the shared offset, after what is already written
+        self._f = fileobj
+        self._p = subprocess.Popen([exe, f"-{level}", "-T0", "-q", "-c"], stdin=subprocess.PIPE, stdout=fileobj)
+        assert self._p.stdin is not None
+        self._in = self._p.stdin
+
+    def write(self, data: bytes) -> None:
+        self._in.write(data)
+
+    def close(self) -> None:
+        self._in.close()
+        if self._p.wait() != 0:
+            raise PackError(f"zstd failed (exit {self._p.returncode}) while packing; pack again, or with gzip.")
+        self._f.seek(0, os.SEEK_END)  # past what the child wrote
+
+
 class TarMember:
-    """Tar entries compressed as one gzip member of ``fileobj`` (left open)."""
+    """Tar entries compressed as one gzip member (or zstd frame) of ``fileobj`` (left open)."""
 
     def __init__(self, fileobj: BinaryIO, compresslevel: int = 4,
-                 on_bytes: Callable[[int], None] | None = None):
-        self._gz = gzip.GzipFile(filename="", fileobj=fileobj, mode="wb", compresslevel=compresslevel, mtime=0)
+                 on_bytes: Callable[[int], None] | None = None, codec: str = "gzip"):
+        if codec not in CODECS:
+            raise PackError(f"unknown compression {codec!r}; use one of {list(CODECS)}.")
+        self._gz: gzip.GzipFile | _Zstd = (
+            _Zstd(fileobj, compresslevel) if codec == "zstd"
+            else gzip.GzipFile(filename="", fileobj=fileobj, mode="wb", compresslevel=compresslevel, mtime=0))
         self._on_bytes = on_bytes
         self.entries = 0
         self.bytes_in = 0

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import fsync_dir, sha256_file
+from kit.errors import PackError
 from kit.pack import envscan, integrity
 from kit.pack import select as selecting
 from kit.pack._common import Progress, human, say
-from kit.pack._tar import TarMember
+from kit.pack._tar import SUFFIX, TarMember
 from kit.pack.layer import editable_kit_files, env_layer
 from kit.pack.runtime import MANIFEST
 from kit.pack.stage import (
@@ -76,6 +77,7 @@ class PackResult:
     signed_by: str | None = None  # the key that signed kit-pack.sha256 and <archive>.sha256
     checked_files: int = 0  # files run.sh checks with sha256sum before any interpreter starts
     backend: str = "torch"
+    compression: str = "gzip"
     shipped: dict[str, str] = field(default_factory=dict)  # distribution -> version
     left_out: dict[str, str] = field(default_factory=dict)  # distribution -> why
 
@@ -102,6 +104,7 @@ def pack(
     keyring: Keyring | None = None,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
+    compression: str = "gzip",
 ) -> PackResult:
     """Pack ``service_dir``, its environment and the model versions its aliases name.
 
@@ -115,7 +118,9 @@ def pack(
     env_prefix : the environment to pack; default: the one running this code.
     registry : the registry to take models from; default: the one named in ``service.toml``.
     target_platform : refuse unless the environment is for this platform (e.g. ``linux-x86_64``).
-    compresslevel : gzip level for the archive (1 fast .. 9 small).
+    compresslevel : compression level for the archive (gzip 1 fast .. 9 small; zstd the same numbers).
+    compression : ``"gzip"`` (``.tar.gz``, every server unpacks it) or ``"zstd"`` (``.tar.zst``, every core:
+        about 9x faster to pack and 15x to unpack, 14% smaller; the server needs zstd). See docs/pack.md.
     cache_dir : where environment layers are kept for the next pack; default ``out_dir/.layers``.
     bind : the ``KIT_BIND`` the systemd unit sets.
     keyring : verifies the models' signatures and signs the archive's file list (kit-pack.sha256.sig) and
@@ -146,7 +151,9 @@ def pack(
     warnings, forced = check_environment(selecting.shipped_scan(s, sel), plan, force=force, progress=progress,
                                          target_platform=target_platform, env_fp=shipped_fp, backend=svc.backend)
     stem = f"{svc.name}-{plan.label}-{s.platform}"
-    archive = out_dir / f"{stem}.tar.gz"
+    if compression not in SUFFIX:
+        raise PackError(f"unknown compression {compression!r}; use gzip or zstd.")
+    archive = out_dir / f"{stem}{SUFFIX[compression]}"
 
     with tempfile.TemporaryDirectory(prefix="kit-pack-") as tmp_s:
         tmp = Path(tmp_s)
@@ -180,7 +187,8 @@ def pack(
         # -- the environment layer, then the archive
         t = time.monotonic()
         layer, reused, env_bytes, (env_files, env_links) = env_layer(
-            s, f"{stem}/env", editable_kit_files(s) | set(sel.exclude_paths), compresslevel, cache_dir, force, tmp, progress)
+            s, f"{stem}/env", editable_kit_files(s) | set(sel.exclude_paths), compresslevel, cache_dir, force, tmp,
+            progress, codec=compression)
         timings["env_layer"] = time.monotonic() - t
         sizes["env"] = env_bytes
         say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items()))
@@ -191,7 +199,7 @@ def pack(
             with open(part, "wb") as f:
                 with open(layer, "rb") as lf:
                     shutil.copyfileobj(lf, f, 1 << 22)
-                member = TarMember(f, compresslevel)
+                member = TarMember(f, compresslevel, codec=compression)
                 if kit_install is not None:  # kit from its wheel, into the environment's site-packages
                     for p in sorted(kit_install.rglob("*")):
                         member.add_path(p, f"{stem}/env/{s.site_packages}/{p.relative_to(kit_install)}")
@@ -222,4 +230,4 @@ def pack(
                       env_bytes=env_bytes, layer_cached=reused, sizes=sizes, warnings=tuple(warnings),
                       forced=tuple(forced), timings={k: round(v, 2) for k, v in timings.items()},
                       signed_by=signer.key_id if signer is not None else None, checked_files=checked,
-                      backend=svc.backend, shipped=sel.shipped, left_out=sel.left_out)
+                      backend=svc.backend, shipped=sel.shipped, left_out=sel.left_out, compression=compression)

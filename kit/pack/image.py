@@ -121,7 +121,7 @@ def write_context(archive: Path, out_dir: Path, *, base: str | None = None) -> t
     """
     from kit.pack.verify import extract
 
-    stem = archive.name.removesuffix(".tar.gz")
+    stem = archive.name.removesuffix(".tar.gz").removesuffix(".tar.zst")
     context = out_dir / f"{stem}.image"
     tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.image-", dir=out_dir))
     try:

@@ -149,7 +149,7 @@ def ship_steps(archive_name: str, root: str, trust: str = SERVER_TRUST) -> list[
     return [
         f"openssl pkeyutl -verify -pubin -inkey {q(trust)} -rawin -in {a}.sha256 -sigfile {a}.sha256.sig",
         f"sha256sum --strict -c {a}.sha256",
-        f"tar xzf {a}",
+        "tar --zstd -xf " + a if archive_name.endswith(".tar.zst") else f"tar xzf {a}",
         f"KIT_TRUST={q(trust)} {q(root + '/run.sh')}",
     ]
 

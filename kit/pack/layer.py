@@ -1,4 +1,5 @@
-"""The environment layer: the environment as its own gzip member, cached by a stat of every file.
+"""The environment layer: the environment as its own gzip member (or zstd frame), cached by a stat of every
+shipped file.
 
 Written with conda-pack for a conda environment, else file by file (the venv fallback). The cache key
 covers every path, mode, size, mtime and link target plus the archive root, so packing again with an
@@ -58,9 +59,9 @@ def editable_kit_files(s: envscan.EnvScan) -> set[str]:
 
 
 def _layer_key(s: envscan.EnvScan, exclude: set[str], kit_files: dict[str, str], arc_env: str,
-               compresslevel: int) -> tuple[str, int, dict[str, int]]:
+               compresslevel: int, codec: str = "gzip") -> tuple[str, int, dict[str, int]]:
     h = hashlib.sha256()
-    h.update(json.dumps([FORMAT_VERSION, str(s.prefix), s.kind, arc_env, compresslevel,
+    h.update(json.dumps([FORMAT_VERSION, str(s.prefix), s.kind, arc_env, compresslevel, codec,
                          sorted(exclude), sorted(kit_files.items()), _conda_pack_version()]).encode())
     total = 0
     sizes: dict[str, int] = {}
@@ -142,25 +143,27 @@ def _write_conda_layer(member: TarMember, s: envscan.EnvScan, exclude: set[str],
 
 
 def env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], compresslevel: int, cache_dir: Path | None, force: bool, tmp: Path,
-               progress: Progress | None) -> tuple[Path, bool, int, tuple[dict[str, str], dict[str, str]]]:
-    """Write (or reuse) the environment's gzip member; returns (file, reused, env bytes, (file sha256s, links))."""
+               progress: Progress | None, codec: str = "gzip") -> tuple[Path, bool, int, tuple[dict[str, str], dict[str, str]]]:
+    """Write (or reuse) the environment's compressed member; returns (file, reused, env bytes, (file sha256s,
+    links)). The cache key covers every shipped path's stat and what was left out (``exclude``)."""
     # kit's own files go into the second member (see pack), so editing kit does not invalidate this layer.
-    key, total, _sizes = _layer_key(s, exclude, {}, arc_env, compresslevel)
+    key, total, _sizes = _layer_key(s, exclude, {}, arc_env, compresslevel, codec)
+    ext = ".zst" if codec == "zstd" else ".gz"
     if cache_dir is not None:
-        cached = cache_dir / f"env-{key[:32]}.gz"
+        cached = cache_dir / f"env-{key[:32]}{ext}"
         digests = integrity.read_layer_digests(cached)
         if cached.is_file() and digests is not None:
             os.utime(cached)
             say(progress, f"environment unchanged since an earlier pack: reusing {cached}")
             return cached, True, total, digests
-    out = (cache_dir or tmp) / f".env-{key[:32]}.gz.tmp-{os.getpid()}"
+    out = (cache_dir or tmp) / f".env-{key[:32]}{ext}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     verb = "conda-pack" if s.kind == "conda" else "packing the venv"
     say(progress, f"{verb}: {s.prefix} ({human(total)} in files) -> {arc_env}/")
     meter = _Meter(total, progress, verb)
     try:
         with open(out, "wb") as f:
-            member = TarMember(f, compresslevel, on_bytes=meter)
+            member = TarMember(f, compresslevel, on_bytes=meter, codec=codec)
             if s.kind == "conda":
                 _write_conda_layer(member, s, exclude, arc_env, force, tmp)
             else:
@@ -174,10 +177,11 @@ def env_layer(s: envscan.EnvScan, arc_env: str, exclude: set[str], compresslevel
         raise
     if cache_dir is None:
         return out, False, total, digests
-    final = cache_dir / f"env-{key[:32]}.gz"
+    final = cache_dir / f"env-{key[:32]}{ext}"
     integrity.write_layer_digests(final, *digests)  # first: a layer without its digests is never reused
     os.replace(out, final)
-    for old in sorted(cache_dir.glob("env-*.gz"), key=lambda p: p.stat().st_mtime, reverse=True)[_KEEP_LAYERS:]:
+    layers = [p for p in cache_dir.glob("env-*") if p.suffix in (".gz", ".zst")]
+    for old in sorted(layers, key=lambda p: p.stat().st_mtime, reverse=True)[_KEEP_LAYERS:]:
         old.unlink(missing_ok=True)
         integrity.digests_path(old).unlink(missing_ok=True)
     return final, False, total, digests

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 from kit._proc import free_port, stop_group, tail, wait_http
 from kit.errors import PackError
+from kit.pack._tar import archive_codec, tar_extract_args
 from kit.pack.audit import audit
 from kit.pack.integrity import check_archive
 from kit.pack.runtime import MANIFEST
@@ -60,7 +61,8 @@ def extract(archive: Path, dest: Path, fileobj: BinaryIO | None = None) -> Path:
     tar = shutil.which("tar")
     if tar:
         src = str(archive) if fileobj is None else "-"
-        res = subprocess.run([tar, "-xzf", src, "-C", str(dest)], capture_output=True, stdin=fileobj, check=False)
+        res = subprocess.run([tar, *tar_extract_args(archive_codec(archive.name)), "-xf", src, "-C", str(dest)],
+                             capture_output=True, stdin=fileobj, check=False)
         if res.returncode != 0:
             raise PackError(f"Extracting {archive} failed: {res.stderr.decode(errors='replace').strip()[-500:]}")
     else:  # pragma: no cover - every supported server has tar

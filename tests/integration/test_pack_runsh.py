@@ -29,7 +29,7 @@ import pytest
 
 from kit._io import sha256_file
 from kit.pack import integrity
-from kit.pack._tar import TarMember
+from kit.pack._tar import SUFFIX, TarMember
 from kit.pack.build import _render
 from kit.signing import KeyStore, SigningKey
 
@@ -363,18 +363,24 @@ def test_a_venv_archive_holding_a_record_is_refused(tmp_path):
 # --------------------------------------------------------------------------- the ship steps, before extracting
 
 
-def tar_up(root: Path, out_dir: Path, signer: SigningKey) -> Path:
-    """The folder as a .tar.gz with its lists, signature, <archive>.sha256 and .sig, written by the code
-    pack() writes them with."""
-    archive = out_dir / f"{STEM}.tar.gz"
+def tar_up(root: Path, out_dir: Path, signer: SigningKey, codec: str = "gzip") -> Path:
+    """The folder as a .tar.gz (.tar.zst) with its lists, signature, <archive>.sha256 and .sig, written by
+    the code pack() writes them with: env/ as a first member, the rest as a second one."""
+    archive = out_dir / f"{STEM}{SUFFIX[codec]}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in sorted(root.rglob("*"))
+             if not (p.parent == root and p.name in (integrity.SUMS, integrity.SUMS_SIG, integrity.LINKS))]
     with open(archive, "wb") as f:
-        member = TarMember(f)
-        for p in sorted(root.rglob("*")):
-            if p.parent == root and p.name in (integrity.SUMS, integrity.SUMS_SIG, integrity.LINKS):
-                continue
-            member.add_path(p, f"{STEM}/{p.relative_to(root)}")
-        integrity.add_to_archive(member, STEM, {}, {}, signer)
+        env = TarMember(f, codec=codec)
+        for p in paths:
+            if p.is_relative_to(root / "env"):
+                env.add_path(p, f"{STEM}/{p.relative_to(root)}")
+        env.close(end_of_archive=False)
+        member = TarMember(f, codec=codec)
+        for p in paths:
+            if not p.is_relative_to(root / "env"):
+                member.add_path(p, f"{STEM}/{p.relative_to(root)}")
+        integrity.add_to_archive(member, STEM, env.hashes, env.links, signer)
         member.close(end_of_archive=True)
     integrity.sign_archive(archive, signer)
     return archive
@@ -423,6 +429,26 @@ def test_the_printed_ship_steps_refuse_a_changed_archive_before_extracting_it(tm
     out = ship(forged, tmp_path / "server-b", pem, key.key_id)
     assert out.returncode != 0 and "Signature Verified Successfully" in out.stdout and "FAILED" in out.stdout, out
     assert not (tmp_path / "server-b" / STEM).exists() and not ran.exists(), "extracted or ran before the check"
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="the zstd binary packs and unpacks .tar.zst")
+def test_a_zstd_archive_ships_with_its_own_tar_step_and_extracts_whole(tmp_path, packer):
+    """--compress zstd: two zstd frames end to end are one stream; the printed steps unpack it with
+    tar --zstd, and kit pack --verify's extract reads it from the open file it checked."""
+    from kit.pack.verify import extract
+
+    key, _trust = packer
+    pem = tmp_path / "packer.pem"
+    pem.write_text(key.public.pem())
+    archive = tar_up(make_archive(tmp_path / "build", signer=key), tmp_path / "dist", key, codec="zstd")
+    assert archive.name.endswith(".tar.zst") and archive.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    assert f"tar --zstd -xf {archive.name}" in integrity.ship_text(archive, STEM, key.key_id)
+    out = ship(archive, tmp_path / "server", pem, key.key_id)
+    assert f"{archive.name}: OK" in out.stdout and "nothing added" in out.stderr, out
+    with open(archive, "rb") as f:
+        root = extract(archive, tmp_path / "x", fileobj=f)
+    assert (root / "env" / "pyvenv.cfg").is_file() and (root / "run.sh").is_file()
+    assert run_sh(root, "unpack").returncode == 0
 
 
 def test_kit_pack_prints_no_ship_steps_for_an_unsigned_archive():
