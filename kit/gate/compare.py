@@ -258,8 +258,8 @@ def latency(model: Any, production: Any, *, batch_n: int = 64, rounds: int = 50,
             def prod(x: Any = x_p) -> Any:
                 return production(*x)
 
-            _rounds_that_fit(prod, rounds, d)
-            k = _rounds_that_fit(cand, rounds, d)
+            _rounds_that_fit(prod, rounds, d)  # production's warm-up
+            k = _rounds_that_fit(cand, rounds, d)  # the slower side's estimate is the candidate's, usually
             c_ms, p_ms = interleave(cand, prod, k, d)
             cmp = compare_latency(c_ms, p_ms, batch=rows, max_ratio=max_ratio, slack_ms=slack_ms)
             out.append(cmp)

@@ -196,7 +196,8 @@ def _run_one(
             evalue = "the kernel process died (crashed, was killed, or ran out of memory)"
             headline = f"The kernel died while running {where}"
         else:
-            evalue = f"the cell ran longer than the execution timeout of {timeout:g}s"
+            evalue = (f"the cell ran longer than the execution timeout of {timeout:g}s (the gate's timeout, "
+                      "gate_timeout in kit.toml; each default check also has check_budget_s)")
             headline = f"Timed out after {timeout:g}s while running {where}"
         if found:
             _mark_failure(executed, found, headline, ename, evalue)
