@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -33,10 +34,19 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from kit._io import atomic_write_bytes
-from kit.errors import IntegrityError, KitError, ModelNotFoundError, UnsafeArtifactError, VersionNotFoundError
+from kit._io import atomic_write_bytes, copy_hashed
+from kit.errors import (
+    IntegrityError,
+    KitError,
+    ModelNotFoundError,
+    RegistryCorruptError,
+    UnsafeArtifactError,
+    VersionNotFoundError,
+)
+from kit.evidence import RESULT_FILE
 from kit.registry.cache import VersionCache, default_cache_dir, safe_file_name
 from kit.registry.integrity import CheckedStore
+from kit.registry.loaded import VerifiedVersion
 from kit.registry.moves import MAX_RECORD_BYTES, MoveStorage
 from kit.registry.names import is_version_text, validate_name
 from kit.registry.records import ModelVersion, VerifyResult, utcnow
@@ -46,15 +56,17 @@ from kit.signing import SIG_SUFFIX, sign_file
 log = logging.getLogger(__name__)
 
 MAX_META_BYTES = 4 << 20
+MAX_EVIDENCE_BYTES = 256 << 20  # one file of a gate run (report.html, executed notebooks, logs)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_FILE_BYTES = 32 << 30  # what a check downloads at most per file (a load applies its own, smaller limit)
 _MAX_CLAIM_TRIES = 1000
 
 
-def mirror_dir(storage: Any, cache_base: Path | None = None) -> Path:
-    """This host's folder of small copies of ``storage``'s objects (per store: its identity's digest)."""
-    base = cache_base if cache_base is not None else default_cache_dir().parent
+def mirror_dir(storage: Any, cache_root: Path) -> Path:
+    """This host's folder of copies of ``storage``'s small objects, inside the (0700, this user's) cache root:
+    ``<cache>/.remote/<digest of the store's identity>``."""
     ident = storage.identity() if hasattr(storage, "identity") else storage.describe()
-    return Path(base) / "remote" / hashlib.sha256(ident.encode()).hexdigest()[:20]
+    return Path(cache_root).expanduser().absolute() / ".remote" / hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
 class ObjectMoveStorage(MoveStorage):
@@ -106,7 +118,8 @@ class ObjectStoreMixin(CheckedStore):
     def __init__(self, root: Path | str, **kwargs: Any):
         storage = open_storage(root)
         self.url, self.storage = storage.describe(), storage
-        super().__init__(mirror_dir(storage), **kwargs)
+        cache_root = kwargs.pop("cache_dir", None) or default_cache_dir()
+        super().__init__(mirror_dir(storage, cache_root), cache_dir=cache_root, **kwargs)
         self.cache = VersionCache(self.cache.root, fetch=self._fetch)
 
     def __repr__(self) -> str:
@@ -219,6 +232,76 @@ class ObjectStoreMixin(CheckedStore):
             return VerifyResult(ref, False, (str(exc),))
         return VerifyResult(ref, True, (), vv.signed_by)
 
+    def verified(self, name: str, ref: int | str | None = None) -> VerifiedVersion:
+        """:meth:`CheckedStore.verified`, and the version's files made whole in this host's copy: streamed
+        into the local verified cache while hashed (once per host), then linked beside the mirrored meta.json,
+        so what checks and gate notebooks read from :attr:`root` is a whole, verified folder registry."""
+        vv = super().verified(name, ref)
+        entry = self.cache.materialize(vv, MAX_FILE_BYTES)
+        vdir = vv.version.path
+        for fname in vv.version.files:
+            dst = vdir / fname
+            try:
+                if os.path.samefile(entry / fname, dst):
+                    continue
+            except OSError:
+                pass
+            tmp = vdir / f".{fname}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                os.link(entry / fname, tmp)  # the cache root holds the mirror: one file system
+            except OSError:
+                copy_hashed(entry / fname, tmp, MAX_FILE_BYTES)
+            os.replace(tmp, dst)
+        return vv
+
+    # ---- gate evidence: written here by the gate, uploaded when its event is recorded; synced before reads
+    def record_event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+        if event == "gate" and fields.get("run_id") is not None:
+            self._upload_run(name, int(fields["version"]), str(fields["run_id"]))
+        return super().record_event(name, event, **fields)
+
+    def _upload_run(self, name: str, version: int, run_id: str) -> None:
+        """A gate run's evidence folder sent to the bucket: the files, the signature, result.json last (its
+        presence means the run is whole, as in a folder)."""
+        run = self.gate_root(name, version) / _run_id(run_id)
+        order = sorted((p for p in run.iterdir() if p.is_file() and not p.is_symlink() and safe_file_name(p.name)),
+                       key=lambda p: (p.name == RESULT_FILE, p.name.endswith(SIG_SUFFIX), p.name))
+        for p in order:
+            self.storage.upload(self._key(p), p)
+
+    def _sync_gates(self, name: str, version: int) -> None:
+        """Copy the bucket's whole gate runs of ``name@version`` that this host has not seen (each file
+        size-capped; result.json last). What they say is checked where it is read (signatures, hashes)."""
+        root = self.gate_root(name, version)
+        runs: dict[str, list[str]] = {}
+        for key in self.storage.list_keys(f"{name}/versions/{version}/gates/"):
+            parts = key.split("/")
+            if len(parts) == 6 and _RUN_ID.fullmatch(parts[4]) and safe_file_name(parts[5]):
+                runs.setdefault(parts[4], []).append(parts[5])
+        for run_id, files in runs.items():
+            if RESULT_FILE not in files or (root / run_id / RESULT_FILE).is_file():
+                continue
+            for fname in sorted(files, key=lambda f: f == RESULT_FILE):
+                got = self.storage.get(f"{name}/versions/{version}/gates/{run_id}/{fname}", MAX_EVIDENCE_BYTES)
+                if got is not None:
+                    atomic_write_bytes(root / run_id / fname, got.data)
+
+    def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
+        self._sync_gates(name, version)
+        return super().gate_results(name, version)
+
+    def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
+        self._sync_gates(mv.name, mv.version)
+        return super()._signed_gate_results(mv)
+
+    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+        self._sync_gates(name, version)
+        return super()._gate_problem(name, version, gate, artifact_sha256)
+
+    def sign_version(self, name: str, version: int) -> str:
+        raise KitError(f"Signing an existing version in place is not built for a registry in a bucket "
+                       f"({self.url}); register {name} again where your key is.")
+
     # ---- writing
     def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
         """Claim the next number (conditional create), upload the files, the signature, then meta.json."""
@@ -261,3 +344,9 @@ class ObjectStoreMixin(CheckedStore):
         key = f"{name}/events/{rec['ts'].replace(':', '')}-{uuid.uuid4().hex[:12]}.json"
         self.storage.put(key, json.dumps(rec, sort_keys=True).encode())
         return rec
+
+
+def _run_id(run_id: str) -> str:
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise RegistryCorruptError(f"Refusing the gate run id {run_id[:80]!r}: not a plain run id.")
+    return run_id

@@ -21,7 +21,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -204,11 +204,10 @@ class S3Storage:
                 raise ValueError(f"{key} is {total} bytes, over {max_bytes}")
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
-                for chunk in _prefetched(iter(res.stream(min_chunk_size=_CHUNK))):
+                for chunk in _prefetched(iter(res.stream(min_chunk_size=_CHUNK)), h.update):
                     size += len(chunk)
                     if size > max_bytes:
                         raise ValueError(f"{key} grew past {max_bytes} bytes")
-                    h.update(chunk)
                     f.write(chunk)
                     if progress is not None:
                         progress(size, total)
@@ -234,16 +233,18 @@ class S3Storage:
             raise self._fail("upload", key, exc) from exc
 
 
-def _prefetched(chunks: Iterator[Any], depth: int = 4) -> Iterator[Any]:
-    """``chunks``, read ahead by a thread (``depth`` chunks at most held): the next chunk comes over the wire
-    while this one is hashed and written (each step releases the GIL), so a download costs about the slower
-    of the two instead of their sum."""
+def _prefetched(chunks: Iterator[Any], each: Callable[[Any], None], depth: int = 4) -> Iterator[Any]:
+    """``chunks``, read ahead by a thread that also calls ``each`` on every chunk (the hash), in order, before
+    handing it over (``depth`` chunks at most held): the wire, the hash and the caller's write of the
+    previous chunk proceed at once (each releases the GIL), so a download costs about its slowest step
+    instead of their sum. A chunk is handed over only after ``each`` saw it: the digest names what is written."""
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def pump() -> None:
         try:
             for c in chunks:
+                each(c)
                 while not stop.is_set():
                     try:
                         q.put(("chunk", c), timeout=0.5)
