@@ -8,7 +8,7 @@ memory of its master and workers (RSS, PSS and USS = private pages, from /proc/<
 
 Kit runs as generated (2 workers, API-key auth, JSON request logs and Prometheus metrics all on);
 the MLP is sent as simple JSON to /predict, the CNN as v2 binary tensor data. The load generator is wrk
-(closed loop, keep-alive) when it is on PATH (`apt-get install wrk`), else kit.serving.loadgen in this
+(closed loop, keep-alive) when it is on PATH (`apt-get install wrk`), else benchmarks/loadgen.py in this
 process; the output says which ran. CPU seconds used by each worker of each server are read from /proc
 during the run, to show whether both workers did the work. Prints markdown tables and writes
 benchmarks/results/serving.json. Not a timed test: it takes a few minutes. A short smoke run (checks
@@ -38,13 +38,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import loadgen  # noqa: E402  (benchmarks/loadgen.py)
 from models import SmallCNN  # noqa: E402
 
 from kit._proc import free_port  # noqa: E402
 from kit.demo import DigitsMLP  # noqa: E402
 from kit.registry import Registry  # noqa: E402
 from kit.servicegen import generate, start_service  # noqa: E402
-from kit.serving import loadgen  # noqa: E402
 from kit.serving.security import hash_key  # noqa: E402
 
 API_KEY = "bench-key"
@@ -404,7 +404,7 @@ def main() -> None:
                     f"{med['kit']:.2f} s, onnxruntime {med['kit-ort']:.2f} s | | | | | {med['naive']:.2f} s | | | | | |")
         mem_rows.extend(memory_rows(mname, mem))
 
-    gen = f"wrk ({WRK}), closed loop, keep-alive" if WRK else "kit.serving.loadgen in this process (no wrk on PATH)"
+    gen = f"wrk ({WRK}), closed loop, keep-alive" if WRK else "benchmarks/loadgen.py in this process (no wrk on PATH)"
     print("\nServing benchmark (req/s; p50/p99 ms), 2 workers each; Kit with auth + JSON logs + metrics on;"
           f" {os.cpu_count()} cores; load generator: {gen}; worker CPU: seconds per worker during the run\n")
     print("| model | c | in-process limit req/s | Kit req/s | Kit p50 | Kit p99 | Kit errors | Kit worker CPU s | "

@@ -16,6 +16,7 @@ from typing import Any
 
 from kit.errors import DeployError, InvalidNameError, KitError
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
+from kit.registry.names import check_weight
 from kit.render import aliases_line, gate_summary
 from kit.traffic import require_production, set_traffic
 from kit.version_files import check_backend
@@ -119,8 +120,7 @@ def deploy(
     if canary is not None and promote:
         raise InvalidNameError("Choose one of a canary and a promotion, not both.")
     if canary is not None:
-        if not 0.0 < canary <= 1.0:
-            raise InvalidNameError(f"Canary weight must be in (0%, 100%], got {canary:.0%}.")
+        check_weight(canary)
         # Checked before any work: a canary splits traffic with production, so one must exist.
         require_production(registry, name)
     if service is not None:

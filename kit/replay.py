@@ -6,8 +6,8 @@ answered -- inputs, the version that served them, its outputs, the request's lat
 request through it as it arrived (same rows, same batch), and compares with what production answered:
 
 - **agreement**: for a classifier (first output float of shape ``[batch, C]``, C >= 2) the share of rows
-  whose argmax is the same; otherwise the share of records whose outputs all lie within ``atol + rtol *
-  |recorded|``;
+  whose argmax is the same; otherwise the share of records whose outputs all match what was recorded by
+  :func:`kit.backends.parity.compare` (``atol + rtol * |recorded|``, NaN only where NaN was recorded);
 - **deviation**: the largest and the mean absolute difference over every output element;
 - **latency**: the candidate's in-process call time (p50, p95) beside the recorded request latency (the
   service's whole request: parsing, queueing, the forward pass) -- a guide, not like for like;
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kit.backends.parity import compare
 from kit.errors import NotFoundError
 
 # the replay gate notebook, package data beside the default one: run_gate(..., notebooks=[REPLAY_NOTEBOOK])
@@ -192,7 +193,8 @@ class _Tally:
                 self.max_dev = m if self.max_dev is None else max(self.max_dev, m)
                 self.dev_sum += float(diff.sum())
                 self.dev_n += diff.numel()
-                within = within and bool((diff <= atol + rtol * ref.double().abs()).all())
+            within = within and compare([o.double().numpy()], [ref.double().numpy()], atol=atol, rtol=rtol,
+                                        dtypes=[str(o.dtype)]).ok
             if i == 0 and classifier and o.dim() == 2:
                 self.rows += int(o.shape[0])
                 self.agreeing += int((o.argmax(1) == ref.argmax(1)).sum())

@@ -12,6 +12,7 @@ digests, trusted keys) live with the code that uses them. No torch, no third-par
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 
 from kit import backends
 from kit.errors import KitError, ServiceError
+
+log = logging.getLogger(__name__)
 
 SERVICE_FILE = "service.toml"
 REQUIRED = object()  # the default of [service] name, [model] name and [model] registry: generate() passes them
@@ -58,7 +61,6 @@ SETTINGS: tuple[Setting, ...] = (
     _s("service", "device", str, "cpu", '"cpu", "cuda" or "cuda:N" (the master never touches CUDA)',
        rule=('"cpu", "cuda" or "cuda:N"', lambda v: v in ("cpu", "cuda") or v.startswith("cuda:"))),
     _s("service", "workers", int, 0, "0: min(cores, 4)", rule=_NONNEG),
-    _s("service", "threads", int, 4, "unused by the asgi engine (kept so older files stay valid)", rule=_ONE),
     _s("service", "torch_threads", int, 0, "0: max(1, cores // workers)", rule=_NONNEG),
     _s("service", "timeout", int, 60, "seconds; above the model load time (the master kills a silent worker)"),
     _s("service", "graceful_timeout", int, 30, "seconds in-flight requests get on stop"),
@@ -66,8 +68,6 @@ SETTINGS: tuple[Setting, ...] = (
     _s("service", "max_requests", int, 200_000, "a worker restarts after this many requests (plus jitter)"),
     _s("service", "max_requests_jitter", int, 20_000),
     _s("service", "preload", bool, True, "master imports torch (never CUDA) so workers start fast"),
-    _s("service", "engine", str, "asgi", "uvicorn workers, async handlers, an inference thread (the only engine)",
-       rule=('"asgi" (the gthread + Flask engine was removed)', lambda v: v == "asgi")),
     _s("service", "header_timeout", float, 10.0, "seconds for a request head to arrive (else the connection closes)",
        rule=_POS),
     _s("service", "body_timeout", float, 30.0, "seconds for a request body to arrive after its head", rule=_POS),
@@ -141,6 +141,29 @@ SETTINGS: tuple[Setting, ...] = (
     _s("trust", "public_keys", list, (), option="trusted_keys"),
 )
 
+# Keys of the removed gthread + Flask engine. Older service.toml files (and generate() callers) may still
+# hold them: accepted, ignored, logged as deprecated. (section, key) -> (why, the values still accepted or None).
+RETIRED: dict[tuple[str, str], tuple[str, tuple[Any, ...] | None]] = {
+    ("service", "threads"): ("gthread request threads per worker; uvicorn workers never read it", None),
+    ("service", "engine"): ('the ASGI engine is the only one (the gthread + Flask engine was removed)', ("asgi",)),
+}
+
+
+def retired(section: str, key: str, value: Any, where: str, error: type[KitError] = ServiceError) -> bool:
+    """True (after one deprecation line in the log) when ``[section] key`` is a retired key to ignore;
+    :class:`ServiceError` when its value asks for what no longer exists (``engine = "flask"``)."""
+    entry = RETIRED.get((section, key))
+    if entry is None:
+        return False
+    why, accepted = entry
+    if accepted is not None and value not in accepted:
+        allowed = " or ".join(f'"{a}"' for a in accepted)
+        raise error(f"{where}: [{section}] {key} = {value!r} must be {allowed}: {why}. "
+                    f"Remove the key.")
+    log.warning("%s: [%s] %s is no longer read (%s); remove it.", where, section, key, why)
+    return True
+
+
 # Comment lines under a section's header in the generated file.
 NOTES: dict[str, tuple[str, ...]] = {
     "auth.jwt": (
@@ -212,6 +235,8 @@ def check_section(section: str, body: Mapping[str, Any], where: str,
     out: dict[str, Any] = {}
     for key, value in body.items():
         s = known.get(key)
+        if s is None and retired(section, key, value, where, error):
+            continue
         if s is None:
             raise error(f"{where}: unknown key {key!r} in [{section}]; known: {sorted(known)}.")
         out[key] = check_value(s, value, where, error)

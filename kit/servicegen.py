@@ -27,6 +27,7 @@ from kit import service_settings as settings
 from kit._io import atomic_write_text
 from kit._proc import free_port, refuse_taken_port, stop_group, wait_http
 from kit.errors import ServiceError
+from kit.registry.names import is_sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def _trusted_keys(keys: Any) -> list[str]:
 def _values(name: str, model: str, registry: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Every setting of the new service.toml, checked against the declaration (meaning is checked by the
     service when it loads the file)."""
+    options = {k: v for k, v in options.items()
+               if not settings.retired("service", k, v, "service option")}  # engine, threads: ignored
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ServiceError(f"Unknown service option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
@@ -68,7 +71,7 @@ def _values(name: str, model: str, registry: str, options: Mapping[str, Any]) ->
     keys = raw["api_keys_sha256"]
     raw["api_keys_sha256"] = [str(k).lower() for k in ([keys] if isinstance(keys, str) else keys)]
     for k in raw["api_keys_sha256"]:
-        if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+        if not is_sha256_hex(k):
             raise ServiceError(f"API key hash {k[:16]!r}... is not a sha256 hex digest (64 hex characters).")
     raw["trusted_keys"] = _trusted_keys(raw["trusted_keys"])
     if raw["jwt"] and not any(raw[k] for k in _JWT_SOURCES) and str(raw["jwt_algorithms"][0]).startswith("HS"):

@@ -29,8 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from kit.errors import InvalidNameError, PromotionRefusedError
+from kit.errors import PromotionRefusedError
 from kit.registry import Aliases, Registry
+from kit.registry.names import check_weight
 from kit.signing import SigningKey
 
 Action = Literal["start", "replace", "reweight", "stop", "none"]
@@ -78,7 +79,7 @@ def require_production(registry: Registry, name: str) -> int:
 def plan_traffic(registry: Registry, name: str, version: int | str | None, weight: float, *,
                  shown: Aliases | None = None) -> TrafficChange:
     """What :func:`set_traffic` would do now, without doing it. Raises what it would raise (gate aside)."""
-    weight = _weight(weight)
+    weight = check_weight(weight, allow_zero=True)
     target = registry.get(name, version).version if version is not None else None
     if target is None:
         registry.versions(name)  # ModelNotFoundError names the models there are
@@ -197,16 +198,6 @@ def _split(a: Aliases) -> str:
 
 def _with_aliases(change: TrafficChange, aliases: Aliases) -> TrafficChange:
     return replace(change, aliases=aliases)
-
-
-def _weight(weight: float) -> float:
-    try:
-        w = float(weight)
-    except (TypeError, ValueError) as exc:
-        raise InvalidNameError(f"Canary weight must be a number from 0 to 1, got {weight!r}.") from exc
-    if not 0.0 <= w <= 1.0:
-        raise InvalidNameError(f"Canary weight must be from 0% to 100% (0.1 is 10%), got {weight!r}.")
-    return w
 
 
 def register_service_guard(registry: Registry, service_dir: Path | str, *, user: str | None = None) -> str | None:

@@ -118,9 +118,10 @@ def wait_all_workers(url: str, pred: Any, timeout: float = 30.0) -> dict:
 
 
 def start_load(url: str, body: Path, out: Path, *, concurrency: int, duration: float, users: int) -> Any:
-    """kit.serving.loadgen in its own process: ``users`` sticky users and as many anonymous requests, new
+    """benchmarks/loadgen.py in its own process: ``users`` sticky users and as many anonymous requests, new
     connections every 25 requests (so they land on either worker); returns the Popen."""
-    return subprocess.Popen([sys.executable, "-m", "kit.serving.loadgen", url, "--body-file", str(body),
+    loadgen = Path(__file__).resolve().parents[1] / "benchmarks" / "loadgen.py"
+    return subprocess.Popen([sys.executable, str(loadgen), url, "--body-file", str(body),
                              "--concurrency", str(concurrency), "--duration", str(duration),
                              "--max-requests", "20000", "--users", str(users), "--anonymous", str(users),
                              "--out", str(out), "--reconnect-every", "25"])

@@ -1,4 +1,5 @@
-"""What a user may write: model names, version numbers, ``name@ref`` references and canary weights.
+"""What a user may write: model names, version numbers, ``name@ref`` references, canary weights and
+sha256 digests.
 
 Every name reaches the filesystem (``<root>/<name>/versions/<n>``), a URL or a header, so each is checked
 here, once, with ASCII-only patterns matched whole.
@@ -16,6 +17,7 @@ REFS = ("production", "canary", "latest")
 # Matched with fullmatch (``$`` would accept a trailing newline); ASCII classes only.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VERSION_RE = re.compile(r"[0-9]{1,9}")  # ASCII digits: str.isdigit() takes "²" and "١"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def validate_name(name: str, what: str = "model name") -> str:
@@ -31,6 +33,11 @@ def validate_name(name: str, what: str = "model name") -> str:
 def is_version_text(text: str) -> bool:
     """True for 1-9 ASCII digits (what a version number may be written as in a ref, path or header)."""
     return isinstance(text, str) and _VERSION_RE.fullmatch(text) is not None
+
+
+def is_sha256_hex(value: object) -> bool:
+    """The one rule for a sha256 digest read from a file, record or setting: 64 lowercase hex digits, whole."""
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 def validate_version(version: Any) -> int:
@@ -59,7 +66,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 
 def parse_weight(text: str | float) -> float:
-    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number above 1 is refused (write ``10%``)."""
+    """``"10%"`` or ``"0.1"`` -> 0.1. A bare number above 1 is refused (write ``10%``); 0 is allowed (stop)."""
     s = str(text).strip()
     try:
         w = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
@@ -67,17 +74,20 @@ def parse_weight(text: str | float) -> float:
         raise InvalidNameError(f"Canary weight {text!r} is not a number; write it as 10% or 0.1.") from exc
     if not s.endswith("%") and w > 1.0:
         raise InvalidNameError(f"Canary weight {text!r} is above 1; write a percentage as {s}% or a fraction as 0.1.")
-    if not 0.0 <= w <= 1.0:
-        raise InvalidNameError(f"Canary weight {text!r} must be between 0% and 100%.")
-    return w
+    return check_weight(w, allow_zero=True, shown=text)
 
 
-def check_weight(weight: Any) -> float:
-    """A canary weight given as a number: in (0, 1] (0 is no canary: end it instead)."""
+def check_weight(weight: Any, *, allow_zero: bool = False, shown: object = None) -> float:
+    """The one rule for a canary weight given as a number: a finite real in (0, 1], or [0, 1] with
+    ``allow_zero`` (0 is no canary). Bools, NaN and infinities are refused. ``shown`` is what the user wrote."""
+    shown = weight if shown is None else shown
     try:
+        if isinstance(weight, bool):
+            raise TypeError("a bool")
         w = float(weight)
     except (TypeError, ValueError) as exc:
-        raise InvalidNameError(f"Canary weight must be a number in (0, 1], got {weight!r}.") from exc
-    if not 0.0 < w <= 1.0:
-        raise InvalidNameError(f"Canary weight must be in (0, 1] (e.g. 0.1 for 10%), got {weight!r}.")
+        raise InvalidNameError(f"Canary weight must be a number from 0 to 1 (0.1 is 10%), got {shown!r}.") from exc
+    if not (0.0 <= w <= 1.0 if allow_zero else 0.0 < w <= 1.0):  # NaN fails both
+        span = "from 0% to 100%" if allow_zero else "in (0%, 100%] (0 is no canary: end it instead)"
+        raise InvalidNameError(f"Canary weight must be {span}; 0.1 is 10%, got {shown!r}.")
     return w

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import InvalidNameError, RegistryCorruptError
-from kit.registry.names import validate_version
+from kit.registry.names import check_weight, validate_version
 
 SCHEMA = 1
 
@@ -141,12 +141,10 @@ class Aliases:
             production = validate_version(prod["version"]) if prod else None
             previous = tuple(validate_version(v) for v in (prod or {}).get("previous", []))
             canary = validate_version(can["version"]) if can else None
-            weight = float(can.get("weight", 0.0)) if can else 0.0
+            weight = check_weight(can.get("weight", 0.0), allow_zero=True) if can else 0.0
             serial = int(d.get("serial", 0))
         except (KeyError, TypeError, ValueError, InvalidNameError) as exc:
             raise bad(str(exc)) from exc
-        if not 0.0 <= weight <= 1.0:
-            raise bad(f"canary weight {weight} is outside [0, 1]")
         return cls(production, canary, weight, previous, serial, d.get("updated"))
 
 

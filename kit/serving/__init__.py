@@ -8,7 +8,7 @@ Modules: ``config`` (service.toml), ``slots`` (model slots + hot-reload watcher)
 (override / sticky / weighted), ``engine`` (the inference thread and its batching), ``protocol`` (request parsing, the
 Open Inference Protocol v2 and its binary extension), ``metrics`` (Prometheus, multiprocess-safe),
 ``security`` (API keys, rate limits), ``logs`` (JSON lines), ``openapi``, ``asgi`` (the app),
-``handlers`` and ``control`` (its routes), ``http`` (the error and response types), ``worker`` (the
+``handlers`` and ``control`` (its routes), ``http`` (error types to statuses, the response type), ``worker`` (the
 gunicorn worker class), ``testing`` (a test client).
 
 Importing this package is cheap and never imports torch: gunicorn's master imports
@@ -18,23 +18,19 @@ It never imports IPython, ipywidgets, papermill or nbconvert.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 
-__all__ = ["ServiceConfig", "create_app", "load_service_config", "make_app", "worker_plan"]
+if TYPE_CHECKING:
+    from kit.serving.asgi import KitAsgiApp
+
+__all__ = ["ServiceConfig", "load_service_config", "make_app", "worker_plan"]
 
 
-def make_app(config: ServiceConfig, **kwargs: Any) -> Any:
-    """The service's ASGI app (:func:`kit.serving.asgi.create_asgi_app`); what a generated wsgi.py calls."""
+def make_app(config: ServiceConfig, **kwargs: Any) -> KitAsgiApp:
+    """The service's ASGI app (:func:`kit.serving.asgi.create_asgi_app`); what a generated wsgi.py calls.
+    Imported here, not at the top: the app pulls in the backend (torch), the master must not."""
     from kit.serving.asgi import create_asgi_app
 
     return create_asgi_app(config, **kwargs)
-
-
-def __getattr__(name: str) -> Any:  # lazy: the app pulls in torch
-    if name == "create_app":
-        from kit.serving.asgi import create_asgi_app
-
-        return create_asgi_app
-    raise AttributeError(name)

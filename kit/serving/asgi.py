@@ -19,7 +19,7 @@ from kit.serving.config import ServiceConfig, worker_plan
 from kit.serving.engine import InferenceEngine
 from kit.serving.handlers import Outcome, Service, log_request, request_id, run_infer
 from kit.serving.hooks import make_hooks
-from kit.serving.http import HttpError, Receive, Response, Scope, Send, send_response
+from kit.serving.http import Receive, Scope, Send, respond_to, send_response
 from kit.serving.metrics import Metrics
 from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, RateLimiter
 from kit.serving.slots import ModelSlots
@@ -69,12 +69,8 @@ class KitAsgiApp:
             out = Outcome(request_id(scope))
             try:
                 resp = control.answer(svc, scope["method"], path)
-            except HttpError as exc:
-                resp = Response.error(exc)
-            except Exception as exc:  # a bug, never a client's fault
-                log.exception("unhandled error on %s %s (request %s)", scope["method"], path, out.rid)
-                resp = Response.error(HttpError(f"Internal error ({type(exc).__name__}); see the service log, "
-                                                f"request id {out.rid}.", 500))
+            except Exception as exc:
+                resp = respond_to(exc, out.rid, f"{scope['method']} {path}")
             resp.headers["X-Request-Id"] = out.rid
         await send_response(send, resp)
         log_request(svc, scope, out, resp.status, time.perf_counter() - t0, inference=is_infer)

@@ -18,6 +18,7 @@ from typing import Any
 
 from kit import service_settings as settings
 from kit.errors import ServiceError
+from kit.registry.names import is_sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class ServiceConfig:
     bind: str = _o("bind")
     device: str = _o("device")
     workers: int = _o("workers")  # 0: min(cores, 4)
-    threads: int = _o("threads")  # gthread request threads per worker (measured: 4 beat 2 and 8 at c=32 on 2 cores)
     torch_threads: int = _o("torch_threads")  # 0: max(1, cores // workers), so workers x torch threads <= cores
     timeout: int = _o("timeout")  # above model load time: the master kills a silent worker after this
     graceful_timeout: int = _o("graceful_timeout")
@@ -74,7 +74,6 @@ class ServiceConfig:
     max_requests: int = _o("max_requests")
     max_requests_jitter: int = _o("max_requests_jitter")
     preload: bool = _o("preload")  # the master imports torch & co (never CUDA) so forked workers start in ~0.3 s
-    engine: str = _o("engine")  # uvicorn workers, async handlers, an inference thread (the only engine)
     header_timeout: float = _o("header_timeout")  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = _o("body_timeout")  # asgi: seconds for a request body to arrive after its head
     check_env: bool = _o("check_env")
@@ -99,6 +98,11 @@ class ServiceConfig:
     canary_guard: Any = None  # kit.serving.guard.GuardSettings ([canary_guard]; absent: off)
     capture: Any = None  # kit.serving.recorder.CaptureSettings ([capture]; absent: off)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # The removed engine's settings, until kit/serving/gunicorn_hooks.py stops reading them (not settings:
+    # service.toml's engine and threads are ignored, kit.service_settings.RETIRED).
+    engine = "asgi"
+    threads = 1
 
     @property
     def auth_enabled(self) -> bool:
@@ -153,7 +157,7 @@ _TABLES = ("auth.jwt", "canary_guard", "capture")
 
 def _api_keys(keys: tuple[str, ...], path: Path, environ: Mapping[str, str]) -> tuple[str, ...]:
     for k in keys:
-        if not (len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
+        if not is_sha256_hex(k):
             raise ServiceError(f"{path}: [auth] api_keys_sha256 holds {k!r}, not a lowercase sha256 hex "
                                "digest. Hash keys with `kit service hash-key KEY` (or sha256sum).")
     # KIT_API_KEYS_SHA256 adds digests (comma-separated) from the environment, e.g. a secret store's,
@@ -161,7 +165,7 @@ def _api_keys(keys: tuple[str, ...], path: Path, environ: Mapping[str, str]) -> 
     for k in (x.strip() for x in environ.get("KIT_API_KEYS_SHA256", "").split(",")):
         if not k:
             continue
-        if not (len(k) == 64 and all(c in "0123456789abcdef" for c in k)):
+        if not is_sha256_hex(k):
             raise ServiceError(f"KIT_API_KEYS_SHA256 holds {k[:16]!r}…, not a lowercase sha256 hex digest. "
                                "Hash keys with `kit service hash-key KEY` (or sha256sum).")
         keys = (*keys, k)

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kit.serving.handlers import Service
-from kit.serving.http import HttpError, Response
+from kit.serving.http import MethodNotAllowed, NotReady, Response
 from kit.serving.openapi import build_openapi
 from kit.serving.protocol import v2_metadata
+from kit.serving.router import RouteError
 
 Route = Callable[[Service, list[str]], Response]
 
@@ -55,7 +56,7 @@ def v2_server(svc: Service, _: list[str]) -> Response:
 
 def _check_model(svc: Service, name: str) -> None:
     if name != svc.model:
-        raise HttpError(f"This service serves model {svc.model!r}, not {name[:64]!r}.", 404)
+        raise RouteError(f"This service serves model {svc.model!r}, not {name[:64]!r}.")
 
 
 def v2_model(svc: Service, parts: list[str]) -> Response:
@@ -64,13 +65,13 @@ def v2_model(svc: Service, parts: list[str]) -> Response:
     _check_model(svc, name)
     state = svc.slots.state
     if not state.ready or state.production is None:
-        raise HttpError(f"Model {svc.model!r} is not loaded yet ({svc.not_ready_reason()}).", 503)
+        raise NotReady(f"Model {svc.model!r} is not loaded yet ({svc.not_ready_reason()}).")
     served = [s.version for s in state.slots()]
     slot = state.production
     if version is not None:
         match = [s for s in state.slots() if str(s.version) == version]
         if not match:
-            raise HttpError(f"Version {version[:12]!r} of {svc.model!r} is not served here (serving {served}).", 404)
+            raise RouteError(f"Version {version[:12]!r} of {svc.model!r} is not served here (serving {served}).")
         slot = match[0]
     return Response.json(v2_metadata(svc.model, slot.signature, served, slot.backend))
 
@@ -143,12 +144,12 @@ def answer(svc: Service, method: str, path: str) -> Response:
     """A control route's response (404 / 405 for unknown paths and methods)."""
     found = find(path)
     if found is None:
-        raise HttpError(f"No endpoint {path[:200]}; see /openapi.json.", 404)
+        raise RouteError(f"No endpoint {path[:200]}; see /openapi.json.")
     if method not in ("GET", "HEAD"):
         if method == "OPTIONS":
             return Response(200, b"", headers={"Allow": "GET, HEAD, OPTIONS"})
-        raise HttpError(f"Method {method} is not allowed on {path[:200]}.", 405, {"Allow": "GET, HEAD, OPTIONS"})
+        raise MethodNotAllowed(f"Method {method} is not allowed on {path[:200]}.", allow="GET, HEAD, OPTIONS")
     route, parts = found
     if parts and any(not p for p in parts[3:]):  # /v2/models//ready and friends
-        raise HttpError(f"No endpoint {path[:200]}; see /openapi.json.", 404)
+        raise RouteError(f"No endpoint {path[:200]}; see /openapi.json.")
     return route(svc, parts)

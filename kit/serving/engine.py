@@ -56,21 +56,18 @@ def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 class InferenceEngine:
-    """One worker's forward passes, run on ``threads`` inference thread(s) fed by one queue."""
+    """One worker's forward passes, run on one inference thread fed by a queue."""
 
-    def __init__(self, *, max_batch: int = 64, max_wait_ms: float = 0.0, threads: int = 1,
-                 torch_threads: int = 0, name: str = "kit-infer"):
+    def __init__(self, *, max_batch: int = 64, max_wait_ms: float = 0.0, torch_threads: int = 0,
+                 name: str = "kit-infer"):
         self.max_batch = max(1, int(max_batch))
         self.torch_threads = torch_threads
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self._cv = threading.Condition()
         self._pending: deque[_Job] = deque()
         self._stopping = False
-        self.batches = 0  # forward passes run (for tests and /readyz)
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
-                         for i in range(max(1, threads))]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-0", daemon=True)
+        self._thread.start()
 
     def submit(self, forward: Forward, inputs: tuple[Any, ...], max_rows: int | None = None
                ) -> asyncio.Future[tuple[tuple[Any, ...], int]]:
@@ -90,16 +87,11 @@ class InferenceEngine:
         return job.future
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finish what is queued, then end the thread(s)."""
+        """Finish what is queued, then end the thread."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout)
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
+        self._thread.join(timeout)
 
     # ---- the inference thread
     def _run(self) -> None:
@@ -159,7 +151,6 @@ class InferenceEngine:
                 results = [(j.future, (tuple(p[k] for p in parts), rows), None) for k, j in enumerate(batch)]
         except Exception as exc:  # every request in the batch gets the failure (a 500 with its id)
             results = [(j.future, None, exc) for j in batch]
-        self.batches += 1
         loops: dict[int, tuple[asyncio.AbstractEventLoop, list[Any]]] = {}
         for job, res in zip(batch, results):
             loops.setdefault(id(job.loop), (job.loop, []))[1].append(res)

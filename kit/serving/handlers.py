@@ -20,12 +20,24 @@ from typing import Any
 
 from kit.serving.config import ServiceConfig
 from kit.serving.engine import Forward, InferenceEngine
-from kit.serving.http import ClientGone, HttpError, Receive, Response, Scope, as_http_error, content_length, read_body
+from kit.serving.http import (
+    OCTETS,
+    ClientGone,
+    MethodNotAllowed,
+    NotReady,
+    RateLimited,
+    Receive,
+    Response,
+    Scope,
+    content_length,
+    read_body,
+    respond_to,
+)
 from kit.serving.logs import log_access
 from kit.serving.metrics import Metrics
 from kit.serving.protocol import BINARY_HEADER, parse_predict, parse_v2_infer, predict_response, v2_response
-from kit.serving.router import choose
-from kit.serving.security import Authenticator, Identity, RateLimiter, Unauthorized
+from kit.serving.router import RouteError, choose
+from kit.serving.security import Authenticator, Identity, RateLimiter
 from kit.serving.slots import ModelSlots
 
 log = logging.getLogger("kit.serving.app")
@@ -82,16 +94,13 @@ class Service:
 
     def authorize(self, headers: dict[bytes, bytes], client_addr: str | None) -> Identity:
         """The caller (API key hashed once, or a JWT: :class:`kit.serving.security.Authenticator`), then the
-        rate limit; HttpError 401 / 429."""
-        try:
-            who = self.auth.identify(_text(headers, b"x-api-key"), _text(headers, b"authorization"))
-        except Unauthorized as exc:
-            raise HttpError(str(exc), 401, {"WWW-Authenticate": exc.challenge}) from exc
+        rate limit; :class:`~kit.serving.security.Unauthorized` / :class:`~kit.serving.http.RateLimited`."""
+        who = self.auth.identify(_text(headers, b"x-api-key"), _text(headers, b"authorization"))
         if self.limiter.enabled:
             ok, wait = self.limiter.allow(who.client or f"addr:{client_addr}")
             if not ok:
-                raise HttpError(f"Rate limit exceeded ({self.config.rate_limit:g} requests/s per client); "
-                                f"retry in {wait:.2f}s.", 429, {"Retry-After": str(max(1, round(wait + 0.5)))})
+                raise RateLimited(f"Rate limit exceeded ({self.config.rate_limit:g} requests/s per client); "
+                                  f"retry in {wait:.2f}s.", retry_after=wait)
         return who
 
 
@@ -129,15 +138,15 @@ async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name
     resp_headers = {"X-Request-Id": out.rid}
     out.route = "rejected"
     if scope["method"] != "POST":
-        raise HttpError(f"Method {scope['method']} is not allowed here; use POST.", 405, {"Allow": "POST"})
+        raise MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.", allow="POST")
     client = scope.get("client")
     who = svc.authorize(headers, client[0] if client else None)
     if name is not None and name != svc.model:
-        raise HttpError(f"This service serves model {svc.model!r}, not {name[:64]!r}.", 404)
+        raise RouteError(f"This service serves model {svc.model!r}, not {name[:64]!r}.")
     body = await read_body(receive, content_length(headers), svc.config.max_body_bytes)
     state = svc.slots.state
     if not state.ready:
-        raise HttpError(f"Model {svc.model!r} is not loaded yet ({svc.not_ready_reason()}).", 503)
+        raise NotReady(f"Model {svc.model!r} is not loaded yet ({svc.not_ready_reason()}).")
     override = version or _text(headers, svc.version_header)
     slot, out.route = choose(state, model=svc.model, override=override,
                              user=who.user or _text(headers, svc.user_header))
@@ -164,7 +173,7 @@ async def infer(svc: Service, scope: Scope, receive: Receive, out: Outcome, name
     if header_len is None:
         return Response(200, data, headers=resp_headers)
     resp_headers[BINARY_HEADER] = str(header_len)
-    return Response(200, data, b"application/octet-stream", resp_headers)
+    return Response(200, data, OCTETS, resp_headers)
 
 
 def _text(headers: dict[bytes, bytes], name: bytes | None) -> str | None:
@@ -183,17 +192,10 @@ async def run_infer(svc: Service, scope: Scope, receive: Receive, name: str | No
     except ClientGone:
         return None, out
     except Exception as exc:
-        err = as_http_error(exc)
-        if err is None:  # a bug or a model failure, never a client's fault
-            log.exception("unhandled error on %s (request %s)", scope["path"], out.rid)
-            err = HttpError(f"Internal error ({type(exc).__name__}); see the service log, request id {out.rid}.",
-                            500)
-        resp = Response.error(err)
+        resp = respond_to(exc, out.rid, scope["path"])  # a body too large also closes the connection
         resp.headers["X-Request-Id"] = out.rid
         if out.version is not None:  # a canary's 5xx must be attributable to it as much as its 200s
             resp.headers[VERSION_HEADER_OUT] = str(out.version)
-        if err.status == 413:  # the rest of the body is unread: close rather than parse it as a request
-            resp.close = True
     return resp, out
 
 

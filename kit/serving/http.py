@@ -1,21 +1,26 @@
-"""The HTTP vocabulary of the ASGI engine: one error type, one response type, and reading a request body.
+"""The HTTP vocabulary of the ASGI engine: the one table from error types to HTTP statuses, the response
+type, and reading a request body.
 
-Every client-facing failure on the ASGI path is an :class:`HttpError` (status, message, extra headers);
-:func:`as_http_error` turns the errors raised by :mod:`kit.serving.protocol` (``RequestError``) and
-:mod:`kit.serving.router` (``RouteError``), which carry a ``status`` too, into one. A response body is
-always ``{"error": message}``.
+Errors carry no HTTP status. A client-facing failure is raised as the error type that says what went wrong
+(:class:`~kit.serving.protocol.RequestError`, :class:`~kit.serving.router.RouteError`,
+:class:`~kit.serving.security.Unauthorized` and the few below); :data:`STATUS` maps each type to its status
+and :func:`error_response` builds the response (``{"error": message}`` plus the headers that status needs).
+Any other exception is a 500.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 
 import orjson
 
 from kit.errors import ServingError
+from kit.serving.protocol import RequestError
+from kit.serving.router import RouteError
+from kit.serving.security import Unauthorized
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,30 +29,61 @@ Send = Callable[[Message], Awaitable[None]]
 
 JSON = b"application/json"
 OCTETS = b"application/octet-stream"
-REASONS = {s.value: s.phrase for s in HTTPStatus}
+log = logging.getLogger(__name__)
 
 
-class HttpError(ServingError):
-    """A request the service answers with ``status`` and ``{"error": message}`` (plus ``headers``)."""
+class BodyTooLarge(RequestError):
+    """The body is over ``[limits] max_body_bytes`` (its rest is unread: the connection closes)."""
 
-    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
+
+class MethodNotAllowed(ServingError):
+    """The path exists but not for this method; ``allow`` lists the methods it takes."""
+
+    def __init__(self, message: str, *, allow: str):
         super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
+        self.allow = allow
+
+
+class RateLimited(ServingError):
+    """The client is over ``[limits] rate_limit``; ``retry_after`` is the wait in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(ServingError):
+    """No version is loaded yet (or none could be)."""
 
 
 class ClientGone(Exception):
     """The client closed the connection (or the server timed its body out) before the body arrived."""
 
 
-def as_http_error(exc: Exception) -> HttpError | None:
-    """An :class:`HttpError` for any error that carries an HTTP ``status`` (RequestError, RouteError)."""
-    if isinstance(exc, HttpError):
-        return exc
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and 400 <= status < 600 and isinstance(exc, ServingError):
-        return HttpError(str(exc), status, dict(getattr(exc, "headers", None) or {}))
+# The one table: an error type (or its nearest listed base) -> the HTTP status a client gets.
+STATUS: dict[type[Exception], int] = {
+    RequestError: 400, BodyTooLarge: 413, Unauthorized: 401, RouteError: 404, MethodNotAllowed: 405,
+    RateLimited: 429, NotReady: 503,
+}
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The status :data:`STATUS` gives ``exc``'s type (the most specific listed class wins), else None."""
+    for cls in type(exc).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return status
     return None
+
+
+def _headers(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": exc.challenge}
+    if isinstance(exc, MethodNotAllowed):
+        return {"Allow": exc.allow}
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": str(max(1, round(exc.retry_after + 0.5)))}
+    return {}
 
 
 @dataclass
@@ -65,8 +101,30 @@ class Response:
         return cls(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), JSON, headers or {})
 
     @classmethod
-    def error(cls, exc: HttpError) -> Response:
-        return cls(exc.status, orjson.dumps({"error": str(exc)}), JSON, dict(exc.headers))
+    def error(cls, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+        return cls(status, orjson.dumps({"error": message}), JSON, dict(headers or {}))
+
+
+def error_response(exc: BaseException) -> Response | None:
+    """The response for a client-facing error (its status from :data:`STATUS`), or None for any other
+    exception (a bug or a model failure: the caller answers 500 and logs it)."""
+    status = status_of(exc)
+    if status is None:
+        return None
+    resp = Response.error(str(exc), status, _headers(exc))
+    resp.close = isinstance(exc, BodyTooLarge)
+    return resp
+
+
+def respond_to(exc: BaseException, rid: str, where: str) -> Response:
+    """The response to an exception a request raised: :func:`error_response`'s, else a 500 naming only its
+    type and the request id (the traceback goes to the log, ``where`` names the request). Call it in the
+    ``except`` block."""
+    resp = error_response(exc)
+    if resp is None:  # a bug or a model failure, never a client's fault
+        log.exception("unhandled error on %s (request %s)", where, rid)
+        resp = Response.error(f"Internal error ({type(exc).__name__}); see the service log, request id {rid}.", 500)
+    return resp
 
 
 async def send_response(send: Send, resp: Response) -> None:
@@ -86,20 +144,15 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def headers_of(scope: Scope) -> dict[bytes, bytes]:
-    """All request headers (lowercase names; a repeated header keeps its last value)."""
-    return dict(scope["headers"])
-
-
 async def read_body(receive: Receive, length: int | None, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes (413 above it). ``length`` is the Content-Length, if any.
+    """The request body, at most ``limit`` bytes (:class:`BodyTooLarge` above it). ``length`` is the Content-Length, if any.
 
     Raises :class:`ClientGone` when the client disconnects first; the server's body timeout closes slow
     senders' connections, which ends here the same way.
     """
     if length is not None and length > limit:
-        raise HttpError(f"Request body too large ({length} bytes): the limit is {limit} bytes "
-                        "([limits] max_body_bytes).", 413)
+        raise BodyTooLarge(f"Request body too large ({length} bytes): the limit is {limit} bytes "
+                           "([limits] max_body_bytes).")
     parts: list[bytes] = []
     size = 0
     while True:
@@ -110,8 +163,7 @@ async def read_body(receive: Receive, length: int | None, limit: int) -> bytes:
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise HttpError(f"Request body too large: the limit is {limit} bytes ([limits] max_body_bytes).",
-                                413)
+                raise BodyTooLarge(f"Request body too large: the limit is {limit} bytes ([limits] max_body_bytes).")
             parts.append(chunk)
         if not msg.get("more_body", False):
             break
@@ -125,4 +177,4 @@ def content_length(scope_headers: dict[bytes, bytes]) -> int | None:
     try:
         return int(raw)
     except ValueError as exc:
-        raise HttpError("Content-Length is not a number.") from exc
+        raise RequestError("Content-Length is not a number.") from exc

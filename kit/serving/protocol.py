@@ -1,6 +1,6 @@
 """Request and response bodies: Kit's simple JSON, and the Open Inference Protocol v2 (KServe/Triton)
 with its binary tensor data extension. Everything a client sends is checked against the model's
-signature here; a mismatch is a :class:`RequestError` (4xx) whose message names what was expected.
+signature here; a mismatch is a :class:`RequestError` (a 400) whose message names what was expected.
 
 Requests become numpy arrays (the signature's dtype, C-contiguous) and responses are built from numpy
 arrays, whichever backend serves (torch or onnxruntime): this module never imports torch. What a check
@@ -30,11 +30,8 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 
 
 class RequestError(ServingError):
-    """A client error: ``status`` is the HTTP status, the message says what was expected."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+    """A request the service cannot take (a client error: :data:`kit.serving.http.STATUS`); the message says
+    what was expected."""
 
 
 def np_dtype(spec_dtype: str) -> np.dtype:

@@ -8,14 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kit.errors import ServingError
+from kit.serving.protocol import RequestError
 
 
 class RouteError(ServingError):
-    """The request asked for a version this service does not serve (a client error)."""
-
-    def __init__(self, message: str, status: int = 404):
-        super().__init__(message)
-        self.status = status
+    """The request names a model, version or endpoint this service does not serve (a 404)."""
 
 
 def user_bucket(model: str, user: str) -> float:
@@ -50,8 +47,8 @@ def choose(state: Any, *, model: str, override: str | None = None, user: str | N
                     return s, "override"
             raise RouteError(f"Version {want} of {model!r} is not served here (serving {served or 'nothing'}). "
                              "Ask for 'production', 'canary' or one of those versions.")
-        raise RouteError(f"Version override {override[:40]!r} is not 'production', 'canary' or a version "
-                         "number.", status=400)
+        raise RequestError(f"Version override {override[:40]!r} is not 'production', 'canary' or a version "
+                           "number.")
     if canary is None or weight <= 0.0:
         return prod, "production"
     if user:

@@ -20,6 +20,7 @@ from typing import Any
 import jwt
 
 from kit.errors import ServiceError, ServingError
+from kit.registry.names import is_sha256_hex
 from kit.serving.config import JwtSettings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
         s = line.split("#", 1)[0].strip().lower()
         if not s:
             continue
-        if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+        if not is_sha256_hex(s):
             raise ServiceError(f"{path}:{n}: {s[:20]!r} is not a sha256 hex digest (64 hex characters).")
         out.append(s)
     return tuple(out)
@@ -136,9 +137,8 @@ class RateLimiter:
 
 
 class Unauthorized(ServingError, PermissionError):
-    """A 401: the message says why (never echoing a token or a secret); ``challenge`` is WWW-Authenticate."""
-
-    status = 401
+    """A 401 (:data:`kit.serving.http.STATUS`): the message says why (never echoing a token or a secret);
+    ``challenge`` is what WWW-Authenticate says."""
 
     def __init__(self, message: str, challenge: str = "Bearer"):
         super().__init__(message)

@@ -1,4 +1,4 @@
-"""The ASGI engine's pieces without a server: the inference thread and its batching, the HTTP error type,
+"""The ASGI engine's pieces without a server: the inference thread and its batching, the table of HTTP statuses,
 body reading, and route dispatch. Real numpy arrays (what both backends' forwards
 take) and a real event loop; no mocks."""
 
@@ -14,9 +14,20 @@ import pytest
 from kit.errors import ServingError
 from kit.serving.control import find
 from kit.serving.engine import InferenceEngine
-from kit.serving.http import ClientGone, HttpError, as_http_error, read_body
+from kit.serving.http import (
+    STATUS,
+    BodyTooLarge,
+    ClientGone,
+    MethodNotAllowed,
+    NotReady,
+    RateLimited,
+    error_response,
+    read_body,
+    respond_to,
+)
 from kit.serving.protocol import RequestError
 from kit.serving.router import RouteError
+from kit.serving.security import Unauthorized
 
 
 class Gated:
@@ -128,11 +139,25 @@ def test_max_wait_collects_more_rows_before_running():
     assert fwd.calls == [4] and all(r == 4 for _, r in outs)
 
 
-def test_one_http_error_type_for_protocol_and_router_errors():
-    for exc, status in ((RequestError("bad", 413), 413), (RouteError("gone"), 404), (HttpError("x", 429), 429)):
-        err = as_http_error(exc)
-        assert err is not None and err.status == status and str(err) == str(exc)
-    assert isinstance(HttpError("x"), ServingError) and as_http_error(ValueError("bug")) is None
+def test_one_table_maps_error_types_to_statuses():
+    cases = [(RequestError("bad"), 400, {}), (BodyTooLarge("big"), 413, {}), (RouteError("gone"), 404, {}),
+             (Unauthorized("who", 'Bearer error="invalid_token"'), 401,
+              {"WWW-Authenticate": 'Bearer error="invalid_token"'}),
+             (MethodNotAllowed("no", allow="POST"), 405, {"Allow": "POST"}),
+             (RateLimited("slow down", retry_after=0.2), 429, {"Retry-After": "1"}),
+             (NotReady("loading"), 503, {})]
+    for exc, status, headers in cases:
+        assert not hasattr(exc, "status"), "errors carry no HTTP status"
+        resp = error_response(exc)
+        assert resp is not None and (resp.status, resp.headers) == (status, headers), exc
+        assert orjson.loads(resp.body) == {"error": str(exc)} and resp.close == (status == 413)
+    assert set(STATUS) == {type(e) for e, _, _ in cases}
+    assert error_response(ValueError("bug")) is None and error_response(ServingError("slot")) is None
+    try:
+        raise KeyError("secret detail")
+    except KeyError as exc:
+        resp = respond_to(exc, "rid-1", "/predict")
+    assert resp.status == 500 and b"KeyError" in resp.body and b"rid-1" in resp.body and b"secret" not in resp.body
 
 
 def test_read_body_limits_and_disconnects():
@@ -146,10 +171,9 @@ def test_read_body_limits_and_disconnects():
     chunks = receiver({"type": "http.request", "body": b"ab", "more_body": True},
                       {"type": "http.request", "body": b"cd", "more_body": False})
     assert _run(read_body(chunks, 4, 10)) == b"abcd"
-    with pytest.raises(HttpError) as e:
+    with pytest.raises(BodyTooLarge, match="10 bytes"):
         _run(read_body(receiver(), 11, 10))  # refused from Content-Length alone
-    assert e.value.status == 413 and "10 bytes" in str(e.value)
-    with pytest.raises(HttpError):
+    with pytest.raises(BodyTooLarge):
         _run(read_body(receiver({"type": "http.request", "body": b"x" * 11, "more_body": False}), None, 10))
     with pytest.raises(ClientGone):
         _run(read_body(receiver({"type": "http.request", "body": b"x", "more_body": True},

@@ -7,6 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
+from kit.serving.http import status_of
 from kit.serving.protocol import RequestError, parse_predict, parse_v2_infer, predict_response, v2_metadata, v2_response
 from kit.signature import Signature, TensorSpec
 
@@ -31,7 +32,7 @@ def _v2(inputs: list[dict], sig: Signature = TEXT, binary: bytes = b"", **extra:
 def _refused(fn, *args, match: str, **kw) -> RequestError:
     with pytest.raises(RequestError, match=match) as ei:
         fn(*args, **kw)
-    assert ei.value.status == 400
+    assert status_of(ei.value) == 400
     return ei.value
 
 

@@ -133,7 +133,7 @@ def test_canary_and_rollback_cycle(reg):
     a = reg.set_canary("m", 3, 0.25)
     assert (a.production, a.canary, a.canary_weight) == (2, 3, 0.25)
     assert reg.set_canary_weight("m", 0.5).canary_weight == 0.5
-    with pytest.raises(InvalidNameError, match=r"\(0, 1\]"):
+    with pytest.raises(InvalidNameError, match=r"in \(0%, 100%\]"):
         reg.set_canary("m", 3, 1.5)
     with pytest.raises(PromotionRefusedError, match="already production"):
         reg.set_canary("m", 2, 0.1)

@@ -94,3 +94,23 @@ def test_generate_options_are_checked_against_the_declaration():
     doc = tomllib.loads(text)
     assert doc["canary_guard"]["steps"] == [5.0, 50.0, 100.0] and doc["auth"]["jwt"]["audience"] == ["svc"]
     assert doc["auth"]["jwt"]["secret_env"] == "KIT_JWT_SECRET"
+
+
+def test_the_removed_engines_keys_are_read_ignored_and_logged(tmp_path, caplog):
+    """engine and threads (the gthread + Flask engine) are no longer written; an older file that has them
+    still loads, with one deprecation line each, and generate() takes them as no-ops the same way."""
+    base = render("svc", "m", registry="r")["service.toml"]
+    assert "engine =" not in base and "threads =" not in base.replace("torch_threads =", "")
+    d = _write(tmp_path, base.replace("[service]", '[service]\nengine = "asgi"\nthreads = 4', 1))
+    with caplog.at_level("WARNING", logger="kit.service_settings"):
+        cfg = load_service_config(d)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("[service] engine is no longer read" in m for m in said), said
+    assert any("[service] threads is no longer read" in m and "remove it" in m for m in said), said
+    assert cfg.name == "svc" and "threads" not in {f.name for f in dataclasses.fields(cfg)}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kit.service_settings"):
+        assert render("svc", "m", registry="r", engine="asgi", threads=8)["service.toml"] == base
+    assert len(caplog.records) == 2
+    with pytest.raises(ServiceError, match='engine = .flask. must be "asgi"'):
+        render("svc", "m", registry="r", engine="flask")

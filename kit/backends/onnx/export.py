@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from kit.backends.parity import HALF_FLOOR, compare
 from kit.version_files import ONNX_DATA_FILE, ONNX_FILE
 
 log = logging.getLogger("kit.capture")
@@ -131,26 +130,13 @@ def _export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names:
     return int(next((o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-# Half precision cannot meet float32's tolerance (capture's parity has the same floors, kit.capture._tolerance).
-_HALF_FLOOR = {"float16": 2e-3, "bfloat16": 2e-2}
-
-
 def _diff(expected: Sequence[Any], got: Sequence[Any], atol: float, rtol: float) -> tuple[float, bool]:
-    worst, ok = 0.0, True
-    for e, g in zip(expected, got, strict=True):
-        floor = _HALF_FLOOR.get(str(e.dtype).removeprefix("torch."), 0.0)
-        e = e.detach().cpu()
-        e = (e.float() if floor else e).numpy()  # numpy has no bfloat16
-        if e.shape != g.shape:
-            return float("inf"), False
-        if e.dtype.kind in "fc":
-            d = np.abs(e.astype(np.float64) - np.asarray(g).astype(np.float64))
-            worst = max(worst, float(d.max()) if d.size else 0.0)
-            ok = ok and bool(np.allclose(np.asarray(g).astype(np.float64), e, atol=max(atol, floor),
-                                         rtol=max(rtol, floor), equal_nan=True))
-        elif not np.array_equal(e, g):
-            return float("inf"), False
-    return worst, ok
+    """Eager tensors against onnxruntime's arrays by the one rule (:func:`kit.backends.parity.compare`)."""
+    names = [str(e.dtype).removeprefix("torch.") for e in expected]
+    want = [(e.detach().cpu().float() if n in HALF_FLOOR else e.detach().cpu()).numpy()  # numpy has no bfloat16
+            for e, n in zip(expected, names)]
+    m = compare(got, want, atol=atol, rtol=rtol, dtypes=names)
+    return m.max_abs_diff, m.ok
 
 
 def _parity(folder: Path, in_names: list[str], out_names: list[str],

@@ -1,6 +1,7 @@
-"""A small HTTP/1.1 load generator (asyncio, keep-alive, stdlib only) for benchmarks and load tests.
+"""A small HTTP/1.1 load generator (asyncio, keep-alive, stdlib only) for benchmarks and load tests (not part
+of the runtime: services never import it; tests/kit_testing.py runs it as a script).
 
-``python -m kit.serving.loadgen URL --concurrency 8 --duration 5 --body-file req.json --out result.json``
+``python benchmarks/loadgen.py URL --concurrency 8 --duration 5 --body-file req.json --out result.json``
 Each request records (start time on the monotonic clock (perf_counter), latency, status, served version, user); nothing is retried, so every
 failure counts. Connections are reused unless the server closes them (then it reconnects).
 """
