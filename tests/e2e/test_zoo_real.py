@@ -1,0 +1,140 @@
+"""Issue 19's real-model zoo end to end: torchvision's ResNet-18 (224 px), MobileNetV3-Small, EfficientNet-B0,
+a small ViT and ConvNeXt (published definitions, tests/zoo/tv_*.py), BertForSequenceClassification,
+DistilBERT, GPT-2 (use_cache=False), a T5 encoder as transformers returns them, an LSTM, and float16 /
+bfloat16 outputs, all with random weights and keyword (dict) example inputs.
+
+Per model, in one registry: capture and register v1 (signed), the default gate without --force (v1 on its
+own checks), promote; for the models marked ``compare`` a v2 (the last bias nudged) gated against v1 as
+production and promoted. Then the production version is served by a real gunicorn on 127.0.0.1 on the
+torch backend and, where capture exported ONNX, on onnxruntime; /predict on fresh inputs (another batch
+size and sequence length) equals eager within the tolerance capture recorded.
+
+The gate runs the packaged default notebook with its default thresholds; only ``batch_n`` (rows of the
+finite/agreement checks and the batch of the latency comparison: 64 by default) and ``latency_repeats``
+are made smaller, so that ResNet-18 at batch 64 does not spend minutes of two shared cores per gate.
+Times go to test-artifacts/zoo_real_times.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from kit_testing import project_keyring
+from zoo.real import REAL, RealEntry, eager, nudged
+
+from kit.gate import render_text, run_gate
+from kit.registry import Registry
+from kit.servicegen import generate, start_service
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+GATE_PARAMS = {"batch_n": 8, "latency_repeats": 10}
+
+
+@dataclass
+class Deployed:
+    zoo: RealEntry
+    reg: Registry
+    model: torch.nn.Module  # the production version's eager model
+    production: int
+    gates: dict[int, Any] = field(default_factory=dict)  # version -> GateResult
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def _gate_and_promote(d: Deployed, version: int) -> None:
+    t0 = time.perf_counter()
+    g = run_gate(d.reg, d.zoo.name, version, params=GATE_PARAMS, timeout=600)
+    d.times[f"gate_v{version}_s"] = round(time.perf_counter() - t0, 1)
+    d.gates[version] = g
+    if g.passed:  # no force: a failed gate leaves production where it was, and the test below says why
+        d.reg.promote(d.zoo.name, version)
+        d.production = version
+
+
+@pytest.fixture(scope="module", params=REAL, ids=[z.name for z in REAL])
+def deployed(request, tmp_path_factory, artifacts_dir):
+    z: RealEntry = request.param
+    reg = Registry(tmp_path_factory.mktemp(z.name) / "registry", require_gate=True, user="zoo",
+                   keyring=project_keyring())
+    d = Deployed(z, reg, z.model(), production=0)
+    t0 = time.perf_counter()
+    mv = reg.register(z.name, d.model, z.example(), dynamic=z.dynamic or None, dims=z.dims or None)
+    d.times["capture_register_s"] = round(time.perf_counter() - t0, 1)
+    _gate_and_promote(d, mv.version)
+    if z.compare and d.production == mv.version:
+        v2 = nudged(z.model())
+        mv2 = reg.register(z.name, v2, z.example(), dynamic=z.dynamic or None, dims=z.dims or None)
+        _gate_and_promote(d, mv2.version)
+        if d.production == mv2.version:
+            d.model = v2
+    yield d
+    path = artifacts_dir / "zoo_real_times.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table[z.name] = d.times
+    path.write_text(json.dumps(table, indent=2) + "\n")
+
+
+def test_capture_records_whether_onnx_export_works(deployed):
+    rec = deployed.reg.get(deployed.zoo.name, 1).capture["onnx"]
+    assert rec["exported"] is deployed.zoo.onnx, rec.get("reason")
+
+
+def test_the_default_gate_passes_v1_alone_and_v2_against_it(deployed):
+    d = deployed
+    assert set(d.gates) == ({1, 2} if d.zoo.compare else {1})
+    for version, g in d.gates.items():
+        assert g.passed, f"{d.zoo.name}@{version}: {render_text(g)}"
+    assert d.gates[1].baseline["version"] is None  # nothing in production: its own checks
+    if d.zoo.compare:
+        assert d.gates[2].baseline["version"] == 1
+        names = [c.name for c in d.gates[2].checks]
+        assert "same signature as production" in names and any(n.startswith("latency vs production") for n in names)
+        assert any(n.startswith("output agreement vs production") for n in names)
+    assert d.production == max(d.gates) and d.reg.aliases(d.zoo.name).production == d.production
+
+
+def _post(url: str, doc: dict[str, Any]) -> tuple[int, Any, Any]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()[:1000], exc.headers
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_served_on_each_backend_equals_eager(deployed, backend, tmp_path):
+    d = deployed
+    z = d.zoo
+    if backend == "onnxruntime" and not z.onnx:
+        pytest.skip(f"{z.name}: no model.onnx (test_capture_records_whether_onnx_export_works checks why)")
+    svc = generate(f"{z.name}-{backend}", z.name, registry=d.reg.root, out_dir=tmp_path, workers=1, threads=2,
+                   backend=backend, trusted_keys=d.reg.keyring.service_keys())
+    mv = d.reg.get(z.name, d.production)
+    atol, rtol = max(mv.capture["parity"]["atol"], 1e-5), max(mv.capture["parity"]["rtol"], 1e-4)
+    if backend == "onnxruntime":
+        onnx_parity = mv.capture["onnx"]["parity"]
+        atol, rtol = max(atol, onnx_parity["atol"]), max(rtol, onnx_parity["rtol"])
+    with start_service(svc, timeout=240) as running:
+        d.times[f"ready_{backend}_s"] = round(running.started_seconds, 1)
+        for batch, seq, seed in ((3, z.seqs[1], 11), (1, z.seqs[0], 12)):
+            inputs = z.inputs(batch, seq, seed)
+            status, body, headers = _post(running.url + "/predict",
+                                          {"inputs": {k: v.float().tolist() if v.dtype in (torch.float16,
+                                                      torch.bfloat16) else v.tolist() for k, v in inputs.items()}})
+            assert status == 200, body
+            assert headers["X-Kit-Model-Version"] == str(d.production)
+            want = eager(d.model, inputs)
+            got = body["outputs"] if mv.signature["output_kind"] == "dict" else {"output_0": body["outputs"]}
+            assert list(got) == list(want), (list(got), list(want))
+            for k, w in want.items():
+                np.testing.assert_allclose(np.asarray(got[k], dtype=np.float64), w, atol=atol, rtol=rtol,
+                                           err_msg=f"{z.name} on {backend}, output {k}, batch {batch}")
