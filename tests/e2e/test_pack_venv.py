@@ -112,12 +112,13 @@ def test_venv_pack_runs_elsewhere_and_predicts_like_the_registry(demo_service, t
     kit_paths = [p for p in (root / "env").rglob("kit/__init__.py")]
     assert kit_paths and all(p.is_relative_to(root / "env") for p in kit_paths)
 
-    clean = {"PATH": os.environ["PATH"]}
-    for _ in range(2):  # the start-up file check alone (a venv has no record: every start checks the packed list)
+    clean = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}  # the HOME run.sh kept its key under
+    for _ in range(2):  # the start-up file check alone: the first start sealed the tree it checked
         t = time.monotonic()
         out = subprocess.run([str(root / "run.sh"), "unpack"], capture_output=True, text=True, env=clean)
-        print(f"run.sh file check (untouched, {res.checked_files} files) {time.monotonic() - t:.1f}s")
-        assert out.returncode == 0, out.stderr
+        print(f"run.sh file check (untouched, sealed, {res.checked_files} files) {time.monotonic() - t:.1f}s")
+        assert out.returncode == 0 and "sealed tree unchanged" in out.stderr, out.stderr
+    assert "torch" in res.shipped and "jupyterlab" in res.left_out and "pytest" in res.left_out
     # systemd unit for this location passes systemd-analyze where it exists (no systemd PID 1 here to start it).
     unit = subprocess.run([str(root / "run.sh"), "systemd-unit"], capture_output=True, text=True, env=clean, check=True)
     assert f'ExecStart="{root}/run.sh" start' in unit.stdout
