@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.errors import DeployError, InvalidNameError, KitError
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
@@ -20,6 +20,9 @@ from kit.registry.names import check_weight
 from kit.render import aliases_line, gate_summary
 from kit.traffic import require_production, set_traffic
 from kit.version_files import check_backend
+
+if TYPE_CHECKING:
+    from kit.capture import CapturedModel
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,23 @@ def deploy(
     DeployError : a step failed (``.step``, ``.report`` with the gate report's path, ``.result`` so far).
     KitError : bad arguments, found before any work is done.
     """
+    _check_arguments(registry, name, canary=canary, promote=promote, service=service, backend=backend, onnx=onnx)
+    run = _Run(name, DeployResult(name=name), on_step)
+    captured = _capture(run, model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx)
+    mv = _register(run, registry, captured, metrics=metrics, tags=tags, source=source, project_root=project_root)
+    _gate(run, registry, mv, notebooks=notebooks, params=params, timeout=gate_timeout, progress=progress,
+          backend=backend)
+    _move(run, registry, mv, promote=promote, canary=canary, user=user)
+    if service is None:
+        run.finish(Step("service", -1.0, True, "none asked for (name a service to generate one)"))
+    else:
+        _service(run, registry, service, services_dir=services_dir, backend=backend, user=user)
+    return run.result
+
+
+def _check_arguments(registry: Registry, name: str, *, canary: float | None, promote: bool, service: str | None,
+                     backend: str, onnx: bool) -> None:
+    """Every argument checked before any work is done (:class:`KitError` naming the one to change)."""
     validate_name(name)
     if canary is not None and promote:
         raise InvalidNameError("Choose one of a canary and a promotion, not both.")
@@ -131,94 +151,117 @@ def deploy(
         raise InvalidNameError(f"{exc} It is the backend the service will run.") from None
     if backend == "onnxruntime" and not onnx:
         raise InvalidNameError("backend 'onnxruntime' serves model.onnx: deploy without onnx=False.")
-    result = DeployResult(name=name)
-    total = len(STEPS)
 
-    def finish(step: Step) -> None:
-        result.steps.append(step)
-        log.info("deploy %s: %s", name, step.line(len(result.steps), total))
-        if on_step is not None:
-            on_step(len(result.steps), step)
 
-    def fail(step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
-        finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
-        msg = f"deploy stopped at step {len(result.steps)}/{total} ({step_name}): {why}"
+@dataclass
+class _Run:
+    """One deploy as its steps end: the result so far, one log line per step, the caller's ``on_step``."""
+
+    name: str
+    result: DeployResult
+    on_step: Callable[[int, Step], None] | None
+    total: int = len(STEPS)
+
+    def finish(self, step: Step) -> None:
+        self.result.steps.append(step)
+        log.info("deploy %s: %s", self.name, step.line(len(self.result.steps), self.total))
+        if self.on_step is not None:
+            self.on_step(len(self.result.steps), step)
+
+    def fail(self, step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
+        """Record ``step_name`` as failed; the :class:`DeployError` to raise (with the result so far)."""
+        self.finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
+        msg = f"deploy stopped at step {len(self.result.steps)}/{self.total} ({step_name}): {why}"
         if report is not None:
             msg += f" Report: {report}"
-        return DeployError(msg, step=step_name, report=report, result=result)
+        return DeployError(msg, step=step_name, report=report, result=self.result)
 
-    # 1. capture
+
+def _capture(run: _Run, model: Any, example_inputs: Any, *, dynamic: Mapping[Any, Mapping[int, str]] | None,
+             dims: Mapping[str, tuple[int, int]] | None, onnx: bool) -> CapturedModel:
     from kit.capture import capture
 
     t0 = time.perf_counter()
     try:
         captured = capture(model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx)
     except KitError as exc:
-        raise fail("capture", t0, str(exc)) from exc
-    finish(Step("capture", time.perf_counter() - t0, True,
-                f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
-                f"parity max|diff| {captured.parity.max_abs_diff:.2g}, {_onnx_line(captured)}"))
+        raise run.fail("capture", t0, str(exc)) from exc
+    run.finish(Step("capture", time.perf_counter() - t0, True,
+                    f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
+                    f"parity max|diff| {captured.parity.max_abs_diff:.2g}, {_onnx_line(captured)}"))
+    return captured
 
-    # 2. register
+
+def _register(run: _Run, registry: Registry, captured: CapturedModel, *, metrics: Mapping[str, Any] | None,
+              tags: Mapping[str, Any] | None, source: Mapping[str, Any] | None,
+              project_root: Path | None) -> ModelVersion:
     t0 = time.perf_counter()
     try:
-        mv = registry.register(name, captured, metrics=metrics, tags=tags, source=source, project_root=project_root)
+        mv = registry.register(run.name, captured, metrics=metrics, tags=tags, source=source,
+                               project_root=project_root)
     except KitError as exc:
-        raise fail("register", t0, str(exc)) from exc
-    result.version = mv
-    finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path)))
+        raise run.fail("register", t0, str(exc)) from exc
+    run.result.version = mv
+    run.finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path)))
+    return mv
 
-    # 3. gate
+
+def _gate(run: _Run, registry: Registry, mv: ModelVersion, *, notebooks: Sequence[str | Path] | None,
+          params: Mapping[str, Any] | None, timeout: float, progress: Callable[[str], None] | None,
+          backend: str) -> None:
     t0 = time.perf_counter()
     try:
         from kit.gate import run_gate
     except ImportError as exc:
-        raise fail("gate", t0, f"kit.gate is not available ({exc}); this checkout has no validation gate.") from exc
+        raise run.fail("gate", t0, f"kit.gate is not available ({exc}); this checkout has no validation gate.") from exc
     try:
-        gate = run_gate(registry, name, mv.version, notebooks=list(notebooks) if notebooks else None,
-                        params=dict(params) if params else None, timeout=gate_timeout, progress=progress,
+        gate = run_gate(registry, run.name, mv.version, notebooks=list(notebooks) if notebooks else None,
+                        params=dict(params) if params else None, timeout=timeout, progress=progress,
                         backend=backend)
     except KitError as exc:
-        raise fail("gate", t0, f"the gate could not run: {exc}") from exc
-    result.gate = gate
+        raise run.fail("gate", t0, f"the gate could not run: {exc}") from exc
+    run.result.gate = gate
     n_ok = sum(1 for c in gate.checks if getattr(c, "passed", False))
     if not gate.passed:
-        raise fail("gate", t0, gate_summary(gate) + ".", report=gate.report)
-    finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks on {backend}",
-                str(gate.report)))
+        raise run.fail("gate", t0, gate_summary(gate) + ".", report=gate.report)
+    run.finish(Step("gate", time.perf_counter() - t0, True, f"passed {n_ok}/{len(gate.checks)} checks on {backend}",
+                    str(gate.report)))
 
-    # 4. alias move
+
+def _move(run: _Run, registry: Registry, mv: ModelVersion, *, promote: bool, canary: float | None,
+          user: str | None) -> None:
+    name = run.name
     t0 = time.perf_counter()
     try:
         if promote:
             before = registry.aliases(name).production
-            result.aliases = registry.promote(name, mv.version, user=user, why="deploy: promote")
+            run.result.aliases = registry.promote(name, mv.version, user=user, why="deploy: promote")
             detail = f"production {before if before is not None else '-'} -> {mv.version}"
         elif canary is not None:
             change = set_traffic(registry, name, mv.version, canary, user=user, why="deploy: canary")
-            result.aliases = change.aliases
+            run.result.aliases = change.aliases
             detail = change.describe()
         else:
-            result.aliases = registry.aliases(name)
-            detail = f"none asked for (neither promote nor a canary); {aliases_line(name, result.aliases)}"
+            run.result.aliases = registry.aliases(name)
+            detail = f"none asked for (neither promote nor a canary); {aliases_line(name, run.result.aliases)}"
     except KitError as exc:
-        raise fail("alias", t0, str(exc), where=registry.aliases_path(name)) from exc
-    finish(Step("alias", time.perf_counter() - t0, True, detail, str(registry.aliases_path(name))))
+        raise run.fail("alias", t0, str(exc), where=registry.aliases_path(name)) from exc
+    run.finish(Step("alias", time.perf_counter() - t0, True, detail, str(registry.aliases_path(name))))
 
-    # 5. service generation
-    if service is None:
-        finish(Step("service", -1.0, True, "none asked for (name a service to generate one)"))
-        return result
+
+def _service(run: _Run, registry: Registry, service: str, *, services_dir: Path, backend: str,
+             user: str | None) -> None:
+    name = run.name
     t0 = time.perf_counter()
     try:
         from kit.servicegen import generate
     except ImportError as exc:
-        raise fail("service", t0, f"kit.servicegen is not available ({exc}).") from exc
+        raise run.fail("service", t0, f"kit.servicegen is not available ({exc}).") from exc
     target = Path(services_dir).resolve() / service
     existing = _service_model(target) if target.exists() else None
     if target.exists() and existing != name:
-        raise fail("service", t0, f"{target} already exists and serves model {existing!r}, not {name!r}. "
-                   "Choose another service name, or remove that folder.")
+        raise run.fail("service", t0, f"{target} already exists and serves model {existing!r}, not {name!r}. "
+                       "Choose another service name, or remove that folder.")
     try:
         # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
         out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
@@ -226,11 +269,11 @@ def deploy(
                        trusted_keys=registry.keyring.service_keys() if registry.keyring is not None else ())
         guard = _register_guard(registry, Path(out), user)
     except KitError as exc:
-        raise fail("service", t0, str(exc)) from exc
-    result.service_dir = Path(out)
-    finish(Step("service", time.perf_counter() - t0, True,
-                f"{service!r} serves {name}@production (start: kit.servicegen.start_service); {guard}", str(out)))
-    return result
+        raise run.fail("service", t0, str(exc)) from exc
+    run.result.service_dir = Path(out)
+    run.finish(Step("service", time.perf_counter() - t0, True,
+                    f"{service!r} serves {name}@production (start: kit.servicegen.start_service); {guard}",
+                    str(out)))
 
 
 def _onnx_line(captured: Any) -> str:

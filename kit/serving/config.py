@@ -14,11 +14,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit import service_settings as settings
 from kit.errors import ServiceError
 from kit.registry.names import is_sha256_hex
+
+if TYPE_CHECKING:
+    from kit.serving.guard_stats import GuardSettings
+    from kit.serving.recorder import CaptureSettings
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +99,8 @@ class ServiceConfig:
     trusted_keys: tuple[str, ...] = ()  # [trust] public_keys: versions must be signed by one of these
     jwt: JwtSettings | None = None  # [auth.jwt] enabled = true
     access_log: bool = _o("access_log")
-    canary_guard: Any = None  # kit.serving.guard.GuardSettings ([canary_guard]; absent: off)
-    capture: Any = None  # kit.serving.recorder.CaptureSettings ([capture]; absent: off)
+    canary_guard: GuardSettings | None = None  # [canary_guard]; absent: off
+    capture: CaptureSettings | None = None  # [capture]; absent: off
     extra: dict[str, Any] = field(default_factory=dict)
 
     # The removed engine's settings, until kit/serving/gunicorn_hooks.py stops reading them (not settings:
@@ -140,7 +144,7 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
     if "auth.jwt" in doc:
         values["jwt"] = _jwt_settings(doc["auth.jwt"], path, service_dir, environ)
     if "canary_guard" in doc:
-        from kit.serving.guard import parse_guard_settings
+        from kit.serving.guard_stats import parse_guard_settings
 
         values["canary_guard"] = parse_guard_settings(doc["canary_guard"], str(path))
     if "capture" in doc:

@@ -18,8 +18,8 @@ from kit_testing import three_versions
 from kit.errors import ServiceError
 from kit.guard_key import load_or_create_guard_key
 from kit.registry import Registry
-from kit.serving.guard import (
-    CanaryGuard,
+from kit.serving.guard import CanaryGuard
+from kit.serving.guard_stats import (
     GuardSettings,
     SideStats,
     bucket_of,
