@@ -315,7 +315,7 @@ class ObjectStoreMixin(CheckedStore):
         for fname in sorted(meta["files"]):
             if not safe_file_name(fname):
                 raise IntegrityError(f"Refusing to upload {fname!r}: not a plain file name.")
-            self.storage.upload(f"{prefix}/{fname}", tmp / fname)
+            self.storage.upload(f"{prefix}/{fname}", tmp / fname, _progress(f"{self.url}/{prefix}/{fname}"))
         if signer is not None:
             self.storage.put(f"{prefix}/meta.json{SIG_SUFFIX}", (tmp / f"meta.json{SIG_SUFFIX}").read_bytes())
         if not self.storage.put_if_absent(f"{prefix}/meta.json", data):
@@ -344,6 +344,18 @@ class ObjectStoreMixin(CheckedStore):
         key = f"{name}/events/{rec['ts'].replace(':', '')}-{uuid.uuid4().hex[:12]}.json"
         self.storage.put(key, json.dumps(rec, sort_keys=True).encode())
         return rec
+
+
+def _progress(what: str) -> Any:
+    """An upload's progress, logged at INFO every quarter for files over 64 MB (what a user waits on)."""
+    shown = [0]
+
+    def report(done: int, total: int) -> None:
+        quarter = done * 4 // total if total >= 64 << 20 else 0
+        if quarter > shown[0]:
+            shown[0] = quarter
+            log.info("uploading %s: %d%% of %.0f MB", what, quarter * 25, total / 1e6)
+    return report
 
 
 def _run_id(run_id: str) -> str:
