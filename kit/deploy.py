@@ -23,6 +23,7 @@ from kit.version_files import check_backend
 
 if TYPE_CHECKING:
     from kit.capture import CapturedModel
+    from kit.gate import GateResult
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DeployResult:
     name: str
     steps: list[Step] = field(default_factory=list)
     version: ModelVersion | None = None
-    gate: Any = None  # kit.gate.GateResult
+    gate: GateResult | None = None
     aliases: Aliases | None = None
     service_dir: Path | None = None
 
@@ -276,14 +277,14 @@ def _service(run: _Run, registry: Registry, service: str, *, services_dir: Path,
                     str(out)))
 
 
-def _onnx_line(captured: Any) -> str:
+def _onnx_line(captured: CapturedModel) -> str:
     rec = captured.onnx.record if captured.onnx is not None else {}
     if rec.get("exported"):
         return f"ONNX parity max|diff| {rec['parity']['max_abs_diff']:.2g}"
     return f"no ONNX ({rec.get('reason', 'not exported')})"
 
 
-def _register_guard(registry: Any, service_dir: Path, user: str | None) -> str:
+def _register_guard(registry: Registry, service_dir: Path, user: str | None) -> str:
     """Delegate the new service's canary guard to its key (as `kit service new` does), so the guard may end
     or step the canaries started from here; an unsigned registry has no trust to delegate."""
     if registry.keyring is None:

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kit.gate import GateResult
     from kit.registry import Aliases, ModelVersion, Registry
+    from kit.replay import ReplayReport
 
 
 # --------------------------------------------------------------------------- plain text
@@ -99,7 +101,7 @@ def versions_text(reg: Registry, name: str) -> str:
         rows, ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "BACKENDS", "GATE", "ALIASES"])
 
 
-def gate_summary(result: Any) -> str:
+def gate_summary(result: GateResult) -> str:
     """One line for a gate run (a :class:`kit.gate.GateResult`): the verdict, the checks, why it failed."""
     checks = list(getattr(result, "checks", ()))
     n_ok = sum(1 for c in checks if getattr(c, "passed", False))
@@ -187,7 +189,7 @@ def versions_html(reg: Registry, name: str) -> str:
     return f'{CSS}<table class="kit-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def replay_text(report: Any) -> str:
+def replay_text(report: ReplayReport) -> str:
     """``kit replay``'s table: a :class:`kit.replay.ReplayReport` as one row per figure."""
     def ms(d: Mapping[str, float]) -> str:
         return f"p50 {d['p50']:.3f} ms, p95 {d['p95']:.3f} ms" if d else "-"

@@ -26,10 +26,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.backends.parity import compare
 from kit.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
 
 # the replay gate notebook, package data beside the default one: run_gate(..., notebooks=[REPLAY_NOTEBOOK])
 REPLAY_NOTEBOOK = Path(__file__).resolve().parent / "notebooks" / "validation" / "replay.ipynb"
@@ -91,7 +94,7 @@ def capture_records(folder: Path | str, model: str | None = None) -> Iterator[di
                     yield rec
 
 
-def replay(registry: Any, name: str, version: int | str | None, capture: Path | str, *, limit: int | None = None,
+def replay(registry: Registry, name: str, version: int | str | None, capture: Path | str, *, limit: int | None = None,
            atol: float = 1e-4, rtol: float = 1e-3, check_env: bool = True) -> ReplayReport:
     """Run the captured requests of ``name`` in ``capture`` through ``name@version``; see the module doc.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.serving import control
 from kit.serving.config import ServiceConfig, worker_plan
@@ -23,6 +23,9 @@ from kit.serving.http import Receive, Scope, Send, respond_to, send_response
 from kit.serving.metrics import Metrics
 from kit.serving.security import ApiKeys, Authenticator, JwtVerifier, RateLimiter
 from kit.serving.slots import ModelSlots
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
 
 log = logging.getLogger("kit.serving.app")
 
@@ -99,7 +102,7 @@ class KitAsgiApp:
             self.service.hooks.close()
 
 
-def create_asgi_app(config: ServiceConfig, *, registry: Any = None, metrics_dir: str | None = None,
+def create_asgi_app(config: ServiceConfig, *, registry: Registry | None = None, metrics_dir: str | None = None,
                     watch: bool = True) -> KitAsgiApp:
     """Build the ASGI app of one service worker
 

@@ -26,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[tuple[Any, ...]], tuple[Any, ...]]
+Forward = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
 
 
 class _Job:

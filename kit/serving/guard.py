@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.errors import SigningKeyError
 from kit.serving import guard_files as gf
@@ -53,6 +53,11 @@ from kit.serving.guard_stats import (
 )
 from kit.signing import SigningKey
 
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.serving.metrics import Metrics
+    from kit.serving.slots import ModelSlots
+
 log = logging.getLogger(__name__)
 
 class CanaryGuard:
@@ -61,7 +66,8 @@ class CanaryGuard:
     guard key (:func:`kit.guard_key.load_or_create_guard_key`): it authenticates the window files and signs
     the guard's moves. Without it the worker judges on its own counts only and says so."""
 
-    def __init__(self, settings: GuardSettings, registry: Any, model: str, slots: Any, metrics: Any = None, *,
+    def __init__(self, settings: GuardSettings, registry: Registry, model: str, slots: ModelSlots,
+                 metrics: Metrics | None = None, *,
                  key: SigningKey | None, key_error: str | None = None):
         from kit.guard_key import window_mac_key
 
@@ -334,7 +340,7 @@ class CanaryGuard:
 
 
 class _GuardMetrics:
-    def __init__(self, metrics: Any, model: str):
+    def __init__(self, metrics: Metrics, model: str):
         from prometheus_client import Counter, Gauge
 
         self.model = model
@@ -365,7 +371,7 @@ class _GuardMetrics:
         self.rejections.labels(self.model, reason).inc()
 
 
-def make_guard(settings: GuardSettings | None, registry: Any, model: str, slots: Any, metrics: Any,
+def make_guard(settings: GuardSettings | None, registry: Registry, model: str, slots: ModelSlots, metrics: Metrics,
                start: bool = True, service_dir: Path | None = None) -> CanaryGuard | None:
     """The worker's guard (started), or None when ``[canary_guard]`` is off. The service's guard key is loaded
     once per worker from ``service_dir`` (made there when missing)."""

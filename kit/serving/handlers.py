@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.serving.config import ServiceConfig
 from kit.serving.engine import Forward, InferenceEngine
@@ -35,10 +35,21 @@ from kit.serving.http import (
 )
 from kit.serving.logs import log_access
 from kit.serving.metrics import Metrics
-from kit.serving.protocol import BINARY_HEADER, parse_predict, parse_v2_infer, predict_response, v2_response
+from kit.serving.protocol import (
+    BINARY_HEADER,
+    CompiledSignature,
+    parse_predict,
+    parse_v2_infer,
+    predict_response,
+    v2_response,
+)
 from kit.serving.router import RouteError, choose
 from kit.serving.security import Authenticator, Identity, RateLimiter
-from kit.serving.slots import ModelSlots
+from kit.serving.slots import ModelSlots, Slot
+from kit.signature import Signature
+
+if TYPE_CHECKING:
+    from kit.serving.hooks import RequestHooks
 
 log = logging.getLogger("kit.serving.app")
 
@@ -50,12 +61,12 @@ _BINARY = BINARY_HEADER.lower().encode()
 class Compiled:
     """One served version, prepared once: what the inference handler reads per request."""
 
-    slot: Any  # kit.serving.slots.Slot
+    slot: Slot
     forward: Forward
     version: str
-    signature: Any
+    signature: Signature
     max_batch: int  # rows per forward pass: the service's and the exported program's limit
-    wire: Any  # kit.serving.protocol.CompiledSignature: what parsing and answering read
+    wire: CompiledSignature  # what parsing and answering read
 
 
 @dataclass
@@ -68,7 +79,7 @@ class Service:
     auth: Authenticator
     limiter: RateLimiter
     engine: InferenceEngine
-    hooks: Any = None  # kit.serving.hooks.RequestHooks: canary guard, traffic capture
+    hooks: RequestHooks | None = None  # canary guard, traffic capture
     pid: int = field(default_factory=os.getpid)
     _compiled: dict[int, Compiled] = field(default_factory=dict)
 
@@ -78,7 +89,7 @@ class Service:
         self.version_header = cfg.version_header.lower().encode() if cfg.version_header else None
         self.user_header = cfg.user_header.lower().encode() if cfg.user_header else None
 
-    def compiled(self, slot: Any) -> Compiled:
+    def compiled(self, slot: Slot) -> Compiled:
         c = self._compiled.get(id(slot))
         if c is None or c.slot is not slot:
             if len(self._compiled) > 8:  # versions come and go with reloads; keep the ones served now
@@ -113,7 +124,7 @@ class Outcome:
     route: str | None = None
     batch: int = 0
     shape: list[int] | None = None
-    signature: Any = None  # what the request hooks (guard, capture) see
+    signature: Signature | None = None  # what the request hooks (guard, capture) see
     inputs: Any = None
     outputs: Any = None
 

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.serving.guard import CanaryGuard, make_guard
 from kit.serving.recorder import Recorder, make_recorder
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.serving.config import ServiceConfig
+    from kit.serving.metrics import Metrics
+    from kit.serving.slots import ModelSlots
+    from kit.signature import Signature
 
 
 @dataclass
@@ -21,7 +28,7 @@ class RequestHooks:
     guard: CanaryGuard | None = None
     recorder: Recorder | None = None
 
-    def finished(self, rid: str, version: int | None, status: int, seconds: float, signature: Any = None,
+    def finished(self, rid: str, version: int | None, status: int, seconds: float, signature: Signature | None = None,
                  inputs: Sequence[Any] | None = None, outputs: Sequence[Any] | None = None) -> None:
         if self.guard is not None:
             self.guard.observe(version, status, seconds)
@@ -39,7 +46,8 @@ class RequestHooks:
             self.recorder.close()
 
 
-def make_hooks(config: Any, registry: Any, slots: Any, metrics: Any, *, start: bool = True) -> RequestHooks:
+def make_hooks(config: ServiceConfig, registry: Registry, slots: ModelSlots, metrics: Metrics, *,
+               start: bool = True) -> RequestHooks:
     """The hooks of one worker from its :class:`kit.serving.config.ServiceConfig`."""
     return RequestHooks(
         guard=make_guard(getattr(config, "canary_guard", None), registry, config.model, slots, metrics, start=start,

@@ -7,9 +7,12 @@ booleans, and each dimension's length (fixed, a named dynamic range, or 1 to ``m
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 # Largest finite value of each float dtype (what a JSON number may be and stay finite after conversion).
 FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38,
@@ -65,7 +68,7 @@ def _range(r: Any) -> tuple[int, int | None]:
     return 1, None
 
 
-def build_openapi(name: str, model: str, sig: Any | None, *, auth: bool, version_header: str,
+def build_openapi(name: str, model: str, sig: Signature | None, *, auth: bool, version_header: str,
                   user_header: str, jwt: bool = False, max_batch: int | None = None) -> dict[str, Any]:
     err = {"description": "Client error; the message names what was expected.",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -19,6 +19,7 @@ import orjson
 
 from kit.backends import BACKENDS
 from kit.errors import ServingError
+from kit.signature import Signature, TensorSpec
 
 V2_TO_NUMPY = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -48,23 +49,23 @@ def v2_datatype(spec_dtype: str) -> str:
     return NUMPY_TO_V2.get(np_dtype(spec_dtype).name, "FP32")
 
 
-def shape_text(spec: Any) -> str:
+def shape_text(spec: TensorSpec) -> str:
     return "[" + ", ".join(str(s) for s in spec.shape) + "]"
 
 
-def expected(sig: Any) -> str:
+def expected(sig: Signature) -> str:
     ranges = [f"{k} {lo}..{hi}" for k, (lo, hi) in getattr(sig, "dims", {}).items() if k != "batch"]
     return ("inputs " + ", ".join(f"{s.name}: {s.dtype}{shape_text(s)}" for s in sig.inputs)
             + (f" ({', '.join(ranges)})" if ranges else ""))
 
 
-def predict_example(sig: Any) -> str:
+def predict_example(sig: Signature) -> str:
     if len(sig.inputs) == 1:
         return '{"inputs": [[...], ...]}'
     return '{"inputs": {' + ", ".join(f'"{s.name}": [[...]]' for s in sig.inputs) + "}}"
 
 
-def output_names(sig: Any, n: int) -> list[str]:
+def output_names(sig: Signature, n: int) -> list[str]:
     return [s.name for s in sig.outputs] if len(sig.outputs) == n else [f"output_{i}" for i in range(n)]
 
 
@@ -80,7 +81,7 @@ def _fits(kind: str, want: np.dtype) -> bool:
 class InputPlan:
     """One input, prepared once: what a request's array is checked against."""
 
-    spec: Any  # kit.signature.TensorSpec
+    spec: TensorSpec
     dtype: np.dtype  # what the backend receives
     kinds: str  # value kinds accepted (numpy dtype kinds)
     rank: int
@@ -95,7 +96,7 @@ class CompiledSignature:
     """A signature prepared once per loaded version (:func:`compile_signature`), so that parsing a request
     does no name->spec lookups and builds no message text unless it refuses the request."""
 
-    sig: Any  # kit.signature.Signature
+    sig: Signature
     inputs: tuple[InputPlan, ...]
     index: dict[str, int]  # input name -> position
     names: list[str]  # input names in signature order
@@ -107,7 +108,7 @@ class CompiledSignature:
     unwrap_single: bool  # one output and not a dict model: /predict answers a bare array
 
 
-def _plan(spec: Any) -> InputPlan:
+def _plan(spec: TensorSpec) -> InputPlan:
     want = np_dtype(spec.dtype)
     bounds = (int(np.iinfo(want).min), int(np.iinfo(want).max)) if want.kind in "iu" else None
     return InputPlan(spec=spec, dtype=want, kinds=_OK_KINDS.get(want.kind, want.kind), rank=len(spec.shape),
@@ -115,7 +116,7 @@ def _plan(spec: Any) -> InputPlan:
                      batched=bool(spec.shape) and spec.shape[0] == "batch", bounds=bounds, text=shape_text(spec))
 
 
-def compile_signature(sig: Any) -> CompiledSignature:
+def compile_signature(sig: Signature | CompiledSignature) -> CompiledSignature:
     """Prepare ``sig`` for the request path (done once per loaded version, off the request path)."""
     if isinstance(sig, CompiledSignature):
         return sig
@@ -227,7 +228,7 @@ def loads(body: bytes, cs: CompiledSignature, example: str) -> Any:
                            f"the model takes {cs.expected}.") from exc
 
 
-def parse_predict(body: bytes, sig: Any, max_rows: int) -> tuple[tuple[np.ndarray, ...], bool]:
+def parse_predict(body: bytes, sig: Signature | CompiledSignature, max_rows: int) -> tuple[tuple[np.ndarray, ...], bool]:
     """``{"inputs": nested list}`` (or ``{"inputs": {name: nested list}}``) -> arrays, unbatched flag.
     ``sig``: a :class:`CompiledSignature` (a plain signature is compiled first, for callers off the hot path)."""
     cs = compile_signature(sig)
@@ -254,7 +255,7 @@ def parse_predict(body: bytes, sig: Any, max_rows: int) -> tuple[tuple[np.ndarra
     return tuple(arrays), unbatched
 
 
-def predict_response(outputs: tuple[np.ndarray, ...], sig: Any, unbatched: bool, model: str,
+def predict_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignature, unbatched: bool, model: str,
                      version: int) -> bytes:
     """``{"outputs": ...}``: one array for one output, else ``{name: array}`` (always so for dict models)."""
     cs = compile_signature(sig)
@@ -284,7 +285,7 @@ def _v2_header(body: bytes, header_length: str | None, cs: CompiledSignature) ->
     return loads(body[:n], cs, "a JSON inference header"), body[n:]
 
 
-def parse_v2_infer(body: bytes, header_length: str | None, sig: Any, max_rows: int
+def parse_v2_infer(body: bytes, header_length: str | None, sig: Signature | CompiledSignature, max_rows: int
                    ) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
     """A v2 inference request -> (arrays in signature order, request doc). Everything is checked before
     the forward pass, requested output names included. Binary tensor data stays a read-only view of the
@@ -373,7 +374,7 @@ def _binary_output_default(doc: dict[str, Any]) -> bool:
     return bool(raw.get("binary_data_output", False)) if isinstance(raw, dict) else False
 
 
-def requested_outputs(doc: dict[str, Any], sig: Any) -> dict[str, bool] | None:
+def requested_outputs(doc: dict[str, Any], sig: Signature | CompiledSignature) -> dict[str, bool] | None:
     """``{output name: binary?}`` for the outputs a v2 request names (None: all); unknown names are a 400."""
     if not isinstance(doc.get("outputs"), list):
         return None
@@ -389,7 +390,7 @@ def requested_outputs(doc: dict[str, Any], sig: Any) -> dict[str, bool] | None:
     return requested
 
 
-def v2_response(outputs: tuple[np.ndarray, ...], sig: Any, doc: dict[str, Any], model: str,
+def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignature, doc: dict[str, Any], model: str,
                 version: int) -> tuple[bytes, int | None]:
     """The v2 response body and, when any output is binary, the JSON header length."""
     cs = compile_signature(sig)
@@ -423,9 +424,9 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Any, doc: dict[str, Any], 
 PLATFORMS = {b.name: b.platform for b in BACKENDS.values()}  # as Triton names them
 
 
-def v2_metadata(model: str, sig: Any, versions: list[int], backend: str = "torch") -> dict[str, Any]:
+def v2_metadata(model: str, sig: Signature, versions: list[int], backend: str = "torch") -> dict[str, Any]:
     """v2 model metadata: every dynamic dim (batch, seq, an expression of them) is -1."""
-    def spec(s: Any) -> dict[str, Any]:
+    def spec(s: TensorSpec) -> dict[str, Any]:
         return {"name": s.name, "datatype": v2_datatype(s.dtype),
                 "shape": [-1 if isinstance(d, str) else d for d in s.shape]}
 

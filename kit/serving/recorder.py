@@ -32,12 +32,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
 from kit import service_settings as settings
 from kit.errors import ServiceError
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class Recorder:
         self._thread.start()
 
     # ---- the request path
-    def record(self, rid: str, version: int | None, status: int, seconds: float, signature: Any,
+    def record(self, rid: str, version: int | None, status: int, seconds: float, signature: Signature | None,
                inputs: Sequence[Any] | None, outputs: Sequence[Any] | None) -> None:
         """Maybe record one request (no I/O, no conversion here: references go on the queue)."""
         if status != 200 or inputs is None or outputs is None or version is None or signature is None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kit.errors import ServingError
 from kit.serving.protocol import RequestError
+
+if TYPE_CHECKING:
+    from kit.serving.slots import ServingState, Slot
 
 
 class RouteError(ServingError):
@@ -25,17 +28,19 @@ def user_bucket(model: str, user: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
-def choose(state: Any, *, model: str, override: str | None = None, user: str | None = None,
-           rand: Callable[[], float] = random.random) -> tuple[Any, str]:
+def choose(state: ServingState, *, model: str, override: str | None = None, user: str | None = None,
+           rand: Callable[[], float] = random.random) -> tuple[Slot, str]:
     """Return ``(slot, reason)``; reason is one of override, production, sticky, random.
 
     ``state`` has ``production`` and ``canary`` slots (each with ``.version``) and ``weight``.
     """
     prod, canary, weight = state.production, state.canary, state.weight
+    if prod is None:  # the handlers answer 503 before routing a state that is not ready
+        raise RouteError(f"Model {model!r} has no production version loaded: nothing to route to.")
     if override:
         want = override.strip().lower()
         served = ", ".join(f"{n} {s.version}" for n, s in (("production", prod), ("canary", canary)) if s)
-        if want == "production" and prod is not None:
+        if want == "production":
             return prod, "override"
         if want == "canary":
             if canary is None:

@@ -8,9 +8,12 @@ the session's ``run``, fed the checked arrays as they are. Nothing here imports 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.backends.checks import Limits
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 Forward = Any  # kit.backends.serving.Forward
 
@@ -20,7 +23,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_version(mv: Any, files: Path, signature: Any, limits: Limits, *, drift: Any, signed_by: str | None,
+def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, drift: Any, signed_by: str | None,
                  device: str = "cpu", threads: int = 0) -> Any:
     """The verified version in ``files`` as a :class:`~kit.registry.loaded.LoadedModel` over an onnxruntime
     session (numpy in, a tuple of numpy out), ``threads`` intra-op threads (0: onnxruntime's default)."""

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.backends.checks import Limits
 from kit.backends.onnx.scan import check_onnx
 from kit.errors import ServingError
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class OrtModule:
 
     backend = "onnxruntime"
 
-    def __init__(self, sess: Any, signature: Any):
+    def __init__(self, sess: Any, signature: Signature):
         import numpy as np
 
         self.session = sess
@@ -105,7 +108,7 @@ class OrtModule:
         return tuple(self.session.run(self._out_names, dict(zip(self._in_names, arrays))))
 
 
-def load_onnx(path: Path, signature: Any, limits: Limits, *, threads: int = 0, device: str = "cpu") -> OrtModule:
+def load_onnx(path: Path, signature: Signature, limits: Limits, *, threads: int = 0, device: str = "cpu") -> OrtModule:
     """Check ``model.onnx`` (:func:`kit.backends.onnx.scan.check_onnx`: no file outside the version folder, bounded
     size), then open it with onnxruntime."""
     check_onnx(path, limits)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ class ExportedForward(torch.nn.Module):
                 raise ValueError(f"inputs disagree on {label}: {self._names[first[1]]!r} dim {first[2]} is "
                                  f"{first[0]} but {self._names[k]!r} dim {d} is {v}")
 
-    def name_dims(self, signature: Any) -> None:
+    def name_dims(self, signature: Signature) -> None:
         """Use the signature's dim names (``seq``) in error messages instead of placeholders."""
         for k, spec in enumerate(getattr(signature, "inputs", ())[: len(self._labels)]):
             if len(spec.shape) == len(self._labels[k]):

@@ -9,13 +9,16 @@ runs); ``forward`` wraps the loaded program numpy in, numpy out: arrays become t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kit.backends.checks import Limits
 from kit.errors import ServingError
+
+if TYPE_CHECKING:
+    from kit.signature import Signature
 
 Forward = Any  # kit.backends.serving.Forward
 
@@ -31,7 +34,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_version(mv: Any, files: Path, signature: Any, limits: Limits, *, drift: Any, signed_by: str | None,
+def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, drift: Any, signed_by: str | None,
                  device: str = "cpu", threads: int = 0) -> Any:
     """The verified version in ``files`` as a :class:`~kit.registry.loaded.LoadedModel` over its exported
     program (tensors in and out), moved with its stored example to ``device``. ``threads`` is torch's
@@ -56,7 +59,7 @@ def forward(loaded: Any, device: str) -> Forward:
     return torch_forward(loaded.module, device, loaded.signature)
 
 
-def torch_forward(module: Any, device: str, sig: Any) -> Forward:
+def torch_forward(module: Any, device: str, sig: Signature) -> Forward:
     """numpy in, numpy out around the exported program; a dict output becomes its values in signature order."""
     from kit.signature import flatten_outputs
 
