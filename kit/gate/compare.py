@@ -11,8 +11,8 @@ these checks then hold the candidate to production:
   equality for integer and bool outputs, else the largest deviation relative to production's scale;
 - **latency**: candidate and production called alternately in rounds (A B, then B A), so load hits both
   alike; the median of the per-round ratios may be at most ``max_ratio``, or (so that sub-millisecond
-  models are not failed by noise) the candidate's median at most ``max_ratio`` times production's plus
-  ``slack_ms``;
+  models are not failed by noise) the median round's candidate time at most ``max_ratio`` times
+  production's plus ``slack_ms``; a breach is measured once more and the better measurement counts;
 - **quality** (with ``data``): accuracy, or the user's metric, no worse than production's by ``margin``;
 - **memory**: the size of the served artifact (``model.pt2`` or ``model.onnx``: weights and graph) as a
   ratio of production's.
@@ -87,28 +87,31 @@ class LatencyComparison:
     def p95(self, which: str) -> float:
         return float(np.percentile(self.candidate_ms if which == "candidate" else self.production_ms, 95))
 
-    @property
-    def ratio(self) -> float:
-        """The median over rounds of candidate / production: each round's two calls ran back to back, so
-        load that comes and goes slows both sides of a ratio alike."""
-        pairs = [c / p if p > 0 else float("inf") for c, p in zip(self.candidate_ms, self.production_ms)]
-        return float(np.median(pairs))
+    def _pairs(self) -> list[tuple[float, float]]:
+        return list(zip(self.candidate_ms, self.production_ms))
 
     @property
-    def allowed_ms(self) -> float:
-        """The slack's bound: production's median times the ratio, plus ``slack_ms``."""
-        return self.median("production") * self.max_ratio + self.slack_ms
+    def ratio(self) -> float:
+        """The median over rounds of candidate / production. Each round's two calls ran back to back, so load
+        that comes and goes slows both sides of a ratio alike (benchmarks/gate_under_load.py: far steadier
+        than a ratio of each side's median or quartile, which a busy machine makes bimodal)."""
+        return float(np.median([c / p if p > 0 else float("inf") for c, p in self._pairs()]))
+
+    @property
+    def excess_ms(self) -> float:
+        """The median over rounds of candidate - ``max_ratio`` x production (ms): what the slack bounds."""
+        return float(np.median([c - self.max_ratio * p for c, p in self._pairs()]))
 
     @property
     def passed(self) -> bool:
-        """Within the ratio, or (sub-millisecond models, whose ratios are noise) within the slack's bound."""
-        return self.ratio <= self.max_ratio or self.median("candidate") <= self.allowed_ms
+        """Within the ratio, or (sub-millisecond models, whose ratios are noise) within the slack."""
+        return self.ratio <= self.max_ratio or self.excess_ms <= self.slack_ms
 
     def detail(self) -> str:
         return (f"median {self.median('candidate'):.3f} ms vs production {self.median('production'):.3f} ms "
                 f"(p95 {self.p95('candidate'):.3f} vs {self.p95('production'):.3f}), {self.rounds} interleaved "
-                f"rounds; passes within {self.max_ratio:g}x, or a median within {self.max_ratio:g}x production "
-                f"+ {self.slack_ms:g} ms = {self.allowed_ms:.3f} ms")
+                f"rounds; passes within {self.max_ratio:g}x, or when the median round's candidate - "
+                f"{self.max_ratio:g}x production ({self.excess_ms:.3f} ms) is within {self.slack_ms:g} ms")
 
 
 def compare_latency(candidate_ms: Sequence[float], production_ms: Sequence[float], *, batch: int = 1,
@@ -260,12 +263,16 @@ def latency(model: Any, production: Any, *, batch_n: int = 64, rounds: int = 50,
 
             _rounds_that_fit(prod, rounds, d)  # production's warm-up
             k = _rounds_that_fit(cand, rounds, d)  # the slower side's estimate is the candidate's, usually
-            c_ms, p_ms = interleave(cand, prod, k, d)
-            cmp = compare_latency(c_ms, p_ms, batch=rows, max_ratio=max_ratio, slack_ms=slack_ms)
+            cmp = compare_latency(*interleave(cand, prod, k, d), batch=rows, max_ratio=max_ratio, slack_ms=slack_ms)
+            again = not cmp.passed and not d.stopped and d.left() > d.elapsed()
+            if again:  # a breach must reproduce: the better of two measurements counts
+                cmp = min(cmp, compare_latency(*interleave(cand, prod, k, d), batch=rows, max_ratio=max_ratio,
+                                               slack_ms=slack_ms), key=lambda c: c.ratio)
             out.append(cmp)
             check(f"latency vs production, batch {rows}", passed=cmp.passed, value=round(cmp.ratio, 3),
-                  threshold=max_ratio, detail=f"candidate/production, median of per-round ratios; {cmp.detail()}; "
-                  f"backend {suite.backend_of(model)}, {suite._threads(model)}")
+                  threshold=max_ratio, detail=f"candidate/production, median of per-round ratios; {cmp.detail()}"
+                  + ("; the better of 2 measurements" if again else "")
+                  + f"; backend {suite.backend_of(model)}, {suite._threads(model)}")
     return out
 
 

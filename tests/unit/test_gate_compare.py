@@ -66,10 +66,12 @@ def test_latency_ratio_judges_the_median_round_with_a_slack():
     # load that slows both calls of a round alike leaves the ratios alone
     loaded = compare.compare_latency([10.0, 40.0, 12.0, 80.0, 11.0], [10.0, 38.0, 12.0, 75.0, 10.5])
     assert loaded.ratio == pytest.approx(1.0476, abs=1e-3) and loaded.passed
-    assert same.allowed_ms == pytest.approx(10.0 * 1.25 + 0.25)
+    # the median round's candidate - 1.25 x production: 10.2 - 12.5, 9.9 - 13.125, ... -> -2.5
+    assert same.excess_ms == pytest.approx(-2.5)
     slow = compare.compare_latency([30.0, 31.0, 29.0, 30.0, 30.5], prod, batch=8)
     assert not slow.passed and slow.ratio == pytest.approx(3.0)
     assert "median 30.000 ms vs production 10.000 ms" in slow.detail() and "5 interleaved rounds" in slow.detail()
+    assert "(17.500 ms) is within 0.25 ms" in slow.detail()
     # a sub-millisecond model: 0.05 ms vs 0.02 ms is 2.5x but inside the slack, so noise cannot fail it
     tiny = compare.compare_latency([0.05] * 5, [0.02] * 5)
     assert tiny.ratio == pytest.approx(2.5) and tiny.passed
