@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,11 +179,11 @@ def owned_files(s: envscan.EnvScan) -> dict[str, set[str]]:
 
 def _top_modules(s: envscan.EnvScan, files: set[str]) -> tuple[str, ...]:
     tops = set()
+    under = os.path.normpath(s.site_packages) + os.sep
     for f in files:
-        rel = os.path.relpath(f, s.site_packages) if f.startswith(s.site_packages + os.sep) else None
-        if rel is None or rel.startswith(".."):
+        if not f.startswith(under):
             continue
-        top = rel.split(os.sep, 1)[0]
+        top = f[len(under):].split(os.sep, 1)[0]
         if top.endswith((".dist-info", ".egg-info", ".pth", ".data")) or top == "__pycache__":
             continue
         tops.add(top.split(".", 1)[0] if top.endswith((".py", ".so")) else top)
@@ -209,8 +210,8 @@ def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettin
     drop: set[str] = set()
     for n in left:
         drop.update(files[n])
-    for n in shipped:  # a file two distributions claim (a shared folder in a RECORD) stays
-        drop.difference_update(files[n])
+    keep = {os.path.normpath(f) for n in shipped for f in files[n]}
+    drop -= keep  # a file two distributions claim (a shared folder in a RECORD) stays
     trimmed: dict[str, int] = {}
     for n, parts in TRIM.items():
         for part, why in parts if n in shipped else ():
@@ -221,40 +222,64 @@ def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettin
                 trimmed[f"{part} ({why})"] = _size(s.prefix, cut)
     return Selection(backend=backend, shipped=shipped, left_out=left, sizes=sizes, trimmed=trimmed,
                      modules={n: _top_modules(s, files[n]) for n in left},
-                     exclude_paths=frozenset(_prune(s.prefix, drop)) if drop else frozenset())
+                     exclude_paths=frozenset(_prune(s.prefix, drop, os.path.normpath(s.site_packages), keep))
+                     if drop else frozenset())
 
 
 def _size(prefix: Path, rels: set[str]) -> int:
     total = 0
+    base = str(prefix) + os.sep
     for rel in rels:
         try:
-            st = os.lstat(prefix / rel)
+            st = os.lstat(base + rel)
         except OSError:
             continue
-        if not os.path.islink(prefix / rel):
+        if stat.S_ISREG(st.st_mode):
             total += st.st_size
     return total
 
 
-def _prune(prefix: Path, drop: set[str]) -> set[str]:
+def _walk_roots(site: str, paths: set[str]) -> set[str]:
+    """The folders to walk for ``paths``: their top-level package folder in site-packages (its
+    ``__pycache__`` for a lone module), else their own folder; never the whole environment."""
+    roots = set()
+    under = site + os.sep
+    for p in paths:  # plain string work: os.path.relpath makes both paths absolute, at every call
+        if not p.startswith(under):
+            roots.add(os.path.dirname(p))
+        else:
+            top = p[len(under):].split(os.sep, 1)
+            roots.add(under + (top[0] if len(top) > 1 else "__pycache__"))
+    return roots
+
+
+def _prune(prefix: Path, drop: set[str], site: str, kept: set[str]) -> set[str]:
     """``drop`` plus the bytecode of dropped sources and every folder left with nothing in it: an empty
-    ``torch/`` would still import (as a namespace package) instead of failing by name."""
+    ``torch/`` would still import (as a namespace package) instead of failing by name. A top-level package
+    folder none of the ``kept`` files is under goes whole, unwalked."""
     out = {os.path.normpath(p) for p in drop}
     touched = {os.path.dirname(p) for p in out}
-    for dirpath, dirnames, filenames in os.walk(prefix, topdown=False):
-        rel_dir = os.path.relpath(dirpath, prefix)
-        for fn in filenames:
-            rel = os.path.normpath(os.path.join(rel_dir, fn))
-            if rel in out or not fn.endswith(".pyc") or os.path.basename(rel_dir) != "__pycache__":
-                continue
-            src = os.path.join(os.path.dirname(rel_dir), fn.split(".", 1)[0] + ".py")
-            if os.path.normpath(src) in out:
-                out.add(rel)
-                touched.add(rel_dir)
-        entries = [os.path.normpath(os.path.join(rel_dir, e)) for e in (*dirnames, *filenames)]
-        if rel_dir != "." and rel_dir in touched and all(e in out for e in entries):
-            out.add(rel_dir)
-            touched.add(os.path.dirname(rel_dir))
+    kept_roots = _walk_roots(site, kept)
+    for root in sorted(_walk_roots(site, out)):
+        if os.path.islink(prefix / root) or not os.path.isdir(prefix / root):
+            continue
+        if root not in kept_roots and root.startswith(site + os.sep) and os.path.basename(root) != "__pycache__":
+            out.add(root)  # a package folder of left-out distributions only: all of it, orphan bytecode included
+            continue
+        for dirpath, dirnames, filenames in os.walk(prefix / root, topdown=False):
+            rel_dir = os.path.relpath(dirpath, prefix)
+            for fn in filenames:
+                rel = os.path.normpath(os.path.join(rel_dir, fn))
+                if rel in out or not fn.endswith(".pyc") or os.path.basename(rel_dir) != "__pycache__":
+                    continue
+                src = os.path.join(os.path.dirname(rel_dir), fn.split(".", 1)[0] + ".py")
+                if os.path.normpath(src) in out:
+                    out.add(rel)
+                    touched.add(rel_dir)
+            entries = [os.path.normpath(os.path.join(rel_dir, e)) for e in (*dirnames, *filenames)]
+            if rel_dir not in (".", site) and rel_dir in touched and all(e in out for e in entries):
+                out.add(rel_dir)
+                touched.add(os.path.dirname(rel_dir))
     return out
 
 

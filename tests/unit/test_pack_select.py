@@ -54,10 +54,10 @@ def make_env(tmp_path: Path, dists: dict[str, tuple[str, list[str], str]] = DIST
         reqs = "".join(f"Requires-Dist: {r}\n" for r in requires)
         (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{reqs}\n")
         pkg = site / top
-        (pkg / "sub").mkdir(parents=True)
+        (pkg / "sub").mkdir(parents=True, exist_ok=True)
         (pkg / "__init__.py").write_text(f"# {name}\n")
         (pkg / "sub" / "core.py").write_text("x = 1\n" * 100)
-        (pkg / "__pycache__").mkdir()
+        (pkg / "__pycache__").mkdir(exist_ok=True)
         (pkg / "__pycache__" / f"__init__.cpython-{ABI[2:]}.pyc").write_bytes(b"\0" * 16)  # not in RECORD
         (prefix / "bin" / f"{name}-cli").write_text("#!/bin/sh\n")
         rec = [f"{top}/__init__.py,,", f"{top}/sub/core.py,,", f"../../../bin/{name}-cli,,",
@@ -99,14 +99,42 @@ def test_onnxruntime_backend_ships_no_torch_and_leaves_no_empty_torch_folder(tmp
     assert {"sympy", "mpmath", "numpy"} <= set(sel.shipped) and "filelock" not in sel.shipped
     assert sel.left_out["torch"] == "not used by the onnxruntime backend"
     ex = sel.exclude_paths
+
+    def gone(rel: str) -> bool:  # as the layer writers read the set: a path, or a folder above it
+        return any(p in ex for p in [rel, *(str(q) for q in Path(rel).parents)])
+
     torch_dir = os.path.join(SITE, "torch")
     # the RECORD'd files, the bytecode nobody recorded, and the folders left empty: all out
-    assert {torch_dir, os.path.join(torch_dir, "sub"), os.path.join(torch_dir, "__pycache__")} <= ex
-    assert os.path.join(torch_dir, "__pycache__", f"__init__.cpython-{ABI[2:]}.pyc") in ex
-    assert "bin/torch-cli" in ex and any(p.startswith(os.path.join(SITE, "torch-2.13.0.dist-info")) for p in ex)
+    assert torch_dir in ex and gone(os.path.join(torch_dir, "sub", "core.py"))
+    assert gone(os.path.join(torch_dir, "__pycache__", f"__init__.cpython-{ABI[2:]}.pyc"))
+    assert "bin/torch-cli" in ex and gone(os.path.join(SITE, "torch-2.13.0.dist-info", "METADATA"))
     # what is shipped is untouched, and folders shared with shipped things stay
-    assert not any(p.startswith(os.path.join(SITE, "numpy")) for p in ex)
-    assert SITE not in ex and "bin" not in ex
+    assert not gone(os.path.join(SITE, "numpy", "__init__.py"))
+    assert not gone(os.path.join(SITE, "numpy", "__pycache__", f"__init__.cpython-{ABI[2:]}.pyc"))
+    assert SITE not in ex and "bin" not in ex and not gone("bin/numpy-cli")
+
+
+def test_a_folder_shared_with_a_shipped_distribution_is_walked_and_only_emptied_parts_go(tmp_path):
+    """Two distributions in one top-level folder (a namespace package): the left-out one's files, their
+    bytecode and its emptied subfolder go; the folder and the shipped one's files stay."""
+    dists = dict(DISTS)
+    dists["kit"] = ("0.1.0", ["torch", "nspkg-a"], "kit")
+    dists["nspkg-a"] = ("1", [], "ns")
+    dists["nspkg-b"] = ("1", [], "ns")  # same top-level folder "ns": make_env gives both ns/sub/core.py
+    s = make_env(tmp_path, dists)
+    site = s.prefix / SITE
+    (site / "ns" / "b_only").mkdir()
+    (site / "ns" / "b_only" / "mod.py").write_text("x = 2\n")
+    (site / "ns" / "b_only" / "__pycache__").mkdir()
+    (site / "ns" / "b_only" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    meta = next(site.glob("nspkg_b-*.dist-info"))
+    with open(meta / "RECORD", "a") as f:
+        f.write("ns/b_only/mod.py,,\n")
+    sel = select(rescan(s), "torch")
+    ex = sel.exclude_paths
+    assert "nspkg-a" in sel.shipped and "nspkg-b" in sel.left_out
+    assert os.path.join(SITE, "ns") not in ex and os.path.join(SITE, "ns", "__init__.py") not in ex
+    assert {os.path.join(SITE, "ns", "b_only"), os.path.join(SITE, "ns", "b_only", "__pycache__")} <= ex
 
 
 def test_onnxruntime_backend_without_onnxruntime_installed_says_how_to_fix_it(tmp_path):
