@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tarfile
 import time
 from collections.abc import Iterator
@@ -60,13 +61,20 @@ def editable_kit_files(s: envscan.EnvScan) -> set[str]:
 
 def _layer_key(s: envscan.EnvScan, exclude: set[str], kit_files: dict[str, str], arc_env: str,
                compresslevel: int, codec: str = "gzip") -> tuple[str, int, dict[str, int]]:
+    # The key is what the layer holds: every shipped path's stat (a folder's mode only: installing a package
+    # the service does not ship touches site-packages' mtime, not the layer), so unrelated installs and the
+    # left-out set's other members do not invalidate it. conda-pack's list also depends on the left-out set.
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, str(s.prefix), s.kind, arc_env, compresslevel, codec,
-                         sorted(exclude), sorted(kit_files.items()), _conda_pack_version()]).encode())
+                         sorted(exclude) if s.kind == "conda" else [], sorted(kit_files.items()),
+                         _conda_pack_version()]).encode())
     total = 0
     sizes: dict[str, int] = {}
     for rel, st in _walk(s.prefix, exclude):
         link = os.readlink(s.prefix / rel) if os.path.islink(s.prefix / rel) else ""
+        if stat.S_ISDIR(st.st_mode):
+            h.update(f"{rel}\0{st.st_mode}\n".encode("utf-8", "surrogateescape"))
+            continue
         h.update(f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link}\n".encode("utf-8", "surrogateescape"))
         if not link and os.path.isfile(s.prefix / rel):
             total += st.st_size
