@@ -50,7 +50,7 @@ from kit.pack.stage import (
     read_service,
     stage_files,
 )
-from kit.pack.wheel import build_kit_wheel, install_wheel
+from kit.pack.wheel import build_kit_wheel, cached_kit_install
 from kit.signing import Keyring
 
 __all__ = ["PackResult", "ServiceInfo", "_render", "build_kit_wheel", "check_unit", "pack", "read_service"]
@@ -166,9 +166,9 @@ def pack(
         assert kit_dist is not None
         if kit_dist.editable_source:
             t = time.monotonic()
-            wheel = build_kit_wheel(Path(kit_dist.editable_source), stage / "wheels", progress)
             kit_install = tmp / "kit-install"
-            install_wheel(wheel, kit_install)
+            wheel = cached_kit_install(Path(kit_dist.editable_source), stage / "wheels", kit_install, cache_dir,
+                                       progress)
             wheel_rel = f"wheels/{wheel.name}"
             timings["wheel"] = time.monotonic() - t
         else:

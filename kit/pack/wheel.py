@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -70,3 +71,42 @@ def install_wheel(wheel: Path, target: Path) -> list[Path]:
             keep = [ln for ln in rec.read_text().splitlines() if not ln.startswith(f"{du.parent.name}/direct_url.json,")]
             rec.write_text("\n".join(keep) + "\n")
     return sorted(p for p in target.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def source_key(source: Path) -> str:
+    """sha256 over kit's source files (names and bytes) and this Python: what the wheel is built from."""
+    h = hashlib.sha256(f"{sys.version_info[:2]}".encode())
+    for p in _source_files(Path(source)):
+        h.update(f"{p.relative_to(source)}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def cached_kit_install(source: Path, wheels_dir: Path, install_dir: Path, cache_dir: Path | None,
+                       progress: Progress | None = None) -> Path:
+    """Build kit's wheel and install it into ``install_dir`` (a site-packages layout), reusing the ones a
+    pack of the same source made (``cache_dir/kit-<key>/``): two pip runs saved. Returns the wheel in
+    ``wheels_dir``."""
+    cached = None if cache_dir is None else Path(cache_dir) / f"kit-{source_key(source)[:32]}"
+    if cached is not None and (cached / "done").is_file():
+        (wheel,) = sorted(cached.glob("kit-*.whl"))
+        say(progress, f"kit's source unchanged since an earlier pack: reusing {wheel.name} from {cached}")
+        wheels_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, wheels_dir / wheel.name)
+        shutil.copytree(cached / "install", install_dir, symlinks=True)
+        return wheels_dir / wheel.name
+    wheel = build_kit_wheel(source, wheels_dir, progress)
+    install_wheel(wheel, install_dir)
+    if cached is not None:
+        part = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        shutil.copy2(wheel, part / wheel.name)
+        shutil.copytree(install_dir, part / "install", symlinks=True)
+        (part / "done").write_text("")
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(part, cached)
+        for old in sorted(cached.parent.glob("kit-*"), key=lambda q: q.stat().st_mtime)[:-3]:
+            shutil.rmtree(old, ignore_errors=True)
+    return wheel

@@ -54,3 +54,40 @@ def test_the_layer_is_reused_until_a_shipped_file_changes(tmp_path):
     os.utime(numpy_init, ns=(1, 1))
     layer2, reused2, _t, (hashes2, _l) = build()
     assert not reused2 and hashes2[f"demo/env/{SITE}/numpy/__init__.py"] != hashes[f"demo/env/{SITE}/numpy/__init__.py"]
+
+
+def test_kits_wheel_and_its_install_are_reused_while_the_source_is_unchanged(tmp_path, monkeypatch):
+    """Two pip runs (wheel, install) per pack are saved while kit's source is the same; a changed file
+    builds again."""
+    from kit.pack import wheel as wheel_mod
+
+    src = tmp_path / "src"
+    (src / "kit").mkdir(parents=True)
+    (src / "pyproject.toml").write_text("[project]\nname = 'kit'\n")
+    (src / "kit" / "__init__.py").write_text("__version__ = '0'\n")
+    calls = []
+
+    def fake_build(source, out_dir, progress=None):
+        calls.append("build")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        w = out_dir / "kit-0-py3-none-any.whl"
+        w.write_bytes((source / "kit" / "__init__.py").read_bytes())
+        return w
+
+    def fake_install(w, target):
+        calls.append("install")
+        (target / "kit").mkdir(parents=True)
+        (target / "kit" / "__init__.py").write_bytes(w.read_bytes())
+        return []
+
+    monkeypatch.setattr(wheel_mod, "build_kit_wheel", fake_build)
+    monkeypatch.setattr(wheel_mod, "install_wheel", fake_install)
+    cache = tmp_path / "cache"
+    for i in range(2):
+        w = wheel_mod.cached_kit_install(src, tmp_path / f"w{i}", tmp_path / f"i{i}", cache)
+        assert w.parent == tmp_path / f"w{i}" and (tmp_path / f"i{i}" / "kit" / "__init__.py").is_file()
+    assert calls == ["build", "install"]
+    (src / "kit" / "__init__.py").write_text("__version__ = '1'\n")
+    wheel_mod.cached_kit_install(src, tmp_path / "w2", tmp_path / "i2", cache)
+    assert calls == ["build", "install"] * 2
+    assert (tmp_path / "i2" / "kit" / "__init__.py").read_text() == "__version__ = '1'\n"
