@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kit import backends
 from kit.errors import DeployError, InvalidNameError, KitError
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
 from kit.registry.names import check_weight
@@ -98,7 +99,7 @@ def deploy(
     progress: Callable[[str], None] | None = None,
     dynamic: Mapping[Any, Mapping[int, str]] | None = None,
     dims: Mapping[str, tuple[int, int]] | None = None,
-    backend: str = "torch",
+    backend: str = backends.DEFAULT,
     onnx: bool = True,
 ) -> DeployResult:
     """capture -> register -> gate -> alias move -> service generation; stop at the first failure.
@@ -111,7 +112,7 @@ def deploy(
     dynamic, dims : named dynamic dims and their ranges, passed to :func:`kit.capture.capture`
         (e.g. ``dynamic={"ids": {1: "seq"}, "mask": {1: "seq"}}``, ``dims={"seq": (2, 512)}``).
     on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
-    backend : the backend that will serve (``"torch"`` or ``"onnxruntime"``): the gate runs on it and the
+    backend : the backend that will serve (one of :func:`kit.backends.names`): the gate runs on it and the
         generated service's ``[model] backend`` says it.
     onnx : export ``model.onnx`` at capture (needed for ``backend="onnxruntime"``).
 
@@ -150,8 +151,9 @@ def _check_arguments(registry: Registry, name: str, *, canary: float | None, pro
         check_backend(backend)
     except ValueError as exc:
         raise InvalidNameError(f"{exc} It is the backend the service will run.") from None
-    if backend == "onnxruntime" and not onnx:
-        raise InvalidNameError("backend 'onnxruntime' serves model.onnx: deploy without onnx=False.")
+    row = backends.get(backend)
+    if row.export is not None and not onnx:  # that backend serves what capture exports beside the program
+        raise InvalidNameError(f"backend {row.name!r} serves {row.artifact}: deploy without onnx=False.")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from kit import backends
 from kit.config import KitConfig, load_config
 from kit.deploy import DeployResult, Step, deploy
 from kit.errors import KitError
@@ -131,7 +132,7 @@ class KitMagics(Magics):
     @argument("--tags", metavar="DICT", default=None, help="a dict of tags to record (variable name)")
     @argument("--dynamic", metavar="INPUT:DIM=NAME", action="append", default=[],
               help="a dynamic dim besides the batch, e.g. ids:1=seq (optional range: ids:1=seq:2..512; repeatable)")
-    @argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+    @argument("--backend", choices=list(backends.names()), default=backends.DEFAULT,
               help="the backend that will serve: the gate runs on it, the service's [model] backend says it")
     @argument("--no-onnx", action="store_true", help="do not export model.onnx at capture (torch backend only)")
     @line_magic
@@ -145,8 +146,9 @@ class KitMagics(Magics):
         args = parse_argstring(self.deploy, line)
         if args.canary is not None and args.promote:
             raise UsageError("%deploy: choose one of --canary WEIGHT and --promote, not both.")
-        if args.no_onnx and args.backend == "onnxruntime":
-            raise UsageError("%deploy: --backend onnxruntime serves model.onnx; drop --no-onnx.")
+        row = backends.get(args.backend)
+        if args.no_onnx and row.export is not None:
+            raise UsageError(f"%deploy: --backend {row.name} serves {row.artifact}; drop --no-onnx.")
         cfg = self.kit_config
         model = self._eval(args.model, "MODEL")
         example = _as_example(self._eval(args.example, "--example"), args.example)

@@ -75,7 +75,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("model", "registry", str, REQUIRED, "relative to this folder, or absolute"),
     _s("model", "check_env", bool, True, "refuse versions captured in an incompatible environment"),
     _s("model", "backend", str, backends.DEFAULT,
-       '"torch" (model.pt2) or "onnxruntime" (model.onnx; workers never import torch)',
+       " or ".join(f'"{b.name}" ({b.artifact})' for b in backends.BACKENDS.values()),
        rule=(" or ".join(f'"{n}"' for n in backends.names()), lambda v: v in backends.BACKENDS)),
     _s("model", "max_artifact_bytes", int, 8 << 30, "the most a version's files may expand to when opened (zip bombs)",
        rule=_ONE),

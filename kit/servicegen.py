@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 
+from kit import backends
 from kit import service_settings as settings
 from kit._io import atomic_write_text
 from kit._proc import free_port, refuse_taken_port, stop_group, wait_http
@@ -118,7 +119,7 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
                 "it first, or generate without the model check (check_model=False) to do it ahead of time.",
                 remedy="no_check_model", subject=model,
             )
-        for line in backend_warnings(registry, model, options.get("backend", "torch")):
+        for line in backend_warnings(registry, model, options.get("backend", backends.DEFAULT)):
             log.warning("%s", line)
     if out.exists() and not force:
         raise ServiceError(f"{out} already exists. Force it to regenerate its files (force=True).", remedy="force")
@@ -145,21 +146,21 @@ def backend_warnings(registry: Path | str, model: str, backend: str) -> list[str
     reason capture recorded); returns warnings: no production version yet, or no passing gate on that backend.
     """
     from kit.registry import Registry
-    from kit.version_files import ONNX_FILE
 
-    if backend == "torch":
-        return []
+    row = backends.BACKENDS.get(backend)
+    if row is None or row.name == backends.DEFAULT:  # unknown: service.toml's rule refuses it, naming the choices;
+        return []  # the default backend's artifact is in every version
     reg = Registry(registry)
     production = reg.aliases(model).production
     if production is None:
         return [f"{model} has no production version yet; gate it on {backend} before promoting: "
                 f"`kit validate {model}@N --backend {backend}`."]
     mv = reg.get(model, production)
-    if ONNX_FILE not in mv.files:
-        why = (mv.capture.get("onnx") or {}).get("reason") or "registered before Kit exported ONNX"
-        raise ServiceError(f"{mv.ref} (production) has no {ONNX_FILE}, so backend {backend!r} cannot serve it: "
-                           f"{why.rstrip('.')}. Generate with backend 'torch', or register a version with ONNX "
-                           "(`pip install kit[onnx]`) and promote it.")
+    if row.artifact not in mv.files:
+        why = (mv.capture.get(row.extra or row.name) or {}).get("reason") or f"registered before Kit exported {row.extra}"
+        raise ServiceError(f"{mv.ref} (production) has no {row.artifact}, so backend {backend!r} cannot serve it: "
+                           f"{why.rstrip('.')}. Generate with backend {backends.DEFAULT!r}, or register a version with "
+                           f"{row.artifact} (`pip install kit[{row.extra}]`) and promote it.")
     if reg.passing_gate(mv, backend) is None:
         return [f"{mv.ref} (production) has no passing gate on {backend}: its evidence is about another backend. "
                 f"Run `kit validate {mv.ref} --backend {backend}`."]

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from kit import backends
 from kit.serving import control
 from kit.serving.config import ServiceConfig, worker_plan
 from kit.serving.engine import InferenceEngine
@@ -149,7 +150,7 @@ def create_asgi_app(config: ServiceConfig, *, registry: Registry | None = None, 
 def _torch_threads(backend: str) -> int:
     """The inference thread's torch thread count: the worker's (post_fork set it), on the torch backend only.
     An onnxruntime worker never imports torch; its session has its own intra-op pool (``threads``)."""
-    if backend != "torch":
+    if backends.get(backend).runtime != "torch":
         return 0
     import torch
 

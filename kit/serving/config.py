@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kit import backends
 from kit import service_settings as settings
 from kit.errors import ServiceError
 from kit.registry.names import is_sha256_hex
@@ -81,7 +82,7 @@ class ServiceConfig:
     header_timeout: float = _o("header_timeout")  # asgi: seconds for a request head to arrive (then the connection closes)
     body_timeout: float = _o("body_timeout")  # asgi: seconds for a request body to arrive after its head
     check_env: bool = _o("check_env")
-    backend: str = "torch"
+    backend: str = backends.DEFAULT
     max_artifact_bytes: int = _o("max_artifact_bytes")  # [model]: the most a model's files may expand to when opened
     max_tensor_bytes: int = _o("max_tensor_bytes")  # [model]: the most one tensor a program makes may hold (0: derived)
     version_header: str = _o("version_header")  # "" disables the override

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kit.backends import BACKENDS
+from kit.backends import BACKENDS, DEFAULT
 from kit.errors import ServingError
 from kit.signature import Signature, TensorSpec
 
@@ -424,7 +424,7 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignat
 PLATFORMS = {b.name: b.platform for b in BACKENDS.values()}  # as Triton names them
 
 
-def v2_metadata(model: str, sig: Signature, versions: list[int], backend: str = "torch") -> dict[str, Any]:
+def v2_metadata(model: str, sig: Signature, versions: list[int], backend: str = DEFAULT) -> dict[str, Any]:
     """v2 model metadata: every dynamic dim (batch, seq, an expression of them) is -1."""
     def spec(s: TensorSpec) -> dict[str, Any]:
         return {"name": s.name, "datatype": v2_datatype(s.dtype),
