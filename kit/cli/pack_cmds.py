@@ -45,7 +45,8 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
              target_platform: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
              compresslevel: int, compression: str, do_verify: bool, image: bool,
              image_base: str | None, builder: str | None, as_json: bool) -> None:
-    """Pack services/NAME with its environment and models into dist/NAME-<version>-<platform>.tar.gz."""
+    """Pack services/NAME with what it runs of its environment (docs/pack.md) and its models into
+    dist/NAME-<version>-<platform>.tar.gz (.tar.zst with --compress zstd)."""
     from kit.pack import pack, verify_archive
     from kit.pack.integrity import ship_text
 

@@ -243,3 +243,26 @@ def test_the_pre_pack_checks_judge_what_is_shipped_not_what_is_left_out(tmp_path
     s = rescan(s)
     (problem,) = envscan.check_editable(shipped_scan(s, select(s, "torch")))
     assert "numpy" in problem.message
+
+
+def test_kit_pack_passes_include_exclude_and_compression_through(tmp_path, monkeypatch):
+    """The command only parses: --include/--exclude/--compress reach pack() as they were given."""
+    from click.testing import CliRunner
+
+    import kit.pack
+    from kit.cli import cli
+    from kit.pack import PackResult
+
+    seen = {}
+
+    def fake_pack(target, **kw):
+        seen.update(kw)
+        return PackResult(archive=tmp_path / "a.tar.zst", size_bytes=1, kind="venv", seconds=0.1, models={"m": [1]},
+                          backend="onnxruntime", compression=kw["compression"])
+
+    monkeypatch.setattr(kit.pack, "pack", fake_pack)
+    res = CliRunner().invoke(cli, ["pack", str(tmp_path), "--include", "pyyaml", "--exclude", "orjson",
+                                   "--exclude", "cffi", "--compress", "zstd"])
+    assert res.exit_code == 0, res.output
+    assert seen["include"] == ("pyyaml",) and seen["exclude"] == ("orjson", "cffi") and seen["compression"] == "zstd"
+    assert "onnxruntime" in res.output
