@@ -120,7 +120,7 @@ def _compression(layer: Path, work: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "pack_size.json")
-    ap.add_argument("--skip-compression", action="store_true")
+    ap.add_argument("--skip-compression", action="store_true", help="keep the compression table of the last run")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kit-bench-pack-"))
     os.environ["KIT_KEYS_DIR"] = str(work / "keys")
@@ -162,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                     "shipped": res.shipped, "left_out": len(res.left_out), "table": table if cold else None,
                     "start_to_answer_first_s": answers[0], "start_to_answer_sealed_s": answers[1:],
                     "verify": {"ready_s": rep.ready_seconds, "audit": rep.audit}})
+        if args.skip_compression and args.out.is_file():  # keep the last measured table
+            last = json.loads(args.out.read_text())
+            results.update({k: last[k] for k in ("compression", "compression_note") if k in last})
         if not args.skip_compression:
             torch_layer = max((p for p in cache.glob("env-*.gz")), key=lambda p: p.stat().st_size)
             print(f"\ncompression of the largest (torch) environment layer {torch_layer.name}:", flush=True)
             results["compression"] = _compression(torch_layer, work)
+            results["compression_note"] = f"the torch env layer as a plain tar, load {os.getloadavg()[0]:.1f}"
         results["load_after"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
