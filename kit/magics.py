@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
@@ -33,6 +33,9 @@ from kit.errors import KitError
 from kit.registry import Aliases, Registry, detect_source, parse_ref, parse_weight
 from kit.render import aliases_line, model_rows, models_text, versions_text
 from kit.traffic import set_traffic
+
+if TYPE_CHECKING:
+    from kit.widgets import RegistryPanel
 
 # The magics' words for a library error's remedy (kit.errors.KitError.remedy).
 _HINTS = {
@@ -278,7 +281,7 @@ class KitMagics(Magics):
     @argument("name", metavar="NAME", nargs="?", default=None,
               help="the model to show (default: the only model in the registry)")
     @line_magic
-    def registry(self, line: str) -> Any:
+    def registry(self, line: str) -> RegistryPanel:
         """Show the registry panel: versions, gate verdicts, aliases; validate, promote, rollback, canary."""
         args = parse_argstring(self.registry, line)
         from kit.widgets import RegistryPanel

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
@@ -29,6 +29,10 @@ from kit.errors import KitError
 from kit.registry import Aliases, ModelVersion, Registry
 from kit.render import gate_cell, gate_summary, guard_note, report_link, versions_html
 from kit.traffic import TrafficChange, plan_traffic, set_traffic, stop_traffic
+
+if TYPE_CHECKING:
+    from kit.config import KitConfig
+    from kit.gate import GateResult
 
 __all__ = ["RegistryPanel", "gate_cell", "versions_html"]
 
@@ -77,7 +81,7 @@ class RegistryPanel(widgets.VBox):
         self._syncing = False
         self._known: list[int] = []
         self._shown: Aliases | None = None
-        self.last_gate: Any = None
+        self.last_gate: GateResult | None = None
         registry.versions(name)  # fail now, with the registry's message, if the model is missing
 
         self.header = widgets.HTML()
@@ -130,7 +134,7 @@ class RegistryPanel(widgets.VBox):
         self.refresh()
 
     @classmethod
-    def from_config(cls, name: str, config: Any = None, **kwargs: Any) -> RegistryPanel:
+    def from_config(cls, name: str, config: KitConfig | None = None, **kwargs: Any) -> RegistryPanel:
         """A panel over the configured registry (:func:`kit.config.load_config`, resolved here once)."""
         from kit.config import load_config
 
