@@ -130,3 +130,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process set up for the test server the way a user's shell is for theirs (the AWS_* variables)."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return dict(s3_server.env)

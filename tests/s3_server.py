@@ -113,6 +113,22 @@ class S3Server:
         self.proc = None
 
 
+def digits_registry(url: str, model: str, keys_dir: Path, cache_dir: Path, versions: int, user: str = "operator"):
+    """A signed registry at ``url`` holding ``versions`` DigitsMLP versions of ``model`` (seeds 1..N)."""
+    import torch
+
+    from kit.demo import DigitsMLP
+    from kit.registry import Registry
+    from kit.signing import Keyring
+
+    reg = Registry(url, user=user, keyring=Keyring(keys_dir), cache_dir=cache_dir)
+    example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
+    for seed in range(1, versions + 1):
+        torch.manual_seed(seed)
+        reg.register(model, DigitsMLP().eval(), example)
+    return reg
+
+
 if __name__ == "__main__":
     srv = S3Server(Path(sys.argv[1] if len(sys.argv) > 1 else "s3-data").absolute())
     srv.start()

@@ -51,9 +51,7 @@ def test_init_writes_pipelines_that_run_the_one_script(tmp_path: Path):
 
 
 def test_the_pipeline_script_gates_keeps_the_report_and_promotes_only_on_a_pass(
-        s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
+        s3_server, s3_env, tmp_path: Path):
     url = f"s3://kit-test/ci-{uuid.uuid4().hex[:8]}"
     proj = tmp_path / "proj"
     _init(proj, "github")

@@ -17,15 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
+from s3_server import digits_registry
 
 from kit._proc import free_port, http_status, stop_group, wait_http
-from kit.demo import DigitsMLP
 from kit.fleet import service_settings
 from kit.fleet.nginx import NginxOptions, render_nginx
-from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit.signing import Keyring
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
@@ -74,17 +71,10 @@ def _follow(ports: list[int], t_move: float, pred, what: str) -> list[float]:
     return [round(seen[p], 3) for p in ports]
 
 
-def test_three_instances_follow_the_bucket_through_a_store_outage(s3_server, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
+def test_three_instances_follow_the_bucket_through_a_store_outage(s3_server, s3_env, tmp_path: Path):
     url_reg = f"s3://kit-test/fleet-{uuid.uuid4().hex[:8]}"
-    keys = Keyring(tmp_path / "keys")
-    reg = Registry(url_reg, user="operator", keyring=keys, cache_dir=tmp_path / "operator-cache")
-    example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
-    for seed in (1, 2, 3):
-        torch.manual_seed(seed)
-        reg.register(MODEL, DigitsMLP().eval(), example)
+    reg = digits_registry(url_reg, MODEL, tmp_path / "keys", tmp_path / "operator-cache", 3)
+    keys = reg.keyring
     reg.promote(MODEL, 1, force=True, why="test")
     reg.promote(MODEL, 2, force=True, why="test")  # production 2, previous [1]: what the rollback returns to
     d = generate("s3fleet", MODEL, registry=tmp_path / "unused", out_dir=tmp_path / "services", workers=1,

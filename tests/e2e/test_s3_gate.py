@@ -38,7 +38,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=500)
 
 
-def test_register_gate_promote_from_three_processes(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_register_gate_promote_from_three_processes(s3_server, tmp_path: Path, s3_env):
     url = f"s3://kit-test/gate-{uuid.uuid4().hex[:8]}"
     dev_pub = Keyring(tmp_path / "dev" / "keys").signer().public.text()
     ci_pub = Keyring(tmp_path / "ci" / "keys").signer().public.text()
@@ -60,8 +60,6 @@ def test_register_gate_promote_from_three_processes(s3_server, tmp_path: Path, m
 
     promoted = _run([*kit, "promote", "shared-gate@1"], dev, cwd)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
     reg = Registry(url, keyring=Keyring.verify_only(Keyring(tmp_path / "dev" / "keys").trust()),
                    cache_dir=tmp_path / "reader")
     a = reg.aliases("shared-gate")

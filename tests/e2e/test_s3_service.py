@@ -12,13 +12,10 @@ import urllib.request
 import uuid
 
 import pytest
-import torch
 from kit_testing import get_json, wait_all_workers
+from s3_server import digits_registry
 
-from kit.demo import DigitsMLP
-from kit.registry import Registry
 from kit.servicegen import generate, start_service
-from kit.signing import Keyring
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -36,16 +33,10 @@ def _serving(v: int):
     return lambda b: b["production"] is not None and b["production"]["version"] == v and b["reload_error"] is None
 
 
-def test_service_follows_the_bucket_and_survives_a_store_outage(s3_server, tmp_path, monkeypatch):
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
+def test_service_follows_the_bucket_and_survives_a_store_outage(s3_server, s3_env, tmp_path):
     url_reg = f"s3://kit-test/svc-{uuid.uuid4().hex[:8]}"
-    keys = Keyring(tmp_path / "keys")
-    reg = Registry(url_reg, user="e2e", keyring=keys, cache_dir=tmp_path / "writer-cache")
-    example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        reg.register(MODEL, DigitsMLP().eval(), example)
+    reg = digits_registry(url_reg, MODEL, tmp_path / "keys", tmp_path / "writer-cache", 2)
+    keys = reg.keyring
     reg.promote(MODEL, 1, force=True, why="test")  # gates are the gate area's tests
     d = generate("s3svc", MODEL, registry=tmp_path / "unused", out_dir=tmp_path / "services", workers=2,
                  poll_interval=0.5, trusted_keys=keys.service_keys(), check_model=False)

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """This process configured the way the AWS tools are (AWS_* variables), as a user's shell would be."""
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    return dict(s3_server.env)
-
-
-@pytest.fixture
 def url(s3_env) -> str:
     return f"s3://kit-test/t-{uuid.uuid4().hex[:10]}"
 
