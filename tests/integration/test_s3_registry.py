@@ -4,6 +4,7 @@ move and poll through ``Registry("s3://bucket/prefix")``, hostile objects refuse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kit.errors import ConfigError, IntegrityError, RegistryCorruptError
+from kit.errors import ConfigError, IntegrityError, PromotionRefusedError, RegistryCorruptError, SignatureError
 from kit.registry import ObjectRegistry, Registry
 from kit.registry.storage import NOT_MODIFIED
 
@@ -89,6 +90,32 @@ def test_an_oversized_record_is_refused_before_it_is_read(url: str, keyring, tmp
     reg.storage.put("tiny/aliases.json", b"x" * (300 << 10))
     with pytest.raises(RegistryCorruptError, match="over"):
         reg.aliases("tiny")
+
+
+def test_a_bucket_writer_without_a_key_moves_nothing(url: str, keyring, tmp_path: Path):
+    """Anyone who can write the bucket can add objects; without a trusted key they neither pass a gate nor
+    move traffic: a forged passing result.json and a forged aliases.json are refused like in a folder."""
+    from kit.registry.moves import canonical, envelope
+    from kit.signing import KeyStore
+
+    reg = Registry(url, keyring=keyring, cache_dir=tmp_path / "c")
+    mv = reg.register("tiny", *_tiny(), onnx=False)
+    reg.register("tiny", *_tiny(1), onnx=False)
+    forged_gate = {"run_id": "r1", "passed": True, "artifact_sha256": mv.artifact_sha256}
+    reg.storage.put("tiny/versions/1/gates/r1/result.json", json.dumps(forged_gate).encode())
+    with pytest.raises(PromotionRefusedError, match="no passing gate"):
+        reg.promote("tiny", 1)
+    assert reg.gate_verdict(reg.get("tiny", 1))[0] == "unsigned"  # synced from the bucket, not counted
+
+    reg.promote("tiny", 1, force=True, why="first")
+    rec = json.loads(json.loads(reg.storage.get("tiny/aliases.json", 1 << 20).data)["record"])
+    attacker = KeyStore(tmp_path / "attacker").new()
+    forged = {**rec, "serial": 2, "prev_sha256": hashlib.sha256(canonical(rec)).hexdigest(),
+              "state": {**rec["state"], "production": 2, "previous": [1]}}
+    reg.storage.put("tiny/aliases.json", envelope(forged, attacker))
+    fresh = Registry(url, keyring=keyring, cache_dir=tmp_path / "c2")
+    with pytest.raises(SignatureError, match="not trusted"):
+        fresh.aliases("tiny")
 
 
 def test_bad_urls_and_keys_are_refused(s3_env):
