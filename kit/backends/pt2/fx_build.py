@@ -138,6 +138,10 @@ _SAME_NUMEL = frozenset({"view", "reshape", "_unsafe_view", "unflatten", "view_c
                          "_reshape_copy"})
 
 
+# arange's bounds; its dtype and layout are ints in the schema too (T5 passes dtype=torch.long), not sizes
+_ARANGE = {"arange": frozenset({"start", "end", "step"})}
+
+
 def _size_args(target: Any) -> list[str]:
     """Names of the arguments of ``target`` that decide how many elements its output holds."""
     packet = target._schema.name.split("::", 1)[1]
@@ -151,7 +155,7 @@ def _size_args(target: Any) -> list[str]:
             continue
         if kind == "List[int]" or (_SCALE_NAMES.fullmatch(a.name) and kind in ("List[float]", "float")):
             names.append(a.name)
-        elif kind in ("int", "number") and (a.name in _COUNTS.get(packet, ()) or packet == "arange"):
+        elif kind in ("int", "number") and (a.name in _COUNTS.get(packet, ()) or a.name in _ARANGE.get(packet, ())):
             names.append(a.name)
     return names
 
