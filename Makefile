@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 4
 XDIST       := -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: help env lock demo test test-image test-image-if-changed typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz
+.PHONY: help env lock demo test test-image test-image-if-changed typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz s3-server
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -103,6 +103,9 @@ browser-deps: ## Debian's chromium for the browser test (root, apt)
 fleet-deps: ## Debian's nginx, prometheus, buildah (fleet tests) and wrk (make bench) (root, apt)
 	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null && command -v wrk >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah wrk >/dev/null)
+
+s3-server: $(STAMP) ## a local S3 server (SeaweedFS, 127.0.0.1) to try an s3:// registry; prints the AWS_* to export (tests start their own)
+	$(PY) tests/s3_server.py test-artifacts/s3-data
 
 clean: ## remove build outputs (keeps the environment and the registry)
 	rm -rf dist build .pytest_cache test-artifacts
