@@ -129,7 +129,14 @@ def digits_registry(url: str, model: str, keys_dir: Path, cache_dir: Path, versi
     return reg
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too (it runs in its own session)
     srv = S3Server(Path(sys.argv[1] if len(sys.argv) > 1 else "s3-data").absolute())
     srv.start()
     print(" ".join(f"{k}={v}" for k, v in srv.env.items()), f"# bucket s3://{BUCKET}", flush=True)
