@@ -28,6 +28,17 @@ def weed_binary() -> str | None:
     return str(here) if here.is_file() else shutil.which("weed")
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies (a killed test run leaves no server)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
 def _free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -77,7 +88,7 @@ class S3Server:
                 *(f"-{k}={v}" for k, v in self.ports.items())]
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
