@@ -206,12 +206,19 @@ class ObjectStoreMixin(CheckedStore):
         return log_
 
     def history(self, name: str) -> list[dict[str, Any]]:
-        """The folder registry's history, over this host's copy of the bucket's event objects."""
+        """The folder registry's history, over this host's copies of the bucket's event objects (each one
+        fetched once: events are never rewritten)."""
         lines = []
         for key in self.storage.list_keys(f"{validate_name(name)}/events/"):
-            got = self.storage.get(key, MAX_RECORD_BYTES)
-            if got is not None:
-                lines.append(got.data.decode("utf-8", "replace").strip())
+            local = self.root / key
+            if len(key.split("/")) != 3 or not safe_file_name(local.name):
+                continue
+            if not local.is_file():
+                got = self.storage.get(key, MAX_RECORD_BYTES)
+                if got is None:
+                    continue
+                atomic_write_bytes(local, got.data)
+            lines.append(local.read_bytes()[:MAX_RECORD_BYTES].decode("utf-8", "replace").strip())
         atomic_write_bytes(self.events_path(name), ("\n".join(lines) + "\n").encode() if lines else b"")
         return super().history(name)
 
