@@ -7,7 +7,8 @@ Per model, in one registry: capture and register v1 (signed), the default gate w
 own checks), promote; for the models marked ``compare`` a v2 (the last bias nudged) gated against v1 as
 production and promoted. Then the production version is served by a real gunicorn on 127.0.0.1 on the
 torch backend and, where capture exported ONNX, on onnxruntime; /predict on fresh inputs (another batch
-size and sequence length) equals eager within the tolerance capture recorded.
+size and sequence length; /predict JSON at batch 1, v2 /infer with binary inputs at batch 3, since three
+224 px images in JSON are over the default 8 MiB body limit) equals eager within the tolerance capture recorded.
 
 The gate runs the packaged default notebook with its default thresholds; only ``batch_n`` (rows of the
 finite/agreement checks and the batch of the latency comparison: 64 by default) and ``latency_repeats``
@@ -33,6 +34,7 @@ from zoo.real import REAL, RealEntry, eager, nudged
 from kit.gate import render_text, run_gate
 from kit.registry import Registry
 from kit.servicegen import generate, start_service
+from kit.serving.protocol import NUMPY_TO_V2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 GATE_PARAMS = {"batch_n": 8, "latency_repeats": 10}
@@ -100,14 +102,41 @@ def test_the_default_gate_passes_v1_alone_and_v2_against_it(deployed):
     assert d.production == max(d.gates) and d.reg.aliases(d.zoo.name).production == d.production
 
 
-def _post(url: str, doc: dict[str, Any]) -> tuple[int, Any, Any]:
-    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read()), r.headers
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()[:1000], exc.headers
+
+
+def _predict(url: str, inputs: dict[str, torch.Tensor], kind: str) -> tuple[int, Any, Any]:
+    """/predict with JSON numbers (half-precision inputs sent as plain floats); outputs keyed by name."""
+    doc = {"inputs": {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v).tolist()
+                      for k, v in inputs.items()}}
+    status, body, headers = _post(url + "/predict", json.dumps(doc).encode())
+    if status == 200:
+        body = body["outputs"] if kind == "dict" else {"output_0": body["outputs"]}
+    return status, body, headers
+
+
+def _v2_binary(url: str, name: str, inputs: dict[str, torch.Tensor]) -> tuple[int, Any, Any]:
+    """v2 /infer with binary input tensors (3 images at 224 px are over the JSON body limit); JSON outputs."""
+    entries, blobs = [], []
+    for k, v in inputs.items():
+        arr = np.ascontiguousarray(v.numpy())
+        entries.append({"name": k, "shape": list(arr.shape), "datatype": NUMPY_TO_V2[arr.dtype.name],
+                        "parameters": {"binary_data_size": arr.nbytes}})
+        blobs.append(arr.tobytes())
+    head = json.dumps({"inputs": entries}).encode()
+    status, body, headers = _post(f"{url}/v2/models/{name}/infer", head + b"".join(blobs),
+                                  {"Inference-Header-Content-Length": str(len(head)),
+                                   "Content-Type": "application/octet-stream"})
+    if status == 200:
+        body = {o["name"]: np.asarray(o["data"], dtype=np.float64).reshape(o["shape"]) for o in body["outputs"]}
+    return status, body, headers
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
@@ -125,16 +154,16 @@ def test_served_on_each_backend_equals_eager(deployed, backend, tmp_path):
         atol, rtol = max(atol, onnx_parity["atol"]), max(rtol, onnx_parity["rtol"])
     with start_service(svc, timeout=240) as running:
         d.times[f"ready_{backend}_s"] = round(running.started_seconds, 1)
-        for batch, seq, seed in ((3, z.seqs[1], 11), (1, z.seqs[0], 12)):
+        for batch, seq, seed, via in ((1, z.seqs[0], 11, "predict"), (3, z.seqs[1], 12, "v2-binary")):
             inputs = z.inputs(batch, seq, seed)
-            status, body, headers = _post(running.url + "/predict",
-                                          {"inputs": {k: v.float().tolist() if v.dtype in (torch.float16,
-                                                      torch.bfloat16) else v.tolist() for k, v in inputs.items()}})
-            assert status == 200, body
+            if via == "predict":
+                status, got, headers = _predict(running.url, inputs, mv.signature["output_kind"])
+            else:
+                status, got, headers = _v2_binary(running.url, z.name, inputs)
+            assert status == 200, got
             assert headers["X-Kit-Model-Version"] == str(d.production)
             want = eager(d.model, inputs)
-            got = body["outputs"] if mv.signature["output_kind"] == "dict" else {"output_0": body["outputs"]}
             assert list(got) == list(want), (list(got), list(want))
             for k, w in want.items():
                 np.testing.assert_allclose(np.asarray(got[k], dtype=np.float64), w, atol=atol, rtol=rtol,
-                                           err_msg=f"{z.name} on {backend}, output {k}, batch {batch}")
+                                           err_msg=f"{z.name} on {backend} via {via}, output {k}, batch {batch}")

@@ -154,10 +154,10 @@ def eager(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.
 
 
 def nudged(model: nn.Module) -> nn.Module:
-    """A "fine-tuned" second version: the last linear layer's bias moved by 1e-3 (same architecture)."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None][-1]
+    """A "fine-tuned" second version: the last bias (a head's, or GPT-2's final LayerNorm's) moved by 1e-3."""
+    last = [p for n, p in model.named_parameters() if n.endswith("bias")][-1]
     with torch.no_grad():
-        last.bias.add_(1e-3)
+        last.add_(1e-3)
     return model
 
 
