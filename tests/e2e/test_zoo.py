@@ -29,7 +29,6 @@ from kit.servicegen import RunningService, generate, start_service
 from kit.serving.protocol import NUMPY_TO_V2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-LATENCY = {"max_p95_ms_batch1": 1000.0, "max_p95_ms_batch_n": 5000.0}
 
 
 @dataclass
@@ -75,9 +74,9 @@ def served(request, tmp_path_factory, artifacts_dir):
     capture_s = time.perf_counter() - t0
     mv = reg.register(z.name, cap)
     t0 = time.perf_counter()
-    # The default gate with its default checks; only the latency budgets are widened: they are a deployment's
-    # choice, and this machine's two cores are shared by every test running at once (p95s of 100 ms seen).
-    gate = run_gate(reg, z.name, mv.version, params=LATENCY, timeout=300)
+    # The default gate with its defaults: no absolute latency budget (latency is judged against production,
+    # and this first version has none), so a busy shared machine cannot fail it.
+    gate = run_gate(reg, z.name, mv.version, timeout=300)
     gate_s = time.perf_counter() - t0
     if gate.passed:
         reg.promote(z.name, mv.version)
