@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -75,17 +76,29 @@ def pass_gate(reg: Any, name: str, version: int) -> None:
 
 
 def three_versions(reg: Any, name: str = "m", gated: tuple[int, ...] = (1, 2, 3)) -> Any:
-    """``name`` with three small Linear versions (the ``gated`` ones with a passing gate), production v1."""
-    import torch
-    from torch import nn
-
-    for s in range(3):
-        torch.manual_seed(s)
-        reg.register(name, nn.Linear(4, 2), torch.randn(2, 4))
+    """``name`` with three small Linear versions (the ``gated`` ones with a passing gate), production v1.
+    The three captures are made once per process, without ONNX (its exporter costs seconds to start)."""
+    for captured in _three_captures():
+        reg.register(name, captured)
     for v in gated:
         pass_gate(reg, name, v)
     reg.promote(name, 1, user="t")
     return reg
+
+
+@functools.lru_cache(maxsize=1)
+def _three_captures() -> tuple[Any, ...]:
+    import torch
+    from torch import nn
+
+    from kit.capture import capture
+
+    out = []
+    for s in range(3):
+        torch.manual_seed(s)
+        model = nn.Linear(4, 2)
+        out.append(capture(model, torch.randn(2, 4), onnx=False))  # none of their users serves ONNX
+    return tuple(out)
 
 
 def project_keyring():

@@ -30,7 +30,7 @@ def svc(tmp_path_factory):
     torch.manual_seed(0)
     reg.register(MODEL, DigitsMLP().eval(), torch.rand(2, 64))
     reg.promote(MODEL, 1, force=True, why="test")  # gates are tested by the gate area
-    d = generate("asgi", MODEL, registry=reg.root, out_dir=root / "services", workers=2, engine="asgi",
+    d = generate("asgi", MODEL, registry=reg.root, out_dir=root / "services", workers=2,
                  header_timeout=2.0, body_timeout=2.0, keepalive=2)
     with start_service(d, timeout=120) as running:
         yield running
@@ -176,7 +176,7 @@ def test_max_requests_restarts_workers_without_failing_a_request(tmp_path):
     torch.manual_seed(0)
     reg.register(MODEL, DigitsMLP().eval(), torch.rand(2, 64))
     reg.promote(MODEL, 1, force=True, why="test")
-    d = generate("recycle", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, engine="asgi",
+    d = generate("recycle", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2,
                  max_requests=25, max_requests_jitter=0)
     with start_service(d, timeout=120) as running:
         addr = _addr(running)

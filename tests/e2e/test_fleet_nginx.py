@@ -150,7 +150,7 @@ def fleet(tmp_path_factory):
         reg.register(MODEL, _mlp(seed), example)
     reg.promote(MODEL, 1, force=True, why="test")
     reg.promote(MODEL, 2, force=True, why="test")  # production 2, previous [1]: what rollback returns to
-    d = generate("fleet", MODEL, registry=reg.root, out_dir=root / "services", workers=1, threads=4,
+    d = generate("fleet", MODEL, registry=reg.root, out_dir=root / "services", workers=1,
                  poll_interval=0.2, trusted_keys=keyring.service_keys())
     logs = root / "logs"
     logs.mkdir()

@@ -38,8 +38,8 @@ def token(sub: str, _secret: str = SECRET, **claims) -> str:
     return jwt.encode(body, _secret, algorithm="HS256")
 
 
-@pytest.fixture(scope="module", params=["asgi"])
-def svc(tmp_path_factory, request):
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
     root = tmp_path_factory.mktemp("auth")
     reg = Registry(root / "registry", require_gate=True, user="e2e")
     for seed in (1, 2):
@@ -47,8 +47,8 @@ def svc(tmp_path_factory, request):
         reg.register(MODEL, nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4))
     reg.promote(MODEL, 1, force=True, why="test")
     reg.set_canary(MODEL, 2, 0.5, force=True, why="test")
-    d = generate("auth", MODEL, registry=reg.root, out_dir=root / "services", workers=2, threads=2,
-                 engine=request.param, api_keys_sha256=(hash_key(KEY),), rate_limit=2.0, rate_burst=6,
+    d = generate("auth", MODEL, registry=reg.root, out_dir=root / "services", workers=2,
+                 api_keys_sha256=(hash_key(KEY),), rate_limit=2.0, rate_burst=6,
                  jwt=True, jwt_audience=[AUD], jwt_issuer=ISS, jwt_leeway=5)
     env = {**os.environ, "KIT_JWT_SECRET": SECRET}
     with start_service(d, timeout=90, env=env) as running:

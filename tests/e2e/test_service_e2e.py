@@ -1,4 +1,4 @@
-"""Real gunicorn (2 workers) on 127.0.0.1, on both engines (gthread + Flask, uvicorn + ASGI): promotion,
+"""Real gunicorn (2 workers) on 127.0.0.1 (uvicorn workers, the ASGI app): promotion,
 a 25% canary and a rollback under load, a failed
 reload, metrics summed across workers, and a real Open Inference Protocol v2 client (tritonclient).
 
@@ -37,16 +37,16 @@ def _mlp(seed: int) -> DigitsMLP:
     return DigitsMLP().eval()
 
 
-@pytest.fixture(scope="module", params=["asgi"])
-def svc(tmp_path_factory, request):
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     reg = Registry(root / "registry", require_gate=True, user="e2e")
     example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     for seed in (1, 2, 3):
         reg.register(MODEL, _mlp(seed), example)
     reg.promote(MODEL, 1, force=True, why="test")  # gates are tested by the gate area
-    d = generate("e2e", MODEL, registry=reg.root, out_dir=root / "services", workers=2, threads=4,
-                 poll_interval=0.2, engine=request.param)
+    d = generate("e2e", MODEL, registry=reg.root, out_dir=root / "services", workers=2,
+                 poll_interval=0.2)
     with start_service(d, timeout=90) as running:
         yield reg, running, d
     assert not running.alive()

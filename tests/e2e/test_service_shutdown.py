@@ -28,14 +28,13 @@ class Slow(nn.Module):
         return self.layers(x)
 
 
-@pytest.mark.parametrize("engine", ["asgi"])
-def test_sigterm_finishes_in_flight_requests(tmp_path, engine):
+def test_sigterm_finishes_in_flight_requests(tmp_path):
     reg = Registry(tmp_path / "registry", require_gate=True)
     torch.manual_seed(0)
     reg.register("slow", Slow().eval(), torch.rand(2, 768))
     reg.promote("slow", 1, force=True, why="test")  # gates are tested by the gate area
-    d = generate("slow", "slow", registry=reg.root, out_dir=tmp_path / "services", workers=1, threads=2,
-                 max_batch=256, batching=False, engine=engine)
+    d = generate("slow", "slow", registry=reg.root, out_dir=tmp_path / "services", workers=1,
+                 max_batch=256, batching=False)
     svc = start_service(d, timeout=90)
     try:
         body = json.dumps({"inputs": [[0.1] * 768] * 256}).encode()
