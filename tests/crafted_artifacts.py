@@ -28,12 +28,12 @@ class Evil:
 
 
 def good_archive(directory: Path) -> Path:
-    """A real Kit capture of a small MLP, saved the way Kit saves it."""
+    """A real Kit capture of a small MLP, saved the way Kit saves it (without ONNX: the .pt2 is what is opened)."""
     from kit.capture import capture
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    capture(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(3, 6)).save(directory)
+    capture(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(3, 6), onnx=False).save(directory)
     return directory / "model.pt2"
 
 

@@ -22,10 +22,18 @@ def _small() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3))
 
 
+@pytest.fixture(scope="module")
+def captured():
+    """One capture for the module (no ONNX: nothing here serves it); each test registers it afresh."""
+    from kit.capture import capture
+
+    return capture(_small(), torch.randn(2, 4), onnx=False)
+
+
 @pytest.fixture
-def reg(tmp_path) -> Registry:
+def reg(tmp_path, captured) -> Registry:
     r = Registry(tmp_path / "reg", user="alice")
-    r.register("mlp", _small(), torch.randn(2, 4))
+    r.register("mlp", captured)
     return r
 
 
