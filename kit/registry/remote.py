@@ -36,6 +36,7 @@ from typing import Any
 
 from kit._io import atomic_write_bytes, copy_hashed
 from kit.errors import (
+    ConfigError,
     IntegrityError,
     KitError,
     ModelNotFoundError,
@@ -50,7 +51,7 @@ from kit.registry.loaded import VerifiedVersion
 from kit.registry.moves import MAX_RECORD_BYTES, MoveStorage
 from kit.registry.names import is_version_text, validate_name
 from kit.registry.records import ModelVersion, VerifyResult, utcnow
-from kit.registry.storage import Got, NotModified, Storage, open_storage
+from kit.registry.storage import FolderStorage, Got, NotModified, Storage, is_url
 from kit.signing import SIG_SUFFIX, sign_file
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,19 @@ def mirror_dir(storage: Any, cache_root: Path) -> Path:
     ident = storage.identity() if hasattr(storage, "identity") else storage.describe()
     return Path(cache_root).expanduser().absolute() / ".remote" / hashlib.sha256(ident.encode()).hexdigest()[:20]
 
+
+
+def open_storage(location: str | os.PathLike[str]) -> Storage:
+    """The storage at ``location``: ``s3://bucket/prefix`` (:mod:`kit.registry.s3`) or a folder."""
+    if is_url(location):
+        text = str(location)
+        if not text.startswith("s3://"):
+            raise ConfigError(f"Unsupported registry URL {text!r}: Kit reads registries from folders and from "
+                              "s3://bucket/prefix (any S3-compatible store).")
+        from kit.registry.s3 import S3Storage  # the client library only when a bucket is named
+
+        return S3Storage.from_url(text)
+    return FolderStorage(Path(location))
 
 class ObjectMoveStorage(MoveStorage):
     """A model's move records in an object store: ``create`` is a PUT with If-None-Match: *, and the

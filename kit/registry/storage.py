@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kit._io import atomic_write_bytes, fsync_dir, read_capped
-from kit.errors import ConfigError, RegistryCorruptError
+from kit.errors import RegistryCorruptError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -79,19 +79,6 @@ def check_key(key: str) -> str:
 def is_url(location: object) -> bool:
     """True for a registry location that names an object store (``s3://bucket/prefix``)."""
     return isinstance(location, str) and "://" in location
-
-
-def open_storage(location: str | os.PathLike[str]) -> Storage:
-    """The storage at ``location``: ``s3://bucket/prefix`` (:mod:`kit.registry.s3`) or a folder."""
-    if is_url(location):
-        text = str(location)
-        if not text.startswith("s3://"):
-            raise ConfigError(f"Unsupported registry URL {text!r}: Kit reads registries from folders and from "
-                              "s3://bucket/prefix (any S3-compatible store).")
-        from kit.registry.s3 import S3Storage
-
-        return S3Storage.from_url(text)
-    return FolderStorage(Path(location))
 
 
 class FolderStorage:

@@ -133,7 +133,7 @@ def load_service_config(service_dir: Path | str, environ: Mapping[str, str] | No
         values["registry"] = environ["KIT_REGISTRY"]
     if environ.get("KIT_BIND"):
         values["bind"] = environ["KIT_BIND"]
-    if "://" not in str(values["registry"]):  # an s3:// URL stays as it is (kit.registry.storage.open_storage)
+    if "://" not in str(values["registry"]):  # an s3:// URL stays as it is (kit.registry.remote.open_storage)
         registry = Path(values["registry"]).expanduser()
         values["registry"] = (registry if registry.is_absolute() else service_dir / registry).resolve()
     values["api_keys_sha256"] = _api_keys(values.get("api_keys_sha256", ()), path, environ)

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("kit.version_files", "core"), ("kit.guard_key", "core"), ("kit._proc", "core"),
     ("kit.deploy", "library"), ("kit.gate", "library"), ("kit.servicegen", "library"),
     ("kit.service_settings", "library"), ("kit.pack", "library"), ("kit.traffic", "library"),
-    ("kit.render", "library"), ("kit.project", "library"), ("kit.replay", "library"),
+    ("kit.render", "library"), ("kit.project", "library"), ("kit.ci", "library"), ("kit.replay", "library"),
     ("kit.serving", "library"), ("kit.fleet", "library"),
     ("kit.cli", "shell"), ("kit.magics", "shell"), ("kit.widgets", "shell"), ("kit.demo", "shell"),
     ("kit", "shell"),

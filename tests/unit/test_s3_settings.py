@@ -9,8 +9,9 @@ import pytest
 
 from kit.config import load_config
 from kit.errors import ConfigError, RegistryCorruptError
+from kit.registry.remote import open_storage
 from kit.registry.s3 import aws_settings, parse_s3_url
-from kit.registry.storage import NOT_MODIFIED, FolderStorage, check_key, open_storage
+from kit.registry.storage import NOT_MODIFIED, FolderStorage, check_key
 
 
 def _files(tmp_path: Path) -> dict[str, str]:
