@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t = _step(5, total, f"generate the service services/{DEMO_SERVICE}/")
     key = "demo-key"
-    svc_dir = generate(DEMO_SERVICE, DEMO_MODEL, registry=reg.root, out_dir=services, force=True,
+    svc_dir = generate(DEMO_SERVICE, DEMO_MODEL, registry=reg.location, out_dir=services, force=True,
                        api_keys_sha256=[hashlib.sha256(key.encode()).hexdigest()],
                        trusted_keys=reg.keyring.service_keys() if reg.keyring is not None else ())
     guard = register_service_guard(reg, svc_dir, user=cfg.user)  # its canary guard may end demo canaries

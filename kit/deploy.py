@@ -267,7 +267,7 @@ def _service(run: _Run, registry: Registry, service: str, *, services_dir: Path,
                        "Choose another service name, or remove that folder.")
     try:
         # Re-deploying to the same service rewrites its generated files (a notebook run twice works).
-        out = generate(service, name, registry=registry.root, out_dir=Path(services_dir),
+        out = generate(service, name, registry=registry.location, out_dir=Path(services_dir),
                        force=target.exists(), backend=backend,  # [trust]: the key this registry signs with
                        trusted_keys=registry.keyring.service_keys() if registry.keyring is not None else ())
         guard = _register_guard(registry, Path(out), user)

@@ -101,14 +101,16 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
              force: bool = False, check_model: bool = True, **options: Any) -> Path:
     """Render ``<out_dir>/<name>/`` for ``model`` served from ``registry``; returns the folder.
 
-    The registry path is written relative to the service folder when it can be. An existing folder
+    The registry path is written relative to the service folder when it can be (an ``s3://`` URL as it
+    is: pass a remote registry's ``location``, not its local mirror ``root``). An existing folder
     is refused unless ``force``; then only the generated files are rewritten (atomically).
     ``check_model`` refuses a model the registry does not have (a typo would never become ready).
     """
     from kit.registry import validate_name
+    from kit.registry.storage import is_url
 
     out = Path(out_dir).resolve() / validate_name(name, "service name")
-    registry = Path(registry).resolve()
+    registry = registry if is_url(registry) else Path(registry).resolve()  # s3://bucket/prefix stays a URL
     if check_model:
         from kit.registry import Registry
 
@@ -124,7 +126,7 @@ def generate(name: str, model: str, *, registry: Path | str, out_dir: Path | str
     if out.exists() and not force:
         raise ServiceError(f"{out} already exists. Force it to regenerate its files (force=True).", remedy="force")
     try:
-        rel = os.path.relpath(registry, out)
+        rel = str(registry) if is_url(registry) else os.path.relpath(registry, out)
     except ValueError:  # another drive (Windows)
         rel = str(registry)
     files = render(name, model, registry=rel, **options)

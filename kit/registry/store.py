@@ -65,6 +65,12 @@ class Store:
         self.keyring = keyring
         self._movelogs: dict[str, MoveLog] = {}  # per model: the signed move records (kit.registry.movelog)
 
+    @property
+    def location(self) -> str:
+        """Where this registry lives, as a service or another process names it: the folder (an object-store
+        registry's is its ``s3://`` URL; its ``root`` is this host's mirror)."""
+        return str(getattr(self, "url", None) or self.root)
+
     @classmethod
     def from_config(cls, config: Any) -> Self:
         return cls(config.registry, require_gate=config.require_gate, user=config.user, keyring=config.keyring())

@@ -170,3 +170,16 @@ def test_eight_writers_on_two_hosts_never_lose_or_double(url: str, tmp_path: Pat
     by_serial = {s: r["who"] for r in results for s in r["serials"]}
     assert all(m["why"].startswith(by_serial[m["serial"]] + " ") for m in moves)  # each one its writer's
     assert reg.aliases("shared").serial == 24
+
+
+def test_a_service_generated_from_a_bucket_registry_names_the_bucket_not_the_mirror(url: str, keyring, tmp_path):
+    """deploy(service=...) and the demo pass `registry.location` to generate(): a remote registry's root is
+    this host's mirror, which no other host has."""
+    from kit.service_settings import read_service_toml
+    from kit.servicegen import generate
+
+    reg = Registry(url, keyring=keyring, user="alice", cache_dir=tmp_path / "cache")
+    assert reg.location == url and str(reg.root) != url
+    reg.register("tiny", *_tiny(), onnx=False)
+    out = generate("tinysvc", "tiny", registry=reg.location, out_dir=tmp_path / "services")
+    assert read_service_toml(out)["model"]["registry"] == url
