@@ -207,7 +207,7 @@ class KitMagics(Magics):
         try:
             if args.name is None:
                 rows = model_rows(reg)
-                print(models_text(rows) if rows else f"No models in {reg.root}. Deploy one with %deploy.")
+                print(models_text(rows) if rows else f"No models in {reg.location}. Deploy one with %deploy.")
                 return
             print(versions_text(reg, parse_ref(args.name)[0]))
         except KitError as exc:

@@ -97,7 +97,7 @@ def versions_text(reg: Registry, name: str) -> str:
     rows = [[mv.version, mv.short_sha, mv.created[:19].replace("T", " "), f"{mv.size_bytes / 1024:.0f} KiB",
              metrics_text(mv.metrics), ",".join(mv.backends), reg.gate_verdict(mv)[0], badges_text(a, mv.version)]
             for mv in reg.versions(name)]
-    return f"{aliases_line(name, a)}   ({reg.root})\n" + table(
+    return f"{aliases_line(name, a)}   ({reg.location})\n" + table(
         rows, ["VERSION", "SHA256", "CREATED (UTC)", "SIZE", "METRICS", "BACKENDS", "GATE", "ALIASES"])
 
 

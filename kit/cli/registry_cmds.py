@@ -24,7 +24,7 @@ def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
         if as_json:
             return emit_json(rows)
         if not rows:
-            click.echo(f"No models in {reg.root}. Register one from a notebook with %deploy, or run `make demo`.")
+            click.echo(f"No models in {reg.location}. Register one from a notebook with %deploy, or run `make demo`.")
             return
         click.echo(models_text(rows))
         return
