@@ -89,6 +89,16 @@ class PackResult:
 
 
 
+def _choose(s: envscan.EnvScan, svc: ServiceInfo, include: tuple[str, ...], exclude: tuple[str, ...],
+            progress: Progress | None) -> tuple[selecting.Selection, dict[str, Any]]:
+    """The shipped set (printed as the size table) and its fingerprint."""
+    envscan.raise_problems(envscan.check_kit(s), s.prefix)
+    sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
+    for line in selecting.report(sel):
+        say(progress, line)
+    return sel, selecting.shipped_fingerprint(s.fingerprint or {}, sel)
+
+
 def pack(
     service_dir: Path,
     *,
@@ -128,6 +138,8 @@ def pack(
     include, exclude : distributions added to / removed from the shipped set, on top of the service's
         ``pack.toml`` (:mod:`kit.pack.select`: the closure of what the service's backend requires).
     """
+    if compression not in SUFFIX:
+        raise PackError(f"unknown compression {compression!r}; use gzip or zstd.")
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     svc = read_service(Path(service_dir))
@@ -142,17 +154,11 @@ def pack(
     t = time.monotonic()
     s = envscan.scan(prefix)
     timings["inspect"] = time.monotonic() - t
-    envscan.raise_problems(envscan.check_kit(s), s.prefix)
-    sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
-    for line in selecting.report(sel):
-        say(progress, line)
+    sel, shipped_fp = _choose(s, svc, include, exclude, progress)
     timings["select"] = time.monotonic() - t - timings["inspect"]
-    shipped_fp = selecting.shipped_fingerprint(s.fingerprint or {}, sel)
     warnings, forced = check_environment(selecting.shipped_scan(s, sel), plan, force=force, progress=progress,
                                          target_platform=target_platform, env_fp=shipped_fp, backend=svc.backend)
     stem = f"{svc.name}-{plan.label}-{s.platform}"
-    if compression not in SUFFIX:
-        raise PackError(f"unknown compression {compression!r}; use gzip or zstd.")
     archive = out_dir / f"{stem}{SUFFIX[compression]}"
 
     with tempfile.TemporaryDirectory(prefix="kit-pack-") as tmp_s:
