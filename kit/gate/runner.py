@@ -264,7 +264,8 @@ def run_gate(
         a relative ``data=held_out.npz`` there).
     params : parameters for every notebook; each must declare each one (else GateError). ``registry``,
         ``model_name`` and ``version`` are filled in from the arguments, ``caller_dir`` with this process's
-        working directory, where a notebook declares them.
+        working directory, ``production_version`` with the model's verified production version to compare
+        with (None when there is none: :mod:`kit.gate.production`), where a notebook declares them.
     timeout : seconds any one cell may run (papermill's execution timeout).
     kernel_name : a Jupyter kernel; default: a private kernelspec for this very interpreter.
     progress : called with one line per step (the CLI passes ``click.echo``).
