@@ -30,7 +30,7 @@ import pytest
 from kit._proc import free_port, stop_group
 from kit.errors import PackError
 from kit.pack import pack
-from kit.pack.verify import extract, start_unpacked, wait_ready
+from kit.pack.verify import extract, start_unpacked, verify_archive, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import conda_env  # noqa: E402
@@ -334,6 +334,13 @@ def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_p
         for w, m in maps.items():
             torch_libs = {ln.split()[-1] for ln in m.splitlines() if "libtorch_cpu.so" in ln}
             assert torch_libs and all(Path(p).is_relative_to(env_dir.resolve()) for p in torch_libs), (w, torch_libs)
+        # kit pack --verify on the conda archive: unpacked elsewhere again, conda-unpack, served, the example,
+        # then the import audit (every module from the archive's env/, which holds the interpreter too)
+        t = time.monotonic()
+        rep = verify_archive(archive, timeout=180)
+        times["verify"] = time.monotonic() - t
+        assert rep.ok and rep.max_abs_diff <= 1e-4 and rep.audit is not None
+        assert rep.audit["from_env"] > 500 and rep.audit["from_stdlib"] == 0, rep.audit  # conda carries its stdlib
     finally:
         print(f"archive {res.size_bytes / 1e6:.0f} MB (environment {res.env_bytes / 1e6:.0f} MB in files); "
               + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
