@@ -45,11 +45,10 @@ def _infer_target(path: str) -> tuple[bool, str | None, str | None]:
 
 
 class KitAsgiApp:
-    """One worker's ASGI application. ``service`` holds the state; ``extensions`` mirrors the Flask app's."""
+    """One worker's ASGI application. ``service`` holds the state (slots, metrics, config, engine)."""
 
     def __init__(self, service: Service):
         self.service = service
-        self.extensions = {"kit": service.slots, "kit.metrics": service.metrics, "kit.config": service.config}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -112,7 +111,7 @@ def create_asgi_app(config: ServiceConfig, *, registry: Registry | None = None, 
     config : the resolved service settings (:func:`kit.serving.load_service_config`).
     registry : a :class:`kit.registry.Registry`; default ``Registry(config.registry)``.
     metrics_dir : ``PROMETHEUS_MULTIPROC_DIR`` under gunicorn (multiprocess metrics), else None.
-    watch : start the hot-reload watcher thread (tests may drive ``app.extensions["kit"].refresh()``).
+    watch : start the hot-reload watcher thread (tests may drive ``app.service.slots.refresh()``).
     """
     from kit.registry import Registry
     from kit.registry.cache import default_cache_dir

@@ -2,8 +2,8 @@
 
 Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set by the generated ``gunicorn.conf.py`` before any
 worker starts, so every worker writes its samples to files there and ``/metrics`` (answered by any
-worker) aggregates all of them; ``child_exit`` calls ``mark_process_dead``. Without it (tests, a plain
-Flask run) the metrics live in this process's own registry.
+worker) aggregates all of them; ``child_exit`` calls ``mark_process_dead``. Without it (tests, an app built
+in-process) the metrics live in this process's own registry.
 """
 
 from __future__ import annotations

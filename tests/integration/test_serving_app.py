@@ -159,7 +159,7 @@ def test_openapi_metrics_and_models(client):
 
 def test_hot_reload_routing_and_failed_reload(reg, tmp_path, engine):
     app = _app(reg, tmp_path, engine)
-    slots = app.extensions["kit"]
+    slots = app.service.slots
     c = app.test_client()
     reg.set_canary(MODEL, 2, 0.5, force=True, why="test")
     assert slots.refresh() is True

@@ -114,7 +114,7 @@ def _close(app, client) -> None:
 
 
 def _refusals(signed: Registry, app, client, tmp_path) -> None:
-    slots = app.extensions["kit"]  # the ModelSlots (the watcher is off: refresh by hand)
+    slots = app.service.slots  # the ModelSlots (the watcher is off: refresh by hand)
     ready = client.get("/readyz").get_json()
     assert ready["production"]["version"] == 1
     assert ready["production"]["signed_by"] == signed.keyring.signer().key_id
