@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kit.gate import suite
+from kit.gate import metrics, suite
 from kit.gate.record import Deadline, check, step
 from kit.registry.loaded import as_numpy
 
@@ -280,8 +280,8 @@ def _score(model: Any, inputs: Sequence[Any], labels: np.ndarray | None, metric:
            output: str | int | None, base: str | Path | None) -> float | None:
     out = suite.predict(model, inputs, output)
     if metric:
-        return float(suite.resolve_metric(metric, base)(out, labels))
-    return None if labels is None else suite.accuracy(out, labels)
+        return float(metrics.resolve_metric(metric, base)(out, labels))
+    return None if labels is None else metrics.accuracy(out, labels)
 
 
 def quality(model: Any, production: Any, data: str | Path, *, metric: str = "", output: str | int | None = None,

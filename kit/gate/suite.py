@@ -21,17 +21,15 @@ outputs compared as numpy arrays; :func:`make_inputs` and :func:`run` hand back 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kit.errors import GateError
+from kit.gate.metrics import accuracy, resolve_metric, under
 from kit.gate.record import Deadline, check, step
 from kit.registry.loaded import as_numpy
 
@@ -343,17 +341,11 @@ def wrong_shape(model: Any) -> str:
 # --------------------------------------------------------------------------- quality on the user's data
 
 
-def _under(base: str | Path | None, path: str | Path) -> Path:
-    """``path`` as given when absolute, else in ``base`` (the folder the gate started in) when there is one."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or not base else Path(base).expanduser() / p
-
-
 def load_data(model: Any, path: str | Path, base: str | Path | None = None
               ) -> tuple[tuple[Any, ...], np.ndarray | None]:
     """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled).
     A relative ``path`` is read in ``base`` (the gate's ``caller_dir``), else in the working directory."""
-    p = _under(base, path)
+    p = under(base, path)
     if not p.is_file():
         raise GateError(f"data {str(path)!r} is not a file (looked for {p.resolve()}). Give the path of an .npz, "
                         "absolute or relative to the folder the gate was started in.")
@@ -402,49 +394,6 @@ def predict(model: Any, inputs: Sequence[Any], output: str | int | None = None) 
     step = max(1, min(_EVAL_CHUNK, int(model.signature.max_batch)))
     parts = [run(model, tuple(t[i:i + step] for t in inputs))[k] for i in range(0, n, step)]
     return np.concatenate([as_numpy(p) for p in parts])
-
-
-def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Classifier accuracy: argmax over the last dim of scores; one score per row is a binary
-    logit (> 0) or, when every value lies in [0, 1], a probability (> 0.5)."""
-    labels = np.asarray(labels)
-    if outputs.ndim == labels.ndim + 1 and outputs.shape[-1] > 1:
-        pred = outputs.argmax(-1)
-    else:
-        scores = outputs.reshape(labels.shape) if outputs.size == labels.size else None
-        if scores is None:
-            raise GateError(f"Cannot compute accuracy from output shape {outputs.shape} and labels "
-                            f"{labels.shape}; name another output (output=...) or a metric "
-                            "(metric='module:function').")
-        cut = 0.5 if scores.dtype == bool or (scores.min() >= 0 and scores.max() <= 1) else 0.0
-        pred = scores > cut if scores.dtype != bool else scores
-    return float((pred.astype(np.int64) == labels.astype(np.int64)).mean())
-
-
-def resolve_metric(spec: str, base: str | Path | None = None) -> Callable[..., Any]:
-    """``"module:function"`` or ``"path/to/file.py:function"`` (relative to ``base``) -> the function.
-    A module is imported as installed, or from ``base`` (the project the gate was started in)."""
-    mod_name, sep, fn_name = spec.rpartition(":")
-    if not sep or not mod_name or not fn_name.isidentifier():
-        raise GateError(f"metric={spec!r} is not 'module:function' (e.g. 'myproject.metrics:f1').")
-    if base and str(base) not in sys.path:
-        sys.path.append(str(base))  # after everything installed: the project's own modules, last
-    try:
-        if mod_name.endswith(".py"):
-            loc = importlib.util.spec_from_file_location(Path(mod_name).stem, _under(base, mod_name))
-            if loc is None or loc.loader is None:
-                raise ImportError(f"no Python file at {mod_name}")
-            module = importlib.util.module_from_spec(loc)
-            loc.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except (ImportError, OSError) as exc:
-        raise GateError(f"metric={spec!r}: cannot import {mod_name} ({exc}). Install it in this "
-                        "environment, or name a file: 'path/to/metrics.py:function'.") from exc
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise GateError(f"metric={spec!r}: {mod_name} has no function {fn_name}.")
-    return fn
 
 
 def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: float = 0.9,

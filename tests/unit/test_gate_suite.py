@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kit.errors import GateError
-from kit.gate import record, suite
+from kit.gate import metrics, record, suite
 
 DEFAULT_CHECKS = ["parity on the stored example", "deterministic on repeat", "finite outputs", "batch consistency",
                   "latency p95, batch 1", "latency p95, batch 8", "wrong shape is refused"]
@@ -198,10 +198,10 @@ def test_dict_outputs_are_scored_by_name(registry, tmp_path):
 
 
 def test_accuracy_of_binary_scores():
-    assert suite.accuracy(np.array([[2.0], [-1.0]]), np.array([1, 0])) == 1.0  # logits
-    assert suite.accuracy(np.array([0.9, 0.2, 0.6]), np.array([1, 0, 0])) == pytest.approx(2 / 3)  # probabilities
+    assert metrics.accuracy(np.array([[2.0], [-1.0]]), np.array([1, 0])) == 1.0  # logits
+    assert metrics.accuracy(np.array([0.9, 0.2, 0.6]), np.array([1, 0, 0])) == pytest.approx(2 / 3)  # probabilities
     with pytest.raises(GateError, match="Cannot compute accuracy"):
-        suite.accuracy(np.zeros((4, 2, 2)), np.zeros(4))
+        metrics.accuracy(np.zeros((4, 2, 2)), np.zeros(4))
 
 
 def test_every_dynamic_dim_is_exercised(registry):
