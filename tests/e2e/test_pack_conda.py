@@ -207,21 +207,19 @@ def install_wheel_with_prefix_python(wheel: Path, prefix: Path, tools: Path) -> 
                    check=True, capture_output=True, text=True, cwd=tools, env=env)
 
 
-@pytest.fixture
-def serving_prefix(tmp_path, repo_root):
-    """A conda prefix (py-rattler, local channel) with python, torch, numpy, flask, gunicorn, every other
-    runtime dependency of kit, and kit itself installed from its built wheel (not editable)."""
+def _kit_prefix(tmp_path: Path, repo_root: Path, dists: list[str], name: str) -> tuple[Path, dict[str, float]]:
+    """A conda prefix (py-rattler, local channel) of python + ``dists``, and kit installed from its built
+    wheel (not editable)."""
     from kit.pack.build import build_kit_wheel
 
     times: dict[str, float] = {}
     cache = repo_root / ".cache"
     cache.mkdir(exist_ok=True)
     t = time.monotonic()
-    channel = conda_env.channel(cache, conda_env.SERVING_DISTS)
+    channel = conda_env.channel(cache, dists)
     times["channel"] = time.monotonic() - t
     t = time.monotonic()
-    prefix = conda_env.create_prefix(channel, tmp_path / "envs" / "kitserve", cache / "conda-pkgs",
-                                     conda_env.SERVING_DISTS)
+    prefix = conda_env.create_prefix(channel, tmp_path / "envs" / name, cache / "conda-pkgs", dists)
     times["prefix_install"] = time.monotonic() - t
     ours = sorted(Path(sysconfig.get_paths()["purelib"]).glob("__editable__*kit*"))
     t = time.monotonic()
@@ -233,6 +231,44 @@ def serving_prefix(tmp_path, repo_root):
     shutil.rmtree(tmp_path / "wheels")
     shutil.rmtree(tmp_path / "tools")
     return prefix, times
+
+
+@pytest.fixture
+def serving_prefix(tmp_path, repo_root):
+    """python, torch, numpy, flask, gunicorn, every other runtime dependency of kit, kit from its wheel."""
+    return _kit_prefix(tmp_path, repo_root, conda_env.SERVING_DISTS, "kitserve")
+
+
+# kit's runtime without torch (and what only torch needs), onnxruntime and what it requires; flask stays in
+# the prefix (the shipped set leaves it out).
+ORT_DISTS = [d for d in conda_env.SERVING_DISTS if d not in ("torch", "sympy", "mpmath", "networkx", "fsspec")] \
+    + ["onnxruntime", "flatbuffers", "protobuf"]
+
+
+def test_conda_prefix_with_onnxruntime_packs_without_torch_and_passes_verify(tmp_path, repo_root, registered):
+    """The onnxruntime backend from a conda-format prefix that has no torch at all: the shipped set, kit
+    pack --verify (conda-unpack, the stored example on onnxruntime, the import audit)."""
+    from kit.pack import verify_archive
+    from kit.servicegen import generate
+
+    prefix, times = _kit_prefix(tmp_path, repo_root, ORT_DISTS, "kitort")
+    registry, mv = registered
+    registry.promote(mv.name, mv.version, force=True, why="test")  # gates are the gate area's
+    svc = generate("digits-ort", mv.name, registry=registry.root, out_dir=tmp_path / "services", workers=1,
+                   backend="onnxruntime")
+    lines: list[str] = []
+    res = pack(svc, out_dir=tmp_path / "dist", env_prefix=prefix, progress=lines.append, compresslevel=1)
+    times["pack"] = res.seconds
+    assert res.kind == "conda" and res.backend == "onnxruntime" and res.forced == ()  # no torch: information only
+    assert "onnxruntime" in res.shipped and "torch" not in res.shipped and "flask" in res.left_out
+    assert any(line.startswith("packages (onnxruntime backend)") for line in lines)
+    t = time.monotonic()
+    rep = verify_archive(res.archive, timeout=180)
+    times["verify"] = time.monotonic() - t
+    print(f"conda onnxruntime archive {res.size_bytes / 1e6:.0f} MB; "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
+    assert rep.ok and rep.max_abs_diff <= 1e-4 and rep.audit is not None
+    assert rep.audit["from_env"] > 200 and rep.audit["from_stdlib"] == 0, rep.audit
 
 
 def _post(url: str, body: dict) -> dict:
