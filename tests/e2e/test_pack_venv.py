@@ -179,7 +179,7 @@ def test_kit_pack_verify_command(demo_service, tmp_path, repo_root, kit_env):
     # the CLI caches layers next to the archive; seed that cache from the shared one to stay warm
     shared = repo_root / ".cache" / "pack-layers"
     (tmp_path / "dist" / ".layers").mkdir(parents=True)
-    for p in shared.glob("env-*.gz") if shared.is_dir() else ():
+    for p in shared.glob("env-*") if shared.is_dir() else ():  # each layer and its digests (.sha256.json)
         os.link(p, tmp_path / "dist" / ".layers" / p.name)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=800)
     assert out.returncode == 0, out.stderr[-3000:]
