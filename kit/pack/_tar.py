@@ -50,7 +50,7 @@ class _Zstd:
     def __init__(self, fileobj: BinaryIO, level: int):
         exe = shutil.which("zstd")
         if exe is None:
-            raise PackError("--compress zstd needs the zstd binary where kit pack runs (`apt-get install zstd`); "
+            raise PackError("zstd compression needs the zstd binary where kit pack runs (`apt-get install zstd`); "
                             "or pack with gzip (the default).")
         fileobj.flush()  # the child appends at the shared offset, after what is already written
         self._f = fileobj

@@ -194,8 +194,8 @@ def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettin
     """The shipped set for a ``backend`` service and the paths that stay out (see the module docstring)."""
     missing = [n for n in settings.include if s.dist(n) is None]
     if missing:
-        raise PackError(f"pack.toml / --include names {', '.join(missing)}, not installed in {s.prefix}. Install "
-                        "it there or remove it from include.")
+        raise PackError(f"The shipped set's include (pack.toml or the pack call) names {', '.join(missing)}, not "
+                        f"installed in {s.prefix}. Install it there or remove it from include.")
     roots = serving_roots(s, backend) + [Requirement(n) for n in settings.include]
     need = closure(s, roots)  # kit itself is shipped (as its wheel) without following all it requires
     files = owned_files(s)
