@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 from kit._io import append_line
 from kit.errors import GateError
 from kit.gate.evidence import Check, _fmt, _text_table, checks_html
+from kit.registry.names import is_sha256_hex
 
 
 def kit_location() -> str:
@@ -135,7 +135,7 @@ def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
     loaded = getattr(model_version_or_sha, "version", None)
     mv = loaded if hasattr(loaded, "artifact_sha256") else model_version_or_sha
     sha = getattr(mv, "artifact_sha256", mv)
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+    if not is_sha256_hex(sha):
         raise GateError(f"gate.artifact needs a loaded model, a ModelVersion or a sha256 hex string, got "
                         f"{model_version_or_sha!r}.")
     ref = getattr(mv, "ref", None)
@@ -156,7 +156,7 @@ def baseline(loaded: Any) -> str:
     """
     mv = getattr(loaded, "version", None)
     sha = getattr(mv, "artifact_sha256", None)
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+    if not is_sha256_hex(sha):
         raise GateError(f"gate.baseline needs a loaded model (what Registry.load returns), got {loaded!r}.")
     if _run is not None:
         _append(_run.records, {"kind": "baseline", "sha256": sha, "ref": mv.ref,  # type: ignore[union-attr]

@@ -46,12 +46,12 @@ from kit._io import copy_hashed, fsync_dir, read_capped
 from kit._proc import pid_alive
 from kit.errors import ConfigError, IntegrityError, UnsafeArtifactError
 from kit.registry.loaded import VerifiedVersion
+from kit.registry.names import is_sha256_hex
 
 log = logging.getLogger(__name__)
 
 SEAL = ".sealed"
 META = "meta.json"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
 
 
@@ -92,7 +92,7 @@ class VersionCache:
     @staticmethod
     def key(vv: VerifiedVersion) -> str:
         art = vv.version.artifact_sha256
-        if not isinstance(art, str) or not _HEX64.fullmatch(art):
+        if not is_sha256_hex(art):
             raise IntegrityError(f"{vv.version.ref}: meta.json's artifact_sha256 {str(art)[:70]!r} is not a sha256 "
                                  "digest. Restore the version from a copy you trust or register the model again.")
         return f"{art}-{vv.meta_sha256[:16]}"
