@@ -8,7 +8,7 @@ here, once, with ASCII-only patterns matched whole.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from kit.errors import InvalidNameError
 
@@ -35,7 +35,7 @@ def is_version_text(text: str) -> bool:
     return isinstance(text, str) and _VERSION_RE.fullmatch(text) is not None
 
 
-def is_sha256_hex(value: object) -> bool:
+def is_sha256_hex(value: object) -> TypeGuard[str]:
     """The one rule for a sha256 digest read from a file, record or setting: 64 lowercase hex digits, whole."""
     return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 

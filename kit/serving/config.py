@@ -104,10 +104,6 @@ class ServiceConfig:
     capture: CaptureSettings | None = None  # [capture]; absent: off
     extra: dict[str, Any] = field(default_factory=dict)
 
-    # The removed engine's settings, until kit/serving/gunicorn_hooks.py stops reading them (not settings:
-    # service.toml's engine and threads are ignored, kit.service_settings.RETIRED).
-    engine = "asgi"
-    threads = 1
 
     @property
     def auth_enabled(self) -> bool:

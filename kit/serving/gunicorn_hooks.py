@@ -34,7 +34,7 @@ from kit.serving.config import ServiceConfig, load_service_config, worker_plan
 log = logging.getLogger(__name__)
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-WORKER_CLASS = {"asgi": "kit.serving.worker.KitUvicornWorker"}
+WORKER_CLASS = "kit.serving.worker.KitUvicornWorker"  # what gunicorn.conf.py names (uvicorn workers)
 _BACKEND = "torch"  # set by prepare() from service.toml
 
 
@@ -52,15 +52,14 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
     workers, torch_threads = worker_plan(cfg)
     global _BACKEND
     _BACKEND = cfg.backend  # what on_starting and post_fork (in this process and its forks) serve with
-    if cfg.engine == "asgi":  # read deadlines of the uvicorn workers, inherited through fork
-        from kit.serving import worker
+    from kit.serving import worker  # read deadlines of the uvicorn workers, inherited through fork
 
-        worker.set_limits(worker.Limits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout))
+    worker.set_limits(worker.Limits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout))
     settings = {
         "bind": cfg.bind,
         "workers": workers,
-        "worker_class": WORKER_CLASS[cfg.engine],
-        "threads": cfg.threads,
+        # gunicorn.conf.py files generated before the Flask engine was retired read these three
+        "worker_class": WORKER_CLASS, "threads": 1, "engine": "asgi",
         "timeout": cfg.timeout,
         "graceful_timeout": cfg.graceful_timeout,
         "keepalive": cfg.keepalive,
@@ -74,17 +73,17 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         "torch_threads": torch_threads,
         "preload": cfg.preload,
-        "engine": cfg.engine,
         "backend": cfg.backend,
         "metrics_dir_owned": owned,  # made here, so removed when the master exits
     }
     return cfg, settings
 
 
-def on_starting(server: Any, metrics_dir: str, preload: bool = True, engine: str = "asgi",
+def on_starting(server: Any, metrics_dir: str, preload: bool = True, _engine: str = "asgi",
                 backend: str | None = None) -> None:
     """Master start: refuse a bind address something else holds, naming it; clear samples left by a
-    previous run in the metrics folder; preload imports."""
+    previous run in the metrics folder; preload imports. (``_engine``: what files generated before the
+    Flask engine was retired pass; ignored.)"""
     for addr in getattr(server.cfg, "address", ()):
         if isinstance(addr, tuple):  # (host, port); a unix socket path is gunicorn's to report
             try:
