@@ -81,9 +81,8 @@ validate: $(STAMP) ## run the validation gate on the demo model (MODEL=name@vers
 
 # ~2,400 examples per operation: > 10,000 cases in all (the test suite sends about 1,000).
 FUZZ_EXAMPLES ?= 2400
-FUZZ_ENGINE   ?= asgi
 fuzz: $(STAMP) ## schemathesis vs a real service's /openapi.json with a JWT: >= 10,000 cases, 0 5xx, 0 worker deaths
-	$(PY) tests/fuzz_service.py --max-examples $(FUZZ_EXAMPLES) --engine $(FUZZ_ENGINE)
+	$(PY) tests/fuzz_service.py --max-examples $(FUZZ_EXAMPLES)
 
 bench: $(STAMP) ## serving benchmark against the in-process forward and a naive Flask app
 	$(PY) benchmarks/serving.py

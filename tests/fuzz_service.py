@@ -7,7 +7,7 @@ headers and paths) with a valid JWT. It passes when no response is a 5xx and no 
 children are the same processes before and after, and the log has no worker failure).
 
     python tests/fuzz_service.py --max-examples 1200          # make fuzz: >= 10,000 cases
-    python tests/fuzz_service.py --max-examples 90 --engine asgi
+    python tests/fuzz_service.py --max-examples 90 --seed 2
 
 The test suite runs a bounded version (tests/e2e/test_fuzz_service.py).
 """
@@ -88,7 +88,7 @@ def token(secret: str = SECRET, sub: str = "fuzzer", seconds: int = 3600) -> str
     return jwt.encode({"sub": sub, "aud": AUD, "exp": int(time.time()) + seconds}, secret, algorithm="HS256")
 
 
-def serve(root: Path, engine: str):  # type: ignore[no-untyped-def]
+def serve(root: Path):  # type: ignore[no-untyped-def]
     """Register the model and start its service (a :class:`kit.servicegen.RunningService`)."""
     from kit.registry import Registry
     from kit.servicegen import generate, start_service
@@ -98,10 +98,9 @@ def serve(root: Path, engine: str):  # type: ignore[no-untyped-def]
     model, example = TwoInputs.build()
     reg.register("fuzz", model, example)
     reg.promote("fuzz", 1, force=True, why="fuzzing")
-    options = {"engine": engine}
-    d = generate("fuzz", "fuzz", registry=reg.root, out_dir=root / "services", workers=2, threads=4,
+    d = generate("fuzz", "fuzz", registry=reg.root, out_dir=root / "services", workers=2,
                  api_keys_sha256=(hash_key(API_KEY),), jwt=True, jwt_audience=[AUD], max_batch=16,
-                 max_body_bytes=256 * 1024, access_log=False, **options)
+                 max_body_bytes=256 * 1024, access_log=False)
     return start_service(d, timeout=120, env={**os.environ, "KIT_JWT_SECRET": SECRET},
                          log_path=root / "gunicorn.log")
 
@@ -167,12 +166,12 @@ def count(report: Path) -> tuple[int, dict[str, int], list[str], list[str]]:
     return cases, statuses, sorted(set(failures)), errors
 
 
-def run_fuzz(max_examples: int, *, engine: str = "asgi", seed: int = 1,
+def run_fuzz(max_examples: int, *, seed: int = 1,
              checks: str = "all", workdir: Path | None = None) -> FuzzResult:
     """Serve the model, fuzz it, stop it; the result says what happened."""
     root = Path(workdir or tempfile.mkdtemp(prefix="kit-fuzz-"))
     t0 = time.perf_counter()
-    with serve(root, engine) as running:
+    with serve(root) as running:
         time.sleep(1.0)  # both workers up
         before = children(running.pid)
         res = schemathesis(running.url, max_examples, root / "events.ndjson", seed, checks)
@@ -192,12 +191,11 @@ def run_fuzz(max_examples: int, *, engine: str = "asgi", seed: int = 1,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max-examples", type=int, default=1200, help="cases per API operation")
-    p.add_argument("--engine", default="asgi", choices=["asgi"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--checks", default="all", help="schemathesis checks that fail the run "
                    f"(default: all but {EXCLUDED_CHECKS})")
     a = p.parse_args(argv)
-    r = run_fuzz(a.max_examples, engine=a.engine, seed=a.seed, checks=a.checks)
+    r = run_fuzz(a.max_examples, seed=a.seed, checks=a.checks)
     print(r.output_tail)
     print(json.dumps({k: v for k, v in asdict(r).items() if k != "output_tail"}, indent=1))
     print(f"fuzz: {r.cases} cases in {r.seconds:.0f} s, {r.server_errors} server errors, "

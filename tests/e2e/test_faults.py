@@ -97,7 +97,7 @@ def _registry(root: Path, versions: int = 2) -> Registry:
 
 
 def _service(tmp_path: Path, reg: Registry, workers: int, env: dict[str, str] | None = None):
-    d = generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=workers, threads=1)
+    d = generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=workers)
     return start_service(d, env=dict(os.environ, **(env or {})), timeout=120)
 
 

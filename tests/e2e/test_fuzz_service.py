@@ -12,9 +12,8 @@ from fuzz_service import run_fuzz
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.mark.parametrize("engine", ["asgi"])
-def test_schemathesis_finds_no_server_error_and_kills_no_worker(engine, tmp_path):
-    r = run_fuzz(110, engine=engine, workdir=tmp_path)
+def test_schemathesis_finds_no_server_error_and_kills_no_worker(tmp_path):
+    r = run_fuzz(110, workdir=tmp_path)
     summary = (f"{r.cases} cases, statuses {r.statuses}, failures {r.failures[:5]}, errors {r.errors}, "
                f"workers {r.workers_before} -> {r.workers_after}, log {r.log_trouble[:5]}\n{r.output_tail[-2500:]}")
     assert r.cases >= 900, summary  # the bound is real: a run that sent little proves little

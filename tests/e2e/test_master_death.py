@@ -38,7 +38,7 @@ def service_dir(tmp_path):
     torch.manual_seed(0)
     reg.register("tiny", nn.Linear(4, 2).eval(), torch.rand(2, 4))
     reg.promote("tiny", 1, force=True, why="test")  # gates are tested by the gate area
-    return generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=2, threads=1)
+    return generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=2)
 
 
 def test_workers_exit_soon_after_their_masters_death_and_the_port_frees(service_dir):

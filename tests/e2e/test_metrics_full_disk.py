@@ -61,7 +61,7 @@ def test_a_worker_started_on_a_full_metrics_filesystem_answers_and_says_metrics_
     torch.manual_seed(0)
     reg.register("tiny", nn.Linear(4, 2).eval(), torch.rand(2, 4))
     reg.promote("tiny", 1, force=True, why="test")  # gates are tested by the gate area
-    d = generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=1, threads=1)
+    d = generate("tiny", "tiny", registry=reg.root, out_dir=tmp_path / "services", workers=1)
     svc = start_service(d, env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(small_tmpfs)), timeout=90)
     try:
         assert _predict(svc.url) == 200
