@@ -89,14 +89,69 @@ class PackResult:
 
 
 
-def _choose(s: envscan.EnvScan, svc: ServiceInfo, include: tuple[str, ...], exclude: tuple[str, ...],
-            progress: Progress | None) -> tuple[selecting.Selection, dict[str, Any]]:
-    """The shipped set (printed as the size table) and its fingerprint."""
+def _choose(prefix: Path, svc: ServiceInfo, include: tuple[str, ...], exclude: tuple[str, ...],
+            progress: Progress | None, timings: dict[str, float]
+            ) -> tuple[envscan.EnvScan, selecting.Selection, dict[str, Any]]:
+    """The environment's scan, the shipped set (printed as the size table) and its fingerprint."""
+    t = time.monotonic()
+    s = envscan.scan(prefix)
+    timings["inspect"] = time.monotonic() - t
     envscan.raise_problems(envscan.check_kit(s), s.prefix)
     sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
     for line in selecting.report(sel):
         say(progress, line)
-    return sel, selecting.shipped_fingerprint(s.fingerprint or {}, sel)
+    timings["select"] = time.monotonic() - t - timings["inspect"]
+    return s, sel, selecting.shipped_fingerprint(s.fingerprint or {}, sel)
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _kit_wheel(s: envscan.EnvScan, stage: Path, tmp: Path, cache_dir: Path,
+               progress: Progress | None) -> tuple[Path | None, str | None]:
+    """kit as a built wheel (an editable kit points at the checkout, which the server lacks): the folder
+    of its installed files and the wheel's path in the archive; (None, None) for a kit installed as a package."""
+    kit_dist = s.dist("kit")
+    assert kit_dist is not None
+    if not kit_dist.editable_source:
+        say(progress, f"kit {kit_dist.version} is installed as a package in {s.prefix}; packing it as it is")
+        return None, None
+    kit_install = tmp / "kit-install"
+    wheel = cached_kit_install(Path(kit_dist.editable_source), stage / "wheels", kit_install, cache_dir, progress)
+    return kit_install, f"wheels/{wheel.name}"
+
+
+def _write_archive(archive: Path, layer: Path, stage: Path, stem: str, doc: dict[str, Any],
+                   kit_install: Path | None, site_packages: str, env_listing: tuple[Any, Any], signer: Any,
+                   compresslevel: int, compression: str) -> Any:
+    """The environment layer, kit's files, the staged service and models and the manifest, written to a
+    temporary file beside ``archive`` and moved into place whole; returns the integrity record."""
+    out_dir = archive.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / f".{archive.name}.tmp-{os.getpid()}"
+    try:
+        with open(part, "wb") as f:
+            with open(layer, "rb") as lf:
+                shutil.copyfileobj(lf, f, 1 << 22)
+            member = TarMember(f, compresslevel, codec=compression)
+            if kit_install is not None:  # kit from its wheel, into the environment's site-packages
+                for p in sorted(kit_install.rglob("*")):
+                    member.add_path(p, f"{stem}/env/{site_packages}/{p.relative_to(kit_install)}")
+            for p in sorted(stage.rglob("*")):
+                member.add_path(p, f"{stem}/{p.relative_to(stage)}")
+            member.add_bytes(f"{stem}/{MANIFEST}", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+            checked = integrity.add_to_archive(member, stem, *env_listing, signer)
+            member.close(end_of_archive=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, archive)
+        integrity.sign_archive(archive, signer)
+        fsync_dir(out_dir)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return checked
 
 
 def pack(
@@ -151,11 +206,7 @@ def pack(
     plan = plan_models(svc, reg_root, keyring)
 
     say(progress, f"inspecting the environment {prefix}")
-    t = time.monotonic()
-    s = envscan.scan(prefix)
-    timings["inspect"] = time.monotonic() - t
-    sel, shipped_fp = _choose(s, svc, include, exclude, progress)
-    timings["select"] = time.monotonic() - t - timings["inspect"]
+    s, sel, shipped_fp = _choose(prefix, svc, include, exclude, progress, timings)
     warnings, forced = check_environment(selecting.shipped_scan(s, sel), plan, force=force, progress=progress,
                                          target_platform=target_platform, env_fp=shipped_fp, backend=svc.backend)
     stem = f"{svc.name}-{plan.label}-{s.platform}"
@@ -165,25 +216,11 @@ def pack(
         tmp = Path(tmp_s)
         stage = tmp / "stage"
         stage.mkdir()
-        # -- kit as a built wheel (an editable kit points at the checkout, which the server lacks)
-        kit_install: Path | None = None
-        wheel_rel: str | None = None
-        kit_dist = s.dist("kit")
-        assert kit_dist is not None
-        if kit_dist.editable_source:
-            t = time.monotonic()
-            kit_install = tmp / "kit-install"
-            wheel = cached_kit_install(Path(kit_dist.editable_source), stage / "wheels", kit_install, cache_dir,
-                                       progress)
-            wheel_rel = f"wheels/{wheel.name}"
-            timings["wheel"] = time.monotonic() - t
-        else:
-            say(progress, f"kit {kit_dist.version} is installed as a package in {prefix}; packing it as it is")
+        t = time.monotonic()
+        kit_install, wheel_rel = _kit_wheel(s, stage, tmp, cache_dir, progress)
+        timings["wheel"] = time.monotonic() - t
         ctx, unit_check = stage_files(stage, svc, plan, reg_root, s, bind=bind, warnings=warnings)
-        sizes = {
-            "service": sum(p.stat().st_size for p in (stage / "service").rglob("*") if p.is_file()),
-            "models": sum(p.stat().st_size for p in (stage / "registry").rglob("*") if p.is_file()),
-        }
+        sizes = {part: _tree_bytes(stage / folder) for part, folder in (("service", "service"), ("models", "registry"))}
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,
                        warnings=warnings, forced=forced, unit_check=unit_check,
@@ -199,29 +236,9 @@ def pack(
         sizes["env"] = env_bytes
         say(progress, "size report: " + ", ".join(f"{k} {human(v)}" for k, v in sizes.items()))
         t = time.monotonic()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        part = out_dir / f".{archive.name}.tmp-{os.getpid()}"
         try:
-            with open(part, "wb") as f:
-                with open(layer, "rb") as lf:
-                    shutil.copyfileobj(lf, f, 1 << 22)
-                member = TarMember(f, compresslevel, codec=compression)
-                if kit_install is not None:  # kit from its wheel, into the environment's site-packages
-                    for p in sorted(kit_install.rglob("*")):
-                        member.add_path(p, f"{stem}/env/{s.site_packages}/{p.relative_to(kit_install)}")
-                for p in sorted(stage.rglob("*")):
-                    member.add_path(p, f"{stem}/{p.relative_to(stage)}")
-                member.add_bytes(f"{stem}/{MANIFEST}", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-                checked = integrity.add_to_archive(member, stem, env_files, env_links, signer)
-                member.close(end_of_archive=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(part, archive)
-            integrity.sign_archive(archive, signer)
-            fsync_dir(out_dir)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+            checked = _write_archive(archive, layer, stage, stem, doc, kit_install, s.site_packages,
+                                     (env_files, env_links), signer, compresslevel, compression)
         finally:
             if not reused and layer.parent == tmp:
                 layer.unlink(missing_ok=True)
