@@ -31,10 +31,12 @@ from kit._capture_shapes import (
     second_values,
 )
 from kit.backends.checks import DEFAULT_LIMITS, Limits
+from kit.backends.parity import HALF_FLOOR, compare
 from kit.backends.pt2.archive import save_program
 from kit.backends.pt2.load import load_program
 from kit.backends.pt2.program import ExportedForward
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
+from kit.registry.loaded import as_numpy
 from kit.signature import (
     BATCH,
     DEFAULT_MAX_BATCH,
@@ -139,22 +141,13 @@ def _run(fn: Any, inputs: tuple[torch.Tensor, ...], names: list[str] | None) -> 
         return flatten_outputs(fn(*inputs), names)
 
 
-def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float, rtol: float) -> tuple[float, bool]:
-    worst, ok = 0.0, True
-    for x, y in zip(a, b):
-        if not isinstance(y, torch.Tensor) or x.shape != y.shape:
-            return float("inf"), False
-        if x.is_floating_point() or x.is_complex():
-            d = (x.double() - y.double()).abs()
-            worst = max(worst, float(d.max()) if d.numel() else 0.0)
-            tol_a, tol_r = _tolerance(x.dtype, atol, rtol)
-            ok = ok and bool(torch.allclose(x.double(), y.double(), atol=tol_a, rtol=tol_r, equal_nan=True))
-        else:
-            eq = bool(torch.equal(x, y))
-            worst = max(worst, 0.0 if eq else float("inf"))
-            ok = ok and eq
-    return worst, ok
-
+def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[Any, ...], atol: float, rtol: float) -> tuple[float, bool]:
+    """Eager ``a`` against exported ``b`` by the one rule (:func:`kit.backends.parity.compare`)."""
+    if not all(isinstance(y, torch.Tensor) for y in b):
+        return float("inf"), False
+    match = compare([as_numpy(y) for y in b], [as_numpy(x) for x in a], atol=atol, rtol=rtol,
+                    dtypes=[_dtype_name(x) for x in a])
+    return match.max_abs_diff, match.ok
 
 def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
     if any(t.dim() == 0 for t in inputs):
@@ -169,13 +162,6 @@ def _check_batch(inputs: tuple[torch.Tensor, ...]) -> None:
         raise CaptureError("The example batch is empty; give at least one example row.")
 
 
-def _tolerance(dtype: torch.dtype, atol: float, rtol: float) -> tuple[float, float]:
-    """Parity tolerance for one output: half precision cannot meet float32's, so its floor is a few ulps."""
-    floor = _HALF_FLOOR.get(dtype, 0.0)
-    return max(atol, floor), max(rtol, floor)
-
-
-_HALF_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def _export(fn: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]],
@@ -231,8 +217,8 @@ def _parity_checks(fn: torch.nn.Module, exported: torch.nn.Module, checks: list[
         if not ok:
             raise ParityError(
                 f"Exported and eager outputs differ at {label}: max |diff| = {diff:.3g} exceeds "
-                f"atol={atol:g} + rtol={rtol:g}·|eager| (half precision: at least {_HALF_FLOOR[torch.float16]:g} "
-                f"for float16, {_HALF_FLOOR[torch.bfloat16]:g} for bfloat16). Check for randomness or train-mode "
+                f"atol={atol:g} + rtol={rtol:g}·|eager| (half precision: at least {HALF_FLOOR['float16']:g} "
+                f"for float16, {HALF_FLOOR['bfloat16']:g} for bfloat16). Check for randomness or train-mode "
                 "layers in forward, or loosen atol/rtol if the difference is expected.",
                 max_abs_diff=diff, atol=atol, rtol=rtol, batch_size=int(x[0].shape[0]) if x[0].dim() else 1,
             )

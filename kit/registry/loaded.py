@@ -74,27 +74,23 @@ class LoadedModel:
         return float(parity.get("atol", 1e-5)), float(parity.get("rtol", 1e-4))
 
     def check_reference(self, atol: float | None = None, rtol: float | None = None) -> float:
-        """Run the stored example; raise IntegrityError when it no longer gives the reference output."""
-        import numpy as np
-
+        """Run the stored example; raise IntegrityError when it no longer gives the reference output
+        (:func:`kit.backends.parity.compare`, the one rule)."""
+        from kit.backends.parity import compare
         from kit.signature import flatten_outputs
 
         default_atol, default_rtol = self.tolerance()
         atol = default_atol if atol is None else atol
         rtol = default_rtol if rtol is None else rtol
         outs = flatten_outputs(self(*self.example_inputs), [s.name for s in self.signature.outputs])
-        worst = 0.0
-        for got, ref in zip(outs, self.reference_outputs):
-            got, ref = as_numpy(got), as_numpy(ref)
-            same = got.shape == ref.shape
-            d = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if same and got.size else 0.0
-            if not same or not np.allclose(got.astype(np.float64), ref.astype(np.float64), atol=atol, rtol=rtol):
-                raise IntegrityError(
-                    f"{self.version.ref} no longer reproduces its reference output on backend {self.backend} "
-                    f"(max |diff| {d if same else float('inf'):.3g}, atol {atol:g}). {self._mismatch_cause()}."
-                )
-            worst = max(worst, d)
-        return worst
+        match = compare([as_numpy(o) for o in outs], [as_numpy(r) for r in self.reference_outputs], atol=atol,
+                        rtol=rtol, dtypes=[s.dtype for s in self.signature.outputs])
+        if not match.ok:
+            raise IntegrityError(
+                f"{self.version.ref} no longer reproduces its reference output on backend {self.backend} "
+                f"(max |diff| {match.max_abs_diff:.3g}, atol {atol:g}). {self._mismatch_cause()}."
+            )
+        return match.max_abs_diff
 
 
 def as_numpy(x: Any) -> Any:
