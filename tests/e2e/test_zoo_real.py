@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from kit.registry import Registry
 from kit.servicegen import generate, start_service
 from kit.serving.protocol import NUMPY_TO_V2
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 GATE_PARAMS = {"batch_n": 8, "latency_repeats": 10}
 
 
@@ -60,11 +61,9 @@ def _gate_and_promote(d: Deployed, version: int) -> None:
         d.production = version
 
 
-@pytest.fixture(scope="module", params=REAL, ids=[z.name for z in REAL])
-def deployed(request, tmp_path_factory, artifacts_dir):
-    z: RealEntry = request.param
-    reg = Registry(tmp_path_factory.mktemp(z.name) / "registry", require_gate=True, user="zoo",
-                   keyring=project_keyring())
+def _deploy(z: RealEntry, root: Path) -> Deployed:
+    """v1 captured, registered, gated and promoted; for ``compare`` models v2 gated against it and promoted."""
+    reg = Registry(root / "registry", require_gate=True, user="zoo", keyring=project_keyring())
     d = Deployed(z, reg, z.model(), production=0)
     t0 = time.perf_counter()
     mv = reg.register(z.name, d.model, z.example(), dynamic=z.dynamic or None, dims=z.dims or None)
@@ -76,20 +75,15 @@ def deployed(request, tmp_path_factory, artifacts_dir):
         _gate_and_promote(d, mv2.version)
         if d.production == mv2.version:
             d.model = v2
-    yield d
-    path = artifacts_dir / "zoo_real_times.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
-    table[z.name] = d.times
-    path.write_text(json.dumps(table, indent=2) + "\n")
+    return d
 
 
-def test_capture_records_whether_onnx_export_works(deployed):
-    rec = deployed.reg.get(deployed.zoo.name, 1).capture["onnx"]
-    assert rec["exported"] is deployed.zoo.onnx, rec.get("reason")
+def _check_onnx_record(d: Deployed) -> None:
+    rec = d.reg.get(d.zoo.name, 1).capture["onnx"]
+    assert rec["exported"] is d.zoo.onnx, rec.get("reason")
 
 
-def test_the_default_gate_passes_v1_alone_and_v2_against_it(deployed):
-    d = deployed
+def _check_gates(d: Deployed) -> None:
     assert set(d.gates) == ({1, 2} if d.zoo.compare else {1})
     for version, g in d.gates.items():
         assert g.passed, f"{d.zoo.name}@{version}: {render_text(g)}"
@@ -100,6 +94,23 @@ def test_the_default_gate_passes_v1_alone_and_v2_against_it(deployed):
         assert "same signature as production" in names and any(n.startswith("latency vs production") for n in names)
         assert any(n.startswith("output agreement vs production") for n in names)
     assert d.production == max(d.gates) and d.reg.aliases(d.zoo.name).production == d.production
+
+
+# One test per model (not a module fixture shared by several tests): pytest-xdist spreads tests over workers,
+# and a module fixture would be built again in each worker that runs one of its tests.
+@pytest.mark.parametrize("z", REAL, ids=[z.name for z in REAL])
+def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir):
+    d = _deploy(z, tmp_path)
+    try:
+        _check_onnx_record(d)  # capture says whether model.onnx exists (and why not)
+        _check_gates(d)  # the default gate: v1 on its own checks, v2 against v1, both promoted without force
+        for backend in ("torch", "onnxruntime") if z.onnx else ("torch",):
+            _check_served(d, backend, tmp_path)
+    finally:
+        path = artifacts_dir / "zoo_real_times.json"
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        table[z.name] = d.times
+        path.write_text(json.dumps(table, indent=2) + "\n")
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -139,13 +150,10 @@ def _v2_binary(url: str, name: str, inputs: dict[str, torch.Tensor]) -> tuple[in
     return status, body, headers
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_served_on_each_backend_equals_eager(deployed, backend, tmp_path):
-    d = deployed
+def _check_served(d: Deployed, backend: str, out: Path) -> None:
+    """The production version served by gunicorn on ``backend`` answers equal to eager."""
     z = d.zoo
-    if backend == "onnxruntime" and not z.onnx:
-        pytest.skip(f"{z.name}: no model.onnx (test_capture_records_whether_onnx_export_works checks why)")
-    svc = generate(f"{z.name}-{backend}", z.name, registry=d.reg.root, out_dir=tmp_path, workers=1, threads=2,
+    svc = generate(f"{z.name}-{backend}", z.name, registry=d.reg.root, out_dir=out, workers=1, threads=2,
                    backend=backend, trusted_keys=d.reg.keyring.service_keys())
     mv = d.reg.get(z.name, d.production)
     atol, rtol = max(mv.capture["parity"]["atol"], 1e-5), max(mv.capture["parity"]["rtol"], 1e-4)
