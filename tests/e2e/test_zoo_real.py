@@ -6,7 +6,7 @@ bfloat16 outputs, all with random weights and keyword (dict) example inputs.
 Per model, in one registry: capture and register v1 (signed), the default gate without --force (v1 on its
 own checks), promote; for the models marked ``compare`` a v2 (the last bias nudged) gated against v1 as
 production and promoted. Then the production version is served by a real gunicorn on 127.0.0.1 on the
-torch backend and, where capture exported ONNX, on onnxruntime; /predict on fresh inputs (another batch
+torch backend and, where capture exported ONNX, gated on onnxruntime too and served there; /predict on fresh inputs (another batch
 size and sequence length; /predict JSON at batch 1, v2 /infer with binary inputs at batch 3, since three
 224 px images in JSON are over the default 8 MiB body limit) equals eager within the tolerance capture recorded.
 
@@ -153,6 +153,11 @@ def _v2_binary(url: str, name: str, inputs: dict[str, torch.Tensor]) -> tuple[in
 def _check_served(d: Deployed, backend: str, out: Path) -> None:
     """The production version served by gunicorn on ``backend`` answers equal to eager."""
     z = d.zoo
+    if backend == "onnxruntime":  # the verdict is per backend: gate the production version on the one that serves
+        t0 = time.perf_counter()
+        g = run_gate(d.reg, z.name, d.production, params=GATE_PARAMS, timeout=600, backend=backend)
+        d.times["gate_onnxruntime_s"] = round(time.perf_counter() - t0, 1)
+        assert g.passed, f"{z.name}@{d.production} on onnxruntime: {render_text(g)}"
     svc = generate(f"{z.name}-{backend}", z.name, registry=d.reg.root, out_dir=out, workers=1, threads=2,
                    backend=backend, trusted_keys=d.reg.keyring.service_keys())
     mv = d.reg.get(z.name, d.production)
