@@ -99,9 +99,10 @@ def containerfile_text(manifest: dict[str, Any], port: int, *, base: str | None 
         f"COPY --chown={APP_UID}:{APP_UID} {root}/ {app}/",
         f"WORKDIR {app}",
         "# not root; run.sh relocates the environment on first start, so the folder is the app user's; it keeps the",
-        "# key of its record of that (conda) in KIT_STATE_DIR, outside the folder",
+        "# key of its record of that (conda) in KIT_STATE_DIR, and the verified copies of the models workers map in",
+        "# KIT_CACHE_DIR, both outside the folder and writable by that user (the user has no home folder)",
         f"USER {APP_UID}:{APP_UID}",
-        f"ENV KIT_BIND=0.0.0.0:{port} PYTHONDONTWRITEBYTECODE=1 KIT_STATE_DIR=/tmp/kit-state",
+        f"ENV KIT_BIND=0.0.0.0:{port} PYTHONDONTWRITEBYTECODE=1 KIT_STATE_DIR=/tmp/kit-state KIT_CACHE_DIR=/tmp/kit-cache",
         f"EXPOSE {port}/tcp",
         "# ready = a model is loaded (the same /readyz nginx and Kubernetes probe); start-period covers the load",
         f"HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 CMD "

@@ -19,7 +19,7 @@ def test_containerfile_for_a_conda_pack():
     assert f"ARG BASE={DEFAULT_BASE}" in lines and "FROM ${BASE}" in lines
     assert f"COPY --chown={APP_UID}:{APP_UID} demo-v3-linux-x86_64/ /opt/kit/demo-v3-linux-x86_64/" in lines
     assert f"USER {APP_UID}:{APP_UID}" in lines and "EXPOSE 8123/tcp" in lines
-    assert "ENV KIT_BIND=0.0.0.0:8123 PYTHONDONTWRITEBYTECODE=1 KIT_STATE_DIR=/tmp/kit-state" in lines
+    assert "ENV KIT_BIND=0.0.0.0:8123 PYTHONDONTWRITEBYTECODE=1 KIT_STATE_DIR=/tmp/kit-state KIT_CACHE_DIR=/tmp/kit-cache" in lines
     assert 'ENTRYPOINT ["/opt/kit/demo-v3-linux-x86_64/run.sh"]' in lines and 'CMD ["start"]' in lines
     health = next(line for line in lines if line.startswith("HEALTHCHECK"))
     cmd = json.loads(health.split(" CMD ", 1)[1])
