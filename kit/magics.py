@@ -294,8 +294,9 @@ class KitMagics(Magics):
                 if len(names) != 1:
                     raise UsageError(f"%registry: name a model ({', '.join(names) or 'the registry is empty'}).")
                 name = names[0]
-            return RegistryPanel(reg, name, gate_timeout=self.kit_config.gate_timeout,
-                                 user=self.kit_config.user)
+            cfg = self.kit_config  # the gate the panel runs: the same notebooks and [gate] as %deploy's
+            return RegistryPanel(reg, name, gate_timeout=cfg.gate_timeout, user=cfg.user,
+                                 notebooks=list(cfg.validation) or None, params=dict(cfg.gate) or None)
         except KitError as exc:
             raise usage_error(exc) from None
 

@@ -142,6 +142,7 @@ class RegistryPanel(widgets.VBox):
         kwargs.setdefault("gate_timeout", cfg.gate_timeout)
         kwargs.setdefault("user", cfg.user)
         kwargs.setdefault("notebooks", list(cfg.validation) or None)
+        kwargs.setdefault("params", dict(cfg.gate) or None)  # kit.toml's [gate], as kit validate and %deploy
         return cls(Registry.from_config(cfg), name, **kwargs)
 
     # ---- rendering

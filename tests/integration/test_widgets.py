@@ -117,6 +117,21 @@ def test_unexpected_errors_stay_in_the_panel(registered):
     assert any("Traceback" in t and "kernel exploded" in t for t in texts), panel.out.outputs
 
 
+def test_from_config_gates_with_kit_toml_notebooks_and_gate_table(registered, tmp_path):
+    """The panel's Validate runs what `kit validate` and %deploy run: kit.toml's notebooks and [gate]."""
+    from kit.config import load_config
+
+    registry, _ = registered
+    project = tmp_path / "project"
+    project.mkdir()
+    write_validation_notebook(project / "checks.ipynb")
+    (project / "kit.toml").write_text('validation = ["checks.ipynb"]\n[gate]\nmax_p95_ms_batch1 = 250.0\n')
+    cfg = load_config(cwd=project, registry=registry.root)
+    panel = RegistryPanel.from_config(MODEL, cfg)
+    assert panel.params == {"max_p95_ms_batch1": 250.0}
+    assert [Path(n).name for n in panel.notebooks] == ["checks.ipynb"]
+
+
 def test_missing_model_is_a_clear_error(registry):
     with pytest.raises(LookupError, match="No model 'nope'"):
         RegistryPanel(registry, "nope")
