@@ -22,7 +22,12 @@ from kit.cli._common import Context, KitGroup
 @click.version_option(package_name="kit")
 @click.pass_context
 def cli(ctx: click.Context, registry: str | None, verbose: int) -> None:
-    """Kit: capture, validate, serve and ship PyTorch models from one environment."""
+    """Kit: capture, validate, serve and ship PyTorch models from one environment.
+
+    Models are registered where they live, in Python: `%deploy model --example x --name NAME` in a notebook,
+    or `Registry.from_config(load_config()).register(NAME, model, example)` in a script (a model is Python
+    code, so there is no `kit register`). Everything after that is here.
+    """
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
