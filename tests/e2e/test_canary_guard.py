@@ -180,7 +180,9 @@ def test_healthy_canary_is_never_ended(svc):
 def test_failing_canary_is_ended_once_with_evidence(svc):
     reg, running = svc
     ev = _run_bad_canary(reg, running, 3, "errors")
-    assert ev["evidence"]["canary"]["error_rate"] > 0.1 and ev["evidence"]["production"]["errors"] == 0
+    # the guard acts once the canary's 5xx rate exceeds production's by max_error_rate_increase (0.05); the
+    # faulty model fails 20% of requests, but the window at decision time is small (3 of 45 were seen in CI)
+    assert ev["evidence"]["canary"]["error_rate"] > 0.05 and ev["evidence"]["production"]["errors"] == 0
     assert ev["why"].startswith("canary guard: canary 5xx rate")
     _wait_canary(running, None)
     guard = _get(running.url + "/readyz")["canary_guard"]
