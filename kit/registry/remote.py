@@ -139,6 +139,11 @@ class ObjectStoreMixin(CheckedStore):
     def __repr__(self) -> str:
         return f"Registry({self.url!r})"
 
+    @property
+    def location(self) -> str:
+        """The bucket's URL: what a service on another host names (``root`` is this host's mirror)."""
+        return str(self.url)
+
     def _key(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 

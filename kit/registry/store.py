@@ -67,9 +67,9 @@ class Store:
 
     @property
     def location(self) -> str:
-        """Where this registry lives, as a service or another process names it: the folder (an object-store
-        registry's is its ``s3://`` URL; its ``root`` is this host's mirror)."""
-        return str(getattr(self, "url", None) or self.root)
+        """Where this registry lives, as a service or another process names it: its folder (an object-store
+        registry overrides this with its ``s3://`` URL; its ``root`` is this host's mirror)."""
+        return str(self.root)
 
     @classmethod
     def from_config(cls, config: Any) -> Self:
