@@ -117,10 +117,11 @@ class MoveLog:
         return out
 
     # ---- writers (callers hold the model's lock)
-    def head(self) -> Move | None:
-        """The newest record that verifies (what the next move replaces); None for a model never moved."""
+    def head(self, serials: list[int] | None = None) -> Move | None:
+        """The newest record that verifies (what the next move replaces); None for a model never moved.
+        ``serials``: the listing to search (one listing, so a record made meanwhile is judged consistently)."""
         ver = self.verifier()
-        for s in reversed(self.storage.serials()):
+        for s in reversed(self.storage.serials() if serials is None else serials):
             try:
                 data = self.storage.read(s)
                 if data is not None:
@@ -131,8 +132,10 @@ class MoveLog:
 
     def base(self) -> tuple[Move | None, Aliases]:
         """What a writer's move replaces: the head record and its state. An unsigned aliases.json with no
-        records must be migrated first (its state would be lost otherwise)."""
-        head = self.head()
+        records must be migrated first (its state would be lost otherwise). One listing decides: a record another
+        writer makes after it is found when this writer's create of the same serial fails (remedy "refresh")."""
+        serials = self.storage.serials()
+        head = self.head(serials)
         if head is not None:
             return head, aliases_of(head)
         data = self.storage.read_pointer()
@@ -140,7 +143,7 @@ class MoveLog:
             raise PromotionRefusedError(
                 f"{self.storage.pointer} is in the unsigned format of registries written before signed moves. "
                 f"Sign its state first with `kit aliases migrate {self.name}` (a key holder), then move.")
-        if self.storage.serials():
+        if serials:
             raise SignatureError(f"No move record of {self.name} verifies, so nothing can follow them. A key holder "
                                  f"checks them with `kit history {self.name}`.", key_id=None)
         return None, Aliases()

@@ -259,3 +259,13 @@ def test_a_guard_promotion_record_without_a_signed_passing_gate_is_not_followed(
         reg.aliases_path("m").write_bytes(envelope({**base, "relies_on": relies_on}, guard))
         with pytest.raises(SignatureError, match=f"promote without a signed passing gate.*{why}"):
             reader(reg).aliases("m")
+
+
+def test_a_first_move_made_by_another_writer_meanwhile_asks_for_a_refresh_not_a_signature_error(reg):
+    """Two writers' first moves at once: the loser listed no records, then the winner's record 1 appeared.
+    (Before one listing decided, the loser's second listing saw it and said "no move record verifies".)"""
+    ml = reg.movelog("never-moved")
+    listings = iter([[], [1]])  # the second listing would see the other writer's record
+    ml.storage.serials = lambda: next(listings)
+    head, cur = ml.base()
+    assert head is None and cur.production is None  # its create of serial 1 then fails: remedy "refresh"
