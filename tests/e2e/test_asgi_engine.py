@@ -156,19 +156,24 @@ def test_connections_are_shared_across_workers(svc):
     while len({_pid(addr) for _ in range(4)}) < 2:  # the second worker may still be loading the model
         assert time.monotonic() < deadline, "only one worker ever answered"
         time.sleep(0.2)
-    for _ in range(3):  # every round, whichever worker wakes first
+    splits = []
+    for _ in range(8):  # every round, whichever worker wakes first
         socks = [socket.create_connection(addr) for _ in range(8)]
         try:
             pids = []
             for s in socks:
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 pids.append(json.loads(_response(s)[1])["pid"])
-            counts = sorted(pids.count(p) for p in set(pids))
-            assert len(counts) == 2 and counts[0] >= 3, f"8 connections split {counts} between the workers"
+            splits.append(sorted(pids.count(p) for p in set(pids)))
         finally:
             for s in socks:
                 s.close()
         time.sleep(0.3)
+    # A worker leaves a connection to its peer for at most ACCEPT_MAX_WAIT (2 ms); on a loaded machine a
+    # descheduled peer misses that now and then, by design. With it a quiet machine splits every round 4/4;
+    # without it (measured) the kernel's wake-ups split 3/5, 2/6, 1/7 and rarely 4/4.
+    balanced = [c for c in splits if c == [4, 4]]
+    assert len(balanced) >= 5, f"8 connections per round split {splits} between the workers"
 
 
 def test_max_requests_restarts_workers_without_failing_a_request(tmp_path):
