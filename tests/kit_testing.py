@@ -167,3 +167,13 @@ def child_pids(parent: int) -> list[int]:
             if int(fields[1]) == parent and fields[0] != "Z":
                 out.append(int(p.name))
     return out
+
+
+def to_legacy_layout(service_dir: Path) -> Path:
+    """Turn a freshly generated service folder into what an older Kit generated: the ASGI app in wsgi.py
+    (no app.py), and start.sh, gunicorn.conf.py and README.md naming wsgi:app."""
+    (service_dir / "app.py").rename(service_dir / "wsgi.py")
+    for name in ("start.sh", "gunicorn.conf.py", "README.md"):
+        p = service_dir / name
+        p.write_text(p.read_text().replace("app:app", "wsgi:app"))
+    return service_dir

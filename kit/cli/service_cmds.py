@@ -35,7 +35,7 @@ def service() -> None:
 def new(kit: Context, name: str, model: str, out_dir: Path | None, force: bool, bind: str | None, workers: int | None,
         device: str | None, api_keys: tuple[str, ...], no_check_model: bool, backend: str | None,
         as_json: bool) -> None:
-    """Render services/NAME/ (wsgi.py, gunicorn.conf.py, service.toml, README.md, start.sh)."""
+    """Render services/NAME/ (app.py, gunicorn.conf.py, service.toml, README.md, start.sh)."""
     from kit.servicegen import backend_warnings, generate
     from kit.serving.security import hash_key
 

@@ -1,7 +1,7 @@
 """The import audit of ``kit pack --verify``: what the packed service imports, and where from.
 
 In the unpacked archive, the archive's own interpreter (``python -I -B``: no user site, no PYTHONPATH, no
-bytecode written) does what a worker does before it answers: import the service's ``wsgi`` module, build
+bytecode written) does what a worker does before it answers: import the service's app module (``app``, or an older Kit's ``wsgi``), build
 the worker's app (which loads and checks the served versions on the service's backend), then reports every
 imported module's file. The audit fails, naming the module, when an import is missing (a distribution the
 service needs was left out) or when a module comes from outside the archive and the interpreter's standard
@@ -19,9 +19,9 @@ from typing import Any
 
 from kit.errors import PackError
 
-# Run by the archive's interpreter in the unpacked folder; argv: root. Prints one JSON line.
+# Run by the archive's interpreter in the unpacked folder; argv: root, the app module. Prints one JSON line.
 _AUDIT = r"""
-import json, os, sys, sysconfig
+import importlib, json, os, sys, sysconfig
 root = sys.argv[1]
 service = os.path.join(root, "service")
 sys.path.insert(0, service)
@@ -29,7 +29,7 @@ out = {"missing": None, "error": None, "modules": {}}
 try:
     from kit.serving import load_service_config
     from kit.serving.asgi import create_asgi_app
-    import wsgi  # noqa: F401  what gunicorn imports
+    importlib.import_module(sys.argv[2])  # what gunicorn imports
     create_asgi_app(load_service_config(service, {"KIT_REGISTRY": os.path.join(root, "registry")}), watch=False)
 except ModuleNotFoundError as exc:
     out["missing"] = exc.name or str(exc)
@@ -76,9 +76,12 @@ def missing_message(module: str, manifest: dict[str, Any]) -> str:
 def audit(root: Path, manifest: dict[str, Any], env: dict[str, str], timeout: float = 300.0) -> AuditReport:
     """Run the audit in the unpacked archive at ``root`` (after run.sh has checked and relocated it);
     :class:`PackError` naming the missing module, or the first module imported from outside."""
+    from kit.servicegen import app_target
+
     py = root / "env" / "bin" / "python"
+    module = app_target(root / "service").split(":", 1)[0]
     try:
-        res = subprocess.run([str(py), "-I", "-B", "-c", _AUDIT, str(root)], capture_output=True, text=True,
+        res = subprocess.run([str(py), "-I", "-B", "-c", _AUDIT, str(root), module], capture_output=True, text=True,
                              timeout=timeout, env=env, cwd=str(root / "service"), check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PackError(f"the import audit of {root.name} could not run ({exc}).") from exc

@@ -185,9 +185,12 @@ def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, reg_root: Path, 
                 bind: str, warnings: list[str]) -> tuple[dict[str, Any], str | None]:
     """Copy the service and models into ``stage``, render run.sh and the systemd unit (checked when
     systemd-analyze is here). Returns (the template context, the unit check's output or None)."""
+    from kit.servicegen import app_target  # here, not at the top: run.sh's `kit.pack verify` needs no jinja2
+
     copy_tree(svc.directory, stage / "service")
     stage_models(reg_root, svc.model, plan.versions, stage / "registry")
     ctx = dict(service=svc.name, label=plan.label, kit_version=kit_version, kind=s.kind,
+               app=app_target(stage / "service"),  # app:app, or wsgi:app for a folder an older Kit generated
                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                python=s.python, platform=s.platform, base_interpreter=s.base_interpreter,
                unit=f"kit-{svc.name}.service", bind=bind)

@@ -1,8 +1,9 @@
 """The serving runtime that generated services import.
 
-A generated ``wsgi.py`` calls :func:`make_app` (the ASGI app, :mod:`kit.serving.asgi`) with a
-:class:`ServiceConfig` read by :func:`load_service_config`; its ``gunicorn.conf.py`` uses
-:mod:`kit.serving.gunicorn_hooks` and the worker class :class:`kit.serving.worker.KitUvicornWorker`.
+A generated ``app.py`` (``wsgi.py`` in folders of older Kits) calls :func:`make_app` (the ASGI app,
+:mod:`kit.serving.asgi`) with a :class:`ServiceConfig` read by :func:`load_service_config`; its
+``gunicorn.conf.py`` uses :mod:`kit.serving.gunicorn_hooks` and the worker class
+:class:`kit.serving.worker.KitUvicornWorker`.
 
 Modules: ``config`` (service.toml), ``slots`` (model slots + hot-reload watcher), ``router``
 (override / sticky / weighted), ``engine`` (the inference thread and its batching), ``protocol`` (request parsing, the
@@ -29,7 +30,7 @@ __all__ = ["ServiceConfig", "load_service_config", "make_app", "worker_plan"]
 
 
 def make_app(config: ServiceConfig, **kwargs: Any) -> KitAsgiApp:
-    """The service's ASGI app (:func:`kit.serving.asgi.create_asgi_app`); what a generated wsgi.py calls.
+    """The service's ASGI app (:func:`kit.serving.asgi.create_asgi_app`); what a generated app.py calls.
     Imported here, not at the top: the app pulls in the backend (torch), the master must not."""
     from kit.serving.asgi import create_asgi_app
 

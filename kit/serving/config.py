@@ -1,7 +1,7 @@
 """A service's settings: ``service.toml`` plus the two run-time overrides, resolved once at the edge.
 
 ``KIT_REGISTRY`` overrides ``[model] registry`` and ``KIT_BIND`` overrides ``[service] bind``; the
-generated ``wsgi.py`` / ``gunicorn.conf.py`` pass ``os.environ`` in explicitly (library code never
+generated ``app.py`` / ``gunicorn.conf.py`` pass ``os.environ`` in explicitly (library code never
 reads it). Relative paths are relative to the service folder. Unknown keys are refused, so a typo
 never silently falls back to a default.
 """

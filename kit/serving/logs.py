@@ -1,6 +1,6 @@
 """JSON log lines: one per request from ``kit.serving.access``, and every other record as JSON too.
 
-The library defines the formatter and the request-line writer; the generated ``wsgi.py`` (the edge)
+The library defines the formatter and the request-line writer; the generated ``app.py`` (the edge)
 installs them on stderr with :func:`configure_json_logging`.
 
 Request lines skip ``logging``: a ``LogRecord``, a handler lock, a formatter and a write plus flush per
@@ -97,7 +97,7 @@ def log_access(fields: dict[str, Any]) -> None:
 
 def configure_json_logging(stream: IO[str] | None = None, level: int = logging.INFO) -> logging.Handler:
     """Send ``kit.*`` records to ``stream`` (stderr) as JSON lines, request lines through :class:`AccessLog`.
-    Called by a service's wsgi.py."""
+    Called by a service's app.py."""
     global _ACCESS
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -78,7 +78,7 @@ def test_the_wheel_takes_a_two_input_model_from_an_empty_folder_to_a_packed_serv
     times["wheel"] = time.monotonic() - t
     with __import__("zipfile").ZipFile(wheel) as z:
         names = z.namelist()
-    assert "kit/notebooks/validation/default.ipynb" in names and "kit/templates/service/wsgi.py.j2" in names
+    assert "kit/notebooks/validation/default.ipynb" in names and "kit/templates/service/app.py.j2" in names
 
     t = time.monotonic()
     venv = tmp_path / "venv"
@@ -125,7 +125,7 @@ def test_the_wheel_takes_a_two_input_model_from_an_empty_folder_to_a_packed_serv
     _run([kit, "promote", "textclf@1"], project, env)
     r = _run([kit, "service", "new", "textsvc", "--model", "textclf", "--workers", "1"], project, env)
     svc = project / "services" / "textsvc"
-    assert (svc / "wsgi.py").is_file()
+    assert (svc / "app.py").is_file() and not (svc / "wsgi.py").exists()
 
     # serve it with the venv's gunicorn and ask over HTTP, with both inputs by name
     from kit.servicegen import start_service

@@ -70,7 +70,7 @@ def test_a_taken_port_is_refused_at_start_naming_its_holder(service_dir):
     try:
         env = dict(os.environ, KIT_BIND=f"127.0.0.1:{port}")
         t0 = time.monotonic()
-        with subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"],
+        with subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
                               cwd=service_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) as proc:
             try:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from kit_testing import to_legacy_layout
 
 from kit._proc import free_port, stop_group
 from kit.pack import integrity, pack
@@ -218,6 +219,26 @@ def test_an_onnxruntime_archive_ships_no_torch_and_passes_verify(demo_service, t
     root = verify_root_names(res.archive)
     assert not any(n.startswith(f"{res.root}/env/lib/python3.11/site-packages/torch/") for n in root)
     assert any(n.startswith(f"{res.root}/env/lib/python3.11/site-packages/onnxruntime/") for n in root)
+
+
+def test_an_old_layout_service_packs_and_passes_verify(demo_service, tmp_path, repo_root):
+    """A folder an older Kit generated (the app in wsgi.py, no app.py), packed by this Kit: run.sh starts
+    wsgi:app and the import audit imports wsgi (either would fail on app). onnxruntime: the small archive."""
+    import tarfile
+
+    from kit.pack import verify_archive
+    from kit.servicegen import generate
+
+    registry, mv, _svc = demo_service
+    svc = to_legacy_layout(generate("demo-old", mv.name, registry=registry.root, out_dir=tmp_path / "services",
+                                    workers=1, backend="onnxruntime", trusted_keys=registry.keyring.service_keys()))
+    res = pack(svc, out_dir=tmp_path / "dist", keyring=registry.keyring, cache_dir=repo_root / ".cache" / "pack-layers")
+    with tarfile.open(res.archive, "r:gz") as tf:
+        run_sh = tf.extractfile(f"{res.root}/run.sh").read().decode()  # type: ignore[union-attr]
+    assert 'gunicorn --config gunicorn.conf.py wsgi:app' in run_sh
+    trusted = tuple(k.text() for k in registry.keyring.trust().keys)
+    rep = verify_archive(res.archive, trusted_keys=trusted)
+    assert rep.ok and rep.version == 1 and rep.audit and rep.audit["modules"] > 100
 
 
 def verify_root_names(archive) -> list[str]:

@@ -68,7 +68,7 @@ def make_archive(tmp_path: Path, signer: SigningKey | None = None, kind: str = "
     (root / "kit-pack.json").write_text('{"format": "kit-pack", "signed_by": "%s"}\n' % (signer.key_id if signer else ""))
     ctx = dict(service="demo", label="v1", kit_version="0", kind=kind, created="now",
                python=platform.python_version(), platform=_platform(), base_interpreter=str(base),
-               unit="kit-demo.service", bind="127.0.0.1:0")
+               unit="kit-demo.service", bind="127.0.0.1:0", app="app:app")
     (root / "run.sh").write_text(_render("run.sh.j2", **ctx))
     (root / "run.sh").chmod(0o755)
     relist(root, signer)

@@ -39,12 +39,12 @@ def test_openssl_verifies_a_kit_signature_with_the_pem_public_key(tmp_path):
 def test_run_sh_renders_and_is_valid_bash(tmp_path):
     ctx = dict(service="demo", label="v3", kit_version="0.1.0", kind="venv", created="now", python="3.11.7",
                platform="linux-x86_64", base_interpreter="/opt/py/bin/python3.11", unit="kit-demo.service",
-               bind="0.0.0.0:8000")
+               bind="0.0.0.0:8000", app="app:app")
     script = tmp_path / "run.sh"
     script.write_text(_render("run.sh.j2", **ctx))
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert 'exec "$PY" -m gunicorn --config gunicorn.conf.py wsgi:app' in text
+    assert 'exec "$PY" -m gunicorn --config gunicorn.conf.py app:app' in text
     assert 'BASE_PYTHON="/opt/py/bin/python3.11"' in text and "conda-unpack" in text
 
 

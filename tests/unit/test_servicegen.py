@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from kit.cli import cli
 from kit.errors import ServiceError
 from kit.guard_key import GUARD_KEY_FILE
-from kit.servicegen import FILES, generate
+from kit.servicegen import FILES, app_target, generate
 
 
 @pytest.fixture
@@ -75,3 +75,23 @@ def test_cli_service_new_backend(registered, tmp_path):
     r = CliRunner().invoke(cli, [*base, "--force", "--backend", "tensorrt"])
     assert r.exit_code == 2 and "onnxruntime" in r.output and "torch" in r.output
 
+
+
+def test_generation_writes_app_py_and_regenerating_an_old_layout_drops_its_wsgi_py(registered, tmp_path, caplog):
+    """The ASGI app lives in app.py (gunicorn's target app:app); a folder an older Kit generated (wsgi.py,
+    no app.py) is served as wsgi:app, and regenerating it removes Kit's old wsgi.py but not someone else's."""
+    reg, mv = registered
+    d = generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services")
+    assert (d / "app.py").is_file() and not (d / "wsgi.py").exists()
+    assert app_target(d) == "app:app"
+    for f in ("start.sh", "gunicorn.conf.py", "README.md"):
+        text = (d / f).read_text()
+        assert "app:app" in text and "wsgi:app" not in text, f
+    (d / "app.py").rename(d / "wsgi.py")  # the layout of an older Kit
+    assert app_target(d) == "wsgi:app"
+    generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services", force=True)
+    assert (d / "app.py").is_file() and not (d / "wsgi.py").exists() and app_target(d) == "app:app"
+    (d / "wsgi.py").write_text("app = 'mine'\n")  # not Kit's: kept, with a warning
+    generate("demo", mv.name, registry=reg.root, out_dir=tmp_path / "services", force=True)
+    assert (d / "wsgi.py").read_text() == "app = 'mine'\n" and app_target(d) == "app:app"
+    assert "was not written by Kit and is left in place" in caplog.text

@@ -90,7 +90,7 @@ def test_worker_plan_keeps_torch_threads_within_cores():
 def test_render_is_deterministic_and_escapes_nothing_unsafe():
     a = render("svc", "m", registry="../registry", workers=2)
     assert a == render("svc", "m", registry="../registry", workers=2)
-    assert 'name = "m"' in a["service.toml"] and "wsgi:app" in a["gunicorn.conf.py"]
+    assert 'name = "m"' in a["service.toml"] and "app:app" in a["gunicorn.conf.py"]
     with pytest.raises(ServiceError, match="quote"):
         render("svc", "m", registry='x"y')
     with pytest.raises(ServiceError, match="Unknown service option"):
