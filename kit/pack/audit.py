@@ -1,9 +1,9 @@
 """The import audit of ``kit pack --verify``: what the packed service imports, and where from.
 
 In the unpacked archive, the archive's own interpreter (``python -I -B``: no user site, no PYTHONPATH, no
-bytecode written) does what a worker does before it answers: import the service's app module (``app``, or an older Kit's ``wsgi``), build
-the worker's app (which loads and checks the served versions on the service's backend), then reports every
-imported module's file. The audit fails, naming the module, when an import is missing (a distribution the
+bytecode written) does what a worker does before it answers: import the service's app module (``app``,
+or ``wsgi`` in a folder an older Kit generated), build the worker's app (which loads and checks the served
+versions on the service's backend), then reports every imported module's file. The audit fails, naming the module, when an import is missing (a distribution the
 service needs was left out) or when a module comes from outside the archive and the interpreter's standard
 library. Only the standard library and kit's light modules are imported on this side.
 """
