@@ -36,6 +36,7 @@ from kit.backends.pt2.archive import save_program
 from kit.backends.pt2.load import load_program
 from kit.backends.pt2.program import ExportedForward
 from kit.errors import CaptureError, ParityError, UnsafeArtifactError
+from kit.progress import Progress, Steps
 from kit.registry.loaded import as_numpy
 from kit.signature import (
     BATCH,
@@ -85,6 +86,7 @@ class CapturedModel:
     model_class: str
     extra: dict[str, Any] = field(default_factory=dict)
     onnx: Any = None  # kit.backends.onnx.export.OnnxExport: model.onnx and meta.json's capture.onnx record
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per step (torch.export, parity, onnx)
 
     def save(self, directory: Path) -> list[Path]:
         """Write ``model.pt2``, ``example.npz`` (and ``model.onnx`` when exported) into ``directory``;
@@ -238,6 +240,7 @@ def capture(
     strict: bool = False,
     check_batch: int | None = None,
     onnx: bool = True,
+    progress: Progress = None,
 ) -> CapturedModel:
     """Export ``model`` with ``torch.export`` and check the exported program against eager mode.
 
@@ -258,6 +261,9 @@ def capture(
         and a second value of every named dim.
     onnx : also export ``model.onnx`` (:mod:`kit.backends.onnx.export`) and check it with onnxruntime on the same
         inputs; a model ONNX cannot take is still captured (``capture.onnx`` says why).
+    progress : where the steps (``torch.export``, ``parity``, ``onnx``) are said (:mod:`kit.progress`): a
+        callable taking each begin and end line, None (one line per step on stderr as it ends) or False
+        (silent). Their seconds are kept in the result's ``steps`` either way.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}.")
@@ -270,23 +276,17 @@ def capture(
     values = example_dims(inputs, names, dyn)
     ranges = dim_ranges(values, dims)
     fn = plain_model(model, inputs, keywords)
+    steps = Steps.of(progress, f"capture {type(model).__name__}")
     t0 = time.perf_counter()
-    program = _export(fn, inputs, dyn, values, ranges, dynamic_batch, max_batch, strict, type(model).__name__)
-    with torch.no_grad():
-        raw = fn(*inputs)
-    kind, out_names = _output_kind(raw)
-    eager_ref = flatten_outputs(raw)
-    checks: list[tuple[str, tuple[torch.Tensor, ...]]] = [(f"batch {inputs[0].shape[0] if inputs[0].dim() else 1}",
-                                                          inputs)]
-    sizes = [int(inputs[0].shape[0]) if inputs[0].dim() else 1]
-    if dynamic_batch:
-        b2 = check_batch or inputs[0].shape[0] + 3
-        checks.append((f"batch {b2}", _resample(inputs, b2, seed=1)))
-        sizes.append(b2)
-    second = second_values(values, ranges)
-    if second:
-        checks.append((", ".join(f"{k} {v}" for k, v in second.items()), resize_dims(inputs, dyn, second)))
-    worst, eager_checks = _parity_checks(fn, program.module(), checks, eager_ref, out_names, atol, rtol)
+    with steps.step("torch.export"):
+        program = _export(fn, inputs, dyn, values, ranges, dynamic_batch, max_batch, strict, type(model).__name__)
+    with steps.step("parity", "exported against eager"):
+        with torch.no_grad():
+            raw = fn(*inputs)
+        kind, out_names = _output_kind(raw)
+        eager_ref = flatten_outputs(raw)
+        checks, sizes, second = _check_inputs(inputs, dyn, values, ranges, dynamic_batch, check_batch)
+        worst, eager_checks = _parity_checks(fn, program.module(), checks, eager_ref, out_names, atol, rtol)
     seconds = time.perf_counter() - t0
     out_labels = out_names or [f"output_{i}" for i in range(len(eager_ref))]
     in_specs, out_specs = io_specs(program, names, inputs, out_labels, eager_ref, dyn, dynamic_batch)
@@ -300,12 +300,33 @@ def capture(
     parity = Parity(tuple(sizes), worst, atol, rtol, {k: (values[k], second[k]) for k in values})
     from kit.backends.onnx import export as onnx_export
 
-    onnx_result = (onnx_export.export_onnx(program, eager_checks, names, out_labels, parity.to_dict()) if onnx
-                   else onnx_export.not_exported("captured with onnx=False; capture again with onnx=True to serve "
-                                                 "with onnxruntime"))
+    if onnx:
+        with steps.step("onnx", "ONNX export and onnxruntime check"):
+            onnx_result = onnx_export.export_onnx(program, eager_checks, names, out_labels, parity.to_dict())
+    else:
+        onnx_result = onnx_export.not_exported("captured with onnx=False; capture again with onnx=True to serve "
+                                               "with onnxruntime")
     return CapturedModel(program=program, signature=signature, example_inputs=inputs, reference_outputs=eager_ref,
-                         parity=parity, seconds=seconds, onnx=onnx_result,
+                         parity=parity, seconds=seconds, onnx=onnx_result, steps=dict(steps.seconds),
                          model_class=f"{type(model).__module__}.{type(model).__qualname__}")
+
+
+def _check_inputs(inputs: tuple[torch.Tensor, ...], dyn: dict[int, dict[int, str]], values: dict[str, int],
+                  ranges: dict[str, tuple[int, int]], dynamic_batch: bool, check_batch: int | None,
+                  ) -> tuple[list[tuple[str, tuple[torch.Tensor, ...]]], list[int], dict[str, int]]:
+    """The inputs parity checks the program at (label, inputs): the example, a second batch size and a
+    second value of every named dim; the batch sizes checked; the second dim values."""
+    checks: list[tuple[str, tuple[torch.Tensor, ...]]] = [(f"batch {inputs[0].shape[0] if inputs[0].dim() else 1}",
+                                                          inputs)]
+    sizes = [int(inputs[0].shape[0]) if inputs[0].dim() else 1]
+    if dynamic_batch:
+        b2 = check_batch or inputs[0].shape[0] + 3
+        checks.append((f"batch {b2}", _resample(inputs, b2, seed=1)))
+        sizes.append(b2)
+    second = second_values(values, ranges)
+    if second:
+        checks.append((", ".join(f"{k} {v}" for k, v in second.items()), resize_dims(inputs, dyn, second)))
+    return checks, sizes, second
 
 
 # --------------------------------------------------------------------------- safe loading

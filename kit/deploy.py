@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kit import backends
-from kit.errors import DeployError, InvalidNameError, KitError
+from kit.errors import DeployError, InvalidNameError, KitError, SigningKeyError
+from kit.progress import Say, Steps
 from kit.registry import Aliases, ModelVersion, Registry, validate_name
 from kit.registry.names import check_weight
 from kit.render import aliases_line, gate_summary
@@ -33,18 +34,23 @@ STEPS = ("capture", "register", "gate", "alias", "service")
 
 @dataclass(frozen=True)
 class Step:
-    """One finished step of a deploy: what ran, how long, and where its result is."""
+    """One finished step of a deploy: what ran, how long, and where its result is. ``parts``: the seconds
+    of its own steps (capture: ``torch.export``, ``parity``, ``onnx``; register: ``save``, ``hash``,
+    ``upload`` for a bucket, ``publish``), as :mod:`kit.progress` timed them."""
 
     name: str
     seconds: float
     ok: bool
     detail: str
     where: str | None = None
+    parts: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def line(self, index: int, total: int = len(STEPS)) -> str:
         secs = f"{self.seconds:6.1f}s" if self.seconds >= 0 else "      -"
         mark = "ok " if self.ok else "FAIL"
         s = f"[{index}/{total}] {self.name:<8} {secs}  {mark} {self.detail}"
+        if self.parts:
+            s += " (" + ", ".join(f"{k} {v:.1f}s" for k, v in self.parts.items()) + ")"
         return s + (f"  -> {self.where}" if self.where else "")
 
 
@@ -96,7 +102,7 @@ def deploy(
     gate_timeout: float = 600.0,
     user: str | None = None,
     on_step: Callable[[int, Step], None] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Say | bool | None = None,
     dynamic: Mapping[Any, Mapping[int, str]] | None = None,
     dims: Mapping[str, tuple[int, int]] | None = None,
     backend: str = backends.DEFAULT,
@@ -111,7 +117,11 @@ def deploy(
     service : generate ``services_dir/<service>/`` serving ``name`` (kit.servicegen.generate).
     dynamic, dims : named dynamic dims and their ranges, passed to :func:`kit.capture.capture`
         (e.g. ``dynamic={"ids": {1: "seq"}, "mask": {1: "seq"}}``, ``dims={"seq": (2, 512)}``).
-    on_step : called with (index, Step) as each step ends; ``progress`` gets the gate's progress lines.
+    on_step : called with (index, Step) as each step ends.
+    progress : where the steps inside capture, register and the gate are said as they run (:mod:`kit.progress`):
+        a callable gets every line (``%deploy`` shows them in the running step's line); None: capture's and
+        register's steps one line each on stderr as they end; False: nothing. Their seconds are each
+        step's ``parts`` either way.
     backend : the backend that will serve (one of :func:`kit.backends.names`): the gate runs on it and the
         generated service's ``[model] backend`` says it.
     onnx : export ``model.onnx`` at capture (needed for ``backend="onnxruntime"``).
@@ -123,10 +133,11 @@ def deploy(
     """
     _check_arguments(registry, name, canary=canary, promote=promote, service=service, backend=backend, onnx=onnx)
     run = _Run(name, DeployResult(name=name), on_step)
-    captured = _capture(run, model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx)
-    mv = _register(run, registry, captured, metrics=metrics, tags=tags, source=source, project_root=project_root)
-    _gate(run, registry, mv, notebooks=notebooks, params=params, timeout=gate_timeout, progress=progress,
-          backend=backend)
+    captured = _capture(run, model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx, progress=progress)
+    mv = _register(run, registry, captured, metrics=metrics, tags=tags, source=source, project_root=project_root,
+                   progress=progress)
+    _gate(run, registry, mv, notebooks=notebooks, params=params, timeout=gate_timeout,
+          progress=progress if callable(progress) else None, backend=backend)
     _move(run, registry, mv, promote=promote, canary=canary, user=user)
     if service is None:
         run.finish(Step("service", -1.0, True, "none asked for (name a service to generate one)"))
@@ -141,6 +152,14 @@ def _check_arguments(registry: Registry, name: str, *, canary: float | None, pro
     validate_name(name)
     if canary is not None and promote:
         raise InvalidNameError("Choose one of a canary and a promotion, not both.")
+    if (canary is not None or promote) and (registry.keyring is None or not registry.keyring.can_sign()):
+        # Checked before any work: services that trust a key refuse an unsigned version (unready for good).
+        how = "is unsigned (opened with keyring=None)" if registry.keyring is None else "holds no signing key"
+        raise SigningKeyError(
+            f"The registry at {registry.location} {how}, so the version this deploy would "
+            f"{'promote' if promote else 'start as a canary'} would be unsigned and every service that trusts a "
+            f"key would refuse it. Open the registry with your key, Registry({registry.location!r}) or "
+            "Registry.from_config(load_config()), or deploy without moving an alias.")
     if canary is not None:
         check_weight(canary)
         # Checked before any work: a canary splits traffic with production, so one must exist.
@@ -181,31 +200,34 @@ class _Run:
 
 
 def _capture(run: _Run, model: Any, example_inputs: Any, *, dynamic: Mapping[Any, Mapping[int, str]] | None,
-             dims: Mapping[str, tuple[int, int]] | None, onnx: bool) -> CapturedModel:
+             dims: Mapping[str, tuple[int, int]] | None, onnx: bool, progress: Say | bool | None) -> CapturedModel:
     from kit.capture import capture
 
     t0 = time.perf_counter()
     try:
-        captured = capture(model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx)
+        captured = capture(model, example_inputs, dynamic=dynamic, dims=dims, onnx=onnx, progress=progress)
     except KitError as exc:
         raise run.fail("capture", t0, str(exc)) from exc
     run.finish(Step("capture", time.perf_counter() - t0, True,
                     f"{captured.model_class.rsplit('.', 1)[-1]} {captured.signature.describe()}, "
-                    f"parity max|diff| {captured.parity.max_abs_diff:.2g}, {_onnx_line(captured)}"))
+                    f"parity max|diff| {captured.parity.max_abs_diff:.2g}, {_onnx_line(captured)}",
+                    parts=dict(captured.steps)))
     return captured
 
 
 def _register(run: _Run, registry: Registry, captured: CapturedModel, *, metrics: Mapping[str, Any] | None,
               tags: Mapping[str, Any] | None, source: Mapping[str, Any] | None,
-              project_root: Path | None) -> ModelVersion:
+              project_root: Path | None, progress: Say | bool | None) -> ModelVersion:
     t0 = time.perf_counter()
+    steps = Steps(progress, f"register {run.name}")  # register says its steps here: their seconds are the parts
     try:
         mv = registry.register(run.name, captured, metrics=metrics, tags=tags, source=source,
-                               project_root=project_root)
+                               project_root=project_root, progress=steps)
     except KitError as exc:
         raise run.fail("register", t0, str(exc)) from exc
     run.result.version = mv
-    run.finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path)))
+    run.finish(Step("register", time.perf_counter() - t0, True, f"{mv.ref} sha256 {mv.short_sha}", str(mv.path),
+                    parts=dict(steps.seconds)))
     return mv
 
 

@@ -28,7 +28,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from kit import backends
 from kit.config import KitConfig, load_config
-from kit.deploy import DeployResult, Step, deploy
+from kit.deploy import STEPS, DeployResult, Step, deploy
 from kit.errors import KitError
 from kit.registry import Aliases, Registry, detect_source, parse_ref, parse_weight
 from kit.render import aliases_line, model_rows, models_text, versions_text
@@ -58,12 +58,14 @@ log = logging.getLogger(__name__)
 
 
 class _StepPrinter:
-    """One line per step. In a notebook the running step's line updates in place with the gate's progress."""
+    """One line per step. In a notebook the running step's line updates in place with that step's progress
+    (capture: torch.export, parity, onnx; register: save, hash, upload, publish; the gate's checks)."""
 
     def __init__(self, shell: Any):
         self.live = getattr(shell, "kernel", None) is not None
         self.handle: Any = None
         self.started = time.perf_counter()
+        self.current = STEPS[0]  # the step running now, whose line the progress updates
 
     def _show(self, text: str) -> None:
         from IPython.display import display
@@ -76,7 +78,7 @@ class _StepPrinter:
 
     def progress(self, msg: str) -> None:
         if self.live:
-            self._show(f"      gate     {time.perf_counter() - self.started:6.1f}s  ... {msg.strip()}")
+            self._show(f"      {self.current:<8} {time.perf_counter() - self.started:6.1f}s  ... {msg.strip()}")
 
     def step(self, index: int, step: Step) -> None:
         line = step.line(index)
@@ -86,6 +88,7 @@ class _StepPrinter:
         else:
             print(line, flush=True)
         self.started = time.perf_counter()
+        self.current = STEPS[index] if index < len(STEPS) else ""
 
 
 @magics_class

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.gate.evidence import Check
+from kit.progress import begin_line, end_line
 
 POLL_S = 0.25
 
@@ -22,10 +23,10 @@ POLL_S = 0.25
 def describe(rec: Mapping[str, Any]) -> str | None:
     """One progress line for a record (None: nothing to say)."""
     kind = rec.get("kind")
-    if kind == "begin":
-        return f"  … {rec.get('step')} (budget {_num(rec.get('budget_s'))}s)"
+    if kind == "begin":  # the begin and end lines every face shares (kit.progress)
+        return begin_line(str(rec.get("step")), f"budget {_num(rec.get('budget_s'))}s")
     if kind == "end":
-        return f"    {rec.get('step')}: {_num(rec.get('seconds'))}s"
+        return end_line(str(rec.get("step")), rec.get("seconds"))
     if kind == "check":
         try:
             c = Check.from_dict(rec)

@@ -193,7 +193,7 @@ def open_registry(root: str | Path = "") -> Any:
 
     if _run is not None:
         if not _run.trust:
-            return Registry(root)  # the gate's registry checks no signatures (it has no keyring)
+            return Registry(root, keyring=None)  # the gate has no trusted keys: it checks no signatures
         from kit.signing import Keyring, Trust
 
         return Registry(root, keyring=Keyring.verify_only(Trust.from_texts(_run.trust, "the gate's trusted keys")))

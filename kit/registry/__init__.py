@@ -57,9 +57,16 @@ __all__ = [
 
 
 class Registry(AliasMoves):
-    """A registry rooted at a folder. Safe to use from many processes at once.
+    """A registry rooted at a folder (or ``s3://bucket/prefix``). Safe to use from many processes at once.
 
-    ``Registry(root, require_gate=True, user=None, keyring=None)``; see :class:`kit.registry.store.Store`.
+    ``Registry(root, require_gate=True, user=None, keyring="configured", cache_dir=None)``. Without a
+    ``keyring`` it signs with the user's key and checks signatures against the user's trust, by the rule
+    ``Registry.from_config`` uses (``KIT_KEYS_DIR``, else kit.toml's ``keys_dir``, else ``~/.config/kit/keys``;
+    the key is made, with a warning naming its path, the first time something is signed). ``keyring=None``
+    opens an unsigned registry (nothing signed, no signature checked): for tests of unsigned or legacy
+    registries and tools that only list; ``deploy`` refuses to move an alias in one. A
+    :class:`kit.signing.Keyring` of your own (``Keyring.verify_only(trust)`` for a reader that never signs)
+    is used as given. See :class:`kit.registry.store.Store`.
     """
 
     def __new__(cls, root: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -45,6 +45,7 @@ from kit.errors import (
     VersionNotFoundError,
 )
 from kit.evidence import RESULT_FILE
+from kit.progress import Steps
 from kit.registry.cache import VersionCache, default_cache_dir, safe_file_name
 from kit.registry.integrity import CheckedStore
 from kit.registry.loaded import VerifiedVersion
@@ -52,6 +53,7 @@ from kit.registry.moves import MAX_RECORD_BYTES, MoveStorage
 from kit.registry.names import is_version_text, validate_name
 from kit.registry.records import ModelVersion, VerifyResult, utcnow
 from kit.registry.storage import FolderStorage, Got, NotModified, Storage, is_url
+from kit.registry.store import CONFIGURED, resolve_keyring
 from kit.signing import SIG_SUFFIX, sign_file
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class ObjectStoreMixin(CheckedStore):
     def __init__(self, root: Path | str, **kwargs: Any):
         storage = open_storage(root)
         self.url, self.storage = storage.describe(), storage
+        kwargs["keyring"] = resolve_keyring(kwargs.get("keyring", CONFIGURED), self.url)  # the bucket's URL
         cache_root = kwargs.pop("cache_dir", None) or default_cache_dir()
         super().__init__(mirror_dir(storage, cache_root), cache_dir=cache_root, **kwargs)
         self.cache = VersionCache(self.cache.root, fetch=self._fetch)
@@ -329,25 +332,28 @@ class ObjectStoreMixin(CheckedStore):
                        f"({self.url}); register {name} again where your key is.")
 
     # ---- writing
-    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
-        """Claim the next number (conditional create), upload the files, the signature, then meta.json."""
-        version = self._claim(name)
-        meta["version"] = version
-        data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-        atomic_write_bytes(tmp / "meta.json", data)
-        if signer is not None:
-            sign_file(tmp / "meta.json", signer, data=data)
-        prefix = f"{name}/versions/{version}"
-        for fname in sorted(meta["files"]):
-            if not safe_file_name(fname):
-                raise IntegrityError(f"Refusing to upload {fname!r}: not a plain file name.")
-            self.storage.upload(f"{prefix}/{fname}", tmp / fname, _progress(f"{self.url}/{prefix}/{fname}"))
-        if signer is not None:
-            self.storage.put(f"{prefix}/meta.json{SIG_SUFFIX}", (tmp / f"meta.json{SIG_SUFFIX}").read_bytes())
-        if not self.storage.put_if_absent(f"{prefix}/meta.json", data):
-            raise IntegrityError(f"{name}@{version}'s meta.json appeared while this writer held the claim to it: "
-                                 "someone writes the bucket without claiming. Nothing of it was made visible.")
-        self._event(name, "register", version=version, artifact_sha256=meta["artifact_sha256"])
+    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any, steps: Steps) -> int:
+        """Claim the next number (conditional create), upload the files, then the signature and meta.json
+        (whose ``capture.steps`` gains the upload's seconds)."""
+        with steps.step("upload", f"to {self.url}"):
+            version = self._claim(name)
+            prefix = f"{name}/versions/{version}"
+            for fname in sorted(meta["files"]):
+                if not safe_file_name(fname):
+                    raise IntegrityError(f"Refusing to upload {fname!r}: not a plain file name.")
+                self.storage.upload(f"{prefix}/{fname}", tmp / fname, _progress(f"{self.url}/{prefix}/{fname}"))
+        meta["capture"].setdefault("steps", {})["upload"] = steps.seconds["upload"]
+        with steps.step("publish", "signature, meta.json"):
+            meta["version"] = version
+            data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+            atomic_write_bytes(tmp / "meta.json", data)
+            if signer is not None:
+                sign_file(tmp / "meta.json", signer, data=data)
+                self.storage.put(f"{prefix}/meta.json{SIG_SUFFIX}", (tmp / f"meta.json{SIG_SUFFIX}").read_bytes())
+            if not self.storage.put_if_absent(f"{prefix}/meta.json", data):
+                raise IntegrityError(f"{name}@{version}'s meta.json appeared while this writer held the claim to "
+                                     "it: someone writes the bucket without claiming. Nothing of it was made visible.")
+            self._event(name, "register", version=version, artifact_sha256=meta["artifact_sha256"])
         return version
 
     def _claim(self, name: str) -> int:

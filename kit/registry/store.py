@@ -26,11 +26,19 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped, storage_errors
 from kit._proc import pid_alive
-from kit.errors import IntegrityError, KitError, ModelNotFoundError, RegistryCorruptError, VersionNotFoundError
+from kit.errors import (
+    ConfigError,
+    IntegrityError,
+    KitError,
+    ModelNotFoundError,
+    RegistryCorruptError,
+    VersionNotFoundError,
+)
+from kit.progress import Progress, Steps
 from kit.registry.cache import VersionCache, default_cache_dir
 from kit.registry.lineage import detect_source
 from kit.registry.movelog import MoveLog, move_event
@@ -46,6 +54,29 @@ _LOCK_TIMEOUT = 60.0
 MAX_META_BYTES = 4 << 20  # meta.json is ~30 KB (the environment's package list); a bigger one is refused
 
 
+CONFIGURED = "configured"  # Registry(path)'s default keyring: the user's (configured_keyring)
+
+
+def configured_keyring(location: Path | str) -> Keyring:
+    """The keyring a registry at ``location`` signs with when none is named: the one ``Registry.from_config``
+    uses (``kit.config.load_config``: ``KIT_KEYS_DIR``, else kit.toml's ``keys_dir``, else
+    ``~/.config/kit/keys``; ``signing_key`` and ``trusted_keys`` likewise). Its signing key is made (with
+    a warning that says where) the first time something is signed, never by a reader."""
+    from kit.config import load_config
+
+    return cast(Keyring, load_config(registry=location).keyring())
+
+
+def resolve_keyring(keyring: Keyring | None | str, location: Path | str) -> Keyring | None:
+    """``keyring`` as given, or the configured one for ``"configured"`` (see :class:`Store`)."""
+    if not isinstance(keyring, str):
+        return keyring
+    if keyring != CONFIGURED:
+        raise ConfigError(f"keyring must be a kit.signing.Keyring, None (an unsigned registry) or {CONFIGURED!r} "
+                          f"(the user's keys), got {keyring!r}.")
+    return configured_keyring(location)
+
+
 class Store:
     """A registry's folders (see the module docstring): layout, lock, reading, register, audit log.
 
@@ -54,15 +85,17 @@ class Store:
     """
 
     def __init__(self, root: Path | str, *, require_gate: bool = True, user: str | None = None,
-                 keyring: Keyring | None = None, cache_dir: Path | str | None = None):
-        """``keyring`` signs what this registry writes (meta.json, gate results) and is the trust every
-        read checks signatures against. None: nothing is signed or signature-checked (sha256 only).
+                 keyring: Keyring | None | str = CONFIGURED, cache_dir: Path | str | None = None):
+        """``keyring`` signs what this registry writes (meta.json, gate results, move records) and is the
+        trust every read checks signatures against. Left out (``"configured"``): the user's keyring, by
+        the rule :meth:`from_config` uses (:func:`configured_keyring`). ``None``: an unsigned registry,
+        nothing signed or signature-checked (sha256 only), for tests of unsigned or legacy registries.
         ``cache_dir``: the local verified cache loads read from (default: ``default_cache_dir()``)."""
         self.root = Path(root).resolve()
         self.cache = VersionCache(cache_dir if cache_dir is not None else default_cache_dir())
         self.require_gate = require_gate
         self.user = user or "unknown"
-        self.keyring = keyring
+        self.keyring: Keyring | None = resolve_keyring(keyring, self.root)
         self._movelogs: dict[str, MoveLog] = {}  # per model: the signed move records (kit.registry.movelog)
 
     @property
@@ -275,12 +308,18 @@ class Store:
         tags: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | None = None,
         project_root: Path | None = None,
+        progress: Progress = None,
         **capture_kwargs: Any,
     ) -> ModelVersion:
         """Register a new immutable version.
 
         ``model`` is a :class:`kit.capture.CapturedModel`, or an ``nn.Module`` captured here with
         ``example_inputs`` (``capture_kwargs`` go to :func:`kit.capture.capture`).
+
+        ``progress`` says each step (capture's ``torch.export``, ``parity`` and ``onnx`` when capturing here;
+        ``save``, ``hash``, ``upload`` for a bucket, ``publish``) as :mod:`kit.progress` describes: a callable
+        taking each begin and end line, None (a line per step on stderr as it ends) or False (silent). The
+        seconds of every step before ``publish`` are kept in meta.json's ``capture.steps``.
         """
         from kit.capture import CapturedModel, capture
 
@@ -288,7 +327,8 @@ class Store:
         if not isinstance(model, CapturedModel):
             if example_inputs is None:
                 raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
-            model = capture(model, example_inputs, **capture_kwargs)
+            model = capture(model, example_inputs, progress=progress, **capture_kwargs)
+        steps = Steps.of(progress, f"register {name}")
         model_dir = self.model_dir(name)
         need = check_register_space(model, self.cache.root, self.root, name)  # before any byte: torch aborts on ENOSPC
         with storage_errors(model_dir, f"a new version of {name!r}", need):
@@ -298,21 +338,25 @@ class Store:
             tmp.mkdir()
         try:
             with self.cache.private_dir() as private, storage_errors(model_dir, f"a new version of {name!r}", need):
-                files = _save_synced(model, tmp, private)
+                files = _save_synced(model, tmp, private, steps)
             meta = _new_meta(name, model, files, metrics=metrics, tags=tags, source=source,
-                             project_root=project_root)
+                             project_root=project_root, steps=steps.seconds)
             _check_json(meta, "metrics/tags/source")
             signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
             with self.lock(name), storage_errors(model_dir, f"version files of {name!r}"):
-                version = self._publish(name, tmp, meta, signer)
+                version = self._publish(name, tmp, meta, signer, steps)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("registered %s@%d at %s", name, version, self.version_dir(name, version))
         return self._read_version(name, version)
 
-    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
+    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any, steps: Steps) -> int:
         """Number, write (and sign) meta.json and rename ``tmp`` into place; callers hold the model lock."""
+        with steps.step("publish", "number, meta.json, signature, rename"):
+            return self._publish_here(name, tmp, meta, signer)
+
+    def _publish_here(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
         nums = self._version_numbers(name)
         version = (nums[-1] + 1) if nums else 1
         meta["version"] = version  # with meta["name"]: every verified read checks it sits at name@version
@@ -365,21 +409,25 @@ def check_place(meta: Any, name: str, version: int, meta_path: Path) -> None:
             f"or register the model again as {name}.")
 
 
-def _save_synced(model: Any, folder: Path, private: Path) -> dict[str, str]:
+def _save_synced(model: Any, folder: Path, private: Path, steps: Steps) -> dict[str, str]:
     """``model.save`` into ``private`` (a folder only this user can write), then each file copied into the
     registry's ``folder`` while hashed (fsync'd); file name -> sha256 of exactly the bytes written there
     from the private copy. Hashing files in the registry folder itself would let a writer there swap one
     between the save and the hash, and have the key holder sign the writer's bytes."""
     from kit.backends.checks import DEFAULT_MAX_ARTIFACT_BYTES
 
-    written = model.save(private)
-    return {p.name: copy_hashed(p, folder / p.name, 4 * DEFAULT_MAX_ARTIFACT_BYTES, file_mode())[0] for p in written}
+    with steps.step("save", "the model's files, in a private folder"):
+        written = model.save(private)
+    with steps.step("hash", "copied into the registry while hashed"):
+        return {p.name: copy_hashed(p, folder / p.name, 4 * DEFAULT_MAX_ARTIFACT_BYTES, file_mode())[0]
+                for p in written}
 
 
 def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[str, Any] | None,
               tags: Mapping[str, Any] | None, source: Mapping[str, Any] | None,
-              project_root: Path | None) -> dict[str, Any]:
-    """A new version's meta.json, less its number (taken under the lock)."""
+              project_root: Path | None, steps: Mapping[str, float]) -> dict[str, Any]:
+    """A new version's meta.json, less its number (taken under the lock). ``capture.steps``: the seconds of
+    capture's steps and of register's so far (an object store adds its upload before it writes this)."""
     from kit.env import fingerprint
 
     return {
@@ -399,6 +447,7 @@ def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[
             "parity": model.parity.to_dict(),
             "format": "torch.export",
             "onnx": _onnx_record(model),
+            "steps": {**getattr(model, "steps", {}), **steps},
         },
     }
 

@@ -55,7 +55,7 @@ class Lookup(nn.Module):
 @pytest.fixture(scope="module", params=["asgi"])
 def svc(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("guard")
-    reg = Registry(root / "registry", require_gate=False, user="e2e")
+    reg = Registry(root / "registry", require_gate=False, user="e2e", keyring=None)  # the guard of an unsigned registry
     example = torch.tensor([[1], [7]])
     for model in (Lookup(100, 1), Lookup(100, 2), Lookup(80, 3), Lookup(100, 4, heavy=3000)):
         reg.register(MODEL, model.eval(), example)
@@ -302,7 +302,7 @@ def test_a_linked_guard_folder_is_never_written_through(svc, tmp_path):
 
 def test_forged_evidence_cannot_step_a_canary(tmp_path):
     """steps = [25, 50], hold 1 s, no traffic at all: forged healthy files moved the canary 5% -> 25%."""
-    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e")
+    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=None)
     for model in (Lookup(100, 1), Lookup(100, 2)):
         reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
     reg.promote(MODEL, 1, force=True, why="test")
@@ -354,7 +354,7 @@ def test_progressive_steps_promote_a_healthy_gated_canary(tmp_path):
     """steps = [50, 100], hold 2 s: a healthy canary with a passing gate goes 10% -> 50% -> production."""
     from kit_testing import pass_gate
 
-    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e")
+    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=None)
     for model in (Lookup(100, 1), Lookup(100, 2)):
         reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
     reg.promote(MODEL, 1, force=True, why="test")

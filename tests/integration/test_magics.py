@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -112,8 +113,9 @@ def test_deploy_takes_a_dict_example_passed_by_keyword(shell, capsys, registry):
 
     shell.user_ns.update(model=ByName(), batch={"input_ids": torch.randint(0, 10, (2, 5)),
                                                 "attention_mask": torch.ones(2, 5)})
-    _, err = run(shell, "%deploy model --example batch --name byname --no-onnx")
+    _, err = run(shell, "deployed = %deploy model --example batch --name byname --no-onnx")
     assert err is None, (err, capsys.readouterr())
+    assert list(shell.user_ns["deployed"].steps[0].parts) == ["torch.export", "parity"]  # no ONNX step
     mv = registry.get("byname", 1)
     assert [s["name"] for s in mv.signature["inputs"]] == ["input_ids", "attention_mask"]
     for var in ("model", "batch"):
@@ -141,7 +143,12 @@ def test_deploy_promote_canary_rollback(with_model, capsys, registry, validation
     assert all(" ok " in ln for ln in lines), out
     assert str(registry.version_dir(MODEL, 1)) in lines[1]
     assert "report.html" in lines[2] and "production - -> 1" in lines[3]
+    # capture's and register's own steps, each with its seconds, on their step lines and in the result
+    assert re.search(r"\(torch\.export \d+\.\ds, parity \d+\.\ds, onnx \d+\.\ds\)$", lines[0]), lines[0]
+    assert re.search(r"\(save \d+\.\ds, hash \d+\.\ds, publish \d+\.\ds\)  -> ", lines[1]), lines[1]
     deployed = ip.user_ns["deployed"]
+    assert [list(s.parts) for s in deployed.steps[:2]] == [["torch.export", "parity", "onnx"],
+                                                           ["save", "hash", "publish"]]
     assert deployed.version.version == 1 and deployed.gate.passed
     assert Path(deployed.gate.report).is_file()
     assert registry.aliases(MODEL).production == 1

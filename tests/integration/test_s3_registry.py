@@ -36,8 +36,12 @@ def test_round_trip_register_verify_promote_load(url: str, keyring, tmp_path: Pa
     reg = Registry(url, keyring=keyring, user="alice", cache_dir=tmp_path / "cache-a")
     assert isinstance(reg, ObjectRegistry) and repr(reg) == f"Registry({url!r})"
     model, example = _tiny()
-    mv = reg.register("tiny", model, example, onnx=False)
+    said: list[str] = []
+    mv = reg.register("tiny", model, example, onnx=False, progress=said.append)
     assert (mv.version, reg.models(), [v.version for v in reg.versions("tiny")]) == (1, ["tiny"], [1])
+    ended = [ln.split(":")[0].strip() for ln in said if not ln.startswith("  …")]
+    assert ended == ["torch.export", "parity", "save", "hash", "upload", "publish"], said
+    assert mv.capture["steps"]["upload"] >= 0  # the upload's seconds are in the meta.json written after it
     assert reg.register("tiny", *_tiny(1), onnx=False).version == 2
     [ok1, ok2] = reg.verify("tiny")
     assert ok1.ok and ok2.ok and ok1.signed_by == keyring.signer().key_id
@@ -132,7 +136,7 @@ import json, os, sys, torch
 from kit.errors import PromotionRefusedError
 from kit.registry import Registry
 url, who, n_moves = sys.argv[1], sys.argv[2], int(sys.argv[3])
-reg = Registry(url, require_gate=False, user=who)
+reg = Registry(url, require_gate=False, user=who, keyring=None)  # unsigned: two hosts, no shared key
 torch.manual_seed(hash(who) % 1000)
 mv = reg.register("shared", torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),), onnx=False)
 moves = []
@@ -164,7 +168,7 @@ def test_eight_writers_on_two_hosts_never_lose_or_double(url: str, tmp_path: Pat
     assert versions == list(range(1, 9))  # unique and dense
     serials = sorted(s for r in results for s in r["serials"])
     assert serials == list(range(1, 25))  # every move recorded exactly once, none lost
-    reg = Registry(url, require_gate=False)
+    reg = Registry(url, require_gate=False, keyring=None)
     moves = [e for e in reg.history("shared") if e["event"] == "promote"]
     assert [m["serial"] for m in moves] == list(range(1, 25)) and all(m["verified"] for m in moves)
     by_serial = {s: r["who"] for r in results for s in r["serials"]}

@@ -125,7 +125,7 @@ def _guards(reg: Registry, n: int = 2, settings: GuardSettings = S) -> list[Cana
 
 
 def test_two_workers_add_up_and_end_a_failing_canary_once(tmp_path):
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     serial = reg.aliases("m").serial
     g1, g2 = _guards(reg)
@@ -164,7 +164,7 @@ def test_two_workers_add_up_and_end_a_failing_canary_once(tmp_path):
 def test_a_healthy_canary_is_never_ended_and_a_moved_canary_is_left_alone(tmp_path):
     import time
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     (g,) = _guards(reg, 1)
     g.tick()
@@ -205,7 +205,7 @@ def test_the_panel_and_render_say_when_the_guard_ended_a_canary(tmp_path):
     from kit.render import guard_note
     from kit.widgets import RegistryPanel
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     assert guard_note(reg, "m") is None
     guard_stop(reg, "m", 2, reg.aliases("m").serial, {"detail": "canary 5xx rate 20.0% against production's 0.0%"})
@@ -220,7 +220,7 @@ def test_the_panel_and_render_say_when_the_guard_ended_a_canary(tmp_path):
 def test_progressive_steps_raise_a_healthy_canary_then_promote_through_the_gate(tmp_path):
     import dataclasses
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"), gated=(1, 2))  # v3 has no gate
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None), gated=(1, 2))  # v3 has no gate
     steps = dataclasses.replace(S, steps=(25.0, 50.0, 100.0), hold_s=0.0)
     (g,) = _guards(reg, 1, steps)
 
@@ -297,7 +297,7 @@ def test_forged_copied_and_replayed_files_are_ignored_and_reported(tmp_path):
     from kit.serving import guard_files as gf
     from kit.signing import KeyStore
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     key = f"v2-s{reg.aliases('m').serial}"
     g0, g1 = _guards(reg)
@@ -344,7 +344,7 @@ def test_malformed_huge_and_odd_files_never_switch_the_guard_off(tmp_path):
 
     from kit.serving import guard_files as gf
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     key = f"v2-s{reg.aliases('m').serial}"
     (g,) = _guards(reg, 1)
@@ -387,7 +387,7 @@ def test_planted_links_are_never_written_through(tmp_path):
     import os
     import time
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     key = f"v2-s{reg.aliases('m').serial}"
     (g,) = _guards(reg, 1)
@@ -422,7 +422,7 @@ def test_dead_workers_files_are_swept(tmp_path):
     import os
     import time
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     key = f"v2-s{reg.aliases('m').serial}"
     g0, g1 = _guards(reg)
@@ -481,7 +481,7 @@ def test_a_worker_restarted_under_the_same_name_is_still_counted(tmp_path):
     like a replay of its predecessor's (seq comes from the clock, so it still only goes forward)."""
     import time
 
-    reg = three_versions(Registry(tmp_path / "reg", user="alice"))
+    reg = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None))
     set_traffic(reg, "m", 2, 0.5)
     g0, g1 = _guards(reg)
     now = time.time()

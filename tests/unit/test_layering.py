@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("kit.capture", "core"), ("kit._capture_shapes", "core"), ("kit._capture_io", "core"),
     ("kit.signature", "core"), ("kit.env", "core"),
     ("kit.registry", "core"), ("kit.evidence", "core"), ("kit.backends", "core"),
-    ("kit.version_files", "core"), ("kit.guard_key", "core"), ("kit._proc", "core"),
+    ("kit.version_files", "core"), ("kit.guard_key", "core"), ("kit._proc", "core"), ("kit.progress", "core"),
     ("kit.deploy", "library"), ("kit.gate", "library"), ("kit.servicegen", "library"),
     ("kit.service_settings", "library"), ("kit.pack", "library"), ("kit.traffic", "library"),
     ("kit.render", "library"), ("kit.project", "library"), ("kit.ci", "library"), ("kit.replay", "library"),

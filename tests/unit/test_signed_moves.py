@@ -192,7 +192,7 @@ def test_guard_key_promotes_at_100_only_with_a_signed_passing_gate(reg, tmp_path
 
 
 def test_migrating_an_old_unsigned_registry(tmp_path, keys):
-    old = three_versions(Registry(tmp_path / "reg", user="alice"), gated=(1, 2))  # no keys: unsigned records
+    old = three_versions(Registry(tmp_path / "reg", user="alice", keyring=None), gated=(1, 2))  # unsigned records
     shutil.rmtree(old.model_dir("m") / "moves")  # what a registry written before signed moves looks like
     old.aliases_path("m").write_text(json.dumps({"schema": 1, "serial": 6, "updated": "2026-01-01T00:00:00Z",
                                                  "production": {"version": 2, "previous": [1]}}))
@@ -214,7 +214,7 @@ def test_migrating_an_old_unsigned_registry(tmp_path, keys):
 
 
 def test_unsigned_registry_reads_and_moves_without_keys(tmp_path):
-    reg = three_versions(Registry(tmp_path / "reg"), gated=(1, 2))
+    reg = three_versions(Registry(tmp_path / "reg", keyring=None), gated=(1, 2))
     assert reg.promote("m", 2).production == 2 and reg.aliases("m").signed_by is None
     reg.aliases_path("m").write_text("[1]")
     with pytest.raises(RegistryCorruptError):

@@ -170,7 +170,7 @@ def test_check_reference_says_what_a_mismatch_can_be(tmp_path, reg):
     with pytest.raises(IntegrityError, match="not tampered with: this environment computes differently"):
         signed.check_reference()
     # without signature checks, tampering cannot be ruled out, and the message says so
-    unsigned_reg = Registry(reg.root)
+    unsigned_reg = Registry(reg.root, keyring=None)
     _swap_reference(mv)
     with pytest.raises(IntegrityError, match="replaced the weights and re-hashed meta.json, or this environment"):
         unsigned_reg.load("m", 1).check_reference()
@@ -219,7 +219,7 @@ def test_keys_commands_and_signing_an_old_version(tmp_path):
     assert run("keys", "show").output.strip() == made["public_key"]
     assert run("keys", "show", "--pem").output.startswith("-----BEGIN PUBLIC KEY-----")
     assert made["key_id"] in run("keys", "list").output
-    old = Registry(tmp_path / "reg")  # a registry written before signing: nothing signed
+    old = Registry(tmp_path / "reg", keyring=None)  # a registry written before signing: nothing signed
     old.register("m", _small(), torch.randn(2, 4))
     r = run("--registry", str(old.root), "verify")
     assert r.exit_code == 1 and "m@1 (its meta.json) is not signed" in r.output and "kit keys sign m@1" in r.output
