@@ -239,3 +239,27 @@ def test_a_notebook_may_compare_only_with_the_resolved_production():
     assert "without checking its signature" in production.problems([{**ok, "signed_by": None}], base, signed=True)[0]
     none = production.Baseline(None, None, "no production version to compare")
     assert production.problems([ok], none, signed=False)
+
+
+def _sleeper(ms: list[float]):
+    """A call that sleeps the next of ``ms`` milliseconds (its last one from then on)."""
+    it = iter(ms)
+    last = [ms[-1]]
+
+    def call() -> None:
+        last[0] = next(it, last[0])
+        time.sleep(last[0] / 1000)
+    return call
+
+
+def test_a_latency_breach_gets_more_rounds_in_the_same_sample():
+    d = record.Deadline("latency", 60.0)
+    # a busy spell through the first 5 rounds hid the candidate's floor (3 ms): the rounds added find it (1 ms)
+    spell = compare._measure(_sleeper([3.0] * 5 + [1.0]), _sleeper([1.0]), 5, d, 1, 1.25, 0.25)
+    assert spell.passed and spell.rounds == 10 and spell.ratio < 1.25
+    # a real slowdown stays one: 3 more sets of 5 rounds, the fastest calls still 3x apart
+    slow = compare._measure(_sleeper([3.0]), _sleeper([1.0]), 5, d, 1, 1.25, 0.25)
+    assert not slow.passed and slow.rounds == 20 and slow.ratio > 2.5
+    # no time left in the check's budget: no rounds are added
+    spent = compare._measure(_sleeper([3.0]), _sleeper([1.0]), 5, record.Deadline("latency", 0.02), 1, 1.25, 0.25)
+    assert not spent.passed and spent.rounds == 5
