@@ -138,3 +138,27 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return dict(s3_server.env)
+
+
+# The suite's longest files, longest first (test-artifacts/junit durations): make test's pytest-xdist hands
+# whole files to workers in collection order, so these start first and the short ones fill in around them;
+# collected last (tests/e2e/test_zoo*.py sort late) the longest would run alone at the end.
+LONGEST_FIRST = (
+    "e2e/test_pack_conda_torch.py", "e2e/test_zoo_real.py", "e2e/test_zoo_real_cnn.py", "e2e/test_zoo_real_text.py",
+    "e2e/test_pack_venv.py", "e2e/test_pack_conda.py", "integration/test_registry_processes.py", "e2e/test_zoo.py",
+    "e2e/test_installed_wheel.py", "e2e/test_browser_quickstart.py", "e2e/test_canary_guard.py",
+    "e2e/test_zoo_wheel.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests = Path(__file__).resolve().parent
+
+    def key(item: pytest.Item) -> int:
+        try:
+            return rank.get(item.path.resolve().relative_to(tests).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=key)  # stable: every other file keeps its place
