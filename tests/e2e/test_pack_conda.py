@@ -2,9 +2,8 @@
 the real conda-unpack, served by gunicorn from another directory after the source and the prefix are gone.
 
 Two prefixes: a small one (python, flask, gunicorn, kit editable) serving a mini Flask app, and one with
-torch, numpy and every runtime dependency of kit, with kit installed from its wheel, serving the real
-generated Kit service: the stored example answered from the unpacked environment, compared with the
-registry's reference output.
+kit's runtime and onnxruntime but no torch, kit installed from its wheel, packed and passing kit pack
+--verify. The prefix with torch serving the real generated Kit service is tests/e2e/test_pack_conda_torch.py.
 
 What this does NOT exercise (and why): conda-forge's own binaries (no conda channel is reachable here; the
 prefix's python and packages are this machine's installed files repackaged, see
@@ -30,7 +29,7 @@ import pytest
 from kit._proc import free_port, stop_group
 from kit.errors import PackError
 from kit.pack import pack
-from kit.pack.verify import extract, start_unpacked, verify_archive, wait_ready
+from kit.pack.verify import extract, start_unpacked, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import conda_env  # noqa: E402
@@ -195,50 +194,6 @@ def test_conda_prefix_packs_unpacks_relocates_and_serves_without_source(conda_se
 # --------------------------------------------------------------------------- the real Kit service, with torch
 
 
-def install_wheel_with_prefix_python(wheel: Path, prefix: Path, tools: Path) -> None:
-    """Install kit's built wheel with the prefix's own python; pip is borrowed on PYTHONPATH from a copy
-    (this environment's pip would treat the prefix's kit as its own and could uninstall the editable kit)."""
-    spec = importlib.util.find_spec("pip")
-    assert spec is not None and spec.origin, "pip is needed to install kit's wheel into the test prefix"
-    shutil.copytree(Path(spec.origin).parent, tools / "pip", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tools), "PYTHONNOUSERSITE": "1"}
-    subprocess.run([str(prefix / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--no-compile", "--disable-pip-version-check", str(wheel)],
-                   check=True, capture_output=True, text=True, cwd=tools, env=env)
-
-
-def _kit_prefix(tmp_path: Path, repo_root: Path, dists: list[str], name: str) -> tuple[Path, dict[str, float]]:
-    """A conda prefix (py-rattler, local channel) of python + ``dists``, and kit installed from its built
-    wheel (not editable)."""
-    from kit.pack.build import build_kit_wheel
-
-    times: dict[str, float] = {}
-    cache = repo_root / ".cache"
-    cache.mkdir(exist_ok=True)
-    t = time.monotonic()
-    channel = conda_env.channel(cache, dists)
-    times["channel"] = time.monotonic() - t
-    t = time.monotonic()
-    prefix = conda_env.create_prefix(channel, tmp_path / "envs" / name, cache / "conda-pkgs", dists)
-    times["prefix_install"] = time.monotonic() - t
-    ours = sorted(Path(sysconfig.get_paths()["purelib"]).glob("__editable__*kit*"))
-    t = time.monotonic()
-    wheel = build_kit_wheel(ROOT, tmp_path / "wheels")  # `pip wheel` of a copy: builds, installs nothing here
-    (tmp_path / "tools").mkdir()
-    install_wheel_with_prefix_python(wheel, prefix, tmp_path / "tools")
-    times["kit_wheel"] = time.monotonic() - t
-    assert ours and all(p.exists() for p in ours)  # this environment's editable kit is untouched
-    shutil.rmtree(tmp_path / "wheels")
-    shutil.rmtree(tmp_path / "tools")
-    return prefix, times
-
-
-@pytest.fixture
-def serving_prefix(tmp_path, repo_root):
-    """python, torch, numpy, flask, gunicorn, every other runtime dependency of kit, kit from its wheel."""
-    return _kit_prefix(tmp_path, repo_root, conda_env.SERVING_DISTS, "kitserve")
-
-
 # kit's runtime without torch (and what only torch needs), onnxruntime and what it requires; flask stays in
 # the prefix (the shipped set leaves it out).
 ORT_DISTS = [d for d in conda_env.SERVING_DISTS if d not in ("torch", "sympy", "mpmath", "networkx", "fsspec")] \
@@ -251,7 +206,7 @@ def test_conda_prefix_with_onnxruntime_packs_without_torch_and_passes_verify(tmp
     from kit.pack import verify_archive
     from kit.servicegen import generate
 
-    prefix, times = _kit_prefix(tmp_path, repo_root, ORT_DISTS, "kitort")
+    prefix, times = conda_env.kit_prefix(tmp_path, repo_root, ORT_DISTS, "kitort")
     registry, mv = registered
     registry.promote(mv.name, mv.version, force=True, why="test")  # gates are the gate area's
     svc = generate("digits-ort", mv.name, registry=registry.root, out_dir=tmp_path / "services", workers=1,
@@ -271,113 +226,3 @@ def test_conda_prefix_with_onnxruntime_packs_without_torch_and_passes_verify(tmp
     assert rep.audit["from_env"] > 200 and rep.audit["from_stdlib"] == 0, rep.audit
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def test_conda_prefix_with_torch_packs_and_serves_the_real_kit_service(serving_prefix, registered, tmp_path):
-    import numpy as np
-
-    from kit.servicegen import generate
-
-    prefix, times = serving_prefix
-    site = prefix / "lib" / f"python{conda_env.PY_VER}" / "site-packages"
-    assert (site / "torch" / "lib").is_dir() and (prefix / "conda-meta" / "history").is_file()
-    assert not list(site.glob("__editable__*")) and list(site.glob("kit-*.dist-info"))  # kit from its wheel
-    registry, mv = registered
-    # Gates are tested by the gate area (tests/e2e/test_gate*.py); promotion is forced here.
-    registry.promote(mv.name, mv.version, force=True, why="test")
-    svc = generate("digits", mv.name, registry=registry.root, out_dir=tmp_path / "services", workers=1)
-
-    lines: list[str] = []
-    res = pack(svc, out_dir=tmp_path / "dist", env_prefix=prefix, progress=lines.append, compresslevel=1)
-    times["pack"] = res.seconds
-    times["conda_pack_layer"] = res.timings.get("env_layer", 0.0)
-    assert res.kind == "conda" and res.models == {"demo-digits": [1]}
-    assert res.forced == ()  # same python and torch as the model was captured with: nothing overridden
-    assert any(line.startswith("conda-pack:") for line in lines)
-    assert res.env_bytes > 500e6  # torch is in it
-    assert "torch" in res.shipped and "flask" in res.left_out  # the service's closure; flask is not in it
-    assert any(line.startswith("packages (torch backend)") for line in lines)
-
-    # Only the archive moves on; the prefix, the registry and the service are gone.
-    elsewhere = tmp_path / "server"
-    elsewhere.mkdir()
-    archive = elsewhere / res.archive.name
-    shutil.move(str(res.archive), archive)
-    for p in (prefix, registry.root, svc, tmp_path / "dist"):
-        shutil.rmtree(p)
-    t = time.monotonic()
-    root = extract(archive, elsewhere / "opt")
-    times["extract"] = time.monotonic() - t
-    env_dir = root / "env"
-    assert (env_dir / "bin" / "conda-unpack").is_file()
-
-    # run.sh's start-up checks alone: the first start checks the packed list, relocates and records; a later
-    # start checks env/ against that record (its MAC under the host key) and the rest against the list.
-    state = {"KIT_STATE_DIR": str(tmp_path / "state")}
-    for when in ("first", "later"):
-        t = time.monotonic()
-        out = subprocess.run([str(root / "run.sh"), "unpack"], capture_output=True, text=True,
-                             env={"PATH": os.environ["PATH"], **state})
-        times[f"{when}_start_checks"] = time.monotonic() - t
-        assert out.returncode == 0, out.stderr
-        assert ("nothing added" if when == "first" else "sealed tree unchanged") in out.stderr, out.stderr
-        assert ("conda-unpack" in out.stderr) == (when == "first"), out.stderr
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "run.log"
-    try:
-        t = time.monotonic()
-        proc = start_unpacked(root, port, log, cwd=elsewhere, extra_env=state)
-        try:
-            wait_ready(url, proc, 180, log)
-            times["ready"] = time.monotonic() - t
-            with np.load(root / "registry" / mv.name / "versions" / "1" / "example.npz", allow_pickle=False) as z:
-                x, ref = z["input_0"].copy(), z["output_0"].copy()
-            t = time.monotonic()
-            body = _post(url + "/predict", {"inputs": x.tolist()})
-            times["first_answer"] = time.monotonic() - t
-            # The serving processes run the unpacked environment's python with its torch.
-            master_exe = Path(os.readlink(f"/proc/{proc.pid}/exe")).resolve()
-            workers = _children(proc.pid)
-            maps = {w: Path(f"/proc/{w}/maps").read_text() for w in workers}
-        finally:
-            stop_group(proc, timeout=30, whole_group=True)
-        assert proc.returncode == 0, log.read_text()
-        text = log.read_text()
-        assert "verified" in text, text
-        assert body["model_version"] == 1
-        got = np.asarray(body["outputs"], dtype=ref.dtype)
-        assert got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-5), (got, ref)
-        assert master_exe.is_relative_to(env_dir.resolve()), master_exe
-        assert workers, "gunicorn started no worker"
-        for w, m in maps.items():
-            torch_libs = {ln.split()[-1] for ln in m.splitlines() if "libtorch_cpu.so" in ln}
-            assert torch_libs and all(Path(p).is_relative_to(env_dir.resolve()) for p in torch_libs), (w, torch_libs)
-        # kit pack --verify on the conda archive: unpacked elsewhere again, conda-unpack, served, the example,
-        # then the import audit (every module from the archive's env/, which holds the interpreter too)
-        t = time.monotonic()
-        rep = verify_archive(archive, timeout=180)
-        times["verify"] = time.monotonic() - t
-        assert rep.ok and rep.max_abs_diff <= 1e-4 and rep.audit is not None
-        assert rep.audit["from_env"] > 500 and rep.audit["from_stdlib"] == 0, rep.audit  # conda carries its stdlib
-    finally:
-        print(f"archive {res.size_bytes / 1e6:.0f} MB (environment {res.env_bytes / 1e6:.0f} MB in files); "
-              + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
-        shutil.rmtree(elsewhere / "opt", ignore_errors=True)  # the archive stays with the test's tmp_path

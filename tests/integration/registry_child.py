@@ -36,5 +36,6 @@ if args.pause_before_rename:
 reg = Registry(args.root, user=f"pid{os.getpid()}")
 for i in range(args.n):
     torch.manual_seed(os.getpid() * 100 + i)
-    mv = reg.register(args.name, nn.Linear(4, 2), torch.randn(1, 4), tags={"pid": os.getpid(), "i": i})
+    mv = reg.register(args.name, nn.Linear(4, 2), torch.randn(1, 4), tags={"pid": os.getpid(), "i": i},
+                      onnx=False)  # concurrency is the point here; the ONNX exporter costs seconds per process
     print(mv.version, flush=True)
