@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from kit.backends.parity import Match, compare
 from kit.errors import GateError
 from kit.gate.metrics import accuracy, resolve_metric, under
 from kit.gate.record import Deadline, check, step
@@ -89,28 +90,13 @@ def dim_ranges(model: Any) -> dict[str, tuple[int, int]]:
     return {"batch": (1, int(sig.max_batch))} if batched else {}
 
 
-def _f64(x: Any) -> np.ndarray:
-    return as_numpy(x).astype(np.float64)
+def _match(a: Sequence[Any], b: Sequence[Any], atol: float, rtol: float) -> Match:
+    """Outputs ``a`` against the reference ``b`` by the one rule (:func:`kit.backends.parity.compare`)."""
+    return compare([as_numpy(x) for x in a], [as_numpy(y) for y in b], atol=atol, rtol=rtol)
 
 
-def max_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
-    """The largest absolute difference between two output tuples (inf when their shapes differ)."""
-    if len(a) != len(b):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b):
-        x, y = _f64(x), _f64(y)
-        if x.shape != y.shape:
-            return float("inf")
-        if x.size:
-            worst = max(worst, float(np.abs(x - y).max()))
-    return worst
-
-
-def _close(a: Sequence[Any], b: Sequence[Any], atol: float, rtol: float) -> bool:
-    return len(a) == len(b) and all(
-        x.shape == y.shape and bool(np.allclose(x, y, atol=atol, rtol=rtol, equal_nan=False))
-        for x, y in ((_f64(p), _f64(q)) for p, q in zip(a, b)))
+def _same_shapes(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(as_numpy(x).shape == as_numpy(y).shape for x, y in zip(a, b))
 
 
 def _nonfinite(x: Any) -> int:
@@ -155,9 +141,9 @@ def parity(model: Any) -> float:
     with step("parity on the stored example"):
         got = run(model, model.example_inputs)
         ref = tuple(model.reference_outputs)
-        worst = max_diff(got, ref)
-        same = worst != float("inf")
-        check("parity on the stored example", passed=same and _close(got, ref, atol, rtol), value=worst,
+        m = _match(got, ref, atol, rtol)
+        worst, same = m.max_abs_diff, _same_shapes(got, ref)
+        check("parity on the stored example", passed=m.ok, value=worst,
               threshold=atol, detail=f"max |output - reference|, rtol {rtol:g}" if same
               else "outputs differ in number or shape from the reference")
     return worst
@@ -173,7 +159,7 @@ def determinism(model: Any, repeats: int = 3, rows: int = 8) -> float:
         first = run(model, x)
         worst = 0.0
         for _ in range(max(1, repeats - 1)):
-            worst = max(worst, max_diff(first, run(model, x)))
+            worst = max(worst, _match(run(model, x), first, 0.0, 0.0).max_abs_diff)
             d.tick()
         check("deterministic on repeat", passed=worst <= atol, value=worst, threshold=atol,
               detail=f"max |difference| over {repeats} calls at batch {rows}")
@@ -205,8 +191,8 @@ def batch_consistency(model: Any, rows: int = 16) -> float:
         for i in range(n):
             alone = run(model, tuple(as_numpy(t)[i:i + 1] for t in x))
             part = tuple(o[i:i + 1] for o in whole)
-            worst = max(worst, max_diff(alone, part))
-            ok = ok and _close(alone, part, atol * 10, rtol * 10)
+            m = _match(alone, part, atol * 10, rtol * 10)
+            worst, ok = max(worst, m.max_abs_diff), ok and m.ok
             d.tick()
         check("batch consistency", passed=ok, value=worst, threshold=atol * 10,
               detail=f"each of {n} rows alone vs in one batch (rtol {rtol * 10:g})")

@@ -32,6 +32,9 @@ from kit.pack.integrity import check_archive
 from kit.pack.runtime import MANIFEST
 from kit.signing import Trust
 
+# how far an archive's answer to the stored example may be from the reference (float32 across environments)
+VERIFY_ATOL, VERIFY_RTOL = 1e-5, 1e-4
+
 log = logging.getLogger(__name__)
 
 
@@ -135,8 +138,11 @@ def _example(root: Path, model: str, version: int) -> tuple[Any, list[Any], list
 
 def predict_example(url: str, root: Path, model: str, versions: list[int], attempts: int = 20,
                     api_key: str | None = None) -> tuple[int, float]:
-    """POST a stored example; compare with the stored reference output of the version that answered."""
+    """POST a stored example; compare with the stored reference output of the version that answered (the one
+    rule, :func:`kit.backends.parity.compare`, within ``VERIFY_ATOL`` + ``VERIFY_RTOL`` x |reference|)."""
     import numpy as np
+
+    from kit.backends.parity import compare
 
     examples = {v: _example(root, model, v) for v in versions}
     x = examples[versions[0]][0]
@@ -153,16 +159,16 @@ def predict_example(url: str, root: Path, model: str, versions: list[int], attem
         _, refs, names = examples[v]
         outs = body["outputs"]
         got_all = [outs[n] for n in names] if isinstance(outs, dict) else [outs]
-        worst = 0.0
-        for got_raw, ref in zip(got_all, refs, strict=True):
-            got = np.asarray(got_raw, dtype=ref.dtype)
-            if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-4, atol=1e-5):
-                diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
-                raise PackError(f"{model}@{v} from the archive answered {got.shape} outputs differing from the "
-                                f"stored reference by {diff:.3g}; the packed environment computes differently.")
-            if ref.size:
-                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))))
-        return v, worst
+        if len(got_all) != len(refs):
+            raise PackError(f"{model}@{v} from the archive answered {len(got_all)} outputs where its stored reference "
+                            f"has {len(refs)}; the packed service is not the one registered.")
+        got = [np.asarray(g, dtype=r.dtype) for g, r in zip(got_all, refs)]
+        m = compare(got, refs, atol=VERIFY_ATOL, rtol=VERIFY_RTOL)
+        if not m.ok:
+            raise PackError(f"{model}@{v} from the archive answered outputs {[g.shape for g in got]} differing from "
+                            f"the stored reference by {m.max_abs_diff:.3g} (allowed {VERIFY_ATOL:g} + {VERIFY_RTOL:g} "
+                            "x |reference|); the packed environment computes differently.")
+        return v, m.max_abs_diff
     raise PackError(f"No answer from the production version after {attempts} requests to {url}/predict.")
 
 
