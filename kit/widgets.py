@@ -163,7 +163,7 @@ class RegistryPanel(widgets.VBox):
             f'<div style="font-size:15px"><b>{html.escape(name)}</b> '
             f'<span style="color:#57606a">&middot; {len(versions)} version(s) &middot; production {prod} '
             f'&middot; canary {canary}</span></div>'
-            f'<div style="color:#8c959f;font-size:11px">{html.escape(str(reg.root))} &middot; aliases.json serial '
+            f'<div style="color:#8c959f;font-size:11px">{html.escape(reg.location)} &middot; aliases.json serial '
             f"{a.serial}</div>"
         )
         note = guard_note(reg, name)

@@ -54,12 +54,7 @@ def pack_cmd(kit_ctx: Context, target: Path, out_dir: Path, force: bool, env_pre
     result: dict[str, object] = {}
     archive = target
     if target.is_dir():
-        registry = kit_ctx.config.registry if kit_ctx.registry_override else None
-        if isinstance(registry, str):  # kit.registry.remote: packing from a bucket is not built yet
-            from kit.errors import ConfigError
-
-            raise ConfigError(f"kit pack reads versions from a registry folder, and {registry} is an object store. "
-                              "Pack from the service's own registry folder (omit --registry) for now.")
+        registry = kit_ctx.config.registry if kit_ctx.registry_override else None  # a folder or s3://...
         res = pack(target, out_dir=out_dir, force=force, progress=say, env_prefix=env_prefix,
                    registry=registry, target_platform=target_platform, compresslevel=compresslevel,
                    keyring=kit_ctx.config.keyring(), include=include, exclude=exclude, compression=compression)

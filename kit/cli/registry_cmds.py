@@ -53,7 +53,7 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
     a = reg.aliases(mv.name)
     sig = Signature.from_dict(mv.signature)
     click.echo(f"{mv.ref}  {badges_text(a, mv.version)}".rstrip())
-    click.echo(f"  path:       {mv.path}")
+    click.echo(f"  path:       {reg.location}/{mv.path.relative_to(reg.root).as_posix()}")  # a bucket's URL
     click.echo(f"  created:    {mv.created}")
     click.echo(f"  sha256:     {mv.artifact_sha256}")
     click.echo(f"  signature:  {sig.describe()}")

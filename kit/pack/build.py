@@ -97,7 +97,8 @@ def _choose(prefix: Path, svc: ServiceInfo, include: tuple[str, ...], exclude: t
     s = envscan.scan(prefix)
     timings["inspect"] = time.monotonic() - t
     envscan.raise_problems(envscan.check_kit(s), s.prefix)
-    sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude))
+    sel = selecting.select(s, svc.backend, selecting.read_pack_settings(svc.directory, include, exclude),
+                           extras=("s3",) if isinstance(svc.registry, str) else ())  # a bucket: obstore too
     for line in selecting.report(sel):
         say(progress, line)
     timings["select"] = time.monotonic() - t - timings["inspect"]
@@ -161,7 +162,7 @@ def pack(
     force: bool = False,
     progress: Progress | None = None,
     env_prefix: Path | None = None,
-    registry: Path | None = None,
+    registry: Path | str | None = None,
     target_platform: str | None = None,
     compresslevel: int = 4,
     cache_dir: Path | None = None,
@@ -181,7 +182,8 @@ def pack(
         (each overridden refusal is recorded in the archive's manifest).
     progress : called with one line per step (and every 10% of the environment).
     env_prefix : the environment to pack; default: the one running this code.
-    registry : the registry to take models from; default: the one named in ``service.toml``.
+    registry : the registry to take models from (a folder or ``s3://bucket/prefix``); default: the one named
+        in ``service.toml``.
     target_platform : refuse unless the environment is for this platform (e.g. ``linux-x86_64``).
     compresslevel : compression level for the archive (gzip 1 fast .. 9 small; zstd the same numbers).
     compression : ``"gzip"`` (``.tar.gz``, every server unpacks it) or ``"zstd"`` (``.tar.zst``, every core:
@@ -197,8 +199,10 @@ def pack(
         raise PackError(f"unknown compression {compression!r}; use gzip or zstd.")
     t0 = time.monotonic()
     timings: dict[str, float] = {}
+    from kit.registry.storage import is_url
+
     svc = read_service(Path(service_dir))
-    reg_root = Path(registry).absolute() if registry is not None else svc.registry
+    reg_root = svc.registry if registry is None else registry if is_url(registry) else Path(registry).absolute()
     out_dir = Path(out_dir).absolute()
     cache_dir = (out_dir / ".layers") if cache_dir is None else Path(cache_dir)
     prefix = Path(env_prefix).absolute() if env_prefix is not None else envscan.running_prefix()
@@ -219,7 +223,7 @@ def pack(
         t = time.monotonic()
         kit_install, wheel_rel = _kit_wheel(s, stage, tmp, cache_dir, progress)
         timings["wheel"] = time.monotonic() - t
-        ctx, unit_check = stage_files(stage, svc, plan, reg_root, s, bind=bind, warnings=warnings)
+        ctx, unit_check = stage_files(stage, svc, plan, s, bind=bind, warnings=warnings)
         sizes = {part: _tree_bytes(stage / folder) for part, folder in (("service", "service"), ("models", "registry"))}
         files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
         doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,

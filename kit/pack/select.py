@@ -2,8 +2,9 @@
 
 The shipped set is the closure of the serving runtime's requirements, read from the installed metadata
 (``Requires-Dist``, markers evaluated, extras followed): kit's own requirements (without torch for an
-``onnxruntime`` service, which ships ``onnxruntime`` instead), plus ``include`` (a service's ``pack.toml``
-or ``kit pack --include``), minus ``exclude``. Everything else is left out, each with its reason: Jupyter,
+``onnxruntime`` service, which ships ``onnxruntime`` instead; with kit's ``s3`` extra, obstore, for a service
+whose registry is a bucket), plus ``include`` (a service's ``pack.toml`` or ``kit pack --include``), minus
+``exclude``. Everything else is left out, each with its reason: Jupyter,
 test and lint tools, browser drivers, torch under onnxruntime, ... The environment's own files that no
 distribution owns (the interpreter, its standard library, ``pyvenv.cfg``) always go in.
 
@@ -136,13 +137,14 @@ def closure(s: envscan.EnvScan, roots: list[Requirement]) -> dict[str, str]:
     return need
 
 
-def serving_roots(s: envscan.EnvScan, backend: str) -> list[Requirement]:
-    """kit's own runtime requirements for ``backend`` (no extras; onnxruntime instead of torch)."""
+def serving_roots(s: envscan.EnvScan, backend: str, extras: tuple[str, ...] = ()) -> list[Requirement]:
+    """kit's own runtime requirements for ``backend`` and kit's ``extras`` (onnxruntime instead of torch)."""
     kit_dist = s.dist("kit")
     if kit_dist is None:
         raise PackError(f"kit is not installed in {s.prefix}; nothing to serve with.")
     env: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
-    base = [r for r in _requires(s, kit_dist) if r.marker is None or r.marker.evaluate({**env, "extra": ""})]
+    base = [r for r in _requires(s, kit_dist)
+            if r.marker is None or any(r.marker.evaluate({**env, "extra": e}) for e in ("", *extras))]
     if backend == "onnxruntime":
         ort = next((n for n in ("onnxruntime-gpu", "onnxruntime") if s.dist(n) is not None), None)
         if ort is None:
@@ -190,13 +192,15 @@ def _top_modules(s: envscan.EnvScan, files: set[str]) -> tuple[str, ...]:
     return tuple(sorted(tops))
 
 
-def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettings()) -> Selection:
-    """The shipped set for a ``backend`` service and the paths that stay out (see the module docstring)."""
+def select(s: envscan.EnvScan, backend: str, settings: PackSettings = PackSettings(),
+           extras: tuple[str, ...] = ()) -> Selection:
+    """The shipped set for a ``backend`` service and the paths that stay out (see the module docstring);
+    ``extras``: kit's extras the service needs (``("s3",)`` when its registry is a bucket)."""
     missing = [n for n in settings.include if s.dist(n) is None]
     if missing:
         raise PackError(f"The shipped set's include (pack.toml or the pack call) names {', '.join(missing)}, not "
                         f"installed in {s.prefix}. Install it there or remove it from include.")
-    roots = serving_roots(s, backend) + [Requirement(n) for n in settings.include]
+    roots = serving_roots(s, backend, extras) + [Requirement(n) for n in settings.include]
     need = closure(s, roots)  # kit itself is shipped (as its wheel) without following all it requires
     files = owned_files(s)
     sizes = {n: _size(s.prefix, fs) for n, fs in files.items()}

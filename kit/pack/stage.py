@@ -26,7 +26,7 @@ from kit.signing import Keyring
 class ServiceInfo:
     name: str
     model: str
-    registry: Path
+    registry: Path | str  # a folder, or an s3://bucket/prefix URL
     directory: Path
     backend: str = "torch"  # [model] backend: what the workers run (decides the shipped set)
 
@@ -37,27 +37,32 @@ def read_service(service_dir: Path) -> ServiceInfo:
     if not (service_dir / SERVICE_FILE).is_file():
         raise PackError(f"{service_dir} has no service.toml, so it is not a generated service. Generate one "
                         "with `kit service generate NAME MODEL` (or `make demo`), then pack services/NAME.")
+    from kit.registry.storage import is_url
+
     doc = read_service_toml(service_dir, error=PackError)
-    reg = Path(doc["model"]["registry"])
-    if not reg.is_absolute():
-        reg = (service_dir / reg).resolve()
+    reg: Path | str = str(doc["model"]["registry"])
+    if not is_url(reg):
+        reg = Path(reg) if Path(reg).is_absolute() else (service_dir / reg).resolve()
     return ServiceInfo(doc["service"]["name"], doc["model"]["name"], reg, service_dir,
                        str(doc["model"].get("backend", "torch")))
 
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """The versions to ship: production, and the canary when there is one."""
+    """The versions to ship: production, and the canary when there is one, as ``registry`` verified them."""
 
     model: str
     aliases: Any  # kit.registry.Aliases
     versions: list[int]
     mvs: list[Any]  # kit.registry.ModelVersion, in ``versions`` order
     label: str  # v3, or v3-canary4
+    registry: Any = None  # the kit.registry.Registry they come from (a bucket's: its files in this host's copy)
 
 
-def plan_models(svc: ServiceInfo, reg_root: Path, keyring: Keyring | None) -> ModelPlan:
-    """The versions the aliases name, verified (sha256, signatures, safe to open) before anything is written."""
+def plan_models(svc: ServiceInfo, reg_root: Path | str, keyring: Keyring | None) -> ModelPlan:
+    """The versions the aliases name, verified (sha256, signatures, safe to open) before anything is written.
+    From a bucket (``s3://...``) each one is downloaded once per host into the local verified cache while
+    hashed, like a load, and linked into the registry's local copy that :func:`stage_models` packs."""
     from kit.backends.pt2.archive import check_version_files
     from kit.registry import Registry
 
@@ -72,8 +77,8 @@ def plan_models(svc: ServiceInfo, reg_root: Path, keyring: Keyring | None) -> Mo
                         f"would serve nothing. Promote one first: `kit promote {svc.model}@N`.")
     versions = [aliases.production] + ([aliases.canary] if aliases.canary not in (None, aliases.production) else [])
     mvs = [reg.get(svc.model, v) for v in versions]
-    for res in reg.verify(svc.model, None):
-        if int(res.ref.rsplit("@", 1)[1]) in versions and not res.ok:
+    for res in (r for v in versions for r in reg.verify(svc.model, v)):  # only what ships
+        if not res.ok:
             raise PackError(f"{res.ref} failed verification ({'; '.join(res.problems)}); it will not be shipped. "
                             f"Run `kit verify {res.ref}` and restore or re-register it.")
     for mv in mvs:  # what a server checks before torch reads a byte: no pickle, no code, bounded size
@@ -82,7 +87,7 @@ def plan_models(svc: ServiceInfo, reg_root: Path, keyring: Keyring | None) -> Mo
         except UnsafeArtifactError as exc:
             raise PackError(f"{mv.ref} will not be shipped: {exc}") from exc
     label = f"v{aliases.production}" + (f"-canary{aliases.canary}" if len(versions) > 1 else "")
-    return ModelPlan(svc.model, aliases, versions, mvs, label)
+    return ModelPlan(svc.model, aliases, versions, mvs, label, reg)
 
 
 def check_environment(s: envscan.EnvScan, plan: ModelPlan, *, force: bool, target_platform: str | None,
@@ -131,18 +136,30 @@ def copy_tree(src: Path, dest: Path, skip: Callable[[Path], bool] = lambda p: Fa
             shutil.copy2(p, target)
 
 
-def stage_models(registry_root: Path, model: str, versions: list[int], dest: Path) -> None:
-    src = registry_root / model
+def stage_models(reg: Any, model: str, versions: list[int], dest: Path) -> None:
+    """``model``'s part of the registry ``reg`` as a folder registry under ``dest``: aliases.json and the signed
+    move records (a guard-signed aliases.json is judged by the one before) read through its move storage,
+    the audit events, and the folders of ``versions`` as :func:`plan_models` verified them (from a bucket:
+    this host's copy, whose files are links into the local verified cache)."""
+    for v in versions:
+        reg.gate_results(model, v)  # a bucket's gate runs brought into this host's copy (a folder's: a read)
+    reg.history(model)  # ... and its event objects into its events.jsonl
+    src = reg.root / model
     out = dest / model
     out.mkdir(parents=True)
-    for fn in ("aliases.json", "events.jsonl"):
-        if (src / fn).is_file():
-            shutil.copy2(src / fn, out / fn)
-    if (src / "moves").is_dir():  # the signed move records: a guard-signed aliases.json is judged by the one before
-        copy_tree(src / "moves", out / "moves", skip=lambda p: p.name.startswith("."))
+    moves = reg.movelog(model).storage
+    pointer = moves.read_pointer()
+    if pointer is not None:
+        (out / "aliases.json").write_bytes(pointer)
+    for serial in moves.serials():
+        if (record := moves.read(serial)) is not None:
+            (out / "moves").mkdir(exist_ok=True)
+            (out / "moves" / moves.path(serial).name).write_bytes(record)
+    if (src / "events.jsonl").is_file():
+        shutil.copy2(src / "events.jsonl", out / "events.jsonl")
     for v in versions:
-        copy_tree(src / "versions" / str(v), out / "versions" / str(v),
-                   skip=lambda p: p.name.startswith((".tmp", ".lock")))
+        copy_tree(src / "versions" / str(v), out / "versions" / str(v),  # no hidden name is part of a version
+                  skip=lambda p: p.name.startswith("."))
 
 
 def git_source(path: Path) -> dict[str, Any]:
@@ -181,14 +198,14 @@ def check_unit(unit_text: str, root: Path) -> str | None:
     return out or "ok"
 
 
-def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, reg_root: Path, s: envscan.EnvScan, *,
+def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvScan, *,
                 bind: str, warnings: list[str]) -> tuple[dict[str, Any], str | None]:
     """Copy the service and models into ``stage``, render run.sh and the systemd unit (checked when
     systemd-analyze is here). Returns (the template context, the unit check's output or None)."""
     from kit.servicegen import app_target  # here, not at the top: run.sh's `kit.pack verify` needs no jinja2
 
     copy_tree(svc.directory, stage / "service")
-    stage_models(reg_root, svc.model, plan.versions, stage / "registry")
+    stage_models(plan.registry, svc.model, plan.versions, stage / "registry")
     ctx = dict(service=svc.name, label=plan.label, kit_version=kit_version, kind=s.kind,
                app=app_target(stage / "service"),  # app:app, or wsgi:app for a folder an older Kit generated
                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -298,7 +298,7 @@ class AliasMoves(CheckedStore):
             head = ml.head()
             pointer = ml.storage.read_pointer()
             if head is None and not ml.storage.serials() and pointer is not None and not _parses(pointer):
-                ml.storage.pointer.unlink()  # never moved, and the file is garbage: no state at all
+                ml.storage.remove_pointer()  # never moved, and the file is garbage: no state at all
                 self._event(name, "aliases_repair", user=user, serial=0)
                 return Aliases()
             if head is None:

@@ -129,12 +129,18 @@ class CheckedStore(Store):
         check_place(meta, name, version, mv.path / "meta.json")  # never re-sign a copy for a new place
         key = self.keyring.signer()
         with self.lock(name):
-            if data != self._meta_bytes(name, version):
-                atomic_write_bytes(mv.path / "meta.json", data)
-            sign_file(mv.path / "meta.json", key, data=data)
+            self._write_signed_meta(name, version, data, key)
             self._event(name, "sign", version=mv.version, key_id=key.key_id,
                         artifact_sha256=mv.artifact_sha256)
         return key.key_id
+
+    def _write_signed_meta(self, name: str, version: int, data: bytes, key: Any) -> None:
+        """Store ``data`` as ``name@version``'s meta.json (when it changed) with its signature by ``key``;
+        callers hold the model lock (an object-store registry also uploads both)."""
+        vdir = self.version_dir(name, version)
+        if data != self._meta_bytes(name, version):
+            atomic_write_bytes(vdir / "meta.json", data)
+        sign_file(vdir / "meta.json", key, data=data)
 
     def load(self, name: str, ref: int | str | None = None, *, backend: str = "torch", check_env: bool = True,
              max_artifact_bytes: int | None = None, threads: int = 0, device: str = "cpu",

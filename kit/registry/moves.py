@@ -118,6 +118,10 @@ class MoveStorage:
     def write_pointer(self, data: bytes) -> None:
         atomic_write_bytes(self.pointer, data)
 
+    def remove_pointer(self) -> None:
+        """Remove aliases.json (a repair of one that never held a move)."""
+        self.pointer.unlink(missing_ok=True)
+
     def sweep(self, older_than: float = 60.0) -> int:
         """Remove temporary files of killed writers (``moves/.<serial>.*.tmp``, ``.aliases.json.*.tmp``);
         callers hold the model's lock."""

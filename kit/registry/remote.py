@@ -46,8 +46,8 @@ from kit.errors import (
 )
 from kit.evidence import RESULT_FILE
 from kit.progress import Steps
+from kit.registry.aliases import AliasMoves
 from kit.registry.cache import VersionCache, default_cache_dir, safe_file_name
-from kit.registry.integrity import CheckedStore
 from kit.registry.loaded import VerifiedVersion
 from kit.registry.moves import MAX_RECORD_BYTES, MoveStorage
 from kit.registry.names import is_version_text, validate_name
@@ -123,8 +123,13 @@ class ObjectMoveStorage(MoveStorage):
     def write_pointer(self, data: bytes) -> None:
         self.storage.put(f"{self.name}/aliases.json", data)
 
+    def remove_pointer(self) -> None:
+        self.storage.delete(f"{self.name}/aliases.json")
+        self._pointer = None
+        super().remove_pointer()
 
-class ObjectStoreMixin(CheckedStore):
+
+class ObjectStoreMixin(AliasMoves):
     """The :class:`kit.registry.store.Store` methods that differ on an object store (module docstring).
 
     Placed before :class:`kit.registry.Registry` in a subclass's bases; everything else (signature checks,
@@ -262,7 +267,7 @@ class ObjectStoreMixin(CheckedStore):
         return VerifyResult(ref, True, (), vv.signed_by)
 
     def verified(self, name: str, ref: int | str | None = None) -> VerifiedVersion:
-        """:meth:`CheckedStore.verified`, and the version's files made whole in this host's copy: streamed
+        """:meth:`kit.registry.integrity.CheckedStore.verified`, and the version's files made whole in this host's copy: streamed
         into the local verified cache while hashed (once per host), then linked beside the mirrored meta.json,
         so what checks and gate notebooks read from :attr:`root` is a whole, verified folder registry."""
         vv = super().verified(name, ref)
@@ -327,9 +332,54 @@ class ObjectStoreMixin(CheckedStore):
         self._sync_gates(name, version)
         return super()._gate_problem(name, version, gate, artifact_sha256)
 
+    # ---- signing in place, and the guard keys' registrations: written here, then uploaded
     def sign_version(self, name: str, version: int) -> str:
-        raise KitError(f"Signing an existing version in place is not built for a registry in a bucket "
-                       f"({self.url}); register {name} again where your key is.")
+        """:meth:`kit.registry.integrity.CheckedStore.sign_version` over this host's copy: the version's files are streamed from the
+        bucket into it while hashed, checked against meta.json and signed there; meta.json (when it gained its
+        name and version) and its signature are then uploaded."""
+        version = self._resolve_number(name, version)
+        mv = self._parse_meta(name, version, self._meta_bytes(name, version))
+        for fname in sorted(mv.files):
+            if not safe_file_name(fname):
+                continue  # named as a problem by the check that follows
+            tmp = mv.path / f".{fname}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                self.storage.download(self._key(mv.path / fname), tmp, MAX_FILE_BYTES)
+                os.replace(tmp, mv.path / fname)
+            except FileNotFoundError:
+                (mv.path / fname).unlink(missing_ok=True)  # the check names it missing
+            finally:
+                tmp.unlink(missing_ok=True)
+        return super().sign_version(name, version)
+
+    def _write_signed_meta(self, name: str, version: int, data: bytes, key: Any) -> None:
+        super()._write_signed_meta(name, version, data, key)
+        meta = self.version_dir(name, version) / "meta.json"
+        got = self.storage.get(self._key(meta), MAX_META_BYTES)
+        if got is None or got.data != data:  # meta.json first: until its signature follows, it reads unsigned
+            self.storage.put(self._key(meta), data)
+        self.storage.put(self._key(meta) + SIG_SUFFIX, (meta.parent / (meta.name + SIG_SUFFIX)).read_bytes())
+
+    def register_guard_key(self, name: str, public_key: str, *, service: str, steps: list[float],
+                           user: str | None = None) -> Path:
+        """The signed registration written as in a folder, then uploaded: writers on any host delegate to it."""
+        path = super().register_guard_key(name, public_key, service=service, steps=steps, user=user)
+        self.storage.put(self._key(path), path.read_bytes())
+        return path
+
+    def guard_keys(self, name: str) -> dict[str, Any]:
+        """The bucket's guard key registrations of ``name`` (this host's copy made the same first: added,
+        replaced, and removed where the bucket no longer has one), checked as in a folder."""
+        folder = self.model_dir(name) / "guards"
+        keys = {k.rsplit("/", 1)[-1]: k for k in self.storage.list_keys(f"{validate_name(name)}/guards/")}
+        for local in folder.glob("*.json") if folder.is_dir() else []:
+            if local.name not in keys:
+                local.unlink(missing_ok=True)
+        for fname, key in keys.items():
+            got = self.storage.get(key, MAX_RECORD_BYTES) if safe_file_name(fname) and key.count("/") == 2 else None
+            if got is not None:
+                atomic_write_bytes(folder / fname, got.data)
+        return super().guard_keys(name)
 
     # ---- writing
     def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any, steps: Steps) -> int:

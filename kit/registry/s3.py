@@ -26,6 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from kit._io import ensure_free_space, storage_errors
 from kit.errors import ConfigError, RegistryCorruptError, StorageError
 from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
 
@@ -192,7 +193,8 @@ class S3Storage:
     def download(self, key: str, dst: Path, max_bytes: int, progress: Progress | None = None) -> tuple[str, int]:
         """Stream ``key`` into the new file ``dst`` (0600, fsync'd) while hashing it; (sha256, size).
         ``FileNotFoundError`` when absent, ``ValueError`` past ``max_bytes`` (refused by its announced size
-        before a byte is read, and again while reading)."""
+        before a byte is read, and again while reading), ``StorageError`` when ``dst``'s disk cannot hold it
+        (checked against the announced size first, as every write of a known size is)."""
         import obstore
         from obstore.exceptions import NotFoundError
 
@@ -202,8 +204,10 @@ class S3Storage:
             total = int(res.meta["size"])
             if total > max_bytes:
                 raise ValueError(f"{key} is {total} bytes, over {max_bytes}")
+            what = f"{self.describe()}/{key} (a download)"
+            ensure_free_space(dst.parent, total, what)  # a full disk refuses it whole, before a byte is written
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with storage_errors(dst.parent, what, total), os.fdopen(fd, "wb") as f:
                 for chunk in _prefetched(iter(res.stream(min_chunk_size=_CHUNK)), h.update):
                     size += len(chunk)
                     if size > max_bytes:
@@ -215,7 +219,7 @@ class S3Storage:
                 os.fsync(f.fileno())
         except (NotFoundError, FileNotFoundError) as exc:
             raise FileNotFoundError(f"{self.describe()}/{key}") from exc
-        except (ValueError, OSError):
+        except (ValueError, OSError, StorageError):
             raise
         except Exception as exc:
             raise self._fail("download", key, exc) from exc
