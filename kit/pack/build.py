@@ -41,6 +41,7 @@ from kit.pack._tar import SUFFIX, TarMember
 from kit.pack.layer import editable_kit_files, env_layer
 from kit.pack.runtime import MANIFEST
 from kit.pack.stage import (
+    ModelPlan,
     ServiceInfo,
     _render,
     check_environment,
@@ -51,7 +52,7 @@ from kit.pack.stage import (
     stage_files,
 )
 from kit.pack.wheel import build_kit_wheel, cached_kit_install
-from kit.signing import Keyring
+from kit.signing import Keyring, SigningKey
 
 __all__ = ["PackResult", "ServiceInfo", "_render", "build_kit_wheel", "check_unit", "pack", "read_service"]
 
@@ -155,6 +156,24 @@ def _write_archive(archive: Path, layer: Path, stage: Path, stem: str, doc: dict
     return checked
 
 
+def _stage(stage: Path, tmp: Path, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvScan, sel: selecting.Selection,
+           shipped_fp: dict[str, Any], *, stem: str, cache_dir: Path, bind: str, warnings: list[str],
+           forced: list[str], signer: SigningKey | None, progress: Progress | None, timings: dict[str, float]
+           ) -> tuple[Path | None, dict[str, int], dict[str, Any]]:
+    """Kit's wheel, the service and the models into ``stage``; (kit's install, part sizes, the manifest)."""
+    t = time.monotonic()
+    kit_install, wheel_rel = _kit_wheel(s, stage, tmp, cache_dir, progress)
+    timings["wheel"] = time.monotonic() - t
+    ctx, unit_check = stage_files(stage, svc, plan, s, bind=bind, warnings=warnings)
+    sizes = {part: _tree_bytes(stage / folder) for part, folder in (("service", "service"), ("models", "registry"))}
+    files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+    doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,
+                   warnings=warnings, forced=forced, unit_check=unit_check,
+                   signed_by=signer.key_id if signer is not None else None, selection=sel.to_dict(),
+                   env=shipped_fp)
+    return kit_install, sizes, doc
+
+
 def pack(
     service_dir: Path,
     *,
@@ -220,16 +239,9 @@ def pack(
         tmp = Path(tmp_s)
         stage = tmp / "stage"
         stage.mkdir()
-        t = time.monotonic()
-        kit_install, wheel_rel = _kit_wheel(s, stage, tmp, cache_dir, progress)
-        timings["wheel"] = time.monotonic() - t
-        ctx, unit_check = stage_files(stage, svc, plan, s, bind=bind, warnings=warnings)
-        sizes = {part: _tree_bytes(stage / folder) for part, folder in (("service", "service"), ("models", "registry"))}
-        files = {str(p.relative_to(stage)): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
-        doc = manifest(svc=svc, plan=plan, s=s, stem=stem, created=ctx["created"], files=files, wheel_rel=wheel_rel,
-                       warnings=warnings, forced=forced, unit_check=unit_check,
-                       signed_by=signer.key_id if signer is not None else None, selection=sel.to_dict(),
-                       env=shipped_fp)
+        kit_install, sizes, doc = _stage(stage, tmp, svc, plan, s, sel, shipped_fp, stem=stem, cache_dir=cache_dir,
+                                         bind=bind, warnings=warnings, forced=forced, signer=signer,
+                                         progress=progress, timings=timings)
 
         # -- the environment layer, then the archive
         t = time.monotonic()
