@@ -33,7 +33,7 @@ def _plant(reg: Registry, version: int, payload, marker) -> None:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("unsafe")
-    reg = Registry(root / "registry", require_gate=True, user="attacker")
+    reg = Registry(root / "registry", require_gate=True, user="attacker", keyring=None)  # signatures off (docstring)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     for _ in range(3):
