@@ -12,7 +12,8 @@ these checks then hold the candidate to production:
 - **latency**: candidate and production called alternately in rounds (A B, then B A), so load hits both
   alike; the candidate's fastest call may take at most ``max_ratio`` times production's fastest, or (so
   that sub-millisecond models are not failed by noise) at most that plus ``slack_ms``; load only adds
-  time, so the fastest of many calls is each side's own cost; on a breach up to 3 more sets of rounds join
+  time, so the fastest of many calls is each side's own cost. The median of the per-round ratios is the
+  second estimate: a breach counts only when both see it. On a breach up to 3 more sets of rounds join
   the sample (within the check's budget) and the verdict is on them all;
 - **quality** (with ``data``): accuracy, or the user's metric, no worse than production's by ``margin``;
 - **memory**: the size of the served artifact (``model.pt2`` or ``model.onnx``: weights and graph) as a
@@ -105,7 +106,7 @@ class LatencyComparison:
 
     @property
     def round_ratio(self) -> float:
-        """The median over rounds of candidate / production (the rule before the fastest calls; reported)."""
+        """The median over rounds of candidate / production: each round's two calls ran back to back."""
         return float(np.median([c / p if p > 0 else float("inf") for c, p in self._pairs()]))
 
     @property
@@ -114,16 +115,33 @@ class LatencyComparison:
         return self.fastest("candidate") - self.max_ratio * self.fastest("production")
 
     @property
-    def passed(self) -> bool:
-        """Within the ratio, or (sub-millisecond models, whose ratios are noise) within the slack."""
+    def round_excess_ms(self) -> float:
+        """The median over rounds of candidate - ``max_ratio`` x production (ms)."""
+        return float(np.median([c - self.max_ratio * p for c, p in self._pairs()]))
+
+    @property
+    def fastest_passed(self) -> bool:
         return self.ratio <= self.max_ratio or self.excess_ms <= self.slack_ms
+
+    @property
+    def rounds_passed(self) -> bool:
+        return self.round_ratio <= self.max_ratio or self.round_excess_ms <= self.slack_ms
+
+    @property
+    def passed(self) -> bool:
+        """A breach is one only when both estimates see it, each within the ratio or (sub-millisecond models,
+        whose ratios are noise) the slack. Noise fools each in its own way: one preempted thread moves the
+        median round's ratio (a busy runner), and on a crowded one where a quiet moment is rare, which side's
+        fastest call caught one is luck. A real slowdown moves both (benchmarks/gate_under_load.py)."""
+        return self.fastest_passed or self.rounds_passed
 
     def detail(self) -> str:
         return (f"fastest call {self.fastest('candidate'):.3f} ms vs production {self.fastest('production'):.3f} ms "
                 f"(median {self.median('candidate'):.3f} vs {self.median('production'):.3f}, p95 "
-                f"{self.p95('candidate'):.3f} vs {self.p95('production'):.3f}), {self.rounds} interleaved rounds; "
-                f"passes within {self.max_ratio:g}x, or when the candidate's fastest - {self.max_ratio:g}x "
-                f"production's ({self.excess_ms:.3f} ms) is within {self.slack_ms:g} ms")
+                f"{self.p95('candidate'):.3f} vs {self.p95('production'):.3f}), {self.rounds} interleaved rounds, "
+                f"median round ratio {self.round_ratio:.3f}; passes within {self.max_ratio:g}x, or when the candidate "
+                f"- {self.max_ratio:g}x production ({self.excess_ms:.3f} ms fastest, {self.round_excess_ms:.3f} ms "
+                f"median round) is within {self.slack_ms:g} ms, by either the fastest calls or the median round")
 
 
 def compare_latency(candidate_ms: Sequence[float], production_ms: Sequence[float], *, batch: int = 1,

@@ -70,9 +70,13 @@ def test_latency_ratio_judges_the_fastest_calls_with_a_slack():
     # the candidate's fastest - 1.25 x production's fastest: 9.9 - 11.875
     assert same.excess_ms == pytest.approx(9.9 - 1.25 * 9.5)
     slow = compare.compare_latency([30.0, 31.0, 28.5, 30.0, 30.5], prod, batch=8)
-    assert not slow.passed and slow.ratio == pytest.approx(3.0)
+    assert not slow.passed and slow.ratio == pytest.approx(3.0) and slow.round_ratio > 1.25
     assert "fastest call 28.500 ms vs production 9.500 ms" in slow.detail() and "5 interleaved rounds" in slow.detail()
-    assert "median 30.000 vs 10.000" in slow.detail() and "(16.625 ms) is within 0.25 ms" in slow.detail()
+    assert "median 30.000 vs 10.000" in slow.detail() and "(16.625 ms fastest" in slow.detail()
+    # a crowded runner where production's calls caught the rare quiet moments and the candidate's did not: the
+    # fastest calls say 1.6x, the rounds (each pair back to back) say 1.0x; a breach counts only when both see it
+    lucky = compare.compare_latency([8.0, 16.0, 15.0, 17.0, 16.5], [5.0, 16.5, 14.5, 17.5, 16.0])
+    assert not lucky.fastest_passed and lucky.rounds_passed and lucky.passed
     # a sub-millisecond model: 0.05 ms vs 0.02 ms is 2.5x but inside the slack, so noise cannot fail it
     tiny = compare.compare_latency([0.05] * 5, [0.02] * 5)
     assert tiny.ratio == pytest.approx(2.5) and tiny.passed
@@ -262,4 +266,4 @@ def test_a_latency_breach_gets_more_rounds_in_the_same_sample():
     assert not slow.passed and slow.rounds == 20 and slow.ratio > 2.5
     # no time left in the check's budget: no rounds are added
     spent = compare._measure(_sleeper([3.0]), _sleeper([1.0]), 5, record.Deadline("latency", 0.02), 1, 1.25, 0.25)
-    assert not spent.passed and spent.rounds == 5
+    assert not spent.passed and spent.rounds <= 5  # (the deadline may stop the first set early too)
