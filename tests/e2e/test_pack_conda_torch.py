@@ -3,7 +3,8 @@ torch, numpy and every runtime dependency of kit, kit installed from its wheel, 
 and serving the real generated Kit service from another directory after the prefix, the registry and the
 service are gone: run.sh's start-up checks (first start, later start), the stored example answered from the
 unpacked environment's python and torch. (Its own file so that make test's per-file workers run it beside
-test_pack_conda.py: it is the suite's longest single test.)
+test_pack_conda.py: it is the suite's longest single test, ~2.5 CPU-minutes on a fresh clone.) It runs in the
+environment-build tier with the container image test; the conda mechanics without torch stay in make test.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from kit.pack.verify import extract, start_unpacked, wait_ready
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 import conda_env  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# The environment-build tier (`make test-image`, with the container image): CI runs it when its inputs change
+# (.ci/image-key: kit/pack, kit/templates, the environment, this file and tests/fixtures/conda_env.py).
+pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
