@@ -61,7 +61,7 @@ test-image: $(STAMP) ## the environment builds: the container image (kit pack --
 # the key recorded by the last passing `make test-image`; `make test-image` runs them on demand.
 test-image-if-changed: $(STAMP)
 	@if [ "$$(.ci/image-key)" = "$$(cat .ci/image-tested 2>/dev/null)" ]; then \
-	  echo "test-image: skipped, its inputs (kit/pack, kit/templates, environment.yml, pyproject.toml, the test) are unchanged since it last passed (.ci/image-tested); run make test-image to force it"; \
+	  echo "test-image: skipped, its inputs (kit/pack, kit/templates, environment.yml, pyproject.toml, the tests; .ci/image-key) are unchanged since it last passed (.ci/image-tested); run make test-image to force it"; \
 	else $(MAKE) test-image; fi
 
 typecheck: $(STAMP) ## mypy over kit/ (types on public functions; CI runs it)
