@@ -15,7 +15,8 @@ Keys live outside the registry and outside every archive, in a key folder (``kit
 
 A key id is the first 16 hex digits of the sha256 of the raw public key. Verifiers hold a
 :class:`Trust` (public keys only: ``[trust] public_keys`` in ``service.toml``, ``trusted_keys`` in
-``kit.toml``); a :class:`Keyring` bundles the signing key (made on first use) with that trust.
+``kit.toml``); a :class:`Keyring` bundles the signing key (made on first use; parallel first runs sharing
+an empty folder end with one key, see :meth:`KeyStore.first`) with that trust.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit._io import atomic_write_bytes, atomic_write_json, read_capped
+from kit._io import atomic_write_bytes, atomic_write_json, file_mode, fsync_dir, read_capped
 from kit.errors import SignatureError, SigningKeyError
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,34 @@ class KeyStore:
         return f"KeyStore({str(self.root)!r})"
 
     def new(self, *, make_default: bool = True) -> SigningKey:
-        """Make a key pair (private key 0600 in a 0700 folder); returns it."""
+        """Make a key pair (private key 0600 in a 0700 folder); returns it. It becomes the default key when
+        ``make_default`` or when the folder has none."""
+        key = self._write_pair()
+        if make_default:
+            atomic_write_bytes(self.root / "default", (key.key_id + "\n").encode())
+        else:
+            self._claim_default(key.key_id)
+        return key
+
+    def first(self) -> tuple[SigningKey, bool]:
+        """The default key, made when the folder has none; True when this call made it.
+
+        Parallel first runs sharing an empty folder each make a pair, but exactly one becomes the default
+        (``default`` is created by a hard link, which fails when it exists); the others delete theirs and
+        return the winner's key, so every process signs with the same key and one key file stays."""
+        key = self.default()
+        if key is not None:
+            return key, False
+        mine = self._write_pair()
+        winner = self._claim_default(mine.key_id)
+        if winner == mine.key_id:
+            return mine, True
+        for path in (mine.path, self.root / f"{mine.key_id}.pub"):
+            path.unlink(missing_ok=True)
+        log.info("another process made signing key %s first; removed %s", winner, mine.path)
+        return SigningKey.load(self.root / f"{winner}.pem"), False
+
+    def _write_pair(self) -> SigningKey:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -269,10 +297,32 @@ class KeyStore:
             f.flush()
             os.fsync(f.fileno())
         atomic_write_bytes(self.root / f"{pub.key_id}.pub", (pub.text() + "\n").encode())
-        if make_default or self.default_id() is None:
-            atomic_write_bytes(self.root / "default", (pub.key_id + "\n").encode())
         log.info("made signing key %s at %s", pub.key_id, priv_path)
         return SigningKey.load(priv_path)
+
+    def _claim_default(self, key_id: str) -> str:
+        """Make ``key_id`` the default unless the folder has one; returns the default's id. The id is written
+        whole to a temporary file, then hard-linked to ``default`` (an atomic create-if-absent). An empty
+        ``default`` (written by hand) is replaced, as before."""
+        target = self.root / "default"
+        tmp = self.root / f".default.{key_id}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())  # as atomic_write_bytes
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write((key_id + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                winner = self.default_id()
+                if winner is not None:
+                    return winner
+                os.replace(tmp, target)
+            fsync_dir(self.root)
+            return key_id
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def key_ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -348,11 +398,12 @@ class Keyring:
             if key is None:
                 if not self.create:
                     raise SigningKeyError(f"No signing key in {self.store.root}. Make one with `kit keys new`.")
-                key = self.store.new()
-                self.created = key
-                log.warning("kit: made a signing key for this project: %s (private key %s, mode 0600; keep it "
-                            "out of the registry and back it up). Services trust its public key %s.",
-                            key.key_id, key.path, key.public.text())
+                key, made = self.store.first()
+                if made:
+                    self.created = key
+                    log.warning("kit: made a signing key for this project: %s (private key %s, mode 0600; keep "
+                                "it out of the registry and back it up). Services trust its public key %s.",
+                                key.key_id, key.path, key.public.text())
             self._signer = key
         else:
             raise SigningKeyError("Nothing to sign with: this registry has only public keys (a service's trust). "
