@@ -14,17 +14,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kit._types import JSONObject
+
 _TD = "padding:2px 10px;vertical-align:top"
 DATA_PARAMS = ("data", "capture", "metric", "output")  # parameters that name what the gate looked at
 
 
-def _table(rows: Iterable[tuple[str, Any]]) -> str:
+def _table(rows: Iterable[tuple[str, object]]) -> str:
     body = "".join(f"<tr><th style='{_TD};text-align:left;color:#57606a;font-weight:normal'>{html.escape(k)}</th>"
                    f"<td style='{_TD}'>{v}</td></tr>" for k, v in rows)
     return f"<table style='border-collapse:collapse;font-family:sans-serif;margin:0 0 8px 0'>{body}</table>"
 
 
-def _esc(v: Any) -> str:
+def _esc(v: object) -> str:
     return "-" if v is None or v == "" else html.escape(str(v))
 
 
@@ -33,7 +35,7 @@ def _specs(specs: Iterable[Mapping[str, Any]]) -> str:
                        f"[{', '.join(str(d) for d in s.get('shape', []))}]" for s in specs) or "-"
 
 
-def _onnx(rec: Any) -> str:
+def _onnx(rec: object) -> str:
     """capture.onnx in words: exported (opset, parity) or why not."""
     if not isinstance(rec, Mapping):
         return "not recorded (registered before Kit exported ONNX)"
@@ -43,7 +45,7 @@ def _onnx(rec: Any) -> str:
     return f"not exported: {_esc(rec.get('reason'))}"
 
 
-def read_meta(run_dir: Path) -> dict[str, Any] | None:
+def read_meta(run_dir: Path) -> JSONObject | None:
     """The version's meta.json for a run folder (``versions/<n>/gates/<run-id>``), None if unreadable."""
     try:
         meta = json.loads((Path(run_dir).parent.parent / "meta.json").read_text())

@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from kit._types import Array
 from kit.gate import metrics, suite
 from kit.gate.record import Deadline, check, step
-from kit.registry.loaded import as_numpy
+from kit.registry.loaded import LoadedModel, as_numpy
+from kit.signature import TensorSpec
 
 MAX_LATENCY_RATIO = 1.25
 LATENCY_SLACK_MS = 0.25
@@ -52,7 +53,7 @@ _EXTENSIONS = 3  # a latency breach is measured with up to this many more sets o
 # --------------------------------------------------------------------------- pure functions
 
 
-def interleave(call_a: Callable[[], Any], call_b: Callable[[], Any], rounds: int,
+def interleave(call_a: Callable[[], object], call_b: Callable[[], object], rounds: int,
                deadline: Deadline | None = None) -> tuple[list[float], list[float]]:
     """Milliseconds of ``rounds`` calls of each, alternated A B, B A, ... so drifting load hits both alike.
     Stops early (after at least one round) when ``deadline`` is spent; its step then reports the overrun."""
@@ -167,7 +168,7 @@ def _classes(x: np.ndarray) -> bool:
     return x.dtype.kind == "f" and x.ndim >= 2 and x.shape[-1] > 1
 
 
-def agreement(candidate: Sequence[Any], production: Sequence[Any], *, min_agreement: float = MIN_AGREEMENT,
+def agreement(candidate: Sequence[Array], production: Sequence[Array], *, min_agreement: float = MIN_AGREEMENT,
               max_deviation: float = MAX_DEVIATION) -> Agreement:
     """The worst output's agreement. Classification-shaped outputs: the fraction of rows whose argmax over
     the last dim is the same; integer/bool outputs: the fraction of equal elements; other float outputs:
@@ -218,11 +219,11 @@ def no_worse(candidate: float, production: float, margin: float, higher_is_bette
 # --------------------------------------------------------------------------- the recorded checks
 
 
-def _spec(s: Any) -> str:
+def _spec(s: TensorSpec) -> str:
     return str(s.describe()) if hasattr(s, "describe") else str(s)
 
 
-def signature(model: Any, production: Any) -> bool:
+def signature(model: LoadedModel, production: LoadedModel) -> bool:
     """The candidate takes and returns what production does (names, dtypes, dims): clients keep working."""
     with step("signature vs production"):
         mine = [_spec(s) for s in (*model.signature.inputs, *model.signature.outputs)]
@@ -235,7 +236,7 @@ def signature(model: Any, production: Any) -> bool:
     return same
 
 
-def outputs_agree(model: Any, production: Any, *, rows: int = 64, data: str | Path | None = None,
+def outputs_agree(model: LoadedModel, production: LoadedModel, *, rows: int = 64, data: str | Path | None = None,
                   base: str | Path | None = None, min_agreement: float = MIN_AGREEMENT,
                   max_deviation: float = MAX_DEVIATION) -> Agreement | None:
     """Candidate and production on the same inputs (``data`` when given, else rows made from the example)."""
@@ -250,8 +251,8 @@ def outputs_agree(model: Any, production: Any, *, rows: int = 64, data: str | Pa
             inputs = suite.make_inputs(model, n, seed=8)
             where = f"{n} rows made from the example"
         step_rows = max(1, min(256, int(model.signature.max_batch)))
-        cand: list[tuple[Any, ...]] = []
-        prod: list[tuple[Any, ...]] = []
+        cand: list[tuple[Array, ...]] = []
+        prod: list[tuple[Array, ...]] = []
         for i in range(0, n, step_rows):
             chunk = tuple(t[i:i + step_rows] for t in inputs)
             cand.append(suite.run(model, chunk))
@@ -266,7 +267,7 @@ def outputs_agree(model: Any, production: Any, *, rows: int = 64, data: str | Pa
     return result
 
 
-def _rounds_that_fit(call: Callable[[], Any], want: int, d: Deadline) -> int:
+def _rounds_that_fit(call: Callable[[], object], want: int, d: Deadline) -> int:
     """Rounds of two calls that fit in about half of what is left of the budget (at least a few)."""
     t = time.perf_counter()
     for _ in range(_WARMUP):  # warm-up, as a service does before it takes traffic
@@ -275,7 +276,7 @@ def _rounds_that_fit(call: Callable[[], Any], want: int, d: Deadline) -> int:
     return max(_MIN_ROUNDS, min(int(want), int(d.left() * 0.5 / (2 * per_call))))
 
 
-def _measure(cand: Callable[[], Any], prod: Callable[[], Any], k: int, d: Deadline, rows: int, max_ratio: float,
+def _measure(cand: Callable[[], object], prod: Callable[[], object], k: int, d: Deadline, rows: int, max_ratio: float,
              slack_ms: float) -> LatencyComparison:
     """``k`` interleaved rounds; a breach must hold up: up to ``_EXTENSIONS`` times ``k`` more rounds join the
     same sample while the budget allows. More calls only bring each side's fastest closer to its own cost, so a
@@ -291,7 +292,7 @@ def _measure(cand: Callable[[], Any], prod: Callable[[], Any], k: int, d: Deadli
     return cmp
 
 
-def latency(model: Any, production: Any, *, batch_n: int = 64, rounds: int = 50,
+def latency(model: LoadedModel, production: LoadedModel, *, batch_n: int = 64, rounds: int = 50,
             max_ratio: float = MAX_LATENCY_RATIO, slack_ms: float = LATENCY_SLACK_MS) -> list[LatencyComparison]:
     """Candidate vs production, interleaved, at batch 1 and at batch ``batch_n`` (capped by the max batch)."""
     n = max(1, min(int(batch_n), int(model.signature.max_batch))) if "batch" in suite.dim_ranges(model) else 1
@@ -301,10 +302,10 @@ def latency(model: Any, production: Any, *, batch_n: int = 64, rounds: int = 50,
             x_c = suite.make_inputs(model, rows, seed=seed)
             x_p = suite.native(production, [as_numpy(t) for t in x_c])
 
-            def cand(x: Any = x_c) -> Any:
+            def cand(x: tuple[Array, ...] = x_c) -> object:
                 return model(*x)
 
-            def prod(x: Any = x_p) -> Any:
+            def prod(x: tuple[Array, ...] = x_p) -> object:
                 return production(*x)
 
             _rounds_that_fit(prod, rounds, d)  # production's warm-up
@@ -319,7 +320,7 @@ def latency(model: Any, production: Any, *, batch_n: int = 64, rounds: int = 50,
     return out
 
 
-def _score(model: Any, inputs: Sequence[Any], labels: np.ndarray | None, metric: str,
+def _score(model: LoadedModel, inputs: Sequence[Array], labels: np.ndarray | None, metric: str,
            output: str | int | None, base: str | Path | None) -> float | None:
     out = suite.predict(model, inputs, output)
     if metric:
@@ -327,7 +328,7 @@ def _score(model: Any, inputs: Sequence[Any], labels: np.ndarray | None, metric:
     return None if labels is None else metrics.accuracy(out, labels)
 
 
-def quality(model: Any, production: Any, data: str | Path, *, metric: str = "", output: str | int | None = None,
+def quality(model: LoadedModel, production: LoadedModel, data: str | Path, *, metric: str = "", output: str | int | None = None,
             margin: float = ACCURACY_MARGIN, lower_is_better: bool = False,
             base: str | Path | None = None) -> tuple[float, float] | None:
     """Accuracy (or ``metric``) on ``data`` no worse than production's by more than ``margin``."""
@@ -350,7 +351,7 @@ def quality(model: Any, production: Any, data: str | Path, *, metric: str = "", 
     return scores
 
 
-def artifact_bytes(model: Any) -> int:
+def artifact_bytes(model: LoadedModel) -> int:
     """Bytes of the file that serves (``model.onnx`` on onnxruntime, else ``model.pt2``), as loaded."""
     from kit.version_files import MODEL_FILE, ONNX_DATA_FILE, ONNX_FILE
 
@@ -359,7 +360,7 @@ def artifact_bytes(model: Any) -> int:
     return sum((folder / f).stat().st_size for f in names if (folder / f).is_file())
 
 
-def memory(model: Any, production: Any, *, max_ratio: float = MAX_MEMORY_RATIO) -> float:
+def memory(model: LoadedModel, production: LoadedModel, *, max_ratio: float = MAX_MEMORY_RATIO) -> float:
     """The served artifact's size (weights and graph) as a ratio of production's."""
     ratio = float("inf")
     with step("memory vs production"):
@@ -372,7 +373,7 @@ def memory(model: Any, production: Any, *, max_ratio: float = MAX_MEMORY_RATIO) 
     return ratio
 
 
-def against(model: Any, production: Any | None, *, data: str | Path | None = None, batch_n: int = 64,
+def against(model: LoadedModel, production: LoadedModel | None, *, data: str | Path | None = None, batch_n: int = 64,
             rounds: int = 50, max_latency_ratio: float = MAX_LATENCY_RATIO, latency_slack_ms: float = LATENCY_SLACK_MS,
             min_agreement: float = MIN_AGREEMENT, max_deviation: float = MAX_DEVIATION,
             accuracy_margin: float = ACCURACY_MARGIN, max_memory_ratio: float = MAX_MEMORY_RATIO,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kit._io import atomic_write_text
+from kit._types import JSONObject
 from kit.evidence import (
     GATES_DIR,
     REPORT_FILE,
@@ -56,7 +57,7 @@ class Check:
     detail: str | None = None
     notebook: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return dataclasses.asdict(self)
 
     @classmethod
@@ -117,13 +118,13 @@ class GateResult:
     error: str | None
     seconds: float
     started: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-    kernel: dict[str, Any] = field(default_factory=dict)
+    params: JSONObject = field(default_factory=dict)
+    kernel: JSONObject = field(default_factory=dict)
     registry_root: Path | None = None
     backend: str = "torch"  # what loaded the model in the notebooks: the backend this verdict is about
     files: dict[str, str] = field(default_factory=dict)  # evidence file name -> sha256, as the gate copied it
     # what the candidate was compared with: {"version", "artifact_sha256", "note"} (version None: nothing)
-    baseline: dict[str, Any] = field(default_factory=dict)
+    baseline: JSONObject = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -141,7 +142,7 @@ class GateResult:
                 pass
         return str(p)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         """What result.json holds. Paths are relative to the registry root."""
         return {
             "schema": SCHEMA,
@@ -176,9 +177,9 @@ def result_bytes(result: GateResult) -> bytes:
     return (json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[JSONObject]:
     """The records a notebook appended (``<notebook>.checks.jsonl``); a torn last line is skipped."""
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -216,7 +217,7 @@ def checks_html(checks: Sequence[Check], *, with_notebook: bool = False) -> str:
 
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     if v is None:
         return ""
     if isinstance(v, float):

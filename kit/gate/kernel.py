@@ -28,7 +28,7 @@ def _kernel_manager_class(kernel_name: str, log_path: Path) -> type:
 
     class GateKernelManager(AsyncKernelManager):
         @property
-        def kernel_spec(self) -> Any:
+        def kernel_spec(self) -> KernelSpec | None:
             if private:
                 if self._kernel_spec is None:
                     self._kernel_spec = KernelSpec(

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import SupportsFloat
 
 import numpy as np
 
@@ -38,7 +38,8 @@ def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((pred.astype(np.int64) == labels.astype(np.int64)).mean())
 
 
-def resolve_metric(spec: str, base: str | Path | None = None) -> Callable[..., Any]:
+def resolve_metric(spec: str, base: str | Path | None = None
+                   ) -> Callable[[np.ndarray, np.ndarray | None], SupportsFloat]:
     """``"module:function"`` or ``"path/to/file.py:function"`` (relative to ``base``) -> the function.
     A module is imported as installed, or from ``base`` (the project the gate was started in)."""
     mod_name, sep, fn_name = spec.rpartition(":")

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kit._types import JSONObject
 from kit.errors import GateError
 
 # Parameters run_gate fills in (only where the notebook declares them): the registry, model and version
@@ -38,13 +39,13 @@ def gate_backend(params: Mapping[str, Any], backend: str | None = None) -> str:
     return str(chosen)
 
 
-def parse_params(items: Sequence[str]) -> dict[str, Any]:
+def parse_params(items: Sequence[str]) -> JSONObject:
     """``["min_accuracy=0.9", "data=/tmp/x.npz"]`` -> ``{"min_accuracy": 0.9, "data": "/tmp/x.npz"}``.
 
     The one rule for every face (``%deploy --param``, ``kit validate -p``, the panel): see
     :func:`parse_value`. A key must be a Python identifier; a key given twice is an error.
     """
-    out: dict[str, Any] = {}
+    out: JSONObject = {}
     for item in items:
         key, sep, raw = str(item).partition("=")
         key = key.strip()

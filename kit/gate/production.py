@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kit._types import JSONObject
 from kit.errors import GateError, KitError
 from kit.version_files import ONNX_FILE
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.registry.records import ModelVersion
 
 PRODUCTION_PARAM = "production_version"
 
@@ -27,7 +32,7 @@ class Baseline:
     artifact_sha256: str | None
     note: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"version": self.version, "artifact_sha256": self.artifact_sha256, "note": self.note}
 
     def line(self, name: str) -> str:
@@ -36,7 +41,7 @@ class Baseline:
         return f"compared with: production {name}@{self.version} sha256 {str(self.artifact_sha256)[:12]}"
 
 
-def require_artifact(mv: Any, backend: str) -> None:
+def require_artifact(mv: ModelVersion, backend: str) -> None:
     """Refuse at once (before any kernel starts) a version that lacks the backend's artifact."""
     if backend == "onnxruntime" and ONNX_FILE not in mv.files:
         why = (mv.capture.get("onnx") or {}).get("error") if isinstance(mv.capture, Mapping) else None
@@ -45,7 +50,7 @@ def require_artifact(mv: Any, backend: str) -> None:
                         + ". Gate it on torch, or register it again with ONNX export on.")
 
 
-def resolve(registry: Any, mv: Any, backend: str) -> Baseline:
+def resolve(registry: Registry, mv: ModelVersion, backend: str) -> Baseline:
     """Production as the gate process sees it (verified), if it is another version loadable on ``backend``."""
     from kit.registry.integrity import file_problems
 

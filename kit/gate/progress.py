@@ -38,7 +38,7 @@ def describe(rec: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _num(v: Any) -> str:
+def _num(v: object) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 

@@ -13,14 +13,17 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kit.errors import GateError
 from kit.gate.evidence import GATES_DIR, REPORT_FILE, RESULT_FILE, GateResult, result_bytes
 from kit.signing import sig_path, signature_record
 
+if TYPE_CHECKING:
+    from kit.registry import Registry
 
-def publish(registry: Any, result: GateResult, work: Path, run_dir: Path) -> GateResult:
+
+def publish(registry: Registry, result: GateResult, work: Path, run_dir: Path) -> GateResult:
     """Copy the private run folder's evidence into ``run_dir`` in the registry, then the signature and
     ``result.json`` made from the same bytes in memory (result.json last: its presence means the run is
     whole). The result names every copied file's sha256, so its signature covers the evidence too."""
@@ -88,7 +91,7 @@ class _RegistryFolder:
     def __enter__(self) -> _RegistryFolder:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             os.fsync(self.fd)  # the renames are durable before the gate reports its verdict
         finally:

@@ -15,12 +15,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit._io import append_line
+from kit._types import JSONObject
 from kit.errors import GateError
 from kit.gate.evidence import Check, _fmt, _text_table, checks_html
 from kit.registry.names import is_sha256_hex
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.registry.loaded import LoadedModel
+    from kit.registry.records import ModelVersion
 
 
 def kit_location() -> str:
@@ -68,7 +74,7 @@ class Deadline:
             raise BudgetExceeded(f"{self.name} ran past its time budget of {self.budget_s:g}s")
 
 
-def set_budget(seconds: Any) -> float:
+def set_budget(seconds: object) -> float:
     """Set the time budget of every following :func:`step` (the notebook's ``check_budget_s``)."""
     global _budget_s
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
@@ -105,7 +111,7 @@ def step(name: str, budget_s: float | None = None) -> Iterator[Deadline]:
         _append(_run.records, {"kind": "end", "step": name, "seconds": seconds})
 
 
-def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, detail: Any = None) -> None:
+def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, detail: object = None) -> None:
     """Record one check and print it as one line (``✓ PASS  accuracy = 0.97 (threshold 0.9)``).
 
     ``value`` and ``threshold`` are the evidence (numbers, strings, or anything with ``.item()``);
@@ -123,7 +129,7 @@ def check(name: str, passed: Any, *, value: Any = None, threshold: Any = None, d
     print(("✓ " if c.passed else "✗ ") + c.line(), flush=True)
 
 
-def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
+def artifact(model_version_or_sha: LoadedModel | ModelVersion | str, *, backend: str | None = None) -> str:
     """Record which artifact this notebook loaded (a loaded model, a ``ModelVersion`` or its sha256), and
     with which backend (``model.backend``: ``"torch"`` or ``"onnxruntime"``).
 
@@ -139,7 +145,7 @@ def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
         raise GateError(f"gate.artifact needs a loaded model, a ModelVersion or a sha256 hex string, got "
                         f"{model_version_or_sha!r}.")
     ref = getattr(mv, "ref", None)
-    signed = {"signed_by": model_version_or_sha.signed_by} if mv is loaded else {}
+    signed = {"signed_by": getattr(model_version_or_sha, "signed_by", None)} if mv is loaded else {}
     if _run is not None:
         _append(_run.records, {"kind": "artifact", "sha256": sha, "ref": ref, **signed,
                                **({"backend": backend} if backend else {})})
@@ -148,7 +154,7 @@ def artifact(model_version_or_sha: Any, *, backend: str | None = None) -> str:
     return sha
 
 
-def baseline(loaded: Any) -> str:
+def baseline(loaded: LoadedModel) -> str:
     """Record the production version a notebook compares the candidate with (a loaded model).
 
     run_gate fails the run when it is not the production version the gate resolved, or (with a keyring)
@@ -181,7 +187,7 @@ def running_under_gate() -> bool:
     return _run is not None
 
 
-def open_registry(root: str | Path = "") -> Any:
+def open_registry(root: str | Path = "") -> Registry:
     """The registry a validation notebook loads the gated version from (a :class:`kit.registry.Registry`).
 
     Under :func:`run_gate` it verifies ``meta.json``'s signature against the gate's own trusted keys (given
@@ -212,7 +218,7 @@ def _begin_run(records: str, notebook: str, run_id: str, trust: Sequence[str] = 
                            "kit": kit_location()})
 
 
-def _append(path: Path, rec: dict[str, Any]) -> None:
+def _append(path: Path, rec: JSONObject) -> None:
     append_line(path, json.dumps(rec, sort_keys=True, allow_nan=False))
 
 
@@ -234,7 +240,7 @@ class CheckTable:
 
 
 
-def _as_bool(name: Any, passed: Any) -> bool:
+def _as_bool(name: object, passed: Any) -> bool:
     if hasattr(passed, "item") and callable(passed.item):  # numpy.bool_, 0-d tensors
         try:
             passed = passed.item()

@@ -18,9 +18,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit._io import atomic_write_text, sha256_file
+from kit._types import JSONObject
 from kit.errors import GateError, KitError
 from kit.gate import production as _baseline
 from kit.gate.evidence import (
@@ -40,6 +41,12 @@ from kit.gate.progress import Follower
 from kit.gate.publish import publish
 from kit.gate.record import kit_location
 
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
+
+    from kit.registry import Registry
+    from kit.registry.records import ModelVersion
+
 log = logging.getLogger(__name__)
 
 # Inside the package (package-data), so an installed kit has it; `kit init` copies it into a project.
@@ -56,7 +63,7 @@ def _utc_stamp() -> tuple[str, str]:
             now.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
 
 
-def _load_notebook(path: Path) -> Any:
+def _load_notebook(path: Path) -> NotebookNode:
     import nbformat
 
     if not path.is_file():
@@ -71,7 +78,8 @@ def _load_notebook(path: Path) -> Any:
     return nb
 
 
-def _prepare(nb: Any, records: Path, label: str, run_id: str, trust: Sequence[str] = ()) -> tuple[Any, dict[str, int]]:
+def _prepare(nb: NotebookNode, records: Path, label: str, run_id: str, trust: Sequence[str] = ()
+             ) -> tuple[NotebookNode, dict[str, int]]:
     """A copy of ``nb`` with cell ids and the setup cell that points kit.gate at ``records`` (and gives it the
     public keys :func:`kit.gate.open_registry` verifies the version against)."""
     import copy
@@ -105,8 +113,8 @@ def _prepare(nb: Any, records: Path, label: str, run_id: str, trust: Sequence[st
 
 @dataclass
 class _Culprit:
-    nb: Any  # the executed notebook as saved
-    cell: Any  # the cell in it that failed
+    nb: NotebookNode  # the executed notebook as saved
+    cell: NotebookNode  # the cell in it that failed
     position: int | None  # 1-based position of that cell in the source notebook (None: kit's setup cell)
 
     @property
@@ -162,7 +170,7 @@ def _mark_failure(executed: Path, found: _Culprit, headline: str, ename: str, ev
 
 
 def _run_one(
-    src: Path, nb: Any, executed: Path, records: Path, kernel_log: Path, params: dict[str, Any],
+    src: Path, nb: NotebookNode, executed: Path, records: Path, kernel_log: Path, params: JSONObject,
     kernel_name: str, timeout: float, run_id: str, trust: Sequence[str] = (),
 ) -> tuple[str, str | None, int | None, str | None, str | None]:
     """Run one notebook; returns (status, error, cell, ename, evalue). Never raises for a verdict."""
@@ -241,7 +249,7 @@ def evidence_problems(records: Sequence[Mapping[str, Any]], ref: str, artifact_s
 
 
 def run_gate(
-    registry: Any,
+    registry: Registry,
     name: str,
     version: int | str,
     notebooks: Sequence[str | Path] | None = None,
@@ -320,7 +328,7 @@ def run_gate(
     return result
 
 
-def _verified(registry: Any, name: str, version: int | str) -> Any:
+def _verified(registry: Registry, name: str, version: int | str) -> ModelVersion:
     """The version to gate, as verified: meta.json read once, its signature checked (with a keyring), the
     ModelVersion parsed from those bytes, then every file's sha256 against it. The artifact sha256 the
     signed result names is that one, never a second read of meta.json a writer could have swapped."""
@@ -339,8 +347,8 @@ def _verified(registry: Any, name: str, version: int | str) -> Any:
     return mv
 
 
-def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params: Mapping[str, Any] | None,
-          backend: str | None, base: Baseline) -> tuple[str, dict[str, Any], list[tuple[Path, Any, dict[str, Any]]]]:
+def _plan(registry: Registry, mv: ModelVersion, notebooks: Sequence[str | Path] | None, params: Mapping[str, Any] | None,
+          backend: str | None, base: Baseline) -> tuple[str, JSONObject, list[tuple[Path, NotebookNode, JSONObject]]]:
     """(backend, the caller's params, [(notebook, its node, its params)]): every notebook read and its
     parameters checked before any runs (GateError otherwise)."""
     paths = [Path(p).expanduser().resolve() for p in (notebooks or [DEFAULT_NOTEBOOK])]
@@ -376,7 +384,7 @@ def _plan(registry: Any, mv: Any, notebooks: Sequence[str | Path] | None, params
 class _GateRun:
     """One gate run's private state: what the notebooks recorded, read once from the private folder."""
 
-    mv: Any
+    mv: ModelVersion
     backend: str
     kernel: str
     timeout: float
@@ -387,14 +395,14 @@ class _GateRun:
     started: str = ""
     checks: list[Check] = field(default_factory=list)
     runs: list[NotebookRun] = field(default_factory=list)
-    kernels: list[dict[str, Any]] = field(default_factory=list)
+    kernels: list[JSONObject] = field(default_factory=list)
     stems: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         stamp, self.started = _utc_stamp()
         self.run_id = f"{stamp}-{uuid.uuid4().hex[:6]}"
 
-    def run(self, work: Path, src: Path, nb: Any, params: dict[str, Any], step: str) -> None:
+    def run(self, work: Path, src: Path, nb: NotebookNode, params: JSONObject, step: str) -> None:
         """Run one notebook in ``work`` and judge what it recorded."""
         mv, stem = self.mv, src.stem
         while stem in self.stems:
@@ -434,7 +442,7 @@ class _GateRun:
                  f"({sum(c.passed for c in nb_checks)} passed) in {seconds:.1f}s")
         log.info("gate %s: %s %s in %.1fs", self.run_id, src.name, status, seconds)
 
-    def result(self, work: Path, params: dict[str, Any], seconds: float) -> GateResult:
+    def result(self, work: Path, params: JSONObject, seconds: float) -> GateResult:
         """The verdict, from this run's private state only (its paths still in ``work``)."""
         passed = bool(self.runs) and all(r.ok for r in self.runs)
         errors = [r.error for r in self.runs if r.error]

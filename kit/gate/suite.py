@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from kit._types import Array
 from kit.backends.parity import Match, compare
 from kit.errors import GateError
 from kit.gate.metrics import accuracy, resolve_metric, under
 from kit.gate.record import Deadline, check, step
-from kit.registry.loaded import as_numpy
+from kit.registry.loaded import LoadedModel, as_numpy
 
 LABELS = "labels"
 _EVAL_CHUNK = 256  # rows per forward when scoring data: bounded memory whatever the model's max batch
@@ -42,11 +43,11 @@ _MAX_DIM_TRY = 4096  # a dynamic dim is tried up to here (a range to 2**31 would
 # --------------------------------------------------------------------------- model-agnostic helpers
 
 
-def backend_of(model: Any) -> str:
+def backend_of(model: LoadedModel) -> str:
     return str(getattr(model, "backend", "torch"))
 
 
-def native(model: Any, arrays: Sequence[Any]) -> tuple[Any, ...]:
+def native(model: LoadedModel, arrays: Sequence[Array]) -> tuple[Array, ...]:
     """numpy arrays as the backend takes them: tensors for torch, contiguous arrays for onnxruntime."""
     if backend_of(model) == "onnxruntime":
         return tuple(np.ascontiguousarray(a) for a in arrays)
@@ -55,7 +56,7 @@ def native(model: Any, arrays: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
 
 
-def outputs_of(model: Any, out: Any) -> tuple[Any, ...]:
+def outputs_of(model: LoadedModel, out: Any) -> tuple[Array, ...]:
     """A model's output as a tuple of tensors in the signature's order (tensor, tuple or dict)."""
     if isinstance(out, Mapping):
         names = [s.name for s in model.signature.outputs]
@@ -66,13 +67,13 @@ def outputs_of(model: Any, out: Any) -> tuple[Any, ...]:
     return (out,)
 
 
-def run(model: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
+def run(model: LoadedModel, inputs: Sequence[Array]) -> tuple[Array, ...]:
     """Call the model and flatten what it returns (tensors detached, on the CPU; or numpy arrays)."""
     outs = outputs_of(model, model(*native(model, inputs)))
     return tuple(t.detach().cpu() if hasattr(t, "detach") else t for t in outs)
 
 
-def tolerances(model: Any) -> tuple[float, float]:
+def tolerances(model: LoadedModel) -> tuple[float, float]:
     """(atol, rtol) recorded at capture (the parity the backend's artifact was held to)."""
     if callable(getattr(model, "tolerance", None)):
         return model.tolerance()
@@ -80,7 +81,7 @@ def tolerances(model: Any) -> tuple[float, float]:
     return float(parity.get("atol", 1e-5)), float(parity.get("rtol", 1e-4))
 
 
-def dim_ranges(model: Any) -> dict[str, tuple[int, int]]:
+def dim_ranges(model: LoadedModel) -> dict[str, tuple[int, int]]:
     """The signature's named dims and their inclusive ranges; ``batch`` alone for older signatures."""
     sig = model.signature
     dims = getattr(sig, "dims", None)
@@ -90,22 +91,22 @@ def dim_ranges(model: Any) -> dict[str, tuple[int, int]]:
     return {"batch": (1, int(sig.max_batch))} if batched else {}
 
 
-def _match(a: Sequence[Any], b: Sequence[Any], atol: float, rtol: float) -> Match:
+def _match(a: Sequence[Array], b: Sequence[Array], atol: float, rtol: float) -> Match:
     """Outputs ``a`` against the reference ``b`` by the one rule (:func:`kit.backends.parity.compare`)."""
     return compare([as_numpy(x) for x in a], [as_numpy(y) for y in b], atol=atol, rtol=rtol)
 
 
-def _same_shapes(a: Sequence[Any], b: Sequence[Any]) -> bool:
+def _same_shapes(a: Sequence[Array], b: Sequence[Array]) -> bool:
     return len(a) == len(b) and all(as_numpy(x).shape == as_numpy(y).shape for x, y in zip(a, b))
 
 
-def _nonfinite(x: Any) -> int:
+def _nonfinite(x: Array) -> int:
     a = as_numpy(x)
     return int((~np.isfinite(a)).sum()) if a.dtype.kind in "fc" else 0
 
 
-def make_inputs(model: Any, rows: int, *, sizes: Mapping[str, int] | None = None,
-                seed: int = 0) -> tuple[Any, ...]:
+def make_inputs(model: LoadedModel, rows: int, *, sizes: Mapping[str, int] | None = None,
+                seed: int = 0) -> tuple[Array, ...]:
     """Inputs of ``rows`` rows made from the stored example, every dynamic dim at ``sizes[name]``.
 
     Rows are drawn (the same rows for every input, so ids and their mask stay paired); a dim grown
@@ -134,7 +135,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the checks
 
 
-def parity(model: Any) -> float:
+def parity(model: LoadedModel) -> float:
     """The stored example still gives the stored reference output (within the capture's tolerance)."""
     atol, rtol = tolerances(model)
     worst = float("inf")
@@ -149,7 +150,7 @@ def parity(model: Any) -> float:
     return worst
 
 
-def determinism(model: Any, repeats: int = 3, rows: int = 8) -> float:
+def determinism(model: LoadedModel, repeats: int = 3, rows: int = 8) -> float:
     """The same input gives the same output on every call."""
     atol, _ = tolerances(model)
     rows = max(1, min(rows, int(model.signature.max_batch)))
@@ -166,7 +167,7 @@ def determinism(model: Any, repeats: int = 3, rows: int = 8) -> float:
     return worst
 
 
-def finite(model: Any, rows: int = 64) -> int:
+def finite(model: LoadedModel, rows: int = 64) -> int:
     """No NaN or inf in the outputs, on the example and on ``rows`` rows made from it."""
     n = max(1, min(rows, int(model.signature.max_batch)))
     bad = -1
@@ -178,7 +179,7 @@ def finite(model: Any, rows: int = 64) -> int:
     return bad
 
 
-def batch_consistency(model: Any, rows: int = 16) -> float:
+def batch_consistency(model: LoadedModel, rows: int = 16) -> float:
     """Each row's answer does not depend on the rows batched with it (the service batches requests)."""
     if "batch" not in dim_ranges(model):
         return 0.0
@@ -199,7 +200,7 @@ def batch_consistency(model: Any, rows: int = 16) -> float:
     return worst
 
 
-def _p95_ms(model: Any, inputs: Sequence[Any], repeats: int, d: Deadline | None = None) -> tuple[float, int]:
+def _p95_ms(model: LoadedModel, inputs: Sequence[Array], repeats: int, d: Deadline | None = None) -> tuple[float, int]:
     """(p95 ms, calls timed): after a warm-up, as many of ``repeats`` calls as fit in half of what is left
     of the step's budget (at least 5)."""
     t = time.perf_counter()
@@ -215,7 +216,7 @@ def _p95_ms(model: Any, inputs: Sequence[Any], repeats: int, d: Deadline | None 
     return float(np.percentile(times, 95)), n
 
 
-def _within(model: Any, inputs: Sequence[Any], repeats: int, budget: float, d: Deadline | None = None
+def _within(model: LoadedModel, inputs: Sequence[Array], repeats: int, budget: float, d: Deadline | None = None
             ) -> tuple[float, int, int]:
     """(p95 ms, calls, rounds): a breach must reproduce. A second round is measured only when the first
     breaks the budget, and the better one counts: a scheduler hiccup on a shared machine is not the model."""
@@ -225,7 +226,7 @@ def _within(model: Any, inputs: Sequence[Any], repeats: int, budget: float, d: D
     return min(p, _p95_ms(model, inputs, repeats, d)[0]), n, 2
 
 
-def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float | None = None,
+def latency(model: LoadedModel, *, batch_n: int = 64, max_p95_ms_batch1: float | None = None,
             max_p95_ms_batch_n: float | None = None, repeats: int = 50) -> tuple[float | None, float | None]:
     """p95 of single calls at batch 1 and at batch ``batch_n`` (capped by the max batch) against the
     absolute budgets the user set (ms). There is no default budget: a batch size without one is not
@@ -246,7 +247,7 @@ def latency(model: Any, *, batch_n: int = 64, max_p95_ms_batch1: float | None = 
     return results[0], results[1]
 
 
-def _threads(model: Any) -> str:
+def _threads(model: LoadedModel) -> str:
     """How many intra-op threads the backend runs with, in words."""
     if backend_of(model) == "onnxruntime":
         n = model.module.session.get_session_options().intra_op_num_threads
@@ -256,7 +257,7 @@ def _threads(model: Any) -> str:
     return f"{torch.get_num_threads()} threads"
 
 
-def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
+def dynamic_dims(model: LoadedModel, rows: int = 1) -> dict[str, list[int]]:
     """Every named dim other than the batch runs at its minimum, the example's value and its maximum,
     with finite outputs whose dims of that name follow it."""
     sig = model.signature
@@ -279,7 +280,7 @@ def dynamic_dims(model: Any, rows: int = 1) -> dict[str, list[int]]:
     return tried
 
 
-def _dim_problems(model: Any, name: str, v: int, rows: int) -> list[str]:
+def _dim_problems(model: LoadedModel, name: str, v: int, rows: int) -> list[str]:
     """What is wrong with the model's answer at ``name = v`` (nothing: [])."""
     try:
         outs = run(model, make_inputs(model, rows, sizes={name: v}, seed=6))
@@ -296,7 +297,7 @@ def _dim_problems(model: Any, name: str, v: int, rows: int) -> list[str]:
     return problems
 
 
-def wrong_shape(model: Any) -> str:
+def wrong_shape(model: LoadedModel) -> str:
     """An input of the wrong shape is refused with an error, not answered.
 
     A static dim of the first input that has one is made one longer; a model whose dims are all
@@ -327,8 +328,8 @@ def wrong_shape(model: Any) -> str:
 # --------------------------------------------------------------------------- quality on the user's data
 
 
-def load_data(model: Any, path: str | Path, base: str | Path | None = None
-              ) -> tuple[tuple[Any, ...], np.ndarray | None]:
+def load_data(model: LoadedModel, path: str | Path, base: str | Path | None = None
+              ) -> tuple[tuple[Array, ...], np.ndarray | None]:
     """An ``.npz`` whose arrays are named like the inputs, plus optional ``labels`` (never unpickled).
     A relative ``path`` is read in ``base`` (the gate's ``caller_dir``), else in the working directory."""
     p = under(base, path)
@@ -362,7 +363,7 @@ def load_data(model: Any, path: str | Path, base: str | Path | None = None
     return tensors, labels
 
 
-def _output_index(model: Any, output: str | int | None) -> int:
+def _output_index(model: LoadedModel, output: str | int | None) -> int:
     names = [s.name for s in model.signature.outputs]
     if output in (None, ""):
         return 0
@@ -373,7 +374,7 @@ def _output_index(model: Any, output: str | int | None) -> int:
     raise GateError(f"output={output!r} is not one of the model's outputs ({', '.join(names)}).")
 
 
-def predict(model: Any, inputs: Sequence[Any], output: str | int | None = None) -> np.ndarray:
+def predict(model: LoadedModel, inputs: Sequence[Array], output: str | int | None = None) -> np.ndarray:
     """One output over all rows of ``inputs``, in chunks (bounded memory)."""
     k = _output_index(model, output)
     n = int(inputs[0].shape[0])
@@ -382,7 +383,7 @@ def predict(model: Any, inputs: Sequence[Any], output: str | int | None = None) 
     return np.concatenate([as_numpy(p) for p in parts])
 
 
-def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: float = 0.9,
+def quality(model: LoadedModel, data: str | Path, *, metric: str = "", min_accuracy: float = 0.9,
             min_metric: float | None = None, max_metric: float | None = None,
             output: str | int | None = None, base: str | Path | None = None) -> float | None:
     """A quality check on the user's data (``data``: .npz, arrays named like the inputs + ``labels``).
@@ -419,7 +420,7 @@ def quality(model: Any, data: str | Path, *, metric: str = "", min_accuracy: flo
         return acc
 
 
-def run_all(model: Any, *, data: str | Path | None = None, batch_n: int = 64,
+def run_all(model: LoadedModel, *, data: str | Path | None = None, batch_n: int = 64,
             max_p95_ms_batch1: float | None = None, max_p95_ms_batch_n: float | None = None,
             latency_repeats: int = 50, **quality_args: Any) -> None:
     """Every check of the candidate alone, in the default notebook's order (for scripts and tests); the

@@ -19,7 +19,7 @@ KIT = Path(__file__).resolve().parents[2] / "kit"
 # Module-name prefixes per layer, most specific first. Every module of kit/ must match one (a new module
 # gets a layer when it is written). ``kit`` itself is the notebook extension's entry point: a shell.
 LAYERS: tuple[tuple[str, str], ...] = (
-    ("kit._version", "core"),
+    ("kit._version", "core"), ("kit._types", "core"),
     ("kit.errors", "core"), ("kit._io", "core"), ("kit.config", "core"), ("kit.signing", "core"),
     ("kit.capture", "core"), ("kit._capture_shapes", "core"), ("kit._capture_io", "core"),
     ("kit.signature", "core"), ("kit.env", "core"),
