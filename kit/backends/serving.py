@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kit import backends
+from kit._types import Array
 from kit.errors import ConfigError, ServingError
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.registry.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[tuple[Any, ...]], tuple[Any, ...]]
+Forward = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
 
 
-def load_for_serving(registry: Any, model: str, version: int, *, backend: str, device: str, threads: int,
+def load_for_serving(registry: Registry, model: str, version: int, *, backend: str, device: str, threads: int,
                      check_env: bool, max_artifact_bytes: int | None,
-                     max_tensor_bytes: int = 0) -> tuple[Any, Forward]:
+                     max_tensor_bytes: int = 0) -> tuple[LoadedModel, Forward]:
     """(verified LoadedModel, its numpy ``forward``), the reference output checked. Off the request path.
 
     ``Registry.load`` verifies meta.json from one read and maps the version from the registry's local
@@ -44,8 +49,8 @@ def load_for_serving(registry: Any, model: str, version: int, *, backend: str, d
     return loaded, forward
 
 
-def _load(registry: Any, model: str, version: int, *, backend: str, device: str, threads: int,
-          check_env: bool, max_artifact_bytes: int | None, max_tensor_bytes: int) -> tuple[Any, Forward]:
+def _load(registry: Registry, model: str, version: int, *, backend: str, device: str, threads: int,
+          check_env: bool, max_artifact_bytes: int | None, max_tensor_bytes: int) -> tuple[LoadedModel, Forward]:
     try:
         impl = backends.get(backend).module()
     except ConfigError as exc:
@@ -59,7 +64,7 @@ def _load(registry: Any, model: str, version: int, *, backend: str, device: str,
     return loaded, impl.forward(loaded, device)
 
 
-def prune_cache(registry: Any, model: str) -> None:
+def prune_cache(registry: Registry, model: str) -> None:
     """After a load, bound the service's verified cache (``kit.registry.cache``): entries of versions the
     aliases no longer name, unused for a day, go. Best effort: a failure is logged, never raised."""
     try:
@@ -71,14 +76,14 @@ def prune_cache(registry: Any, model: str) -> None:
         log.info("pruned %d cached version(s) of %s: %s", len(removed), model, ", ".join(p.name[:12] for p in removed))
 
 
-def warm_up(forward: Forward, loaded: Any, rows: int) -> None:
+def warm_up(forward: Forward, loaded: LoadedModel, rows: int) -> None:
     """One forward pass at ``rows`` rows (the stored example repeated), so that the first big dynamic batch
     pays no first-call cost."""
     examples = [as_numpy(x) for x in loaded.example_inputs]
     forward(tuple(np.ascontiguousarray(a[[i % a.shape[0] for i in range(rows)]]) for a in examples))
 
 
-def as_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Array) -> np.ndarray:
     """A numpy array from a numpy array or a torch tensor (CPU or CUDA; bfloat16 becomes float32)."""
     if isinstance(x, np.ndarray):
         return x

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kit import backends
 from kit.serving import control
@@ -27,6 +27,7 @@ from kit.serving.slots import ModelSlots
 
 if TYPE_CHECKING:
     from kit.registry import Registry
+    from kit.serving.testing import AsgiTestClient
 
 log = logging.getLogger("kit.serving.app")
 
@@ -88,7 +89,7 @@ class KitAsgiApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def test_client(self) -> Any:
+    def test_client(self) -> AsgiTestClient:
         """A synchronous client without a server (:class:`kit.serving.testing.AsgiTestClient`)."""
         from kit.serving.testing import AsgiTestClient
 

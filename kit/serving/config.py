@@ -24,6 +24,7 @@ from kit.registry.names import is_sha256_hex
 if TYPE_CHECKING:
     from kit.serving.guard_stats import GuardSettings
     from kit.serving.recorder import CaptureSettings
+    from kit.signing import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _api_keys(keys: tuple[str, ...], path: Path, environ: Mapping[str, str]) -> 
     return tuple(keys)
 
 
-def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[str, str]) -> JwtSettings | None:
+def _jwt_settings(table: Mapping[str, Any], path: Path, service_dir: Path, environ: Mapping[str, str]) -> JwtSettings | None:
     """Check ``[auth.jwt]`` beyond its declared types and ranges (no key material is read here:
     :mod:`kit.serving.security` does that)."""
     where = f"{path}: [auth.jwt]"
@@ -207,7 +208,7 @@ def _jwt_settings(table: Any, path: Path, service_dir: Path, environ: Mapping[st
     return JwtSettings(**v)
 
 
-def _trusted_keys(keys: list[Any], path: Path) -> tuple[str, ...]:
+def _trusted_keys(keys: list[object], path: Path) -> tuple[str, ...]:
     from kit.errors import SigningKeyError
     from kit.signing import Trust
 
@@ -218,7 +219,7 @@ def _trusted_keys(keys: list[Any], path: Path) -> tuple[str, ...]:
     return tuple(str(k) for k in keys)
 
 
-def service_keyring(cfg: ServiceConfig) -> Any:
+def service_keyring(cfg: ServiceConfig) -> Keyring | None:
     """The :class:`kit.signing.Keyring` a service's registry verifies against: ``[trust] public_keys``
     only (a service never signs). None, with a warning, when service.toml trusts no key."""
     from kit.signing import Keyring, Trust

@@ -8,13 +8,17 @@ They are plain functions of the worker's :class:`kit.serving.handlers.Service` t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
+from kit._types import JSONObject
 from kit.serving.handlers import Service
 from kit.serving.http import MethodNotAllowed, NotReady, Response
 from kit.serving.openapi import build_openapi
 from kit.serving.protocol import v2_metadata
 from kit.serving.router import RouteError
+
+if TYPE_CHECKING:
+    from kit.serving.slots import Slot
 
 Route = Callable[[Service, list[str]], Response]
 
@@ -25,7 +29,7 @@ def healthz(svc: Service, _: list[str]) -> Response:
 
 def readyz(svc: Service, _: list[str]) -> Response:
     state, slots = svc.slots.state, svc.slots
-    body: dict[str, Any] = {
+    body: JSONObject = {
         "model": svc.model, "backend": svc.config.backend, "ready": state.ready, "pid": svc.pid,
         "production": state.production.describe() if state.production else None,
         "canary": state.canary.describe() if state.canary else None, "canary_weight": state.weight,
@@ -102,7 +106,7 @@ def metrics(svc: Service, _: list[str]) -> Response:
     return Response(200, svc.metrics.render(), svc.metrics.content_type.encode())
 
 
-_openapi_cache: dict[int, tuple[Any, bytes]] = {}
+_openapi_cache: dict[int, tuple[Slot | None, bytes]] = {}
 
 
 def openapi(svc: Service, _: list[str]) -> Response:

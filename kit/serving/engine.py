@@ -20,19 +20,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]
+Result = tuple[tuple[np.ndarray, ...], int]  # (a request's outputs, rows in the forward pass it joined)
+_Resolved = tuple[asyncio.Future[Result], Result | None, BaseException | None]  # (future, result, or error)
 
 
 class _Job:
     __slots__ = ("forward", "inputs", "rows", "limit", "key", "future", "loop")
 
-    def __init__(self, forward: Forward, inputs: tuple[Any, ...], limit: int, future: asyncio.Future[Any],
+    def __init__(self, forward: Forward, inputs: tuple[np.ndarray, ...], limit: int, future: asyncio.Future[Result],
                  loop: asyncio.AbstractEventLoop):
         self.forward = forward
         self.limit = limit
@@ -44,14 +45,14 @@ class _Job:
         self.loop = loop
 
 
-def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _resolve(results: list[_Resolved]) -> None:
     """On the event loop: hand each waiting handler its outputs (or the forward pass's error)."""
     for fut, value, error in results:
         if fut.done():  # the handler was cancelled (client gone, shutdown)
             continue
         if error is not None:
             fut.set_exception(error)
-        else:
+        elif value is not None:  # always, without an error
             fut.set_result(value)
 
 
@@ -69,8 +70,8 @@ class InferenceEngine:
         self._thread = threading.Thread(target=self._run, name=f"{name}-0", daemon=True)
         self._thread.start()
 
-    def submit(self, forward: Forward, inputs: tuple[Any, ...], max_rows: int | None = None
-               ) -> asyncio.Future[tuple[tuple[Any, ...], int]]:
+    def submit(self, forward: Forward, inputs: tuple[np.ndarray, ...], max_rows: int | None = None
+               ) -> asyncio.Future[Result]:
         """Queue one request's inputs; the future resolves to (outputs, rows in its forward pass).
 
         Call it on the event loop. ``forward`` takes and returns a tuple of batched numpy arrays; ``max_rows``
@@ -137,7 +138,7 @@ class InferenceEngine:
 
     def _execute(self, batch: list[_Job]) -> None:
         rows = sum(j.rows for j in batch)
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        results: list[_Resolved]
         try:
             if len(batch) == 1:
                 outs = batch[0].forward(batch[0].inputs)
@@ -151,7 +152,7 @@ class InferenceEngine:
                 results = [(j.future, (tuple(p[k] for p in parts), rows), None) for k, j in enumerate(batch)]
         except Exception as exc:  # every request in the batch gets the failure (a 500 with its id)
             results = [(j.future, None, exc) for j in batch]
-        loops: dict[int, tuple[asyncio.AbstractEventLoop, list[Any]]] = {}
+        loops: dict[int, tuple[asyncio.AbstractEventLoop, list[_Resolved]]] = {}
         for job, res in zip(batch, results):
             loops.setdefault(id(job.loop), (job.loop, []))[1].append(res)
         for loop, items in loops.values():

@@ -35,10 +35,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kit._types import JSONObject
 from kit.errors import SigningKeyError
 from kit.serving import guard_files as gf
 from kit.serving.guard_stats import (
@@ -96,7 +97,7 @@ class CanaryGuard:
         self._key: str | None = None
         self._key_since = 0.0  # when this worker first saw the current key
         self.window: dict[str, SideStats] = {}
-        self.last_decision: dict[str, Any] | None = None
+        self.last_decision: JSONObject | None = None
         self.error: str | None = None  # the last failure of the guard thread (e.g. a read-only registry)
         self._decided: set[str] = set()
         self._history_serial = -2  # the aliases serial at which the audit log was last read for /readyz
@@ -277,7 +278,7 @@ class CanaryGuard:
             self._gauges.decided(verdict.reason)
         return verdict
 
-    def _signer(self, move: Any) -> dict[str, Any]:
+    def _signer(self, move: Callable[..., object]) -> dict[str, Any]:
         """``signer=`` the guard key, for a registry move that takes one (its authority is checked there)."""
         import inspect
 
@@ -313,7 +314,7 @@ class CanaryGuard:
             log.info("%s: canary guard: v%d healthy for %gs, %s", self.model, canary, self.settings.hold_s,
                      change.describe())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JSONObject:
         """What /readyz shows under ``canary_guard``."""
         s = self.settings
         return {"enabled": s.enabled, "key": self._key, "error": self.error or self._key_error or self._share_error, "window_s": s.window_s,
@@ -322,7 +323,7 @@ class CanaryGuard:
                 "rejected_files": {"total": self.rejected_total, "now": dict(self.rejected)},
                 "last_decision": self.last_decision or self._recorded_decision()}
 
-    def _recorded_decision(self) -> dict[str, Any] | None:
+    def _recorded_decision(self) -> JSONObject | None:
         """The newest ``canary_guard`` event this worker did not make itself (another worker or instance)."""
         serial = self.slots.state.serial
         if serial == self._history_serial:  # read once per alias change, not on every probe

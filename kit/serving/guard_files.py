@@ -33,7 +33,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kit.errors import IntegrityError
 
@@ -110,13 +109,13 @@ def decode(mac_key: bytes, model: str, key: str, worker: str, data: bytes, now: 
         raise WindowFileRejected("parse", f"{worker}.json is authenticated but malformed: {exc}") from exc
 
 
-def _int(v: Any, lo: int, hi: int, what: str) -> int:
+def _int(v: object, lo: int, hi: int, what: str) -> int:
     if type(v) is not int or not lo <= v <= hi:
         raise ValueError(f"{what} = {str(v)[:40]!r} is not an integer in [{lo}, {hi}]")
     return v
 
 
-def _parse(doc: Any, model: str, key: str, worker: str, now: float) -> WindowFile:
+def _parse(doc: object, model: str, key: str, worker: str, now: float) -> WindowFile:
     if not isinstance(doc, dict) or set(doc) != {"model", "key", "worker", "seq", "updated", "slot_s", "sides"}:
         raise ValueError("unexpected fields")
     if (doc["model"], doc["key"], doc["worker"]) != (model, key, worker):

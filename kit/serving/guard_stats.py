@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kit import service_settings as settings
+from kit._types import JSONObject
 from kit.errors import ServiceError
 
 SIDES = ("production", "canary")
@@ -87,7 +88,7 @@ class SideStats:
                 return bucket_upper(b)
         return bucket_upper(self.hist[-1][0])
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         p95 = self.p95()
         return {"requests": self.requests, "errors": self.errors, "error_rate": round(self.error_rate, 4),
                 "p95_ms": round(p95 * 1000, 3) if p95 is not None else None}
@@ -99,7 +100,7 @@ class Verdict:
 
     reason: str
     detail: str
-    evidence: dict[str, Any]
+    evidence: JSONObject
 
 
 def decide(prod: SideStats, canary: SideStats, s: GuardSettings) -> Verdict | None:

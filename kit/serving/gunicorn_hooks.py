@@ -25,11 +25,15 @@ import threading
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit._proc import refuse_taken_port
 from kit.errors import ServiceError
 from kit.serving.config import ServiceConfig, load_service_config, worker_plan
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def prepare(service_dir: Path | str, environ: MutableMapping[str, str]) -> tuple
     return cfg, settings
 
 
-def on_starting(server: Any, metrics_dir: str, preload: bool = True, _engine: str = "asgi",
+def on_starting(server: Arbiter, metrics_dir: str, preload: bool = True, _engine: str = "asgi",
                 backend: str | None = None) -> None:
     """Master start: refuse a bind address something else holds, naming it; clear samples left by a
     previous run in the metrics folder; preload imports. (``_engine``: what files generated before the
@@ -136,7 +140,7 @@ def watch_master(master_pid: int, poll: float = MASTER_POLL, grace: float = ORPH
     return t
 
 
-def post_fork(server: Any, worker: Any, torch_threads: int, backend: str | None = None) -> None:
+def post_fork(server: Arbiter, worker: Worker, torch_threads: int, backend: str | None = None) -> None:
     """In the worker, before the app loads: exit with the master (:func:`watch_master`); cap torch's threads
     so workers x threads <= cores. On the onnxruntime backend torch is not imported; the session gets the
     same count (kit.serving.asgi)."""
@@ -155,13 +159,13 @@ def post_fork(server: Any, worker: Any, torch_threads: int, backend: str | None 
     server.log.info("worker %s: torch threads %d", worker.pid, torch_threads)
 
 
-def on_exit(server: Any, metrics_dir: str, owned: bool) -> None:
+def on_exit(server: Arbiter, metrics_dir: str, owned: bool) -> None:
     """Master exit: remove the metrics folder it made (a folder given by the operator is kept)."""
     if owned:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def child_exit(server: Any, worker: Any) -> None:
+def child_exit(server: Arbiter, worker: Worker) -> None:
     """Master: a worker exited; drop its live gauges from the multiprocess metrics."""
     from prometheus_client import multiprocess
 

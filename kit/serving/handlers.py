@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kit.serving.config import ServiceConfig
 from kit.serving.engine import Forward, InferenceEngine
@@ -49,6 +49,8 @@ from kit.serving.slots import ModelSlots, Slot
 from kit.signature import Signature
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kit.serving.hooks import RequestHooks
 
 log = logging.getLogger("kit.serving.app")
@@ -125,8 +127,8 @@ class Outcome:
     batch: int = 0
     shape: list[int] | None = None
     signature: Signature | None = None  # what the request hooks (guard, capture) see
-    inputs: Any = None
-    outputs: Any = None
+    inputs: tuple[np.ndarray, ...] | None = None
+    outputs: tuple[np.ndarray, ...] | None = None
 
 
 def log_request(svc: Service, scope: Scope, out: Outcome, status: int, seconds: float, *,

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kit._types import JSONObject
 from kit.serving.guard import CanaryGuard, make_guard
 from kit.serving.recorder import Recorder, make_recorder
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kit.registry import Registry
     from kit.serving.config import ServiceConfig
     from kit.serving.metrics import Metrics
@@ -29,13 +32,13 @@ class RequestHooks:
     recorder: Recorder | None = None
 
     def finished(self, rid: str, version: int | None, status: int, seconds: float, signature: Signature | None = None,
-                 inputs: Sequence[Any] | None = None, outputs: Sequence[Any] | None = None) -> None:
+                 inputs: Sequence[np.ndarray] | None = None, outputs: Sequence[np.ndarray] | None = None) -> None:
         if self.guard is not None:
             self.guard.observe(version, status, seconds)
         if self.recorder is not None:
             self.recorder.record(rid, version, status, seconds, signature, inputs, outputs)
 
-    def guard_status(self) -> dict[str, Any]:
+    def guard_status(self) -> JSONObject:
         """``/readyz``'s ``canary_guard``: the window and the last decision, or ``{"enabled": false}``."""
         return self.guard.status() if self.guard is not None else {"enabled": False}
 

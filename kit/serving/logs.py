@@ -18,9 +18,11 @@ import logging
 import os
 import sys
 import time
-from typing import IO, Any
+from typing import IO
 
 import orjson
+
+from kit._types import JSONObject
 
 ACCESS_LOGGER = "kit.serving.access"
 
@@ -29,7 +31,7 @@ class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", "pid", ...record.kit}`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
+        doc: JSONObject = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
@@ -59,7 +61,7 @@ class AccessLog:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, fields: JSONObject) -> None:
         doc = {"ts": self._ts(time.time()), "level": "INFO", "logger": ACCESS_LOGGER, "msg": "request",
                "pid": os.getpid(), **fields}
         self._lines.append(orjson.dumps(doc, default=str))
@@ -87,7 +89,7 @@ class AccessLog:
 _ACCESS: AccessLog | None = None
 
 
-def log_access(fields: dict[str, Any]) -> None:
+def log_access(fields: JSONObject) -> None:
     """One request line: through :class:`AccessLog` once a service configured it, else ``logging``."""
     if _ACCESS is not None:
         _ACCESS.write(fields)

@@ -24,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.mmap_dict import MmapedDict
 
+from kit._types import JSONObject
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -117,7 +119,7 @@ class Metrics:
                              f"({exc.strerror or exc}); free space there (PROMETHEUS_MULTIPROC_DIR)")
             log.error("%s; requests are still answered", self.degraded)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JSONObject:
         """What /readyz says of the metrics: ``ok``, or degraded with why and how many samples were dropped."""
         if self.degraded is None:
             return {"status": "ok"}

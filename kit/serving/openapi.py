@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kit._types import JSONObject
+
 if TYPE_CHECKING:
-    from kit.signature import Signature
+    from kit.signature import Signature, TensorSpec
 
 # Largest finite value of each float dtype (what a JSON number may be and stay finite after conversion).
 FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38,
              "float64": 1.7976931348623157e308}
 
 
-def leaf_schema(dtype: str) -> dict[str, Any]:
+def leaf_schema(dtype: str) -> JSONObject:
     """The JSON schema of one element of a ``dtype`` tensor (torch dtype names without "torch.")."""
     if dtype == "bool":
         return {"type": "boolean"}
@@ -34,7 +36,7 @@ def leaf_schema(dtype: str) -> dict[str, Any]:
             "minimum": int(info.min), "maximum": int(info.max)}
 
 
-def _nested(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str, Any]:
+def _nested(spec: TensorSpec, dims: dict[str, Any], max_batch: int | None) -> JSONObject:
     schema = leaf_schema(spec.dtype)
     for d in reversed(spec.shape):
         schema = {"type": "array", "items": schema}
@@ -50,7 +52,7 @@ def _nested(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str,
     return schema
 
 
-def _rows_or_row(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict[str, Any]:
+def _rows_or_row(spec: TensorSpec, dims: dict[str, Any], max_batch: int | None) -> JSONObject:
     """/predict takes a batch, or one row without the batch dimension (answered without it too)."""
     batched = _nested(spec, dims, max_batch)
     if not spec.shape or spec.shape[0] != "batch":
@@ -59,7 +61,7 @@ def _rows_or_row(spec: Any, dims: dict[str, Any], max_batch: int | None) -> dict
     return {"anyOf": [batched, _nested(one, dims, max_batch)]}
 
 
-def _range(r: Any) -> tuple[int, int | None]:
+def _range(r: object) -> tuple[int, int | None]:
     """A dim's (min, max) from Signature.dims: a (min, max) pair or {"min": .., "max": ..}; default (1, None)."""
     if isinstance(r, dict):
         return int(r.get("min", 1)), r.get("max")
@@ -69,12 +71,12 @@ def _range(r: Any) -> tuple[int, int | None]:
 
 
 def build_openapi(name: str, model: str, sig: Signature | None, *, auth: bool, version_header: str,
-                  user_header: str, jwt: bool = False, max_batch: int | None = None) -> dict[str, Any]:
+                  user_header: str, jwt: bool = False, max_batch: int | None = None) -> JSONObject:
     err = {"description": "Client error; the message names what was expected.",
            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     dims = dict(getattr(sig, "dims", None) or {})
     if sig is not None and len(sig.inputs) == 1:
-        inputs: dict[str, Any] = _rows_or_row(sig.inputs[0], dims, max_batch)
+        inputs: JSONObject = _rows_or_row(sig.inputs[0], dims, max_batch)
     elif sig is not None:
         inputs = {"type": "object", "properties": {s.name: _rows_or_row(s, dims, max_batch) for s in sig.inputs},
                   "required": [s.name for s in sig.inputs], "additionalProperties": False}
@@ -89,7 +91,7 @@ def build_openapi(name: str, model: str, sig: Signature | None, *, auth: bool, v
                         "description": "sticky routing key: the same user always gets the same version"})
     sec: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}] if auth else []
 
-    def infer_op(summary: str, schema: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    def infer_op(summary: str, schema: str, params: list[JSONObject]) -> JSONObject:
         responses = {"200": {"description": "Outputs, and the version that served them.",
                              "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}Response"}}}},
                      "400": err, "404": err, "413": err, "429": err, "503": err}
@@ -100,8 +102,8 @@ def build_openapi(name: str, model: str, sig: Signature | None, *, auth: bool, v
                              "schema": {"$ref": f"#/components/schemas/{schema}Request"}}}},
                          "responses": responses}}
 
-    def get_op(summary: str, params: list[dict[str, Any]] | None = None, codes: tuple[str, ...] = ("200",)) -> dict[str, Any]:
-        op: dict[str, Any] = {"summary": summary,
+    def get_op(summary: str, params: list[JSONObject] | None = None, codes: tuple[str, ...] = ("200",)) -> JSONObject:
+        op: JSONObject = {"summary": summary,
                               "responses": {c: {"description": summary} for c in codes}}
         if params:
             op["parameters"] = params
@@ -115,7 +117,7 @@ def build_openapi(name: str, model: str, sig: Signature | None, *, auth: bool, v
     v2_tensor = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
         "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"type": "string"}, "data": {"type": "array"}, "parameters": {"type": "object"}}}
-    doc: dict[str, Any] = {
+    doc: JSONObject = {
         "openapi": "3.0.3",
         "info": {"title": f"{name} (Kit service for model {model})", "version": "1",
                  "description": "Kit serving runtime: simple JSON /predict and the Open Inference Protocol v2."},

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kit._types import JSONObject
 from kit.backends import BACKENDS, DEFAULT
 from kit.errors import ServingError
 from kit.signature import Signature, TensorSpec
@@ -262,7 +263,7 @@ def predict_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledS
     arrays = [a[0] for a in outputs] if unbatched else list(outputs)
     arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
     if len(arrays) == 1 and cs.unwrap_single:
-        out: Any = arrays[0]
+        out: np.ndarray | dict[str, np.ndarray] = arrays[0]
     else:
         names = cs.outputs if len(cs.outputs) == len(arrays) else output_names(cs.sig, len(arrays))
         out = dict(zip(names, arrays))
@@ -286,7 +287,7 @@ def _v2_header(body: bytes, header_length: str | None, cs: CompiledSignature) ->
 
 
 def parse_v2_infer(body: bytes, header_length: str | None, sig: Signature | CompiledSignature, max_rows: int
-                   ) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
+                   ) -> tuple[tuple[np.ndarray, ...], JSONObject]:
     """A v2 inference request -> (arrays in signature order, request doc). Everything is checked before
     the forward pass, requested output names included. Binary tensor data stays a read-only view of the
     body when its dtype is already the input's (the backend's forward copes: see kit.serving.slots)."""
@@ -322,7 +323,7 @@ def parse_v2_infer(body: bytes, header_length: str | None, sig: Signature | Comp
     return tuple(arrays), doc
 
 
-def _v2_input(inp: dict[str, Any], p: InputPlan, cs: CompiledSignature, binary: bytes, offset: int, bools: bool
+def _v2_input(inp: JSONObject, p: InputPlan, cs: CompiledSignature, binary: bytes, offset: int, bools: bool
               ) -> tuple[np.ndarray, int]:
     """One v2 input -> (array, binary bytes it used). The shape is checked against the signature before
     anything is sized from it (a shape whose product overflows int64 is a 400, not a 500)."""
@@ -369,12 +370,12 @@ def _v2_input(inp: dict[str, Any], p: InputPlan, cs: CompiledSignature, binary: 
         raise RequestError(f"Input {name!r}: cannot read the data as {dt} ({str(exc)[:80]}).") from exc
 
 
-def _binary_output_default(doc: dict[str, Any]) -> bool:
+def _binary_output_default(doc: JSONObject) -> bool:
     raw = doc.get("parameters")
     return bool(raw.get("binary_data_output", False)) if isinstance(raw, dict) else False
 
 
-def requested_outputs(doc: dict[str, Any], sig: Signature | CompiledSignature) -> dict[str, bool] | None:
+def requested_outputs(doc: JSONObject, sig: Signature | CompiledSignature) -> dict[str, bool] | None:
     """``{output name: binary?}`` for the outputs a v2 request names (None: all); unknown names are a 400."""
     if not isinstance(doc.get("outputs"), list):
         return None
@@ -385,12 +386,12 @@ def requested_outputs(doc: dict[str, Any], sig: Signature | CompiledSignature) -
         if not isinstance(o, dict) or o.get("name") not in names:
             raise RequestError(f"Requested output {str(o)[:60]} is not one of {names}.")
         raw_p = o.get("parameters")
-        p: dict[str, Any] = raw_p if isinstance(raw_p, dict) else {}
+        p: JSONObject = raw_p if isinstance(raw_p, dict) else {}
         requested[o["name"]] = bool(p.get("binary_data", all_binary))
     return requested
 
 
-def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignature, doc: dict[str, Any], model: str,
+def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignature, doc: JSONObject, model: str,
                 version: int) -> tuple[bytes, int | None]:
     """The v2 response body and, when any output is binary, the JSON header length."""
     cs = compile_signature(sig)
@@ -403,7 +404,7 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignat
             continue
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_V2.get(arr.dtype.name, "FP32"),
+        entry: JSONObject = {"name": name, "datatype": NUMPY_TO_V2.get(arr.dtype.name, "FP32"),
                                  "shape": list(arr.shape)}
         if (requested or {}).get(name, all_binary):
             raw = arr.tobytes()
@@ -412,7 +413,7 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignat
         else:
             entry["data"] = arr.reshape(-1)
         outs.append(entry)
-    resp: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outs}
+    resp: JSONObject = {"model_name": model, "model_version": str(version), "outputs": outs}
     if isinstance(doc.get("id"), str):
         resp["id"] = doc["id"]
     head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -424,9 +425,9 @@ def v2_response(outputs: tuple[np.ndarray, ...], sig: Signature | CompiledSignat
 PLATFORMS = {b.name: b.platform for b in BACKENDS.values()}  # as Triton names them
 
 
-def v2_metadata(model: str, sig: Signature, versions: list[int], backend: str = DEFAULT) -> dict[str, Any]:
+def v2_metadata(model: str, sig: Signature, versions: list[int], backend: str = DEFAULT) -> JSONObject:
     """v2 model metadata: every dynamic dim (batch, seq, an expression of them) is -1."""
-    def spec(s: TensorSpec) -> dict[str, Any]:
+    def spec(s: TensorSpec) -> JSONObject:
         return {"name": s.name, "datatype": v2_datatype(s.dtype),
                 "shape": [-1 if isinstance(d, str) else d for d in s.shape]}
 

@@ -37,10 +37,16 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from kit import service_settings as settings
+from kit._types import Array, JSONObject
 from kit.errors import ServiceError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kit.signature import Signature
+
+    # (time, request id, version, seconds, signature, inputs, outputs): one request on the writer's queue
+    _Item = tuple[float, str, int, float, Signature, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ def parse_capture_settings(table: Mapping[str, Any], where: str) -> CaptureSetti
     return s
 
 
-def tensor_doc(t: Any) -> dict[str, Any]:
+def tensor_doc(t: Array) -> JSONObject:
     """An array as JSON: dtype (numpy's name, which is torch's without ``torch.``), shape, nested lists.
     The serving path hands numpy arrays; a torch tensor is taken too."""
     if hasattr(t, "detach"):
@@ -96,7 +102,7 @@ class Recorder:
         self.dropped = 0  # records lost to a full queue
         self.written = 0
         self._drop = frozenset(settings.drop_inputs)
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(settings.queue_size)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(settings.queue_size)
         self._rand = random.Random()
         self._file: IO[bytes] | None = None
         self._seq = 0
@@ -105,7 +111,7 @@ class Recorder:
 
     # ---- the request path
     def record(self, rid: str, version: int | None, status: int, seconds: float, signature: Signature | None,
-               inputs: Sequence[Any] | None, outputs: Sequence[Any] | None) -> None:
+               inputs: Sequence[np.ndarray] | None, outputs: Sequence[np.ndarray] | None) -> None:
         """Maybe record one request (no I/O, no conversion here: references go on the queue)."""
         if status != 200 or inputs is None or outputs is None or version is None or signature is None:
             return
@@ -141,7 +147,7 @@ class Recorder:
             finally:
                 self._queue.task_done()
 
-    def _write(self, item: tuple[Any, ...]) -> None:
+    def _write(self, item: _Item) -> None:
         ts, rid, version, seconds, sig, inputs, outputs = item
         names, out_names = [spec.name for spec in sig.inputs], list(sig.output_names)
         if len(out_names) != len(outputs):

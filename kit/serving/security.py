@@ -15,13 +15,18 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jwt
 
 from kit.errors import ServiceError, ServingError
 from kit.registry.names import is_sha256_hex
 from kit.serving.config import JwtSettings
+
+if TYPE_CHECKING:
+    from jwt.algorithms import AllowedPublicKeys
+
+    _Key = bytes | AllowedPublicKeys  # a shared secret (HS*) or a public key
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +185,7 @@ class JwtVerifier:
         self._verified: OrderedDict[str, tuple[Identity, float, float]] = OrderedDict()
 
     # ---- key material
-    def _load(self) -> dict[str | None, tuple[Any, str | None]]:
+    def _load(self) -> dict[str | None, tuple[_Key, str | None]]:
         s = self.settings
         if s.hmac:
             if s.secret_file is not None:
@@ -198,7 +203,7 @@ class JwtVerifier:
             return {None: (self._pem_key(s.public_key_file), None)}
         return self._jwks(s.jwks_file)  # type: ignore[arg-type]
 
-    def _pem_key(self, path: Path) -> Any:
+    def _pem_key(self, path: Path) -> AllowedPublicKeys:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         text = _read_text(path, "JWT public key file")
@@ -212,9 +217,9 @@ class JwtVerifier:
             except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
                 raise ServiceError(f"{path} holds a {type(key).__name__}, which cannot check {alg} tokens "
                                    f"([auth.jwt] algorithms = {list(self.settings.algorithms)}).") from exc
-        return key
+        return cast("AllowedPublicKeys", key)  # every algorithm's prepare_key took it
 
-    def _jwks(self, path: Path) -> dict[str | None, tuple[Any, str | None]]:
+    def _jwks(self, path: Path) -> dict[str | None, tuple[_Key, str | None]]:
         try:
             doc = json.loads(_read_text(path, "JWKS file"))
         except ValueError as exc:
@@ -222,7 +227,7 @@ class JwtVerifier:
         entries = doc.get("keys") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
             raise ServiceError(f"{path} is not a JWKS document ({{\"keys\": [...]}}).")
-        keys: dict[str | None, tuple[Any, str | None]] = {}
+        keys: dict[str | None, tuple[_Key, str | None]] = {}
         for n, d in enumerate(entries):
             if not isinstance(d, dict) or d.get("use", "sig") != "sig":
                 continue
@@ -254,7 +259,7 @@ class JwtVerifier:
             except ServiceError as exc:  # keep the old keys; say so
                 log.error("keeping the previous JWT keys: %s", exc)
 
-    def _key_for(self, header: dict[str, Any]) -> Any:
+    def _key_for(self, header: dict[str, Any]) -> _Key:
         keys = self._keys
         kid = header.get("kid")
         if kid is not None and kid in keys:
@@ -354,7 +359,7 @@ class JwtVerifier:
 _TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
 
 

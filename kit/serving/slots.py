@@ -22,13 +22,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from kit.backends.serving import load_for_serving, warm_up
+from kit._types import JSONObject
+from kit.backends.serving import Forward, load_for_serving, warm_up
 from kit.errors import KitError, ServingError
 from kit.serving.protocol import CompiledSignature, compile_signature
+
+if TYPE_CHECKING:
+    from kit.registry import Registry
+    from kit.registry.loaded import LoadedModel
+    from kit.registry.records import Aliases
+    from kit.serving.metrics import Metrics
+    from kit.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +46,16 @@ class Slot:
 
     version: int
     sha256: str
-    loaded: Any  # kit.registry.LoadedModel
-    signature: Any  # kit.capture.Signature
-    forward: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # batched numpy arrays in, batched numpy arrays out
+    loaded: LoadedModel
+    signature: Signature
+    forward: Forward  # batched numpy arrays in, batched numpy arrays out
     max_batch: int  # rows per forward pass (1: batching off); the inference thread batches up to it
     load_seconds: float
     device: str
     wire: CompiledSignature  # the signature prepared for the request path, once per loaded version
     backend: str = "torch"  # "torch" | "onnxruntime"
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JSONObject:
         return {"version": self.version, "sha256": self.sha256, "load_seconds": round(self.load_seconds, 3),
                 "device": self.device, "backend": self.backend, "signed_by": getattr(self.loaded, "signed_by", None)}
 
@@ -71,10 +78,10 @@ class ServingState:
 class ModelSlots:
     """The versions one worker serves for one model, kept in step with ``aliases.json``."""
 
-    def __init__(self, registry: Any, model: str, *, device: str = "cpu", backend: str = "torch", threads: int = 0,
+    def __init__(self, registry: Registry, model: str, *, device: str = "cpu", backend: str = "torch", threads: int = 0,
                  check_env: bool = True, max_artifact_bytes: int | None = None, max_tensor_bytes: int = 0,
                  batching: bool = True, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Any = None):
+                 poll_interval: float = 0.5, retry_max: float = 30.0, metrics: Metrics | None = None):
         self.registry = registry
         self.model = model
         self.device = device
@@ -90,10 +97,10 @@ class ModelSlots:
         self.retry_max = retry_max
         self.metrics = metrics
         self.state = ServingState()
-        self.last_error: dict[str, Any] | None = None
-        self.last_reload: dict[str, Any] | None = None
-        self.fallback: dict[str, Any] | None = None  # set while serving less than aliases.json asks (see above)
-        self._wanted: Any = None  # the aliases the last _apply tried to serve
+        self.last_error: JSONObject | None = None
+        self.last_reload: JSONObject | None = None
+        self.fallback: JSONObject | None = None  # set while serving less than aliases.json asks (see above)
+        self._wanted: Aliases | None = None  # the aliases the last _apply tried to serve
         self.reloads = {"success": 0, "failure": 0}
         self._stat_key: tuple[int, int, int] | None | bool = False  # False: never looked
         self._failures = 0
@@ -207,14 +214,14 @@ class ModelSlots:
                      aliases.production, aliases.canary, new.weight, fresh or "nothing new")
         return changed
 
-    def _check_artifact(self, aliases: Any, v: int, slot: Slot) -> None:
+    def _check_artifact(self, aliases: Aliases, v: int, slot: Slot) -> None:
         signed = aliases.artifacts.get(str(v))
         if signed and slot.sha256 != signed:  # the record names the artifact it moved traffic to
             raise ServingError(f"{self.model}@{v} has artifact sha256 {slot.sha256[:12]}, but move record "
                                f"{aliases.serial} points at {signed[:12]}: not the version that was moved to. "
                                "Restore the version, or move again.")
 
-    def _fall_back(self, aliases: Any, exc: BaseException) -> bool:
+    def _fall_back(self, aliases: Aliases, exc: BaseException) -> bool:
         """Nothing served and the wanted state failed: serve production alone, else the newest previous
         production that loads (each checked as any load is). Returns True when something now serves."""
         for v in [aliases.production, *reversed(aliases.previous)]:

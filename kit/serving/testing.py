@@ -8,7 +8,13 @@ from __future__ import annotations
 import asyncio
 import json as _json
 import threading
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kit.serving.http import Message, Receive, Scope, Send
+
+    AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class Headers(dict[str, str]):
@@ -43,7 +49,7 @@ class TestResponse:
 class AsgiTestClient:
     __test__ = False
 
-    def __init__(self, app: Any, client: tuple[str, int] = ("127.0.0.1", 50000)):
+    def __init__(self, app: AsgiApp, client: tuple[str, int] = ("127.0.0.1", 50000)):
         self.app = app
         self.client = client
         self.loop = asyncio.new_event_loop()
@@ -76,11 +82,11 @@ class AsgiTestClient:
         fut = asyncio.run_coroutine_threadsafe(self._call(scope, body), self.loop)
         return fut.result(60)
 
-    async def _call(self, scope: dict[str, Any], body: bytes) -> TestResponse:
+    async def _call(self, scope: Scope, body: bytes) -> TestResponse:
         sent = False
         status, headers, chunks = 0, Headers(), []
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             nonlocal sent
             if not sent:
                 sent = True
@@ -88,7 +94,7 @@ class AsgiTestClient:
             await asyncio.Event().wait()  # a real server only reports a disconnect
             return {"type": "http.disconnect"}
 
-        async def send(msg: dict[str, Any]) -> None:
+        async def send(msg: Message) -> None:
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]

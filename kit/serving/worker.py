@@ -30,12 +30,18 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+if TYPE_CHECKING:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
 
 from kit._proc import pid_alive
 
@@ -125,7 +131,8 @@ class Limits:
 class KitHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with TCP_NODELAY, read deadlines and connection accounting."""
 
-    def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> None:
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits: Limits = getattr(config, "kit_limits", Limits())
         self.share: ConnectionShare | None = getattr(config, "kit_share", None)
@@ -133,7 +140,7 @@ class KitHttpProtocol(HttpToolsProtocol):
         self._head = 0  # bytes of the request head so far
         self._draining = False  # the worker is shutting down: answer what arrives, then close
 
-    def connection_made(self, transport: Any) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -219,8 +226,8 @@ class KitHttpProtocol(HttpToolsProtocol):
 class BalancedListener:
     """Accepts connections on a shared listening socket, deferring to less loaded workers."""
 
-    def __init__(self, sock: socket.socket, protocol_factory: Any, share: ConnectionShare,
-                 exiting: Any = None):
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol], share: ConnectionShare,
+                 exiting: Callable[[], bool] | None = None):
         self.sock = sock
         self.factory = protocol_factory
         self.share = share
@@ -293,7 +300,7 @@ class _Server(Server):
     re-raise the signal that stopped it: the worker class resets SIGTERM to its default, so re-raising it
     would kill the worker after its graceful shutdown instead of letting it exit with 0."""
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
