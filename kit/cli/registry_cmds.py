@@ -12,6 +12,16 @@ from kit.registry import parse_ref, parse_weight
 from kit.render import aliases_line, badges_text, model_rows, models_text, versions_text
 
 
+def _version_location(reg: Any, mv: Any) -> str:
+    """Where the version lives as another host names it: its folder, or its place in the bucket (not this
+    host's mirror of it)."""
+    return f"{reg.location}/{mv.path.relative_to(reg.root).as_posix()}"
+
+
+def _version_json(reg: Any, mv: Any) -> dict[str, Any]:
+    return {**mv.to_dict(), "path": _version_location(reg, mv), "size_bytes": mv.size_bytes}
+
+
 @click.command("models")
 @click.argument("name", required=False)
 @json_option
@@ -31,8 +41,8 @@ def models_cmd(k: Context, name: str | None, as_json: bool) -> None:
     name, _ = parse_ref(name)
     if as_json:
         a = reg.aliases(name)
-        return emit_json([{**mv.to_dict(), "aliases": badges_text(a, mv.version), "gate": reg.gate_verdict(mv)[0],
-                           "backends": list(mv.backends)} for mv in reg.versions(name)])
+        return emit_json([{**_version_json(reg, mv), "aliases": badges_text(a, mv.version),
+                           "gate": reg.gate_verdict(mv)[0], "backends": list(mv.backends)} for mv in reg.versions(name)])
     click.echo(versions_text(reg, name))
 
 
@@ -45,15 +55,15 @@ def show_cmd(k: Context, ref: str, as_json: bool) -> None:
     reg = k.registry()
     mv = reg.resolve(ref)
     if as_json:
-        return emit_json({**mv.to_dict(), "backends": list(mv.backends), "missing_backends": mv.missing_backends(),
-                          "gates": reg.gate_results(mv.name, mv.version)})
+        return emit_json({**_version_json(reg, mv), "backends": list(mv.backends),
+                          "missing_backends": mv.missing_backends(), "gates": reg.gate_results(mv.name, mv.version)})
     from kit.capture import Signature
     from kit.env import Fingerprint
 
     a = reg.aliases(mv.name)
     sig = Signature.from_dict(mv.signature)
     click.echo(f"{mv.ref}  {badges_text(a, mv.version)}".rstrip())
-    click.echo(f"  path:       {reg.location}/{mv.path.relative_to(reg.root).as_posix()}")  # a bucket's URL
+    click.echo(f"  path:       {_version_location(reg, mv)}")
     click.echo(f"  created:    {mv.created}")
     click.echo(f"  sha256:     {mv.artifact_sha256}")
     click.echo(f"  signature:  {sig.describe()}")

@@ -38,6 +38,7 @@ class ModelVersion:
     metrics: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
     capture: dict[str, Any] = field(default_factory=dict)
+    file_sizes: dict[str, int] = field(default_factory=dict)  # meta.json's, where its register recorded them
 
     @property
     def ref(self) -> str:
@@ -69,12 +70,25 @@ class ModelVersion:
 
     @property
     def size_bytes(self) -> int:
+        """The version's bytes: as its record says (meta.json's ``file_sizes``, what a bucket's listing shows
+        for versions this host never downloaded), else what the files here hold (versions registered before
+        sizes were recorded)."""
+        if self.files and set(self.files) <= set(self.file_sizes):
+            return sum(self.file_sizes[f] for f in self.files)
         return sum((self.path / f).stat().st_size for f in self.files if (self.path / f).exists())
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["path"] = str(self.path)
         return d
+
+
+def read_file_sizes(value: Any) -> dict[str, int]:
+    """meta.json's ``file_sizes`` (file name -> bytes); {} where it is absent or not such a mapping (a display
+    value: what a load trusts is each file's sha256)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): v for k, v in value.items() if type(v) is int and v >= 0}
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 Layout in the bucket (the folder registry's, plus the claims)::
 
     <name>/claims/<n>.json            created with If-None-Match: * -- whoever creates it owns number n
-    <name>/versions/<n>/<file>        uploaded first (multipart for big files)
+    <name>/versions/<n>/<file>        uploaded first (big files: parts staged, then joined; kit.registry.s3parts)
     <name>/versions/<n>/meta.json.sig then the signature
     <name>/versions/<n>/meta.json     last, created with If-None-Match: *: the record that makes n visible
     <name>/moves/<serial>.json        signed move records, each created with If-None-Match: *
     <name>/aliases.json               a copy of the newest record (what services poll, with ETags)
     <name>/events/<ts>-<id>.json      one object per audit event (an object store cannot append)
+    _uploads/<sha256>/<size>/<i>      a big file's parts, staged while it uploads (a re-run resumes them)
 
 A version number is taken by the claim, so two writers on two machines never share one; a number whose
 writer died after claiming stays a gap (listed by no one, never reused). Moves are the same conditional
@@ -22,6 +23,7 @@ never mirrored: a load streams each one from the bucket into the local verified 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -200,6 +202,16 @@ class ObjectStoreMixin(AliasMoves):
             if len(parts) == 4 and parts[3] == "meta.json" and is_version_text(parts[2]):
                 out.add(int(parts[2]))
         return sorted(out)
+
+    def _read_version(self, name: str, version: int) -> ModelVersion:
+        """The listing's read of a version; one registered before meta.json recorded its files' sizes gets
+        them from one LIST of its folder (sizes shown without downloading it)."""
+        mv = super()._read_version(name, version)
+        if set(mv.files) <= set(mv.file_sizes):
+            return mv
+        prefix = f"{name}/versions/{version}/"
+        listed = self.storage.sizes(prefix)
+        return dataclasses.replace(mv, file_sizes={f: listed[prefix + f] for f in mv.files if prefix + f in listed})
 
     def _require_model(self, name: str) -> None:
         if not self._version_numbers(name):
@@ -391,7 +403,8 @@ class ObjectStoreMixin(AliasMoves):
             for fname in sorted(meta["files"]):
                 if not safe_file_name(fname):
                     raise IntegrityError(f"Refusing to upload {fname!r}: not a plain file name.")
-                self.storage.upload(f"{prefix}/{fname}", tmp / fname, _progress(f"{self.url}/{prefix}/{fname}"))
+                self.storage.upload(f"{prefix}/{fname}", tmp / fname, steps.meter("upload", f"{prefix}/{fname}"),
+                                    sha256=meta["files"][fname])  # a re-run of a killed upload sends what is missing
         meta["capture"].setdefault("steps", {})["upload"] = steps.seconds["upload"]
         with steps.step("publish", "signature, meta.json"):
             meta["version"] = version
@@ -426,18 +439,6 @@ class ObjectStoreMixin(AliasMoves):
         key = f"{name}/events/{rec['ts'].replace(':', '')}-{uuid.uuid4().hex[:12]}.json"
         self.storage.put(key, json.dumps(rec, sort_keys=True).encode())
         return rec
-
-
-def _progress(what: str) -> Any:
-    """An upload's progress, logged at INFO every quarter for files over 64 MB (what a user waits on)."""
-    shown = [0]
-
-    def report(done: int, total: int) -> None:
-        quarter = done * 4 // total if total >= 64 << 20 else 0
-        if quarter > shown[0]:
-            shown[0] = quarter
-            log.info("uploading %s: %d%% of %.0f MB", what, quarter * 25, total / 1e6)
-    return report
 
 
 def _run_id(run_id: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import logging
 import os
 import queue
 import re
@@ -30,10 +31,12 @@ from kit._io import ensure_free_space, storage_errors
 from kit.errors import ConfigError, RegistryCorruptError, StorageError
 from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
 
+log = logging.getLogger(__name__)
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CHUNK = 8 << 20
 _FLUSH_EVERY = 64 << 20  # bytes a download writes between background flushes
-_PART = 16 << 20  # multipart part size: a 400 MB file is 25 parts sent 8 at a time
+PART_SIZE = 16 << 20  # multipart part size: a 400 MB file is 25 parts sent 8 at a time
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -83,10 +86,19 @@ def _ini_section(path: Path, section: str) -> dict[str, str]:
 class S3Storage:
     """A bucket prefix as :class:`kit.registry.storage.Storage`, through obstore."""
 
-    def __init__(self, bucket: str, prefix: str, settings: Mapping[str, str], *, timeout_s: float = 30.0):
+    def __init__(self, bucket: str, prefix: str, settings: Mapping[str, str], *, timeout_s: float = 30.0,
+                 part_size: int = PART_SIZE):
         from obstore.store import S3Store
 
+        from kit.registry.s3parts import STALE_STAGING, S3Rest
+
         self.bucket, self.prefix = bucket, prefix
+        self.part_size, self.max_concurrency = part_size, 8  # a big upload's parts, and how many go at once
+        self.stale_staging = STALE_STAGING  # staged parts untouched this long are an abandoned upload's
+        self.sent_bytes = 0  # file bytes this object has PUT (a resumed upload sends only the missing parts)
+        self._sent_lock = threading.Lock()
+        self.rest = (S3Rest(bucket, prefix, settings, max(timeout_s, 60.0))  # the calls obstore does not make
+                     if settings.get("access_key_id") and settings.get("secret_access_key") else None)
         self.endpoint = settings.get("endpoint", "")
         config: dict[str, Any] = {k: v for k, v in settings.items() if k != "endpoint"}
         if self.endpoint:
@@ -170,6 +182,16 @@ class S3Storage:
         except Exception as exc:
             raise self._fail("list", prefix or "/", exc) from exc
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Each key under ``prefix`` -> its size in bytes, as the listing says (no object is read)."""
+        import obstore
+
+        try:
+            return {str(m["path"]): int(m["size"]) for batch in obstore.list(self.store, prefix or None)
+                    for m in batch}
+        except Exception as exc:
+            raise self._fail("list", prefix or "/", exc) from exc
+
     def folders(self, prefix: str) -> list[str]:
         """The names of the "folders" right under ``prefix`` (a LIST with delimiter ``/``)."""
         import obstore
@@ -228,16 +250,47 @@ class S3Storage:
             raise self._fail("download", key, exc) from exc
         return h.hexdigest(), size
 
-    def upload(self, key: str, src: Path, progress: Progress | None = None) -> None:
-        """Send the local file ``src`` as ``key``; over one part, a multipart upload (parts in parallel)."""
+    def upload(self, key: str, src: Path, progress: Progress | None = None, *, sha256: str | None = None) -> None:
+        """Send the local file ``src`` as ``key``. Over one part with its ``sha256`` given (what a register
+        knows), a resumable upload (:mod:`kit.registry.s3parts`): a re-run sends only the parts not yet
+        staged. Otherwise one PUT, or obstore's multipart upload (parts in parallel, not resumable).
+        ``progress(bytes done, bytes total)`` as it goes."""
         import obstore
 
-        total = Path(src).stat().st_size
+        src = Path(src)
+        total = src.stat().st_size
         try:
-            obstore.put(self.store, check_key(key), _chunks(Path(src), total, progress), chunk_size=_PART,
-                        max_concurrency=8, use_multipart=total > _PART)
+            if total > self.part_size and sha256 is not None and self.rest is not None:
+                from kit.registry.s3parts import StagedUpload, plan
+
+                StagedUpload(self, plan(check_key(key), src, total, sha256, self.part_size), progress).run()
+                return
+            obstore.put(self.store, check_key(key), _chunks(src, total, self.part_size, progress),
+                        chunk_size=self.part_size, max_concurrency=self.max_concurrency,
+                        use_multipart=total > self.part_size)
+            self.sent_bytes += total
+        except StorageError:
+            raise
         except Exception as exc:
             raise self._fail("upload", key, exc) from exc
+
+    def send_part(self, key: str, data: bytes) -> None:
+        """One PUT of a staged part (counted in :attr:`sent_bytes`)."""
+        import obstore
+
+        obstore.put(self.store, key, data, use_multipart=False)
+        with self._sent_lock:
+            self.sent_bytes += len(data)
+
+    def upload_whole(self, key: str, src: Path) -> None:
+        """obstore's one-call multipart upload of ``src`` (not resumable)."""
+        import obstore
+
+        total = src.stat().st_size
+        obstore.put(self.store, key, _chunks(src, total, self.part_size, None), chunk_size=self.part_size,
+                    max_concurrency=self.max_concurrency)
+        with self._sent_lock:
+            self.sent_bytes += total
 
 
 class _Flusher:
@@ -308,10 +361,10 @@ def _prefetched(chunks: Iterator[Any], each: Callable[[Any], None], depth: int =
         stop.set()
 
 
-def _chunks(src: Path, total: int, progress: Progress | None) -> Iterator[bytes]:
+def _chunks(src: Path, total: int, size: int, progress: Progress | None) -> Iterator[bytes]:
     done = 0
     with open(src, "rb") as f:
-        while chunk := f.read(_PART):
+        while chunk := f.read(size):
             done += len(chunk)
             yield chunk
             if progress is not None:

@@ -8,7 +8,8 @@ rules hold on a folder and in a bucket, without locks:
 - ``get_if_changed`` (S3: ``GET`` with ``If-None-Match: <etag>``) is what a poller calls: a 304 costs one
   round trip and no body.
 - ``download`` streams an object into a new local file while hashing it (one read: what the digest names
-  is what the file holds); ``upload`` sends a local file (an object store: multipart, resumable parts).
+  is what the file holds); ``upload`` sends a local file (an object store: a big file named by its sha256
+  goes as staged parts joined server-side, so a re-run sends only the parts missing: :mod:`kit.registry.s3parts`).
 
 Keys are ``/``-separated paths relative to the registry's root (``digits/versions/3/meta.json``); each
 implementation refuses keys that would leave it (``..``, absolute, empty parts).
@@ -59,13 +60,15 @@ class Storage(Protocol):
 
     def list_keys(self, prefix: str) -> list[str]: ...
 
+    def sizes(self, prefix: str) -> dict[str, int]: ...
+
     def folders(self, prefix: str) -> list[str]: ...
 
     def delete(self, key: str) -> None: ...
 
     def download(self, key: str, dst: Path, max_bytes: int, progress: Progress | None = None) -> tuple[str, int]: ...
 
-    def upload(self, key: str, src: Path, progress: Progress | None = None) -> None: ...
+    def upload(self, key: str, src: Path, progress: Progress | None = None, *, sha256: str | None = None) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -133,6 +136,10 @@ class FolderStorage:
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Each key under ``prefix`` -> its size in bytes."""
+        return {k: (self.root / k).stat().st_size for k in self.list_keys(prefix)}
+
     def folders(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
         return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
@@ -145,5 +152,5 @@ class FolderStorage:
 
         return copy_hashed(self._path(key), dst, max_bytes)
 
-    def upload(self, key: str, src: Path, progress: Progress | None = None) -> None:
+    def upload(self, key: str, src: Path, progress: Progress | None = None, *, sha256: str | None = None) -> None:
         atomic_write_bytes(self._path(key), Path(src).read_bytes())

@@ -44,7 +44,7 @@ from kit.registry.lineage import detect_source
 from kit.registry.movelog import MoveLog, move_event
 from kit.registry.moves import MoveStorage
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
-from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, utcnow
+from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, read_file_sizes, utcnow
 from kit.registry.space import check_register_space
 from kit.signing import Keyring, sign_file
 
@@ -204,6 +204,7 @@ class Store:
                 artifact_sha256=meta["artifact_sha256"], files=dict(meta["files"]),
                 signature=meta["signature"], env=meta["env"], source=meta.get("source", {}),
                 metrics=meta.get("metrics", {}), tags=meta.get("tags", {}), capture=meta.get("capture", {}),
+                file_sizes=read_file_sizes(meta.get("file_sizes")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryCorruptError(f"{meta_path} lacks field {exc}. Run `kit verify {name}`.") from exc
@@ -341,6 +342,7 @@ class Store:
                 files = _save_synced(model, tmp, private, steps)
             meta = _new_meta(name, model, files, metrics=metrics, tags=tags, source=source,
                              project_root=project_root, steps=steps.seconds)
+            meta["file_sizes"] = {f: (tmp / f).stat().st_size for f in files}  # a bucket lists without downloads
             _check_json(meta, "metrics/tags/source")
             signer = self.keyring.signer() if self.keyring is not None and self.keyring.can_sign() else None
             with self.lock(name), storage_errors(model_dir, f"version files of {name!r}"):

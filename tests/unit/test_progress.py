@@ -121,6 +121,62 @@ def test_deploy_step_line_in_a_notebook_shows_the_running_steps_parts(registry, 
     assert shown[-1].startswith("[2/5] register ") and shown[-1].endswith(" (save 0.5s, publish 2.0s)")
 
 
+# ---------------------------------------------------------------- byte meters (a bucket upload inside a step)
+
+
+class _Terminal:
+    """stderr as a terminal shows it: what was written, and isatty() true."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_meter_says_bytes_to_a_sink_throttled_and_the_last_always():
+    lines: list[str] = []
+    meter = Steps(lines.append, "register x").meter("upload", "x/versions/1/model.pt2")
+    assert meter is not None
+    for done in (0, 1_000_000, 2_000_000, 4_000_000):
+        meter(done, 4_000_000)
+    assert lines == ["  … upload: x/versions/1/model.pt2 0.0 of 4.0 MB (0%)",  # the middle two: within 0.5 s
+                     "  … upload: x/versions/1/model.pt2 4.0 of 4.0 MB (100%)"]
+    assert Steps(False, "register x").meter("upload", "k") is None
+
+
+@pytest.mark.parametrize("tqdm", [True, False])
+def test_a_meter_on_a_terminal_is_one_updating_line_and_silent_elsewhere(monkeypatch, tqdm):
+    import sys
+
+    if not tqdm:
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: the plain line
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    meter = Steps(None, "register x").meter("upload", "model.pt2")
+    assert meter is not None
+    meter(0, 3 << 20)
+    meter(3 << 20, 3 << 20)
+    meter(3 << 20, 3 << 20)  # after the end: nothing more
+    out = term.text
+    assert "model.pt2" in out and out.endswith("\n") and out.count("\n") == 1, repr(out)
+    assert ("100%" in out) and (("3.15M" in out or "3.00M" in out) if tqdm else "3.1 of 3.1 MB (100%)" in out)
+
+    class _Pipe(_Terminal):
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sys, "stderr", _Pipe())
+    assert Steps(None, "register x").meter("upload", "model.pt2") is None  # a log file gets the step's end line
+
+
 # ---------------------------------------------------------------- Registry(path) signs with the user's key
 
 
