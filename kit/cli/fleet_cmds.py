@@ -93,17 +93,21 @@ def prometheus_cmd(service_dir: Path, targets: tuple[str, ...], out_dir: Path, s
               "(default: create NAME-registry).")
 @click.option("--registry-size", default="20Gi", show_default=True)
 @click.option("--storage-class", default=None, help="Storage class of the created claim (an RWX one: NFS, EFS, ...).")
+@click.option("--s3-secret", default=None, help="A bucket registry: the Secret holding AWS_ACCESS_KEY_ID, "
+              "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL (default NAME-s3; '' for a pod identity).")
+@click.option("--cache-size", default=None, help="A bucket registry: sizeLimit of each pod's cache emptyDir.")
 @json_option
 def k8s_cmd(service_dir: Path, image: str, replicas: int, max_replicas: int, out_dir: Path, namespace: str | None,
             cpus: int, memory: str | None, registry_claim: str | None, registry_size: str,
-            storage_class: str | None, as_json: bool) -> None:
-    """Deployment, Service, PodDisruptionBudget and HorizontalPodAutoscaler for services/NAME."""
+            storage_class: str | None, s3_secret: str | None, cache_size: str | None, as_json: bool) -> None:
+    """Deployment, Service, PodDisruptionBudget and HorizontalPodAutoscaler for services/NAME (and the
+    registry's ReadWriteMany claim, unless the registry is a bucket)."""
     from kit.fleet import service_settings, write_files
     from kit.fleet.k8s import K8sOptions, render_k8s
 
     opts = K8sOptions(image=image, replicas=replicas, max_replicas=max_replicas, namespace=namespace, cpus=cpus,
                       memory=memory, registry_claim=registry_claim, registry_size=registry_size,
-                      storage_class=storage_class)
+                      storage_class=storage_class, s3_secret=s3_secret, cache_size=cache_size)
     _written(write_files(render_k8s(service_settings(service_dir), opts), out_dir), as_json)
 
 

@@ -80,3 +80,15 @@ def test_k8s_manifests_match_the_kubernetes_schemas(cfg):
     hpa["spec"]["minReplicas"] = "three"
     with pytest.raises(kv.ValidationError):
         kv.validate(hpa, K8S_VERSIONS[-1], strict=True)
+
+
+def test_k8s_manifests_of_a_bucket_service_match_the_kubernetes_schemas(tmp_path):
+    import kubernetes_validate as kv
+    d = generate("tools", "digits", registry="s3://my-bucket/kit", out_dir=tmp_path / "services",
+                 check_model=False, workers=2, torch_threads=2)
+    for opts in ({"cache_size": "10Gi"}, {"s3_secret": ""}):
+        files = render_k8s(service_settings(d), K8sOptions(image="registry.example/kit-tools:1", **opts))
+        assert "registry-pvc.yaml" not in files
+        for version in K8S_VERSIONS:
+            for text in files.values():
+                kv.validate(yaml.safe_load(text), version, strict=True)

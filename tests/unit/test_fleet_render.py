@@ -104,6 +104,42 @@ def test_k8s_manifests(service):
     assert "registry-pvc.yaml" not in own and "claimName: \"shared-registry\"" in own["deployment.yaml"]
 
 
+def test_k8s_for_a_bucket_service_has_no_claim_a_cache_and_a_secret(tmp_path: Path):
+    svc = generate("bucket_svc", "digits", registry="s3://my-bucket/kit", out_dir=tmp_path / "services",
+                   check_model=False, workers=2, torch_threads=1)
+    cfg = service_settings(svc)
+    files = render_k8s(cfg, K8sOptions(image="x:1", cache_size="8Gi"))
+    assert set(files) == {"deployment.yaml", "service.yaml", "pdb.yaml", "hpa.yaml"}  # no registry claim
+    dep = yaml.safe_load(files["deployment.yaml"])
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["KIT_RUN_REGISTRY"] == "s3://my-bucket/kit" and env["KIT_CACHE_DIR"] == "/var/cache/kit"
+    assert c["envFrom"] == [{"secretRef": {"name": "kit-bucket-svc-s3"}}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "8Gi"}}
+    assert not any("persistentVolumeClaim" in v for v in volumes.values())
+    assert {"name": "cache", "mountPath": "/var/cache/kit"} in c["volumeMounts"]
+    assert "kubectl create secret generic kit-bucket-svc-s3" in files["deployment.yaml"]
+
+    named = yaml.safe_load(render_k8s(cfg, K8sOptions(image="x:1", s3_secret="team-s3"))["deployment.yaml"])
+    c = named["spec"]["template"]["spec"]["containers"][0]
+    assert c["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    assert yaml.safe_load(render_k8s(cfg, K8sOptions(image="x:1"))["deployment.yaml"])[
+        "spec"]["template"]["spec"]["volumes"][0] == {"name": "cache", "emptyDir": {}}
+    identity = yaml.safe_load(render_k8s(cfg, K8sOptions(image="x:1", s3_secret=""))["deployment.yaml"])
+    assert "envFrom" not in identity["spec"]["template"]["spec"]["containers"][0]  # a pod identity instead
+    with pytest.raises(ServiceError, match="no registry claim"):
+        render_k8s(cfg, K8sOptions(image="x:1", registry_claim="shared"))
+    with pytest.raises(ServiceError, match="DNS-1123"):
+        render_k8s(cfg, K8sOptions(image="x:1", s3_secret="Bad_Name"))
+
+
+def test_k8s_for_a_folder_service_refuses_bucket_options(service):
+    with pytest.raises(ServiceError, match="not a bucket"):
+        render_k8s(service_settings(service), K8sOptions(image="x:1", s3_secret="team-s3"))
+
+
 def test_k8s_refuses_bad_input(service):
     cfg = service_settings(service)
     assert k8s_name("Demo_v2.x") == "kit-demo-v2-x"
