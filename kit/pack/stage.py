@@ -3,6 +3,7 @@ aliases name (verified, safe to open), the environment's checks, the staged file
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -18,6 +19,7 @@ from kit._version import __version__ as kit_version
 from kit.errors import KitError, PackError, UnsafeArtifactError
 from kit.pack import envscan
 from kit.pack._common import FORMAT_VERSION, SKIP_NAMES, Progress, say
+from kit.registry.moves import MoveStorage
 from kit.service_settings import SERVICE_FILE, read_service_toml
 from kit.signing import Keyring
 
@@ -47,9 +49,36 @@ def read_service(service_dir: Path) -> ServiceInfo:
                        str(doc["model"].get("backend", "torch")))
 
 
+class MoveSnapshot(MoveStorage):
+    """A model's aliases.json and move records as read once (the bytes :func:`plan_models` verified), read
+    back by the same checks and written into the archive by :func:`stage_models`, never read again from the
+    registry: a move made in between cannot make the archive's aliases name a version it does not ship."""
+
+    def __init__(self, live: MoveStorage):
+        super().__init__(live.model_dir)
+        self.pointer_bytes = live.read_pointer()  # first: every record it names or follows was created before it
+        self.records = {n: data for n in live.serials() if (data := live.read(n)) is not None}
+
+    def read(self, serial: int) -> bytes | None:
+        return self.records.get(serial)
+
+    def read_pointer(self) -> bytes | None:
+        return self.pointer_bytes
+
+    def serials(self) -> list[int]:
+        return sorted(self.records)
+
+    def create(self, serial: int, data: bytes) -> bool:
+        raise PackError("A pack's snapshot of the move records is read-only.")
+
+    def write_pointer(self, data: bytes) -> None:
+        raise PackError("A pack's snapshot of the move records is read-only.")
+
+
 @dataclass(frozen=True)
 class ModelPlan:
-    """The versions to ship: production, and the canary when there is one, as ``registry`` verified them."""
+    """The versions to ship: production, and the canary when there is one, as ``registry`` verified them;
+    ``moves``: the aliases.json and move records whose verification named them (what the archive carries)."""
 
     model: str
     aliases: Any  # kit.registry.Aliases
@@ -57,6 +86,7 @@ class ModelPlan:
     mvs: list[Any]  # kit.registry.ModelVersion, in ``versions`` order
     label: str  # v3, or v3-canary4
     registry: Any = None  # the kit.registry.Registry they come from (a bucket's: its files in this host's copy)
+    moves: MoveSnapshot | None = None
 
 
 def plan_models(svc: ServiceInfo, reg_root: Path | str, keyring: Keyring | None) -> ModelPlan:
@@ -68,7 +98,9 @@ def plan_models(svc: ServiceInfo, reg_root: Path | str, keyring: Keyring | None)
 
     reg = Registry(reg_root, require_gate=True, user="kit-pack", keyring=keyring)  # signatures checked too
     try:
-        aliases = reg.aliases(svc.model)
+        live = reg.movelog(svc.model)
+        moves = MoveSnapshot(live.storage)  # read once: verified here, staged as read
+        aliases = dataclasses.replace(live, storage=moves, floor=0, memo={}).current()
     except KitError as exc:
         raise PackError(f"Service {svc.name!r} serves model {svc.model!r}, which the registry {reg_root} cannot "
                         f"provide ({exc}).") from exc
@@ -87,7 +119,7 @@ def plan_models(svc: ServiceInfo, reg_root: Path | str, keyring: Keyring | None)
         except UnsafeArtifactError as exc:
             raise PackError(f"{mv.ref} will not be shipped: {exc}") from exc
     label = f"v{aliases.production}" + (f"-canary{aliases.canary}" if len(versions) > 1 else "")
-    return ModelPlan(svc.model, aliases, versions, mvs, label, reg)
+    return ModelPlan(svc.model, aliases, versions, mvs, label, reg, moves)
 
 
 def check_environment(s: envscan.EnvScan, plan: ModelPlan, *, force: bool, target_platform: str | None,
@@ -136,28 +168,27 @@ def copy_tree(src: Path, dest: Path, skip: Callable[[Path], bool] = lambda p: Fa
             shutil.copy2(p, target)
 
 
-def stage_models(reg: Any, model: str, versions: list[int], dest: Path) -> None:
-    """``model``'s part of the registry ``reg`` as a folder registry under ``dest``: aliases.json and the signed
-    move records (a guard-signed aliases.json is judged by the one before) read through its move storage,
-    the audit events, and the folders of ``versions`` as :func:`plan_models` verified them (from a bucket:
-    this host's copy, whose files are links into the local verified cache)."""
-    for v in versions:
+def stage_models(plan: ModelPlan, dest: Path) -> None:
+    """The plan's model as a folder registry under ``dest``: the aliases.json and move records exactly as
+    :func:`plan_models` read and verified them (not read again: a move made since is not in this archive,
+    which ships what its aliases name), the audit events, and the folders of the planned versions as it
+    verified them (from a bucket: this host's copy, whose files are links into the local verified cache)."""
+    reg, model = plan.registry, plan.model
+    for v in plan.versions:
         reg.gate_results(model, v)  # a bucket's gate runs brought into this host's copy (a folder's: a read)
     reg.history(model)  # ... and its event objects into its events.jsonl
     src = reg.root / model
     out = dest / model
     out.mkdir(parents=True)
-    moves = reg.movelog(model).storage
-    pointer = moves.read_pointer()
-    if pointer is not None:
-        (out / "aliases.json").write_bytes(pointer)
+    moves = plan.moves if plan.moves is not None else MoveSnapshot(reg.movelog(model).storage)
+    if moves.pointer_bytes is not None:
+        (out / "aliases.json").write_bytes(moves.pointer_bytes)
     for serial in moves.serials():
-        if (record := moves.read(serial)) is not None:
-            (out / "moves").mkdir(exist_ok=True)
-            (out / "moves" / moves.path(serial).name).write_bytes(record)
+        (out / "moves").mkdir(exist_ok=True)
+        (out / "moves" / moves.path(serial).name).write_bytes(moves.records[serial])
     if (src / "events.jsonl").is_file():
         shutil.copy2(src / "events.jsonl", out / "events.jsonl")
-    for v in versions:
+    for v in plan.versions:
         copy_tree(src / "versions" / str(v), out / "versions" / str(v),  # no hidden name is part of a version
                   skip=lambda p: p.name.startswith("."))
 
@@ -205,7 +236,7 @@ def stage_files(stage: Path, svc: ServiceInfo, plan: ModelPlan, s: envscan.EnvSc
     from kit.servicegen import app_target  # here, not at the top: run.sh's `kit.pack verify` needs no jinja2
 
     copy_tree(svc.directory, stage / "service")
-    stage_models(plan.registry, svc.model, plan.versions, stage / "registry")
+    stage_models(plan, stage / "registry")
     ctx = dict(service=svc.name, label=plan.label, kit_version=kit_version, kind=s.kind,
                app=app_target(stage / "service"),  # app:app, or wsgi:app for a folder an older Kit generated
                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -110,6 +110,31 @@ def test_the_registry_commands_on_a_bucket(url: str, tmp_path: Path):
     assert len(removed) == 2 and not any(r.startswith(prod) for r in removed)  # production's entry is kept
 
 
+def test_sizes_and_paths_of_versions_a_host_never_downloaded(url: str, tmp_path: Path):
+    """`kit models NAME` takes each version's size from its record (meta.json's file_sizes; for a version
+    registered before sizes were recorded, from one listing of its folder), not from this host's mirror, which
+    holds no files; `kit show --json` and `kit models NAME --json` name the bucket, not the mirror."""
+    a, b = Host(tmp_path, "a", url), Host(tmp_path, "b", url)
+    a.register("tiny", 0)
+    a.register("tiny", 1)
+    st = a.registry().storage
+    stored = st.sizes("tiny/versions/1/")
+    meta = json.loads(st.get("tiny/versions/1/meta.json", 1 << 20).data)
+    want = sum(stored[f"tiny/versions/1/{f}"] for f in meta["files"])
+    assert meta["file_sizes"] == {f: stored[f"tiny/versions/1/{f}"] for f in meta["files"]} and want > 1024
+    del meta["file_sizes"]  # as an older Kit wrote it (a listing reads it unverified; a load checks the signature)
+    st.put("tiny/versions/2/meta.json", json.dumps({**meta, "version": 2}).encode())
+
+    listed = b.json("models", "tiny")
+    assert [v["size_bytes"] for v in listed] == [want, want]  # b downloaded nothing
+    assert [v["path"] for v in listed] == [f"{url}/tiny/versions/1", f"{url}/tiny/versions/2"]
+    rows = [ln for ln in b.kit("models", "tiny").output.splitlines() if ln.lstrip().startswith(("1 ", "2 "))]
+    assert len(rows) == 2 and all(f" {want / 1024:.0f} KiB " in r for r in rows), rows
+    shown = b.json("show", "tiny@1")
+    assert shown["path"] == f"{url}/tiny/versions/1" and shown["size_bytes"] == want
+    assert not any((b.cache / ".remote").rglob("*.pt2"))  # sizes came without a download
+
+
 def test_aliases_migrate_and_repair_write_the_bucket(url: str, tmp_path: Path):
     a, b = Host(tmp_path, "a", url), Host(tmp_path, "b", url)
     a.register("tiny", 0)
@@ -246,7 +271,7 @@ def test_pack_stages_a_bucket_version_through_the_verified_cache(url: str, tmp_p
     svc = read_service(svc_dir)
     assert svc.registry == url
     plan = plan_models(svc, svc.registry, project_keyring())
-    stage_models(plan.registry, svc.model, plan.versions, tmp_path / "stage" / "registry")
+    stage_models(plan, tmp_path / "stage" / "registry")
     [entry] = plan.registry.cache.entries()  # downloaded once, verified, in the packer's cache
     staged = tmp_path / "stage" / "registry" / "tiny"
     assert os.path.samefile(plan.mvs[0].path / "model.pt2", entry / "model.pt2")
