@@ -14,7 +14,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from kit.errors import UnsafeArtifactError
 
@@ -103,7 +103,7 @@ def zip_entries(path: Path, limits: Limits) -> list[Entry]:
     return entries
 
 
-def _one_entry(path: Path, f: Any, info: zipfile.ZipInfo, file_size: int, limits: Limits) -> Entry:
+def _one_entry(path: Path, f: BinaryIO, info: zipfile.ZipInfo, file_size: int, limits: Limits) -> Entry:
     name = info.filename
     if info.flag_bits & 0x1:
         raise refuse(path, f"entry {name!r} is encrypted")

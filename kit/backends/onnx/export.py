@@ -21,10 +21,18 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kit._types import JSONObject
 from kit.backends.parity import HALF_FLOOR, compare
 from kit.version_files import ONNX_DATA_FILE, ONNX_FILE
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    # (label, inputs, eager outputs): one point capture checked the program at
+    Check = tuple[str, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 
 log = logging.getLogger("kit.capture")
 
@@ -38,7 +46,7 @@ class OnnxExport:
     """What capture's ONNX export gave: ``record`` is meta.json's ``capture.onnx``; ``folder`` holds the
     checked ``model.onnx`` (and ``model.onnx.data``) when exported."""
 
-    record: dict[str, Any]
+    record: JSONObject
     folder: Path | None = None
     files: tuple[str, ...] = field(default=())
 
@@ -86,7 +94,8 @@ def failure_reason(exc: BaseException) -> str:
 _REGISTRY: dict[int, Any] = {}  # opset -> torchlib's ONNX registry (read-only during an export)
 
 
-def _torch_onnx_export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names: list[str]) -> Any:
+def _torch_onnx_export(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...], in_names: list[str],
+                       out_names: list[str]) -> torch.onnx.ONNXProgram | None:
     """``torch.onnx.export(program, args, dynamo=True)``, with torchlib's ONNX registry built once per process.
 
     torch builds that registry on every call by reading the source of ~500 ONNX functions: 0.85 s of a 1.2 s
@@ -111,7 +120,7 @@ def _torch_onnx_export(program: Any, args: tuple[Any, ...], in_names: list[str],
                   output_names=out_names, verbose=False, optimize=True, opset_version=opset)
 
 
-def _export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names: list[str], folder: Path) -> int:
+def _export(program: torch.export.ExportedProgram, args: tuple[torch.Tensor, ...], in_names: list[str], out_names: list[str], folder: Path) -> int:
     """``torch.onnx.export`` into ``folder/model.onnx``; returns the opset."""
 
     quiet = [(logging.getLogger(n), logging.getLogger(n).level) for n in _QUIET_LOGGERS]
@@ -130,7 +139,7 @@ def _export(program: Any, args: tuple[Any, ...], in_names: list[str], out_names:
     return int(next((o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-def _diff(expected: Sequence[Any], got: Sequence[Any], atol: float, rtol: float) -> tuple[float, bool]:
+def _diff(expected: Sequence[torch.Tensor], got: Sequence[np.ndarray], atol: float, rtol: float) -> tuple[float, bool]:
     """Eager tensors against onnxruntime's arrays by the one rule (:func:`kit.backends.parity.compare`)."""
     names = [str(e.dtype).removeprefix("torch.") for e in expected]
     want = [(e.detach().cpu().float() if n in HALF_FLOOR else e.detach().cpu()).numpy()  # numpy has no bfloat16
@@ -140,7 +149,7 @@ def _diff(expected: Sequence[Any], got: Sequence[Any], atol: float, rtol: float)
 
 
 def _parity(folder: Path, in_names: list[str], out_names: list[str],
-            checks: Sequence[tuple[str, tuple[Any, ...], tuple[Any, ...]]], atol: float, rtol: float) -> float:
+            checks: Sequence[Check], atol: float, rtol: float) -> float:
     """Run model.onnx with onnxruntime on every check; the worst |diff|. ``ValueError`` when one fails."""
     import onnxruntime as ort
 
@@ -158,8 +167,8 @@ def _parity(folder: Path, in_names: list[str], out_names: list[str],
     return worst
 
 
-def export_onnx(program: Any, checks: Sequence[tuple[str, tuple[Any, ...], tuple[Any, ...]]], in_names: list[str],
-                out_names: list[str], parity: dict[str, Any]) -> OnnxExport:
+def export_onnx(program: torch.export.ExportedProgram, checks: Sequence[Check], in_names: list[str],
+                out_names: list[str], parity: JSONObject) -> OnnxExport:
     """Export ``program`` to ONNX and check it with onnxruntime on ``checks`` ((label, inputs, eager
     outputs), the first one the example). ``parity`` is capture's record (batch sizes, dims, atol, rtol).
 

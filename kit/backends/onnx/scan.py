@@ -161,9 +161,10 @@ def _tensor_values(buf: memoryview, start: int, stop: int) -> tuple[str, list[fl
     return name, nums if len(nums) <= _MAX_SIZE_VALUES else None
 
 
-def _node(buf: memoryview, start: int, stop: int) -> tuple[str, list[str], list[str], dict[str, Any]]:
+def _node(buf: memoryview, start: int, stop: int) -> tuple[str, list[str], list[str], dict[str, list[float] | None]]:
     """(op_type, inputs, outputs, {attribute: values}) of a NodeProto (attributes: tensor values, ints)."""
-    op, inputs, outputs, attrs = "", [], [], {}
+    op, inputs, outputs = "", [], []
+    attrs: dict[str, list[float] | None] = {}
     for field, wire, value in _fields(buf, start, stop):
         if wire == 2 and field == 1:
             inputs.append(_text(buf, value))
@@ -196,7 +197,7 @@ def _elements(op: str, sizes: list[list[float]]) -> float:
 def generator_problem(path: Path, limit: int) -> str | None:
     """Why a node of ``path`` would make a tensor over ``limit`` bytes from constant sizes, or None."""
     constants: dict[str, list[float] | None] = {}
-    generators: list[tuple[str, list[str], dict[str, Any]]] = []
+    generators: list[tuple[str, list[str], dict[str, list[float] | None]]] = []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         buf = memoryview(mm)
         try:
@@ -232,7 +233,7 @@ def generator_problem(path: Path, limit: int) -> str | None:
     return None
 
 
-def _node_subgraphs(buf: memoryview, start: int, stop: int) -> Iterator[Any]:
+def _node_subgraphs(buf: memoryview, start: int, stop: int) -> Iterator[tuple[int, int]]:
     """The span of every subgraph (If/Loop/Scan bodies) in a NodeProto's attributes."""
     for field, wire, value in _fields(buf, start, stop):
         if field == 5 and wire == 2:

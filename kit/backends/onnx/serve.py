@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Any
 from kit.backends.checks import Limits
 
 if TYPE_CHECKING:
-    from kit.signature import Signature
+    import numpy as np
 
-Forward = Any  # kit.backends.serving.Forward
+    from kit.backends.serving import Forward
+    from kit.registry.loaded import LoadedModel
+    from kit.registry.records import ModelVersion
+    from kit.signature import Signature
 
 
 def resolve_device(device: str) -> str:
@@ -23,8 +26,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, drift: Any, signed_by: str | None,
-                 device: str = "cpu", threads: int = 0) -> Any:
+def load_version(mv: ModelVersion, files: Path, signature: Signature, limits: Limits, *, drift: Any,
+                 signed_by: str | None, device: str = "cpu", threads: int = 0) -> LoadedModel:
     """The verified version in ``files`` as a :class:`~kit.registry.loaded.LoadedModel` over an onnxruntime
     session (numpy in, a tuple of numpy out), ``threads`` intra-op threads (0: onnxruntime's default)."""
     from kit.backends.onnx.session import load_onnx
@@ -36,7 +39,7 @@ def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, 
     return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "onnxruntime", files)
 
 
-def forward(loaded: Any, device: str) -> Forward:
+def forward(loaded: LoadedModel, device: str) -> Forward:
     """``session.run`` with the signature's names, fed the arrays as they are: onnxruntime only reads them
     (a read-only view of a v2 binary body is fine). The OrtModule's own per-call checks are skipped, as
     the torch path skips nn.Module hooks: kit.serving.protocol has checked every input against the signature."""
@@ -44,7 +47,7 @@ def forward(loaded: Any, device: str) -> Forward:
     ins = [s.name for s in loaded.signature.inputs]
     outs = [s.name for s in loaded.signature.outputs]
 
-    def call(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    def call(inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         return tuple(run(outs, dict(zip(ins, inputs))))
     return call
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from kit.backends.checks import Limits
 from kit.backends.onnx.scan import check_onnx
 from kit.errors import ServingError
 
 if TYPE_CHECKING:
+    import numpy as np
+    from onnxruntime import InferenceSession
+
     from kit.signature import Signature
 
 log = logging.getLogger(__name__)
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install kit[onnx]"
 
 
-def _onnxruntime() -> Any:
+def _onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as exc:
@@ -34,7 +38,7 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
-def providers(device: str) -> list[Any]:
+def providers(device: str) -> list[str | tuple[str, dict[str, int]]]:
     """onnxruntime execution providers for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -52,7 +56,7 @@ def providers(device: str) -> list[Any]:
     raise ServingError(f"device {device!r} is not cpu, cuda or cuda:N.")
 
 
-def session(path: Path, *, threads: int = 0, device: str = "cpu") -> Any:
+def session(path: Path, *, threads: int = 0, device: str = "cpu") -> InferenceSession:
     """An ``InferenceSession`` over ``path``: ``threads`` intra-op threads (0: onnxruntime's default), one
     inter-op thread, sequential execution, every graph optimisation."""
     ort = _onnxruntime()
@@ -77,7 +81,7 @@ class OrtModule:
 
     backend = "onnxruntime"
 
-    def __init__(self, sess: Any, signature: Signature):
+    def __init__(self, sess: InferenceSession, signature: Signature):
         import numpy as np
 
         self.session = sess
@@ -90,7 +94,7 @@ class OrtModule:
             raise ServingError(f"model.onnx takes inputs {have}, but the signature names {self._in_names}. "
                                "Register the model again.")
 
-    def _check(self, arrays: Sequence[Any]) -> None:
+    def _check(self, arrays: Sequence[np.ndarray]) -> None:
         if len(arrays) != len(self._in_names):
             raise ValueError(f"expected {len(self._in_names)} input array(s) ({', '.join(self._in_names)}), "
                              f"got {len(arrays)}")
@@ -103,7 +107,7 @@ class OrtModule:
                                  f"got {got}")
         self.signature.dim_values([x.shape for x in arrays])
 
-    def __call__(self, *arrays: Any) -> tuple[Any, ...]:
+    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         self._check(arrays)
         return tuple(self.session.run(self._out_names, dict(zip(self._in_names, arrays))))
 

@@ -20,11 +20,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kit._types import JSONObject
 from kit.backends.checks import DEFAULT_LIMITS, Entry, Limits, check_npz, read_entry, refuse, zip_entries
 from kit.backends.pt2.grammar import ProgramTextError, is_dotted, parse_program, program_text_problem
 from kit.errors import UnsafeArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_NAME = "model"  # torch.export.save names its single program "model"
 
@@ -37,9 +41,9 @@ class Pt2Archive:
     root: str
     entries: dict[str, Entry]
     program_json: bytes
-    weights: dict[str, dict[str, Any]]
-    constants: dict[str, dict[str, Any]]
-    program: dict[str, Any]  # program_json parsed once, checked; what the loaders build from
+    weights: dict[str, JSONObject]
+    constants: dict[str, JSONObject]
+    program: JSONObject  # program_json parsed once, checked; what the loaders build from
 
 
 # --------------------------------------------------------------------------- which entries may exist
@@ -103,7 +107,7 @@ def _check_names(path: Path, root: str, entries: dict[str, Entry]) -> None:
 # --------------------------------------------------------------------------- configs and program text
 
 def _payload_config(path: Path, root: str, rel: str, prefix: str,
-                    entries: dict[str, Entry]) -> dict[str, dict[str, Any]]:
+                    entries: dict[str, Entry]) -> dict[str, JSONObject]:
     raw = read_entry(path, entries[rel])
     where = f"{root}/{rel}"
     try:
@@ -133,7 +137,7 @@ def _dir(rel: str) -> str:
     return rel.rsplit("/", 1)[0] + "/"
 
 
-def _check_program(path: Path, where: str, raw: bytes) -> dict[str, Any]:
+def _check_program(path: Path, where: str, raw: bytes) -> JSONObject:
     try:
         program = parse_program(raw)
     except ProgramTextError as exc:
@@ -175,7 +179,7 @@ def inspect_pt2(path: Path, limits: Limits = DEFAULT_LIMITS) -> Pt2Archive:
 
 # --------------------------------------------------------------------------- loading what was checked
 
-def load_exported_program(archive: Pt2Archive) -> Any:
+def load_exported_program(archive: Pt2Archive) -> torch.export.ExportedProgram:
     """Build the ``torch.export.ExportedProgram`` of an inspected archive without ``torch.export.load``.
 
     Raw tensors are views of one read-only, copy-on-write mapping of the file (stored entries) or copies
@@ -204,9 +208,9 @@ class MappedTensors:
 
     def __init__(self, archive: Pt2Archive):
         self.archive = archive
-        self._storage: Any = None
+        self._storage: Any = None  # a torch.UntypedStorage (torch's stubs type from_file and set_ apart)
 
-    def _flat(self, rel: str, dtype: Any) -> Any:
+    def _flat(self, rel: str, dtype: torch.dtype) -> torch.Tensor:
         import torch
 
         entry = self.archive.entries[rel]
@@ -223,7 +227,7 @@ class MappedTensors:
             return t.set_(self._storage, entry.data_offset // item, (entry.size // item,), (1,))
         return torch.frombuffer(bytearray(read_entry(self.archive.path, entry)), dtype=dtype)
 
-    def tensor(self, rel: str, meta: dict[str, Any], *, param: bool) -> Any:
+    def tensor(self, rel: str, meta: JSONObject, *, param: bool) -> torch.Tensor:
         import torch
 
         from kit.backends.pt2.dtypes import dtype_of
@@ -252,7 +256,7 @@ class MappedTensors:
         return t
 
 
-def save_program(program: Any, path: Path) -> None:
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """``torch.export.save`` without the sample inputs (a pickle), so the archive passes :func:`inspect_pt2`."""
     import torch
 

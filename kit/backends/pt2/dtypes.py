@@ -7,7 +7,9 @@ Both the archive's tensor reader (:mod:`kit.backends.pt2.archive`) and the graph
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from enum import Enum
+from typing import TypeVar
 
 import torch
 from torch._export.serde import schema
@@ -27,7 +29,10 @@ FORMATS = {"ContiguousFormat": torch.contiguous_format, "ChannelsLast": torch.ch
            "ChannelsLast3d": torch.channels_last_3d, "PreserveFormat": torch.preserve_format}
 
 
-def enum_of(table: dict[str, Any], enum: Any, value: Any, what: str) -> Any:
+T = TypeVar("T")
+
+
+def enum_of(table: Mapping[str, T], enum: type[Enum], value: object, what: str) -> T:
     """``table``'s entry for the serialized ``enum`` member ``value`` (``Unsupported`` if it has none)."""
     try:
         return table[enum(value).name]
@@ -35,6 +40,6 @@ def enum_of(table: dict[str, Any], enum: Any, value: Any, what: str) -> Any:
         raise Unsupported(f"{what} {value!r}") from None
 
 
-def dtype_of(value: Any) -> torch.dtype:
+def dtype_of(value: object) -> torch.dtype:
     """The torch dtype of a serialized ``ScalarType``."""
     return enum_of(DTYPES, schema.ScalarType, value, "scalar type")

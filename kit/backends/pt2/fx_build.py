@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch._export.serde import schema
 
+from kit._types import JSONObject
 from kit.backends.checks import DEFAULT_LIMITS, Limits, tensor_limit
 from kit.backends.pt2.archive import MappedTensors, Pt2Archive
 from kit.backends.pt2.dtypes import FORMATS, LAYOUTS, dtype_of, enum_of
@@ -97,7 +98,7 @@ def _python_op(name: str) -> Callable[..., Any]:
 _PY_OPS = {name: _python_op(name) for name in PY_OPERATORS}
 
 
-def resolve_target(text: str) -> Any:
+def resolve_target(text: str) -> Callable[..., Any]:
     """The callable of a call target the grammar allowed: an ``OpOverload`` of an allowed namespace (looked
     up as namespace -> packet -> overload, never an attribute of ``torch.ops`` itself), a Python operator,
     ``math`` function or ``torch.sym_*`` function from a fixed table. Control flow is :class:`Unsupported`."""
@@ -142,7 +143,7 @@ _SAME_NUMEL = frozenset({"view", "reshape", "_unsafe_view", "unflatten", "view_c
 _ARANGE = {"arange": frozenset({"start", "end", "step"})}
 
 
-def _size_args(target: Any) -> list[str]:
+def _size_args(target: torch._ops.OpOverload) -> list[str]:
     """Names of the arguments of ``target`` that decide how many elements its output holds."""
     packet = target._schema.name.split("::", 1)[1]
     if packet in _SAME_NUMEL:
@@ -193,19 +194,19 @@ def check_size(what: str, arange: bool, limit: int, itemsize: int, *values: Any)
 
 
 class _Builder:
-    def __init__(self, program: dict[str, Any], tensor_limit: int = 1 << 62):
+    def __init__(self, program: JSONObject, tensor_limit: int = 1 << 62):
         self.program = program
         self.graph = torch.fx.Graph()
         self.env: dict[str, torch.fx.Node] = {}
         self.limit = tensor_limit
 
     # ---- arguments
-    def _node(self, name: Any) -> torch.fx.Node:
+    def _node(self, name: str) -> torch.fx.Node:
         if name not in self.env:
             raise Unsupported(f"a node reads {name!r} before it is made")
         return self.env[name]
 
-    def _sym(self, arg: dict[str, Any]) -> Any:
+    def _sym(self, arg: JSONObject) -> Any:
         (kind, value), = arg.items()
         if kind == "as_name":
             return self._node(value)
@@ -215,7 +216,7 @@ class _Builder:
             return value
         raise Unsupported(f"symbolic argument {kind}")
 
-    def arg(self, arg: dict[str, Any]) -> Any:
+    def arg(self, arg: JSONObject) -> Any:
         (kind, value), = arg.items()
         if kind == "as_none":
             return None
@@ -244,11 +245,11 @@ class _Builder:
         raise Unsupported(f"argument kind {kind}")
 
     # ---- nodes
-    def target(self, text: str) -> Any:
+    def target(self, text: str) -> Callable[..., Any]:
         """Resolve a call target (:func:`resolve_target`)."""
         return resolve_target(text)
 
-    def call(self, node: dict[str, Any]) -> None:
+    def call(self, node: JSONObject) -> None:
         target = self.target(node["target"])
         inputs = node["inputs"]
         if isinstance(target, torch._ops.OpOverload) and target is not torch.ops.aten.item.default:
@@ -271,7 +272,7 @@ class _Builder:
         fx = self.graph.create_node("call_function", target, args, kwargs)  # FX names it from the operator
         self._outputs(node["outputs"], fx)
 
-    def _bound_sizes(self, target: Any, inputs: list[dict[str, Any]], kwargs: dict[str, Any]) -> None:
+    def _bound_sizes(self, target: torch._ops.OpOverload, inputs: list[JSONObject], kwargs: JSONObject) -> None:
         """Check the sizes ``target`` makes a tensor from: now when they are constants, else per call."""
         names = _size_args(target)
         if not names:
@@ -290,11 +291,11 @@ class _Builder:
         if problem:
             raise Refused(f"{problem}. {_RAISE_TENSOR_LIMIT}")
 
-    def _schema_args(self, target: Any, inputs: list[dict[str, Any]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _schema_args(self, target: torch._ops.OpOverload, inputs: list[JSONObject]) -> tuple[tuple[Any, ...], JSONObject]:
         """Arguments as torch's deserializer places them: positional or keyword by the recorded kind."""
         given = {i["name"]: (self.arg(i["arg"]), i.get("kind")) for i in inputs}
         args: list[Any] = []
-        kwargs: dict[str, Any] = {}
+        kwargs: JSONObject = {}
         for a in target._schema.arguments:
             if a.name not in given:
                 if not a.has_default_value() and not a.kwarg_only:
@@ -310,7 +311,7 @@ class _Builder:
                 kwargs[a.name] = value
         return tuple(args), kwargs
 
-    def _outputs(self, outputs: list[dict[str, Any]], fx: torch.fx.Node) -> None:
+    def _outputs(self, outputs: list[JSONObject], fx: torch.fx.Node) -> None:
         if len(outputs) == 1:
             (kind, value), = outputs[0].items()
             if kind == "as_tensor":
@@ -350,12 +351,12 @@ class _Builder:
         return torch.fx.GraphModule(torch.nn.Module(), self.graph)
 
 
-def _spec(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _spec(entry: JSONObject) -> tuple[str, JSONObject]:
     (kind, value), = entry.items()
     return kind, value
 
 
-def _lifted(archive: Pt2Archive, specs: list[dict[str, Any]]) -> list[torch.Tensor]:
+def _lifted(archive: Pt2Archive, specs: list[JSONObject]) -> list[torch.Tensor]:
     """The tensors bound to the graph's leading placeholders, mapped from the archive."""
     maps = MappedTensors(archive)
     out = []
@@ -376,7 +377,7 @@ def _lifted(archive: Pt2Archive, specs: list[dict[str, Any]]) -> list[torch.Tens
     return out
 
 
-def _user_input(program: dict[str, Any], name: str) -> UserInput:
+def _user_input(program: JSONObject, name: str) -> UserInput:
     meta = program["graph_module"]["graph"]["tensor_values"].get(name)
     if meta is None:
         raise Unsupported(f"user input {name!r} has no recorded shape")

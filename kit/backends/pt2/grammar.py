@@ -18,8 +18,10 @@ import ast
 import json
 import keyword
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from kit._types import JSONObject
 
 # Sympy names torch's deserializer may meet in an ``expr_str`` (srepr form), and the guard grammar.
 _SYMPY_CALLS = frozenset({
@@ -115,7 +117,7 @@ def _safe_guard(node: ast.AST) -> bool:
     return False
 
 
-def _parses_safely(text: str, check: Any) -> bool:
+def _parses_safely(text: str, check: Callable[[ast.AST], bool]) -> bool:
     if len(text) > 10_000:
         return False
     try:
@@ -136,20 +138,20 @@ def _walk(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
             yield k, o
 
 
-def is_identifier(value: Any) -> bool:
+def is_identifier(value: object) -> bool:
     """A plain Python identifier of at most 200 characters: no keyword, no dunder."""
     return (isinstance(value, str) and _IDENTIFIER.fullmatch(value) is not None
             and not keyword.iskeyword(value) and not value.startswith("__"))
 
 
-def is_dotted(value: Any) -> bool:
+def is_dotted(value: object) -> bool:
     """Dotted identifiers (``encoder.layers.0.linear1.weight``: module paths may hold list indexes)."""
     if not isinstance(value, str) or len(value) > 1000:
         return False
     return value == "" or all(is_identifier(p) or (p.isdigit() and len(p) < 10) for p in value.split("."))
 
 
-def _safe_target(value: Any) -> bool:
+def _safe_target(value: object) -> bool:
     if not isinstance(value, str):
         return False
     head, _, rest = value.partition(".")
@@ -181,7 +183,7 @@ def parse_program(raw: bytes) -> Any:
     return json.loads(raw, parse_int=_bounded_int)
 
 
-def _name_problem(program: dict[str, Any]) -> str | None:
+def _name_problem(program: JSONObject) -> str | None:
     graphs = [program.get("graph_module", {}).get("graph")]
     while graphs:
         graph = graphs.pop()
@@ -204,7 +206,7 @@ def _name_problem(program: dict[str, Any]) -> str | None:
     return None
 
 
-def program_text_problem(program: dict[str, Any]) -> str | None:
+def program_text_problem(program: JSONObject) -> str | None:
     """Why ``program`` (a parsed ``models/<name>.json``) must not be loaded, or None when every guard,
     symbolic expression, call target and name is inside the grammar."""
     for guard in program.get("guards_code") or []:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from torch.utils._pytree import TreeSpec
+
     from kit.signature import Signature
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class ExportedForward(torch.nn.Module):
     """
 
     def __init__(self, graph: torch.fx.GraphModule, lifted: list[torch.Tensor], inputs: list[UserInput],
-                 out_spec: Any):
+                 out_spec: TreeSpec | None):
         super().__init__()
         for i, t in enumerate(lifted):
             self.register_buffer(f"lifted_{i}", t.detach(), persistent=False)
@@ -86,7 +88,7 @@ class ExportedForward(torch.nn.Module):
         return cls(program.graph_module, lifted, [_user_input(program, n) for n in placeholders],
                    program.call_spec.out_spec)
 
-    def _check(self, inputs: tuple[Any, ...]) -> None:
+    def _check(self, inputs: tuple[torch.Tensor, ...]) -> None:
         if len(inputs) != len(self._expect):
             raise ValueError(f"expected {len(self._expect)} input tensor(s) ({', '.join(self._names)}), got {len(inputs)}")
         for name, x, (rank, dims, dtype) in zip(self._names, inputs, self._expect):
@@ -99,7 +101,7 @@ class ExportedForward(torch.nn.Module):
         if self._dynamic:
             self._check_dynamic(inputs)
 
-    def _check_dynamic(self, inputs: tuple[Any, ...]) -> None:
+    def _check_dynamic(self, inputs: tuple[torch.Tensor, ...]) -> None:
         seen: dict[str, tuple[int, int, int]] = {}
         for k, d, sym, lo, hi in self._dynamic:
             v = int(inputs[k].shape[d])
@@ -118,7 +120,7 @@ class ExportedForward(torch.nn.Module):
             if len(spec.shape) == len(self._labels[k]):
                 self._labels[k] = [str(s) for s in spec.shape]
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: torch.Tensor) -> Any:
         self._check(inputs)
         outs = self.graph.forward(*self._buffers.values(), *inputs)
         if self._out_spec is None:
@@ -128,7 +130,7 @@ class ExportedForward(torch.nn.Module):
         return _pytree.tree_unflatten(list(outs), self._out_spec)
 
 
-def _user_input(program: torch.export.ExportedProgram, node: Any) -> UserInput:
+def _user_input(program: torch.export.ExportedProgram, node: torch.fx.Node) -> UserInput:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise Unsupported("a user input has no recorded example value")
@@ -141,7 +143,7 @@ def _user_input(program: torch.export.ExportedProgram, node: Any) -> UserInput:
     return UserInput(node.name, dims, val.dtype, tuple(symbols))
 
 
-def _symbol_range(program: torch.export.ExportedProgram, size: Any) -> tuple[int, int]:
+def _symbol_range(program: torch.export.ExportedProgram, size: torch.SymInt) -> tuple[int, int]:
     """The inclusive range torch.export recorded for a symbolic input dim (unbounded ends: 0 and 2**62)."""
     rng = program.range_constraints.get(getattr(getattr(size, "node", None), "expr", None))
     if rng is None:

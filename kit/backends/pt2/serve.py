@@ -18,9 +18,10 @@ from kit.backends.checks import Limits
 from kit.errors import ServingError
 
 if TYPE_CHECKING:
+    from kit.backends.serving import Forward
+    from kit.registry.loaded import LoadedModel
+    from kit.registry.records import ModelVersion
     from kit.signature import Signature
-
-Forward = Any  # kit.backends.serving.Forward
 
 
 def resolve_device(device: str) -> str:
@@ -34,8 +35,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, drift: Any, signed_by: str | None,
-                 device: str = "cpu", threads: int = 0) -> Any:
+def load_version(mv: ModelVersion, files: Path, signature: Signature, limits: Limits, *, drift: Any,
+                 signed_by: str | None, device: str = "cpu", threads: int = 0) -> LoadedModel:
     """The verified version in ``files`` as a :class:`~kit.registry.loaded.LoadedModel` over its exported
     program (tensors in and out), moved with its stored example to ``device``. ``threads`` is torch's
     process-wide setting, not a per-model one: unused here."""
@@ -54,12 +55,12 @@ def load_version(mv: Any, files: Path, signature: Signature, limits: Limits, *, 
     return LoadedModel(mv, module, signature, ins, outs, drift, signed_by, "torch", files)
 
 
-def forward(loaded: Any, device: str) -> Forward:
+def forward(loaded: LoadedModel, device: str) -> Forward:
     """The serving forward of a loaded version (:func:`torch_forward` over its module)."""
     return torch_forward(loaded.module, device, loaded.signature)
 
 
-def torch_forward(module: Any, device: str, sig: Signature) -> Forward:
+def torch_forward(module: torch.nn.Module, device: str, sig: Signature) -> Forward:
     """numpy in, numpy out around the exported program; a dict output becomes its values in signature order."""
     from kit.signature import flatten_outputs
 
@@ -74,14 +75,14 @@ def torch_forward(module: Any, device: str, sig: Signature) -> Forward:
     dev = torch.device(device)
     on_cpu = device == "cpu"
 
-    def tensors(inputs: tuple[Any, ...]) -> list[Any]:
+    def tensors(inputs: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
         # torch.from_numpy shares the array's memory and needs it writeable (a binary v2 body is not)
         ts = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in inputs]
         if cast_any:
             ts = [t if c is None else t.to(c) for t, c in zip(ts, casts)]
         return ts if on_cpu else [t.to(dev, non_blocking=True) for t in ts]
 
-    def run(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    def run(inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
             out = call(*tensors(inputs))
             return tuple(_numpy_out(o, on_cpu) for o in flatten_outputs(out, names))
@@ -103,7 +104,7 @@ def _numpy_has(dtype: str) -> bool:
         return False
 
 
-def _numpy_out(t: Any, on_cpu: bool) -> np.ndarray:
+def _numpy_out(t: torch.Tensor, on_cpu: bool) -> np.ndarray:
     if not on_cpu:
         t = t.cpu()
     try:
