@@ -124,8 +124,18 @@ class S3Rest:
     def call(self, method: str, key: str, query: Mapping[str, str], body: bytes = b"",
              headers: Mapping[str, str] | None = None) -> bytes:
         """:meth:`request`, its body when it succeeded; ``S3RequestError`` otherwise (also for the error
-        document S3 may send with a 200 to a complete)."""
-        status, data = self.request(method, key, query, body, headers)
+        document S3 may send with a 200 to a complete). An idempotent request (a part's copy, an abort) is
+        tried once more after a dropped connection or a 500/503."""
+        tries = 2 if method in ("PUT", "DELETE") else 1
+        for attempt in range(tries):
+            try:
+                status, data = self.request(method, key, query, body, headers)
+            except OSError:
+                if attempt + 1 == tries:
+                    raise
+                continue
+            if status not in (500, 503) or attempt + 1 == tries:
+                break
         if status >= 300 or b"<Error>" in data[:512]:
             raise S3RequestError(status, _tag(data, "Code") or "?", _tag(data, "Message") or data[:200].decode(
                 "utf-8", "replace"))
