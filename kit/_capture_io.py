@@ -32,7 +32,7 @@ _CACHE_HINT = ("Hugging Face models return a key/value cache by default: pass us
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
 
-def split_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
+def split_inputs(example_inputs: object) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
     """The example as a tuple of tensors, and the keyword names when it was given as a dict."""
     if isinstance(example_inputs, Mapping):
         if not example_inputs:
@@ -53,7 +53,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], list[st
                        f"tensors, got {type(example_inputs).__name__}.")
 
 
-def _key_text(key: Any) -> str:
+def _key_text(key: object) -> str:
     for attr in ("key", "idx", "name"):
         if hasattr(key, attr):
             return str(getattr(key, attr))

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from kit._capture_shapes import (
     resize_dims,
     second_values,
 )
+from kit._types import JSONObject
 from kit.backends.checks import DEFAULT_LIMITS, Limits
 from kit.backends.parity import HALF_FLOOR, compare
 from kit.backends.pt2.archive import save_program
@@ -49,6 +50,9 @@ from kit.signature import (
 )
 from kit.version_files import BF16_SUFFIX, EXAMPLE_FILE, MODEL_FILE, example_key, load_example_members
 
+if TYPE_CHECKING:
+    from kit.backends.onnx.export import OnnxExport
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BATCH", "DEFAULT_MAX_BATCH", "CapturedModel", "ExportedForward", "Parity", "Signature", "TensorSpec",
@@ -63,7 +67,7 @@ class Parity:
     rtol: float
     dim_values: dict[str, tuple[int, ...]] = field(default_factory=dict)  # named dim -> values checked
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {
             "batch_sizes": list(self.batch_sizes),
             "dims": {k: list(v) for k, v in self.dim_values.items()},
@@ -85,7 +89,7 @@ class CapturedModel:
     seconds: float
     model_class: str
     extra: dict[str, Any] = field(default_factory=dict)
-    onnx: Any = None  # kit.backends.onnx.export.OnnxExport: model.onnx and meta.json's capture.onnx record
+    onnx: OnnxExport | None = None  # model.onnx and meta.json's capture.onnx record
     steps: dict[str, float] = field(default_factory=dict)  # seconds per step (torch.export, parity, onnx)
 
     def save(self, directory: Path) -> list[Path]:
@@ -99,7 +103,7 @@ class CapturedModel:
         return [directory / MODEL_FILE, directory / EXAMPLE_FILE, *onnx_files]
 
 
-def _output_kind(out: Any) -> tuple[str, list[str] | None]:
+def _output_kind(out: object) -> tuple[str, list[str] | None]:
     """What the model returns ("tensor", "tuple" or "dict") and, for a dict, its keys."""
     if isinstance(out, torch.Tensor):
         return "tensor", None
@@ -138,12 +142,12 @@ def _resample(inputs: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tu
     return tuple(t[idx] for t in inputs)
 
 
-def _run(fn: Any, inputs: tuple[torch.Tensor, ...], names: list[str] | None) -> tuple[torch.Tensor, ...]:
+def _run(fn: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str] | None) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         return flatten_outputs(fn(*inputs), names)
 
 
-def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[Any, ...], atol: float, rtol: float) -> tuple[float, bool]:
+def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[object, ...], atol: float, rtol: float) -> tuple[float, bool]:
     """Eager ``a`` against exported ``b`` by the one rule (:func:`kit.backends.parity.compare`)."""
     if not all(isinstance(y, torch.Tensor) for y in b):
         return float("inf"), False

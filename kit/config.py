@@ -15,9 +15,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kit.signing import Keyring
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class KitConfig:
     # max_p95_ms_batch1 = 50); `-p` / `--param` override them one by one.
     gate: dict[str, Any] = field(default_factory=dict)
 
-    def keyring(self) -> Any:
+    def keyring(self) -> Keyring:
         """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
         from kit.signing import Keyring
 

@@ -24,6 +24,8 @@ from kit.traffic import require_production, set_traffic
 from kit.version_files import check_backend
 
 if TYPE_CHECKING:
+    import torch
+
     from kit.capture import CapturedModel
     from kit.gate import GateResult
 
@@ -85,7 +87,7 @@ class DeployResult:
 
 def deploy(
     registry: Registry,
-    model: Any,
+    model: torch.nn.Module,
     example_inputs: Any,
     name: str,
     *,
@@ -190,7 +192,8 @@ class _Run:
         if self.on_step is not None:
             self.on_step(len(self.result.steps), step)
 
-    def fail(self, step_name: str, t0: float, why: str, report: Any = None, where: Any = None) -> DeployError:
+    def fail(self, step_name: str, t0: float, why: str, report: Path | None = None, where: Path | None = None
+             ) -> DeployError:
         """Record ``step_name`` as failed; the :class:`DeployError` to raise (with the result so far)."""
         self.finish(Step(step_name, time.perf_counter() - t0, False, why, str(where or report or "") or None))
         msg = f"deploy stopped at step {len(self.result.steps)}/{self.total} ({step_name}): {why}"
@@ -199,7 +202,7 @@ class _Run:
         return DeployError(msg, step=step_name, report=report, result=self.result)
 
 
-def _capture(run: _Run, model: Any, example_inputs: Any, *, dynamic: Mapping[Any, Mapping[int, str]] | None,
+def _capture(run: _Run, model: torch.nn.Module, example_inputs: Any, *, dynamic: Mapping[Any, Mapping[int, str]] | None,
              dims: Mapping[str, tuple[int, int]] | None, onnx: bool, progress: Say | bool | None) -> CapturedModel:
     from kit.capture import capture
 

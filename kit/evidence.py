@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kit._types import JSONObject
+
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
@@ -36,11 +38,11 @@ def gates_dir(version_dir: Path) -> Path:
     return Path(version_dir) / GATES_DIR
 
 
-def read_results(version_dir: Path) -> list[dict[str, Any]]:
+def read_results(version_dir: Path) -> list[JSONObject]:
     """Every readable ``result.json`` of a version, oldest run first (run ids sort by time). Unsigned:
     what people are shown; the gate rule reads only signed ones when the registry has a keyring."""
     root = gates_dir(version_dir)
-    out: list[dict[str, Any]] = []
+    out: list[JSONObject] = []
     if root.is_dir():
         for p in sorted(root.glob(f"*/{RESULT_FILE}")):
             try:
@@ -66,7 +68,7 @@ def on_backend(results: Sequence[Mapping[str, Any]], backend: str | None) -> lis
 
 
 def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
-                   backend: str | None = None) -> dict[str, Any] | None:
+                   backend: str | None = None) -> JSONObject | None:
     """The newest result that passed for exactly this artifact (on ``backend``, when given), if any."""
     ok = [dict(r) for r in on_backend(results, backend)
           if r.get("passed") is True and r.get("artifact_sha256") == artifact_sha256]
@@ -74,7 +76,7 @@ def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
 
 
 def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
-            backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
+            backend: str | None = None) -> tuple[str, JSONObject | None]:
     """("passed" | "failed" | "stale" | "-", the deciding result), among the results on ``backend`` when
     given. "stale": the newest result was recorded for another artifact sha256."""
     results = on_backend(results, backend)
@@ -103,7 +105,7 @@ def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any
     return None
 
 
-def _one_line(v: Any, limit: int = 80) -> str:
+def _one_line(v: object, limit: int = 80) -> str:
     """A value from a stored result as a short single line (a result is shown, never trusted, here)."""
     s = " ".join(str(v).split())
     return s if len(s) <= limit else s[:limit - 3] + "..."

@@ -27,6 +27,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from kit import backends
+from kit._types import JSONObject
 from kit.config import KitConfig, load_config
 from kit.deploy import STEPS, DeployResult, Step, deploy
 from kit.errors import KitError
@@ -35,6 +36,10 @@ from kit.render import aliases_line, model_rows, models_text, versions_text
 from kit.traffic import set_traffic
 
 if TYPE_CHECKING:
+    import torch
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import DisplayHandle
+
     from kit.widgets import RegistryPanel
 
 # The magics' words for a library error's remedy (kit.errors.KitError.remedy).
@@ -61,9 +66,9 @@ class _StepPrinter:
     """One line per step. In a notebook the running step's line updates in place with that step's progress
     (capture: torch.export, parity, onnx; register: save, hash, upload, publish; the gate's checks)."""
 
-    def __init__(self, shell: Any):
+    def __init__(self, shell: InteractiveShell | None):
         self.live = getattr(shell, "kernel", None) is not None
-        self.handle: Any = None
+        self.handle: DisplayHandle | None = None
         self.started = time.perf_counter()
         self.current = STEPS[0]  # the step running now, whose line the progress updates
 
@@ -95,7 +100,7 @@ class _StepPrinter:
 class KitMagics(Magics):
     """Kit's magics. The configuration resolves once, on first use, unless given."""
 
-    def __init__(self, shell: Any = None, config: KitConfig | None = None):
+    def __init__(self, shell: InteractiveShell | None = None, config: KitConfig | None = None):
         super().__init__(shell)
         self._config = config
 
@@ -312,11 +317,11 @@ def _moved(reg: Registry, name: str, a: Aliases) -> None:
     print(f"{aliases_line(name, a)}  -> {reg.aliases_path(name)}")
 
 
-def _as_example(value: Any, expr: str) -> Any:
+def _as_example(value: object, expr: str) -> torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
     import numpy as np
     import torch
 
-    def one(v: Any) -> Any:
+    def one(v: object) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
             return v
         if isinstance(v, np.ndarray):
@@ -338,7 +343,7 @@ def _unquote(s: str | None) -> str | None:
     return s
 
 
-def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+def _parse_params(items: Sequence[str]) -> JSONObject:
     """The library's one rule (kit.gate.params.parse_params); its GateError becomes a UsageError."""
     from kit.gate.params import parse_params
 

@@ -69,7 +69,7 @@ class RegistryPanel(widgets.VBox):
         params: Mapping[str, Any] | None = None,
         gate_timeout: float = 600.0,
         user: str | None = None,
-        run_gate: Callable[..., Any] | None = None,
+        run_gate: Callable[..., GateResult] | None = None,
     ):
         self.registry = registry
         self.name = name
@@ -242,7 +242,7 @@ class RegistryPanel(widgets.VBox):
         """Run a callback inside the Output area; any error is shown red in the panel, never lost."""
 
         @wraps(fn)
-        def run(*args: Any) -> None:
+        def run(*args: object) -> None:
             if label in ("Canary", "Select") and self._syncing:
                 return
             with self.out:
@@ -267,7 +267,7 @@ class RegistryPanel(widgets.VBox):
             log.exception("registry panel refresh failed")
 
     # ---- actions (each calls one library function)
-    def _on_validate(self, _button: Any = None) -> None:
+    def _on_validate(self, _button: object = None) -> None:
         if self._run_gate is not None:
             run_gate = self._run_gate
         else:
@@ -303,13 +303,13 @@ class RegistryPanel(widgets.VBox):
                   error=not result.passed)
         self.refresh()
 
-    def _on_promote(self, _button: Any = None) -> None:
+    def _on_promote(self, _button: object = None) -> None:
         v = self.selected
         a = self.registry.promote(self.name, v, user=self.user, why="registry panel")
         self.refresh()
         self._say(f"{self.name}: production is now v{a.production}")
 
-    def _on_rollback(self, _button: Any = None) -> None:
+    def _on_rollback(self, _button: object = None) -> None:
         a = self.registry.rollback(self.name, user=self.user, why="registry panel")
         self.refresh()
         self._say(f"{self.name}: rolled back, production is now v{a.production}")
@@ -319,7 +319,7 @@ class RegistryPanel(widgets.VBox):
         self._show_change(set_traffic(self.registry, self.name, self.selected, float(change["new"]),
                                       user=self.user, why="registry panel", shown=self._shown))
 
-    def _on_stop(self, _button: Any = None) -> None:
+    def _on_stop(self, _button: object = None) -> None:
         self._show_change(stop_traffic(self.registry, self.name, user=self.user, why="registry panel",
                                        shown=self._shown))
 
@@ -329,7 +329,7 @@ class RegistryPanel(widgets.VBox):
         serial = f" (aliases.json serial {a.serial}; running services follow within seconds)" if a else ""
         self._say(html.escape(f"{self.name}: {change.describe()}") + serial)
 
-    def _on_report(self, _button: Any = None) -> None:
+    def _on_report(self, _button: object = None) -> None:
         from IPython.display import HTML, display
 
         mv = self.registry.get(self.name, self.selected)
