@@ -87,10 +87,10 @@ def render_k8s(cfg: ServiceConfig, options: K8sOptions) -> dict[str, str]:
     bucket = str(cfg.registry) if is_url(cfg.registry) else None
     if bucket is not None and (o.registry_claim or o.storage_class):
         raise ServiceError(f"{cfg.name}'s registry is the bucket {bucket}: pods mount no registry claim, so "
-                           "--registry-claim and --storage-class do not apply (drop them).")
+                           "a registry claim or storage class does not apply; leave both unset.")
     if bucket is None and (o.s3_secret is not None or o.cache_size is not None):
-        raise ServiceError(f"{cfg.name}'s registry is the folder {cfg.registry}, not a bucket: --s3-secret and "
-                           "--cache-size apply to a service whose service.toml names s3://bucket/prefix.")
+        raise ServiceError(f"{cfg.name}'s registry is the folder {cfg.registry}, not a bucket: an S3 secret and "
+                           "a cache size apply only to a service whose service.toml names s3://bucket/prefix; leave both unset.")
     # startup: the model loads before a worker accepts a connection, within gunicorn's timeout
     startup_failures = math.ceil(cfg.timeout / 2) + 5
     ctx = {
