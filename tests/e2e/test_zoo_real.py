@@ -3,12 +3,16 @@ a small ViT and ConvNeXt (published definitions, tests/zoo/tv_*.py), BertForSequ
 DistilBERT, GPT-2 (use_cache=False), a T5 encoder as transformers returns them, an LSTM, and float16 /
 bfloat16 outputs, all with random weights and keyword (dict) example inputs.
 
-Per model, in one registry: capture and register v1 (signed), the default gate without --force (v1 on its
-own checks), promote; for the models marked ``compare`` a v2 (the last bias nudged) gated against v1 as
-production and promoted. Then the production version is served by a real gunicorn on 127.0.0.1 on the
-torch backend and, where capture exported ONNX, gated on onnxruntime too and served there; /predict on fresh inputs (another batch
-size and sequence length; /predict JSON at batch 1, v2 /infer with binary inputs at batch 3, since three
-224 px images in JSON are over the default 8 MiB body limit) equals eager within the tolerance capture recorded.
+Per model, as a researcher runs it: a venv with Kit's installed wheel (``kit[notebook,onnx]`` and
+transformers; tests/fixtures/kit_wheel.py), a project folder holding the model code and kit.toml, and a script
+(tests/zoo/wheel_deploy.py) calling ``kit.deploy.deploy`` (what ``%deploy --promote`` runs): capture and
+register v1 (signed with the project's key), the default gate without force (v1 on its own checks), promote;
+then v2 (the last bias nudged) gated against v1 as production and promoted. Where capture exported ONNX the
+production version is gated on onnxruntime too. Each backend's generated service runs under the venv's
+gunicorn on 127.0.0.1; /predict on fresh inputs (another batch size and sequence length; /predict JSON at
+batch 1, v2 /infer with binary inputs at batch 3, since three 224 px images in JSON are over the default
+8 MiB body limit) equals eager, computed in this process from the same seeded definitions, within the
+tolerance capture recorded.
 
 The gate runs the packaged default notebook with its default thresholds; only ``batch_n`` (rows of the
 finite/agreement checks and the batch of the latency comparison: 64 by default) and ``latency_repeats``
@@ -31,5 +35,5 @@ MODELS = [z for z in REAL if z.name in ("resnet18", "convnext-atto", "fp16-out")
 # One test per model (not a module fixture shared by several tests); the zoo is split over three files
 # (test_zoo_real.py, test_zoo_real_cnn.py, test_zoo_real_text.py) so that make test's per-file workers run them at once.
 @pytest.mark.parametrize("z", MODELS, ids=[z.name for z in MODELS])
-def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir):
-    check_model(z, tmp_path, artifacts_dir)
+def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir, repo_root):
+    check_model(z, tmp_path, artifacts_dir, repo_root)

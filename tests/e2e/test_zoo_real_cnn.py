@@ -15,5 +15,5 @@ MODELS = [z for z in REAL if z.name in ("mobilenet-v3-small", "efficientnet-b0",
 # One test per model (not a module fixture shared by several tests); the zoo is split over three files
 # (test_zoo_real.py, test_zoo_real_cnn.py, test_zoo_real_text.py) so that make test's per-file workers run them at once.
 @pytest.mark.parametrize("z", MODELS, ids=[z.name for z in MODELS])
-def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir):
-    check_model(z, tmp_path, artifacts_dir)
+def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir, repo_root):
+    check_model(z, tmp_path, artifacts_dir, repo_root)

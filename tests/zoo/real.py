@@ -130,7 +130,6 @@ class RealEntry:
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
     dims: dict[str, tuple[int, int]] = field(default_factory=dict)
     onnx: bool = True  # model.onnx exported and checked with onnxruntime at capture
-    compare: bool = False  # a second version is gated against the first (production)
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -164,27 +163,26 @@ def nudged(model: nn.Module) -> nn.Module:
 
 
 REAL: tuple[RealEntry, ...] = (
-    RealEntry("resnet18", lambda: calibrated(resnet18(), 224), images(224), compare=True),
+    RealEntry("resnet18", lambda: calibrated(resnet18(), 224), images(224)),
     RealEntry("mobilenet-v3-small", lambda: calibrated(mobilenet_v3_small(), 224), images(224)),
     RealEntry("efficientnet-b0", lambda: calibrated(efficientnet_b0(), 128), images(128)),
-    RealEntry("vit-tiny", vit_tiny, images(224), compare=True),
-    RealEntry("convnext-atto", convnext_atto, images(64), compare=True),
+    RealEntry("vit-tiny", vit_tiny, images(224)),
+    RealEntry("convnext-atto", convnext_atto, images(64)),
     RealEntry("bert-seqcls", _bert, tokens("input_ids", "attention_mask", "token_type_ids"), seqs=(9, 14),
-              dynamic={**SEQ, "token_type_ids": {1: "seq"}}, dims={"seq": (2, 64)}, compare=True),
+              dynamic={**SEQ, "token_type_ids": {1: "seq"}}, dims={"seq": (2, 64)}),
     RealEntry("distilbert", _distilbert, tokens("input_ids", "attention_mask"), seqs=(9, 5), dynamic=SEQ,
-              dims={"seq": (2, 64)}, compare=True),
+              dims={"seq": (2, 64)}),
     RealEntry("gpt2", _gpt2, tokens("input_ids", "attention_mask"), seqs=(8, 13), dynamic=SEQ,
-              dims={"seq": (2, 64)}, compare=True),
+              dims={"seq": (2, 64)}),
     # torch.onnx (2.13) cannot convert T5's attention under a dynamic seq ("Cannot view a tensor with shape
     # [s, s, 2, 16] and strides ... as [s, s, 32]"): capture records why, the torch backend serves it
     RealEntry("t5-encoder", _t5_encoder, tokens("input_ids", "attention_mask"), seqs=(10, 6), dynamic=SEQ,
-              dims={"seq": (2, 64)}, onnx=False, compare=True),
+              dims={"seq": (2, 64)}, onnx=False),
     # torch.export specialises a recurrent layer's sequence length: the LSTM takes a fixed length of 16
-    RealEntry("lstm", LSTMTagger, lambda b, s, seed: {"seq": torch.randn(b, 16, 12, generator=_gen(seed))},
-              compare=True),
+    RealEntry("lstm", LSTMTagger, lambda b, s, seed: {"seq": torch.randn(b, 16, 12, generator=_gen(seed))}),
     RealEntry("fp16-out", lambda: HalfHead(torch.float16),
-              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}, compare=True),
+              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}),
     # onnxruntime's CPU provider has no bfloat16 Gemm: capture records why, the torch backend serves it
     RealEntry("bf16-out", lambda: HalfHead(torch.bfloat16),
-              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}, onnx=False, compare=True),
+              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}, onnx=False),
 )

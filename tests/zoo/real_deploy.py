@@ -1,84 +1,74 @@
-"""Issue 19's real-model zoo, one model end to end (the body of tests/e2e/test_zoo_real*.py, which split the
-zoo in three files so that pytest-xdist's per-file workers run them at once). See tests/e2e/test_zoo_real.py.
+"""Issue 19's real-model zoo, one model end to end from Kit's installed wheel (the body of
+tests/e2e/test_zoo_real*.py, which split the zoo in three files so that pytest-xdist's per-file workers run
+them at once). See tests/e2e/test_zoo_real.py.
+
+The deploy runs as a researcher runs it: a venv with Kit's wheel (``kit[notebook,onnx]``) and transformers
+(tests/fixtures/kit_wheel.py), a project folder with the model code (tests/zoo copied to ``zoo/``) and
+kit.toml, and tests/zoo/wheel_deploy.py (%deploy's ``kit.deploy.deploy`` per version); its services run under
+the venv's gunicorn. This process checks the gates and the answers against eager, computed here from the
+same seeded definitions.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import filelock
 import numpy as np
 import torch
-from kit_testing import project_keyring
 
-from kit.gate import render_text, run_gate
-from kit.registry import Registry
-from kit.servicegen import generate, start_service
+from kit.servicegen import start_service
 from kit.serving.protocol import NUMPY_TO_V2
 from zoo.real import RealEntry, eager, nudged
 
-GATE_PARAMS = {"batch_n": 8, "latency_repeats": 10}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import kit_wheel  # noqa: E402
+
+ZOO = Path(__file__).resolve().parent
+MODEL_CODE = ("__init__.py", "real.py", "tv_ops.py", "tv_cnn.py", "tv_vit.py")
 
 
-@dataclass
-class Deployed:
-    zoo: RealEntry
-    reg: Registry
-    model: torch.nn.Module  # the production version's eager model
-    production: int
-    gates: dict[int, Any] = field(default_factory=dict)  # version -> GateResult
-    times: dict[str, float] = field(default_factory=dict)
+def _run_deploy(z: RealEntry, root: Path, repo_root: Path) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """wheel_deploy.py for ``z`` in a fresh project folder, with the wheel venv's python: its report, the
+    venv's python and the project's environment (its own signing key, cache and home)."""
+    python = kit_wheel.shared_venv(repo_root, ("notebook", "onnx"), ("transformers",))
+    project = root / "project"
+    (project / "zoo").mkdir(parents=True)
+    for f in MODEL_CODE:  # the researcher's model code, beside the script
+        shutil.copy(ZOO / f, project / "zoo" / f)
+    shutil.copy(ZOO / "wheel_deploy.py", project / "deploy_zoo.py")
+    (project / "kit.toml").write_text('registry = "registry"\n')
+    env = kit_wheel.clean_env(python.parent.parent, KIT_KEYS_DIR=str(root / "keys"), HOME=str(root / "home"),
+                              KIT_CACHE_DIR=str(root / "cache"))
+    res = subprocess.run([str(python), "deploy_zoo.py", z.name], cwd=project, env=env, capture_output=True,
+                         text=True, timeout=1300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert Path(report["kit"]).is_relative_to(python.parent.parent), report["kit"]  # the wheel's kit, not ours
+    return report, python, env
 
 
-def _gate_and_promote(d: Deployed, version: int) -> None:
-    t0 = time.perf_counter()
-    g = run_gate(d.reg, d.zoo.name, version, params=GATE_PARAMS, timeout=600)
-    d.times[f"gate_v{version}_s"] = round(time.perf_counter() - t0, 1)
-    d.gates[version] = g
-    if g.passed:  # no force: a failed gate leaves production where it was, and the test below says why
-        d.reg.promote(d.zoo.name, version)
-        d.production = version
-
-
-def _deploy(z: RealEntry, root: Path) -> Deployed:
-    """v1 captured, registered, gated and promoted; for ``compare`` models v2 gated against it and promoted."""
-    reg = Registry(root / "registry", require_gate=True, user="zoo", keyring=project_keyring())
-    d = Deployed(z, reg, z.model(), production=0)
-    t0 = time.perf_counter()
-    mv = reg.register(z.name, d.model, z.example(), dynamic=z.dynamic or None, dims=z.dims or None)
-    d.times["capture_register_s"] = round(time.perf_counter() - t0, 1)
-    _gate_and_promote(d, mv.version)
-    if z.compare and d.production == mv.version:
-        v2 = nudged(z.model())
-        mv2 = reg.register(z.name, v2, z.example(), dynamic=z.dynamic or None, dims=z.dims or None)
-        _gate_and_promote(d, mv2.version)
-        if d.production == mv2.version:
-            d.model = v2
-    return d
-
-
-def _check_onnx_record(d: Deployed) -> None:
-    rec = d.reg.get(d.zoo.name, 1).capture["onnx"]
-    assert rec["exported"] is d.zoo.onnx, rec.get("reason")
-
-
-def _check_gates(d: Deployed) -> None:
-    assert set(d.gates) == ({1, 2} if d.zoo.compare else {1})
-    for version, g in d.gates.items():
-        assert g.passed, f"{d.zoo.name}@{version}: {render_text(g)}"
-    assert d.gates[1].baseline["version"] is None  # nothing in production: its own checks
-    if d.zoo.compare:
-        assert d.gates[2].baseline["version"] == 1
-        names = [c.name for c in d.gates[2].checks]
-        assert "same signature as production" in names and any(n.startswith("latency vs production") for n in names)
-        assert any(n.startswith("output agreement vs production") for n in names)
-    assert d.production == max(d.gates) and d.reg.aliases(d.zoo.name).production == d.production
+def _check_gates(z: RealEntry, report: dict[str, Any]) -> None:
+    """The default gate without force: v1 on its own checks, v2 against v1 as production; both promoted."""
+    gates = report["gates"]
+    assert report["onnx"]["exported"] is z.onnx, report["onnx"].get("reason")  # capture says why not
+    assert {"1", "2"} <= set(gates), gates.keys()
+    for version, g in gates.items():
+        assert g["passed"], f"{z.name}@{version}: {g['text']}"
+    assert gates["1"]["baseline"] is None  # nothing in production: its own checks
+    names = gates["2"]["checks"]
+    assert gates["2"]["baseline"] == 1, gates["2"]["text"]
+    assert "same signature as production" in names and any(n.startswith("latency vs production") for n in names)
+    assert any(n.startswith("output agreement vs production") for n in names)
+    assert report["production"] == 2
+    assert set(report["services"]) == ({"torch", "onnxruntime"} if z.onnx else {"torch"})
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -118,49 +108,48 @@ def _v2_binary(url: str, name: str, inputs: dict[str, torch.Tensor]) -> tuple[in
     return status, body, headers
 
 
-def _check_served(d: Deployed, backend: str, out: Path) -> None:
-    """The production version served by gunicorn on ``backend`` answers equal to eager."""
-    z = d.zoo
-    if backend == "onnxruntime":  # the verdict is per backend: gate the production version on the one that serves
-        t0 = time.perf_counter()
-        g = run_gate(d.reg, z.name, d.production, params=GATE_PARAMS, timeout=600, backend=backend)
-        d.times["gate_onnxruntime_s"] = round(time.perf_counter() - t0, 1)
-        assert g.passed, f"{z.name}@{d.production} on onnxruntime: {render_text(g)}"
-    svc = generate(f"{z.name}-{backend}", z.name, registry=d.reg.root, out_dir=out, workers=1, threads=2,
-                   backend=backend, trusted_keys=d.reg.keyring.service_keys())
-    mv = d.reg.get(z.name, d.production)
-    atol, rtol = max(mv.capture["parity"]["atol"], 1e-5), max(mv.capture["parity"]["rtol"], 1e-4)
+def _tolerance(report: dict[str, Any], backend: str) -> tuple[float, float]:
+    """The tolerance capture recorded for the production version (and for its ONNX program on onnxruntime)."""
+    atol, rtol = max(report["parity"]["atol"], 1e-5), max(report["parity"]["rtol"], 1e-4)
     if backend == "onnxruntime":
-        onnx_parity = mv.capture["onnx"]["parity"]
-        atol, rtol = max(atol, onnx_parity["atol"]), max(rtol, onnx_parity["rtol"])
-    with start_service(svc, timeout=240) as running:
-        d.times[f"ready_{backend}_s"] = round(running.started_seconds, 1)
+        atol, rtol = max(atol, report["onnx"]["parity"]["atol"]), max(rtol, report["onnx"]["parity"]["rtol"])
+    return atol, rtol
+
+
+def _check_served(z: RealEntry, model: torch.nn.Module, report: dict[str, Any], backend: str,
+                  python: Path, env: dict[str, str], times: dict[str, Any]) -> None:
+    """The production version served by the venv's gunicorn on ``backend`` answers equal to eager."""
+    production = report["production"]
+    atol, rtol = _tolerance(report, backend)
+    with start_service(Path(report["services"][backend]), env=env, python=str(python), timeout=240) as running:
+        times[f"ready_{backend}_s"] = round(running.started_seconds, 1)
         for batch, seq, seed, via in ((1, z.seqs[0], 11, "predict"), (3, z.seqs[1], 12, "v2-binary")):
             inputs = z.inputs(batch, seq, seed)
             if via == "predict":
-                status, got, headers = _predict(running.url, inputs, mv.signature["output_kind"])
+                status, got, headers = _predict(running.url, inputs, report["output_kind"])
             else:
                 status, got, headers = _v2_binary(running.url, z.name, inputs)
             assert status == 200, got
-            assert headers["X-Kit-Model-Version"] == str(d.production)
-            want = eager(d.model, inputs)
+            assert headers["X-Kit-Model-Version"] == str(production)
+            want = eager(model, inputs)
             assert list(got) == list(want), (list(got), list(want))
             for k, w in want.items():
                 np.testing.assert_allclose(np.asarray(got[k], dtype=np.float64), w, atol=atol, rtol=rtol,
                                            err_msg=f"{z.name} on {backend} via {via}, output {k}, batch {batch}")
 
 
-def check_model(z: RealEntry, tmp_path: Path, artifacts_dir: Path) -> None:
-    """Deploy ``z`` (v1, and v2 against it for ``compare`` models) and serve it on each backend."""
-    d = _deploy(z, tmp_path)
+def check_model(z: RealEntry, tmp_path: Path, artifacts_dir: Path, repo_root: Path) -> None:
+    """Deploy ``z`` from the wheel (v1, then v2 judged against it), serve production on each backend."""
+    report, python, env = _run_deploy(z, tmp_path, repo_root)
+    times: dict[str, Any] = dict(report["times"])
     try:
-        _check_onnx_record(d)  # capture says whether model.onnx exists (and why not)
-        _check_gates(d)  # the default gate: v1 on its own checks, v2 against v1, both promoted without force
-        for backend in ("torch", "onnxruntime") if z.onnx else ("torch",):
-            _check_served(d, backend, tmp_path)
+        _check_gates(z, report)
+        model = z.model() if report["production"] == 1 else nudged(z.model())  # the same seeded definitions
+        for backend in report["services"]:
+            _check_served(z, model, report, backend, python, env, times)
     finally:
         path = artifacts_dir / "zoo_real_times.json"
         with filelock.FileLock(str(path) + ".lock"):  # three files' workers write the one table
             table = json.loads(path.read_text()) if path.is_file() else {}
-            table[z.name] = d.times
+            table[z.name] = times
             path.write_text(json.dumps(table, indent=2) + "\n")
