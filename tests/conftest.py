@@ -147,7 +147,6 @@ LONGEST_FIRST = (
     "e2e/test_pack_conda_torch.py", "e2e/test_zoo_real.py", "e2e/test_zoo_real_cnn.py", "e2e/test_zoo_real_text.py",
     "e2e/test_pack_venv.py", "e2e/test_pack_conda.py", "integration/test_registry_processes.py", "e2e/test_zoo.py",
     "e2e/test_installed_wheel.py", "e2e/test_browser_quickstart.py", "e2e/test_canary_guard.py",
-    "e2e/test_zoo_wheel.py",
 )
 
 
@@ -162,3 +161,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return len(rank)
 
     items.sort(key=key)  # stable: every other file keeps its place
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """``KIT_TEST_CPU=FILE`` appends each test's CPU seconds (this process and the children it waited for:
+    services, kernels, builds) to FILE.<worker>, tab-separated, to find where make test's two cores go."""
+    out = os.environ.get("KIT_TEST_CPU")
+    if not out:
+        yield
+        return
+    import time
+
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    yield
+    with open(f"{out}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a") as f:
+        f.write(f"{item.nodeid}\t{_cpu_seconds() - cpu:.2f}\t{time.monotonic() - wall:.2f}\n")
