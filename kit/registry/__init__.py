@@ -17,7 +17,7 @@ Import from here (``from kit.registry import Registry``); the modules are the la
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 from kit.registry.aliases import AliasMoves
 from kit.registry.lineage import detect_source
@@ -69,7 +69,7 @@ class Registry(AliasMoves):
     is used as given. See :class:`kit.registry.store.Store`.
     """
 
-    def __new__(cls, root: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls, root: Path | str | None = None, *args: object, **kwargs: object) -> Registry:
         if cls is Registry and is_url(root):  # s3://bucket/prefix: the object-store registry
             return super().__new__(ObjectRegistry)
         return super().__new__(cls)

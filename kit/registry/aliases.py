@@ -14,11 +14,13 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kit import evidence as gate_evidence
 from kit._io import atomic_write_bytes, read_capped, storage_errors
+from kit._types import JSONObject
 from kit.errors import IntegrityError, KitError, PromotionRefusedError, SignatureError
 from kit.registry.integrity import CheckedStore
 from kit.registry.movelog import aliases_of
@@ -35,7 +37,7 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 class AliasMoves(CheckedStore):
     """A :class:`CheckedStore` whose aliases move: the gate rule and integrity checks before each move."""
 
-    def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> dict[str, Any] | None:
+    def _check_gate(self, mv: ModelVersion, force: bool, why: str | None, action: str) -> JSONObject | None:
         if force:
             if not why or not why.strip():
                 raise PromotionRefusedError(
@@ -69,7 +71,7 @@ class AliasMoves(CheckedStore):
                                  f"{exc}") from exc
 
     # ---- what a record relies on and points at
-    def _relies_on(self, mv: ModelVersion, gate: dict[str, Any] | None, force: bool, why: str | None) -> dict[str, Any]:
+    def _relies_on(self, mv: ModelVersion, gate: JSONObject | None, force: bool, why: str | None) -> JSONObject:
         if force:
             return {"force": {"version": mv.version, "why": why}}
         if gate is None:
@@ -87,7 +89,7 @@ class AliasMoves(CheckedStore):
             out[str(v)] = known.get(str(v)) or self._read_version(name, v).artifact_sha256
         return out
 
-    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+    def _gate_problem(self, name: str, version: int, gate: JSONObject, artifact_sha256: str) -> str | None:
         """Why ``gate`` (a record's ``relies_on.gate``) is not a signed passing gate of ``artifact_sha256``."""
         run_id = str(gate.get("run_id", ""))
         if not _RUN_ID.fullmatch(run_id) or ".." in run_id or gate.get("version") != version:
@@ -118,9 +120,9 @@ class AliasMoves(CheckedStore):
             return None  # an unsigned registry (tests, Registry(path)): its readers check no signatures
         return self.keyring.signer()  # SigningKeyError for a registry that only verifies (a service)
 
-    def _move(self, name: str, action: str, change: Any, *, user: str | None, why: str | None,
-              signer: SigningKey | None = None, relies_on: dict[str, Any] | None = None,
-              details: dict[str, Any] | None = None, known: dict[str, str] | None = None) -> Aliases:
+    def _move(self, name: str, action: str, change: Callable[[Move | None, Aliases], Aliases | None], *, user: str | None, why: str | None,
+              signer: SigningKey | None = None, relies_on: JSONObject | None = None,
+              details: JSONObject | None = None, known: dict[str, str] | None = None) -> Aliases:
         """Under the lock: ``change(head_move, current) -> Aliases | None`` (None: nothing to do), then the record."""
         key = self._signer(signer)
         with storage_errors(self.model_dir(name), f"a move of {name!r}"), self.lock(name):
@@ -148,7 +150,7 @@ class AliasMoves(CheckedStore):
         mv = self.get(name, version)
         self._check_integrity_for(mv, "promote")  # --force overrides the gate, never integrity
         gate = self._check_gate(mv, force, why, "promote")
-        info: dict[str, Any] = {}
+        info: JSONObject = {}
 
         def change(head: Move | None, cur: Aliases) -> Aliases:
             if expect_serial is not None and cur.serial != expect_serial:
@@ -216,7 +218,7 @@ class AliasMoves(CheckedStore):
     def end_canary(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
         """Send all traffic back to production."""
         self._require_model(name)
-        info: dict[str, Any] = {}
+        info: JSONObject = {}
 
         def change(head: Move | None, cur: Aliases) -> Aliases | None:
             info["version"] = cur.canary
@@ -224,7 +226,7 @@ class AliasMoves(CheckedStore):
 
         return self._move(name, "canary_end", change, user=user, why=why, details=info)
 
-    def end_judged_canary(self, name: str, version: int, serial: int, evidence: dict[str, Any], *,
+    def end_judged_canary(self, name: str, version: int, serial: int, evidence: JSONObject, *,
                           why: str | None = None, user: str | None = None,
                           signer: SigningKey | None = None) -> Aliases | None:
         """End canary ``version`` only if the aliases are still at ``serial`` (what the canary guard judged:
@@ -243,7 +245,7 @@ class AliasMoves(CheckedStore):
                          details={"version": version, "evidence": evidence})
         return new if done else None
 
-    def step_canary(self, name: str, version: int, serial: int, weight: float, evidence: dict[str, Any], *,
+    def step_canary(self, name: str, version: int, serial: int, weight: float, evidence: JSONObject, *,
                     why: str | None = None, user: str | None = None,
                     signer: SigningKey | None = None) -> Aliases | None:
         """Re-weight canary ``version`` to ``weight`` only if the aliases are still at ``serial`` (the canary
@@ -265,7 +267,7 @@ class AliasMoves(CheckedStore):
     def rollback(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
         """Production back to the previous production version; any canary is ended."""
         self._require_model(name)
-        info: dict[str, Any] = {}
+        info: JSONObject = {}
 
         def change(head: Move | None, cur: Aliases) -> Aliases:
             if not cur.previous and cur.canary is not None:  # an incident: at least stop the canary's traffic
@@ -354,9 +356,9 @@ class AliasMoves(CheckedStore):
         log.info("%s: guard key %s of service %s registered (plan %s)", name, pub.key_id, service, steps)
         return path
 
-    def guard_keys(self, name: str) -> dict[str, Any]:
+    def guard_keys(self, name: str) -> JSONObject:
         """The registered guard keys of ``name`` that verify: key id -> {public_key, steps, service}."""
-        out: dict[str, Any] = {}
+        out: JSONObject = {}
         folder = self.model_dir(name) / "guards"
         for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:

@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from kit import evidence as gate_evidence
 from kit._io import atomic_write_bytes, sha256_file
+from kit._types import JSONObject
 from kit.errors import IntegrityError, KitError, ServingError, SignatureError, UnsafeArtifactError
 from kit.registry.cache import safe_file_name
 from kit.registry.loaded import LoadedModel, VerifiedVersion
 from kit.registry.names import validate_version
 from kit.registry.records import ModelVersion, VerifyResult, artifact_digest
 from kit.registry.store import Store, check_place
-from kit.signing import sig_path, sign_file, verify_bytes
+from kit.signing import SigningKey, Trust, sig_path, sign_file, verify_bytes
 from kit.version_files import ONNX_DATA_FILE, ONNX_FILE, check_backend
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class CheckedStore(Store):
         problems += file_problems(mv)
         return VerifyResult(ref, not problems, tuple(problems), signed_by)
 
-    def trust(self) -> Any:
+    def trust(self) -> Trust | None:
         """The :class:`kit.signing.Trust` reads check against; None when this registry checks no signatures."""
         return self.keyring.trust() if self.keyring is not None else None
 
@@ -134,7 +135,7 @@ class CheckedStore(Store):
                         artifact_sha256=mv.artifact_sha256)
         return key.key_id
 
-    def _write_signed_meta(self, name: str, version: int, data: bytes, key: Any) -> None:
+    def _write_signed_meta(self, name: str, version: int, data: bytes, key: SigningKey) -> None:
         """Store ``data`` as ``name@version``'s meta.json (when it changed) with its signature by ``key``;
         callers hold the model lock (an object-store registry also uploads both)."""
         vdir = self.version_dir(name, version)
@@ -194,19 +195,19 @@ class CheckedStore(Store):
     def gate_root(self, name: str, version: int) -> Path:
         return gate_evidence.gates_dir(self.version_dir(name, version))
 
-    def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
+    def gate_results(self, name: str, version: int) -> list[JSONObject]:
         return gate_evidence.read_results(self.version_dir(name, version))
 
-    def passing_gate(self, mv: ModelVersion, backend: str | None = None) -> dict[str, Any] | None:
+    def passing_gate(self, mv: ModelVersion, backend: str | None = None) -> JSONObject | None:
         """The newest passing gate result recorded for exactly this artifact (on ``backend``, when given), if
         any. With a keyring, only results whose ``result.json.sig`` verifies against its trust count: a
         forged result is no gate."""
         results = self.gate_results(mv.name, mv.version) if self.keyring is None else self._signed_gate_results(mv)
         return gate_evidence.passing_result(results, mv.artifact_sha256, backend)
 
-    def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
-        trust = self.trust()
-        out: list[dict[str, Any]] = []
+    def _signed_gate_results(self, mv: ModelVersion) -> list[JSONObject]:
+        trust = cast(Trust, self.trust())  # passing_gate calls this only with a keyring
+        out: list[JSONObject] = []
         for p in sorted(gate_evidence.gates_dir(mv.path).glob(f"*/{gate_evidence.RESULT_FILE}")):
             try:
                 data = p.read_bytes()  # verify and parse the same bytes
@@ -230,7 +231,7 @@ class CheckedStore(Store):
         sign_file(path, key)
         return key.key_id
 
-    def gate_verdict(self, mv: ModelVersion, backend: str | None = None) -> tuple[str, dict[str, Any] | None]:
+    def gate_verdict(self, mv: ModelVersion, backend: str | None = None) -> tuple[str, JSONObject | None]:
         """("passed" | "failed" | "stale" | "-", the deciding gate result) for this version (among the
         results on ``backend``, when given).
 

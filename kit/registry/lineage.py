@@ -11,14 +11,15 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from kit._types import JSONObject
 
 
-def detect_source(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+def detect_source(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> JSONObject:
     """Where the model came from: the notebook (Jupyter sets JPY_SESSION_NAME) or script, and git."""
     environ = os.environ if environ is None else environ
     cwd = Path(cwd or os.getcwd())
-    src: dict[str, Any] = {}
+    src: JSONObject = {}
     if environ.get("JPY_SESSION_NAME"):
         src.update(kind="notebook", path=environ["JPY_SESSION_NAME"])
     elif environ.get("PAPERMILL_INPUT_PATH"):

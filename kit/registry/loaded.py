@@ -12,10 +12,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.errors import IntegrityError
 from kit.registry.records import ModelVersion
+
+if TYPE_CHECKING:
+    from kit._types import Array
+    from kit.env import DriftReport
+    from kit.signature import Signature
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,11 @@ class LoadedModel:
     """A verified version ready for inference."""
 
     version: ModelVersion
-    module: Any
-    signature: Any
-    example_inputs: tuple[Any, ...]
-    reference_outputs: tuple[Any, ...]
-    drift: Any = None
+    module: Any  # torch: the exported program (an nn.Module); onnxruntime: an OrtModule (numpy in and out)
+    signature: Signature
+    example_inputs: tuple[Array, ...]
+    reference_outputs: tuple[Array, ...]
+    drift: DriftReport | None = None
     signed_by: str | None = None  # the trusted key whose signature of meta.json verified at load
     backend: str = "torch"  # "torch" | "onnxruntime"
     files_dir: Path | None = None  # where the loaded bytes were read: the verified cache entry
@@ -58,7 +63,7 @@ class LoadedModel:
                 "this environment computes differently. Verify it against a trusted key (`kit verify`, with "
                 "`kit keys`) before trusting it; if it verifies, re-validate the version here")
 
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Array) -> Any:
         if self.backend == "onnxruntime":
             return self.module(*inputs)
         import torch

@@ -15,9 +15,9 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from kit._io import ensure_free_space, storage_errors
+from kit._types import JSONObject
 from kit.errors import KitError, PromotionRefusedError, RegistryCorruptError, SignatureError
 from kit.registry.moves import Move, MoveStorage, Verifier, canonical, envelope, is_envelope, new_record
 from kit.registry.records import Aliases, utcnow
@@ -39,7 +39,7 @@ class MoveLog:
     name: str
     storage: MoveStorage
     trust: Callable[[], Trust | None]
-    gate_ok: Callable[[int, dict[str, Any], str], str | None]
+    gate_ok: Callable[[int, JSONObject, str], str | None]
     floor: int = 0
     memo: dict[str, Move] = field(default_factory=dict)
 
@@ -149,8 +149,8 @@ class MoveLog:
         return None, Aliases()
 
     def commit(self, head: Move | None, action: str, after: Aliases, signer: SigningKey | None, *, user: str,
-               why: str | None, artifacts: dict[str, str], relies_on: dict[str, Any],
-               details: dict[str, Any], serial: int | None = None) -> Aliases:
+               why: str | None, artifacts: dict[str, str], relies_on: JSONObject,
+               details: JSONObject, serial: int | None = None) -> Aliases:
         """Create the record of ``action`` (state ``after``) as serial head + 1, then copy it to aliases.json."""
         serial = serial if serial is not None else (head.serial if head is not None else 0) + 1
         rec = new_record(self.name, serial, head, action, after.state(), user=user, ts=utcnow(), why=why,
@@ -179,12 +179,12 @@ class MoveLog:
         return aliases_of(move)
 
 
-def move_event(name: str, serial: int, move: Move | None, problem: str | None) -> dict[str, Any]:
+def move_event(name: str, serial: int, move: Move | None, problem: str | None) -> JSONObject:
     """A move record as an audit event (``kit history``, the panel, the guard's /readyz note)."""
     if move is None:
         return {"event": "move", "name": name, "serial": serial, "verified": False, "problem": problem}
     rec = move.record
-    ev: dict[str, Any] = {**rec.get("details", {}), "ts": rec.get("ts"), "event": rec["action"], "name": name,
+    ev: JSONObject = {**rec.get("details", {}), "ts": rec.get("ts"), "event": rec["action"], "name": name,
                           "user": rec.get("user"), "why": rec.get("why"), "serial": serial,
                           "relies_on": rec.get("relies_on"), "signed_by": move.signed_by, "by_guard": move.by_guard,
                           "verified": problem is None, "aliases": aliases_of(move).to_json()}

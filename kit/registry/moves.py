@@ -31,9 +31,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kit._io import atomic_write_bytes, fsync_dir, read_capped, sweep_stale
+from kit._types import JSONObject
 from kit.errors import RegistryCorruptError, SignatureError
 from kit.signing import PublicKey, SigningKey, Trust, signature_record, verify_signature
 
@@ -49,7 +49,7 @@ GUARD_ACTIONS = ("canary_guard", "canary_step", "promote")
 class Move:
     """One verified move record. ``sha256`` is that of the signed record text (what the next one chains to)."""
 
-    record: dict[str, Any]
+    record: JSONObject
     sha256: str
     data: bytes  # the envelope's exact bytes (aliases.json is a copy of them)
     signed_by: str | None  # the verifying key id; None when the reader checks no signatures
@@ -60,7 +60,7 @@ class Move:
         return int(self.record["serial"])
 
     @property
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JSONObject:
         return dict(self.record["state"])
 
 
@@ -142,20 +142,20 @@ def _read(path: Path) -> bytes | None:
 # --------------------------------------------------------------------------- writing
 
 
-def canonical(obj: Any) -> bytes:
+def canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def envelope(record: dict[str, Any], signer: SigningKey | None, fmt: str = FORMAT) -> bytes:
+def envelope(record: JSONObject, signer: SigningKey | None, fmt: str = FORMAT) -> bytes:
     """The file bytes of ``record``: its canonical JSON text and ``signer``'s signature of exactly that text."""
     text = canonical(record)
     sig = signature_record(text, signer, fmt) if signer is not None else None
     return json.dumps({"format": fmt, "record": text.decode(), "signature": sig}, indent=1).encode() + b"\n"
 
 
-def new_record(name: str, serial: int, prev: Move | None, action: str, state: dict[str, Any], *,
-               user: str, ts: str, why: str | None, artifacts: dict[str, str], relies_on: dict[str, Any],
-               details: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_record(name: str, serial: int, prev: Move | None, action: str, state: JSONObject, *,
+               user: str, ts: str, why: str | None, artifacts: dict[str, str], relies_on: JSONObject,
+               details: JSONObject | None = None) -> JSONObject:
     return {"format": FORMAT, "schema": 1, "name": name, "serial": serial,
             "prev_sha256": prev.sha256 if prev is not None else None, "action": action, "ts": ts, "user": user,
             "why": why, "state": state, "artifacts": artifacts, "relies_on": relies_on, "details": details or {}}
@@ -176,7 +176,7 @@ class Verifier:
     name: str
     trust: Trust | None
     fetch: Callable[[int], bytes | None]
-    gate_ok: Callable[[int, dict[str, Any], str], str | None]
+    gate_ok: Callable[[int, JSONObject, str], str | None]
     _memo: dict[str, Move] = field(default_factory=dict)
 
     def verify(self, data: bytes, where: str, prev: Move | None = None, depth: int = 0) -> Move:
@@ -245,7 +245,7 @@ def _delegated(prev: Move | None, key_id: str) -> PublicKey | None:
         return None
 
 
-def _open_envelope(data: bytes, where: str, fmt: str) -> tuple[bytes, Any]:
+def _open_envelope(data: bytes, where: str, fmt: str) -> tuple[bytes, object]:
     try:
         env = json.loads(data)
         if not isinstance(env, dict) or env.get("format") != fmt or not isinstance(env.get("record"), str):
@@ -264,7 +264,7 @@ def is_envelope(data: bytes) -> bool:
     return isinstance(env, dict) and env.get("format") == FORMAT
 
 
-def _parse_record(text: bytes, where: str) -> dict[str, Any]:
+def _parse_record(text: bytes, where: str) -> JSONObject:
     try:
         rec = json.loads(text)
         if not isinstance(rec, dict) or rec.get("format") != FORMAT:
@@ -285,7 +285,7 @@ def next_step(steps: list[float], weight: float) -> float | None:
     return min((s for s in steps if s > weight + 1e-9), default=None)
 
 
-def check_guard_move(prev: Move, move: Move, gate_ok: Callable[[int, dict[str, Any], str], str | None]) -> str | None:
+def check_guard_move(prev: Move, move: Move, gate_ok: Callable[[int, JSONObject, str], str | None]) -> str | None:
     """Why a guard key's ``move`` is outside its authority over ``prev``'s canary, or None when inside it.
 
     A guard key delegated by the running canary may only end that canary, step its weight to the next value
@@ -327,12 +327,12 @@ def check_guard_move(prev: Move, move: Move, gate_ok: Callable[[int, dict[str, A
 
 
 def guard_registration(name: str, public_key: str, service: str, steps: list[float], *, user: str,
-                       ts: str) -> dict[str, Any]:
+                       ts: str) -> JSONObject:
     return {"format": GUARD_FORMAT, "schema": 1, "name": name, "public_key": public_key, "service": service,
             "steps": sorted(float(s) for s in steps), "user": user, "ts": ts}
 
 
-def read_guard_registration(data: bytes, name: str, trust: Trust | None, where: str) -> dict[str, Any]:
+def read_guard_registration(data: bytes, name: str, trust: Trust | None, where: str) -> JSONObject:
     """A guard key registration, verified against ``trust`` (a person's key) and bound to ``name``."""
     text, sig = _open_envelope(data, where, GUARD_FORMAT)
     if trust is not None:

@@ -8,9 +8,12 @@ here, once, with ASCII-only patterns matched whole.
 from __future__ import annotations
 
 import re
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
 from kit.errors import InvalidNameError
+
+if TYPE_CHECKING:
+    from _typeshed import ConvertibleToFloat
 
 ALIASES = ("production", "canary")
 REFS = ("production", "canary", "latest")
@@ -40,7 +43,7 @@ def is_sha256_hex(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
-def validate_version(version: Any) -> int:
+def validate_version(version: object) -> int:
     if isinstance(version, bool):
         raise InvalidNameError(f"Invalid version {version!r}: versions are positive integers.")
     if isinstance(version, int):
@@ -77,7 +80,7 @@ def parse_weight(text: str | float) -> float:
     return check_weight(w, allow_zero=True, shown=text)
 
 
-def check_weight(weight: Any, *, allow_zero: bool = False, shown: object = None) -> float:
+def check_weight(weight: ConvertibleToFloat, *, allow_zero: bool = False, shown: object = None) -> float:
     """The one rule for a canary weight given as a number: a finite real in (0, 1], or [0, 1] with
     ``allow_zero`` (0 is no canary). Bools, NaN and infinities are refused. ``shown`` is what the user wrote."""
     shown = weight if shown is None else shown

@@ -12,8 +12,8 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from kit._types import JSONObject
 from kit.errors import InvalidNameError, RegistryCorruptError
 from kit.registry.names import check_weight, validate_version
 
@@ -32,12 +32,12 @@ class ModelVersion:
     created: str
     artifact_sha256: str
     files: dict[str, str]
-    signature: dict[str, Any]
-    env: dict[str, Any]
-    source: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, Any] = field(default_factory=dict)
-    capture: dict[str, Any] = field(default_factory=dict)
+    signature: JSONObject
+    env: JSONObject
+    source: JSONObject = field(default_factory=dict)
+    metrics: JSONObject = field(default_factory=dict)
+    tags: JSONObject = field(default_factory=dict)
+    capture: JSONObject = field(default_factory=dict)
     file_sizes: dict[str, int] = field(default_factory=dict)  # meta.json's, where its register recorded them
 
     @property
@@ -77,13 +77,13 @@ class ModelVersion:
             return sum(self.file_sizes[f] for f in self.files)
         return sum((self.path / f).stat().st_size for f in self.files if (self.path / f).exists())
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         d = dataclasses.asdict(self)
         d["path"] = str(self.path)
         return d
 
 
-def read_file_sizes(value: Any) -> dict[str, int]:
+def read_file_sizes(value: object) -> dict[str, int]:
     """meta.json's ``file_sizes`` (file name -> bytes); {} where it is absent or not such a mapping (a display
     value: what a load trusts is each file's sha256)."""
     if not isinstance(value, Mapping):
@@ -106,27 +106,27 @@ class Aliases:
     previous: tuple[int, ...] = ()
     serial: int = 0
     updated: str | None = None
-    guards: dict[str, Any] = field(default_factory=dict, compare=False)
+    guards: JSONObject = field(default_factory=dict, compare=False)
     signed_by: str | None = field(default=None, compare=False)
     action: str | None = field(default=None, compare=False)
     artifacts: dict[str, str] = field(default_factory=dict, compare=False)
 
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"schema": SCHEMA, "serial": self.serial, "updated": self.updated}
+    def to_json(self) -> JSONObject:
+        d: JSONObject = {"schema": SCHEMA, "serial": self.serial, "updated": self.updated}
         if self.production is not None:
             d["production"] = {"version": self.production, "previous": list(self.previous)}
         if self.canary is not None:
             d["canary"] = {"version": self.canary, "weight": self.canary_weight}
         return d
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JSONObject:
         """The ``state`` of a move record: what a signature binds."""
         canary = None if self.canary is None else {"version": self.canary, "weight": self.canary_weight,
                                                    "guards": dict(self.guards)}
         return {"production": self.production, "previous": list(self.previous), "canary": canary}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], serial: int, updated: str | None, where: str, *,
+    def from_state(cls, state: Mapping[str, object], serial: int, updated: str | None, where: str, *,
                    signed_by: str | None = None, action: str | None = None,
                    artifacts: Mapping[str, str] | None = None) -> Aliases:
         can = state.get("canary")
@@ -140,7 +140,7 @@ class Aliases:
                                    action=action, artifacts=dict(artifacts or {}))
 
     @classmethod
-    def from_json(cls, d: Any, where: str) -> Aliases:
+    def from_json(cls, d: object, where: str) -> Aliases:
         def bad(why: str) -> RegistryCorruptError:
             return RegistryCorruptError(
                 f"{where} is malformed ({why}). Rebuild it from the signed move records with "

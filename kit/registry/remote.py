@@ -34,9 +34,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit._io import atomic_write_bytes, copy_hashed
+from kit._types import JSONObject
 from kit.errors import (
     ConfigError,
     IntegrityError,
@@ -56,7 +57,10 @@ from kit.registry.names import is_version_text, validate_name
 from kit.registry.records import ModelVersion, VerifyResult, utcnow
 from kit.registry.storage import FolderStorage, Got, NotModified, Storage, is_url
 from kit.registry.store import CONFIGURED, resolve_keyring
-from kit.signing import SIG_SUFFIX, sign_file
+from kit.signing import SIG_SUFFIX, SigningKey, sign_file
+
+if TYPE_CHECKING:
+    from kit.registry.movelog import MoveLog
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ MAX_FILE_BYTES = 32 << 30  # what a check downloads at most per file (a load app
 _MAX_CLAIM_TRIES = 1000
 
 
-def mirror_dir(storage: Any, cache_root: Path) -> Path:
+def mirror_dir(storage: Storage, cache_root: Path) -> Path:
     """This host's folder of copies of ``storage``'s small objects, inside the (0700, this user's) cache root:
     ``<cache>/.remote/<digest of the store's identity>``."""
     ident = storage.identity() if hasattr(storage, "identity") else storage.describe()
@@ -234,7 +238,7 @@ class ObjectStoreMixin(AliasMoves):
             (vdir / ("meta.json" + SIG_SUFFIX)).unlink(missing_ok=True)
         return got.data
 
-    def movelog(self, name: str) -> Any:
+    def movelog(self, name: str) -> MoveLog:
         from kit.registry.movelog import MoveLog
 
         log_ = self._movelogs.get(name)
@@ -244,7 +248,7 @@ class ObjectStoreMixin(AliasMoves):
             self._movelogs[name] = log_
         return log_
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str) -> list[JSONObject]:
         """The folder registry's history, over this host's copies of the bucket's event objects (each one
         fetched once: events are never rewritten)."""
         lines = []
@@ -301,7 +305,7 @@ class ObjectStoreMixin(AliasMoves):
         return vv
 
     # ---- gate evidence: written here by the gate, uploaded when its event is recorded; synced before reads
-    def record_event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+    def record_event(self, name: str, event: str, **fields: Any) -> JSONObject:
         if event == "gate" and fields.get("run_id") is not None:
             self._upload_run(name, int(fields["version"]), str(fields["run_id"]))
         return super().record_event(name, event, **fields)
@@ -332,15 +336,15 @@ class ObjectStoreMixin(AliasMoves):
                 if got is not None:
                     atomic_write_bytes(root / run_id / fname, got.data)
 
-    def gate_results(self, name: str, version: int) -> list[dict[str, Any]]:
+    def gate_results(self, name: str, version: int) -> list[JSONObject]:
         self._sync_gates(name, version)
         return super().gate_results(name, version)
 
-    def _signed_gate_results(self, mv: ModelVersion) -> list[dict[str, Any]]:
+    def _signed_gate_results(self, mv: ModelVersion) -> list[JSONObject]:
         self._sync_gates(mv.name, mv.version)
         return super()._signed_gate_results(mv)
 
-    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+    def _gate_problem(self, name: str, version: int, gate: JSONObject, artifact_sha256: str) -> str | None:
         self._sync_gates(name, version)
         return super()._gate_problem(name, version, gate, artifact_sha256)
 
@@ -364,7 +368,7 @@ class ObjectStoreMixin(AliasMoves):
                 tmp.unlink(missing_ok=True)
         return super().sign_version(name, version)
 
-    def _write_signed_meta(self, name: str, version: int, data: bytes, key: Any) -> None:
+    def _write_signed_meta(self, name: str, version: int, data: bytes, key: SigningKey) -> None:
         super()._write_signed_meta(name, version, data, key)
         meta = self.version_dir(name, version) / "meta.json"
         got = self.storage.get(self._key(meta), MAX_META_BYTES)
@@ -379,7 +383,7 @@ class ObjectStoreMixin(AliasMoves):
         self.storage.put(self._key(path), path.read_bytes())
         return path
 
-    def guard_keys(self, name: str) -> dict[str, Any]:
+    def guard_keys(self, name: str) -> JSONObject:
         """The bucket's guard key registrations of ``name`` (this host's copy made the same first: added,
         replaced, and removed where the bucket no longer has one), checked as in a folder."""
         folder = self.model_dir(name) / "guards"
@@ -394,7 +398,7 @@ class ObjectStoreMixin(AliasMoves):
         return super().guard_keys(name)
 
     # ---- writing
-    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any, steps: Steps) -> int:
+    def _publish(self, name: str, tmp: Path, meta: JSONObject, signer: SigningKey | None, steps: Steps) -> int:
         """Claim the next number (conditional create), upload the files, then the signature and meta.json
         (whose ``capture.steps`` gains the upload's seconds)."""
         with steps.step("upload", f"to {self.url}"):
@@ -433,8 +437,8 @@ class ObjectStoreMixin(AliasMoves):
         raise KitError(f"Could not claim a version number of {name!r} after {_MAX_CLAIM_TRIES} tries; "
                        "retry the register.")
 
-    def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
-        rec = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
+    def _event(self, name: str, event: str, **fields: object) -> JSONObject:
+        rec: JSONObject = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
         rec.update(fields)
         key = f"{name}/events/{rec['ts'].replace(':', '')}-{uuid.uuid4().hex[:12]}.json"
         self.storage.put(key, json.dumps(rec, sort_keys=True).encode())

@@ -25,13 +25,15 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kit._io import ensure_free_space, storage_errors
 from kit.errors import ConfigError, RegistryCorruptError, StorageError
 from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CHUNK = 8 << 20
@@ -100,7 +102,7 @@ class S3Storage:
         self.rest = (S3Rest(bucket, prefix, settings, max(timeout_s, 60.0))  # the calls obstore does not make
                      if settings.get("access_key_id") and settings.get("secret_access_key") else None)
         self.endpoint = settings.get("endpoint", "")
-        config: dict[str, Any] = {k: v for k, v in settings.items() if k != "endpoint"}
+        config: dict[str, object] = {k: v for k, v in settings.items() if k != "endpoint"}
         if self.endpoint:
             config["endpoint"] = self.endpoint
             config["virtual_hosted_style_request"] = False  # path style: what MinIO, Ceph, SeaweedFS serve
@@ -323,7 +325,7 @@ class _Flusher:
             self.thread.join()  # before the file (and its descriptor) is closed
 
 
-def _prefetched(chunks: Iterator[Any], each: Callable[[Any], None], depth: int = 4) -> Iterator[Any]:
+def _prefetched(chunks: Iterator[T], each: Callable[[T], None], depth: int = 4) -> Iterator[T]:
     """``chunks``, read ahead by a thread that also calls ``each`` on every chunk (the hash), in order, before
     handing it over (``depth`` chunks at most held): the wire, the hash and the caller's write of the
     previous chunk proceed at once (each releases the GIL), so a download costs about its slowest step

@@ -50,7 +50,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +221,7 @@ def read_part(p: Plan, i: int) -> bytes:
     return data
 
 
-def stored_parts(p: Plan, listed: Mapping[str, Mapping[str, Any]]) -> set[int]:
+def stored_parts(p: Plan, listed: Mapping[str, ObjectMeta]) -> set[int]:
     """The parts of ``p`` already staged: ``listed`` maps each staged key to its listing (size, e_tag)."""
     have = set()
     for i in range(p.count):
@@ -368,7 +371,7 @@ class StagedUpload:
         """Delete the staged parts of uploads nobody touched for ``storage.stale_staging`` (abandoned ones)."""
         import obstore
 
-        folders: dict[str, list[Any]] = {}
+        folders: dict[str, list[ObjectMeta]] = {}
         for batch in obstore.list(self.st.store, f"{STAGING}/"):
             for m in batch:
                 folders.setdefault(str(m["path"]).rsplit("/", 1)[0], []).append(m)

@@ -8,10 +8,14 @@ before saving: the weights, the example arrays, the ONNX files and a bound on th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kit._io import ensure_free_space, same_filesystem
+
+if TYPE_CHECKING:
+    from kit.capture import CapturedModel
 
 # The program's JSON and the zip's headers: measured ~40 KB for the demo MLP, ~1 KB per graph node for the
 # zoo's transformers; 8 KB per node plus 1 MiB bounds them with room to spare.
@@ -19,7 +23,7 @@ _PER_NODE = 8 << 10
 _FIXED = 1 << 20
 
 
-def _tensor_bytes(values: Any) -> int:
+def _tensor_bytes(values: Iterable[object]) -> int:
     total = 0
     for t in values:
         nbytes = getattr(t, "nbytes", None)
@@ -28,7 +32,7 @@ def _tensor_bytes(values: Any) -> int:
     return total
 
 
-def saved_bytes(model: Any) -> int:
+def saved_bytes(model: CapturedModel) -> int:
     """An upper bound on the bytes ``model.save`` (a :class:`kit.capture.CapturedModel`) writes."""
     program = model.program
     total = _tensor_bytes(program.state_dict.values()) + _tensor_bytes(getattr(program, "constants", {}).values())
@@ -40,7 +44,7 @@ def saved_bytes(model: Any) -> int:
     return total
 
 
-def check_register_space(model: Any, private_root: Path, registry_dir: Path, name: str) -> int:
+def check_register_space(model: CapturedModel, private_root: Path, registry_dir: Path, name: str) -> int:
     """``StorageError`` unless the private save and the registry's copy of ``model`` both fit (twice the
     size where they share a file system: both exist until the copy is done); returns the size."""
     need = saved_bytes(model)

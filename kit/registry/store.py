@@ -26,10 +26,11 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from kit._io import append_line, atomic_write_bytes, copy_hashed, file_mode, fsync_dir, read_capped, storage_errors
 from kit._proc import pid_alive
+from kit._types import JSONObject
 from kit.errors import (
     ConfigError,
     IntegrityError,
@@ -46,7 +47,13 @@ from kit.registry.moves import MoveStorage
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, read_file_sizes, utcnow
 from kit.registry.space import check_register_space
-from kit.signing import Keyring, sign_file
+from kit.signing import Keyring, SigningKey, Trust, sign_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from kit.capture import CapturedModel
+    from kit.config import KitConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ class Store:
         return str(self.root)
 
     @classmethod
-    def from_config(cls, config: Any) -> Self:
+    def from_config(cls, config: KitConfig) -> Self:
         return cls(config.registry, require_gate=config.require_gate, user=config.user, keyring=config.keyring())
 
     def __repr__(self) -> str:
@@ -262,10 +269,10 @@ class Store:
             self._movelogs[name] = log_
         return log_
 
-    def _move_trust(self) -> Any:
+    def _move_trust(self) -> Trust | None:
         return self.keyring.trust() if self.keyring is not None else None
 
-    def _gate_problem(self, name: str, version: int, gate: dict[str, Any], artifact_sha256: str) -> str | None:
+    def _gate_problem(self, name: str, version: int, gate: JSONObject, artifact_sha256: str) -> str | None:
         return "this reader cannot check gate results"  # kit.registry.aliases.AliasMoves can
 
     def aliases(self, name: str) -> Aliases:
@@ -276,11 +283,11 @@ class Store:
         serial older than one this registry object already followed."""
         return self.movelog(name).current()
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str) -> list[JSONObject]:
         """The audit trail, oldest first: the unsigned events (register, gate, sign) and every move record,
         each marked ``verified`` (and ``problem`` when its signature, authority or chain fails)."""
         self._require_model(name)
-        out: list[dict[str, Any]] = []
+        out: list[JSONObject] = []
         path = self.events_path(name)
         if path.exists():
             for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -302,12 +309,12 @@ class Store:
     def register(
         self,
         name: str,
-        model: Any,
-        example_inputs: Any = None,
+        model: CapturedModel | nn.Module,
+        example_inputs: object = None,
         *,
-        metrics: Mapping[str, Any] | None = None,
-        tags: Mapping[str, Any] | None = None,
-        source: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, object] | None = None,
+        tags: Mapping[str, object] | None = None,
+        source: Mapping[str, object] | None = None,
         project_root: Path | None = None,
         progress: Progress = None,
         **capture_kwargs: Any,
@@ -353,12 +360,12 @@ class Store:
         log.info("registered %s@%d at %s", name, version, self.version_dir(name, version))
         return self._read_version(name, version)
 
-    def _publish(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any, steps: Steps) -> int:
+    def _publish(self, name: str, tmp: Path, meta: JSONObject, signer: SigningKey | None, steps: Steps) -> int:
         """Number, write (and sign) meta.json and rename ``tmp`` into place; callers hold the model lock."""
         with steps.step("publish", "number, meta.json, signature, rename"):
             return self._publish_here(name, tmp, meta, signer)
 
-    def _publish_here(self, name: str, tmp: Path, meta: dict[str, Any], signer: Any) -> int:
+    def _publish_here(self, name: str, tmp: Path, meta: JSONObject, signer: SigningKey | None) -> int:
         nums = self._version_numbers(name)
         version = (nums[-1] + 1) if nums else 1
         meta["version"] = version  # with meta["name"]: every verified read checks it sits at name@version
@@ -383,20 +390,20 @@ class Store:
             if not pid_alive(pid):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+    def _event(self, name: str, event: str, **fields: object) -> JSONObject:
         """Append one audit record; callers hold the model lock."""
         rec = {"ts": utcnow(), "event": event, "name": name, "user": fields.pop("user", None) or self.user}
         rec.update(fields)
         append_line(self.events_path(name), json.dumps(rec, sort_keys=True))
         return rec
 
-    def record_event(self, name: str, event: str, **fields: Any) -> dict[str, Any]:
+    def record_event(self, name: str, event: str, **fields: object) -> JSONObject:
         """Append an audit record (e.g. a gate run) under the model lock."""
         with self.lock(name):
             return self._event(name, event, **fields)
 
 
-def check_place(meta: Any, name: str, version: int, meta_path: Path) -> None:
+def check_place(meta: object, name: str, version: int, meta_path: Path) -> None:
     """``IntegrityError`` unless the (signed) meta.json names the model and version folder it sits in."""
     ref = f"{name}@{version}"
     if not isinstance(meta, dict) or "name" not in meta or "version" not in meta:
@@ -411,7 +418,7 @@ def check_place(meta: Any, name: str, version: int, meta_path: Path) -> None:
             f"or register the model again as {name}.")
 
 
-def _save_synced(model: Any, folder: Path, private: Path, steps: Steps) -> dict[str, str]:
+def _save_synced(model: CapturedModel, folder: Path, private: Path, steps: Steps) -> dict[str, str]:
     """``model.save`` into ``private`` (a folder only this user can write), then each file copied into the
     registry's ``folder`` while hashed (fsync'd); file name -> sha256 of exactly the bytes written there
     from the private copy. Hashing files in the registry folder itself would let a writer there swap one
@@ -425,9 +432,9 @@ def _save_synced(model: Any, folder: Path, private: Path, steps: Steps) -> dict[
                 for p in written}
 
 
-def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[str, Any] | None,
-              tags: Mapping[str, Any] | None, source: Mapping[str, Any] | None,
-              project_root: Path | None, steps: Mapping[str, float]) -> dict[str, Any]:
+def _new_meta(name: str, model: CapturedModel, files: dict[str, str], *, metrics: Mapping[str, object] | None,
+              tags: Mapping[str, object] | None, source: Mapping[str, object] | None,
+              project_root: Path | None, steps: Mapping[str, float]) -> JSONObject:
     """A new version's meta.json, less its number (taken under the lock). ``capture.steps``: the seconds of
     capture's steps and of register's so far (an object store adds its upload before it writes this)."""
     from kit.env import fingerprint
@@ -454,7 +461,7 @@ def _new_meta(name: str, model: Any, files: dict[str, str], *, metrics: Mapping[
     }
 
 
-def _onnx_record(model: Any) -> dict[str, Any]:
+def _onnx_record(model: CapturedModel) -> JSONObject:
     """meta.json's ``capture.onnx``: kit.backends.onnx.export's record, or why there is none."""
     onnx = getattr(model, "onnx", None)
     if onnx is None:
@@ -463,7 +470,7 @@ def _onnx_record(model: Any) -> dict[str, Any]:
     return dict(onnx.record)
 
 
-def _check_json(obj: Any, what: str) -> None:
+def _check_json(obj: object, what: str) -> None:
     try:
         json.dumps(obj)
     except (TypeError, ValueError) as exc:
