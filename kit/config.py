@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kit._types import JSONObject
 from kit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class KitConfig:
     validation: tuple[Path, ...] = ()
     # kit.toml's [gate] table: parameters every gate passes to its notebooks (e.g. an absolute latency budget,
     # max_p95_ms_batch1 = 50); `-p` / `--param` override them one by one.
-    gate: dict[str, Any] = field(default_factory=dict)
+    gate: JSONObject = field(default_factory=dict)
 
     def keyring(self) -> Keyring:
         """The :class:`kit.signing.Keyring` a registry of this project signs with and verifies against."""
@@ -73,7 +74,7 @@ _ENV_KEYS = {
 }
 
 
-def _find_file_config(start: Path) -> tuple[Path, dict[str, Any]]:
+def _find_file_config(start: Path) -> tuple[Path, JSONObject]:
     for d in (start, *start.parents):
         kt = d / "kit.toml"
         if kt.is_file():
@@ -86,7 +87,7 @@ def _find_file_config(start: Path) -> tuple[Path, dict[str, Any]]:
     return start, {}
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> JSONObject:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -94,7 +95,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML ({exc}). Fix the file or remove it.") from exc
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(key: str, value: Any) -> object:
     if key == "registry" and isinstance(value, str) and "://" in value:
         from kit.registry.s3 import parse_s3_url  # refuses what is not s3://bucket/prefix, naming the form
 
@@ -145,7 +146,7 @@ def _default_user() -> str:
 def load_config(
     cwd: Path | None = None,
     environ: Mapping[str, str] | None = None,
-    **explicit: Any,
+    **explicit: object,
 ) -> KitConfig:
     """Resolve the configuration (see module docstring). ``explicit`` values of None are ignored."""
     cwd = Path(cwd or os.getcwd()).resolve()

@@ -21,7 +21,6 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from kit._types import JSONObject
 
@@ -57,17 +56,17 @@ def read_results(version_dir: Path) -> list[JSONObject]:
     return out
 
 
-def result_backend(result: Mapping[str, Any]) -> str:
+def result_backend(result: Mapping[str, object]) -> str:
     """The backend a result judged (results written before backends: torch)."""
     return str(result.get("backend") or "torch")
 
 
-def on_backend(results: Sequence[Mapping[str, Any]], backend: str | None) -> list[Mapping[str, Any]]:
+def on_backend(results: Sequence[Mapping[str, object]], backend: str | None) -> list[Mapping[str, object]]:
     """``results`` judged on ``backend`` (all of them when None)."""
     return list(results) if backend is None else [r for r in results if result_backend(r) == backend]
 
 
-def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+def passing_result(results: Sequence[Mapping[str, object]], artifact_sha256: str,
                    backend: str | None = None) -> JSONObject | None:
     """The newest result that passed for exactly this artifact (on ``backend``, when given), if any."""
     ok = [dict(r) for r in on_backend(results, backend)
@@ -75,7 +74,7 @@ def passing_result(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
     return ok[-1] if ok else None
 
 
-def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
+def verdict(results: Sequence[Mapping[str, object]], artifact_sha256: str,
             backend: str | None = None) -> tuple[str, JSONObject | None]:
     """("passed" | "failed" | "stale" | "-", the deciding result), among the results on ``backend`` when
     given. "stale": the newest result was recorded for another artifact sha256."""
@@ -89,7 +88,7 @@ def verdict(results: Sequence[Mapping[str, Any]], artifact_sha256: str,
     return ("stale" if last.get("artifact_sha256") != artifact_sha256 else "failed"), last
 
 
-def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, Any]) -> Path | None:
+def report_path(registry_root: Path, version_dir: Path, result: Mapping[str, object]) -> Path | None:
     """The ``report.html`` of ``result``: beside its result.json, or the path it recorded."""
     run_id = str(result.get("run_id", ""))
     if run_id and "/" not in run_id and not run_id.startswith("."):
@@ -111,7 +110,7 @@ def _one_line(v: object, limit: int = 80) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
-def failed_checks_text(result: Mapping[str, Any], limit: int = 6) -> str:
+def failed_checks_text(result: Mapping[str, object], limit: int = 6) -> str:
     """``"latency vs production, batch 64 = 3.1 (threshold 1.25); accuracy = 0.8 (threshold 0.9)"``: the
     failed checks of a stored result with their figures (its error when no check failed)."""
     checks = result.get("checks")
@@ -132,7 +131,7 @@ def failed_checks_text(result: Mapping[str, Any], limit: int = 6) -> str:
     return "; ".join(parts)
 
 
-def refusal_detail(registry_root: Path, version_dir: Path, results: Sequence[Mapping[str, Any]],
+def refusal_detail(registry_root: Path, version_dir: Path, results: Sequence[Mapping[str, object]],
                    artifact_sha256: str) -> str:
     """What a refused promotion adds after "no passing gate": the newest gate of this artifact, its failed
     checks with their figures and its report ("" when the artifact was never gated)."""

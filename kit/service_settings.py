@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kit import backends
+from kit._types import JSONObject
 from kit.errors import KitError, ServiceError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Setting:
     key: str
     option: str
     typ: type
-    default: Any
+    default: object  # REQUIRED, or a value of ``typ`` (a tuple for a list)
     comment: str = ""
     rule: tuple[str, Callable[[Any], bool]] | None = None  # (what it must be, test)
     items: type = str  # element type of a list
@@ -46,7 +47,7 @@ class Setting:
     lone_str: bool = False  # a list that may be written as one string ("" for none)
 
 
-def _s(section: str, key: str, typ: type, default: Any, comment: str = "", *, option: str = "",
+def _s(section: str, key: str, typ: type, default: object, comment: str = "", *, option: str = "",
        **kw: Any) -> Setting:
     return Setting(section, key, option or key, typ, default, comment, **kw)
 
@@ -143,13 +144,13 @@ SETTINGS: tuple[Setting, ...] = (
 
 # Keys of the removed gthread + Flask engine. Older service.toml files (and generate() callers) may still
 # hold them: accepted, ignored, logged as deprecated. (section, key) -> (why, the values still accepted or None).
-RETIRED: dict[tuple[str, str], tuple[str, tuple[Any, ...] | None]] = {
+RETIRED: dict[tuple[str, str], tuple[str, tuple[str, ...] | None]] = {
     ("service", "threads"): ("gthread request threads per worker; uvicorn workers never read it", None),
     ("service", "engine"): ('the ASGI engine is the only one (the gthread + Flask engine was removed)', ("asgi",)),
 }
 
 
-def retired(section: str, key: str, value: Any, where: str, error: type[KitError] = ServiceError) -> bool:
+def retired(section: str, key: str, value: object, where: str, error: type[KitError] = ServiceError) -> bool:
     """True (after one deprecation line in the log) when ``[section] key`` is a retired key to ignore;
     :class:`ServiceError` when its value asks for what no longer exists (``engine = "flask"``)."""
     entry = RETIRED.get((section, key))
@@ -185,7 +186,7 @@ SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 BY_SECTION: dict[str, dict[str, Setting]] = {sec: {s.key: s for s in SETTINGS if s.section == sec} for sec in SECTIONS}
 BY_OPTION: dict[str, Setting] = {s.option: s for s in SETTINGS}
 # generate()'s options and their defaults (name, model and registry are its arguments)
-DEFAULTS: dict[str, Any] = {s.option: s.default for s in SETTINGS if s.generated and s.default is not REQUIRED}
+DEFAULTS: dict[str, object] = {s.option: s.default for s in SETTINGS if s.generated and s.default is not REQUIRED}
 
 
 def default(section: str, key: str) -> Any:
@@ -199,7 +200,7 @@ def _type_name(s: Setting) -> str:
     return s.typ.__name__
 
 
-def check_value(s: Setting, value: Any, where: str, error: type[KitError] = ServiceError) -> Any:
+def check_value(s: Setting, value: object, where: str, error: type[KitError] = ServiceError) -> object:
     """``value`` checked against ``s`` (type, then rule); ints become floats where a float is declared,
     lists become tuples."""
     def bad(what: str) -> KitError:
@@ -228,11 +229,11 @@ def check_value(s: Setting, value: Any, where: str, error: type[KitError] = Serv
     return value
 
 
-def check_section(section: str, body: Mapping[str, Any], where: str,
-                  error: type[KitError] = ServiceError) -> dict[str, Any]:
+def check_section(section: str, body: Mapping[str, object], where: str,
+                  error: type[KitError] = ServiceError) -> JSONObject:
     """A table's keys checked against the declaration: ``{key: value}`` (unknown keys refused)."""
     known = BY_SECTION[section]
-    out: dict[str, Any] = {}
+    out: JSONObject = {}
     for key, value in body.items():
         s = known.get(key)
         if s is None and retired(section, key, value, where, error):
@@ -243,10 +244,10 @@ def check_section(section: str, body: Mapping[str, Any], where: str,
     return out
 
 
-def check_document(data: Mapping[str, Any], where: str, error: type[KitError] = ServiceError) -> dict[str, dict[str, Any]]:
+def check_document(data: Mapping[str, object], where: str, error: type[KitError] = ServiceError) -> dict[str, JSONObject]:
     """A whole parsed service.toml checked: ``{section: {key: value}}`` (``[auth.jwt]`` as its own section).
     Unknown sections and keys are refused, so a typo never silently falls back to a default."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, JSONObject] = {}
     for section, body in data.items():
         if section not in BY_SECTION or section == "auth.jwt" or not isinstance(body, dict):
             raise error(f"{where}: unknown section [{section}]; known: {sorted(SECTIONS)}.")
@@ -263,7 +264,7 @@ def check_document(data: Mapping[str, Any], where: str, error: type[KitError] = 
     return out
 
 
-def read_service_toml(service_dir: Path | str, error: type[KitError] = ServiceError) -> dict[str, dict[str, Any]]:
+def read_service_toml(service_dir: Path | str, error: type[KitError] = ServiceError) -> dict[str, JSONObject]:
     """Parse and check ``<service_dir>/service.toml``: ``{section: {key: value}}`` (see :func:`check_document`).
 
     ``error`` is the class raised (a pack step raises :class:`~kit.errors.PackError`, the service
@@ -294,7 +295,7 @@ def toml_str(value: str, what: str) -> str:
     return f'"{value}"'
 
 
-def coerce_option(s: Setting, value: Any) -> Any:
+def coerce_option(s: Setting, value: Any) -> object:
     """A :func:`kit.servicegen.generate` option made the declared type (a lone string for a list is a
     one-item list; a path is its string); :class:`ServiceError` when it cannot be."""
     where = f"service option {s.option}"
@@ -321,7 +322,7 @@ def _toml_value(s: Setting, value: Any) -> str:
 _COMMENT_COLUMN = 34
 
 
-def render_toml(values: Mapping[str, Any], header: Iterable[str] = ()) -> str:
+def render_toml(values: Mapping[str, object], header: Iterable[str] = ()) -> str:
     """The text of a service.toml holding ``values`` (``{option: value}``, every generated option present,
     already coerced): sections in declaration order, each key with its comment. Same values, same bytes."""
     lines = [f"# {h}" for h in header]

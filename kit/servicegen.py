@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-def _trusted_keys(keys: Any) -> list[str]:
+def _trusted_keys(keys: str | Iterable[str]) -> list[str]:
     from kit.errors import SigningKeyError
     from kit.signing import Trust
 
@@ -65,7 +65,7 @@ def _trusted_keys(keys: Any) -> list[str]:
         raise ServiceError(str(exc)) from exc
 
 
-def _values(name: str, model: str, registry: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _values(name: str, model: str, registry: str, options: Mapping[str, Any]) -> dict[str, object]:
     """Every setting of the new service.toml, checked against the declaration (meaning is checked by the
     service when it loads the file)."""
     options = {k: v for k, v in options.items()
@@ -228,7 +228,7 @@ class RunningService:
     def __enter__(self) -> RunningService:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def alive(self) -> bool:
