@@ -9,10 +9,13 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kit._types import JSONObject
 
 if TYPE_CHECKING:
     from kit.gate import GateResult
+    from kit.gate.evidence import Check
     from kit.registry import Aliases, ModelVersion, Registry
     from kit.replay import ReplayReport
 
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- plain text
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """A plain aligned text table (what a person reads in a terminal)."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -29,11 +32,11 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def metric_value(v: Any) -> str:
+def metric_value(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def metrics_text(metrics: Mapping[str, Any]) -> str:
+def metrics_text(metrics: Mapping[str, object]) -> str:
     return ", ".join(f"{k}={metric_value(v)}" for k, v in metrics.items()) or "-"
 
 
@@ -74,7 +77,7 @@ def guard_note(reg: Registry, name: str) -> str | None:
     return f"canary guard ended v{last.get('version')} at {str(last.get('ts', ''))[:16].replace('T', ' ')} UTC: {detail}"
 
 
-def model_rows(reg: Registry) -> list[dict[str, Any]]:
+def model_rows(reg: Registry) -> list[JSONObject]:
     """One summary per model (what ``kit models`` and ``%models`` list, also as JSON)."""
     rows = []
     for n in reg.models():
@@ -85,7 +88,7 @@ def model_rows(reg: Registry) -> list[dict[str, Any]]:
     return rows
 
 
-def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
+def models_text(rows: Sequence[Mapping[str, object]]) -> str:
     return table([[r["name"], r["versions"], r["latest"], r["production"] or "-",
                    f"{r['canary']} ({r['canary_weight']:.0%})" if r["canary"] else "-"] for r in rows],
                  ["MODEL", "VERSIONS", "LATEST", "PRODUCTION", "CANARY"])
@@ -112,7 +115,7 @@ def gate_summary(result: GateResult) -> str:
     return f"{result.ref} FAILED validation ({n_ok}/{len(checks)} checks passed): {why}"
 
 
-def _check_text(check: Any) -> str:
+def _check_text(check: Check) -> str:
     if callable(getattr(check, "line", None)):
         return str(check.line())
     name = getattr(check, "name", "check")

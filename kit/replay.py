@@ -26,12 +26,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
+from kit._types import JSONObject
 from kit.backends.parity import compare
 from kit.errors import NotFoundError
 
 if TYPE_CHECKING:
+    import torch
+
     from kit.registry import Registry
 
 # the replay gate notebook, package data beside the default one: run_gate(..., notebooks=[REPLAY_NOTEBOOK])
@@ -68,14 +72,14 @@ class ReplayReport:
     def error_rate(self) -> float:
         return self.errors / self.replayed if self.replayed else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         d = asdict(self)
         d["error_examples"] = list(self.error_examples)
         d.update(agreement=self.agreement, error_rate=self.error_rate)
         return d
 
 
-def capture_records(folder: Path | str, model: str | None = None) -> Iterator[dict[str, Any]]:
+def capture_records(folder: Path | str, model: str | None = None) -> Iterator[JSONObject]:
     """The records of a capture folder, oldest file first (rotated files sort before the current one)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -139,7 +143,7 @@ def replay(registry: Registry, name: str, version: int | str | None, capture: Pa
     return acc.report(name, mv.version, str(capture), "argmax" if classifier else "tolerance")
 
 
-def _inputs(rec: dict[str, Any], names: list[str], torch: Any) -> tuple[Any, ...] | str:
+def _inputs(rec: JSONObject, names: list[str], torch: ModuleType) -> tuple[torch.Tensor, ...] | str:
     """The record's inputs as tensors in signature order, or the reason it is skipped."""
     docs = rec.get("inputs") or {}
     if list(docs) != names:
@@ -153,7 +157,7 @@ def _inputs(rec: dict[str, Any], names: list[str], torch: Any) -> tuple[Any, ...
         return "unreadable inputs"
 
 
-def _flat(out: Any, names: list[str]) -> tuple[Any, ...]:
+def _flat(out: object, names: list[str]) -> tuple[torch.Tensor, ...]:
     from kit.signature import flatten_outputs
 
     return flatten_outputs(out, names)
@@ -178,8 +182,8 @@ class _Tally:
         self.dev_sum = 0.0
         self.dev_n = 0
 
-    def compare(self, outs: tuple[Any, ...], recorded: dict[str, Any], names: list[str], classifier: bool,
-                atol: float, rtol: float, torch: Any) -> None:
+    def compare(self, outs: tuple[torch.Tensor, ...], recorded: JSONObject, names: list[str], classifier: bool,
+                atol: float, rtol: float, torch: ModuleType) -> None:
         docs = [recorded.get(n) for n in names] if all(n in recorded for n in names) else list(recorded.values())
         within = True
         for i, (o, d) in enumerate(zip(outs, docs)):

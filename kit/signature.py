@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from kit._types import JSONObject
 from kit.errors import CaptureError
 
 BATCH = "batch"
@@ -32,11 +33,11 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+    def from_dict(cls, d: JSONObject) -> TensorSpec:
         return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
     def describe(self) -> str:
@@ -65,7 +66,7 @@ class Signature:
     dims: dict[str, tuple[int, int]] = field(default_factory=dict)
     output_kind: str = "tuple"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
@@ -75,7 +76,7 @@ class Signature:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Signature:
+    def from_dict(cls, d: JSONObject) -> Signature:
         """Read a signature; one written before named dims gets ``{"batch": (1, max_batch)}``."""
         inputs = tuple(TensorSpec.from_dict(x) for x in d["inputs"])
         max_batch = int(d.get("max_batch", DEFAULT_MAX_BATCH))
@@ -131,7 +132,7 @@ class Signature:
         return {k: v for k, (v, _) in seen.items()}
 
 
-def flatten_outputs(out: Any, names: Sequence[str] | None = None) -> tuple[Any, ...]:
+def flatten_outputs(out: object, names: Sequence[str] | None = None) -> tuple[Any, ...]:
     """A model's output as a tuple of tensors: a tensor, a tuple/list, or a dict (values in ``names``
     order when given, else the dict's own order)."""
     if isinstance(out, Mapping):
@@ -142,7 +143,7 @@ def flatten_outputs(out: Any, names: Sequence[str] | None = None) -> tuple[Any, 
     return (out,)
 
 
-def normalize_dynamic(dynamic: Mapping[Any, Mapping[Any, str]] | None, input_names: Sequence[str],
+def normalize_dynamic(dynamic: Mapping[Any, Mapping[int, str]] | None, input_names: Sequence[str],
                       ranks: Sequence[int], *, dynamic_batch: bool) -> dict[int, dict[int, str]]:
     """``{"ids": {1: "seq"}}`` (names or positions as keys) -> ``{input index: {dim index: dim name}}``,
     checked: known inputs, dims inside the rank, not dim 0 of a dynamic batch, valid names."""
