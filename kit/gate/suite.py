@@ -48,12 +48,16 @@ def backend_of(model: LoadedModel) -> str:
 
 
 def native(model: LoadedModel, arrays: Sequence[Array]) -> tuple[Array, ...]:
-    """numpy arrays as the backend takes them: tensors for torch, contiguous arrays for onnxruntime."""
+    """numpy arrays as the backend takes them: tensors for torch (a bfloat16 input, widened to float32 for
+    numpy, cast back), contiguous arrays for onnxruntime."""
     if backend_of(model) == "onnxruntime":
         return tuple(np.ascontiguousarray(a) for a in arrays)
     import torch
 
-    return tuple(a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    from kit.backends.pt2.serve import input_casts
+
+    tensors = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    return tuple(t if c is None else t.to(c) for t, c in zip(tensors, input_casts(model.signature), strict=False))
 
 
 def outputs_of(model: LoadedModel, out: Any) -> tuple[Array, ...]:

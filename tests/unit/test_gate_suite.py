@@ -197,6 +197,29 @@ def test_dict_outputs_are_scored_by_name(registry, tmp_path):
         suite.quality(m, data, output="nope")
 
 
+class HalfIn(nn.Module):
+    """bfloat16 features in (a dtype numpy lacks), float16 scores out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.float()).half()
+
+
+def test_a_bfloat16_input_passes_every_check(registry, capsys):
+    """numpy has no bfloat16: the gate makes its inputs as float32 and casts them back for the program,
+    which refuses any other dtype (the real zoo's bfloat16 model failed its gate on exactly that)."""
+    torch.manual_seed(0)
+    registry.register("half", HalfIn().eval(), torch.randn(4, 6).to(torch.bfloat16), onnx=False)
+    m = registry.load("half", 1)
+    (x,) = suite.make_inputs(m, 8, seed=0)
+    assert x.dtype == torch.bfloat16 and x.shape == (8, 6)
+    suite.run_all(m, **LOOSE)
+    assert all(c.passed for c in record.checks()), capsys.readouterr().out
+
+
 def test_accuracy_of_binary_scores():
     assert metrics.accuracy(np.array([[2.0], [-1.0]]), np.array([1, 0])) == 1.0  # logits
     assert metrics.accuracy(np.array([0.9, 0.2, 0.6]), np.array([1, 0, 0])) == pytest.approx(2 / 3)  # probabilities

@@ -77,7 +77,8 @@ class LSTMTagger(nn.Module):
 
 
 class HalfHead(nn.Module):
-    """Features in, float16 scores out: a float32 trunk whose head runs in half precision (a mixed model)."""
+    """Half-precision features in, half-precision scores out (float16 or bfloat16): a float32 trunk whose head
+    runs in half precision (a mixed model)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
@@ -85,8 +86,12 @@ class HalfHead(nn.Module):
         self.head = nn.Linear(48, 6).to(dtype)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(features)
+        h = self.trunk(features.float())
         return self.head(h.to(self.head.weight.dtype))
+
+
+def half_features(dtype: torch.dtype) -> Callable[[int, int, int], Inputs]:
+    return lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed)).to(dtype)}
 
 
 def _bert() -> nn.Module:
@@ -180,9 +185,7 @@ REAL: tuple[RealEntry, ...] = (
               dims={"seq": (2, 64)}, onnx=False),
     # torch.export specialises a recurrent layer's sequence length: the LSTM takes a fixed length of 16
     RealEntry("lstm", LSTMTagger, lambda b, s, seed: {"seq": torch.randn(b, 16, 12, generator=_gen(seed))}),
-    RealEntry("fp16-out", lambda: HalfHead(torch.float16),
-              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}),
+    RealEntry("fp16-io", lambda: HalfHead(torch.float16), half_features(torch.float16)),
     # onnxruntime's CPU provider has no bfloat16 Gemm: capture records why, the torch backend serves it
-    RealEntry("bf16-out", lambda: HalfHead(torch.bfloat16),
-              lambda b, s, seed: {"features": torch.randn(b, 24, generator=_gen(seed))}, onnx=False),
+    RealEntry("bf16-io", lambda: HalfHead(torch.bfloat16), half_features(torch.bfloat16), onnx=False),
 )

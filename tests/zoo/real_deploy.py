@@ -1,6 +1,5 @@
 """Issue 19's real-model zoo, one model end to end from Kit's installed wheel (the body of
-tests/e2e/test_zoo_real*.py, which split the zoo in three files so that pytest-xdist's per-file workers run
-them at once). See tests/e2e/test_zoo_real.py.
+tests/e2e/test_zoo_real.py, which says what is checked).
 
 The deploy runs as a researcher runs it: a venv with Kit's wheel (``kit[notebook,onnx]``) and transformers
 (tests/fixtures/kit_wheel.py), a project folder with the model code (tests/zoo copied to ``zoo/``) and
@@ -94,8 +93,8 @@ def _predict(url: str, inputs: dict[str, torch.Tensor], kind: str) -> tuple[int,
 def _v2_binary(url: str, name: str, inputs: dict[str, torch.Tensor]) -> tuple[int, Any, Any]:
     """v2 /infer with binary input tensors (3 images at 224 px are over the JSON body limit); JSON outputs."""
     entries, blobs = [], []
-    for k, v in inputs.items():
-        arr = np.ascontiguousarray(v.numpy())
+    for k, v in inputs.items():  # bfloat16 travels as FP32 (v2 has no BF16; the service rounds it)
+        arr = np.ascontiguousarray((v.float() if v.dtype == torch.bfloat16 else v).numpy())
         entries.append({"name": k, "shape": list(arr.shape), "datatype": NUMPY_TO_V2[arr.dtype.name],
                         "parameters": {"binary_data_size": arr.nbytes}})
         blobs.append(arr.tobytes())

@@ -65,8 +65,7 @@ def torch_forward(module: torch.nn.Module, device: str, sig: Signature) -> Forwa
     from kit.signature import flatten_outputs
 
     names = [s.name for s in sig.outputs]
-    # a dtype numpy lacks (bfloat16) arrives as float32 (kit.serving.protocol.np_dtype): cast it here
-    casts = tuple(None if _numpy_has(s.dtype) else getattr(torch, s.dtype, None) for s in sig.inputs)
+    casts = input_casts(sig)
     cast_any = any(c is not None for c in casts)
     # Call forward directly, skipping nn.Module.__call__'s hook machinery. For ExportedForward (what
     # Registry.load returns for inference programs) forward still checks rank, static dims and dtype in a
@@ -87,6 +86,12 @@ def torch_forward(module: torch.nn.Module, device: str, sig: Signature) -> Forwa
             out = call(*tensors(inputs))
             return tuple(_numpy_out(o, on_cpu) for o in flatten_outputs(out, names))
     return run
+
+
+def input_casts(sig: Signature) -> tuple[torch.dtype | None, ...]:
+    """Per input, the torch dtype to cast it to, for a dtype numpy lacks (bfloat16: it arrives as float32,
+    kit.serving.protocol.np_dtype, and the gate makes its inputs with numpy); None where none is needed."""
+    return tuple(None if _numpy_has(s.dtype) else getattr(torch, s.dtype, None) for s in sig.inputs)
 
 
 def preload() -> None:
