@@ -18,7 +18,7 @@ XDIST       := -n $(TEST_WORKERS) --dist loadfile
 # 77-test slice of zoo, gate and guard tests with 4 workers on 2 cores: 7% less CPU, 5% less wall time).
 TEST_ENV    := OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: help env lock demo test test-image test-image-if-changed typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz s3-server
+.PHONY: help env lock demo test test-zoo test-image test-image-if-changed typecheck lint test-unit test-integration test-e2e validate bench pack pack-verify lab clean browser-deps fleet-deps fuzz s3-server
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,8 +50,12 @@ lock: $(STAMP) ## write .kit/environment.lock.json, the exact environment finger
 demo: $(STAMP) ## the main job end to end on embedded defaults
 	$(PY) -m kit.demo
 
-test: $(STAMP) ## run the whole test suite (unit, integration, e2e) but the environment builds (make test-image)
-	$(TEST_ENV) $(PY) -m pytest -m "not image" $(XDIST) $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite (unit, integration, e2e) but the real-model zoo (make test-zoo) and the environment builds (make test-image)
+	$(TEST_ENV) $(PY) -m pytest -m "not image and not zoo" $(XDIST) $(PYTEST_ARGS)
+
+# The zoo's tests share no module fixtures: each model goes to the next free worker, longest first (conftest.py).
+test-zoo: $(STAMP) ## the real-model zoo: twelve architectures deployed twice each from Kit's installed wheel, served on both backends
+	$(TEST_ENV) $(PY) -m pytest -m zoo -n 3 --dist load $(PYTEST_ARGS)
 
 test-image: $(STAMP) ## the environment builds: the container image (kit pack --image, buildah) and the conda prefix with torch
 	$(TEST_ENV) $(PY) -m pytest -m image $(PYTEST_ARGS)

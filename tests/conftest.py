@@ -144,7 +144,7 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 # whole files to workers in collection order, so these start first and the short ones fill in around them;
 # collected last (tests/e2e/test_zoo*.py sort late) the longest would run alone at the end.
 LONGEST_FIRST = (
-    "e2e/test_pack_conda_torch.py", "e2e/test_zoo_real.py", "e2e/test_zoo_real_cnn.py", "e2e/test_zoo_real_text.py",
+    "e2e/test_pack_conda_torch.py", "e2e/test_zoo_real.py",
     "e2e/test_pack_venv.py", "e2e/test_pack_conda.py", "integration/test_registry_processes.py", "e2e/test_zoo.py",
     "e2e/test_installed_wheel.py", "e2e/test_browser_quickstart.py", "e2e/test_canary_guard.py",
 )

@@ -1,7 +1,7 @@
 """Issue 19's real-model zoo end to end: torchvision's ResNet-18 (224 px), MobileNetV3-Small, EfficientNet-B0,
 a small ViT and ConvNeXt (published definitions, tests/zoo/tv_*.py), BertForSequenceClassification,
 DistilBERT, GPT-2 (use_cache=False), a T5 encoder as transformers returns them, an LSTM, and float16 /
-bfloat16 outputs, all with random weights and keyword (dict) example inputs.
+bfloat16 inputs and outputs, all with random weights and keyword (dict) example inputs.
 
 Per model, as a researcher runs it: a venv with Kit's installed wheel (``kit[notebook,onnx]`` and
 transformers; tests/fixtures/kit_wheel.py), a project folder holding the model code and kit.toml, and a script
@@ -19,7 +19,7 @@ finite/agreement checks and the batch of the latency comparison: 64 by default) 
 are made smaller, so that ResNet-18 at batch 64 does not spend minutes of two shared cores per gate.
 Times go to test-artifacts/zoo_real_times.json.
 
-This file: ResNet-18, ConvNeXt, float16 outputs (the rest in test_zoo_real_cnn.py and test_zoo_real_text.py).
+``make test-zoo`` runs it (about 5 minutes of two cores), not ``make test``; CI runs both.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ import pytest
 from zoo.real import REAL
 from zoo.real_deploy import check_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-MODELS = [z for z in REAL if z.name in ("resnet18", "convnext-atto", "fp16-out")]
+pytestmark = [pytest.mark.zoo, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-# One test per model (not a module fixture shared by several tests); the zoo is split over three files
-# (test_zoo_real.py, test_zoo_real_cnn.py, test_zoo_real_text.py) so that make test's per-file workers run them at once.
-@pytest.mark.parametrize("z", MODELS, ids=[z.name for z in MODELS])
+# One test per model, no shared fixtures: make test-zoo's workers take the next model as they free up
+# (REAL lists the costliest first).
+@pytest.mark.parametrize("z", REAL, ids=[z.name for z in REAL])
 def test_captured_gated_promoted_and_served_on_each_backend(z, tmp_path, artifacts_dir, repo_root):
     check_model(z, tmp_path, artifacts_dir, repo_root)
