@@ -10,6 +10,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,33 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+# True inside unsynced(): the new files copy_hashed and an object store's download write are not fsync'd.
+_UNSYNCED: ContextVar[bool] = ContextVar("kit_unsynced", default=False)
+
+
+@contextmanager
+def unsynced() -> Iterator[None]:
+    """Inside (this thread or task): the new files :func:`copy_hashed` and an object store's download write
+    are left to the kernel, not fsync'd. Only for the verified cache's fills (:mod:`kit.registry.cache`):
+    their seal records the boot they were written in and they are re-hashed after a reboot, the one event
+    that loses bytes a process wrote. Every other write stays durable."""
+    token = _UNSYNCED.set(True)
+    try:
+        yield
+    finally:
+        _UNSYNCED.reset(token)
+
+
+def syncing() -> bool:
+    """Whether a new file's bytes are fsync'd before it is used: always, except inside :func:`unsynced`."""
+    return not _UNSYNCED.get()
+
+
 def copy_hashed(src: Path, dst: Path, max_bytes: int, mode: int = 0o600) -> tuple[str, int]:
-    """Copy the regular file ``src`` to a new file ``dst`` (``mode``, fsync'd), hashing the bytes as they are
-    copied; returns (sha256, size). One read of ``src``: what the digest names is what ``dst`` holds,
-    whatever happens to ``src`` meanwhile. ``ValueError`` when ``src`` is not a regular file or grows
-    past ``max_bytes``."""
+    """Copy the regular file ``src`` to a new file ``dst`` (``mode``, fsync'd unless inside :func:`unsynced`),
+    hashing the bytes as they are copied; returns (sha256, size). One read of ``src``: what the digest names
+    is what ``dst`` holds, whatever happens to ``src`` meanwhile. ``ValueError`` when ``src`` is not a
+    regular file or grows past ``max_bytes``."""
     h = hashlib.sha256()
     size = 0
     with _open_regular(src) as fin:
@@ -91,7 +114,8 @@ def copy_hashed(src: Path, dst: Path, max_bytes: int, mode: int = 0o600) -> tupl
                 h.update(chunk)
                 fout.write(chunk)
             fout.flush()
-            os.fsync(fout.fileno())
+            if syncing():
+                os.fsync(fout.fileno())
     return h.hexdigest(), size
 
 

@@ -21,6 +21,18 @@ and mtime as sealed. Re-hashing is not repeated on a hit: only this user (or roo
 and whoever runs as this user can already change the service's own code; the stamp catches accidents (a
 file truncated or replaced by hand). A hit costs one stat per file.
 
+Durability by boot, not fsync. An entry's files are written without fsync (a 400 MB download is then bound
+by the wire, not the disk's flush): bytes a process wrote reach the disk even if it is killed, and are lost
+only by a crash or power loss of the machine, which means a new boot. So the seal records the boot it was
+written in (:func:`boot_id`, Linux's ``/proc/sys/kernel/random/boot_id``, the host's in a container). A hit
+in the same boot is trusted as above; a hit from another boot re-hashes every file against the seal (one
+read each; the files may be torn or zeroed with their size and mtime intact) and compares meta.json with
+the verified bytes: all equal, the seal is rewritten for this boot (atomically) and the entry used; any
+different, the entry is discarded and built again (one worker does either, under the entry's lock). Where
+no boot id can be read, every file, the seal, the entry's folder (before the rename) and the cache root
+(after it) are fsync'd, and the seal names no boot (as Kit's seals before this did: such an entry is trusted
+in any boot).
+
 Location (:func:`default_cache_dir`): ``KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/kit``, else
 ``~/.cache/kit``; versions loaded by the library go to ``versions/`` under it, a service's to
 ``services/<service>/`` (a folder per service). :meth:`VersionCache.prune` bounds it.
@@ -39,11 +51,12 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from kit._io import copy_hashed, fsync_dir, read_capped
+from kit._io import copy_hashed, fsync_dir, read_capped, sha256_file, unsynced
 from kit._proc import pid_alive
+from kit._types import JSONObject
 from kit.errors import ConfigError, IntegrityError, UnsafeArtifactError
 from kit.registry.loaded import VerifiedVersion
 from kit.registry.names import is_sha256_hex
@@ -53,6 +66,17 @@ log = logging.getLogger(__name__)
 SEAL = ".sealed"
 META = "meta.json"
 _KEY = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux's random boot id; a container reads its host's), or None where there is
+    none. Bytes written and not fsync'd can only be lost by a crash of the machine, which ends the boot."""
+    try:
+        got = BOOT_ID.read_bytes()[:64].decode("ascii").strip()
+    except (OSError, UnicodeError):
+        return None
+    return got or None
 
 
 def default_cache_dir(service: str | None = None, environ: Mapping[str, str] | None = None) -> Path:
@@ -105,11 +129,11 @@ class VersionCache:
         key = self.key(vv)
         entry = self.root / key
         self._ensure_root()
-        if self._sealed(entry, vv):
+        if self._usable(entry, vv, rehash=False):
             _touch(entry)
             return entry
         with self._key_lock(key):
-            if self._sealed(entry, vv):  # another worker built it while this one waited
+            if self._usable(entry, vv, rehash=True):  # another worker built it meanwhile, or it survived a reboot
                 _touch(entry)
                 return entry
             if os.path.lexists(entry):
@@ -122,22 +146,26 @@ class VersionCache:
 
     def _build(self, vv: VerifiedVersion, entry: Path, max_file_bytes: int) -> None:
         mv = vv.version
+        boot = boot_id()  # known: nothing is fsync'd, the seal names the boot; else everything is
         tmp = self.root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(mode=0o700)
         try:
             sealed: dict[str, dict[str, object]] = {}
-            for fname, expected in sorted(mv.files.items()):
-                if not safe_file_name(fname):
-                    raise IntegrityError(f"{mv.ref}: meta.json lists an unsafe file name {fname!r}. Restore the "
-                                         "version from a copy you trust or register the model again.")
-                sealed[fname] = self._copy_one(mv.ref, mv.path / fname, tmp / fname, expected, max_file_bytes)
-            _write_private(tmp / META, vv.meta)
+            with unsynced() if boot else nullcontext():
+                for fname, expected in sorted(mv.files.items()):
+                    if not safe_file_name(fname):
+                        raise IntegrityError(f"{mv.ref}: meta.json lists an unsafe file name {fname!r}. Restore "
+                                             "the version from a copy you trust or register the model again.")
+                    sealed[fname] = self._copy_one(mv.ref, mv.path / fname, tmp / fname, expected, max_file_bytes)
+            _write_private(tmp / META, vv.meta, sync=not boot)
             seal = {"format": "kit-cache", "schema": 1, "key": entry.name, "ref": mv.ref,
-                    "registry": str(mv.path), "files": sealed}
-            _write_private(tmp / SEAL, json.dumps(seal, sort_keys=True).encode())  # last: it makes the entry
-            fsync_dir(tmp)
+                    "registry": str(mv.path), "files": sealed, **({"boot_id": boot} if boot else {})}
+            _write_private(tmp / SEAL, json.dumps(seal, sort_keys=True).encode(), sync=not boot)  # last
+            if not boot:
+                fsync_dir(tmp)
             os.rename(tmp, entry)  # atomic: the entry appears whole or not at all
-            fsync_dir(self.root)
+            if not boot:
+                fsync_dir(self.root)
         except BaseException:
             self._discard(tmp)
             raise
@@ -188,25 +216,61 @@ class VersionCache:
         if st.st_mode & 0o077:
             os.chmod(self.root, 0o700)
 
+    def _usable(self, entry: Path, vv: VerifiedVersion, rehash: bool) -> bool:
+        """True when ``entry`` is sealed for ``vv`` (:meth:`_sealed`) and its files are known whole: sealed in
+        this boot or fsync'd (a seal naming no boot), else, with ``rehash``, re-hashed now (:meth:`_reverify`)."""
+        seal = self._sealed(entry, vv)
+        if seal is None:
+            return False
+        if seal.get("boot_id") is None or seal["boot_id"] == boot_id():
+            return True
+        return rehash and self._reverify(entry, vv, seal)
+
     @staticmethod
-    def _sealed(entry: Path, vv: VerifiedVersion) -> bool:
-        """True when ``entry`` is ours and sealed for exactly ``vv``'s files, each as it was sealed."""
+    def _sealed(entry: Path, vv: VerifiedVersion) -> JSONObject | None:
+        """The seal of ``entry`` when it is ours and sealed for exactly ``vv``'s files, each as it was sealed."""
         try:
             st = os.lstat(entry)
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                return False
+                return None
             seal = json.loads(read_capped(entry / SEAL, 1 << 20))
             files = seal["files"]
             if seal.get("key") != entry.name or set(files) != set(vv.version.files):
-                return False
+                return None
             for fname, expected in vv.version.files.items():
                 rec = files[fname]
                 fst = os.lstat(entry / fname)
                 if (rec["sha256"] != expected or not stat.S_ISREG(fst.st_mode) or fst.st_uid != os.geteuid()
                         or fst.st_size != rec["size"] or fst.st_mtime_ns != rec["mtime_ns"]):
-                    return False
+                    return None
         except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return seal if isinstance(seal, dict) else None
+
+    @staticmethod
+    def _reverify(entry: Path, vv: VerifiedVersion, seal: JSONObject) -> bool:
+        """``entry`` sealed in another boot: its files were not fsync'd, and a crash may have torn or zeroed them
+        with their size and mtime intact. Each is re-hashed (one read) against the seal and meta.json compared
+        with the verified bytes; all equal, the seal is rewritten for this boot (atomically) and True; else
+        False (the caller rebuilds it). Where this boot has no id, False: rebuilt, fsync'd."""
+        boot = boot_id()
+        if boot is None:
             return False
+        t0 = time.perf_counter()
+        try:  # the seal names exactly these files and digests (_sealed)
+            whole = (all(sha256_file(entry / f) == want for f, want in sorted(vv.version.files.items()))
+                     and read_capped(entry / META, len(vv.meta)) == vv.meta)
+            if whole:
+                tmp = entry / f"{SEAL}.{uuid.uuid4().hex[:8]}.tmp"
+                _write_private(tmp, json.dumps({**seal, "boot_id": boot}, sort_keys=True).encode(), sync=False)
+                os.replace(tmp, entry / SEAL)
+        except (OSError, ValueError):
+            whole = False
+        if not whole:
+            log.warning("cache entry %s: a file is not as sealed after a reboot (torn by a crash?)", entry)
+            return False
+        log.info("re-verified cache entry %s after a reboot (%.2fs): every file re-hashed, sealed for this boot",
+                 entry, time.perf_counter() - t0)
         return True
 
     @contextmanager
@@ -273,12 +337,13 @@ def _copy_local(src: Path, dst: Path, max_bytes: int) -> tuple[str, int]:
     return copy_hashed(src, dst, max_bytes)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_private(path: Path, data: bytes, sync: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
 
 
 def _touch(entry: Path) -> None:

@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kit._io import ensure_free_space, storage_errors
+from kit._io import ensure_free_space, storage_errors, syncing
 from kit.errors import ConfigError, RegistryCorruptError, StorageError
 from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
 
@@ -216,14 +216,16 @@ class S3Storage:
             raise self._fail("delete", key, exc) from exc
 
     def download(self, key: str, dst: Path, max_bytes: int, progress: Progress | None = None) -> tuple[str, int]:
-        """Stream ``key`` into the new file ``dst`` (0600, fsync'd) while hashing it; (sha256, size).
-        ``FileNotFoundError`` when absent, ``ValueError`` past ``max_bytes`` (refused by its announced size
-        before a byte is read, and again while reading), ``StorageError`` when ``dst``'s disk cannot hold it
-        (checked against the announced size first, as every write of a known size is)."""
+        """Stream ``key`` into the new file ``dst`` (0600) while hashing it; (sha256, size). The file is
+        fsync'd (flushed while it downloads, :class:`_Flusher`) unless this is a verified cache's fill
+        (:func:`kit._io.unsynced`: it records the boot instead). ``FileNotFoundError`` when absent,
+        ``ValueError`` past ``max_bytes`` (refused by its announced size before a byte is read, and again
+        while reading), ``StorageError`` when ``dst``'s disk cannot hold it (checked against the announced
+        size first, as every write of a known size is)."""
         import obstore
         from obstore.exceptions import NotFoundError
 
-        h, size = hashlib.sha256(), 0
+        h, size, durable = hashlib.sha256(), 0, syncing()
         try:
             res = obstore.get(self.store, check_key(key))
             total = int(res.meta["size"])
@@ -233,7 +235,7 @@ class S3Storage:
             ensure_free_space(dst.parent, total, what)  # a full disk refuses it whole, before a byte is written
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with storage_errors(dst.parent, what, total), os.fdopen(fd, "wb") as f:
-                with _Flusher(f.fileno()) as flusher:
+                with _Flusher(f.fileno() if durable else None) as flusher:
                     for chunk in _prefetched(iter(res.stream(min_chunk_size=_CHUNK)), h.update):
                         size += len(chunk)
                         if size > max_bytes:
@@ -243,7 +245,8 @@ class S3Storage:
                         if progress is not None:
                             progress(size, total)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
         except (NotFoundError, FileNotFoundError) as exc:
             raise FileNotFoundError(f"{self.describe()}/{key}") from exc
         except (ValueError, OSError, StorageError):
@@ -298,9 +301,9 @@ class S3Storage:
 class _Flusher:
     """Writes a download's bytes to disk while it downloads: every ``_FLUSH_EVERY`` bytes written, a thread
     calls ``fdatasync`` (one at a time), so the final ``fsync`` finds little left and a download costs about the
-    slower of the wire and the disk rather than their sum."""
+    slower of the wire and the disk rather than their sum. With no ``fd`` (a download left unsynced), nothing."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int | None) -> None:
         self.fd, self.pending = fd, 0
         self.thread: threading.Thread | None = None
 
@@ -309,14 +312,16 @@ class _Flusher:
 
     def wrote(self, n: int) -> None:
         self.pending += n
-        if self.pending >= _FLUSH_EVERY and (self.thread is None or not self.thread.is_alive()):
-            self.pending = 0
-            self.thread = threading.Thread(target=self._sync, daemon=True)
-            self.thread.start()
+        if self.fd is None or self.pending < _FLUSH_EVERY or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.pending = 0
+        self.thread = threading.Thread(target=self._sync, args=(self.fd,), daemon=True)
+        self.thread.start()
 
-    def _sync(self) -> None:
+    @staticmethod
+    def _sync(fd: int) -> None:
         try:
-            os.fdatasync(self.fd)
+            os.fdatasync(fd)
         except OSError:  # the final fsync, on the writer's thread, reports a failing disk
             pass
 

@@ -187,3 +187,28 @@ def test_a_service_generated_from_a_bucket_registry_names_the_bucket_not_the_mir
     reg.register("tiny", *_tiny(), onnx=False)
     out = generate("tinysvc", "tiny", registry=reg.location, out_dir=tmp_path / "services")
     assert read_service_toml(out)["model"]["registry"] == url
+
+
+def test_a_cache_fill_from_the_bucket_is_fsyncd_only_where_no_boot_id_can_be_read(url: str, keyring, tmp_path: Path,
+                                                                                   monkeypatch):
+    """The verified cache's downloads are left to the kernel when its seal can name the boot
+    (kit.registry.cache); where it cannot, they are fsync'd as every other download is."""
+    from kit.registry import cache as cache_mod
+
+    mv = Registry(url, keyring=keyring, cache_dir=tmp_path / "writer").register("tiny", *_tiny(), onnx=False)
+    synced: set[int] = set()
+    for name in ("fsync", "fdatasync"):
+        def sync(fd: int, real=getattr(os, name)) -> None:
+            synced.add(os.fstat(fd).st_ino)
+            real(fd)
+
+        monkeypatch.setattr(os, name, sync)
+    for boot in ("boot-a", None):
+        monkeypatch.setattr(cache_mod, "boot_id", lambda boot=boot: boot)
+        synced.clear()
+        host = Registry(url, keyring=keyring, cache_dir=tmp_path / f"host-{boot}")
+        host.load("tiny", 1)
+        (entry,) = host.cache.entries()
+        files = {(entry / f).stat().st_ino for f in mv.files}
+        assert (files <= synced) if boot is None else not files & synced, (boot, files, synced)
+        assert json.loads((entry / ".sealed").read_bytes()).get("boot_id") == boot

@@ -9,6 +9,7 @@ Real files, real threads; the swapper is a thread of this process doing what a w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -22,6 +23,7 @@ from torch import nn
 from kit.capture import capture
 from kit.errors import IntegrityError, KitError, SignatureError
 from kit.registry import Registry, artifact_digest
+from kit.registry import cache as cache_mod
 from kit.registry.cache import SEAL, VersionCache, default_cache_dir
 from kit.signing import Keyring
 
@@ -222,3 +224,82 @@ def test_signature_file_over_the_cap_or_not_regular_is_a_signature_error(reg):
     os.mkfifo(sig)  # a reader that opened it without a check would block forever
     with pytest.raises(SignatureError, match="unreadable"):
         reg.load("m", 1, check_env=False)
+
+
+def _seal(entry) -> dict:
+    return json.loads((entry / SEAL).read_bytes())
+
+
+def _tear(path) -> None:
+    """What a crash leaves of bytes written without fsync: zeros where they were, the size and mtime intact."""
+    st = path.stat()
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.write(bytes(st.st_size))
+    os.chmod(path, 0o400)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_an_entry_from_another_boot_torn_with_its_stamp_intact_is_rehashed_and_rebuilt(reg, monkeypatch, caplog):
+    mv = reg.register("m", _model(0), X)
+    monkeypatch.setattr(cache_mod, "boot_id", lambda: "boot-a")
+    want = _answers(reg.load("m", 1, check_env=False))
+    (entry,) = reg.cache.entries()
+    assert _seal(entry)["boot_id"] == "boot-a"
+    _tear(entry / "model.pt2")
+    monkeypatch.setattr(cache_mod, "boot_id", lambda: "boot-b")  # the machine crashed and booted again
+    with caplog.at_level(logging.INFO, "kit.registry.cache"):
+        assert torch.equal(_answers(reg.load("m", 1, check_env=False)), want)
+    (entry,) = reg.cache.entries()
+    assert (entry / "model.pt2").read_bytes() == (mv.path / "model.pt2").read_bytes()
+    assert _seal(entry)["boot_id"] == "boot-b" and "not as sealed after a reboot" in caplog.text
+
+
+def test_an_intact_entry_from_another_boot_is_rehashed_once_and_sealed_for_this_boot(reg, monkeypatch, caplog):
+    mv = reg.register("m", _model(0), X)
+    monkeypatch.setattr(cache_mod, "boot_id", lambda: "boot-a")
+    want = _answers(reg.load("m", 1, check_env=False))
+    (entry,) = reg.cache.entries()
+    inodes = {f: (entry / f).stat().st_ino for f in mv.files}
+    hashed: list[str] = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(cache_mod, "boot_id", lambda: "boot-b")
+    with caplog.at_level(logging.INFO, "kit.registry.cache"):
+        assert torch.equal(_answers(reg.load("m", 1, check_env=False)), want)
+    assert sorted(hashed) == sorted(mv.files) and "re-verified cache entry" in caplog.text
+    assert reg.cache.entries() == [entry] and {f: (entry / f).stat().st_ino for f in mv.files} == inodes
+    assert _seal(entry)["boot_id"] == "boot-b" and stat.S_IMODE((entry / SEAL).stat().st_mode) == 0o400
+    hashed.clear()
+    assert torch.equal(_answers(reg.load("m", 1, check_env=False)), want)  # a plain hit in this boot: stats only
+    assert hashed == []
+    seal = _seal(entry)
+    del seal["boot_id"]  # as sealed where no boot id could be read (files fsync'd): trusted in any boot
+    os.chmod(entry / SEAL, 0o600)
+    (entry / SEAL).write_text(json.dumps(seal))
+    monkeypatch.setattr(cache_mod, "boot_id", lambda: "boot-c")
+    assert torch.equal(_answers(reg.load("m", 1, check_env=False)), want)
+    assert hashed == [] and reg.cache.entries() == [entry]
+
+
+def test_cache_files_are_fsyncd_only_where_no_boot_id_can_be_read(reg, monkeypatch, tmp_path):
+    mv = reg.register("m", _model(0), X)
+    synced: set[int] = set()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for boot in (None, "boot-a"):
+        monkeypatch.setattr(cache_mod, "boot_id", lambda boot=boot: boot)
+        reg.cache = VersionCache(tmp_path / f"cache-{boot}")
+        synced.clear()
+        reg.load("m", 1, check_env=False)
+        (entry,) = reg.cache.entries()
+        written = {(entry / f).stat().st_ino for f in [*mv.files, "meta.json", SEAL]} | {entry.stat().st_ino}
+        if boot is None:  # every file, the entry's folder and the cache root: as before boot ids
+            assert written | {reg.cache.root.stat().st_ino} <= synced and "boot_id" not in _seal(entry)
+        else:
+            assert not written & synced and _seal(entry)["boot_id"] == boot
