@@ -232,18 +232,8 @@ class AliasMoves(CheckedStore):
         """End canary ``version`` only if the aliases are still at ``serial`` (what the canary guard judged:
         any move since makes its evidence stale), recorded as ``canary_guard`` with ``evidence`` and signed by
         the guard key ``signer`` (or the registry's key). None when nothing was done."""
-        self._require_model(name)
-        done: list[bool] = []
-
-        def change(head: Move | None, cur: Aliases) -> Aliases | None:
-            if (cur.canary, cur.serial) != (version, serial):
-                return None
-            done.append(True)
-            return _replace(cur, canary=None, canary_weight=0.0)
-
-        new = self._move(name, "canary_guard", change, user=user, why=why, signer=signer,
-                         details={"version": version, "evidence": evidence})
-        return new if done else None
+        return self._if_still_at(name, "canary_guard", version, serial, {"canary": None, "canary_weight": 0.0},
+                                 {"version": version, "evidence": evidence}, why=why, user=user, signer=signer)
 
     def step_canary(self, name: str, version: int, serial: int, weight: float, evidence: JSONObject, *,
                     why: str | None = None, user: str | None = None,
@@ -251,6 +241,15 @@ class AliasMoves(CheckedStore):
         """Re-weight canary ``version`` to ``weight`` only if the aliases are still at ``serial`` (the canary
         guard's progressive step), recorded as ``canary_step`` with ``evidence``. None when nothing was done."""
         weight = check_weight(weight)
+        return self._if_still_at(name, "canary_step", version, serial, {"canary_weight": weight},
+                                 {"version": version, "weight": weight, "evidence": evidence},
+                                 why=why, user=user, signer=signer)
+
+    def _if_still_at(self, name: str, kind: str, version: int, serial: int, fields: JSONObject,
+                     details: JSONObject, *, why: str | None, user: str | None,
+                     signer: SigningKey | None) -> Aliases | None:
+        """The move ``kind`` setting ``fields``, only while canary ``version`` is at ``serial`` (what the
+        guard judged); None when the aliases moved since and nothing was done."""
         self._require_model(name)
         done: list[bool] = []
 
@@ -258,10 +257,9 @@ class AliasMoves(CheckedStore):
             if (cur.canary, cur.serial) != (version, serial):
                 return None
             done.append(True)
-            return _replace(cur, canary_weight=weight)
+            return _replace(cur, **fields)
 
-        new = self._move(name, "canary_step", change, user=user, why=why, signer=signer,
-                         details={"version": version, "weight": weight, "evidence": evidence})
+        new = self._move(name, kind, change, user=user, why=why, signer=signer, details=details)
         return new if done else None
 
     def rollback(self, name: str, *, why: str | None = None, user: str | None = None) -> Aliases:
