@@ -70,10 +70,13 @@ def svc(tmp_path_factory, request):
 
 class Load:
     """Two client threads posting /predict with random ids 0..99 on keep-alive connections, recording
-    (time received, served version, status) per request."""
+    (time received, served version, status) per request. Each waits ``pause`` seconds after an answer: by
+    default about 150 requests a second in all, many times ``MIN`` a window, where the rate is not the point
+    (as fast as they can go, ~3,000 a second, they kept both cores busy); ``pause=0`` for decisions under load."""
 
-    def __init__(self, url: str, threads: int = 2):
+    def __init__(self, url: str, threads: int = 2, pause: float = 0.01):
         self.host, self.port = url.removeprefix("http://").split(":")
+        self.pause = pause
         self.stop = threading.Event()
         self.seen: list[tuple[float, int, int]] = []
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
@@ -102,6 +105,8 @@ class Load:
                 conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
                 continue
             self.seen.append((time.time(), int(r.getheader("X-Kit-Model-Version") or 0), r.status))
+            if self.pause:
+                self.stop.wait(self.pause)
         conn.close()
 
     def enough_at(self, canary: int, since: float) -> float | None:
@@ -144,7 +149,7 @@ def _run_bad_canary(reg: Registry, running, version: int, reason: str, plant=Non
     if plant is not None:  # what a registry writer puts in the guard's folder first
         plant(_key_folder(reg, version))
     t0 = time.time()
-    with Load(running.url) as load:
+    with Load(running.url, pause=0) as load:  # busy workers: the slow canary's p95 is its queue as well
         deadline = time.monotonic() + 45
         while time.monotonic() < deadline and len(_guard_events(reg, version)) == before:
             time.sleep(0.1)
@@ -300,25 +305,39 @@ def test_a_linked_guard_folder_is_never_written_through(svc, tmp_path):
     set_traffic(reg, MODEL, None, 0.0, why="test")
 
 
-def test_forged_evidence_cannot_step_a_canary(tmp_path):
-    """steps = [25, 50], hold 1 s, no traffic at all: forged healthy files moved the canary 5% -> 25%."""
-    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=None)
-    for model in (Lookup(100, 1), Lookup(100, 2)):
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    """A service with progressive steps [50, 100], hold 2 s, min_requests 20: v1 production, v2 with a passing
+    gate (the step to 100% needs one), v3 without. Shared by the two tests of steps, each with its own canary."""
+    from kit_testing import pass_gate
+
+    root = tmp_path_factory.mktemp("stepped")
+    reg = Registry(root / "registry", require_gate=False, user="e2e", keyring=None)
+    for model in (Lookup(100, 1), Lookup(100, 2), Lookup(100, 5)):
         reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
     reg.promote(MODEL, 1, force=True, why="test")
-    d = generate("stepped", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=1, poll_interval=0.2,
-                 guard_min_requests=20, guard_window_s=30.0, guard_interval_s=0.5, guard_steps=(25, 50),
-                 guard_hold_s=1.0)
+    pass_gate(reg, MODEL, 2)
+    d = generate("stepped", MODEL, registry=reg.root, out_dir=root / "services", workers=2, poll_interval=0.2,
+                 guard_min_requests=20, guard_window_s=30.0, guard_interval_s=0.5, guard_steps=(50, 100),
+                 guard_hold_s=2.0)
     with start_service(d, timeout=90) as running:
-        set_traffic(reg, MODEL, 2, 0.05, force=True, why="test")
-        _wait_canary(running, 2)
-        with Forger(_key_folder(reg, 2), {"evil-1.json": _forged(time.time(), 0, n=50)}):
-            time.sleep(5)
-        body = _get(running.url + "/readyz")
+        yield reg, running
+
+
+def test_forged_evidence_cannot_step_a_canary(stepped):
+    """steps = [50, 100], hold 2 s, no traffic at all: forged healthy files moved the canary 5% -> 50%."""
+    reg, running = stepped
+    before = len(reg.history(MODEL))
+    set_traffic(reg, MODEL, 3, 0.05, force=True, why="test")
+    _wait_canary(running, 3)
+    with Forger(_key_folder(reg, 3), {"evil-1.json": _forged(time.time(), 0, n=50)}):
+        time.sleep(5)  # more than twice the hold
+    body = _get(running.url + "/readyz")
     a = reg.aliases(MODEL)
-    assert (a.canary, a.canary_weight) == (2, 0.05), a
-    assert not [e for e in reg.history(MODEL) if e["event"] == "canary_step"]
+    assert (a.canary, a.canary_weight) == (3, 0.05), a
+    assert not [e for e in reg.history(MODEL)[before:] if e["event"] == "canary_step"]
     assert body["canary_guard"]["rejected_files"]["now"]["evil-1.json"].startswith("auth: ")
+    set_traffic(reg, MODEL, None, 0.0, why="test")
 
 
 def test_the_guard_ends_a_canary_with_a_move_signed_by_the_service_guard_key(tmp_path):
@@ -350,25 +369,15 @@ def test_the_guard_ends_a_canary_with_a_move_signed_by_the_service_guard_key(tmp
     assert (a.production, a.canary, a.signed_by) == (1, None, guard.key_id)  # a reader follows the guard's move
 
 
-def test_progressive_steps_promote_a_healthy_gated_canary(tmp_path):
+def test_progressive_steps_promote_a_healthy_gated_canary(stepped):
     """steps = [50, 100], hold 2 s: a healthy canary with a passing gate goes 10% -> 50% -> production."""
-    from kit_testing import pass_gate
-
-    reg = Registry(tmp_path / "registry", require_gate=False, user="e2e", keyring=None)
-    for model in (Lookup(100, 1), Lookup(100, 2)):
-        reg.register(MODEL, model.eval(), torch.tensor([[1], [7]]))
-    reg.promote(MODEL, 1, force=True, why="test")
-    pass_gate(reg, MODEL, 2)
-    d = generate("stepped", MODEL, registry=reg.root, out_dir=tmp_path / "services", workers=2, poll_interval=0.2,
-                 guard_min_requests=20, guard_window_s=30.0, guard_interval_s=0.5, guard_steps=(50, 100),
-                 guard_hold_s=2.0)
-    with start_service(d, timeout=90) as running:
-        set_traffic(reg, MODEL, 2, 0.1, why="test")
-        t0 = time.monotonic()
-        with Load(running.url) as load:
-            while time.monotonic() - t0 < 45 and reg.aliases(MODEL).production != 2:
-                time.sleep(0.2)
-        took = time.monotonic() - t0
+    reg, running = stepped
+    set_traffic(reg, MODEL, 2, 0.1, why="test")
+    t0 = time.monotonic()
+    with Load(running.url) as load:
+        while time.monotonic() - t0 < 45 and reg.aliases(MODEL).production != 2:
+            time.sleep(0.2)
+    took = time.monotonic() - t0
     a = reg.aliases(MODEL)
     assert (a.production, a.canary) == (2, None), a
     events = [(e["event"], e.get("weight")) for e in reg.history(MODEL)]

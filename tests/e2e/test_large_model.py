@@ -19,7 +19,9 @@ def test_large_model_serves_with_two_workers_sharing_the_weights(tmp_path, repo_
         from large_model import run
     finally:
         sys.path.remove(str(repo_root / "benchmarks"))
-    r = run(tmp_path, workers=2)
+    # No model.onnx: the services serve torch, and exporting 400 MB more (saved, copied and hashed) took ~7 CPU-s
+    # for no check here (the exporter embeds weights under 2 GB as it does for the small models of other tests).
+    r = run(tmp_path, workers=2, onnx=False)
     weights = r["model_pt2_bytes"]
     assert weights > 400e6 and r["verified"] and r["readyz_status"] == "ok" and r["first_answer_version"] == 1
     assert r["gate_passed"], r["gate_error"]
