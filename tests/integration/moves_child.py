@@ -1,7 +1,8 @@
 """A child process for tests/integration/test_registry_processes.py's move tests (a real second writer).
 
-    moves_child.py race ROOT KEYS GO    wait for GO, then create the next move record without the lock;
-                                        print "won SERIAL" or "lost SERIAL"
+    moves_child.py race ROOT KEYS GO R  R rounds: read the head, print "ready", wait for the file GO<round>,
+                                        then create the next move record without the lock; print "won SERIAL"
+                                        or "lost SERIAL"
     moves_child.py moves ROOT KEYS N    N canary re-weights through the registry (the lock); print each serial
     moves_child.py loop ROOT KEYS       canary re-weights until killed
 """
@@ -16,21 +17,26 @@ from kit.registry import Registry
 from kit.signing import Keyring
 
 
+def race(reg: Registry, go: Path) -> None:
+    ml = reg.movelog("m")
+    head, cur = ml.base()
+    signer = reg.keyring.signer()
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.001)
+    try:
+        ml.commit(head, "canary", cur, signer, user="racer", why="race", artifacts={}, relies_on={}, details={})
+        print("won", head.serial + 1, flush=True)
+    except Exception as exc:  # the loser is told, nothing is written
+        print("lost", head.serial + 1, type(exc).__name__, flush=True)
+
+
 def main() -> None:
     mode, root, keys = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     reg = Registry(root, user=f"child-{mode}", keyring=Keyring(keys, create=False))
     if mode == "race":
-        go = Path(sys.argv[4])
-        ml = reg.movelog("m")
-        head, cur = ml.base()
-        signer = reg.keyring.signer()
-        while not go.exists():
-            time.sleep(0.001)
-        try:
-            ml.commit(head, "canary", cur, signer, user="racer", why="race", artifacts={}, relies_on={}, details={})
-            print("won", head.serial + 1)
-        except Exception as exc:  # the loser is told, nothing is written
-            print("lost", head.serial + 1, type(exc).__name__)
+        for round_ in range(int(sys.argv[5])):
+            race(reg, Path(f"{sys.argv[4]}{round_}"))
         return
     n = int(sys.argv[4]) if mode == "moves" else 10**9
     for i in range(n):

@@ -17,8 +17,8 @@ CHILD = Path(__file__).with_name("registry_child.py")
 
 
 def spawn(root: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(CHILD), str(root), *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(CHILD), str(root), *extra], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def assert_consistent(reg: Registry, name: str = "m") -> list[int]:
@@ -31,13 +31,16 @@ def assert_consistent(reg: Registry, name: str = "m") -> list[int]:
 
 
 def test_concurrent_registrations_lose_nothing(tmp_path):
+    """Four writer processes (forked by one launcher that paid torch's import once) released together, three
+    registrations each."""
     root = tmp_path / "reg"
-    procs = [spawn(root, "-n", "3") for _ in range(4)]
-    got = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        got += [int(x) for x in out.split()]
+    p = spawn(root, "--writers", "a,b,c,d", "-n", "3")
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    out, err = p.communicate("go\n", timeout=300)
+    assert p.returncode == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    assert len({r["pid"] for r in results}) == 4, "each writer is a process of its own"
+    got = [v for r in results for v in r["versions"]]
     assert sorted(got) == list(range(1, 13)), "each registration must get its own version"
     reg = Registry(root)
     assert assert_consistent(reg) == list(range(1, 13))
@@ -68,13 +71,14 @@ def test_sigkill_just_before_the_rename_leaves_no_partial_version(tmp_path):
 
 
 def test_sigkill_at_random_points_keeps_the_registry_usable(tmp_path):
+    """Four times, a writer process registering without end is SIGKILLed at a random moment (the launcher
+    forks it, lets it register for 0.02-0.4 s, ~25 ms a registration, and kills it)."""
     root = tmp_path / "reg"
-    rng = random.Random(1234)
-    for _ in range(4):
-        p = spawn(root, "-n", "5")
-        time.sleep(rng.uniform(1.5, 4.0))  # interpreter + torch import take ~1.5 s
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=30)
+    p = spawn(root, "--kill-rounds", "4", "--seed", "1234")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    rounds = [json.loads(line) for line in out.splitlines()]
+    assert [r["signal"] for r in rounds] == [signal.SIGKILL] * 4, "each writer was still registering when killed"
     reg = Registry(root)
     if (root / "m" / "versions").is_dir():
         assert_consistent(reg)
@@ -126,16 +130,20 @@ def _assert_chain(reg: Registry) -> list[int]:
 
 
 def test_two_writers_racing_for_one_serial_exactly_one_wins(tmp_path):
+    """Four writer processes, three rounds: each reads the same head, then all create the next record at once."""
     reg, keys = _signed_model(tmp_path)
+    go = tmp_path / "go"
+    procs = [_moves("race", str(reg.root), str(keys), str(go), "3") for _ in range(4)]
     for round_ in range(3):
-        go = tmp_path / f"go{round_}"
-        procs = [_moves("race", str(reg.root), str(keys), str(go)) for _ in range(4)]
-        time.sleep(2.5)  # every child has read the same head (interpreter start ~1 s)
-        go.touch()
-        outs = [p.communicate(timeout=60)[0].split() for p in procs]
-        assert all(p.returncode == 0 for p in procs)
+        for p in procs:  # every child has read the head this round starts from
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        Path(f"{go}{round_}").touch()
+        outs = [p.stdout.readline().split() for p in procs]
         assert sorted(o[0] for o in outs) == ["lost", "lost", "lost", "won"], outs
         assert len({o[1] for o in outs}) == 1  # all four wanted the same serial
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
     assert _assert_chain(reg)[-1] == 4
 
 
@@ -158,7 +166,8 @@ def test_a_move_killed_midway_leaves_no_unaudited_move(tmp_path):
     rng = random.Random(17)
     for _ in range(4):
         p = _moves("loop", str(reg.root), str(keys))
-        time.sleep(rng.uniform(1.5, 3.0))
+        assert p.stdout.readline().strip().isdigit(), p.stderr.read()  # its first move is done: it loops
+        time.sleep(rng.uniform(0.02, 0.4))  # a move takes ~5 ms: the kill lands inside one
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
         serials = _assert_chain(Registry(reg.root, keyring=Keyring(keys)))

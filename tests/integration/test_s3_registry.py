@@ -131,40 +131,33 @@ def test_bad_urls_and_keys_are_refused(s3_env):
         reg.storage.get("../outside", 10)
 
 
-_WRITER = r"""
-import json, os, sys, torch
-from kit.errors import PromotionRefusedError
-from kit.registry import Registry
-url, who, n_moves = sys.argv[1], sys.argv[2], int(sys.argv[3])
-reg = Registry(url, require_gate=False, user=who, keyring=None)  # unsigned: two hosts, no shared key
-torch.manual_seed(hash(who) % 1000)
-mv = reg.register("shared", torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),), onnx=False)
-moves = []
-while len(moves) < n_moves:
-    try:
-        a = reg.promote("shared", mv.version, force=True, why=f"{who} move {len(moves)}")
-        moves.append(a.serial)
-    except PromotionRefusedError as exc:
-        if exc.remedy != "refresh":
-            raise
-print(json.dumps({"who": who, "version": mv.version, "serials": moves}))
-"""
+WRITERS = Path(__file__).with_name("registry_child.py")
 
 
 def test_eight_writers_on_two_hosts_never_lose_or_double(url: str, tmp_path: Path):
-    """Two "hosts" (own cache and mirror folders), four writers each, registering and promoting at once."""
-    procs = []
-    for i in range(8):
-        host = tmp_path / f"host{i % 2}"
-        env = {**os.environ, "KIT_CACHE_DIR": str(host / "cache"), "KIT_KEYS_DIR": str(host / "keys")}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WRITER, url, f"w{i}", "3"], env=env,
+    """Two "hosts" (own cache and mirror folders), four writer processes each, released together, registering
+    and promoting at once. A host is one launcher process that pays torch's import and captures once, then
+    forks its four writers (tests/integration/registry_child.py)."""
+    hosts = []
+    for h in range(2):
+        env = {**os.environ, "KIT_CACHE_DIR": str(tmp_path / f"host{h}" / "cache"),
+               "KIT_KEYS_DIR": str(tmp_path / f"host{h}" / "keys")}
+        names = ",".join(f"w{i}" for i in range(h, 8, 2))
+        hosts.append(subprocess.Popen([sys.executable, str(WRITERS), url, "--name", "shared", "--writers", names,
+                                       "--moves", "3", "--unsigned"], env=env, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in hosts:  # every writer of both hosts forked and held at its host's barrier
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()[-3000:]
+    for p in hosts:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = []
-    for p in procs:
+    for p in hosts:
         out, err = p.communicate(timeout=500)
         assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    versions = sorted(r["version"] for r in results)
+        results += [json.loads(line) for line in out.splitlines()]
+    assert len({r["pid"] for r in results}) == 8, "eight writer processes"
+    versions = sorted(v for r in results for v in r["versions"])
     assert versions == list(range(1, 9))  # unique and dense
     serials = sorted(s for r in results for s in r["serials"])
     assert serials == list(range(1, 25))  # every move recorded exactly once, none lost
