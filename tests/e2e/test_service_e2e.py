@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from kit_testing import get_json, start_load, unexpected_versions, wait_all_workers
+from kit_testing import get_json, unexpected_versions, wait_all_workers
 
 from kit._io import atomic_write_json
 from kit.demo import DigitsMLP
@@ -30,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 MODEL = "e2e-digits"
 LAG = 3.0  # seconds a worker may take to follow an alias move (poll 0.2 s + load + check)
+PACE = 0.003  # seconds the load waits after each answer: ~300 requests/s from two connections, not ~3,000
 
 
 def _mlp(seed: int) -> DigitsMLP:
@@ -43,7 +47,7 @@ def svc(tmp_path_factory):
     reg = Registry(root / "registry", require_gate=True, user="e2e")
     example = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
     for seed in (1, 2, 3):
-        reg.register(MODEL, _mlp(seed), example)
+        reg.register(MODEL, _mlp(seed), example, onnx=False)  # served by torch here; ONNX: test_onnx_backend
     reg.promote(MODEL, 1, force=True, why="test")  # gates are tested by the gate area
     d = generate("e2e", MODEL, registry=reg.root, out_dir=root / "services", workers=2,
                  poll_interval=0.2)
@@ -62,6 +66,32 @@ def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict,
         return exc.code, json.loads(exc.read()), exc.headers
 
 
+def _paced_load(url: str, body: bytes, *, users: int, seconds: float) -> tuple[threading.Thread, dict]:
+    """benchmarks/loadgen.py's ``run`` in a thread: two connections, ``users`` sticky users and as many
+    anonymous requests, a new connection every 25 requests (so they land on either worker); its result
+    lands in the returned dict under "result" when the thread ends.
+
+    Paced: unpaced, two connections send ~3,000 requests/s and burn both cores (the 20,000-request cap of
+    a plain loadgen run then ended the load seconds before the rollback). loadgen has no rate option; its
+    check runs on every 200 answer, so a check that also waits PACE s paces the loop while the other
+    connection's request is in flight: the workers still serve both at once, for the whole window."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import loadgen
+
+    names = [f"user-{i}" for i in range(users)] + [None] * users
+    reqs = [loadgen.build_request(url, body, {"X-Kit-User": u} if u else {}) for u in names]
+
+    def answered(reply: bytes) -> bool:  # an answer with outputs (else a 599: a failure), then the pause
+        time.sleep(PACE)
+        return b'"outputs"' in reply
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=loadgen.run(
+        url, reqs, concurrency=2, duration=seconds, users=names, check=answered, reconnect_every=25)), daemon=True)
+    thread.start()
+    return thread, out
+
+
 def test_generated_service_passes_check_config(svc):
     _, running, d = svc
     res = check_config(d)
@@ -69,38 +99,34 @@ def test_generated_service_passes_check_config(svc):
     assert (d / "start.sh").stat().st_mode & 0o111
 
 
-def test_promote_canary_rollback_under_load(svc, tmp_path):
+def test_promote_canary_rollback_under_load(svc):
     reg, running, _ = svc
-    body = tmp_path / "body.json"
-    body.write_text(json.dumps({"inputs": [[0.5] * 64]}))
-    out = tmp_path / "load.json"
-    load = start_load(running.url + "/predict", body, out, concurrency=2, duration=14, users=40)
-    try:
-        events = [(time.perf_counter(), {1})]
-        time.sleep(1.5)
-        reg.promote(MODEL, 2, force=True, why="test")
-        events.append((time.perf_counter(), {2}))
-        wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
-        time.sleep(1.0)
-        reg.set_canary(MODEL, 3, 0.25, force=True, why="test")
-        t_canary = time.perf_counter()
-        events.append((t_canary, {2, 3}))
-        wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
-        t_canary_stable = time.perf_counter()
-        time.sleep(5.0)
-        t_rollback = time.perf_counter()
-        reg.rollback(MODEL, why="test")
-        events.append((t_rollback, {1}))
-        wait_all_workers(running.url, lambda b: b["production"]["version"] == 1 and b["canary"] is None)
-        assert load.wait(30) == 0
-    finally:
-        if load.poll() is None:
-            load.kill()
-    result = json.loads(out.read_text())
-    records = result["records"]
-    assert result["summary"]["requests"] > 300, result["summary"]
+    body = json.dumps({"inputs": [[0.5] * 64]}).encode()
+    load, out = _paced_load(running.url + "/predict", body, users=40, seconds=14)
+    events = [(time.perf_counter(), {1})]
+    time.sleep(1.5)
+    reg.promote(MODEL, 2, force=True, why="test")
+    events.append((time.perf_counter(), {2}))
+    wait_all_workers(running.url, lambda b: b["production"]["version"] == 2)
+    time.sleep(1.0)
+    reg.set_canary(MODEL, 3, 0.25, force=True, why="test")
+    t_canary = time.perf_counter()
+    events.append((t_canary, {2, 3}))
+    wait_all_workers(running.url, lambda b: b["canary"] and b["canary"]["version"] == 3)
+    t_canary_stable = time.perf_counter()
+    time.sleep(5.0)
+    t_rollback = time.perf_counter()
+    reg.rollback(MODEL, why="test")
+    events.append((t_rollback, {1}))
+    wait_all_workers(running.url, lambda b: b["production"]["version"] == 1 and b["canary"] is None)
+    load.join(30)
+    assert not load.is_alive() and "result" in out, "the load did not finish"
+    result = out["result"]
+    records = result.records
+    assert records[-1][0] > t_rollback, "the load must run through the rollback"
+    assert len(records) > 300, result.summary()
     # zero failed requests
-    assert result["errors"] == [] and result["summary"]["failed"] == 0, result["summary"]
+    assert result.errors == [] and result.summary()["failed"] == 0, result.summary()
     assert all(r[2] == 200 for r in records)
 
     # every response from a version that was (or just stopped being) in the aliases when it was sent
@@ -147,7 +173,7 @@ def test_failed_reload_keeps_the_old_model_serving(svc):
     before = _post(running.url + "/predict", {"inputs": [[0.25] * 64]})
     assert before[0] == 200
     serving = before[1]["model_version"]
-    mv = reg.register(MODEL, _mlp(4), torch.rand(2, 64))
+    mv = reg.register(MODEL, _mlp(4), torch.rand(2, 64), onnx=False)
     with open(mv.path / "model.pt2", "r+b") as f:  # corrupt the artifact after registration
         f.seek(200)
         f.write(b"\0garbage\0")
