@@ -145,7 +145,7 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 # collected last (tests/e2e/test_zoo*.py sort late) the longest would run alone at the end.
 LONGEST_FIRST = (
     "e2e/test_pack_conda_torch.py", "e2e/test_zoo_real.py",
-    "e2e/test_pack_venv.py", "e2e/test_pack_conda.py", "integration/test_registry_processes.py", "e2e/test_zoo.py",
+    "e2e/test_pack_venv.py", "e2e/test_pack_conda.py", "e2e/test_zoo.py",
     "e2e/test_installed_wheel.py", "e2e/test_browser_quickstart.py", "e2e/test_canary_guard.py",
 )
 

@@ -14,8 +14,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import nbformat
-
 
 def processes_under(root: Path) -> list[int]:
     """Processes whose working directory is inside ``root`` (e.g. a service a notebook started)."""
@@ -34,6 +32,8 @@ def processes_under(root: Path) -> list[int]:
 
 def write_validation_notebook(path: Path) -> Path:
     """A small, real validation notebook: the version's recorded accuracy against ``min_accuracy``."""
+    import nbformat  # here, not at the top: its jsonschema costs ~1.7 CPU-s in every process that imports this
+
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell('registry = ""\nmodel_name = ""\nversion = 0\nmin_accuracy = 0.5',
