@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from kit_testing import to_legacy_layout
 
-from kit._proc import free_port, stop_group
+from kit._proc import free_port, pid_alive, stop_group
 from kit.pack import integrity, pack
 from kit.pack.verify import _http, wait_ready
 from kit.signing import KeyStore
@@ -86,19 +86,9 @@ def _memory_folder() -> Path | None:
         return None
     for old in shm.glob(f"{SHM_PREFIX}*"):
         pid = old.name[len(SHM_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}{os.getpid()}-", dir=shm))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.fixture
