@@ -39,6 +39,8 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _CHUNK = 8 << 20
 _FLUSH_EVERY = 64 << 20  # bytes a download writes between background flushes
 PART_SIZE = 16 << 20  # multipart part size: a 400 MB file is 25 parts sent 8 at a time
+_PROBED: set[str] = set()  # the stores this process found honouring If-None-Match: * (check_conditional_create)
+_PROBE_LOCK = threading.Lock()
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -165,16 +167,53 @@ class S3Storage:
             raise self._fail("write", key, exc) from exc
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        self.check_conditional_create()
+        return self._create(check_key(key), data)
+
+    def _create(self, key: str, data: bytes) -> bool:
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         try:
-            obstore.put(self.store, check_key(key), data, mode="create", use_multipart=False)
+            obstore.put(self.store, key, data, mode="create", use_multipart=False)
         except (AlreadyExistsError, PreconditionError):
             return False
         except Exception as exc:
+            if re.search(r"status code: 501|NotImplemented", str(exc)):
+                raise self._unsafe("it answers such a PUT with 501 NotImplemented") from exc
             raise self._fail("create", key, exc) from exc
         return True
+
+    def check_conditional_create(self) -> None:
+        """Once per process and store, before the first claim: create a new probe object twice with
+        ``If-None-Match: *``. A store that lets the second create through (or refuses the first) would let two
+        writers both take version N or move serial N, so nothing is claimed there: ``ConfigError``. The probe
+        lives under the staging prefix (the writer's delete rights and lifecycle rule cover it) and is deleted."""
+        from kit.registry.s3parts import STAGING
+
+        ident = self.identity()
+        with _PROBE_LOCK:
+            if ident in _PROBED:
+                return
+            key = f"{STAGING}/conditional-create-probe/{os.getpid()}-{os.urandom(8).hex()}"
+            try:
+                first, second = self._create(key, b"1"), self._create(key, b"2")
+            finally:
+                try:
+                    self.delete(key)
+                except StorageError:  # a writer denied deletes keeps it; the lifecycle rule expires it
+                    pass
+            if not first or second:
+                raise self._unsafe("a second create of one new object succeeded" if second else
+                                   "it refused the first create of a new object")
+            _PROBED.add(ident)
+
+    def _unsafe(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"The store behind {self.describe()} ({self.endpoint or 'AWS S3'}) does not honour conditional "
+            f"creates (PUT If-None-Match: *): {what}. Two writers could both take one version number or move "
+            "serial there, so Kit writes nothing to it. Use a store release that answers 412 to a create of an "
+            "existing key (AWS S3 does; check MinIO's, Ceph RGW's, R2's or GCS's notes), or a folder registry.")
 
     def list_keys(self, prefix: str) -> list[str]:
         import obstore

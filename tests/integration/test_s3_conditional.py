@@ -1,0 +1,110 @@
+"""A store that does not honour ``PUT If-None-Match: *`` is refused before anything is claimed in it.
+
+Such stores exist (releases of S3-compatible servers before conditional writes; gateways that drop the
+header) and cannot be installed here, so each is played by a small HTTP proxy in front of the real S3 server
+(SeaweedFS, the ``s3_server`` fixture) that forwards every request unchanged and changes one answer: "ignore"
+turns the server's 412 to a conditional create into a 200 (what a client of a store that overwrote the
+object would see), "501" answers a conditional create with 501 NotImplemented (a store that knows it lacks the
+feature). The same proxy passing everything through shows the proxy alone breaks nothing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+from kit.errors import ConfigError
+from kit.registry import Registry
+from kit.registry.s3 import S3Storage
+
+pytestmark = pytest.mark.timeout(120)
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+def _proxy(upstream: str, mode: str) -> ThreadingHTTPServer:
+    up = urlsplit(upstream)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conditional = self.command == "PUT" and self.headers.get("If-None-Match") == "*"
+            if conditional and mode == "501":
+                return self._answer(501, {}, b"<Error><Code>NotImplemented</Code><Message>A header you provided "
+                                              b"implies functionality that is not implemented</Message></Error>")
+            conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in self.headers.items():  # Host too: the client signed it
+                conn.putheader(k, v)
+            conn.endheaders(body or None)
+            res = conn.getresponse()
+            status, headers, data = res.status, {k: v for k, v in res.getheaders()}, res.read()
+            conn.close()
+            if conditional and mode == "ignore" and status == 412:
+                status, headers, data = 200, {"ETag": '"0123456789abcdef0123456789abcdef"'}, b""
+            self._answer(status, headers, data)
+
+        def _answer(self, status: int, headers: dict[str, str], data: bytes) -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                if k.lower() not in _HOP:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+@pytest.fixture
+def via(s3_env, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """``via(mode)`` -> an ``s3://`` URL whose requests go through a proxy of that mode."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def make(mode: str) -> str:
+        srv = _proxy(s3_env["AWS_ENDPOINT_URL"], mode)
+        servers.append(srv)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+        return f"s3://kit-test/cond-{mode}-{uuid.uuid4().hex[:8]}"
+
+    yield make
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _register(url: str, tmp_path) -> int:
+    torch.manual_seed(0)
+    reg = Registry(url, keyring=None, cache_dir=tmp_path / "cache")
+    return reg.register("tiny", torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),), onnx=False).version
+
+
+def test_a_proxy_passing_everything_through_changes_nothing(via, tmp_path):
+    assert _register(via("pass"), tmp_path) == 1
+
+
+@pytest.mark.parametrize("mode, said", [("ignore", "a second create of one new object succeeded"),
+                                        ("501", "NotImplemented")])
+def test_a_store_without_conditional_creates_is_refused_before_a_claim(via, tmp_path, mode, said):
+    url = via(mode)
+    with pytest.raises(ConfigError, match=f"does not honour conditional creates.*{said}") as e:
+        _register(url, tmp_path)
+    assert "\n" not in str(e.value) and "folder registry" in str(e.value)
+    left = S3Storage.from_url(url).list_keys("")
+    assert not [k for k in left if "/claims/" in k or k.endswith("meta.json")], left  # nothing claimed or made visible
+    assert not [k for k in left if "conditional-create-probe" in k], left  # the probe object was deleted
