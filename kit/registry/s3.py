@@ -188,7 +188,8 @@ class S3Storage:
         """Once per process and store, before the first claim: create a new probe object twice with
         ``If-None-Match: *``. A store that lets the second create through (or refuses the first) would let two
         writers both take version N or move serial N, so nothing is claimed there: ``ConfigError``. The probe
-        lives under the staging prefix (the writer's delete rights and lifecycle rule cover it) and is deleted."""
+        lives under the staging prefix (the writer's delete rights and lifecycle rule cover it) and is deleted;
+        a writer not allowed to write there (a service's guard, allowed only moves) skips the check."""
         from kit.registry.s3parts import STAGING
 
         ident = self.identity()
@@ -197,7 +198,16 @@ class S3Storage:
                 return
             key = f"{STAGING}/conditional-create-probe/{os.getpid()}-{os.urandom(8).hex()}"
             try:
-                first, second = self._create(key, b"1"), self._create(key, b"2")
+                first = self._create(key, b"1")
+            except StorageError as exc:
+                if not re.search(r"status code: 403|AccessDenied|PermissionDenied", repr(exc.__cause__)):
+                    raise
+                _PROBED.add(ident)  # not retried: the writers that register (allowed there) check it
+                log.warning("%s: not allowed to write %s, so its conditional creates were not checked here "
+                            "(every registering writer checks them)", self.describe(), STAGING)
+                return
+            try:
+                second = self._create(key, b"2")
             finally:
                 try:
                     self.delete(key)

@@ -5,7 +5,9 @@ header) and cannot be installed here, so each is played by a small HTTP proxy in
 (SeaweedFS, the ``s3_server`` fixture) that forwards every request unchanged and changes one answer: "ignore"
 turns the server's 412 to a conditional create into a 200 (what a client of a store that overwrote the
 object would see), "501" answers a conditional create with 501 NotImplemented (a store that knows it lacks the
-feature). The same proxy passing everything through shows the proxy alone breaks nothing.
+feature), "deny-staging" refuses every request under ``_uploads/`` with 403 (a writer whose IAM allows only
+moves, as a service's canary guard's does). The same proxy passing everything through shows the proxy alone
+breaks nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def _proxy(upstream: str, mode: str) -> ThreadingHTTPServer:
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             conditional = self.command == "PUT" and self.headers.get("If-None-Match") == "*"
+            if mode == "deny-staging" and "/_uploads/" in self.path:
+                return self._answer(403, {}, b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message>"
+                                              b"</Error>")
             if conditional and mode == "501":
                 return self._answer(501, {}, b"<Error><Code>NotImplemented</Code><Message>A header you provided "
                                               b"implies functionality that is not implemented</Message></Error>")
@@ -108,3 +113,8 @@ def test_a_store_without_conditional_creates_is_refused_before_a_claim(via, tmp_
     left = S3Storage.from_url(url).list_keys("")
     assert not [k for k in left if "/claims/" in k or k.endswith("meta.json")], left  # nothing claimed or made visible
     assert not [k for k in left if "conditional-create-probe" in k], left  # the probe object was deleted
+
+
+def test_a_writer_not_allowed_the_probe_prefix_writes_unchecked_and_says_so(via, tmp_path, caplog):
+    assert _register(via("deny-staging"), tmp_path) == 1
+    assert "conditional creates were not checked here" in caplog.text
