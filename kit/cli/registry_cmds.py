@@ -287,6 +287,36 @@ def aliases_migrate(k: Context, name: str, yes: bool, as_json: bool) -> None:
     click.echo(f"signed by {a.signed_by}: {aliases_line(n, a)} (serial {a.serial})")
 
 
+@click.group("registry")
+def registry_group() -> None:
+    """The registry's storage: can this machine read and write it, and does it give Kit's guarantees."""
+
+
+@registry_group.command("check")
+@click.option("--write", is_flag=True, help="Also check what a writer needs (creates and deletes one probe "
+              "object or file; leaves nothing behind).")
+@json_option
+@pass_kit
+def registry_check(k: Context, write: bool, as_json: bool) -> None:
+    """Check the registry (--registry / KIT_REGISTRY / kit.toml): credentials, list, read, conditional GET,
+    and with --write: create, conditional create, delete. Exits 1 when a check fails, naming the fix."""
+    from kit.registry.preflight import FAIL, check_registry
+
+    where = k.config.registry
+    found = check_registry(where, write=write)
+    failed = [f for f in found if f.status == FAIL]
+    if as_json:
+        emit_json({"registry": str(where), "ok": not failed, "checks": [f.as_dict() for f in found]})
+    else:
+        click.echo(f"registry {where}")
+        click.echo(table([(f.check, f.status.upper(), f.detail) for f in found], ["check", "status", "detail"]))
+        for f in found:
+            if f.fix:
+                click.echo(f"{f.check}: {f.fix}")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 @click.command("env")
 @click.option("--diff", "against", metavar="NAME@VERSION", default=None,
               help="Compare this environment with the one a version was captured in.")
@@ -337,5 +367,5 @@ def env_cmd(k: Context, against: str | None, write_lock: bool, as_json: bool) ->
 
 def register(cli: click.Group) -> None:
     for c in (models_cmd, show_cmd, verify_cmd, history_cmd, promote_cmd, canary_cmd, rollback_cmd,
-              aliases_group, env_cmd):
+              aliases_group, registry_group, env_cmd):
         cli.add_command(c)

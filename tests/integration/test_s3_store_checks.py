@@ -1,4 +1,5 @@
-"""A store that does not honour ``PUT If-None-Match: *`` is refused before anything is claimed in it.
+"""A store that does not honour ``PUT If-None-Match: *`` is refused before anything is claimed in it, and
+``kit registry check`` says what a bucket and the credentials allow, with the fix for each failure.
 
 Such stores exist (releases of S3-compatible servers before conditional writes; gateways that drop the
 header) and cannot be installed here, so each is played by a small HTTP proxy in front of the real S3 server
@@ -13,6 +14,7 @@ breaks nothing.
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from kit.cli import cli
 from kit.errors import ConfigError
 from kit.registry import Registry
 from kit.registry.s3 import S3Storage
@@ -118,3 +122,44 @@ def test_a_store_without_conditional_creates_is_refused_before_a_claim(via, tmp_
 def test_a_writer_not_allowed_the_probe_prefix_writes_unchecked_and_says_so(via, tmp_path, caplog):
     assert _register(via("deny-staging"), tmp_path) == 1
     assert "conditional creates were not checked here" in caplog.text
+
+
+def _check(url: str, *args: str) -> tuple[int, dict[str, tuple[str, str]], dict]:
+    res = CliRunner().invoke(cli, ["--registry", url, "registry", "check", "--write", "--json", *args])
+    out = json.loads(res.stdout)
+    return res.exit_code, {c["check"]: (c["status"], c["fix"]) for c in out["checks"]}, out
+
+
+def test_registry_check_of_a_bucket_a_writer_can_use(url_with_a_version):
+    code, checks, out = _check(url_with_a_version)
+    assert code == 0 and out["ok"], out
+    assert {k: v[0] for k, v in checks.items()} == {
+        "settings": "ok", "list": "ok", "read": "ok", "conditional GET": "ok", "write": "ok",
+        "conditional create": "ok", "delete staging": "ok", "resumable uploads": "ok"}
+    assert "static key from AWS_ACCESS_KEY_ID" in out["checks"][0]["detail"]
+    assert not [k for k in S3Storage.from_url(url_with_a_version).list_keys("") if "registry-check" in k]
+
+
+@pytest.fixture
+def url_with_a_version(s3_env, tmp_path) -> str:
+    url = f"s3://kit-test/check-{uuid.uuid4().hex[:8]}"
+    assert _register(url, tmp_path) == 1
+    return url
+
+
+@pytest.mark.parametrize("mode, failed, fix", [
+    ("ignore", "conditional create", "answers 412 to PUT If-None-Match: *"),
+    ("501", "conditional create", "answers 412 to PUT If-None-Match: *"),
+    ("deny-staging", "write", "A writer needs s3:PutObject on arn:aws:s3:::kit-test/cond-deny-staging-")])
+def test_registry_check_names_what_a_store_lacks(via, mode, failed, fix):
+    code, checks, out = _check(via(mode))
+    assert code == 1 and not out["ok"]
+    assert checks[failed][0] == "fail" and fix in checks[failed][1], checks
+    assert [k for k, (st, _) in checks.items() if st == "fail"] == [failed]
+
+
+def test_registry_check_with_a_wrong_secret_fails_at_the_list(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    code, checks, _ = _check("s3://kit-test/anything")
+    assert code == 1 and checks["list"][0] == "fail" and "s3:ListBucket on arn:aws:s3:::kit-test" in checks["list"][1]
+    assert "read" not in checks and "write" not in checks  # nothing past what failed first
