@@ -25,7 +25,7 @@ from kit.errors import ConfigError, KitError
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 _META_MAX = 1 << 20
 # FUSE filesystems that put a bucket behind a path: no atomic rename, no exclusive link (docs/fleet.md)
-_OBJECT_FUSE = ("fuse.s3fs", "fuse.gcsfuse", "fuse.blobfuse", "fuse.blobfuse2", "fuse.goofys", "fuse.rclone",
+OBJECT_FUSE = ("fuse.s3fs", "fuse.gcsfuse", "fuse.blobfuse", "fuse.blobfuse2", "fuse.goofys", "fuse.rclone",
                 "fuse.mountpoint-s3", "fuse.juicefs")
 
 
@@ -155,17 +155,16 @@ _NO_CONDITIONAL = ("Use a store release that answers 412 to PUT If-None-Match: *
 # ---- a folder
 def _check_folder(root: Path, write: bool) -> list[Finding]:
     root = root.expanduser().absolute()
-    if not root.is_dir():
-        return [Finding("folder", FAIL, f"{root} is not a folder",
-                        "Create it (the first register does) or point --registry / KIT_REGISTRY at the registry.")]
-    models = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "versions").is_dir())
-    out = [Finding("folder", OK, f"{root}: {len(models)} model(s)" + (f": {', '.join(models[:8])}" if models else ""))]
     fstype, mount = filesystem_of(root)
-    if fstype in _OBJECT_FUSE:
-        out.append(Finding("filesystem", FAIL, f"{fstype} at {mount}: an object store behind FUSE",
-                           "Use the bucket directly (registry = \"s3://bucket/prefix\"), or an NFS share."))
-    else:
-        out.append(Finding("filesystem", OK, f"{fstype or 'unknown'} at {mount or '?'}"))
+    fs = (Finding("filesystem", FAIL, f"{fstype} at {mount}: an object store mounted with FUSE",
+                  "Name the bucket itself (registry = \"s3://bucket/prefix\"), or use a local disk or NFS.")
+          if fstype in OBJECT_FUSE else Finding("filesystem", OK, f"{fstype or 'unknown'} at {mount or '?'}"))
+    if not root.is_dir():
+        return [Finding("folder", FAIL, f"{root} is not a folder", "Create it (the first register does) or point "
+                        "--registry / KIT_REGISTRY at the registry."), fs]
+    models = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "versions").is_dir())
+    out = [Finding("folder", OK, f"{root}: {len(models)} model(s)" + (f": {', '.join(models[:8])}" if models else "")),
+           fs]
     if write:
         out.append(_exclusive_link(root))
     return out
@@ -195,18 +194,21 @@ def filesystem_of(path: Path, mountinfo: str | None = None) -> tuple[str, str]:
 
 def _exclusive_link(root: Path) -> Finding:
     probe = root / f".kit-check-{os.getpid()}-{os.urandom(6).hex()}"
+    no_link = ("This filesystem lacks the exclusive create (a hard link) that moves are recorded with: use a "
+               "local disk, NFS, or a bucket.")
     try:
         probe.mkdir()
         (probe / "a").write_bytes(b"1")
+    except OSError as exc:
+        return Finding("write", FAIL, f"{probe}: {exc.strerror or exc}", "Give this user write access to the folder.")
+    try:
         os.link(probe / "a", probe / "b")
         try:
             os.link(probe / "a", probe / "b")
         except FileExistsError:
             return Finding("write", OK, "created a file and an exclusive link; a second link was refused")
-        return Finding("write", FAIL, "a second exclusive link to one name succeeded",
-                       "This filesystem does not give the exclusive create Kit numbers versions with: use a local "
-                       "disk, NFS, or a bucket.")
+        return Finding("write", FAIL, "a second exclusive link to one name succeeded", no_link)
     except OSError as exc:
-        return Finding("write", FAIL, f"{probe}: {exc.strerror or exc}", "Give this user write access to the folder.")
+        return Finding("write", FAIL, f"a hard link in {root}: {exc.strerror or exc}", no_link)
     finally:
         shutil.rmtree(probe, ignore_errors=True)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LOCK_TIMEOUT = 60.0
+_FS_CHECKED: set[Path] = set()  # registry folders this process found on a filesystem it may write
 MAX_META_BYTES = 4 << 20  # meta.json is ~30 KB (the environment's package list); a bigger one is refused
 
 
@@ -135,6 +136,7 @@ class Store:
     def lock(self, name: str) -> Iterator[None]:
         import filelock  # only writers lock (80 ms to import): a serving worker never does
 
+        _refuse_object_fuse(self.root)
         d = self.model_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(d / ".lock"), timeout=_LOCK_TIMEOUT)
@@ -332,6 +334,7 @@ class Store:
         from kit.capture import CapturedModel, capture
 
         validate_name(name)
+        _refuse_object_fuse(self.root)  # before a capture is spent on a registry that cannot take it
         if not isinstance(model, CapturedModel):
             if example_inputs is None:
                 raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
@@ -475,3 +478,18 @@ def _check_json(obj: object, what: str) -> None:
         json.dumps(obj)
     except (TypeError, ValueError) as exc:
         raise KitError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _refuse_object_fuse(root: Path) -> None:
+    """Once per process and folder, before the first write: a bucket mounted with FUSE (s3fs, gcsfuse, ...)
+    emulates the rename and the exclusive create the folder registry is built on: ``ConfigError``."""
+    if root in _FS_CHECKED:
+        return
+    from kit.registry.preflight import OBJECT_FUSE, filesystem_of
+
+    fstype, mount = filesystem_of(root)
+    if fstype in OBJECT_FUSE:
+        raise ConfigError(f"The registry folder {root} is on {fstype} at {mount}, an object store mounted with "
+                          "FUSE: its rename is a copy and a delete, so two writers could lose a version or a move. "
+                          "Name the bucket itself (registry = \"s3://bucket/prefix\"), or use a local disk or NFS.")
+    _FS_CHECKED.add(root)

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -163,3 +167,31 @@ def test_registry_check_with_a_wrong_secret_fails_at_the_list(s3_env, monkeypatc
     code, checks, _ = _check("s3://kit-test/anything")
     assert code == 1 and checks["list"][0] == "fail" and "s3:ListBucket on arn:aws:s3:::kit-test" in checks["list"][1]
     assert "read" not in checks and "write" not in checks  # nothing past what failed first
+
+
+@pytest.fixture
+def s3fs_mount(s3_env, tmp_path) -> Iterator[Path]:
+    """The test bucket mounted with s3fs-fuse (Debian's s3fs, installed by `make fleet-deps`): a folder that is
+    an object store underneath, as a team that mounts its bucket would give Kit."""
+    if shutil.which("s3fs") is None or not os.access("/dev/fuse", os.W_OK):
+        pytest.skip("no s3fs-fuse or no /dev/fuse here (make fleet-deps installs Debian's s3fs)")
+    mnt, creds = tmp_path / "mnt", tmp_path / "s3fs.pass"
+    mnt.mkdir()
+    creds.write_text(f"{s3_env['AWS_ACCESS_KEY_ID']}:{s3_env['AWS_SECRET_ACCESS_KEY']}\n")
+    creds.chmod(0o600)
+    subprocess.run(["s3fs", "kit-test", str(mnt), "-o", f"passwd_file={creds}", "-o", f"url={s3_env['AWS_ENDPOINT_URL']}",
+                    "-o", "use_path_request_style"], check=True, timeout=30)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
+
+
+def test_a_folder_registry_on_a_mounted_bucket_is_refused_for_writes(s3fs_mount, tmp_path):
+    reg_dir = s3fs_mount / f"reg-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigError, match=r"is on fuse\.s3fs at .*an object store mounted with FUSE.*s3://bucket"):
+        _register(str(reg_dir), tmp_path)
+    assert not (reg_dir / "tiny" / "versions").exists()  # refused before a version was numbered
+    res = CliRunner().invoke(cli, ["--registry", str(reg_dir), "registry", "check", "--write", "--json"])
+    checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
+    assert res.exit_code == 1 and checks["filesystem"]["status"] == "fail" and "fuse.s3fs" in checks["filesystem"]["detail"]
