@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from kit.cli import cli
-from kit.registry.preflight import _OBJECT_FUSE, filesystem_of
+from kit.registry.preflight import OBJECT_FUSE, filesystem_of
 
 MOUNTINFO = """\
 22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
@@ -24,7 +24,7 @@ def test_the_longest_mount_point_holding_a_path_names_its_filesystem():
     assert filesystem_of(Path("/mnt/models share/reg"), MOUNTINFO) == ("nfs4", "/mnt/models share")
     assert filesystem_of(Path("/mnt/models/inner/x"), MOUNTINFO) == ("tmpfs", "/mnt/models/inner")
     assert filesystem_of(Path("/mnt/modelsX"), MOUNTINFO) == ("ext4", "/")  # a name that only starts alike
-    assert "fuse.s3fs" in _OBJECT_FUSE and "nfs4" not in _OBJECT_FUSE
+    assert "fuse.s3fs" in OBJECT_FUSE and "nfs4" not in OBJECT_FUSE
 
 
 def _check(root: Path, *args: str) -> tuple[int, dict]:
