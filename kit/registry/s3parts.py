@@ -305,12 +305,13 @@ class StagedUpload:
 
     def _copy(self, upload_id: str, i: int) -> None:
         """Part ``i + 1`` of the upload: the staged part, copied on the server; staged again when gone (another
-        writer of the same file finished and cleaned up meanwhile)."""
+        writer of the same file finished and cleaned up meanwhile). Any 404 counts: AWS says ``NoSuchKey``, moto
+        a bare 404 with no error document; a 404 for the upload itself (``NoSuchUpload``) fails the copy again."""
         p = self.p
         try:
             self.etags[i] = self.rest.copy_part(p.key, upload_id, i + 1, p.part_key(i))
         except S3RequestError as exc:
-            if exc.code != "NoSuchKey":
+            if exc.status != 404:
                 raise
             self._send(i)
             self.etags[i] = self.rest.copy_part(p.key, upload_id, i + 1, p.part_key(i))
