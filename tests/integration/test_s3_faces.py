@@ -1,4 +1,5 @@
-"""Every face of Kit on a registry in a bucket (a real S3 server, SeaweedFS: the ``s3_server`` fixture).
+"""Every face of Kit on a registry in a bucket (a real S3 server, the ``s3_server`` fixture: SeaweedFS, or moto's
+model of AWS S3 under ``make test-s3-compat``).
 
 Each `kit` command that reads or writes a registry runs through click in-process with ``KIT_REGISTRY=s3://...``
 (or ``--registry``); %deploy and %registry run in a real IPython shell, the gate in a real papermill kernel,

@@ -1,6 +1,7 @@
-"""A registry in a real S3 server (SeaweedFS on 127.0.0.1, the ``s3_server`` fixture): register, verify, load,
-move and poll through ``Registry("s3://bucket/prefix")``, hostile objects refused, and 8 writers on two
-"hosts" numbering versions and moving aliases at once without a lock."""
+"""A registry in a real S3 server on 127.0.0.1 (the ``s3_server`` fixture: SeaweedFS, or moto's model of AWS S3
+under ``make test-s3-compat``): register, verify, load, move and poll through ``Registry("s3://bucket/prefix")``,
+hostile objects refused, and 8 writers on two "hosts" numbering versions and moving aliases at once without a
+lock."""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 
 Such stores exist (releases of S3-compatible servers before conditional writes; gateways that drop the
 header) and cannot be installed here, so each is played by a small HTTP proxy in front of the real S3 server
-(SeaweedFS, the ``s3_server`` fixture) that forwards every request unchanged and changes one answer: "ignore"
-turns the server's 412 to a conditional create into a 200 (what a client of a store that overwrote the
-object would see), "501" answers a conditional create with 501 NotImplemented (a store that knows it lacks the
-feature), "deny-staging" refuses every request under ``_uploads/`` with 403 (a writer whose IAM allows only
-moves, as a service's canary guard's does). The same proxy passing everything through shows the proxy alone
-breaks nothing.
+(the ``s3_server`` fixture: SeaweedFS, or moto under ``make test-s3-compat``) that forwards every request
+unchanged and changes one answer: "ignore" turns the server's 412 to a conditional create into a 200 (what a
+client of a store that overwrote the object would see), "501" answers a conditional create with 501
+NotImplemented (a store that knows it lacks the feature), "deny-staging" refuses every request under
+``_uploads/`` with 403 (a writer whose IAM allows only moves, as a service's canary guard's does). The same
+proxy passing everything through shows the proxy alone breaks nothing.
 """
 
 from __future__ import annotations

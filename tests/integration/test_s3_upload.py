@@ -1,8 +1,9 @@
-"""Resumable uploads to a real S3 server (SeaweedFS, the ``s3_server`` fixture): a big file's parts are staged
-as objects of their own and joined server-side (kit.registry.s3parts), so an upload killed half-way and run
-again sends only the missing parts, and a reader never sees a partial object.
+"""Resumable uploads to a real S3 server (the ``s3_server`` fixture: SeaweedFS, or moto's model of AWS S3 under
+``make test-s3-compat``): a big file's parts are staged as objects of their own and joined server-side
+(kit.registry.s3parts), so an upload killed half-way and run again sends only the missing parts, and a reader
+never sees a partial object.
 
-Parts are 5 MiB here, the smallest S3 (and SeaweedFS) joins, so each file is a few parts.
+Parts are 5 MiB here, the smallest S3 (SeaweedFS, moto) joins, so each file is a few parts.
 """
 
 from __future__ import annotations
