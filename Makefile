@@ -118,9 +118,10 @@ lab: $(STAMP) ## JupyterLab in the same environment the service uses
 browser-deps: ## Debian's chromium for the browser test (root, apt)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-fleet-deps: ## Debian's nginx, prometheus, buildah (fleet tests) and wrk (make bench) (root, apt)
-	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null && command -v wrk >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah wrk >/dev/null)
+fleet-deps: ## Debian's nginx, prometheus, buildah (fleet tests), s3fs (a bucket mounted as a folder, refused) and wrk (make bench) (root, apt)
+	@command -v nginx >/dev/null && command -v promtool >/dev/null && command -v buildah >/dev/null && command -v wrk >/dev/null \
+	  && command -v s3fs >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus buildah wrk s3fs >/dev/null)
 
 s3-server: $(STAMP) ## a local S3 server (SeaweedFS, 127.0.0.1) to try an s3:// registry; prints the AWS_* to export (tests start their own)
 	$(PY) tests/s3_server.py test-artifacts/s3-data
