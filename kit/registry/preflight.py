@@ -29,6 +29,9 @@ OBJECT_FUSE = ("fuse.s3fs", "fuse.gcsfuse", "fuse.blobfuse", "fuse.blobfuse2", "
                 "fuse.mountpoint-s3", "fuse.juicefs")
 
 
+_FS_CHECKED: set[Path] = set()  # registry folders this process found on a filesystem it may write
+
+
 @dataclass(frozen=True)
 class Finding:
     check: str
@@ -212,3 +215,17 @@ def _exclusive_link(root: Path) -> Finding:
         return Finding("write", FAIL, f"a hard link in {root}: {exc.strerror or exc}", no_link)
     finally:
         shutil.rmtree(probe, ignore_errors=True)
+
+
+def refuse_object_fuse(root: Path) -> None:
+    """Once per process and folder, before the folder registry's first write: a bucket mounted with FUSE
+    (s3fs, gcsfuse, ...) emulates the rename and the exclusive create the folder registry is built on:
+    ``ConfigError``."""
+    if root in _FS_CHECKED:
+        return
+    fstype, mount = filesystem_of(root)
+    if fstype in OBJECT_FUSE:
+        raise ConfigError(f"The registry folder {root} is on {fstype} at {mount}, an object store mounted with "
+                          "FUSE: its rename is a copy and a delete, so two writers could lose a version or a move. "
+                          "Name the bucket itself (registry = \"s3://bucket/prefix\"), or use a local disk or NFS.")
+    _FS_CHECKED.add(root)

@@ -45,6 +45,7 @@ from kit.registry.lineage import detect_source
 from kit.registry.movelog import MoveLog, move_event
 from kit.registry.moves import MoveStorage
 from kit.registry.names import ALIASES, NAME_RE, is_version_text, parse_ref, validate_name, validate_version
+from kit.registry.preflight import refuse_object_fuse
 from kit.registry.records import SCHEMA, Aliases, ModelVersion, artifact_digest, read_file_sizes, utcnow
 from kit.registry.space import check_register_space
 from kit.signing import Keyring, SigningKey, Trust, sign_file
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LOCK_TIMEOUT = 60.0
-_FS_CHECKED: set[Path] = set()  # registry folders this process found on a filesystem it may write
 MAX_META_BYTES = 4 << 20  # meta.json is ~30 KB (the environment's package list); a bigger one is refused
 
 
@@ -136,7 +136,7 @@ class Store:
     def lock(self, name: str) -> Iterator[None]:
         import filelock  # only writers lock (80 ms to import): a serving worker never does
 
-        _refuse_object_fuse(self.root)
+        refuse_object_fuse(self.root)
         d = self.model_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(d / ".lock"), timeout=_LOCK_TIMEOUT)
@@ -302,9 +302,29 @@ class Store:
                     continue
                 if isinstance(ev, dict):
                     out.append(ev)
+        out += self._registers_without_event(name, out)
         for serial, move, problem in self.movelog(name).history():
             out.append(move_event(name, serial, move, problem))
         out.sort(key=lambda e: str(e.get("ts", "")))
+        return out
+
+    def _registers_without_event(self, name: str, events: list[JSONObject]) -> list[JSONObject]:
+        """A register event, from its meta.json, for each visible version whose writer was killed after the
+        version appeared and before its event was appended: the signed meta.json is the record, the event
+        log its index, so no version goes missing from the history."""
+        logged = {e.get("version") for e in events if e.get("event") == "register"}
+        out: list[JSONObject] = []
+        for v in self._version_numbers(name):
+            if v in logged:
+                continue
+            try:
+                mv = self._read_version(name, v)
+            except KitError as exc:
+                log.warning("%s@%d: no register event and an unreadable meta.json: %s", name, v, exc)
+                continue
+            out.append({"ts": mv.created, "event": "register", "name": name, "version": v,
+                        "artifact_sha256": mv.artifact_sha256, "user": None,
+                        "recovered": "from meta.json: its writer stopped before appending this event"})
         return out
 
     # ---- writing
@@ -334,7 +354,7 @@ class Store:
         from kit.capture import CapturedModel, capture
 
         validate_name(name)
-        _refuse_object_fuse(self.root)  # before a capture is spent on a registry that cannot take it
+        refuse_object_fuse(self.root)  # before a capture is spent on a registry that cannot take it
         if not isinstance(model, CapturedModel):
             if example_inputs is None:
                 raise KitError("register() needs example_inputs to capture an nn.Module (or pass a CapturedModel).")
@@ -478,18 +498,3 @@ def _check_json(obj: object, what: str) -> None:
         json.dumps(obj)
     except (TypeError, ValueError) as exc:
         raise KitError(f"{what} must be JSON-serialisable: {exc}") from exc
-
-
-def _refuse_object_fuse(root: Path) -> None:
-    """Once per process and folder, before the first write: a bucket mounted with FUSE (s3fs, gcsfuse, ...)
-    emulates the rename and the exclusive create the folder registry is built on: ``ConfigError``."""
-    if root in _FS_CHECKED:
-        return
-    from kit.registry.preflight import OBJECT_FUSE, filesystem_of
-
-    fstype, mount = filesystem_of(root)
-    if fstype in OBJECT_FUSE:
-        raise ConfigError(f"The registry folder {root} is on {fstype} at {mount}, an object store mounted with "
-                          "FUSE: its rename is a copy and a delete, so two writers could lose a version or a move. "
-                          "Name the bucket itself (registry = \"s3://bucket/prefix\"), or use a local disk or NFS.")
-    _FS_CHECKED.add(root)

@@ -207,3 +207,16 @@ def test_stale_temporary_folders_are_cleaned(reg):
     stale.mkdir()
     reg.register("m", _small(), torch.randn(1, 4))
     assert not stale.exists()
+
+
+def test_a_version_whose_register_event_was_lost_is_in_the_history_from_its_meta(reg):
+    """A writer SIGKILLed between the rename that made its version visible and the append of its event:
+    the history still lists the register, rebuilt from the version's meta.json and marked so."""
+    reg.register("m", _small(1), torch.randn(2, 4))
+    mv2 = reg.register("m", _small(2), torch.randn(2, 4))
+    events = reg.events_path("m")
+    events.write_text("".join(ln for ln in events.read_text().splitlines(keepends=True) if '"version": 2' not in ln))
+    registers = [e for e in reg.history("m") if e["event"] == "register"]
+    assert [e["version"] for e in registers] == [1, 2]
+    assert "recovered" not in registers[0] and registers[1]["recovered"].startswith("from meta.json")
+    assert (registers[1]["ts"], registers[1]["artifact_sha256"]) == (mv2.created, mv2.artifact_sha256)
