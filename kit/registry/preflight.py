@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kit.errors import ConfigError, KitError
+from kit.registry.names import NAME_RE, is_version_text
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 _META_MAX = 1 << 20
@@ -70,7 +71,7 @@ def _check_bucket(url: str, write: bool) -> list[Finding]:
     st = S3Storage(bucket, prefix, settings, timeout_s=10.0)
     where = f"arn:aws:s3:::{bucket}" + (f" with s3:prefix {prefix}/*" if prefix else "")
     try:
-        models = [m for m in st.folders("") if not m.startswith("_")]
+        models = [m for m in st.folders("") if NAME_RE.fullmatch(m)]  # a hostile name is not printed
     except KitError as exc:
         return [*out, Finding("list", FAIL, _line(exc), f"A reader needs s3:ListBucket on {where}; check the "
                               "endpoint, the bucket name and that the key pair is valid.")]
@@ -97,7 +98,8 @@ def _read_checks(st: Any, models: list[str], bucket: str, prefix: str) -> list[F
 
     arn = f"arn:aws:s3:::{bucket}/{prefix + '/' if prefix else ''}*"
     try:
-        key = next((f"{m}/versions/{v}/meta.json" for m in models for v in st.folders(f"{m}/versions")[:1]), None)
+        key = next((f"{m}/versions/{v}/meta.json" for m in models
+                    for v in [v for v in st.folders(f"{m}/versions") if is_version_text(v)][:1]), None)
         if key is None:
             return [Finding("read", SKIP, "no version to read yet"),
                     Finding("conditional GET", SKIP, "nothing to poll")]
@@ -165,7 +167,7 @@ def _check_folder(root: Path, write: bool) -> list[Finding]:
     if not root.is_dir():
         return [Finding("folder", FAIL, f"{root} is not a folder", "Create it (the first register does) or point "
                         "--registry / KIT_REGISTRY at the registry."), fs]
-    models = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "versions").is_dir())
+    models = sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name) and (p / "versions").is_dir())
     out = [Finding("folder", OK, f"{root}: {len(models)} model(s)" + (f": {', '.join(models[:8])}" if models else "")),
            fs]
     if write:

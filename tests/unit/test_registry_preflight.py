@@ -34,12 +34,13 @@ def _check(root: Path, *args: str) -> tuple[int, dict]:
 
 def test_a_folder_registry_is_checked_for_reading_and_writing(tmp_path: Path):
     (tmp_path / "reg" / "digits" / "versions").mkdir(parents=True)
+    (tmp_path / "reg" / "\x1b[2Jevil" / "versions").mkdir(parents=True)  # a terminal escape is never printed
     code, out = _check(tmp_path / "reg", "--write", "--json")
     assert code == 0 and out["ok"]
     assert [(c["check"], c["status"]) for c in out["checks"]] == [("folder", "ok"), ("filesystem", "ok"),
                                                                   ("write", "ok")]
     assert "1 model(s): digits" in out["checks"][0]["detail"]
-    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["digits"]  # the probe left nothing
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["\x1b[2Jevil", "digits"]  # no probe left
 
 
 def test_a_missing_folder_fails_with_the_fix(tmp_path: Path):
