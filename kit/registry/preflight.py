@@ -54,8 +54,9 @@ def check_registry(location: str | os.PathLike[str], write: bool = False) -> lis
 
 
 def _line(exc: BaseException) -> str:
+    """An error's first line, printable (a store's error text is its own: no terminal escapes pass)."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
+    return "".join(c if c.isprintable() else "?" for c in text[:300])
 
 
 # ---- a bucket
