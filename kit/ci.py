@@ -39,6 +39,12 @@ chmod 600 "$key"
 printf '%s\n' "$KIT_CI_SIGNING_KEY" > "$key"
 KIT_SIGNING_KEY="$key"
 export KIT_SIGNING_KEY
+# The runner's access first: each failing check names the IAM action, setting or store feature it lacks.
+if ! kit registry check --write > "$out/registry-check.txt" 2>&1; then
+  cat "$out/registry-check.txt" >&2
+  echo "kit-gate: this runner cannot write $KIT_REGISTRY (the checks above); nothing gated." >&2
+  exit 2
+fi
 status=0
 kit validate "$KIT_GATE_MODEL@${KIT_GATE_REF:-latest}" --json > "$out/gate.json" || status=$?
 version="$(python - "$out" <<'PY'

@@ -90,3 +90,10 @@ def test_the_pipeline_script_gates_keeps_the_report_and_promotes_only_on_a_pass(
     assert (verdict["version"], verdict["passed"]) == (2, False)
     assert (proj / "kit-gate" / "report.html").is_file()  # a failed gate's report is kept too
     assert reader.aliases(MODEL).production == 1
+    assert "conditional create  OK" in (proj / "kit-gate" / "registry-check.txt").read_text()
+
+    # a runner whose credentials cannot use the bucket stops at the access check, naming what it lacks
+    denied = subprocess.run(["sh", "ci/kit-gate.sh"], cwd=proj, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"},
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode == 2 and "cannot write" in denied.stderr and "s3:ListBucket" in denied.stderr, \
+        denied.stderr[-3000:]
