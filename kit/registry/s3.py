@@ -127,6 +127,14 @@ class S3Storage:
         return f"{self.endpoint or 'aws'} {self.describe()}"
 
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        if what == "list" and type(exc).__name__ == "InvalidPathError":  # obstore stops at a key it cannot parse
+            under = "/".join(p for p in (self.prefix, key.strip("/")) if p)
+            find = f" --prefix {under}/" if under else ""
+            return StorageError(
+                f"The registry {self.describe()} holds, under {key}, an object whose key is not a plain path (a "
+                "control character or an empty part: written by another client), and the listing stops there. "
+                f"Find it with `aws s3api list-objects-v2 --bucket {self.bucket}{find} --encoding-type url` and "
+                "remove it.", folder=self.describe())
         return StorageError(f"The registry {self.describe()} could not {what} {key} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Check that the store is "
                             "reachable and the AWS_* credentials allow it, then retry.", folder=self.describe())
