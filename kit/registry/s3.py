@@ -234,33 +234,34 @@ class S3Storage:
             "serial there, so Kit writes nothing to it. Use a store release that answers 412 to a create of an "
             "existing key (AWS S3 does; check MinIO's, Ceph RGW's, R2's or GCS's notes), or a folder registry.")
 
-    def list_keys(self, prefix: str) -> list[str]:
-        import obstore
+    def _listed(self, prefix: str, delimiter: bool = False) -> Any:
+        """With a static key: :func:`kit.registry.s3list.list_prefix` (URL-encoded keys; a key that is not a
+        plain path is skipped, not fatal). Without one (obstore's credential chain): obstore's listing."""
+        from kit.registry.s3list import Listed, list_prefix
 
         try:
-            return sorted(str(m["path"]) for batch in obstore.list(self.store, prefix or None) for m in batch)
-        except Exception as exc:
+            if self.rest is not None:
+                return list_prefix(self.rest, prefix, delimiter)
+            import obstore
+
+            if delimiter:
+                res = obstore.list_with_delimiter(self.store, prefix.rstrip("/") or None)
+                return Listed({}, sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"]))
+            return Listed({str(m["path"]): int(m["size"]) for batch in obstore.list(self.store, prefix or None)
+                           for m in batch}, [])
+        except Exception as exc:  # a store that refused, or answered with no listing
             raise self._fail("list", prefix or "/", exc) from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return sorted(self._listed(prefix).keys)
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """Each key under ``prefix`` -> its size in bytes, as the listing says (no object is read)."""
-        import obstore
-
-        try:
-            return {str(m["path"]): int(m["size"]) for batch in obstore.list(self.store, prefix or None)
-                    for m in batch}
-        except Exception as exc:
-            raise self._fail("list", prefix or "/", exc) from exc
+        return dict(self._listed(prefix).keys)
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the "folders" right under ``prefix`` (a LIST with delimiter ``/``)."""
-        import obstore
-
-        try:
-            res = obstore.list_with_delimiter(self.store, prefix.rstrip("/") or None)
-        except Exception as exc:
-            raise self._fail("list", prefix or "/", exc) from exc
-        return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"])
+        return list(self._listed(prefix, delimiter=True).folders)
 
     def delete(self, key: str) -> None:
         import obstore

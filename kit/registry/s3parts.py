@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_PARTS = 10_000  # S3's limit on a multipart upload's parts: a bigger file gets bigger parts
 STAGING = "_uploads"  # the registry's one staging prefix (no model name starts with "_")
 STALE_STAGING = timedelta(days=7)
+_CONNECT_TIMEOUT_S = 2.0
 _MD5 = re.compile(r'"?([0-9a-f]{32})"?')
 
 
@@ -88,10 +89,12 @@ class S3Rest:
     def full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _path(self, key: str) -> str:
-        return urllib.parse.quote(f"{self.base}/{self.bucket}/{self.full_key(key)}", safe="/-_.~")
+    def _path(self, key: str | None) -> str:
+        """The URL path of ``key`` under the prefix; of the bucket itself for None (a listing)."""
+        tail = "" if key is None else f"/{self.full_key(key)}"
+        return urllib.parse.quote(f"{self.base}/{self.bucket}{tail}", safe="/-_.~")
 
-    def request(self, method: str, key: str, query: Mapping[str, str], body: bytes = b"",
+    def request(self, method: str, key: str | None, query: Mapping[str, str], body: bytes = b"",
                 headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         """One signed request; (status, body). Connection failures raise ``OSError``."""
         now = dt.datetime.now(dt.UTC)
@@ -115,21 +118,23 @@ class S3Rest:
         hdrs["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.key_id}/{scope}, "
                                  f"SignedHeaders={';'.join(names)}, Signature={signature}")
         conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(self.host, timeout=self.timeout_s, context=ssl.create_default_context())
-            if self.https else http.client.HTTPConnection(self.host, timeout=self.timeout_s))
+            http.client.HTTPSConnection(self.host, timeout=_CONNECT_TIMEOUT_S, context=ssl.create_default_context())
+            if self.https else http.client.HTTPConnection(self.host, timeout=_CONNECT_TIMEOUT_S))
         try:
+            conn.connect()  # an unreachable store fails fast, as obstore's connect timeout makes it
+            conn.sock.settimeout(self.timeout_s)
             conn.request(method, path + (f"?{qs}" if qs else ""), body=body or None, headers=hdrs)
             resp = conn.getresponse()
             return resp.status, resp.read()
         finally:
             conn.close()
 
-    def call(self, method: str, key: str, query: Mapping[str, str], body: bytes = b"",
+    def call(self, method: str, key: str | None, query: Mapping[str, str], body: bytes = b"",
              headers: Mapping[str, str] | None = None) -> bytes:
         """:meth:`request`, its body when it succeeded; ``S3RequestError`` otherwise (also for the error
-        document S3 may send with a 200 to a complete). An idempotent request (a part's copy, an abort) is
-        tried once more after a dropped connection or a 500/503."""
-        tries = 2 if method in ("PUT", "DELETE") else 1
+        document S3 may send with a 200 to a complete). An idempotent request (a listing, a part's copy, an
+        abort) is tried once more after a dropped connection or a 500/503."""
+        tries = 2 if method in ("GET", "PUT", "DELETE") else 1
         for attempt in range(tries):
             try:
                 status, data = self.request(method, key, query, body, headers)
@@ -140,12 +145,12 @@ class S3Rest:
             if status not in (500, 503) or attempt + 1 == tries:
                 break
         if status >= 300 or b"<Error>" in data[:512]:
-            raise S3RequestError(status, _tag(data, "Code") or "?", _tag(data, "Message") or data[:200].decode(
+            raise S3RequestError(status, xml_text(data, "Code") or "?", xml_text(data, "Message") or data[:200].decode(
                 "utf-8", "replace"))
         return data
 
     def create(self, key: str) -> str:
-        upload_id = _tag(self.call("POST", key, {"uploads": ""}), "UploadId")
+        upload_id = xml_text(self.call("POST", key, {"uploads": ""}), "UploadId")
         if not upload_id:
             raise S3RequestError(200, "NoUploadId", f"CreateMultipartUpload of {key} gave no UploadId")
         return upload_id
@@ -155,7 +160,7 @@ class S3Rest:
         source = urllib.parse.quote(f"{self.bucket}/{self.full_key(source_key)}", safe="/-_.~")
         data = self.call("PUT", key, {"partNumber": str(number), "uploadId": upload_id},
                          headers={"x-amz-copy-source": source})
-        etag = _tag(data, "ETag")
+        etag = xml_text(data, "ETag")
         if not etag:
             raise S3RequestError(200, "NoETag", f"UploadPartCopy of {source_key} gave no ETag")
         return etag
@@ -178,7 +183,7 @@ def _xml(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def _tag(data: bytes, name: str) -> str | None:
+def xml_text(data: bytes, name: str) -> str | None:
     m = re.search(rb"<" + name.encode() + rb">([^<]*)</" + name.encode() + rb">", data)
     if m is None:
         return None
