@@ -19,6 +19,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+_PAGE_KEYS = 1000  # S3's page size (the most it gives)
 _MAX_PAGES = 10_000  # 10 million keys: a store that never stops answering "truncated" is refused past it
 
 
@@ -39,7 +40,8 @@ def list_prefix(rest: Any, prefix: str, delimiter: bool = False) -> Listed:
 
     root = f"{rest.prefix}/" if rest.prefix else ""
     start = root + (prefix.strip("/") + "/" if prefix.strip("/") else "")
-    query = {"list-type": "2", "encoding-type": "url", "prefix": start, **({"delimiter": "/"} if delimiter else {})}
+    query = {"list-type": "2", "encoding-type": "url", "prefix": start, "max-keys": str(_PAGE_KEYS),
+             **({"delimiter": "/"} if delimiter else {})}
     keys: dict[str, int] = {}
     folders: list[str] = []
     skipped = 0

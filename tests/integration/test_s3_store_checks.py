@@ -217,3 +217,20 @@ def test_keys_that_are_not_plain_paths_are_skipped_never_fatal_or_printed(url_wi
     torch.manual_seed(1)
     assert reg.register("tiny", torch.nn.Sequential(torch.nn.Linear(4, 3)), (torch.randn(1, 4),),
                         onnx=False).version == 2
+
+
+def test_a_listing_follows_continuation_tokens(url_with_a_version, tmp_path, monkeypatch):
+    """Pages of 2 keys (S3 gives 1000): every key and folder comes back once, through the tokens."""
+    import kit.registry.s3list as s3list
+
+    st = S3Storage.from_url(url_with_a_version)
+    for i in range(5):
+        st.put(f"tiny/events/e{i}.json", b"{}")
+        st.put(f"m{i}/versions/1/x", b"1")
+    whole = (st.list_keys(""), st.folders(""), st.sizes("tiny/events"))
+    monkeypatch.setattr(s3list, "_PAGE_KEYS", 2)
+    tokens, call = [], st.rest.call
+    monkeypatch.setattr(st.rest, "call", lambda m, k, q, *a: tokens.append(q.get("continuation-token")) or call(m, k, q, *a))
+    assert (st.list_keys(""), st.folders(""), st.sizes("tiny/events")) == whole
+    assert sum(t is not None for t in tokens) >= 8  # the store paged: 13 keys and 7 folders in pages of 2
+    assert [f for f in whole[1] if f[0] != "_"] == ["m0", "m1", "m2", "m3", "m4", "tiny"] and len(whole[2]) == 6  # and the register event
