@@ -121,37 +121,26 @@ def _write_checks(st: Any, bucket: str, prefix: str) -> list[Finding]:
     from kit.registry.s3parts import STAGING
 
     arn = f"arn:aws:s3:::{bucket}/{prefix + '/' if prefix else ''}"
-    key = f"{STAGING}/registry-check/{os.getpid()}-{os.urandom(8).hex()}"
     try:
-        first = st.create_unchecked(key, b"kit registry check\n")
+        key, first, second, undeleted = st.probe_conditional_create("registry-check")
     except ConfigError as exc:  # the store answered the conditional PUT with 501
         return [Finding("conditional create", FAIL, _line(exc), _NO_CONDITIONAL)]
     except KitError as exc:
         return [Finding("write", FAIL, _line(exc), f"A writer needs s3:PutObject on {arn}*.")]
-    out = [Finding("write", OK, f"created {key}"), _second_create(st, key, first)]
-    try:
-        st.delete(key)
-        out.append(Finding("delete staging", OK, f"deleted {key}"))
-    except KitError as exc:
-        out.append(Finding("delete staging", WARN, _line(exc), f"Allow s3:DeleteObject on {arn}{STAGING}/* (or "
-                           "let the lifecycle rule expire staged parts: docs/fleet.md)."))
+    out = [Finding("write", OK, f"created {key}"),
+           Finding("conditional create", OK, "a second If-None-Match: * create was refused (412)")
+           if first and not second else
+           Finding("conditional create", FAIL, "a second If-None-Match: * create of one object succeeded" if second
+                   else "the first create of a new object was refused", _NO_CONDITIONAL),
+           Finding("delete staging", OK, f"deleted {key}") if undeleted is None else
+           Finding("delete staging", WARN, _line(undeleted), f"Allow s3:DeleteObject on {arn}{STAGING}/* (or let "
+                   "the lifecycle rule expire staged parts: docs/fleet.md).")]
     out.append(Finding("resumable uploads", OK, "static keys: big files go as resumable staged parts")
                if st.rest is not None else
                Finding("resumable uploads", WARN, "no static key: big files go as one multipart upload that a "
                        "killed register sends again whole", "Export the keys (aws configure export-credentials "
                        "--format env) to make big uploads resumable."))
     return out
-
-
-def _second_create(st: Any, key: str, first: bool) -> Finding:
-    try:
-        second = st.create_unchecked(key, b"second\n")
-    except KitError as exc:
-        return Finding("conditional create", FAIL, _line(exc), _NO_CONDITIONAL)
-    if first and not second:
-        return Finding("conditional create", OK, "a second If-None-Match: * create was refused (412)")
-    return Finding("conditional create", FAIL, "a second If-None-Match: * create of one object succeeded" if second
-                   else "the first create of a new object was refused", _NO_CONDITIONAL)
 
 
 _NO_CONDITIONAL = ("Use a store release that answers 412 to PUT If-None-Match: * of an existing key (AWS S3 does; "

@@ -25,11 +25,14 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kit._io import ensure_free_space, storage_errors, syncing
 from kit.errors import ConfigError, RegistryCorruptError, StorageError
 from kit.registry.storage import NOT_MODIFIED, Got, NotModified, Progress, check_key
+
+if TYPE_CHECKING:
+    from kit.registry.s3list import Listed
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +179,9 @@ class S3Storage:
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         self.check_conditional_create()
-        return self.create_unchecked(check_key(key), data)
+        return self._create(check_key(key), data)
 
-    def create_unchecked(self, key: str, data: bytes) -> bool:
+    def _create(self, key: str, data: bytes) -> bool:
         """``put_if_absent`` without the once-per-process check that the store honours it."""
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
@@ -193,35 +196,43 @@ class S3Storage:
             raise self._fail("create", key, exc) from exc
         return True
 
-    def check_conditional_create(self) -> None:
-        """Once per process and store, before the first claim: create a new probe object twice with
-        ``If-None-Match: *``. A store that lets the second create through (or refuses the first) would let two
-        writers both take version N or move serial N, so nothing is claimed there: ``ConfigError``. The probe
-        lives under the staging prefix (the writer's delete rights and lifecycle rule cover it) and is deleted;
-        a writer not allowed to write there (a service's guard, allowed only moves) skips the check."""
+    def probe_conditional_create(self, tag: str) -> tuple[str, bool, bool, StorageError | None]:
+        """Create a new object under the staging prefix (the writer's delete rights and lifecycle rule cover
+        it) twice with ``If-None-Match: *``, then delete it: (its key, first created, second created, the
+        delete's error or None). A store honours conditional creates when the first was and the second was
+        not. The first create's failure raises (``ConfigError`` for a 501, ``StorageError`` otherwise)."""
         from kit.registry.s3parts import STAGING
 
+        key = f"{STAGING}/{tag}/{os.getpid()}-{os.urandom(8).hex()}"
+        first = self._create(key, b"1")
+        undeleted: StorageError | None = None
+        try:
+            second = self._create(key, b"2")
+        finally:
+            try:
+                self.delete(key)
+            except StorageError as exc:  # a writer denied deletes keeps it; the lifecycle rule expires it
+                undeleted = exc
+        return key, first, second, undeleted
+
+    def check_conditional_create(self) -> None:
+        """Once per process and store, before the first claim: :meth:`probe_conditional_create`. A store that
+        lets the second create through (or refuses the first) would let two writers both take version N or
+        move serial N, so nothing is claimed there: ``ConfigError``. A writer not allowed to write the staging
+        prefix (a service's guard, allowed only moves) skips the check."""
         ident = self.identity()
         with _PROBE_LOCK:
             if ident in _PROBED:
                 return
-            key = f"{STAGING}/conditional-create-probe/{os.getpid()}-{os.urandom(8).hex()}"
             try:
-                first = self.create_unchecked(key, b"1")
+                _, first, second, _ = self.probe_conditional_create("conditional-create-probe")
             except StorageError as exc:
                 if not re.search(r"status code: 403|AccessDenied|PermissionDenied", repr(exc.__cause__)):
                     raise
                 _PROBED.add(ident)  # not retried: the writers that register (allowed there) check it
-                log.warning("%s: not allowed to write %s, so its conditional creates were not checked here "
-                            "(every registering writer checks them)", self.describe(), STAGING)
+                log.warning("%s: not allowed to write its staging prefix, so its conditional creates were not "
+                            "checked here (every registering writer checks them)", self.describe())
                 return
-            try:
-                second = self.create_unchecked(key, b"2")
-            finally:
-                try:
-                    self.delete(key)
-                except StorageError:  # a writer denied deletes keeps it; the lifecycle rule expires it
-                    pass
             if not first or second:
                 raise self._unsafe("a second create of one new object succeeded" if second else
                                    "it refused the first create of a new object")
@@ -234,7 +245,7 @@ class S3Storage:
             "serial there, so Kit writes nothing to it. Use a store release that answers 412 to a create of an "
             "existing key (AWS S3 does; check MinIO's, Ceph RGW's, R2's or GCS's notes), or a folder registry.")
 
-    def _listed(self, prefix: str, delimiter: bool = False) -> Any:
+    def _listed(self, prefix: str, delimiter: bool = False) -> Listed:
         """With a static key: :func:`kit.registry.s3list.list_prefix` (URL-encoded keys; a key that is not a
         plain path is skipped, not fatal). Without one (obstore's credential chain): obstore's listing."""
         from kit.registry.s3list import Listed, list_prefix

@@ -17,6 +17,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from kit.registry.s3parts import S3RequestError, xml_text
+
 log = logging.getLogger(__name__)
 
 _PAGE_KEYS = 1000  # S3's page size (the most it gives)
@@ -36,8 +38,6 @@ class ListingError(Exception):
 def list_prefix(rest: Any, prefix: str, delimiter: bool = False) -> Listed:
     """Every object under ``prefix`` (relative to the registry's root; "" for all), following continuation
     tokens; with ``delimiter``, only the folder names right under it."""
-    from kit.registry.s3parts import S3RequestError
-
     root = f"{rest.prefix}/" if rest.prefix else ""
     start = root + (prefix.strip("/") + "/" if prefix.strip("/") else "")
     query = {"list-type": "2", "encoding-type": "url", "prefix": start, "max-keys": str(_PAGE_KEYS),
@@ -62,8 +62,8 @@ def list_prefix(rest: Any, prefix: str, delimiter: bool = False) -> Listed:
                 skipped += 1
             else:
                 folders.append(name)
-        token = _one(page, "NextContinuationToken")
-        if _one(page, "IsTruncated") != "true" or not token:
+        token = xml_text(page, "NextContinuationToken")
+        if xml_text(page, "IsTruncated") != "true" or not token:
             break
         query = {**query, "continuation-token": token}
     else:
@@ -89,7 +89,7 @@ def _plain(encoded: str, under: str) -> str | None:
 def _contents(page: bytes) -> list[tuple[str, int]]:
     out = []
     for block in re.findall(rb"<Contents>(.*?)</Contents>", page, re.S):
-        key, size = _one(block, "Key"), _one(block, "Size")
+        key, size = xml_text(block, "Key"), xml_text(block, "Size")
         if key is None or size is None or not size.isdigit():
             raise ListingError("a listing entry without a key or a size")
         out.append((key, int(size)))
@@ -98,10 +98,4 @@ def _contents(page: bytes) -> list[tuple[str, int]]:
 
 def _all(data: bytes, name: str, within: str) -> list[str]:
     return [v for block in re.findall(rb"<" + within.encode() + rb">(.*?)</" + within.encode() + rb">", data, re.S)
-            if (v := _one(block, name)) is not None]
-
-
-def _one(data: bytes, name: str) -> str | None:
-    from kit.registry.s3parts import xml_text
-
-    return xml_text(data, name)
+            if (v := xml_text(block, name)) is not None]
